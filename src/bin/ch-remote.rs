@@ -1,0 +1,3 @@
+//! `ch-remote`: drives a running VMM through its REST API.
+
+fn main() {}

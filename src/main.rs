@@ -1,0 +1,3 @@
+//! `cloud-hypervisor`: the VMM binary.
+
+fn main() {}

@@ -1,0 +1,13 @@
+//! The VMM: a KVM virtual machine behind cloud-hypervisor's interfaces.
+//!
+//! It owns guest RAM (memfds, so live update can preserve it), the vCPUs, the in-kernel irqchip
+//! and PIT, the devices of the `devices` crate, the REST API on a UNIX socket and the control
+//! loop that serves it. It targets KVM on x86-64 only.
+
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod event_monitor;
+pub mod layout;
+pub mod platform;
