@@ -1,1 +1,3 @@
-//! Placeholder; filled in by its owner.
+//! Virtio devices and their PCI transport.
+
+pub mod device;
