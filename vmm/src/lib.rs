@@ -11,3 +11,5 @@ pub mod cpu;
 pub mod event_monitor;
 pub mod layout;
 pub mod platform;
+pub mod control_loop;
+pub mod interrupts;
