@@ -168,7 +168,8 @@ mod tests {
     #[test]
     fn access_outside_every_range_is_not_handled() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0x10)
+            .unwrap();
 
         assert!(!bus.read(0x110, &mut [0u8; 1]));
         assert!(!bus.write(0xff, &[0]));
@@ -177,13 +178,26 @@ mod tests {
     #[test]
     fn overlapping_insert_is_refused() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0x10)
+            .unwrap();
 
         let before = bus.insert(Arc::new(Mutex::new(Recorder::default())), 0xf8, 0x10);
         let inside = bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x108, 1);
 
-        assert_eq!(before, Err(BusError::Overlap { base: 0xf8, len: 0x10 }));
-        assert_eq!(inside, Err(BusError::Overlap { base: 0x108, len: 1 }));
+        assert_eq!(
+            before,
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
+        );
+        assert_eq!(
+            inside,
+            Err(BusError::Overlap {
+                base: 0x108,
+                len: 1
+            })
+        );
     }
 
     #[test]
@@ -191,7 +205,13 @@ mod tests {
         let mut bus = Bus::new();
         let dev = Arc::new(Mutex::new(Recorder::default()));
 
-        assert!(matches!(bus.insert(dev.clone(), 0x10, 0), Err(BusError::InvalidRange { .. })));
-        assert!(matches!(bus.insert(dev, u64::MAX, 2), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(dev.clone(), 0x10, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(dev, u64::MAX, 2),
+            Err(BusError::InvalidRange { .. })
+        ));
     }
 }

@@ -49,7 +49,7 @@ pub trait VirtioDevice: Send {
     /// The device's own state, saved and restored across a live update.
     type State: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send;
 
-    /// Virtio device type (1 block, 3 console, 4 entropy).
+    /// Virtio device type (2 block, 3 console, 4 entropy).
     fn device_type(&self) -> u32;
     /// Maximum size of each of the device's queues; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];

@@ -1,0 +1,123 @@
+//! A thread serving a device's queue eventfds (KVM ioeventfds).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::VirtioPciDevice;
+use crate::bus::lock;
+use crate::virtio::device::VirtioDevice;
+
+/// A running queue worker. Stop it to quiesce the device (nothing is processed afterwards);
+/// spawn a new one to resume.
+#[derive(Debug)]
+pub struct QueueWorker {
+    stop: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl QueueWorker {
+    /// Stops the thread and waits for it: when this returns, no queue is being processed.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Err(e) = self.stop.write(1) {
+            log::warn!("Failed to signal queue worker to stop: {e}");
+        }
+        if let Some(handle) = self.handle.take()
+            && handle.join().is_err()
+        {
+            log::warn!("Queue worker panicked");
+        }
+    }
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            self.stop_and_join();
+        }
+    }
+}
+
+/// Starts a thread that processes queue `i` whenever its eventfd fires. On start it also
+/// processes every queue once, so buffers the driver queued while no worker ran (paused, or
+/// notified on the previous VMM's eventfds before a live update) are not forgotten.
+pub fn spawn_queue_worker<D: VirtioDevice + 'static>(
+    dev: Arc<Mutex<VirtioPciDevice<D>>>,
+) -> io::Result<QueueWorker> {
+    let stop = EventFd::new(EFD_NONBLOCK)?;
+    let queue_evts = lock(&dev)
+        .queue_evts
+        .iter()
+        .map(EventFd::try_clone)
+        .collect::<io::Result<Vec<_>>>()?;
+    let epoll = Epoll::new()?;
+    let stop_token = queue_evts.len() as u64;
+    for (token, evt) in queue_evts.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            evt.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token as u64),
+        )?;
+    }
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, stop_token),
+    )?;
+    let worker_stop = stop.try_clone()?;
+    let handle = thread::Builder::new()
+        .name("virtio-queues".to_string())
+        .spawn(move || run(&dev, &epoll, &queue_evts, &worker_stop))?;
+    Ok(QueueWorker {
+        stop,
+        handle: Some(handle),
+    })
+}
+
+fn run<D: VirtioDevice>(
+    dev: &Mutex<VirtioPciDevice<D>>,
+    epoll: &Epoll,
+    queue_evts: &[EventFd],
+    stop: &EventFd,
+) {
+    {
+        let mut dev = lock(dev);
+        for queue in 0..queue_evts.len() {
+            dev.process_queue(queue as u16);
+        }
+    }
+    let stop_token = queue_evts.len() as u64;
+    let mut events = vec![EpollEvent::default(); queue_evts.len() + 1];
+    loop {
+        let count = match epoll.wait(-1, &mut events) {
+            Ok(count) => count,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("Queue worker epoll failed: {e}");
+                return;
+            }
+        };
+        for event in &events[..count] {
+            let token = event.data();
+            if token == stop_token {
+                // Consume the stop so a later worker on a clone would not see it.
+                let _ = stop.read();
+                return;
+            }
+            let Some(evt) = usize::try_from(token).ok().and_then(|t| queue_evts.get(t)) else {
+                continue;
+            };
+            // Draining first: a notification arriving during processing fires again.
+            let _ = evt.read();
+            lock(dev).process_queue(token as u16);
+        }
+    }
+}
