@@ -1,3 +1,178 @@
-//! `cloud-hypervisor`: the VMM binary.
+//! `cloud-hypervisor`: the VMM binary. Parses cloud-hypervisor's flags, validates the VM
+//! configuration, then runs the control loop.
 
-fn main() {}
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{ArgAction, Parser};
+use log::{LevelFilter, Log, Metadata, Record};
+use vmm::config::{VmCliArgs, parse_api_socket, parse_event_monitor};
+use vmm::control_loop::{VmmOptions, run};
+
+/// A cloud-hypervisor-compatible VMM with host-kernel live update.
+#[derive(Debug, Parser)]
+#[command(name = "cloud-hypervisor", version)]
+struct Cli {
+    /// vCPUs: boot=<n>[,max=<n>].
+    #[arg(long, value_name = "boot=<n>,max=<n>")]
+    cpus: Option<String>,
+    /// Guest RAM: size=<bytes|K|M|G>[,shared=on|off][,hugepages=on|off].
+    #[arg(long, value_name = "size=<size>")]
+    memory: Option<String>,
+    /// Kernel image (ELF vmlinux or bzImage).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Firmware image.
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING")]
+    cmdline: Option<String>,
+    /// Disks: path=<image>[,readonly=on|off][,id=<id>] (repeatable, several per flag).
+    #[arg(long, value_name = "path=<image>", num_args = 1.., action = ArgAction::Append)]
+    disk: Vec<String>,
+    /// Serial port: off|null|pty|tty|file=<path>.
+    #[arg(long, value_name = "MODE")]
+    serial: Option<String>,
+    /// Virtio console: off|null|pty|tty|file=<path>.
+    #[arg(long, value_name = "MODE")]
+    console: Option<String>,
+    /// Entropy source of the virtio-rng device: src=<path>.
+    #[arg(long, value_name = "src=<path>")]
+    rng: Option<String>,
+    /// REST API socket: path=<path> or a bare path.
+    #[arg(long, value_name = "path=<path>")]
+    api_socket: Option<String>,
+    /// Event log file: path=<path>.
+    #[arg(long, value_name = "path=<path>")]
+    event_monitor: Option<String>,
+    /// More logging (repeatable: info, debug, trace).
+    #[arg(short = 'v', action = ArgAction::Count)]
+    verbose: u8,
+}
+
+impl Cli {
+    fn vm_args(&self) -> VmCliArgs {
+        VmCliArgs {
+            cpus: self.cpus.clone(),
+            memory: self.memory.clone(),
+            kernel: self.kernel.clone(),
+            firmware: self.firmware.clone(),
+            initramfs: self.initramfs.clone(),
+            cmdline: self.cmdline.clone(),
+            disks: self.disk.clone(),
+            serial: self.serial.clone(),
+            console: self.console.clone(),
+            rng: self.rng.clone(),
+        }
+    }
+}
+
+/// Writes log records to stderr with the time since start.
+struct StderrLogger {
+    start: Instant,
+}
+
+impl Log for StderrLogger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let elapsed = self.start.elapsed();
+            // Logging must never fail the VMM; a closed stderr just loses the line.
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "cloud-hypervisor: {:>4}.{:06}s: <{}> {}: {}",
+                elapsed.as_secs(),
+                elapsed.subsec_micros(),
+                record.level(),
+                record.target(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => LevelFilter::Warn,
+        1 => LevelFilter::Info,
+        2 => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    };
+    // The logger lives for the whole process.
+    let logger = Box::leak(Box::new(StderrLogger {
+        start: Instant::now(),
+    }));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+fn try_main(cli: &Cli) -> anyhow::Result<()> {
+    let vm_args = cli.vm_args();
+    let has_payload = vm_args.kernel.is_some() || vm_args.firmware.is_some();
+    let vm = if has_payload {
+        let config = vm_args.to_vm_config().context("Invalid VM configuration")?;
+        config.validate().context("Invalid VM configuration")?;
+        Some(config)
+    } else if vm_args != VmCliArgs::default() {
+        bail!("VM options need a payload: give --kernel (or --firmware)");
+    } else {
+        None
+    };
+    let api_socket = cli
+        .api_socket
+        .as_deref()
+        .map(parse_api_socket)
+        .transpose()?;
+    if vm.is_none() && api_socket.is_none() {
+        bail!("Nothing to do: give --kernel to boot a VM, or --api-socket to wait for API calls");
+    }
+    let event_monitor = cli
+        .event_monitor
+        .as_deref()
+        .map(parse_event_monitor)
+        .transpose()?;
+    run(
+        VmmOptions {
+            api_socket,
+            event_monitor,
+        },
+        vm,
+    )
+    .context("The VMM failed")
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version also arrive here, as "errors" printed to stdout.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.verbose);
+    match try_main(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloud-hypervisor: Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,3 +1,270 @@
-//! `ch-remote`: drives a running VMM through its REST API.
+//! `ch-remote`: drives a running VMM over its REST API socket, as cloud-hypervisor's tool.
 
-fn main() {}
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vmm::api::client::request;
+
+/// Remote control for a cloud-hypervisor-compatible VMM.
+#[derive(Debug, Parser)]
+#[command(name = "ch-remote", version)]
+struct Cli {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+enum Command {
+    /// Ping the VMM (prints version, pid and features).
+    Ping,
+    /// Print the VM's configuration and state.
+    Info,
+    /// Print the devices' counters.
+    Counters,
+    /// Pause the VM.
+    Pause,
+    /// Resume the paused VM.
+    Resume,
+    /// Shut the VM down.
+    Shutdown,
+    /// Reboot the VM.
+    Reboot,
+    /// Delete the VM (shutting it down first).
+    Delete,
+    /// Boot the created VM.
+    Boot,
+    /// Shut the VMM process down.
+    ShutdownVmm,
+    /// Create a VM from a VmConfig JSON file ("-" or nothing: standard input).
+    Create {
+        /// The VmConfig JSON file.
+        path: Option<PathBuf>,
+    },
+}
+
+/// One REST call: method, endpoint and optional JSON body.
+#[derive(Debug, PartialEq, Eq)]
+struct Call {
+    method: &'static str,
+    endpoint: &'static str,
+    body: Option<Vec<u8>>,
+}
+
+impl Call {
+    fn new(method: &'static str, endpoint: &'static str) -> Self {
+        Self {
+            method,
+            endpoint,
+            body: None,
+        }
+    }
+}
+
+fn read_config(path: Option<&Path>) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    match path {
+        Some(path) if path != Path::new("-") => {
+            body = std::fs::read(path)
+                .with_context(|| format!("Cannot read the VM config {}", path.display()))?;
+        }
+        _ => {
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .context("Cannot read the VM config from standard input")?;
+        }
+    }
+    Ok(body)
+}
+
+fn call_for(command: &Command) -> anyhow::Result<Call> {
+    Ok(match command {
+        Command::Ping => Call::new("GET", "vmm.ping"),
+        Command::Info => Call::new("GET", "vm.info"),
+        Command::Counters => Call::new("GET", "vm.counters"),
+        Command::Pause => Call::new("PUT", "vm.pause"),
+        Command::Resume => Call::new("PUT", "vm.resume"),
+        Command::Shutdown => Call::new("PUT", "vm.shutdown"),
+        Command::Reboot => Call::new("PUT", "vm.reboot"),
+        Command::Delete => Call::new("PUT", "vm.delete"),
+        Command::Boot => Call::new("PUT", "vm.boot"),
+        Command::ShutdownVmm => Call::new("PUT", "vmm.shutdown"),
+        Command::Create { path } => Call {
+            body: Some(read_config(path.as_deref())?),
+            ..Call::new("PUT", "vm.create")
+        },
+    })
+}
+
+fn try_main(cli: &Cli) -> anyhow::Result<bool> {
+    let call = call_for(&cli.command)?;
+    let response = request(
+        &cli.api_socket,
+        call.method,
+        call.endpoint,
+        call.body.as_deref(),
+    )?;
+    if response.is_success() {
+        if !response.body.is_empty() {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&response.body)?;
+            stdout.write_all(b"\n")?;
+        }
+        return Ok(true);
+    }
+    eprintln!(
+        "ch-remote: {} failed with HTTP status {}:",
+        call.endpoint, response.status
+    );
+    for message in response.error_messages() {
+        eprintln!("  {message}");
+    }
+    Ok(false)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version also arrive here, printed to stdout.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match try_main(&cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("ch-remote: Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn shutdown_vmm_maps_to_put_vmm_shutdown() {
+        let cli = parse(&["ch-remote", "--api-socket", "/tmp/s", "shutdown-vmm"]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        assert_eq!(cli.api_socket, PathBuf::from("/tmp/s"));
+        assert_eq!(call, Call::new("PUT", "vmm.shutdown"));
+    }
+
+    #[test]
+    fn queries_map_to_get() {
+        let info = parse(&["ch-remote", "--api-socket", "s", "info"]);
+        let ping = parse(&["ch-remote", "--api-socket", "s", "ping"]);
+        let counters = parse(&["ch-remote", "--api-socket", "s", "counters"]);
+
+        assert_eq!(
+            call_for(&info.command).unwrap(),
+            Call::new("GET", "vm.info")
+        );
+        assert_eq!(
+            call_for(&ping.command).unwrap(),
+            Call::new("GET", "vmm.ping")
+        );
+        assert_eq!(
+            call_for(&counters.command).unwrap(),
+            Call::new("GET", "vm.counters")
+        );
+    }
+
+    #[test]
+    fn lifecycle_commands_map_to_put_of_the_same_name() {
+        let names = ["pause", "resume", "shutdown", "reboot", "delete", "boot"];
+
+        let calls: Vec<Call> = names
+            .iter()
+            .map(|name| call_for(&parse(&["ch-remote", "--api-socket", "s", name]).command))
+            .collect::<Result<_, _>>()
+            .unwrap();
+
+        let endpoints: Vec<String> = calls
+            .iter()
+            .map(|c| format!("{} {}", c.method, c.endpoint))
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                "PUT vm.pause",
+                "PUT vm.resume",
+                "PUT vm.shutdown",
+                "PUT vm.reboot",
+                "PUT vm.delete",
+                "PUT vm.boot"
+            ]
+        );
+    }
+
+    #[test]
+    fn create_reads_the_config_file_as_the_body() {
+        let path = std::env::temp_dir().join(format!("ch-remote-create-{}", std::process::id()));
+        std::fs::write(&path, br#"{"payload":{"kernel":"/k"}}"#).unwrap();
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "create",
+            path.to_str().unwrap(),
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(call.method, "PUT");
+        assert_eq!(call.endpoint, "vm.create");
+        assert_eq!(call.body.unwrap(), br#"{"payload":{"kernel":"/k"}}"#);
+    }
+
+    #[test]
+    fn create_with_a_missing_file_names_the_file() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "create",
+            "/nonexistent.json",
+        ]);
+
+        let error = call_for(&cli.command).unwrap_err();
+
+        assert!(format!("{error:#}").contains("/nonexistent.json"));
+    }
+
+    #[test]
+    fn missing_api_socket_is_rejected() {
+        let error = Cli::try_parse_from(["ch-remote", "ping"]).unwrap_err();
+
+        assert_eq!(
+            error.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn unknown_command_is_rejected() {
+        let error =
+            Cli::try_parse_from(["ch-remote", "--api-socket", "s", "frobnicate"]).unwrap_err();
+
+        assert_eq!(error.kind(), clap::error::ErrorKind::InvalidSubcommand);
+    }
+}

@@ -1,1 +1,396 @@
-//! Placeholder; filled in by its owner.
+//! The REST API: cloud-hypervisor's endpoints under `/api/v1/`, served over HTTP/1.1 on a UNIX
+//! socket (`http`), plus a tiny client (`client`) used by `ch-remote` and the tests.
+//!
+//! The server parses each request into an [`ApiRequest`] and hands it to an [`ApiHandler`] (the
+//! VMM control loop); the handler's [`ApiResponse`] or [`ApiError`] becomes the HTTP response.
+//! Routes live in one table, [`ROUTES`]: an endpoint is one row plus one `ApiRequest` variant.
+
+pub mod client;
+mod http;
+mod socket;
+#[cfg(test)]
+mod testing;
+
+use std::error::Error as StdError;
+
+use crate::config::{ConfigError, VmConfig};
+
+pub use http::{ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server};
+
+/// Path prefix of every endpoint.
+pub const API_ROOT: &str = "/api/v1/";
+
+/// A parsed API request, handed to the [`ApiHandler`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET vmm.ping`.
+    VmmPing,
+    /// `PUT vmm.shutdown`.
+    VmmShutdown,
+    /// `PUT vm.create` with a `VmConfig` body.
+    VmCreate(Box<VmConfig>),
+    /// `PUT vm.boot`.
+    VmBoot,
+    /// `GET vm.info`.
+    VmInfo,
+    /// `PUT vm.pause`.
+    VmPause,
+    /// `PUT vm.resume`.
+    VmResume,
+    /// `PUT vm.shutdown`.
+    VmShutdown,
+    /// `PUT vm.reboot`.
+    VmReboot,
+    /// `PUT vm.delete`.
+    VmDelete,
+    /// `GET vm.counters`.
+    VmCounters,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiResponse {
+    /// 204 No Content.
+    Empty,
+    /// 200 with this JSON body.
+    Json(serde_json::Value),
+}
+
+/// A failed request: an HTTP status and the error chain (top error first), sent as a JSON array.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status (4xx or 5xx).
+    pub status: u16,
+    /// The error chain, from the top error down to the root cause.
+    pub messages: Vec<String>,
+}
+
+impl ApiError {
+    /// An error with one message.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            messages: vec![message.into()],
+        }
+    }
+
+    /// An error whose messages are `error`'s source chain.
+    pub fn from_error(status: u16, error: &dyn StdError) -> Self {
+        let mut messages = vec![error.to_string()];
+        let mut source = error.source();
+        while let Some(cause) = source {
+            messages.push(cause.to_string());
+            source = cause.source();
+        }
+        Self { status, messages }
+    }
+
+    /// 400: the request is invalid (bad body, bad config, wrong state for a body-less action).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+
+    /// 404: no such route, VM not created, unknown device.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, message)
+    }
+
+    /// 405: the route exists but not with this method.
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, message)
+    }
+
+    /// 409: a conflict (VM already created, duplicate id).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, message)
+    }
+
+    /// 413: the request body is over [`MAX_BODY_SIZE`].
+    pub fn payload_too_large(message: impl Into<String>) -> Self {
+        Self::new(413, message)
+    }
+
+    /// 500: an internal failure, with its whole chain.
+    pub fn internal(error: &dyn StdError) -> Self {
+        Self::from_error(500, error)
+    }
+}
+
+/// An invalid VM configuration is the client's fault: 400.
+impl From<ConfigError> for ApiError {
+    fn from(error: ConfigError) -> Self {
+        Self::from_error(400, &error)
+    }
+}
+
+/// Serves parsed API requests; implemented by the VMM control loop (and fakes in tests).
+pub trait ApiHandler: Send + Sync {
+    /// Executes one request; called from the server's connection threads.
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError>;
+}
+
+/// HTTP methods the API uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Read-only queries.
+    Get,
+    /// Actions.
+    Put,
+}
+
+impl Method {
+    /// The method's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Put => "PUT",
+        }
+    }
+}
+
+/// How a route turns its request body into an [`ApiRequest`].
+#[derive(Debug, Clone, Copy)]
+pub enum RouteBody {
+    /// No body allowed (a body gives 400).
+    None(fn() -> ApiRequest),
+    /// A required JSON body, parsed by the function (its error gives 400).
+    Json(fn(&[u8]) -> Result<ApiRequest, String>),
+}
+
+/// One endpoint: `method /api/v1/name`.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// Endpoint name after [`API_ROOT`], e.g. `vm.boot`.
+    pub name: &'static str,
+    /// The only method accepted.
+    pub method: Method,
+    /// The request body and how it becomes an `ApiRequest`.
+    pub body: RouteBody,
+}
+
+const fn empty(name: &'static str, method: Method, request: fn() -> ApiRequest) -> Route {
+    Route {
+        name,
+        method,
+        body: RouteBody::None(request),
+    }
+}
+
+const fn json(
+    name: &'static str,
+    method: Method,
+    request: fn(&[u8]) -> Result<ApiRequest, String>,
+) -> Route {
+    Route {
+        name,
+        method,
+        body: RouteBody::Json(request),
+    }
+}
+
+fn vm_create(body: &[u8]) -> Result<ApiRequest, String> {
+    VmConfig::from_json(body)
+        .map(|config| ApiRequest::VmCreate(Box::new(config)))
+        .map_err(|e| e.to_string())
+}
+
+/// Every endpoint the server serves (and `docs/openapi.yaml` documents).
+pub const ROUTES: &[Route] = &[
+    empty("vmm.ping", Method::Get, || ApiRequest::VmmPing),
+    empty("vmm.shutdown", Method::Put, || ApiRequest::VmmShutdown),
+    json("vm.create", Method::Put, vm_create),
+    empty("vm.boot", Method::Put, || ApiRequest::VmBoot),
+    empty("vm.info", Method::Get, || ApiRequest::VmInfo),
+    empty("vm.pause", Method::Put, || ApiRequest::VmPause),
+    empty("vm.resume", Method::Put, || ApiRequest::VmResume),
+    empty("vm.shutdown", Method::Put, || ApiRequest::VmShutdown),
+    empty("vm.reboot", Method::Put, || ApiRequest::VmReboot),
+    empty("vm.delete", Method::Put, || ApiRequest::VmDelete),
+    empty("vm.counters", Method::Get, || ApiRequest::VmCounters),
+];
+
+/// Maps a method, a path and a body to a request, with cloud-hypervisor's error statuses.
+pub fn route_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let path = path.split_once('?').map_or(path, |(path, _query)| path);
+    let route = path
+        .strip_prefix(API_ROOT)
+        .and_then(|name| ROUTES.iter().find(|route| route.name == name))
+        .ok_or_else(|| ApiError::not_found(format!("Unknown endpoint {path}")))?;
+    if method != route.method.as_str() {
+        return Err(ApiError::method_not_allowed(format!(
+            "Method {method} not allowed on {path}; use {}",
+            route.method.as_str()
+        )));
+    }
+    match route.body {
+        RouteBody::None(request) if body.is_empty() => Ok(request()),
+        RouteBody::None(_) => Err(ApiError::bad_request(format!(
+            "{path} takes no request body"
+        ))),
+        RouteBody::Json(_) if body.is_empty() => Err(ApiError::bad_request(format!(
+            "{path} needs a request body"
+        ))),
+        RouteBody::Json(parse) => parse(body).map_err(ApiError::bad_request),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn every_route_parses_to_its_request() {
+        let cases = [
+            ("GET", "vmm.ping", ApiRequest::VmmPing),
+            ("PUT", "vmm.shutdown", ApiRequest::VmmShutdown),
+            ("PUT", "vm.boot", ApiRequest::VmBoot),
+            ("GET", "vm.info", ApiRequest::VmInfo),
+            ("PUT", "vm.pause", ApiRequest::VmPause),
+            ("PUT", "vm.resume", ApiRequest::VmResume),
+            ("PUT", "vm.shutdown", ApiRequest::VmShutdown),
+            ("PUT", "vm.reboot", ApiRequest::VmReboot),
+            ("PUT", "vm.delete", ApiRequest::VmDelete),
+            ("GET", "vm.counters", ApiRequest::VmCounters),
+        ];
+
+        let parsed: Vec<_> = cases
+            .iter()
+            .map(|(method, name, _)| route_request(method, &format!("/api/v1/{name}"), b""))
+            .collect();
+
+        let expected: Vec<_> = cases.into_iter().map(|(_, _, r)| Ok(r)).collect();
+        assert_eq!(parsed, expected);
+    }
+
+    #[test]
+    fn vm_create_parses_its_body() {
+        let request = route_request(
+            "PUT",
+            "/api/v1/vm.create",
+            br#"{"payload": {"kernel": "/vmlinux"}}"#,
+        )
+        .unwrap();
+
+        let ApiRequest::VmCreate(config) = request else {
+            panic!("expected VmCreate, got {request:?}");
+        };
+        assert_eq!(
+            config.payload.kernel,
+            Some(std::path::PathBuf::from("/vmlinux"))
+        );
+    }
+
+    #[test]
+    fn vm_create_with_bad_json_is_a_bad_request_naming_the_error() {
+        let error = route_request("PUT", "/api/v1/vm.create", b"{not json").unwrap_err();
+
+        assert_eq!(error.status, 400);
+        assert!(
+            error.messages[0].contains("Invalid VmConfig JSON"),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn vm_create_without_body_is_a_bad_request() {
+        let error = route_request("PUT", "/api/v1/vm.create", b"").unwrap_err();
+
+        assert_eq!(error.status, 400);
+    }
+
+    #[test]
+    fn body_on_a_bodyless_action_is_a_bad_request() {
+        let error = route_request("PUT", "/api/v1/vm.boot", b"{}").unwrap_err();
+
+        assert_eq!(
+            error,
+            ApiError::bad_request("/api/v1/vm.boot takes no request body")
+        );
+    }
+
+    #[test]
+    fn unknown_path_is_not_found() {
+        let unknown = route_request("GET", "/api/v1/vm.frobnicate", b"").unwrap_err();
+        let outside = route_request("GET", "/vm.info", b"").unwrap_err();
+
+        assert_eq!(unknown.status, 404);
+        assert_eq!(outside.status, 404);
+    }
+
+    #[test]
+    fn wrong_method_is_method_not_allowed() {
+        let error = route_request("GET", "/api/v1/vm.boot", b"").unwrap_err();
+
+        assert_eq!(error.status, 405);
+    }
+
+    #[test]
+    fn query_string_is_ignored() {
+        let request = route_request("GET", "/api/v1/vm.info?verbose=1", b"");
+
+        assert_eq!(request, Ok(ApiRequest::VmInfo));
+    }
+
+    #[test]
+    fn error_chain_becomes_messages_top_first() {
+        let root = std::io::Error::other("disk gone");
+        let top = crate::api::client::ClientError::Io(root);
+
+        let error = ApiError::internal(&top);
+
+        assert_eq!(error.status, 500);
+        assert_eq!(error.messages, ["API socket I/O failed", "disk gone"]);
+    }
+
+    #[test]
+    fn config_error_is_a_bad_request() {
+        let error = ApiError::from(ConfigError::HugepagesNotSupported);
+
+        assert_eq!(error.status, 400);
+        assert_eq!(
+            error.messages,
+            ["Live update needs shmem-backed RAM; hugepages=on is not supported"]
+        );
+    }
+
+    /// The routes `docs/openapi.yaml` documents, as "METHOD name".
+    fn documented_routes() -> BTreeSet<String> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let document: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let paths = document["paths"].as_mapping().unwrap();
+        let mut routes = BTreeSet::new();
+        for (path, operations) in paths {
+            let name = path.as_str().unwrap().strip_prefix('/').unwrap();
+            for (method, _) in operations.as_mapping().unwrap() {
+                let method = method.as_str().unwrap().to_uppercase();
+                routes.insert(format!("{method} {name}"));
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn openapi_documents_exactly_the_served_routes() {
+        let served: BTreeSet<String> = ROUTES
+            .iter()
+            .map(|route| format!("{} {}", route.method.as_str(), route.name))
+            .collect();
+
+        assert_eq!(documented_routes(), served);
+    }
+
+    #[test]
+    fn openapi_server_url_is_the_api_root() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml");
+        let document: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+
+        let url = document["servers"][0]["url"].as_str().unwrap();
+
+        let path = url.strip_prefix("http://localhost").unwrap();
+        assert_eq!(format!("{path}/"), API_ROOT);
+    }
+}

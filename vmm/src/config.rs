@@ -1,5 +1,0 @@
-//! Placeholder; filled in by its owner.
-
-/// The VM configuration (cloud-hypervisor's `VmConfig` JSON shape).
-#[derive(Debug, Clone, Default)]
-pub struct VmConfig {}

@@ -1,0 +1,498 @@
+//! Command-line parsing in cloud-hypervisor's syntax: `--flag key=value,key=value`.
+//!
+//! Sizes take an optional `K`, `M` or `G` suffix (powers of 1024); booleans are `on|off` (also
+//! `true|false`). Every error names the flag, the key and the rejected value.
+
+use std::path::PathBuf;
+
+use super::{
+    ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig,
+    RngConfig, VmConfig,
+};
+
+/// The VM-related flags as given on the command line, before parsing their values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmCliArgs {
+    /// `--cpus boot=N[,max=M]`.
+    pub cpus: Option<String>,
+    /// `--memory size=S[,shared=on|off][,hugepages=on|off]`.
+    pub memory: Option<String>,
+    /// `--kernel PATH`.
+    pub kernel: Option<PathBuf>,
+    /// `--firmware PATH`.
+    pub firmware: Option<PathBuf>,
+    /// `--initramfs PATH`.
+    pub initramfs: Option<PathBuf>,
+    /// `--cmdline STR`.
+    pub cmdline: Option<String>,
+    /// `--disk path=P[,readonly=on|off][,id=X]`, one entry per disk.
+    pub disks: Vec<String>,
+    /// `--serial off|null|pty|tty|file=PATH`.
+    pub serial: Option<String>,
+    /// `--console off|null|pty|tty|file=PATH`.
+    pub console: Option<String>,
+    /// `--rng src=PATH`.
+    pub rng: Option<String>,
+}
+
+impl VmCliArgs {
+    /// Builds the VM configuration (unvalidated: call [`VmConfig::validate`]).
+    pub fn to_vm_config(&self) -> Result<VmConfig, ConfigError> {
+        let mut config = VmConfig {
+            payload: PayloadConfig {
+                kernel: self.kernel.clone(),
+                initramfs: self.initramfs.clone(),
+                cmdline: self.cmdline.clone(),
+                firmware: self.firmware.clone(),
+            },
+            ..VmConfig::default()
+        };
+        if let Some(cpus) = &self.cpus {
+            config.cpus = parse_cpus(cpus)?;
+        }
+        if let Some(memory) = &self.memory {
+            config.memory = parse_memory(memory)?;
+        }
+        config.disks = self
+            .disks
+            .iter()
+            .map(|disk| parse_disk(disk))
+            .collect::<Result<_, _>>()?;
+        if let Some(serial) = &self.serial {
+            config.serial = parse_console("serial", serial)?;
+        }
+        if let Some(console) = &self.console {
+            config.console = parse_console("console", console)?;
+        }
+        if let Some(rng) = &self.rng {
+            config.rng = parse_rng(rng)?;
+        }
+        Ok(config)
+    }
+}
+
+/// The `key=value` pairs of one flag's value, checked against the keys the flag knows.
+struct Options<'a> {
+    flag: &'static str,
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Options<'a> {
+    fn parse(flag: &'static str, input: &'a str, known: &[&str]) -> Result<Self, ConfigError> {
+        let mut pairs = Vec::new();
+        for item in input.split(',').filter(|item| !item.is_empty()) {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            if !known.contains(&key) {
+                return Err(ConfigError::UnknownKey {
+                    flag,
+                    key: key.to_string(),
+                });
+            }
+            pairs.push((key, value));
+        }
+        Ok(Self { flag, pairs })
+    }
+
+    /// The last value given for `key` (later values win, as cloud-hypervisor).
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+
+    fn invalid(&self, key: &'static str, value: &str, reason: &'static str) -> ConfigError {
+        ConfigError::InvalidValue {
+            flag: self.flag,
+            key,
+            value: value.to_string(),
+            reason,
+        }
+    }
+
+    fn bool(&self, key: &'static str) -> Result<Option<bool>, ConfigError> {
+        self.get(key)
+            .map(|value| match value {
+                "on" | "true" => Ok(true),
+                "off" | "false" => Ok(false),
+                _ => Err(self.invalid(key, value, "expected on or off")),
+            })
+            .transpose()
+    }
+
+    fn u8(&self, key: &'static str) -> Result<Option<u8>, ConfigError> {
+        self.get(key)
+            .map(|value| {
+                value
+                    .parse()
+                    .map_err(|_| self.invalid(key, value, "expected a number from 0 to 255"))
+            })
+            .transpose()
+    }
+
+    fn size(&self, key: &'static str) -> Result<Option<u64>, ConfigError> {
+        self.get(key)
+            .map(|value| parse_size(value).ok_or_else(|| self.invalid(key, value, SIZE_SYNTAX)))
+            .transpose()
+    }
+
+    fn path(&self, key: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+        self.get(key)
+            .map(|value| {
+                if value.is_empty() {
+                    Err(self.invalid(key, value, "expected a path"))
+                } else {
+                    Ok(PathBuf::from(value))
+                }
+            })
+            .transpose()
+    }
+
+    fn required_path(&self, key: &'static str) -> Result<PathBuf, ConfigError> {
+        self.path(key)?.ok_or(ConfigError::MissingKey {
+            flag: self.flag,
+            key,
+        })
+    }
+}
+
+const SIZE_SYNTAX: &str = "expected bytes with an optional K, M or G suffix";
+
+/// Parses a size: decimal bytes with an optional `K`, `M` or `G` suffix (powers of 1024).
+pub fn parse_size(input: &str) -> Option<u64> {
+    let (digits, shift) = match input.as_bytes().last()? {
+        b'K' | b'k' => (&input[..input.len() - 1], 10),
+        b'M' | b'm' => (&input[..input.len() - 1], 20),
+        b'G' | b'g' => (&input[..input.len() - 1], 30),
+        _ => (input, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let number: u64 = digits.parse().ok()?;
+    number.checked_mul(1u64 << shift)
+}
+
+fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
+    let options = Options::parse("cpus", input, &["boot", "max"])?;
+    let boot_vcpus = options.u8("boot")?.unwrap_or(1);
+    let max_vcpus = options.u8("max")?.unwrap_or(boot_vcpus);
+    Ok(CpusConfig {
+        boot_vcpus,
+        max_vcpus,
+    })
+}
+
+fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
+    let options = Options::parse("memory", input, &["size", "shared", "hugepages"])?;
+    let defaults = MemoryConfig::default();
+    Ok(MemoryConfig {
+        size: options.size("size")?.unwrap_or(defaults.size),
+        shared: options.bool("shared")?.unwrap_or(defaults.shared),
+        hugepages: options.bool("hugepages")?.unwrap_or(defaults.hugepages),
+    })
+}
+
+fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
+    let options = Options::parse("disk", input, &["path", "readonly", "id"])?;
+    let id = match options.get("id") {
+        Some("") => return Err(options.invalid("id", "", "expected a non-empty id")),
+        id => id.map(str::to_string),
+    };
+    Ok(DiskConfig {
+        path: options.required_path("path")?,
+        readonly: options.bool("readonly")?.unwrap_or(false),
+        id,
+    })
+}
+
+fn parse_console(flag: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
+    let mode = match input {
+        "off" => ConsoleMode::Off,
+        "null" => ConsoleMode::Null,
+        "pty" => ConsoleMode::Pty,
+        "tty" => ConsoleMode::Tty,
+        _ => {
+            let options = Options::parse(flag, input, &["file"])?;
+            return Ok(ConsoleConfig {
+                mode: ConsoleMode::File,
+                file: Some(options.required_path("file")?),
+            });
+        }
+    };
+    Ok(ConsoleConfig { mode, file: None })
+}
+
+fn parse_rng(input: &str) -> Result<RngConfig, ConfigError> {
+    let options = Options::parse("rng", input, &["src"])?;
+    Ok(RngConfig {
+        src: options.required_path("src")?,
+    })
+}
+
+/// Parses `--api-socket path=PATH` or a bare `--api-socket PATH`.
+pub fn parse_api_socket(input: &str) -> Result<PathBuf, ConfigError> {
+    parse_path_option("api-socket", input, true)
+}
+
+/// Parses `--event-monitor path=PATH`.
+pub fn parse_event_monitor(input: &str) -> Result<PathBuf, ConfigError> {
+    parse_path_option("event-monitor", input, false)
+}
+
+fn parse_path_option(
+    flag: &'static str,
+    input: &str,
+    bare_allowed: bool,
+) -> Result<PathBuf, ConfigError> {
+    if bare_allowed && !input.is_empty() && !input.contains('=') {
+        return Ok(PathBuf::from(input));
+    }
+    let options = Options::parse(flag, input, &["path", "fd"])?;
+    if let Some(fd) = options.get("fd") {
+        return Err(options.invalid("fd", fd, "passing the socket as an fd is not supported"));
+    }
+    options.required_path("path")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_with_memory(memory: &str) -> VmCliArgs {
+        VmCliArgs {
+            memory: Some(memory.to_string()),
+            ..VmCliArgs::default()
+        }
+    }
+
+    #[test]
+    fn sizes_accept_bytes_and_k_m_g_suffixes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+    }
+
+    #[test]
+    fn sizes_reject_garbage_empty_and_overflow() {
+        assert_eq!(parse_size("abc"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("G"), None);
+        assert_eq!(parse_size("-1M"), None);
+        assert_eq!(parse_size("99999999999999G"), None);
+    }
+
+    #[test]
+    fn memory_flag_parses_size_and_switches() {
+        let config = args_with_memory("size=1G,shared=on,hugepages=off")
+            .to_vm_config()
+            .unwrap();
+
+        assert_eq!(
+            config.memory,
+            MemoryConfig {
+                size: 1 << 30,
+                shared: true,
+                hugepages: false
+            }
+        );
+    }
+
+    #[test]
+    fn bad_memory_size_names_flag_and_value() {
+        let error = args_with_memory("size=abc").to_vm_config().unwrap_err();
+
+        let message = error.to_string();
+        assert!(message.contains("--memory"), "{message}");
+        assert!(message.contains("'abc'"), "{message}");
+    }
+
+    #[test]
+    fn bad_on_off_value_is_rejected() {
+        let error = args_with_memory("size=1G,shared=maybe")
+            .to_vm_config()
+            .unwrap_err();
+
+        assert_eq!(
+            error,
+            ConfigError::InvalidValue {
+                flag: "memory",
+                key: "shared",
+                value: "maybe".to_string(),
+                reason: "expected on or off",
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let error = args_with_memory("size=1G,color=blue")
+            .to_vm_config()
+            .unwrap_err();
+
+        assert_eq!(
+            error,
+            ConfigError::UnknownKey {
+                flag: "memory",
+                key: "color".to_string()
+            }
+        );
+    }
+
+    #[test]
+    fn cpus_max_defaults_to_boot() {
+        let args = VmCliArgs {
+            cpus: Some("boot=4".to_string()),
+            ..VmCliArgs::default()
+        };
+
+        let config = args.to_vm_config().unwrap();
+
+        assert_eq!(
+            config.cpus,
+            CpusConfig {
+                boot_vcpus: 4,
+                max_vcpus: 4
+            }
+        );
+    }
+
+    #[test]
+    fn cpus_out_of_range_is_rejected() {
+        let args = VmCliArgs {
+            cpus: Some("boot=300".to_string()),
+            ..VmCliArgs::default()
+        };
+
+        let error = args.to_vm_config().unwrap_err();
+
+        assert!(error.to_string().contains("'300'"), "{error}");
+    }
+
+    #[test]
+    fn repeated_disks_keep_their_order_and_options() {
+        let args = VmCliArgs {
+            disks: vec![
+                "path=/a.img".to_string(),
+                "path=/b.img,readonly=on,id=data".to_string(),
+            ],
+            ..VmCliArgs::default()
+        };
+
+        let config = args.to_vm_config().unwrap();
+
+        assert_eq!(
+            config.disks,
+            vec![
+                DiskConfig {
+                    path: PathBuf::from("/a.img"),
+                    readonly: false,
+                    id: None
+                },
+                DiskConfig {
+                    path: PathBuf::from("/b.img"),
+                    readonly: true,
+                    id: Some("data".to_string())
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn disk_without_path_is_rejected() {
+        let args = VmCliArgs {
+            disks: vec!["readonly=on".to_string()],
+            ..VmCliArgs::default()
+        };
+
+        let error = args.to_vm_config().unwrap_err();
+
+        assert_eq!(
+            error,
+            ConfigError::MissingKey {
+                flag: "disk",
+                key: "path"
+            }
+        );
+    }
+
+    #[test]
+    fn serial_and_console_modes_parse() {
+        let args = VmCliArgs {
+            serial: Some("tty".to_string()),
+            console: Some("file=/tmp/console.log".to_string()),
+            ..VmCliArgs::default()
+        };
+
+        let config = args.to_vm_config().unwrap();
+
+        assert_eq!(config.serial.mode, ConsoleMode::Tty);
+        assert_eq!(config.console.mode, ConsoleMode::File);
+        assert_eq!(config.console.file, Some(PathBuf::from("/tmp/console.log")));
+    }
+
+    #[test]
+    fn unknown_serial_mode_is_rejected() {
+        let args = VmCliArgs {
+            serial: Some("loud".to_string()),
+            ..VmCliArgs::default()
+        };
+
+        let error = args.to_vm_config().unwrap_err();
+
+        assert_eq!(
+            error,
+            ConfigError::UnknownKey {
+                flag: "serial",
+                key: "loud".to_string()
+            }
+        );
+    }
+
+    #[test]
+    fn defaults_match_cloud_hypervisor() {
+        let config = VmCliArgs::default().to_vm_config().unwrap();
+
+        assert_eq!(config.cpus.boot_vcpus, 1);
+        assert_eq!(config.memory.size, 512 << 20);
+        assert_eq!(config.serial.mode, ConsoleMode::Null);
+        assert_eq!(config.console.mode, ConsoleMode::Tty);
+        assert_eq!(config.rng.src, PathBuf::from("/dev/urandom"));
+    }
+
+    #[test]
+    fn api_socket_accepts_path_key_and_bare_path() {
+        assert_eq!(
+            parse_api_socket("path=/run/ch.sock"),
+            Ok(PathBuf::from("/run/ch.sock"))
+        );
+        assert_eq!(
+            parse_api_socket("/run/ch.sock"),
+            Ok(PathBuf::from("/run/ch.sock"))
+        );
+    }
+
+    #[test]
+    fn api_socket_fd_is_refused() {
+        let error = parse_api_socket("fd=3").unwrap_err();
+
+        assert!(error.to_string().contains("--api-socket"), "{error}");
+    }
+
+    #[test]
+    fn event_monitor_needs_path_key() {
+        assert_eq!(
+            parse_event_monitor("path=/tmp/events"),
+            Ok(PathBuf::from("/tmp/events"))
+        );
+        assert_eq!(
+            parse_event_monitor("/tmp/events"),
+            Err(ConfigError::UnknownKey {
+                flag: "event-monitor",
+                key: "/tmp/events".to_string()
+            })
+        );
+    }
+}

@@ -1,0 +1,629 @@
+//! The VM configuration: cloud-hypervisor's `VmConfig` JSON shape (the subset we support), its
+//! defaults, its validation and the command-line parsers that build it (`cli`).
+//!
+//! Unknown JSON fields are accepted and ignored (orchestrators written for cloud-hypervisor send
+//! many), and logged at debug level by [`VmConfig::from_json`].
+//!
+//! Guest RAM is always a shared memfd so that live update can preserve it: `memory.shared=false`
+//! is accepted for compatibility but changes nothing, and `memory.hugepages=true` is refused
+//! because the kernel's live update cannot preserve hugetlb memfds.
+
+mod cli;
+
+use std::path::{Path, PathBuf};
+
+use log::debug;
+use serde::{Deserialize, Deserializer, Serialize};
+use thiserror::Error;
+
+pub use cli::{VmCliArgs, parse_api_socket, parse_event_monitor, parse_size};
+
+/// Default guest RAM size, as cloud-hypervisor: 512 MiB.
+pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
+/// Smallest guest RAM we accept: 64 MiB (room for the boot structures, kernel and initramfs).
+pub const MIN_MEMORY_SIZE: u64 = 64 << 20;
+/// Guest RAM must be a whole number of these (the host page size backing the memfd).
+pub const MEMORY_ALIGNMENT: u64 = 4 << 10;
+/// Largest vCPU count: x86 APIC ids 0..=254 (255 is the broadcast id), as cloud-hypervisor.
+pub const MAX_VCPUS: u8 = 254;
+/// Default entropy source of the virtio-rng device.
+pub const DEFAULT_RNG_SOURCE: &str = "/dev/urandom";
+
+/// Errors from parsing or validating a VM configuration.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A `key=value` option has a key the flag does not know.
+    #[error("Unknown key '{key}' in --{flag}")]
+    UnknownKey {
+        /// The flag, without dashes.
+        flag: &'static str,
+        /// The unknown key.
+        key: String,
+    },
+    /// A value could not be parsed.
+    #[error("Invalid value '{value}' for --{flag} {key}: {reason}")]
+    InvalidValue {
+        /// The flag, without dashes.
+        flag: &'static str,
+        /// The key inside the flag's value (or the flag again for bare values).
+        key: &'static str,
+        /// The rejected value.
+        value: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A required key is missing from a flag's value.
+    #[error("Missing key '{key}' in --{flag}")]
+    MissingKey {
+        /// The flag, without dashes.
+        flag: &'static str,
+        /// The missing key.
+        key: &'static str,
+    },
+    /// The JSON document is not a valid `VmConfig`.
+    #[error("Invalid VmConfig JSON: {0}")]
+    Json(String),
+    /// `boot_vcpus` is zero or above `max_vcpus`, or `max_vcpus` is above the limit.
+    #[error("Invalid vCPU counts boot={boot} max={max} (need 1 <= boot <= max <= {MAX_VCPUS})")]
+    InvalidVcpus {
+        /// Requested boot vCPUs.
+        boot: u8,
+        /// Requested maximum vCPUs.
+        max: u8,
+    },
+    /// Guest RAM is too small or not 4 KiB aligned.
+    #[error("Invalid memory size {0} (need at least 64 MiB and a multiple of 4 KiB)")]
+    InvalidMemorySize(u64),
+    /// Hugepages cannot be preserved by live update.
+    #[error("Live update needs shmem-backed RAM; hugepages=on is not supported")]
+    HugepagesNotSupported,
+    /// Neither a kernel nor a firmware was given.
+    #[error("The payload needs a kernel")]
+    MissingKernel,
+    /// A file named in the configuration does not exist.
+    #[error("The {what} '{path}' does not exist")]
+    MissingFile {
+        /// What the file is for ("kernel", "disk", ...).
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// Serial and console both want the controlling terminal.
+    #[error("Serial and console cannot both use the tty")]
+    TtyConflict,
+    /// A `File` mode without a file.
+    #[error("The {0} mode File needs a file path")]
+    MissingOutputFile(&'static str),
+    /// A mode we do not implement.
+    #[error("The {device} mode {mode:?} is not supported")]
+    UnsupportedMode {
+        /// "serial" or "console".
+        device: &'static str,
+        /// The refused mode.
+        mode: ConsoleMode,
+    },
+    /// Two disks share an id.
+    #[error("Duplicate disk id '{0}'")]
+    DuplicateDiskId(String),
+}
+
+/// The VM configuration, in cloud-hypervisor's JSON shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// vCPU counts.
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    /// Guest RAM.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// What to boot (required in JSON, as cloud-hypervisor).
+    pub payload: PayloadConfig,
+    /// virtio-blk disks, in order.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub disks: Vec<DiskConfig>,
+    /// The legacy 16550 serial port.
+    #[serde(default = "ConsoleConfig::default_serial")]
+    pub serial: ConsoleConfig,
+    /// The virtio console.
+    #[serde(default = "ConsoleConfig::default_console")]
+    pub console: ConsoleConfig,
+    /// The virtio-rng device (always present, as cloud-hypervisor).
+    #[serde(default)]
+    pub rng: RngConfig,
+}
+
+/// vCPU counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpusConfig {
+    /// vCPUs started at boot.
+    #[serde(default = "one")]
+    pub boot_vcpus: u8,
+    /// vCPUs the VM may ever have.
+    #[serde(default = "one")]
+    pub max_vcpus: u8,
+}
+
+/// Guest RAM. It is always a shared memfd (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    /// Size in bytes.
+    #[serde(default = "default_memory_size")]
+    pub size: u64,
+    /// Accepted for compatibility; RAM is shared regardless.
+    #[serde(default)]
+    pub shared: bool,
+    /// Must be false: hugetlb memory cannot be live-updated.
+    #[serde(default)]
+    pub hugepages: bool,
+}
+
+/// What to boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadConfig {
+    /// Kernel image (ELF vmlinux or bzImage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Firmware image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Device id (for counters and the API); generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// Where a serial port or console goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleMode {
+    /// No device at all.
+    Off,
+    /// A new pseudo-terminal.
+    Pty,
+    /// The VMM's own terminal (stdin/stdout).
+    Tty,
+    /// Output appended to a file.
+    File,
+    /// A UNIX socket (not supported).
+    Socket,
+    /// The device exists but output is dropped.
+    Null,
+}
+
+/// The serial port or the console (same shape in JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleConfig {
+    /// Where output goes.
+    pub mode: ConsoleMode,
+    /// Output file, for mode `File`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
+/// The virtio-rng device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngConfig {
+    /// Host entropy source.
+    #[serde(default = "default_rng_source")]
+    pub src: PathBuf,
+}
+
+fn one() -> u8 {
+    1
+}
+
+fn default_memory_size() -> u64 {
+    DEFAULT_MEMORY_SIZE
+}
+
+fn default_rng_source() -> PathBuf {
+    PathBuf::from(DEFAULT_RNG_SOURCE)
+}
+
+/// cloud-hypervisor serialises absent lists as `null`.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        Self {
+            boot_vcpus: 1,
+            max_vcpus: 1,
+        }
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size: DEFAULT_MEMORY_SIZE,
+            shared: false,
+            hugepages: false,
+        }
+    }
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        Self {
+            src: default_rng_source(),
+        }
+    }
+}
+
+impl ConsoleConfig {
+    /// The serial port's default: present, output dropped.
+    pub fn default_serial() -> Self {
+        Self {
+            mode: ConsoleMode::Null,
+            file: None,
+        }
+    }
+
+    /// The console's default: the VMM's terminal.
+    pub fn default_console() -> Self {
+        Self {
+            mode: ConsoleMode::Tty,
+            file: None,
+        }
+    }
+
+    fn validate(&self, device: &'static str) -> Result<(), ConfigError> {
+        match self.mode {
+            ConsoleMode::File if self.file.is_none() => Err(ConfigError::MissingOutputFile(device)),
+            ConsoleMode::Socket => Err(ConfigError::UnsupportedMode {
+                device,
+                mode: self.mode,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            payload: PayloadConfig::default(),
+            disks: Vec::new(),
+            serial: ConsoleConfig::default_serial(),
+            console: ConsoleConfig::default_console(),
+            rng: RngConfig::default(),
+        }
+    }
+}
+
+fn check_exists(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(ConfigError::MissingFile {
+            what,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl VmConfig {
+    /// Parses a `VmConfig` JSON document, logging (at debug) the fields we ignore.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let mut deserializer = serde_json::Deserializer::from_slice(json);
+        let config: Self = serde_ignored::deserialize(&mut deserializer, |ignored| {
+            debug!("Ignoring unsupported VmConfig field {ignored}");
+        })
+        .map_err(|e| ConfigError::Json(e.to_string()))?;
+        deserializer
+            .end()
+            .map_err(|e| ConfigError::Json(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Checks the configuration before a VM is built from it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let (boot, max) = (self.cpus.boot_vcpus, self.cpus.max_vcpus);
+        if boot == 0 || boot > max || max > MAX_VCPUS {
+            return Err(ConfigError::InvalidVcpus { boot, max });
+        }
+        let size = self.memory.size;
+        if size < MIN_MEMORY_SIZE || !size.is_multiple_of(MEMORY_ALIGNMENT) {
+            return Err(ConfigError::InvalidMemorySize(size));
+        }
+        if self.memory.hugepages {
+            return Err(ConfigError::HugepagesNotSupported);
+        }
+        match (&self.payload.kernel, &self.payload.firmware) {
+            (Some(kernel), _) => check_exists("kernel", kernel)?,
+            (None, Some(firmware)) => check_exists("firmware", firmware)?,
+            (None, None) => return Err(ConfigError::MissingKernel),
+        }
+        if let Some(initramfs) = &self.payload.initramfs {
+            check_exists("initramfs", initramfs)?;
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for disk in &self.disks {
+            check_exists("disk", &disk.path)?;
+            if let Some(id) = &disk.id
+                && !ids.insert(id.as_str())
+            {
+                return Err(ConfigError::DuplicateDiskId(id.clone()));
+            }
+        }
+        self.serial.validate("serial")?;
+        self.console.validate("console")?;
+        if self.serial.mode == ConsoleMode::Tty && self.console.mode == ConsoleMode::Tty {
+            return Err(ConfigError::TtyConflict);
+        }
+        check_exists("entropy source", &self.rng.src)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config whose files all exist (this source file stands in for kernel and disk).
+    fn valid_config() -> VmConfig {
+        let existing = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/config/mod.rs");
+        VmConfig {
+            payload: PayloadConfig {
+                kernel: Some(existing.clone()),
+                ..PayloadConfig::default()
+            },
+            disks: vec![DiskConfig {
+                path: existing,
+                readonly: false,
+                id: Some("disk0".to_string()),
+            }],
+            console: ConsoleConfig::default_serial(),
+            ..VmConfig::default()
+        }
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        assert_eq!(valid_config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn four_vcpus_pass() {
+        let mut config = valid_config();
+        config.cpus = CpusConfig {
+            boot_vcpus: 4,
+            max_vcpus: 4,
+        };
+
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn zero_vcpus_are_refused() {
+        let mut config = valid_config();
+        config.cpus.boot_vcpus = 0;
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::InvalidVcpus { boot: 0, max: 1 })
+        );
+    }
+
+    #[test]
+    fn boot_above_max_vcpus_is_refused() {
+        let mut config = valid_config();
+        config.cpus = CpusConfig {
+            boot_vcpus: 4,
+            max_vcpus: 2,
+        };
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::InvalidVcpus { boot: 4, max: 2 })
+        );
+    }
+
+    #[test]
+    fn small_or_unaligned_memory_is_refused() {
+        let mut small = valid_config();
+        small.memory.size = 32 << 20;
+        let mut unaligned = valid_config();
+        unaligned.memory.size = (128 << 20) + 1;
+
+        assert_eq!(
+            small.validate(),
+            Err(ConfigError::InvalidMemorySize(32 << 20))
+        );
+        assert_eq!(
+            unaligned.validate(),
+            Err(ConfigError::InvalidMemorySize((128 << 20) + 1))
+        );
+    }
+
+    #[test]
+    fn hugepages_are_refused_for_live_update() {
+        let mut config = valid_config();
+        config.memory.hugepages = true;
+
+        let error = config.validate().unwrap_err();
+
+        assert_eq!(error, ConfigError::HugepagesNotSupported);
+        assert!(error.to_string().contains("hugepages=on is not supported"));
+    }
+
+    #[test]
+    fn unshared_memory_is_accepted() {
+        let mut config = valid_config();
+        config.memory.shared = false;
+
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn missing_kernel_file_is_named() {
+        let mut config = valid_config();
+        config.payload.kernel = Some(PathBuf::from("/nonexistent/vmlinux"));
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::MissingFile {
+                what: "kernel",
+                path: PathBuf::from("/nonexistent/vmlinux")
+            })
+        );
+    }
+
+    #[test]
+    fn payload_without_kernel_is_refused() {
+        let mut config = valid_config();
+        config.payload.kernel = None;
+
+        assert_eq!(config.validate(), Err(ConfigError::MissingKernel));
+    }
+
+    #[test]
+    fn missing_disk_file_is_named() {
+        let mut config = valid_config();
+        config.disks[0].path = PathBuf::from("/nonexistent/disk.img");
+
+        let error = config.validate().unwrap_err();
+
+        assert!(
+            error.to_string().contains("/nonexistent/disk.img"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn duplicate_disk_ids_are_refused() {
+        let mut config = valid_config();
+        config.disks.push(config.disks[0].clone());
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::DuplicateDiskId("disk0".to_string()))
+        );
+    }
+
+    #[test]
+    fn serial_and_console_on_the_tty_conflict() {
+        let mut config = valid_config();
+        config.serial = ConsoleConfig::default_console();
+        config.console = ConsoleConfig::default_console();
+
+        assert_eq!(config.validate(), Err(ConfigError::TtyConflict));
+    }
+
+    #[test]
+    fn file_mode_without_file_is_refused() {
+        let mut config = valid_config();
+        config.serial = ConsoleConfig {
+            mode: ConsoleMode::File,
+            file: None,
+        };
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::MissingOutputFile("serial"))
+        );
+    }
+
+    #[test]
+    fn json_round_trip_keeps_cloud_hypervisor_shape() {
+        let config = valid_config();
+
+        let json = serde_json::to_value(&config).unwrap();
+        let back = VmConfig::from_json(json.to_string().as_bytes()).unwrap();
+
+        assert_eq!(back, config);
+        assert_eq!(json["cpus"]["boot_vcpus"], 1);
+        assert_eq!(json["cpus"]["max_vcpus"], 1);
+        assert_eq!(json["memory"]["size"], 512u64 << 20);
+        assert_eq!(json["memory"]["shared"], false);
+        assert_eq!(json["memory"]["hugepages"], false);
+        assert_eq!(json["disks"][0]["id"], "disk0");
+        assert_eq!(json["disks"][0]["readonly"], false);
+        assert_eq!(json["serial"]["mode"], "Null");
+        assert_eq!(json["rng"]["src"], "/dev/urandom");
+    }
+
+    #[test]
+    fn minimal_json_takes_cloud_hypervisor_defaults() {
+        let config = VmConfig::from_json(br#"{"payload": {"kernel": "/vmlinux"}}"#).unwrap();
+
+        assert_eq!(
+            config,
+            VmConfig {
+                payload: PayloadConfig {
+                    kernel: Some(PathBuf::from("/vmlinux")),
+                    ..PayloadConfig::default()
+                },
+                ..VmConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn json_from_cloud_hypervisor_with_extra_fields_and_nulls_parses() {
+        let json = br#"{
+            "cpus": {"boot_vcpus": 2, "max_vcpus": 2, "kvm_hyperv": false, "max_phys_bits": 46},
+            "memory": {"size": 1073741824, "mergeable": false, "shared": true, "thp": true},
+            "payload": {"kernel": "/vmlinux", "cmdline": "console=ttyS0"},
+            "disks": null,
+            "net": null,
+            "serial": {"mode": "Tty", "file": null, "socket": null},
+            "console": {"mode": "Off", "iommu": false},
+            "iommu": false,
+            "watchdog": false
+        }"#;
+
+        let config = VmConfig::from_json(json).unwrap();
+
+        assert_eq!(config.cpus.boot_vcpus, 2);
+        assert_eq!(config.memory.size, 1 << 30);
+        assert!(config.disks.is_empty());
+        assert_eq!(config.serial.mode, ConsoleMode::Tty);
+        assert_eq!(config.console.mode, ConsoleMode::Off);
+    }
+
+    #[test]
+    fn json_without_payload_is_refused() {
+        let error = VmConfig::from_json(br#"{"cpus": {"boot_vcpus": 1}}"#).unwrap_err();
+
+        assert!(error.to_string().contains("payload"), "{error}");
+    }
+
+    #[test]
+    fn json_with_a_wrong_type_reports_the_serde_error() {
+        let error =
+            VmConfig::from_json(br#"{"payload": {}, "memory": {"size": "big"}}"#).unwrap_err();
+
+        assert!(matches!(error, ConfigError::Json(_)));
+        assert!(error.to_string().contains("invalid type"), "{error}");
+    }
+
+    #[test]
+    fn json_with_trailing_garbage_is_refused() {
+        let error = VmConfig::from_json(br#"{"payload": {}} x"#).unwrap_err();
+
+        assert!(matches!(error, ConfigError::Json(_)));
+    }
+}
