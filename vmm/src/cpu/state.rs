@@ -1,0 +1,418 @@
+//! Everything KVM holds for one vCPU, captured and restored in a safe order.
+
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_VCPUEVENT_VALID_SIPI_VECTOR, kvm_cpuid_entry2, kvm_debugregs,
+    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+use super::error::{CpuError, kvm_err};
+use super::msrs::{self, MSR_IA32_TSC_DEADLINE};
+use super::sys;
+
+/// The state of one vCPU, as plain data. The kvm-bindings structs serialise as the kernel's
+/// bytes, so a newer kernel with longer structs still reads them (zero-padded).
+///
+/// Nested virtualisation state is not part of it: the guest CPUID hides VMX and SVM, and the
+/// test machines' KVM fails `KVM_GET_NESTED_STATE` with EINVAL in any case.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The CPUID table the vCPU was given.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest TSC frequency, if KVM reports it.
+    pub tsc_khz: Option<u32>,
+    /// Multiprocessing state (running, halted, waiting for SIPI...).
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers, RIP and RFLAGS.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers, EFER and the APIC base.
+    pub sregs: kvm_sregs,
+    /// x87, SSE and extended (XSAVE) register state.
+    pub fpu: FpuState,
+    /// Extended control registers (XCR0); `None` on hosts without XSAVE.
+    pub xcrs: Option<kvm_xcrs>,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// The in-kernel local APIC's register page.
+    pub lapic: kvm_lapic_state,
+    /// Every MSR of [`super::supported_msrs`], in that order.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending and injected exceptions, interrupts, NMIs, SMIs, interrupt shadow.
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+/// Floating-point and vector register state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FpuState {
+    /// The XSAVE area of `KVM_GET_XSAVE`: 4096 bytes as 1024 little-endian words.
+    Xsave(Vec<u32>),
+    /// `KVM_GET_FPU` registers, used only where `KVM_GET_XSAVE` fails.
+    Legacy(Box<LegacyFpu>),
+}
+
+/// The fields of `kvm_fpu` (which kvm-bindings gives no serde support).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct LegacyFpu {
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+}
+
+impl VcpuState {
+    /// Format version of this struct, for the live-update envelope.
+    pub const VERSION: u16 = 1;
+
+    /// Captures the state of a vCPU that is not running (paused or not yet started), reading
+    /// the MSRs `msr_indices` (from [`super::supported_msrs_cached`]).
+    pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, CpuError> {
+        // MP state first: KVM_GET_MP_STATE makes KVM process a pending INIT or SIPI, which
+        // rewrites registers; everything read after it is consistent with it.
+        let mp_state = vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
+        let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let fpu = save_fpu(vcpu)?;
+        let xcrs = match fpu {
+            FpuState::Xsave(_) => {
+                let xcrs = vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?;
+                // KVM reports no XCRs (nr_xcrs 0) when the host has no XSAVE.
+                (xcrs.nr_xcrs > 0).then_some(xcrs)
+            }
+            FpuState::Legacy(_) => None,
+        };
+        let debugregs = vcpu
+            .get_debug_regs()
+            .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+        let lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        let msrs = msrs::get_msrs(vcpu, msr_indices)?;
+        let tsc_khz = vcpu.get_tsc_khz().ok();
+        let cpuid = vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let vcpu_events = vcpu
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        Ok(Self {
+            cpuid,
+            tsc_khz,
+            mp_state,
+            regs,
+            sregs,
+            fpu,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            vcpu_events,
+        })
+    }
+
+    /// Loads this state into `vcpu`, a fresh vCPU (created, never run) with the same id in a
+    /// VM that has the in-kernel irqchip. Do not call [`super::configure_vcpu`] before it.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), CpuError> {
+        // Everything from the (untrusted) state is checked before the first ioctl.
+        let fpu = self.fpu_to_load()?;
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| CpuError::InvalidState {
+            reason: "too many CPUID entries",
+        })?;
+
+        // 1. CPUID before anything: KVM checks MSR writes, XCR0 and the XSAVE features against
+        //    it. KVM refuses KVM_SET_CPUID2 after the first KVM_RUN, hence a fresh vCPU.
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        // 2. TSC frequency before the TSC MSR: KVM converts the TSC value with the current
+        //    ratio. Only touched if it differs (needs TSC scaling on the host).
+        self.restore_tsc_khz(vcpu)?;
+        // 3. MP state before registers and events: entering INIT_RECEIVED/SIPI_RECEIVED
+        //    changes pending events, which step 9 then sets exactly.
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        // 4. Registers. KVM_SET_REGS drops a pending exception and KVM_SET_SREGS may queue an
+        //    interrupt: both are undone by the events in step 9. SREGS also sets the APIC
+        //    base (xAPIC or x2APIC mode), which the LAPIC restore in step 6 depends on.
+        vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        // 5. FPU/XSAVE, then XCR0, then debug registers (no mutual constraints beyond CPUID).
+        match &fpu {
+            FpuLoad::Xsave(xsave) => {
+                sys::set_xsave(vcpu, xsave).map_err(kvm_err("KVM_SET_XSAVE"))?
+            }
+            FpuLoad::Legacy(fpu) => vcpu.set_fpu(fpu).map_err(kvm_err("KVM_SET_FPU"))?,
+        }
+        if let Some(xcrs) = &self.xcrs {
+            vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        // 6. LAPIC after SREGS (APIC base and mode) and before the MSRs: KVM silently drops a
+        //    TSC_DEADLINE write unless the LVT timer is already in TSC-deadline mode.
+        vcpu.set_lapic(&self.lapic)
+            .map_err(kvm_err("KVM_SET_LAPIC"))?;
+        // 7. MSRs, TSC included; 8. TSC_DEADLINE alone afterwards, because the deadline is
+        //    compared with the guest TSC, which must already hold its restored value.
+        let (deadline, others): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) = self
+            .msrs
+            .iter()
+            .partition(|e| e.index == MSR_IA32_TSC_DEADLINE);
+        msrs::set_msrs(vcpu, &others)?;
+        msrs::set_msrs(vcpu, &deadline)?;
+        // 9. Events last, as explained in steps 3 and 4. KVM_GET_VCPU_EVENTS does not flag the
+        //    SIPI vector as valid; we do, so a vCPU caught between INIT and SIPI keeps it.
+        let mut events = self.vcpu_events;
+        events.flags |= KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        vcpu.set_vcpu_events(&events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
+    }
+
+    /// The value of MSR `index` in this state, if it was captured.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|e| e.index == index).map(|e| e.data)
+    }
+
+    /// The FPU state as KVM takes it; the XSAVE area is checked for size.
+    fn fpu_to_load(&self) -> Result<FpuLoad, CpuError> {
+        match &self.fpu {
+            FpuState::Xsave(words) => {
+                let mut xsave = kvm_xsave::default();
+                if words.len() != xsave.region.len() {
+                    return Err(CpuError::InvalidState {
+                        reason: "XSAVE area is not 4096 bytes",
+                    });
+                }
+                xsave.region.copy_from_slice(words);
+                Ok(FpuLoad::Xsave(Box::new(xsave)))
+            }
+            FpuState::Legacy(fpu) => Ok(FpuLoad::Legacy(Box::new(fpu.to_kvm()))),
+        }
+    }
+
+    fn restore_tsc_khz(&self, vcpu: &VcpuFd) -> Result<(), CpuError> {
+        if let Some(khz) = self.tsc_khz
+            && vcpu.get_tsc_khz().ok() != Some(khz)
+        {
+            vcpu.set_tsc_khz(khz).map_err(kvm_err("KVM_SET_TSC_KHZ"))?;
+        }
+        Ok(())
+    }
+}
+
+/// [`FpuState`] in KVM's structs, ready for the ioctl.
+enum FpuLoad {
+    Xsave(Box<kvm_xsave>),
+    Legacy(Box<kvm_fpu>),
+}
+
+/// XSAVE where KVM offers it (all x86-64 kernels do unless the guest state is encrypted),
+/// legacy FPU registers otherwise.
+fn save_fpu(vcpu: &VcpuFd) -> Result<FpuState, CpuError> {
+    match vcpu.get_xsave() {
+        Ok(xsave) => Ok(FpuState::Xsave(xsave.region.to_vec())),
+        Err(e) => {
+            log::debug!("KVM_GET_XSAVE failed ({e}), saving legacy FPU state");
+            let fpu = vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+            Ok(FpuState::Legacy(Box::new(LegacyFpu::from_kvm(&fpu))))
+        }
+    }
+}
+
+impl LegacyFpu {
+    fn from_kvm(fpu: &kvm_fpu) -> Self {
+        Self {
+            fpr: fpu.fpr,
+            fcw: fpu.fcw,
+            fsw: fpu.fsw,
+            ftwx: fpu.ftwx,
+            last_opcode: fpu.last_opcode,
+            last_ip: fpu.last_ip,
+            last_dp: fpu.last_dp,
+            xmm: fpu.xmm,
+            mxcsr: fpu.mxcsr,
+        }
+    }
+
+    fn to_kvm(&self) -> kvm_fpu {
+        kvm_fpu {
+            fpr: self.fpr,
+            fcw: self.fcw,
+            fsw: self.fsw,
+            ftwx: self.ftwx,
+            last_opcode: self.last_opcode,
+            last_ip: self.last_ip,
+            last_dp: self.last_dp,
+            xmm: self.xmm,
+            mxcsr: self.mxcsr,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_ioctls::{VcpuExit, VmFd};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::cpu::test_util;
+    use crate::cpu::{MSR_IA32_TSC, lapic_register, set_lapic_register, supported_msrs_cached};
+    use crate::memory::GuestRam;
+
+    const SYSENTER_CS: u32 = 0x174;
+    const LSTAR: u32 = 0xc000_0082;
+    const APIC_TPR: usize = 0x80;
+    const APIC_SVR: usize = 0xf0;
+    const APIC_LVTT: usize = 0x320;
+    /// LVT timer in TSC-deadline mode (bits 18:17 = 2), vector 0x30.
+    const LVTT_TSC_DEADLINE: u32 = (2 << 17) | 0x30;
+    const CODE_ADDR: u64 = 0x1000;
+    /// mov ax, 0x42; out 0x10, al; hlt (real mode)
+    const GUEST_CODE: [u8; 6] = [0xb8, 0x42, 0x00, 0xe6, 0x10, 0xf4];
+
+    /// A configured vCPU 0 with a distinctive value in each part of its state, set to run
+    /// [`GUEST_CODE`] in real mode. Returns its state.
+    fn distinctive_state(kvm: &kvm_ioctls::Kvm, vm: &VmFd) -> VcpuState {
+        let vcpu = test_util::vcpu(kvm, vm, 0, 1);
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rax = 0x1234_5678_9abc_def0;
+        regs.rbx = 0xfeed;
+        regs.rip = CODE_ADDR;
+        regs.rflags = 0x46;
+        vcpu.set_regs(&regs).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut xcrs = vcpu.get_xcrs().unwrap();
+        xcrs.xcrs[0].value = 0x3;
+        vcpu.set_xcrs(&xcrs).unwrap();
+        let mut debugregs = vcpu.get_debug_regs().unwrap();
+        debugregs.db[0] = 0xdead_0000;
+        vcpu.set_debug_regs(&debugregs).unwrap();
+        let mut lapic = vcpu.get_lapic().unwrap();
+        set_lapic_register(&mut lapic, APIC_SVR, 0x1ff);
+        set_lapic_register(&mut lapic, APIC_TPR, 0x20);
+        set_lapic_register(&mut lapic, APIC_LVTT, LVTT_TSC_DEADLINE);
+        vcpu.set_lapic(&lapic).unwrap();
+        let tsc = msrs::get_msrs(&vcpu, &[MSR_IA32_TSC]).unwrap()[0].data;
+        let entries = [
+            (SYSENTER_CS, 0x10),
+            (LSTAR, 0xffff_ffff_8100_0000),
+            (MSR_IA32_TSC_DEADLINE, tsc + (1 << 40)),
+        ]
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        });
+        msrs::set_msrs(&vcpu, &entries).unwrap();
+        let mut events = vcpu.get_vcpu_events().unwrap();
+        events.nmi.masked = 1;
+        vcpu.set_vcpu_events(&events).unwrap();
+
+        let indices = supported_msrs_cached(kvm, &vcpu).unwrap();
+        VcpuState::save(&vcpu, indices).unwrap()
+    }
+
+    /// The state without the TSC, which keeps counting between two saves.
+    fn without_tsc(state: &VcpuState) -> VcpuState {
+        let mut state = state.clone();
+        state.msrs.retain(|e| e.index != MSR_IA32_TSC);
+        state
+    }
+
+    #[test]
+    fn state_restored_into_fresh_vcpu_saves_back_equal() {
+        let kvm = test_util::kvm();
+        let saved = distinctive_state(&kvm, &test_util::vm(&kvm));
+        let vm = test_util::vm(&kvm);
+        let fresh = vm.create_vcpu(0).unwrap();
+
+        saved.restore(&fresh).unwrap();
+        let resaved =
+            VcpuState::save(&fresh, supported_msrs_cached(&kvm, &fresh).unwrap()).unwrap();
+
+        assert_eq!(without_tsc(&resaved), without_tsc(&saved));
+        assert!(resaved.msr(MSR_IA32_TSC) >= saved.msr(MSR_IA32_TSC));
+        assert_eq!(resaved.regs.rax, 0x1234_5678_9abc_def0);
+        assert_eq!(resaved.msr(SYSENTER_CS), Some(0x10));
+        assert!(resaved.msr(MSR_IA32_TSC_DEADLINE).is_some_and(|d| d != 0));
+        assert_eq!(lapic_register(&resaved.lapic, APIC_TPR), 0x20);
+        assert_eq!(lapic_register(&resaved.lapic, APIC_LVTT), LVTT_TSC_DEADLINE);
+        assert_eq!(resaved.xcrs.unwrap().xcrs[0].value, 0x3);
+        assert_eq!(resaved.debugregs.db[0], 0xdead_0000);
+        assert_eq!(resaved.vcpu_events.nmi.masked, 1);
+    }
+
+    #[test]
+    fn restored_vcpu_runs_guest_code() {
+        let kvm = test_util::kvm();
+        let saved = distinctive_state(&kvm, &test_util::vm(&kvm));
+        let vm = test_util::vm(&kvm);
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.memory()
+            .write_slice(&GUEST_CODE, GuestAddress(CODE_ADDR))
+            .unwrap();
+        ram.register(&vm).unwrap();
+        let mut fresh = vm.create_vcpu(0).unwrap();
+        saved.restore(&fresh).unwrap();
+
+        let exit = fresh.run().unwrap();
+
+        assert!(
+            matches!(exit, VcpuExit::IoOut(0x10, [0x42])),
+            "unexpected exit {exit:?}"
+        );
+    }
+
+    #[test]
+    fn vcpu_state_survives_json_round_trip() {
+        let kvm = test_util::kvm();
+        let saved = distinctive_state(&kvm, &test_util::vm(&kvm));
+
+        let json = serde_json::to_string(&saved).unwrap();
+        let decoded: VcpuState = serde_json::from_str(&json).unwrap();
+
+        assert_eq!(decoded, saved);
+    }
+
+    #[test]
+    fn legacy_fpu_converts_to_kvm_and_back_unchanged() {
+        let fpu = LegacyFpu {
+            fpr: [[7; 16]; 8],
+            fcw: 0x37f,
+            fsw: 1,
+            ftwx: 2,
+            last_opcode: 3,
+            last_ip: 4,
+            last_dp: 5,
+            xmm: [[9; 16]; 16],
+            mxcsr: 0x1f80,
+        };
+
+        assert_eq!(LegacyFpu::from_kvm(&fpu.to_kvm()), fpu);
+    }
+
+    #[test]
+    fn truncated_xsave_area_is_refused_before_touching_the_vcpu() {
+        let kvm = test_util::kvm();
+        let mut saved = distinctive_state(&kvm, &test_util::vm(&kvm));
+        saved.fpu = FpuState::Xsave(vec![0; 10]);
+        let vm = test_util::vm(&kvm);
+        let fresh = vm.create_vcpu(0).unwrap();
+        let regs_before = fresh.get_regs().unwrap();
+
+        let result = saved.restore(&fresh);
+
+        assert!(matches!(result, Err(CpuError::InvalidState { .. })));
+        assert_eq!(fresh.get_regs().unwrap(), regs_before);
+    }
+}

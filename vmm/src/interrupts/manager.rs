@@ -1,0 +1,387 @@
+//! The interrupt manager: hands out lines and vectors, saves and restores the routes.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::error::InterruptError;
+use super::lines::{LegacyIrq, MsiGroup};
+use super::routing::{IOAPIC_PINS, Shared, Table};
+use super::state::{InterruptState, MsiGroupState, next_free_gsi, validate};
+
+/// Owns the VM's GSI routing table and hands out interrupt lines and MSI vectors.
+#[derive(Debug, Clone)]
+pub struct InterruptManager {
+    shared: Arc<Shared>,
+}
+
+impl InterruptManager {
+    /// Takes over the routing table of `vm`, which has the in-kernel irqchip, with only the
+    /// legacy routes in it.
+    pub fn new(vm: Arc<VmFd>) -> Result<Self, InterruptError> {
+        Self::restore(vm, &InterruptState::default())
+    }
+
+    /// Takes over the routing table of `vm` with the MSI groups of `state` routed at once.
+    /// Devices then claim the groups again, in the saved order, with [`Self::msi_vectors`]
+    /// or [`Self::msi_vectors_with_fds`].
+    pub fn restore(vm: Arc<VmFd>, state: &InterruptState) -> Result<Self, InterruptError> {
+        validate(state)?;
+        let manager = Self {
+            shared: Arc::new(Shared {
+                vm,
+                table: Mutex::new(Table {
+                    groups: state.msi_groups.clone(),
+                    ..Table::default()
+                }),
+            }),
+        };
+        let table = manager.shared.lock();
+        manager.shared.push_routes(&table)?;
+        drop(table);
+        Ok(manager)
+    }
+
+    /// Captures the routing state. Saving while vCPUs or devices run is safe but may miss a
+    /// route change made at the same moment; save from the frozen VM.
+    pub fn save(&self) -> InterruptState {
+        InterruptState {
+            msi_groups: self.shared.lock().groups.clone(),
+        }
+    }
+
+    /// The edge-triggered line of IOAPIC `pin` (0..24): one eventfd write per interrupt.
+    /// Asking again for the same pin returns the same line (a shared IRQ).
+    pub fn legacy_line(&self, pin: u32) -> Result<Arc<LegacyIrq>, InterruptError> {
+        check_pin(pin)?;
+        let mut table = self.shared.lock();
+        if let Some(line) = table.lines.get(&pin) {
+            return Ok(Arc::clone(line));
+        }
+        self.register_line(&mut table, pin, new_eventfd()?)
+    }
+
+    /// Like [`Self::legacy_line`], but with an existing eventfd (e.g. one handed over by the
+    /// previous VMM and still held by an outside device).
+    pub fn legacy_line_with_fd(
+        &self,
+        pin: u32,
+        eventfd: EventFd,
+    ) -> Result<Arc<LegacyIrq>, InterruptError> {
+        check_pin(pin)?;
+        let mut table = self.shared.lock();
+        if table.lines.contains_key(&pin) {
+            return Err(InterruptError::PinInUse { pin });
+        }
+        self.register_line(&mut table, pin, eventfd)
+    }
+
+    /// `count` MSI vectors on consecutive GSIs, each with a new eventfd registered as irqfd.
+    /// After [`Self::restore`], the saved groups are handed out first, in order.
+    pub fn msi_vectors(&self, count: u16) -> Result<Arc<MsiGroup>, InterruptError> {
+        let eventfds = (0..count)
+            .map(|_| new_eventfd())
+            .collect::<Result<Vec<_>, _>>()?;
+        self.msi_vectors_with_fds(eventfds)
+    }
+
+    /// Like [`Self::msi_vectors`], one vector per eventfd given (e.g. handed over by the
+    /// previous VMM).
+    pub fn msi_vectors_with_fds(
+        &self,
+        eventfds: Vec<EventFd>,
+    ) -> Result<Arc<MsiGroup>, InterruptError> {
+        let count = eventfds.len();
+        let mut table = self.shared.lock();
+        let index = table.claimed;
+        let first_gsi = match table.groups.get(index) {
+            Some(saved) if saved.routes.len() == count => saved.first_gsi,
+            Some(saved) => {
+                return Err(InterruptError::GroupMismatch {
+                    index,
+                    saved: saved.routes.len(),
+                    requested: count,
+                });
+            }
+            None => next_free_gsi(&table.groups, count)?,
+        };
+        let gsis = (first_gsi..).take(count);
+        let mut registered = Vec::with_capacity(count);
+        for (gsi, eventfd) in gsis.clone().zip(&eventfds) {
+            if let Err(source) = self.shared.vm.register_irqfd(eventfd, gsi) {
+                for (gsi, eventfd) in registered {
+                    if let Err(e) = self.shared.vm.unregister_irqfd(eventfd, gsi) {
+                        log::warn!("Cannot unregister the irqfd of GSI {gsi}: {e}");
+                    }
+                }
+                return Err(InterruptError::Irqfd { gsi, source });
+            }
+            registered.push((gsi, eventfd));
+        }
+        if index == table.groups.len() {
+            table.groups.push(MsiGroupState {
+                first_gsi,
+                routes: vec![None; count],
+            });
+        }
+        table.claimed += 1;
+        Ok(Arc::new(MsiGroup {
+            shared: Arc::clone(&self.shared),
+            index,
+            first_gsi,
+            eventfds,
+        }))
+    }
+
+    fn register_line(
+        &self,
+        table: &mut Table,
+        pin: u32,
+        eventfd: EventFd,
+    ) -> Result<Arc<LegacyIrq>, InterruptError> {
+        self.shared
+            .vm
+            .register_irqfd(&eventfd, pin)
+            .map_err(|source| InterruptError::Irqfd { gsi: pin, source })?;
+        let line = Arc::new(LegacyIrq { pin, eventfd });
+        table.lines.insert(pin, Arc::clone(&line));
+        Ok(line)
+    }
+}
+
+fn check_pin(pin: u32) -> Result<(), InterruptError> {
+    if pin >= IOAPIC_PINS {
+        return Err(InterruptError::InvalidPin { pin });
+    }
+    Ok(())
+}
+
+fn new_eventfd() -> Result<EventFd, InterruptError> {
+    EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread::sleep;
+    use std::time::{Duration, Instant};
+
+    use devices::interrupt::{IrqLine, MsiMessage, MsiVectors};
+    use kvm_ioctls::VcpuFd;
+
+    use super::*;
+    use crate::cpu::test_util;
+    use crate::cpu::{lapic_register, set_lapic_register};
+    use crate::interrupts::routing::GSI_LIMIT;
+    use crate::platform::PlatformState;
+
+    /// MSI to the LAPIC with id 0, fixed delivery.
+    const MSI_ADDRESS_CPU0: u64 = 0xfee0_0000;
+
+    /// A VM with platform and a configured vCPU 0 whose LAPIC accepts interrupts.
+    fn vm_with_vcpu() -> (Arc<VmFd>, VcpuFd) {
+        let kvm = test_util::kvm();
+        let vm = Arc::new(test_util::vm(&kvm));
+        let vcpu = test_util::vcpu(&kvm, &vm, 0, 1);
+        let mut lapic = vcpu.get_lapic().unwrap();
+        // Spurious vector register: bit 8 software-enables the LAPIC.
+        set_lapic_register(&mut lapic, 0xf0, 0x1ff);
+        vcpu.set_lapic(&lapic).unwrap();
+        (vm, vcpu)
+    }
+
+    fn irr_has(vcpu: &VcpuFd, vector: u32) -> bool {
+        let lapic = vcpu.get_lapic().unwrap();
+        let offset = 0x200 + usize::try_from(vector / 32).unwrap() * 0x10;
+        lapic_register(&lapic, offset) & (1 << (vector % 32)) != 0
+    }
+
+    /// Waits up to a second for KVM's irqfd worker to deliver `vector`.
+    fn delivered(vcpu: &VcpuFd, vector: u32) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(1) {
+            if irr_has(vcpu, vector) {
+                return true;
+            }
+            sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    fn msi(vector: u32) -> Option<MsiMessage> {
+        Some(MsiMessage {
+            address: MSI_ADDRESS_CPU0,
+            data: vector,
+        })
+    }
+
+    #[test]
+    fn msi_route_delivers_vector_to_lapic() {
+        let (vm, vcpu) = vm_with_vcpu();
+        let manager = InterruptManager::new(vm).unwrap();
+        let group = manager.msi_vectors(2).unwrap();
+
+        group.configure(1, msi(0x41)).unwrap();
+        group.trigger(1).unwrap();
+
+        assert!(delivered(&vcpu, 0x41));
+    }
+
+    #[test]
+    fn removed_msi_route_delivers_nothing_until_routed_again() {
+        let (vm, vcpu) = vm_with_vcpu();
+        let manager = InterruptManager::new(vm).unwrap();
+        let group = manager.msi_vectors(1).unwrap();
+        group.configure(0, msi(0x42)).unwrap();
+
+        group.configure(0, None).unwrap();
+        group.trigger(0).unwrap();
+        sleep(Duration::from_millis(100));
+        let while_removed = irr_has(&vcpu, 0x42);
+        group.configure(0, msi(0x42)).unwrap();
+        group.trigger(0).unwrap();
+
+        assert!(!while_removed);
+        assert!(delivered(&vcpu, 0x42));
+    }
+
+    #[test]
+    fn legacy_line_delivers_through_ioapic() {
+        let (vm, vcpu) = vm_with_vcpu();
+        let mut platform = PlatformState::save(&vm).unwrap();
+        // Vector 0x51, fixed, physical destination 0, edge, unmasked.
+        assert!(platform.set_ioapic_redirection(5, 0x51));
+        vm.set_irqchip(&platform.ioapic.0).unwrap();
+        let manager = InterruptManager::new(Arc::clone(&vm)).unwrap();
+
+        manager.legacy_line(5).unwrap().trigger().unwrap();
+
+        assert!(delivered(&vcpu, 0x51));
+    }
+
+    #[test]
+    fn same_pin_returns_the_same_line() {
+        let (vm, _vcpu) = vm_with_vcpu();
+        let manager = InterruptManager::new(vm).unwrap();
+
+        let first = manager.legacy_line(4).unwrap();
+        let second = manager.legacy_line(4).unwrap();
+
+        assert!(Arc::ptr_eq(&first, &second));
+        assert!(matches!(
+            manager.legacy_line_with_fd(4, new_eventfd().unwrap()),
+            Err(InterruptError::PinInUse { pin: 4 })
+        ));
+    }
+
+    #[test]
+    fn missing_pin_and_vector_are_errors() {
+        let (vm, _vcpu) = vm_with_vcpu();
+        let manager = InterruptManager::new(vm).unwrap();
+        let group = manager.msi_vectors(1).unwrap();
+
+        assert!(matches!(
+            manager.legacy_line(IOAPIC_PINS),
+            Err(InterruptError::InvalidPin { pin: 24 })
+        ));
+        assert!(group.trigger(1).is_err());
+        assert!(group.configure(1, msi(0x40)).is_err());
+    }
+
+    #[test]
+    fn groups_get_consecutive_gsis_from_24() {
+        let (vm, _vcpu) = vm_with_vcpu();
+        let manager = InterruptManager::new(vm).unwrap();
+
+        let first = manager.msi_vectors(3).unwrap();
+        let second = manager.msi_vectors(2).unwrap();
+
+        assert_eq!((first.first_gsi(), second.first_gsi()), (24, 27));
+        assert_eq!(second.eventfds().len(), 2);
+    }
+
+    #[test]
+    fn interrupt_state_round_trips_into_new_vm() {
+        let (vm, _vcpu) = vm_with_vcpu();
+        let manager = InterruptManager::new(vm).unwrap();
+        manager
+            .msi_vectors(2)
+            .unwrap()
+            .configure(0, msi(0x40))
+            .unwrap();
+        let group = manager.msi_vectors(3).unwrap();
+        group
+            .configure(
+                2,
+                Some(MsiMessage {
+                    address: 0x1_fee0_1000,
+                    data: 0x4041,
+                }),
+            )
+            .unwrap();
+        let saved = manager.save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let decoded: InterruptState = serde_json::from_str(&json).unwrap();
+        let (new_vm, vcpu) = vm_with_vcpu();
+
+        let restored = InterruptManager::restore(new_vm, &decoded).unwrap();
+        let first = restored.msi_vectors(2).unwrap();
+        let second = restored.msi_vectors(3).unwrap();
+        let third = restored.msi_vectors(1).unwrap();
+
+        assert_eq!(decoded, saved);
+        assert_eq!(
+            (first.first_gsi(), second.first_gsi(), third.first_gsi()),
+            (24, 26, 29)
+        );
+        assert_eq!(restored.save().msi_groups[..2], saved.msi_groups[..]);
+        first.trigger(0).unwrap();
+        assert!(delivered(&vcpu, 0x40), "restored route is live in KVM");
+    }
+
+    #[test]
+    fn restored_group_claimed_with_other_size_is_refused() {
+        let (vm, _vcpu) = vm_with_vcpu();
+        let state = InterruptState {
+            msi_groups: vec![MsiGroupState {
+                first_gsi: 24,
+                routes: vec![None; 2],
+            }],
+        };
+        let manager = InterruptManager::restore(vm, &state).unwrap();
+
+        let result = manager.msi_vectors(5);
+
+        assert!(matches!(
+            result,
+            Err(InterruptError::GroupMismatch {
+                saved: 2,
+                requested: 5,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn restore_refuses_overlapping_or_out_of_range_groups() {
+        let (vm, _vcpu) = vm_with_vcpu();
+        let group = |first_gsi, count| MsiGroupState {
+            first_gsi,
+            routes: vec![None; count],
+        };
+        let overlapping = InterruptState {
+            msi_groups: vec![group(24, 4), group(26, 1)],
+        };
+        let legacy_range = InterruptState {
+            msi_groups: vec![group(20, 1)],
+        };
+        let past_limit = InterruptState {
+            msi_groups: vec![group(GSI_LIMIT - 1, 2)],
+        };
+
+        for state in [overlapping, legacy_range, past_limit] {
+            let result = InterruptManager::restore(Arc::clone(&vm), &state);
+            assert!(matches!(result, Err(InterruptError::InvalidState { .. })));
+        }
+    }
+}
