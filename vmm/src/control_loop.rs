@@ -1,10 +1,22 @@
-//! The VMM control loop: serves API requests and guest events, owns the VM.
+//! The VMM control loop: one thread that owns the VM and serves API requests, vCPU events and
+//! terminal input in arrival order, so no two requests ever act on the VM at once.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::Duration;
 
+use log::{error, info, warn};
+use serde::Serialize;
 use thiserror::Error;
 
-use crate::config::VmConfig;
+use crate::api::{ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server};
+use crate::config::{ConsoleMode, VmConfig};
+use crate::event_monitor::{EventMonitor, EventMonitorError};
+use crate::vcpu_thread::VcpuEvent;
+use crate::vm::{Vm, VmError};
 
 /// Process-level options of the VMM (not part of the VM configuration).
 #[derive(Debug, Clone, Default)]
@@ -18,12 +30,380 @@ pub struct VmmOptions {
 /// Errors that end the VMM process.
 #[derive(Debug, Error)]
 pub enum VmmError {
-    /// Placeholder until the control loop lands.
-    #[error("Not implemented yet")]
-    NotImplemented,
+    /// The event monitor file could not be opened.
+    #[error("Cannot start the event monitor")]
+    EventMonitor(#[source] EventMonitorError),
+    /// The API socket could not be served.
+    #[error("Cannot start the API server")]
+    ApiServer(#[source] crate::api::ApiServerError),
+    /// The VM given on the command line could not be booted.
+    #[error("Cannot boot the VM")]
+    Boot(#[source] VmError),
+    /// The configuration given on the command line is invalid.
+    #[error("Invalid VM configuration")]
+    Config(#[source] crate::config::ConfigError),
+    /// A vCPU failed and there is no API to inspect or recover the VM.
+    #[error("vCPU {vcpu} failed: {reason}")]
+    VcpuFailed {
+        /// Index of the vCPU.
+        vcpu: u8,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The VM's lifecycle state, named as in cloud-hypervisor's `VmInfo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum VmState {
+    /// Configured, not booted.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// Booted once, then shut down; may be booted again.
+    Shutdown,
+}
+
+enum VmmEvent {
+    Api(ApiRequest, Sender<Result<ApiResponse, ApiError>>),
+    Vcpu(VcpuEvent),
+    Input(Vec<u8>),
+}
+
+/// Forwards API requests from the HTTP threads into the control loop and waits for the answer.
+struct ChannelHandler {
+    events: Sender<VmmEvent>,
+}
+
+impl ApiHandler for ChannelHandler {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let (reply, answer) = mpsc::channel();
+        let gone = || ApiError::new(503, "The VMM is shutting down");
+        self.events
+            .send(VmmEvent::Api(request, reply))
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
 }
 
 /// Runs the VMM until it is shut down. With `vm`, the VM is created and booted at once.
-pub fn run(_options: VmmOptions, _vm: Option<VmConfig>) -> Result<(), VmmError> {
-    Err(VmmError::NotImplemented)
+pub fn run(options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
+    let monitor = options
+        .event_monitor
+        .as_deref()
+        .map(EventMonitor::new)
+        .transpose()
+        .map_err(VmmError::EventMonitor)?
+        .map(Arc::new);
+    let (events, receiver) = mpsc::channel();
+    let mut vmm = Vmm::new(events.clone(), monitor, options.api_socket.is_some());
+    vmm.emit("vmm", "starting");
+    let _server: Option<HttpServer> = options
+        .api_socket
+        .as_deref()
+        .map(|path| start_http_server(path, Arc::new(ChannelHandler { events })))
+        .transpose()
+        .map_err(VmmError::ApiServer)?;
+    if let Some(config) = vm {
+        config.validate().map_err(VmmError::Config)?;
+        vmm.config = Some(config);
+        vmm.state = VmState::Created;
+        vmm.boot().map_err(VmmError::Boot)?;
+    }
+    let result = vmm.serve(&receiver);
+    vmm.emit("vmm", "shutdown");
+    result
+}
+
+struct Vmm {
+    events: Sender<VmmEvent>,
+    monitor: Option<Arc<EventMonitor>>,
+    has_api: bool,
+    config: Option<VmConfig>,
+    vm: Option<Vm>,
+    state: VmState,
+    stdin_reader_started: bool,
+    pending_input: VecDeque<u8>,
+}
+
+/// What the loop does after an event.
+enum Next {
+    Continue,
+    Exit,
+}
+
+impl Vmm {
+    fn new(events: Sender<VmmEvent>, monitor: Option<Arc<EventMonitor>>, has_api: bool) -> Self {
+        Self {
+            events,
+            monitor,
+            has_api,
+            config: None,
+            vm: None,
+            state: VmState::Created,
+            stdin_reader_started: false,
+            pending_input: VecDeque::new(),
+        }
+    }
+
+    fn emit(&self, source: &str, event: &str) {
+        if let Some(monitor) = &self.monitor {
+            monitor.emit(source, event, None);
+        }
+    }
+
+    fn serve(&mut self, receiver: &Receiver<VmmEvent>) -> Result<(), VmmError> {
+        loop {
+            // While terminal input waits for room in the guest's FIFO, poll for it.
+            let event = if self.pending_input.is_empty() {
+                match receiver.recv() {
+                    Ok(event) => event,
+                    Err(_) => return Ok(()),
+                }
+            } else {
+                match receiver.recv_timeout(Duration::from_millis(5)) {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.flush_input();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            };
+            let next = match event {
+                VmmEvent::Api(request, reply) => {
+                    let (answer, next) = self.handle_api(request);
+                    if reply.send(answer).is_err() {
+                        warn!("API client went away before its answer");
+                    }
+                    next
+                }
+                VmmEvent::Vcpu(event) => self.handle_vcpu_event(event)?,
+                VmmEvent::Input(bytes) => {
+                    self.pending_input.extend(bytes);
+                    self.flush_input();
+                    Next::Continue
+                }
+            };
+            if let Next::Exit = next {
+                self.vm = None;
+                return Ok(());
+            }
+        }
+    }
+
+    fn flush_input(&mut self) {
+        let Some(vm) = self.vm.as_mut() else {
+            self.pending_input.clear();
+            return;
+        };
+        let (front, _) = self.pending_input.as_slices();
+        let accepted = vm.push_input(front);
+        self.pending_input.drain(..accepted);
+    }
+
+    fn handle_api(&mut self, request: ApiRequest) -> (Result<ApiResponse, ApiError>, Next) {
+        match request {
+            ApiRequest::VmmPing => (Ok(ApiResponse::Json(ping_body())), Next::Continue),
+            ApiRequest::VmmShutdown => {
+                self.shutdown_vm();
+                (Ok(ApiResponse::Empty), Next::Exit)
+            }
+            other => (self.handle_vm_request(other), Next::Continue),
+        }
+    }
+
+    fn handle_vm_request(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        if let ApiRequest::VmCreate(config) = request {
+            return self.create(*config);
+        }
+        let Some(config) = self.config.as_ref() else {
+            return Err(ApiError::not_found("VM is not created"));
+        };
+        match (request, self.state) {
+            (ApiRequest::VmInfo, state) => Ok(ApiResponse::Json(serde_json::json!({
+                "config": config,
+                "state": state,
+                "memory_actual_size": config.memory.size,
+            }))),
+            (ApiRequest::VmCounters, _) => {
+                let counters = self.vm.as_ref().map(Vm::counters).unwrap_or_default();
+                Ok(ApiResponse::Json(serde_json::json!(counters)))
+            }
+            (ApiRequest::VmBoot, VmState::Created | VmState::Shutdown) => {
+                self.boot().map_err(|e| ApiError::internal(&e))?;
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmPause, VmState::Running) => {
+                self.emit("vm", "pausing");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.pause();
+                }
+                self.state = VmState::Paused;
+                self.emit("vm", "paused");
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmResume, VmState::Paused) => {
+                self.emit("vm", "resuming");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.resume().map_err(|e| ApiError::internal(&e))?;
+                }
+                self.state = VmState::Running;
+                self.emit("vm", "resumed");
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmShutdown, VmState::Running | VmState::Paused) => {
+                self.shutdown_vm();
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmReboot, VmState::Running | VmState::Paused) => {
+                self.reboot().map_err(|e| ApiError::internal(&e))?;
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmDelete, _) => {
+                self.shutdown_vm();
+                self.config = None;
+                self.state = VmState::Created;
+                self.emit("vm", "deleted");
+                Ok(ApiResponse::Empty)
+            }
+            (request, state) => Err(ApiError::conflict(format!(
+                "Cannot {} a VM that is {state:?}",
+                verb(&request)
+            ))),
+        }
+    }
+
+    fn create(&mut self, config: VmConfig) -> Result<ApiResponse, ApiError> {
+        if self.config.is_some() {
+            return Err(ApiError::conflict("VM is already created"));
+        }
+        config
+            .validate()
+            .map_err(|e| ApiError::from_error(400, &e))?;
+        self.config = Some(config);
+        self.state = VmState::Created;
+        Ok(ApiResponse::Empty)
+    }
+
+    fn boot(&mut self) -> Result<(), VmError> {
+        let Some(config) = self.config.clone() else {
+            return Ok(());
+        };
+        self.emit("vm", "booting");
+        self.start_stdin_reader(&config);
+        let events = self.events.clone();
+        let on_vcpu_event = Arc::new(move |event| {
+            // The loop may already be gone at process exit; nothing is left to tell then.
+            let _ = events.send(VmmEvent::Vcpu(event));
+        });
+        self.vm = Some(Vm::boot(&config, on_vcpu_event)?);
+        self.state = VmState::Running;
+        self.emit("vm", "booted");
+        Ok(())
+    }
+
+    fn shutdown_vm(&mut self) {
+        if self.vm.take().is_some() {
+            self.state = VmState::Shutdown;
+            self.emit("vm", "shutdown");
+        }
+    }
+
+    fn reboot(&mut self) -> Result<(), VmError> {
+        self.emit("vm", "rebooting");
+        self.vm = None;
+        self.boot()?;
+        self.emit("vm", "rebooted");
+        Ok(())
+    }
+
+    fn handle_vcpu_event(&mut self, event: VcpuEvent) -> Result<Next, VmmError> {
+        if self.vm.is_none() {
+            // A late event from a VM that is already gone (e.g. two vCPUs asked for a reset).
+            return Ok(Next::Continue);
+        }
+        match event {
+            VcpuEvent::Reset => {
+                info!("Guest requested a reset: rebooting the VM");
+                if let Err(e) = self.reboot() {
+                    error!("Reboot failed: {e}");
+                    self.state = VmState::Shutdown;
+                    if !self.has_api {
+                        return Err(VmmError::Boot(e));
+                    }
+                }
+                Ok(Next::Continue)
+            }
+            VcpuEvent::Shutdown => {
+                info!("Guest powered off");
+                self.shutdown_vm();
+                Ok(Next::Exit)
+            }
+            VcpuEvent::Failed { vcpu, reason } => {
+                error!("vCPU {vcpu} failed: {reason}; the VM is paused");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.pause();
+                }
+                self.state = VmState::Paused;
+                let mut properties = BTreeMap::new();
+                properties.insert("vcpu".to_string(), vcpu.to_string());
+                properties.insert("reason".to_string(), reason.clone());
+                if let Some(monitor) = &self.monitor {
+                    monitor.emit("vm", "vcpu-failed", Some(&properties));
+                }
+                if self.has_api {
+                    Ok(Next::Continue)
+                } else {
+                    Err(VmmError::VcpuFailed { vcpu, reason })
+                }
+            }
+        }
+    }
+
+    /// Terminal input goes to whichever device uses the terminal; one reader serves every boot.
+    fn start_stdin_reader(&mut self, config: &VmConfig) {
+        let uses_tty =
+            config.serial.mode == ConsoleMode::Tty || config.console.mode == ConsoleMode::Tty;
+        if !uses_tty || self.stdin_reader_started {
+            return;
+        }
+        let events = self.events.clone();
+        let spawned = std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                let mut stdin = std::io::stdin();
+                let mut buf = [0u8; 256];
+                while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                    if events.send(VmmEvent::Input(buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => self.stdin_reader_started = true,
+            Err(e) => warn!("Cannot read terminal input: {e}"),
+        }
+    }
+}
+
+fn ping_body() -> serde_json::Value {
+    serde_json::json!({
+        "build_version": env!("CARGO_PKG_VERSION"),
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "features": ["kvm"],
+    })
+}
+
+fn verb(request: &ApiRequest) -> &'static str {
+    match request {
+        ApiRequest::VmBoot => "boot",
+        ApiRequest::VmPause => "pause",
+        ApiRequest::VmResume => "resume",
+        ApiRequest::VmShutdown => "shut down",
+        ApiRequest::VmReboot => "reboot",
+        _ => "act on",
+    }
 }

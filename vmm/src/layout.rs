@@ -66,6 +66,12 @@ mod tests {
     fn large_guest_is_split_around_the_mmio_hole() {
         let ranges = ram_ranges(16 << 30);
 
-        assert_eq!(ranges, vec![(0, MMIO_HOLE_START), (HIGH_RAM_START, (16 << 30) - MMIO_HOLE_START)]);
+        assert_eq!(
+            ranges,
+            vec![
+                (0, MMIO_HOLE_START),
+                (HIGH_RAM_START, (16 << 30) - MMIO_HOLE_START)
+            ]
+        );
     }
 }

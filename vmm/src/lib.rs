@@ -7,9 +7,14 @@
 pub mod api;
 pub mod boot;
 pub mod config;
-pub mod cpu;
-pub mod event_monitor;
-pub mod layout;
-pub mod platform;
 pub mod control_loop;
+pub mod cpu;
+pub mod device_manager;
+pub mod event_monitor;
 pub mod interrupts;
+pub mod layout;
+pub mod memory;
+pub mod platform;
+mod sys;
+pub mod vcpu_thread;
+pub mod vm;

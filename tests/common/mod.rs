@@ -1,0 +1,240 @@
+//! Shared helpers for the integration tests: build the probe guest, run the VMM binary, read the
+//! guest's serial lines, call the API.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use vmm::api::client::{Response, request};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds the probe guest once per test process and returns the ELF's path.
+pub fn probe_guest() -> PathBuf {
+    static PROBE: OnceLock<PathBuf> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let script = repo_root().join("scripts/build-probe-guest");
+            let out = Command::new(&script)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(
+                out.status.success(),
+                "scripts/build-probe-guest failed (needs gcc and binutils: apt-get install gcc binutils):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let last = stdout.lines().last().expect("build-probe-guest printed nothing");
+            PathBuf::from(last.trim())
+        })
+        .clone()
+}
+
+/// A unique scratch directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("chv-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[derive(Default)]
+struct Lines {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running `cloud-hypervisor` process whose serial console is its stdin/stdout.
+pub struct VmmProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    output: Arc<(Mutex<Lines>, Condvar)>,
+    stderr_path: PathBuf,
+    pub api_socket: Option<PathBuf>,
+}
+
+impl VmmProcess {
+    /// Starts the VMM with `args` (stdout captured line by line, stderr to a file in `dir`).
+    pub fn spawn(args: &[&str], dir: &Path) -> Self {
+        let stderr_path = dir.join("vmm.stderr");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("cannot start cloud-hypervisor");
+        let stdout = child.stdout.take().unwrap();
+        let output = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let (m, cv) = &*sink;
+                m.lock().unwrap().lines.push(line);
+                cv.notify_all();
+            }
+            let (m, cv) = &*sink;
+            m.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        let api_socket = args
+            .iter()
+            .position(|a| *a == "--api-socket")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| PathBuf::from(v.trim_start_matches("path=")));
+        let stdin = child.stdin.take();
+        Self { child, stdin, output, stderr_path, api_socket }
+    }
+
+    /// Boots the probe guest with `cpus` vCPUs, `memory` (e.g. "256M") and a probe command line.
+    pub fn probe(cpus: u8, memory: &str, cmdline: &str, dir: &Path, extra: &[&str]) -> Self {
+        let kernel = probe_guest();
+        let socket = dir.join("api.sock");
+        let cpus = format!("boot={cpus}");
+        let memory = format!("size={memory}");
+        let mut args = vec![
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "--cpus",
+            &cpus,
+            "--memory",
+            &memory,
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, dir)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.output.0.lock().unwrap().lines.clone()
+    }
+
+    /// What the VMM wrote on stderr.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits for a line (after the first `skip` lines) for which `accept` returns Some.
+    pub fn wait_for<T>(&self, skip: usize, timeout: Duration, mut accept: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.output;
+        let mut seen = skip;
+        let mut lines = m.lock().unwrap();
+        loop {
+            while seen < lines.lines.len() {
+                if let Some(found) = accept(&lines.lines[seen]) {
+                    return found;
+                }
+                seen += 1;
+            }
+            let now = Instant::now();
+            if lines.closed || now >= deadline {
+                let tail: Vec<_> = lines.lines.iter().rev().take(20).rev().cloned().collect();
+                drop(lines);
+                panic!(
+                    "no expected line within {timeout:?} (output closed: {}); last lines:\n{}\nstderr:\n{}",
+                    self.output.0.lock().unwrap().closed,
+                    tail.join("\n"),
+                    self.stderr()
+                );
+            }
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for the next probe status line after line `skip`; returns (line index, status).
+    pub fn next_status(&self, skip: usize, timeout: Duration) -> (usize, ProbeStatus) {
+        let mut index = skip;
+        self.wait_for(skip, timeout, |line| {
+            index += 1;
+            ProbeStatus::parse(line).map(|s| (index, s))
+        })
+    }
+
+    /// Types `bytes` into the guest's terminal.
+    pub fn type_input(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Calls the REST API.
+    pub fn api(&self, method: &str, endpoint: &str, body: Option<&str>) -> Response {
+        let socket = self.api_socket.as_ref().expect("VMM started without --api-socket");
+        request(socket, method, endpoint, body.map(str::as_bytes)).unwrap()
+    }
+
+    /// Waits for the process to exit and returns its status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("VMM did not exit within {timeout:?}; stderr:\n{}", self.stderr());
+    }
+
+    /// Runs `ch-remote --api-socket <socket> args...`.
+    pub fn ch_remote(&self, args: &[&str]) -> std::process::Output {
+        let socket = self.api_socket.as_ref().expect("VMM started without --api-socket");
+        Command::new(env!("CARGO_BIN_EXE_ch-remote"))
+            .arg("--api-socket")
+            .arg(socket)
+            .args(args)
+            .output()
+            .expect("cannot run ch-remote")
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `probe: status ...` line of the probe guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeStatus {
+    pub fields: BTreeMap<String, u64>,
+}
+
+impl ProbeStatus {
+    /// Parses a status line; None for any other line.
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = line.trim().strip_prefix("probe: status ")?;
+        let fields = rest
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+            .collect();
+        Some(Self { fields })
+    }
+
+    pub fn get(&self, key: &str) -> u64 {
+        *self.fields.get(key).unwrap_or_else(|| panic!("status line has no {key}: {self:?}"))
+    }
+}

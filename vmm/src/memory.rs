@@ -1,0 +1,195 @@
+//! Guest RAM: one shmem memfd, mapped `MAP_SHARED` and registered as KVM memory slots.
+//!
+//! RAM always lives in a memfd so that a live update can preserve it (LUO preserves shmem
+//! memfds) or hand it to a successor VMM, which maps the very same pages. The memfd is split
+//! into the ranges of [`crate::layout::ram_ranges`], one after the other in the file.
+
+use std::fs::File;
+use std::io;
+
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::layout;
+use crate::sys;
+
+/// The smallest RAM size we accept.
+pub const MIN_RAM_SIZE: u64 = 64 << 20;
+
+/// Errors from setting up guest RAM.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// Size below the minimum or not page aligned.
+    #[error("Invalid RAM size {size:#x}: it must be at least 64 MiB and a multiple of 4 KiB")]
+    InvalidSize {
+        /// The refused size.
+        size: u64,
+    },
+    /// The memfd could not be created or sized.
+    #[error("Cannot create the guest RAM memfd")]
+    Memfd(#[source] io::Error),
+    /// The memfd has another size than the RAM it is supposed to hold.
+    #[error("Guest RAM memfd holds {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        /// The size the configuration asks for.
+        expected: u64,
+        /// The size of the file.
+        actual: u64,
+    },
+    /// Mapping the memfd failed.
+    #[error("Cannot map guest RAM")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+    /// KVM refused a memory slot.
+    #[error("Cannot register guest RAM with KVM")]
+    MemorySlot(#[source] kvm_ioctls::Error),
+}
+
+/// Guest RAM and the memfd that backs it.
+#[derive(Debug)]
+pub struct GuestRam {
+    memfd: File,
+    size: u64,
+    memory: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of fresh, zeroed guest RAM in a new memfd.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let memfd = sys::memfd_create(c"guest-ram").map_err(MemoryError::Memfd)?;
+        memfd.set_len(size).map_err(MemoryError::Memfd)?;
+        Self::from_memfd(memfd, size)
+    }
+
+    /// Maps an existing memfd (e.g. one handed over by a live update) as guest RAM.
+    pub fn from_memfd(memfd: File, size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let actual = memfd.metadata().map_err(MemoryError::Memfd)?.len();
+        if actual != size {
+            return Err(MemoryError::SizeMismatch {
+                expected: size,
+                actual,
+            });
+        }
+        let mut ranges = Vec::new();
+        let mut file_offset = 0;
+        for (guest_addr, len) in layout::ram_ranges(size) {
+            let file = memfd.try_clone().map_err(MemoryError::Memfd)?;
+            let len_usize = usize::try_from(len).map_err(|_| MemoryError::InvalidSize { size })?;
+            ranges.push((
+                GuestAddress(guest_addr),
+                len_usize,
+                Some(FileOffset::new(file, file_offset)),
+            ));
+            file_offset += len;
+        }
+        let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+        Ok(Self {
+            memfd,
+            size,
+            memory,
+        })
+    }
+
+    /// The guest's view of RAM, for loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The memfd holding all of guest RAM.
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// RAM size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Registers the RAM ranges as KVM memory slots of `vm`.
+    pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        sys::register_memory_slots(vm, &self.memory).map_err(MemoryError::MemorySlot)
+    }
+}
+
+fn check_size(size: u64) -> Result<(), MemoryError> {
+    if size < MIN_RAM_SIZE || !size.is_multiple_of(4096) {
+        return Err(MemoryError::InvalidSize { size });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    use super::*;
+
+    #[test]
+    fn ram_is_a_memfd_shared_with_the_guest_view() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+
+        ram.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        let mut from_file = [0u8; 4];
+        ram.memfd().read_exact_at(&mut from_file, 0x1000).unwrap();
+
+        assert_eq!(u32::from_le_bytes(from_file), 0xdead_beef);
+        let link = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(ram.memfd())
+        ))
+        .unwrap();
+        assert!(
+            link.to_string_lossy().starts_with("/memfd:guest-ram"),
+            "{link:?}"
+        );
+    }
+
+    #[test]
+    fn high_ram_follows_low_ram_in_the_file() {
+        let size = 4 << 30;
+        let ram = GuestRam::new(size).unwrap();
+
+        ram.memfd()
+            .write_all_at(&[0x5a], layout::MMIO_HOLE_START)
+            .unwrap();
+        let byte: u8 = ram
+            .memory()
+            .read_obj(GuestAddress(layout::HIGH_RAM_START))
+            .unwrap();
+
+        assert_eq!(byte, 0x5a);
+        assert_eq!(ram.memory().num_regions(), 2);
+        assert_eq!(
+            ram.memory().last_addr(),
+            GuestAddress(layout::HIGH_RAM_START + (1 << 30) - 1)
+        );
+    }
+
+    #[test]
+    fn sizes_below_minimum_or_unaligned_are_refused() {
+        assert!(matches!(
+            GuestRam::new(1 << 20),
+            Err(MemoryError::InvalidSize { .. })
+        ));
+        assert!(matches!(
+            GuestRam::new((64 << 20) + 1),
+            Err(MemoryError::InvalidSize { .. })
+        ));
+    }
+
+    #[test]
+    fn memfd_of_the_wrong_size_is_refused() {
+        let memfd = sys::memfd_create(c"test").unwrap();
+        memfd.set_len(128 << 20).unwrap();
+
+        let result = GuestRam::from_memfd(memfd, 64 << 20);
+
+        assert!(matches!(result, Err(MemoryError::SizeMismatch { .. })));
+    }
+}
