@@ -1,4 +1,8 @@
 //! Live update: LUO sessions, the live-update state machine and the participant trait.
 //!
-//! This crate is filled in by the restart-mode live-update work; for now it only reserves its
-//! place in the workspace layout described in `DESIGN.md`.
+//! A *session* is LUO's unit of handover: a name and a set of files, each under a 64-bit token.
+//! The kernel provides sessions on `/dev/liveupdate` and carries them across a kexec; in restart
+//! mode (only the VMM binary is replaced) a userspace holder provides the same semantics. Both
+//! sit behind the traits in [`session`].
+
+pub mod session;

@@ -1,0 +1,144 @@
+//! One session interface, two providers: the kernel (`/dev/liveupdate`) and a userspace holder
+//! with the same semantics (restart mode).
+//!
+//! Semantics both providers keep (see `../shared/reference/luo.md` §1-2):
+//! - session names are unique among *outgoing* sessions (EEXIST); at most 63 bytes, not empty;
+//! - files are preserved into an outgoing session under a caller-chosen token, unique within the
+//!   session (EEXIST);
+//! - an outgoing session whose last handle closes before the handover is discarded with its
+//!   files;
+//! - after the handover (kexec, or its userspace stand-in) the session is *incoming*: it can be
+//!   retrieved once by name, its files retrieved by token, then finished;
+//! - preserve on an incoming session, retrieve or finish on an outgoing one: EINVAL.
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use thiserror::Error;
+
+/// A file's key inside a session.
+pub type Token = u64;
+
+/// Longest session name, in bytes (the kernel's 64-byte buffer holds the terminating NUL).
+pub const MAX_SESSION_NAME_LEN: usize = 63;
+
+/// Errors of session operations, named for what went wrong rather than for the errno.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// `/dev/liveupdate` does not exist: a kernel without LUO, or booted without `liveupdate=on`.
+    #[error("/dev/liveupdate is missing: the kernel needs CONFIG_LIVEUPDATE and liveupdate=on")]
+    NotAvailable,
+    /// Another process holds `/dev/liveupdate` open (it is exclusive).
+    #[error("/dev/liveupdate is busy: another process (e.g. a session agent) owns it")]
+    Busy,
+    /// The kernel could not deserialize the incoming sessions after a kexec.
+    #[error("The kernel failed to restore the incoming live-update sessions")]
+    IncomingCorrupt,
+    /// Empty name, name too long, or a name with a NUL byte.
+    #[error("Invalid session name {name:?}: 1 to 63 bytes, no NUL")]
+    InvalidName {
+        /// The refused name.
+        name: String,
+    },
+    /// An outgoing session with this name exists already.
+    #[error("Session {name:?} exists already")]
+    SessionExists {
+        /// The name.
+        name: String,
+    },
+    /// No incoming session has this name, or it was retrieved already.
+    #[error("No incoming session {name:?} (never handed over, or retrieved already)")]
+    NoSuchSession {
+        /// The name.
+        name: String,
+    },
+    /// The token is used already in this session.
+    #[error("Token {token:#x} is used already in this session")]
+    TokenExists {
+        /// The token.
+        token: Token,
+    },
+    /// No file under this token (or the file was retrieved already, for the userspace holder).
+    #[error("No file under token {token:#x}")]
+    NoSuchToken {
+        /// The token.
+        token: Token,
+    },
+    /// The file cannot be preserved (not a shmem memfd, a hugetlb memfd, a device LUO cannot carry).
+    #[error("This kind of file cannot be preserved")]
+    Unpreservable,
+    /// The file is preserved already (in this or another session).
+    #[error("The file is preserved already")]
+    AlreadyPreserved,
+    /// The operation does not fit the session's direction (e.g. preserve on an incoming session).
+    #[error("{operation} is not allowed on an {direction} session")]
+    WrongDirection {
+        /// The refused operation.
+        operation: &'static str,
+        /// "incoming" or "outgoing".
+        direction: &'static str,
+    },
+    /// A file of the session is not ready to be finished (e.g. a dependency not yet restored).
+    #[error("The session cannot be finished yet")]
+    NotFinishable,
+    /// Any other failure, with the OS error.
+    #[error("{operation} failed")]
+    Os {
+        /// The operation.
+        operation: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Checks a session name as the kernel does.
+pub fn check_name(name: &str) -> Result<(), SessionError> {
+    if name.is_empty() || name.len() > MAX_SESSION_NAME_LEN || name.contains('\0') {
+        return Err(SessionError::InvalidName {
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// One LUO session (outgoing or incoming).
+pub trait Session: Send + std::fmt::Debug {
+    /// The session's name.
+    fn name(&self) -> Result<String, SessionError>;
+    /// Outgoing: preserves `fd` under `token` (the provider keeps its own reference).
+    fn preserve_fd(&mut self, fd: BorrowedFd<'_>, token: Token) -> Result<(), SessionError>;
+    /// Incoming: the file preserved under `token`.
+    fn retrieve_fd(&mut self, token: Token) -> Result<OwnedFd, SessionError>;
+    /// Incoming: releases the session once every file is restored.
+    fn finish(&mut self) -> Result<(), SessionError>;
+}
+
+/// Where sessions come from.
+pub trait SessionProvider: Send {
+    /// Creates an outgoing session.
+    fn create_session(&mut self, name: &str) -> Result<Box<dyn Session>, SessionError>;
+    /// Retrieves an incoming session (once).
+    fn retrieve_session(&mut self, name: &str) -> Result<Box<dyn Session>, SessionError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_1_to_63_bytes_are_valid() {
+        check_name("a").unwrap();
+        check_name(&"x".repeat(63)).unwrap();
+    }
+
+    #[test]
+    fn empty_long_or_nul_names_are_refused() {
+        for name in ["", &"x".repeat(64), "a\0b"] {
+            assert!(
+                matches!(check_name(name), Err(SessionError::InvalidName { .. })),
+                "{name:?}"
+            );
+        }
+    }
+}
