@@ -6,3 +6,6 @@
 //! sit behind the traits in [`session`].
 
 pub mod session;
+pub mod machine;
+pub mod participant;
+pub mod state;

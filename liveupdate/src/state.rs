@@ -1,0 +1,391 @@
+//! The state blob: every participant's saved `State`, versioned, checksummed and bounded.
+//!
+//! ```text
+//! offset 0   magic "CHLUSTAT"
+//!        8   format version (u16 le), 2 bytes reserved (0), 4 bytes reserved (0)
+//!       16   payload length (u64 le)
+//!       24   payload: JSON {"envelopes": [{"id", "version", "state"}, ...]}
+//!   24 + n   CRC-64/XZ of everything before it (u64 le)
+//! ```
+//!
+//! The blob comes from another process (maybe another build, maybe a corrupted file), so it is
+//! untrusted: the size is checked before anything is read, then the checksum, then the format
+//! version, and each participant's state is decoded only by the code that owns its type.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// First bytes of every blob.
+pub const MAGIC: [u8; 8] = *b"CHLUSTAT";
+/// The blob format this build writes.
+pub const FORMAT_VERSION: u16 = 1;
+/// The oldest blob format this build still reads (we accept n-2 once there are more).
+pub const OLDEST_FORMAT_VERSION: u16 = 1;
+/// Largest blob we read; vCPU and device state of a large VM is a few MiB.
+pub const MAX_BLOB_SIZE: usize = 64 << 20;
+
+const HEADER_LEN: usize = 24;
+const CHECKSUM_LEN: usize = 8;
+const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+
+/// Why a blob or one of its states could not be read.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// Shorter than a header and checksum.
+    #[error("State blob is truncated ({len} bytes)")]
+    Truncated {
+        /// Its length.
+        len: usize,
+    },
+    /// Larger than [`MAX_BLOB_SIZE`].
+    #[error("State blob of {len} bytes is larger than the {MAX_BLOB_SIZE}-byte limit")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// Not a state blob at all.
+    #[error("Not a live-update state blob (bad magic)")]
+    BadMagic,
+    /// The payload length does not match the blob's size.
+    #[error("State blob says {declared} payload bytes but holds {actual}")]
+    LengthMismatch {
+        /// Length in the header.
+        declared: u64,
+        /// Length available.
+        actual: usize,
+    },
+    /// The checksum does not match: the blob is corrupt.
+    #[error("State blob is corrupt: checksum {found:#018x}, expected {expected:#018x}")]
+    Checksum {
+        /// Checksum stored in the blob.
+        found: u64,
+        /// Checksum of the content.
+        expected: u64,
+    },
+    /// Written by a newer build than this one.
+    #[error(
+        "State blob format {found} is newer than this build reads (up to {supported}); use a newer VMM"
+    )]
+    NewerFormat {
+        /// Format of the blob.
+        found: u16,
+        /// Newest format this build reads.
+        supported: u16,
+    },
+    /// Written by a build too old for this one.
+    #[error("State blob format {found} is older than this build reads (from {oldest})")]
+    OlderFormat {
+        /// Format of the blob.
+        found: u16,
+        /// Oldest format this build reads.
+        oldest: u16,
+    },
+    /// The payload is not the JSON we expect.
+    #[error("State blob payload is malformed")]
+    Payload(#[source] serde_json::Error),
+    /// Two envelopes share an id.
+    #[error("State blob holds {id} twice")]
+    DuplicateId {
+        /// The id.
+        id: String,
+    },
+    /// A state the restoring code needs is not in the blob.
+    #[error("State blob has no state for {id}")]
+    Missing {
+        /// The id.
+        id: String,
+    },
+    /// A participant's state is newer than this build reads.
+    #[error("State of {id} has version {found}, newer than this build reads ({supported})")]
+    NewerState {
+        /// The participant.
+        id: String,
+        /// Version in the blob.
+        found: u16,
+        /// Version this build reads.
+        supported: u16,
+    },
+    /// A participant's state does not decode into its type.
+    #[error("State of {id} is malformed")]
+    BadState {
+        /// The participant.
+        id: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// States were left that no part of this build restored.
+    #[error("State blob holds states nothing restored: {ids:?}")]
+    Orphans {
+        /// Their ids.
+        ids: Vec<String>,
+    },
+}
+
+/// One participant's saved state, tagged with its id and version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The participant's id.
+    pub id: String,
+    /// Version of the participant's `State` type.
+    pub version: u16,
+    /// The state itself.
+    pub state: serde_json::Value,
+}
+
+impl Envelope {
+    /// Wraps `state` of participant `id`.
+    pub fn wrap<S: Serialize>(
+        id: &str,
+        version: u16,
+        state: &S,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            id: id.to_string(),
+            version,
+            state: serde_json::to_value(state)?,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    envelopes: Vec<Envelope>,
+}
+
+/// Encodes envelopes into a blob.
+pub fn encode(envelopes: Vec<Envelope>) -> Result<Vec<u8>, StateError> {
+    encode_with_version(envelopes, FORMAT_VERSION)
+}
+
+fn encode_with_version(envelopes: Vec<Envelope>, version: u16) -> Result<Vec<u8>, StateError> {
+    let payload = serde_json::to_vec(&Payload { envelopes }).map_err(StateError::Payload)?;
+    let mut blob = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
+    blob.extend_from_slice(&MAGIC);
+    blob.extend_from_slice(&version.to_le_bytes());
+    blob.extend_from_slice(&[0; 6]);
+    blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    blob.extend_from_slice(&payload);
+    let checksum = CRC.checksum(&blob);
+    blob.extend_from_slice(&checksum.to_le_bytes());
+    Ok(blob)
+}
+
+/// The states of a decoded blob, taken out one by one by the code that restores them.
+#[derive(Debug)]
+pub struct StateSet {
+    envelopes: BTreeMap<String, Envelope>,
+}
+
+/// Decodes and checks a blob.
+pub fn decode(blob: &[u8]) -> Result<StateSet, StateError> {
+    if blob.len() > MAX_BLOB_SIZE {
+        return Err(StateError::TooLarge { len: blob.len() });
+    }
+    if blob.len() < HEADER_LEN + CHECKSUM_LEN {
+        return Err(StateError::Truncated { len: blob.len() });
+    }
+    if blob[..8] != MAGIC {
+        return Err(StateError::BadMagic);
+    }
+    let (content, stored) = blob.split_at(blob.len() - CHECKSUM_LEN);
+    let found = u64::from_le_bytes(array(stored));
+    let expected = CRC.checksum(content);
+    if found != expected {
+        return Err(StateError::Checksum { found, expected });
+    }
+    let version = u16::from_le_bytes(array(&blob[8..10]));
+    if version > FORMAT_VERSION {
+        return Err(StateError::NewerFormat {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if version < OLDEST_FORMAT_VERSION {
+        return Err(StateError::OlderFormat {
+            found: version,
+            oldest: OLDEST_FORMAT_VERSION,
+        });
+    }
+    let declared = u64::from_le_bytes(array(&blob[16..24]));
+    let payload = &content[HEADER_LEN..];
+    if declared != payload.len() as u64 {
+        return Err(StateError::LengthMismatch {
+            declared,
+            actual: payload.len(),
+        });
+    }
+    let Payload { envelopes } = serde_json::from_slice(payload).map_err(StateError::Payload)?;
+    let mut set = BTreeMap::new();
+    for envelope in envelopes {
+        if set.contains_key(&envelope.id) {
+            return Err(StateError::DuplicateId { id: envelope.id });
+        }
+        set.insert(envelope.id.clone(), envelope);
+    }
+    Ok(StateSet { envelopes: set })
+}
+
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0; N];
+    out.copy_from_slice(&bytes[..N]);
+    out
+}
+
+impl StateSet {
+    /// Takes the state of `id`, which must be of a version up to `supported`.
+    pub fn take<S: DeserializeOwned>(&mut self, id: &str, supported: u16) -> Result<S, StateError> {
+        let envelope = self
+            .envelopes
+            .remove(id)
+            .ok_or_else(|| StateError::Missing { id: id.to_string() })?;
+        if envelope.version > supported {
+            return Err(StateError::NewerState {
+                id: id.to_string(),
+                found: envelope.version,
+                supported,
+            });
+        }
+        serde_json::from_value(envelope.state).map_err(|source| StateError::BadState {
+            id: id.to_string(),
+            source,
+        })
+    }
+
+    /// Ids still in the set.
+    pub fn remaining(&self) -> Vec<String> {
+        self.envelopes.keys().cloned().collect()
+    }
+
+    /// Checks that every state was taken.
+    pub fn finish(self) -> Result<(), StateError> {
+        if self.envelopes.is_empty() {
+            Ok(())
+        } else {
+            Err(StateError::Orphans {
+                ids: self.remaining(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Counter {
+        count: u64,
+    }
+
+    fn blob_with_counter() -> Vec<u8> {
+        encode(vec![
+            Envelope::wrap("counter/0", 1, &Counter { count: 7 }).unwrap(),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn encoded_states_decode_to_the_same_values() {
+        let mut set = decode(&blob_with_counter()).unwrap();
+
+        let counter: Counter = set.take("counter/0", 1).unwrap();
+
+        assert_eq!(counter, Counter { count: 7 });
+        set.finish().unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_is_reported_as_corrupt() {
+        let mut blob = blob_with_counter();
+        let middle = blob.len() / 2;
+        blob[middle] ^= 0x20;
+
+        assert!(matches!(decode(&blob), Err(StateError::Checksum { .. })));
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_with_both_versions() {
+        let blob = encode_with_version(vec![], FORMAT_VERSION + 1).unwrap();
+
+        let error = decode(&blob).unwrap_err();
+
+        assert!(
+            matches!(error, StateError::NewerFormat { found, supported } if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION)
+        );
+        assert!(error.to_string().contains("newer"));
+    }
+
+    #[test]
+    fn truncated_oversized_and_foreign_blobs_are_refused() {
+        let blob = blob_with_counter();
+
+        assert!(matches!(
+            decode(&blob[..10]),
+            Err(StateError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&vec![0; MAX_BLOB_SIZE + 1]),
+            Err(StateError::TooLarge { .. })
+        ));
+        assert!(matches!(decode(&[0x7f; 64]), Err(StateError::BadMagic)));
+    }
+
+    #[test]
+    fn a_newer_participant_state_is_refused() {
+        let blob = encode(vec![
+            Envelope::wrap("counter/0", 2, &Counter { count: 1 }).unwrap(),
+        ])
+        .unwrap();
+        let mut set = decode(&blob).unwrap();
+
+        let result = set.take::<Counter>("counter/0", 1);
+
+        assert!(matches!(
+            result,
+            Err(StateError::NewerState {
+                found: 2,
+                supported: 1,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn states_nobody_took_are_reported() {
+        let set = decode(&blob_with_counter()).unwrap();
+
+        assert!(matches!(set.finish(), Err(StateError::Orphans { ids }) if ids == ["counter/0"]));
+    }
+
+    #[test]
+    fn a_missing_state_is_reported_by_id() {
+        let mut set = decode(&blob_with_counter()).unwrap();
+
+        assert!(
+            matches!(set.take::<Counter>("vcpu/0", 1), Err(StateError::Missing { id }) if id == "vcpu/0")
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused() {
+        let envelope = Envelope::wrap("counter/0", 1, &Counter { count: 1 }).unwrap();
+        let blob = encode(vec![envelope.clone(), envelope]).unwrap();
+
+        assert!(matches!(decode(&blob), Err(StateError::DuplicateId { .. })));
+    }
+
+    #[test]
+    fn a_state_of_the_wrong_shape_is_refused() {
+        let blob = encode(vec![Envelope::wrap("counter/0", 1, &"text").unwrap()]).unwrap();
+        let mut set = decode(&blob).unwrap();
+
+        assert!(matches!(
+            set.take::<Counter>("counter/0", 1),
+            Err(StateError::BadState { .. })
+        ));
+    }
+}
