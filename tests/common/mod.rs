@@ -92,7 +92,13 @@ impl VmmProcess {
             .and_then(|i| args.get(i + 1))
             .map(|v| PathBuf::from(v.trim_start_matches("path=")));
         let stdin = child.stdin.take();
-        Self { child, stdin, output, stderr_path, api_socket }
+        Self {
+            child,
+            stdin,
+            output,
+            stderr_path,
+            api_socket,
+        }
     }
 
     /// Boots the probe guest with `cpus` vCPUs, `memory` (e.g. "256M") and a probe command line.
@@ -136,7 +142,12 @@ impl VmmProcess {
     }
 
     /// Waits for a line (after the first `skip` lines) for which `accept` returns Some.
-    pub fn wait_for<T>(&self, skip: usize, timeout: Duration, mut accept: impl FnMut(&str) -> Option<T>) -> T {
+    pub fn wait_for<T>(
+        &self,
+        skip: usize,
+        timeout: Duration,
+        mut accept: impl FnMut(&str) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.output;
         let mut seen = skip;
@@ -181,7 +192,10 @@ impl VmmProcess {
 
     /// Calls the REST API.
     pub fn api(&self, method: &str, endpoint: &str, body: Option<&str>) -> Response {
-        let socket = self.api_socket.as_ref().expect("VMM started without --api-socket");
+        let socket = self
+            .api_socket
+            .as_ref()
+            .expect("VMM started without --api-socket");
         request(socket, method, endpoint, body.map(str::as_bytes)).unwrap()
     }
 
@@ -194,12 +208,18 @@ impl VmmProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("VMM did not exit within {timeout:?}; stderr:\n{}", self.stderr());
+        panic!(
+            "VMM did not exit within {timeout:?}; stderr:\n{}",
+            self.stderr()
+        );
     }
 
     /// Runs `ch-remote --api-socket <socket> args...`.
     pub fn ch_remote(&self, args: &[&str]) -> std::process::Output {
-        let socket = self.api_socket.as_ref().expect("VMM started without --api-socket");
+        let socket = self
+            .api_socket
+            .as_ref()
+            .expect("VMM started without --api-socket");
         Command::new(env!("CARGO_BIN_EXE_ch-remote"))
             .arg("--api-socket")
             .arg(socket)
@@ -235,6 +255,124 @@ impl ProbeStatus {
     }
 
     pub fn get(&self, key: &str) -> u64 {
-        *self.fields.get(key).unwrap_or_else(|| panic!("status line has no {key}: {self:?}"))
+        *self
+            .fields
+            .get(key)
+            .unwrap_or_else(|| panic!("status line has no {key}: {self:?}"))
+    }
+}
+
+// Helpers for probe_guest.rs, api_lifecycle.rs and bad_input.rs.
+
+/// The `key=value` pairs of a `probe: <kind> ...` line (found anywhere in `line`, since firmware
+/// text may precede it); None for any other line.
+pub fn probe_fields(line: &str, kind: &str) -> Option<BTreeMap<String, String>> {
+    let (_, rest) = line.split_once("probe: ")?;
+    let rest = rest.strip_prefix(kind)?.strip_prefix(' ')?;
+    Some(
+        rest.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+/// Parses `0x...` hex or decimal, as the probe prints numbers.
+pub fn parse_probe_number(text: &str) -> u64 {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .unwrap_or_else(|e| panic!("not a probe number: {text:?}: {e}"))
+}
+
+/// The physical ranges `[start, end)` of a banner's `pattern=` field.
+pub fn pattern_ranges(banner: &BTreeMap<String, String>) -> Vec<(u64, u64)> {
+    let pattern = banner.get("pattern").expect("banner has no pattern field");
+    pattern
+        .split(',')
+        .map(|range| {
+            let (start, end) = range.split_once('-').expect("pattern range without '-'");
+            (parse_probe_number(start), parse_probe_number(end))
+        })
+        .collect()
+}
+
+/// The events of an `--event-monitor` file (a stream of JSON objects) as (source, event).
+pub fn read_events(path: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read the event file {}: {e}", path.display()));
+    serde_json::Deserializer::from_str(&text)
+        .into_iter::<serde_json::Value>()
+        .map(|event| {
+            let event = event.unwrap_or_else(|e| panic!("bad JSON in the event file: {e}\n{text}"));
+            let field = |name: &str| event[name].as_str().unwrap_or_default().to_string();
+            (field("source"), field("event"))
+        })
+        .collect()
+}
+
+/// Asserts that `expected` occur in `events` in this order (others may come between).
+pub fn assert_events_in_order(events: &[(String, String)], expected: &[(&str, &str)]) {
+    let mut rest = events.iter();
+    for (source, event) in expected {
+        assert!(
+            rest.any(|(s, e)| s == source && e == event),
+            "event {source}/{event} missing or out of order in {events:?}"
+        );
+    }
+}
+
+impl VmmProcess {
+    /// Waits for the next `probe: start` banner after line `skip`; returns (index after it, fields).
+    pub fn next_banner(&self, skip: usize, timeout: Duration) -> (usize, BTreeMap<String, String>) {
+        let mut index = skip;
+        self.wait_for(skip, timeout, |line| {
+            index += 1;
+            probe_fields(line, "start").map(|fields| (index, fields))
+        })
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Polls `vmm.ping` until the API answers (the socket is bound a moment after start).
+    pub fn wait_for_api(&mut self, timeout: Duration) {
+        let socket = self
+            .api_socket
+            .clone()
+            .expect("VMM started without --api-socket");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if request(&socket, "GET", "vmm.ping", None).is_ok_and(|r| r.is_success()) {
+                return;
+            }
+            assert!(
+                self.is_running(),
+                "VMM exited before serving its API; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "API at {} not up within {timeout:?}; stderr:\n{}",
+            socket.display(),
+            self.stderr()
+        );
+    }
+
+    /// The VM's `state` as `vm.info` reports it.
+    pub fn vm_state(&self) -> String {
+        let response = self.api("GET", "vm.info", None);
+        assert_eq!(
+            response.status,
+            200,
+            "vm.info failed: {:?}",
+            response.error_messages()
+        );
+        let info: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+        info["state"].as_str().unwrap_or_default().to_string()
     }
 }

@@ -76,8 +76,13 @@ pub struct HttpServer {
     lock_path: PathBuf,
     lock: Option<File>,
     stopping: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// How long [`HttpServer::stop`] waits for answers already being written (e.g. the answer to
+/// `vmm.shutdown` itself) before the process may exit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Starts serving `handler` on a new UNIX socket at `path` (mode 0600).
 pub fn start_http_server(
@@ -86,11 +91,13 @@ pub fn start_http_server(
 ) -> Result<HttpServer, ApiServerError> {
     let (listener, lock, lock_path) = socket::bind_api_socket(path)?;
     let stopping = Arc::new(AtomicBool::new(false));
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let thread = {
         let stopping = stopping.clone();
+        let in_flight = in_flight.clone();
         thread::Builder::new()
             .name("http-server".to_string())
-            .spawn(move || accept_loop(&listener, &handler, &stopping))
+            .spawn(move || accept_loop(&listener, &handler, &stopping, &in_flight))
             .map_err(|e| {
                 // Nobody will serve the socket: do not leave it behind.
                 let _ = fs::remove_file(path);
@@ -102,11 +109,17 @@ pub fn start_http_server(
         lock_path,
         lock: Some(lock),
         stopping,
+        in_flight,
         thread: Some(thread),
     })
 }
 
-fn accept_loop(listener: &UnixListener, handler: &Arc<dyn ApiHandler>, stopping: &AtomicBool) {
+fn accept_loop(
+    listener: &UnixListener,
+    handler: &Arc<dyn ApiHandler>,
+    stopping: &AtomicBool,
+    in_flight: &Arc<AtomicUsize>,
+) {
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         if stopping.load(Ordering::Acquire) {
@@ -128,10 +141,11 @@ fn accept_loop(listener: &UnixListener, handler: &Arc<dyn ApiHandler>, stopping:
         }
         let handler = handler.clone();
         let connection_count = active.clone();
+        let in_flight = in_flight.clone();
         let spawned = thread::Builder::new()
             .name("http-connection".to_string())
             .spawn(move || {
-                serve_connection(stream, handler.as_ref());
+                serve_connection(stream, handler.as_ref(), &in_flight);
                 connection_count.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
@@ -141,13 +155,17 @@ fn accept_loop(listener: &UnixListener, handler: &Arc<dyn ApiHandler>, stopping:
     }
 }
 
-fn serve_connection(mut stream: UnixStream, handler: &dyn ApiHandler) {
+fn serve_connection(mut stream: UnixStream, handler: &dyn ApiHandler, in_flight: &AtomicUsize) {
     if let Err(e) = stream.set_write_timeout(Some(READ_TIMEOUT)) {
         warn!("Cannot set the API connection timeout: {e}");
         return;
     }
+    let mut dispatched = false;
     let (status, body, allow) = match read_request(&mut stream) {
         Ok(request) => {
+            // Counted from dispatch until the answer is written, so stop() can wait for it.
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            dispatched = true;
             let (status, body) = respond(&request, handler);
             let allow = if status == 405 {
                 allowed_method(&request.path)
@@ -168,6 +186,9 @@ fn serve_connection(mut stream: UnixStream, handler: &dyn ApiHandler) {
     let response = format_response(status, body.as_deref(), allow);
     if let Err(e) = stream.write_all(&response).and_then(|()| stream.flush()) {
         debug!("Cannot send the API response: {e}");
+    }
+    if dispatched {
+        in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -362,8 +383,9 @@ impl HttpServer {
         &self.path
     }
 
-    /// Stops accepting, waits for the accept thread, removes the socket and the lock file.
-    /// Requests already being served finish on their own threads.
+    /// Stops accepting, waits for the accept thread and for answers already being written (up to
+    /// [`DRAIN_TIMEOUT`]), removes the socket and the lock file. Idle connections are not waited
+    /// for.
     pub fn stop(&mut self) {
         let Some(thread) = self.thread.take() else {
             return;
@@ -380,6 +402,10 @@ impl HttpServer {
                 "Cannot wake the API server at {}: {e}; leaving its thread",
                 self.path.display()
             ),
+        }
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
         }
         let _ = fs::remove_file(&self.path);
         let _ = fs::remove_file(&self.lock_path);

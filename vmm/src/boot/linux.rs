@@ -63,7 +63,7 @@ pub(super) fn load(
     )
     .map_err(|source| BootError::LoadBzImage {
         path: path.to_path_buf(),
-        source,
+        reason: super::loader_reason(&source),
     })?;
 
     let mut params = boot_params {

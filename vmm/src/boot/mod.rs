@@ -115,13 +115,12 @@ pub enum BootError {
         path: PathBuf,
     },
     /// linux-loader rejected the ELF image.
-    #[error("Cannot load ELF kernel {}", path.display())]
+    #[error("Cannot load ELF kernel {}: {reason}", path.display())]
     LoadElf {
         /// The kernel path.
         path: PathBuf,
-        /// The loader error.
-        #[source]
-        source: linux_loader::loader::Error,
+        /// The innermost loader error (its chain repeats itself, so only the root is kept).
+        reason: String,
     },
     /// The ELF image has no PVH entry note, and we do not support the 64-bit ELF entry.
     #[error("ELF kernel has no PVH entry note: {}", path.display())]
@@ -130,13 +129,12 @@ pub enum BootError {
         path: PathBuf,
     },
     /// linux-loader rejected the bzImage.
-    #[error("Cannot load bzImage kernel {}", path.display())]
+    #[error("Cannot load bzImage kernel {}: {reason}", path.display())]
     LoadBzImage {
         /// The kernel path.
         path: PathBuf,
-        /// The loader error.
-        #[source]
-        source: linux_loader::loader::Error,
+        /// The innermost loader error (its chain repeats itself, so only the root is kept).
+        reason: String,
     },
     /// The bzImage speaks a boot protocol older than 2.12.
     #[error("bzImage boot protocol {version:#x} is too old, need 0x20c")]
@@ -225,6 +223,16 @@ enum KernelFormat {
 const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
 /// Offset of the "HdrS" magic in a bzImage.
 const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
+
+/// The root cause of a linux-loader error: its messages embed their causes, so printing the
+/// chain would say everything twice.
+pub(crate) fn loader_reason(error: &linux_loader::loader::Error) -> String {
+    let mut root: &dyn std::error::Error = error;
+    while let Some(source) = root.source() {
+        root = source;
+    }
+    root.to_string()
+}
 
 /// Loads the kernel (and initramfs) into `mem`, writes the boot structures and MP table, and
 /// returns where the boot vCPU starts.

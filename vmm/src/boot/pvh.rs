@@ -44,7 +44,7 @@ pub(super) fn load(
     )
     .map_err(|source| BootError::LoadElf {
         path: path.to_path_buf(),
-        source,
+        reason: super::loader_reason(&source),
     })?;
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
         return Err(BootError::NoPvhNote {
