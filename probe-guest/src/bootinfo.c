@@ -131,7 +131,11 @@ void config_parse(void)
 		else if (key_is(tok, klen, "corrupt_at") && has_val) {
 			cfg.corrupt_at = v & ~7ULL;
 			cfg.corrupt = true;
-		} else
+		} else if (key_is(tok, klen, "virtio") && has_val && v <= 1)
+			cfg.virtio = v;
+		else if (key_is(tok, klen, "blk_io") && has_val && v <= 1)
+			cfg.blk_io = v;
+		else
 			note_unknown(tok, len);	/* unknown key or bad value */
 	}
 }

@@ -1,5 +1,6 @@
 /* Probe guest entry: bring-up, status lines, serial input, reboot. */
 #include "probe.h"
+#include "virtio.h"
 
 #define INPUT_POLL_US 10000
 #define SMP_QUIET_MS 200
@@ -89,6 +90,10 @@ static void print_status(u64 seq, u64 now)
 	line_kv_dec(&l, "max_stall_us", ticks_to_us(stall_max));
 	line_kv_dec(&l, "tsc_back", back);
 	line_kv_dec(&l, "uptime_ms", (now - boot_tsc) / tsc.khz);
+	if (cfg.blk_io) {
+		line_kv_dec(&l, "blk_ok", blk_io_ok);
+		line_kv_dec(&l, "blk_err", blk_io_err);
+	}
 	line_emit(&l);
 }
 
@@ -196,6 +201,12 @@ void probe_main(u32 start_info)
 	}
 	__atomic_store_n(&go, 1, __ATOMIC_RELEASE);
 
+	/* Before the BSP's first TSC sample, so this time is not counted as a stall. */
+	if (cfg.virtio)
+		virtio_selftest(mapped, tsc.khz);
+	if (cfg.blk_io)
+		blk_io_init(mapped, tsc.khz);
+
 	struct worker w;
 	worker_init(&w, 0);
 	u64 status_ticks = cfg.status_ms * tsc.khz;
@@ -211,6 +222,8 @@ void probe_main(u32 start_info)
 		}
 		if (now >= next_status) {
 			print_mismatch();
+			if (cfg.blk_io)
+				blk_io_tick(tsc.khz);
 			print_status(++seq, now);
 			next_status += status_ticks;
 			if (next_status <= now)

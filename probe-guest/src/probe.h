@@ -140,6 +140,8 @@ struct config {
 	u64 reboot_after;
 	u64 corrupt_at;
 	bool corrupt;
+	bool virtio;
+	bool blk_io;
 	char unknown[128];
 	u32 unknown_len;
 };
