@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{ArgAction, Parser};
 use log::{LevelFilter, Log, Metadata, Record};
-use vmm::config::{VmCliArgs, parse_api_socket, parse_event_monitor};
+use vmm::config::{
+    VmCliArgs, parse_api_socket, parse_event_monitor, parse_liveupdate, parse_restore,
+};
 use vmm::control_loop::{VmmOptions, run};
 
 /// A cloud-hypervisor-compatible VMM with host-kernel live update.
@@ -52,6 +54,12 @@ struct Cli {
     /// Event log file: path=<path>.
     #[arg(long, value_name = "path=<path>")]
     event_monitor: Option<String>,
+    /// Live-update session agent: agent=<socket> (default /run/ch-luod.sock).
+    #[arg(long, value_name = "agent=<socket>")]
+    liveupdate: Option<String>,
+    /// Restore a live-updated VM: source_url=luo://<session>[,resume=on|off].
+    #[arg(long, value_name = "source_url=luo://<session>")]
+    restore: Option<String>,
     /// More logging (repeatable: info, debug, trace).
     #[arg(short = 'v', action = ArgAction::Count)]
     verbose: u8,
@@ -122,6 +130,12 @@ fn init_logging(verbose: u8) {
 fn try_main(cli: &Cli) -> anyhow::Result<()> {
     let vm_args = cli.vm_args();
     let has_payload = vm_args.kernel.is_some() || vm_args.firmware.is_some();
+    let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
+    if restore.is_some() && vm_args != VmCliArgs::default() {
+        bail!(
+            "--restore takes the VM configuration from the live-update session: drop the VM options"
+        );
+    }
     let vm = if has_payload {
         let config = vm_args.to_vm_config().context("Invalid VM configuration")?;
         config.validate().context("Invalid VM configuration")?;
@@ -136,18 +150,26 @@ fn try_main(cli: &Cli) -> anyhow::Result<()> {
         .as_deref()
         .map(parse_api_socket)
         .transpose()?;
-    if vm.is_none() && api_socket.is_none() {
-        bail!("Nothing to do: give --kernel to boot a VM, or --api-socket to wait for API calls");
+    if vm.is_none() && restore.is_none() && api_socket.is_none() {
+        bail!(
+            "Nothing to do: give --kernel to boot a VM, --restore to take one over, or --api-socket to wait for API calls"
+        );
     }
     let event_monitor = cli
         .event_monitor
         .as_deref()
         .map(parse_event_monitor)
         .transpose()?;
+    let liveupdate_agent = match cli.liveupdate.as_deref() {
+        Some(option) => parse_liveupdate(option)?,
+        None => PathBuf::from(liveupdate::agent::DEFAULT_SOCKET),
+    };
     run(
         VmmOptions {
             api_socket,
             event_monitor,
+            liveupdate_agent,
+            restore,
         },
         vm,
     )

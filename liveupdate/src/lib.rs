@@ -5,7 +5,11 @@
 //! mode (only the VMM binary is replaced) a userspace holder provides the same semantics. Both
 //! sit behind the traits in [`session`].
 
-pub mod session;
+pub mod agent;
+pub mod emulated;
+pub mod kernel;
 pub mod machine;
 pub mod participant;
+pub mod session;
 pub mod state;
+pub mod sys;

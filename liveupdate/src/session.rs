@@ -58,9 +58,16 @@ pub enum SessionError {
         /// The token.
         token: Token,
     },
-    /// No file under this token (or the file was retrieved already, for the userspace holder).
+    /// No file under this token.
     #[error("No file under token {token:#x}")]
     NoSuchToken {
+        /// The token.
+        token: Token,
+    },
+    /// The file under this token was retrieved already (userspace holder: a file is retrieved at
+    /// most once; the kernel would return another fd for it, see `emulated.rs`).
+    #[error("The file under token {token:#x} was retrieved already")]
+    AlreadyRetrieved {
         /// The token.
         token: Token,
     },

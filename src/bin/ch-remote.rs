@@ -46,6 +46,13 @@ enum Command {
         /// The VmConfig JSON file.
         path: Option<PathBuf>,
     },
+    /// Live-update the VM into a session; the VMM then exits and a successor started with
+    /// `--restore source_url=luo://<session>` resumes the guest.
+    LiveUpdate {
+        /// Name of the live-update session (1 to 63 bytes).
+        #[arg(long)]
+        session: String,
+    },
 }
 
 /// One REST call: method, endpoint and optional JSON body.
@@ -97,6 +104,12 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
         Command::Create { path } => Call {
             body: Some(read_config(path.as_deref())?),
             ..Call::new("PUT", "vm.create")
+        },
+        Command::LiveUpdate { session } => Call {
+            body: Some(serde_json::to_vec(
+                &serde_json::json!({ "session": session }),
+            )?),
+            ..Call::new("PUT", "vm.live-update")
         },
     })
 }

@@ -12,9 +12,12 @@ use log::{error, info, warn};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::api::{ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server};
-use crate::config::{ConsoleMode, VmConfig};
+use crate::api::{
+    ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, LiveUpdateConfig, start_http_server,
+};
+use crate::config::{ConsoleMode, RestoreConfig, VmConfig};
 use crate::event_monitor::{EventMonitor, EventMonitorError};
+use crate::live_update::{self, LiveUpdateError};
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{Vm, VmError};
 
@@ -25,6 +28,10 @@ pub struct VmmOptions {
     pub api_socket: Option<PathBuf>,
     /// Where to write JSON events (`--event-monitor path=`).
     pub event_monitor: Option<PathBuf>,
+    /// Where the live-update session agent listens (`--liveupdate agent=`).
+    pub liveupdate_agent: PathBuf,
+    /// Take over a live-updated VM (`--restore source_url=luo://NAME`).
+    pub restore: Option<RestoreConfig>,
 }
 
 /// Errors that end the VMM process.
@@ -39,6 +46,15 @@ pub enum VmmError {
     /// The VM given on the command line could not be booted.
     #[error("Cannot boot the VM")]
     Boot(#[source] VmError),
+    /// The VM could not be taken over from its live-update session (the session is kept).
+    #[error("Cannot restore the VM from live-update session {session}")]
+    Restore {
+        /// The session.
+        session: String,
+        /// Why.
+        #[source]
+        source: LiveUpdateError,
+    },
     /// The configuration given on the command line is invalid.
     #[error("Invalid VM configuration")]
     Config(#[source] crate::config::ConfigError),
@@ -98,6 +114,7 @@ pub fn run(options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
         .map(Arc::new);
     let (events, receiver) = mpsc::channel();
     let mut vmm = Vmm::new(events.clone(), monitor, options.api_socket.is_some());
+    vmm.agent = options.liveupdate_agent.clone();
     vmm.emit("vmm", "starting");
     let _server: Option<HttpServer> = options
         .api_socket
@@ -105,6 +122,12 @@ pub fn run(options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
         .map(|path| start_http_server(path, Arc::new(ChannelHandler { events })))
         .transpose()
         .map_err(VmmError::ApiServer)?;
+    if let Some(restore) = &options.restore {
+        vmm.restore(restore).map_err(|source| VmmError::Restore {
+            session: restore.session.clone(),
+            source,
+        })?;
+    }
     if let Some(config) = vm {
         config.validate().map_err(VmmError::Config)?;
         vmm.config = Some(config);
@@ -125,6 +148,7 @@ struct Vmm {
     state: VmState,
     stdin_reader_started: bool,
     pending_input: VecDeque<u8>,
+    agent: PathBuf,
 }
 
 /// What the loop does after an event.
@@ -144,12 +168,17 @@ impl Vmm {
             state: VmState::Created,
             stdin_reader_started: false,
             pending_input: VecDeque::new(),
+            agent: PathBuf::new(),
         }
     }
 
     fn emit(&self, source: &str, event: &str) {
+        self.emit_with(source, event, None);
+    }
+
+    fn emit_with(&self, source: &str, event: &str, properties: Option<&BTreeMap<String, String>>) {
         if let Some(monitor) = &self.monitor {
-            monitor.emit(source, event, None);
+            monitor.emit(source, event, properties);
         }
     }
 
@@ -210,6 +239,11 @@ impl Vmm {
                 self.shutdown_vm();
                 (Ok(ApiResponse::Empty), Next::Exit)
             }
+            ApiRequest::VmLiveUpdate(request) => match self.live_update(&request) {
+                // The guest now belongs to the session: this process is done.
+                Ok(body) => (Ok(ApiResponse::Json(body)), Next::Exit),
+                Err(error) => (Err(error), Next::Continue),
+            },
             other => (self.handle_vm_request(other), Next::Continue),
         }
     }
@@ -273,6 +307,82 @@ impl Vmm {
                 verb(&request)
             ))),
         }
+    }
+
+    /// Runs a live update of the VM into `request.session` through the session agent. On
+    /// success the VM is gone from this process; on failure it runs on (or stays paused).
+    fn live_update(&mut self, request: &LiveUpdateConfig) -> Result<serde_json::Value, ApiError> {
+        let Some(config) = self.config.clone() else {
+            return Err(ApiError::not_found("VM is not created"));
+        };
+        let was_paused = match self.state {
+            VmState::Running => false,
+            VmState::Paused => true,
+            state => {
+                return Err(ApiError::conflict(format!(
+                    "Cannot live-update a VM that is {state:?}"
+                )));
+            }
+        };
+        self.emit("vm", "live-update-started");
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(ApiError::conflict(
+                "Cannot live-update a VM that is not booted",
+            ));
+        };
+        match live_update::run_outgoing(vm, &config, &self.agent, &request.session) {
+            Ok(timings) => {
+                let properties: BTreeMap<String, String> = timings
+                    .steps
+                    .iter()
+                    .map(|(step, us)| (format!("{step}_us"), us.to_string()))
+                    .collect();
+                self.emit_with("vm", "live-update-handed-over", Some(&properties));
+                self.vm = None;
+                self.state = VmState::Shutdown;
+                let timings_us: serde_json::Map<String, serde_json::Value> = timings
+                    .steps
+                    .into_iter()
+                    .map(|(step, us)| (step, us.into()))
+                    .collect();
+                Ok(serde_json::json!({ "session": request.session, "timings_us": timings_us }))
+            }
+            Err(error) => {
+                if was_paused && let Some(vm) = self.vm.as_mut() {
+                    vm.pause();
+                }
+                let mut properties = BTreeMap::new();
+                properties.insert("error".to_string(), error.to_string());
+                self.emit_with("vm", "live-update-cancelled", Some(&properties));
+                Err(ApiError::from_error(error.status(), &error))
+            }
+        }
+    }
+
+    /// Takes over the VM of a live-update session and runs it.
+    fn restore(&mut self, restore: &RestoreConfig) -> Result<(), LiveUpdateError> {
+        self.emit("vm", "restoring");
+        let events = self.events.clone();
+        let on_vcpu_event = Arc::new(move |event| {
+            let _ = events.send(VmmEvent::Vcpu(event));
+        });
+        let restored = live_update::run_incoming(&self.agent, restore, on_vcpu_event)?;
+        self.start_stdin_reader(&restored.config);
+        self.config = Some(restored.config);
+        self.vm = Some(restored.vm);
+        self.state = if restore.resume {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+        let properties: BTreeMap<String, String> = restored
+            .timings
+            .steps
+            .iter()
+            .map(|(step, us)| (format!("{step}_us"), us.to_string()))
+            .collect();
+        self.emit_with("vm", "restored", Some(&properties));
+        Ok(())
     }
 
     fn create(&mut self, config: VmConfig) -> Result<ApiResponse, ApiError> {

@@ -8,8 +8,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 
 use devices::bus::{Bus, BusError, lock};
-use devices::legacy::{Cmos, I8042, Serial, system_clock};
-use devices::pci::{BarAllocator, BarRelocator, PciBarRegion, PciError, PciRoot};
+use devices::legacy::{Cmos, CmosState, I8042, Serial, SerialState, system_clock};
+use devices::pci::{
+    BarAllocator, BarRelocator, PciBarRegion, PciDevice, PciError, PciRoot, PciRootState,
+};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::console::Console;
 use devices::virtio::device::VirtioDevice;
@@ -18,6 +20,8 @@ use devices::virtio::pci::{
 };
 use devices::virtio::rng::{Rng, RngConfig, RngError};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
+use liveupdate::state::{Envelope, StateError, StateSet};
 use log::warn;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
@@ -81,6 +85,15 @@ pub enum DeviceError {
     /// KVM refused an ioeventfd.
     #[error("Cannot register a queue notification with KVM")]
     IoEvent(#[source] kvm_ioctls::Error),
+    /// A saved device state could not be used.
+    #[error("Cannot restore device {id}")]
+    Restore {
+        /// Device id.
+        id: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A queue worker thread could not start.
     #[error("Cannot start the queue worker of {id}")]
     Worker {
@@ -96,7 +109,11 @@ pub enum DeviceError {
 trait ManagedVirtio: Send + Sync {
     fn start_worker(&self) -> io::Result<QueueWorker>;
     fn counters(&self) -> BTreeMap<String, u64>;
+    fn save(&self, id: &str) -> Result<Envelope, serde_json::Error>;
 }
+
+/// Version of `VirtioPciState` in the state blob.
+const VIRTIO_STATE_VERSION: u16 = 1;
 
 impl<D: VirtioDevice + 'static> ManagedVirtio for Arc<Mutex<VirtioPciDevice<D>>> {
     fn start_worker(&self) -> io::Result<QueueWorker> {
@@ -104,6 +121,9 @@ impl<D: VirtioDevice + 'static> ManagedVirtio for Arc<Mutex<VirtioPciDevice<D>>>
     }
     fn counters(&self) -> BTreeMap<String, u64> {
         lock(self).counters()
+    }
+    fn save(&self, id: &str) -> Result<Envelope, serde_json::Error> {
+        Envelope::wrap(id, VIRTIO_STATE_VERSION, &lock(self).state())
     }
 }
 
@@ -154,6 +174,8 @@ impl BarRelocator for MmioRelocator {
 pub struct DeviceManager {
     buses: Buses,
     serial: Option<Arc<Mutex<Serial>>>,
+    cmos: Arc<Mutex<Cmos>>,
+    pci_root: Arc<Mutex<PciRoot>>,
     serial_is_tty: bool,
     console: Option<Arc<Mutex<VirtioPciDevice<Console>>>>,
     console_is_tty: bool,
@@ -183,27 +205,42 @@ pub(crate) struct DeviceContext<'a> {
     pub on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
 }
 
+/// Participant ids of the devices, stable across builds.
+pub mod ids {
+    /// The COM1 16550.
+    pub const SERIAL: &str = "serial/com1";
+    /// The CMOS RTC.
+    pub const CMOS: &str = "cmos";
+    /// The PCI root (host bridge and config address register).
+    pub const PCI_ROOT: &str = "pci/root";
+    /// A virtio-pci device, by device id.
+    pub fn virtio(id: &str) -> String {
+        format!("virtio/{id}")
+    }
+}
+
+fn restore_error(id: &str) -> impl FnOnce(StateError) -> DeviceError + '_ {
+    move |e| DeviceError::Restore {
+        id: id.to_string(),
+        source: Box::new(e),
+    }
+}
+
 impl DeviceManager {
-    /// Builds every device the configuration asks for.
-    pub(crate) fn new(ctx: &DeviceContext<'_>) -> Result<Self, DeviceError> {
+    /// Builds every device the configuration asks for; with `restore`, each device takes its
+    /// saved state instead of its power-on state. Devices are always built in the same order,
+    /// so MSI vector groups line up with the restored interrupt routes.
+    pub(crate) fn build(
+        ctx: &DeviceContext<'_>,
+        mut restore: Option<&mut StateSet>,
+    ) -> Result<Self, DeviceError> {
         let pio = Arc::new(RwLock::new(Bus::new()));
         let mmio = Arc::new(RwLock::new(Bus::new()));
-        let mut manager = Self {
-            buses: Buses {
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-            },
-            serial: None,
-            serial_is_tty: ctx.config.serial.mode == ConsoleMode::Tty,
-            console: None,
-            console_is_tty: ctx.config.console.mode == ConsoleMode::Tty,
-            virtio: Vec::new(),
-        };
-        manager.add_legacy(ctx)?;
+        let LegacyDevices { serial, cmos } = add_legacy(ctx, &pio, restore.as_deref_mut())?;
         let ioevents = Arc::new(Mutex::new(IoEvents::default()));
         let relocator = MmioRelocator {
             vm: ctx.vm.clone(),
-            mmio,
+            mmio: mmio.clone(),
             ioevents: ioevents.clone(),
         };
         let mut pci = PciBuilder {
@@ -211,7 +248,9 @@ impl DeviceManager {
             bars: BarAllocator::new(layout::PCI_MMIO_START, layout::PCI_MMIO_END),
             ctx,
             ioevents,
-            mmio: manager.buses.mmio.clone(),
+            mmio: mmio.clone(),
+            restore,
+            virtio: Vec::new(),
         };
         for (index, disk) in ctx.config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("_disk{index}"));
@@ -224,82 +263,73 @@ impl DeviceManager {
                 id: id.clone(),
                 source,
             })?;
-            let device = pci.add(block, &id)?;
-            manager.virtio.push(VirtioEntry {
-                id,
-                device: Box::new(device),
-                worker: None,
-            });
+            pci.add(block, &id)?;
         }
+        let mut console = None;
         if ctx.config.console.mode != ConsoleMode::Off {
-            let console = Console::new(output_for(&ctx.config.console, "console")?);
-            let device = pci.add(console, "_console")?;
-            manager.console = Some(device.clone());
-            manager.virtio.push(VirtioEntry {
-                id: "_console".into(),
-                device: Box::new(device),
-                worker: None,
-            });
+            let device = Console::new(output_for(&ctx.config.console, "console")?);
+            console = Some(pci.add(device, "_console")?);
         }
         let rng = Rng::new(&RngConfig {
             src: ctx.config.rng.src.clone(),
         })
         .map_err(DeviceError::Rng)?;
-        let device = pci.add(rng, "_rng")?;
-        manager.virtio.push(VirtioEntry {
-            id: "_rng".into(),
-            device: Box::new(device),
-            worker: None,
-        });
-        let root = Arc::new(Mutex::new(pci.root));
+        pci.add(rng, "_rng")?;
+        if let Some(states) = pci.restore.as_deref_mut() {
+            let state: PciRootState = states
+                .take(ids::PCI_ROOT, PCI_ROOT_STATE_VERSION)
+                .map_err(restore_error(ids::PCI_ROOT))?;
+            pci.root.set_state(&state);
+        }
+        let virtio = std::mem::take(&mut pci.virtio);
+        let pci_root = Arc::new(Mutex::new(pci.root));
         write_bus(&pio)
             .insert(
-                root,
+                pci_root.clone(),
                 layout::PCI_CONFIG_PORT,
                 devices::pci::root::PCI_CONFIG_IO_PORT_LEN,
             )
             .map_err(DeviceError::Bus)?;
-        Ok(manager)
+        Ok(Self {
+            buses: Buses { pio, mmio },
+            serial,
+            cmos,
+            pci_root,
+            serial_is_tty: ctx.config.serial.mode == ConsoleMode::Tty,
+            console,
+            console_is_tty: ctx.config.console.mode == ConsoleMode::Tty,
+            virtio,
+        })
     }
 
-    fn add_legacy(&mut self, ctx: &DeviceContext<'_>) -> Result<(), DeviceError> {
-        let mut pio = write_bus(&self.buses.pio);
-        if ctx.config.serial.mode != ConsoleMode::Off {
-            let irq = ctx
-                .interrupts
-                .legacy_line(layout::COM1_IRQ)
-                .map_err(DeviceError::Interrupt)?;
-            let serial = Arc::new(Mutex::new(Serial::new(
-                irq,
-                output_for(&ctx.config.serial, "serial")?,
-            )));
-            pio.insert(
-                serial.clone(),
-                layout::COM1_PORT,
-                devices::legacy::SERIAL_PORT_LEN,
-            )
-            .map_err(DeviceError::Bus)?;
-            self.serial = Some(serial);
+    /// The devices as live-update participants: each pauses (its queue worker stops, after
+    /// finishing the requests it holds) and saves its state.
+    pub fn participants(&mut self) -> Vec<Box<dyn AnyParticipant + '_>> {
+        let mut list: Vec<Box<dyn AnyParticipant + '_>> = Vec::new();
+        if let Some(serial) = &self.serial {
+            list.push(Box::new(StateOnly {
+                id: ids::SERIAL,
+                save: Box::new(move || {
+                    envelope(ids::SERIAL, SERIAL_STATE_VERSION, &lock(serial).state())
+                }),
+            }));
         }
-        let on_event = ctx.on_event.clone();
-        let i8042 = I8042::new(Box::new(move || {
-            on_event(VcpuEvent::Reset);
-            Ok(())
+        let cmos = &self.cmos;
+        list.push(Box::new(StateOnly {
+            id: ids::CMOS,
+            save: Box::new(move || envelope(ids::CMOS, CMOS_STATE_VERSION, &lock(cmos).state())),
         }));
-        pio.insert(
-            Arc::new(Mutex::new(i8042)),
-            layout::I8042_PORT,
-            devices::legacy::I8042_PORT_LEN,
-        )
-        .map_err(DeviceError::Bus)?;
-        let cmos = Cmos::new(ctx.config.memory.size, system_clock());
-        pio.insert(
-            Arc::new(Mutex::new(cmos)),
-            layout::CMOS_PORT,
-            devices::legacy::CMOS_PORT_LEN,
-        )
-        .map_err(DeviceError::Bus)?;
-        Ok(())
+        let root = &self.pci_root;
+        list.push(Box::new(StateOnly {
+            id: ids::PCI_ROOT,
+            save: Box::new(move || {
+                envelope(ids::PCI_ROOT, PCI_ROOT_STATE_VERSION, &lock(root).state())
+            }),
+        }));
+        for entry in &mut self.virtio {
+            list.push(Box::new(VirtioParticipant { entry }));
+        }
+        list
     }
 
     /// The buses the vCPUs route their exits to.
@@ -388,17 +418,19 @@ impl Drop for DeviceManager {
     }
 }
 
-struct PciBuilder<'a, 'b> {
+struct PciBuilder<'a, 'b, 's> {
     root: PciRoot,
     bars: BarAllocator,
     ctx: &'a DeviceContext<'b>,
     ioevents: Arc<Mutex<IoEvents>>,
     mmio: Arc<RwLock<Bus>>,
+    restore: Option<&'s mut StateSet>,
+    virtio: Vec<VirtioEntry>,
 }
 
-impl PciBuilder<'_, '_> {
-    /// Wraps `device` in a virtio-pci transport, plugs it into a slot and its BAR into the MMIO
-    /// bus, and registers its queue notifications with KVM.
+impl PciBuilder<'_, '_, '_> {
+    /// Wraps `device` in a virtio-pci transport (fresh, or from its saved state), plugs it into
+    /// a slot and its BAR into the MMIO bus, and registers its queue notifications with KVM.
     fn add<D: VirtioDevice + 'static>(
         &mut self,
         device: D,
@@ -410,14 +442,26 @@ impl PciBuilder<'_, '_> {
             .interrupts
             .msi_vectors(vectors)
             .map_err(DeviceError::Interrupt)?;
-        let bar = self.bars.allocate(BAR_SIZE).map_err(DeviceError::Pci)?;
-        let transport =
-            VirtioPciDevice::new(device, self.ctx.memory.clone(), msi, bar).map_err(|source| {
-                DeviceError::Virtio {
-                    id: id.to_string(),
-                    source,
-                }
-            })?;
+        let memory = self.ctx.memory.clone();
+        let virtio_error = |source| DeviceError::Virtio {
+            id: id.to_string(),
+            source,
+        };
+        let transport = match self.restore.as_deref_mut() {
+            Some(states) => {
+                let key = ids::virtio(id);
+                let state = states
+                    .take(&key, VIRTIO_STATE_VERSION)
+                    .map_err(restore_error(&key))?;
+                VirtioPciDevice::from_state(device, state, memory, msi).map_err(virtio_error)?
+            }
+            None => {
+                let bar = self.bars.allocate(BAR_SIZE).map_err(DeviceError::Pci)?;
+                VirtioPciDevice::new(device, memory, msi, bar).map_err(virtio_error)?
+            }
+        };
+        // The guest may have moved the BAR: use where it is now, not where we first put it.
+        let bar = transport.bars().first().map_or(0, |b| b.address);
         let mut events = Vec::new();
         for (offset, evt) in transport.ioeventfds() {
             self.ctx
@@ -442,7 +486,169 @@ impl PciBuilder<'_, '_> {
                 BAR_SIZE,
             )
             .map_err(DeviceError::Bus)?;
+        self.virtio.push(VirtioEntry {
+            id: id.to_string(),
+            device: Box::new(transport.clone()),
+            worker: None,
+        });
         Ok(transport)
+    }
+}
+
+/// Versions of the device states in the state blob.
+const SERIAL_STATE_VERSION: u16 = 1;
+const CMOS_STATE_VERSION: u16 = 1;
+const PCI_ROOT_STATE_VERSION: u16 = 1;
+
+/// Serial (COM1), i8042 and CMOS on the port bus. The i8042 holds no state worth carrying.
+fn add_legacy(
+    ctx: &DeviceContext<'_>,
+    pio: &RwLock<Bus>,
+    mut restore: Option<&mut StateSet>,
+) -> Result<LegacyDevices, DeviceError> {
+    let mut pio = write_bus(pio);
+    let mut serial = None;
+    if ctx.config.serial.mode != ConsoleMode::Off {
+        let irq = ctx
+            .interrupts
+            .legacy_line(layout::COM1_IRQ)
+            .map_err(DeviceError::Interrupt)?;
+        let output = output_for(&ctx.config.serial, "serial")?;
+        let device = match restore.as_deref_mut() {
+            Some(states) => {
+                let state: SerialState = states
+                    .take(ids::SERIAL, SERIAL_STATE_VERSION)
+                    .map_err(restore_error(ids::SERIAL))?;
+                Serial::from_state(&state, irq, output).map_err(|e| DeviceError::Restore {
+                    id: ids::SERIAL.into(),
+                    source: Box::new(e),
+                })?
+            }
+            None => Serial::new(irq, output),
+        };
+        let device = Arc::new(Mutex::new(device));
+        pio.insert(
+            device.clone(),
+            layout::COM1_PORT,
+            devices::legacy::SERIAL_PORT_LEN,
+        )
+        .map_err(DeviceError::Bus)?;
+        serial = Some(device);
+    }
+    let on_event = ctx.on_event.clone();
+    let i8042 = I8042::new(Box::new(move || {
+        on_event(VcpuEvent::Reset);
+        Ok(())
+    }));
+    pio.insert(
+        Arc::new(Mutex::new(i8042)),
+        layout::I8042_PORT,
+        devices::legacy::I8042_PORT_LEN,
+    )
+    .map_err(DeviceError::Bus)?;
+    let cmos = match restore {
+        Some(states) => {
+            let state: CmosState = states
+                .take(ids::CMOS, CMOS_STATE_VERSION)
+                .map_err(restore_error(ids::CMOS))?;
+            Cmos::from_state(&state, system_clock()).map_err(|e| DeviceError::Restore {
+                id: ids::CMOS.into(),
+                source: Box::new(e),
+            })?
+        }
+        None => Cmos::new(ctx.config.memory.size, system_clock()),
+    };
+    let cmos = Arc::new(Mutex::new(cmos));
+    pio.insert(
+        cmos.clone(),
+        layout::CMOS_PORT,
+        devices::legacy::CMOS_PORT_LEN,
+    )
+    .map_err(DeviceError::Bus)?;
+    Ok(LegacyDevices { serial, cmos })
+}
+
+/// The legacy devices that have state.
+struct LegacyDevices {
+    serial: Option<Arc<Mutex<Serial>>>,
+    cmos: Arc<Mutex<Cmos>>,
+}
+
+fn envelope<S: serde::Serialize>(
+    id: &str,
+    version: u16,
+    state: &S,
+) -> Result<Envelope, ParticipantError> {
+    Envelope::wrap(id, version, state).map_err(|e| ParticipantError::BadState {
+        id: id.to_string(),
+        source: Box::new(e),
+    })
+}
+
+/// A device that only needs its state saved: it changes only when a vCPU touches it, and the
+/// vCPUs are paused before any device saves.
+struct StateOnly<'a> {
+    id: &'static str,
+    save: Box<dyn Fn() -> Result<Envelope, ParticipantError> + 'a>,
+}
+
+impl AnyParticipant for StateOnly<'_> {
+    fn id(&self) -> String {
+        self.id.to_string()
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
+        (self.save)()
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+/// A virtio-pci device: its queue worker stops on pause, after completing what it holds.
+struct VirtioParticipant<'a> {
+    entry: &'a mut VirtioEntry,
+}
+
+impl AnyParticipant for VirtioParticipant<'_> {
+    fn id(&self) -> String {
+        ids::virtio(&self.entry.id)
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        if let Some(worker) = self.entry.worker.take() {
+            worker.stop();
+        }
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
+        let id = ids::virtio(&self.entry.id);
+        self.entry
+            .device
+            .save(&id)
+            .map_err(|e| ParticipantError::BadState {
+                id: id.clone(),
+                source: Box::new(e),
+            })
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        let worker = self
+            .entry
+            .device
+            .start_worker()
+            .map_err(|e| ParticipantError::Failed {
+                id: ids::virtio(&self.entry.id),
+                reason: format!("cannot restart the queue worker: {e}"),
+            })?;
+        self.entry.worker = Some(worker);
+        Ok(())
     }
 }
 

@@ -1,18 +1,27 @@
 //! One running VM: KVM VM, guest RAM, vCPU threads and devices, built in the order KVM needs.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::sync::Arc;
 
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use liveupdate::machine::{Incoming, MachineError, Outgoing, Step, Timings};
+use liveupdate::participant::AnyParticipant;
+use liveupdate::session::Session;
+use liveupdate::state::{StateError, StateSet};
 use thiserror::Error;
 
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::VmConfig;
-use crate::cpu::{self, CpuError};
+use crate::cpu::{self, CpuError, VcpuState};
 use crate::device_manager::{DeviceContext, DeviceError, DeviceManager};
-use crate::interrupts::{InterruptError, InterruptManager};
+use crate::interrupts::{InterruptError, InterruptManager, InterruptState};
+use crate::live_update::participants::{
+    ConfigParticipant, InterruptsParticipant, MemoryParticipant, MemoryState, PlatformParticipant,
+    VcpusParticipant, VcpusState, ids, msr_list, realtime_ns,
+};
 use crate::memory::{GuestRam, MemoryError};
-use crate::platform::{self, PlatformError};
+use crate::platform::{self, PlatformError, PlatformState};
 use crate::vcpu_thread::{VcpuEvent, VcpuSet};
 
 /// Errors from building or running a VM.
@@ -63,6 +72,64 @@ pub enum VmError {
     /// The vCPU threads could not start.
     #[error("Cannot start the vCPU threads")]
     VcpuThreads(#[source] std::io::Error),
+    /// A live update failed (the VM runs on where it was).
+    #[error("Live update failed")]
+    LiveUpdate(#[source] MachineError),
+    /// The live-update state was already used.
+    #[error("The live-update state was already used")]
+    NoState,
+}
+
+/// What a VM is made of, before its vCPU threads start.
+struct Parts {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
+    interrupts: InterruptManager,
+    devices: DeviceManager,
+    vcpus: Vec<VcpuFd>,
+}
+
+/// A KVM VM with its irqchip and PIT, and `ram` registered as its memory.
+fn create_vm(ram: &GuestRam) -> Result<(Kvm, Arc<VmFd>), VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+    // The irqchip must exist before any vCPU (KVM creates each vCPU's LAPIC from it).
+    platform::create_platform(&vm_fd).map_err(VmError::Platform)?;
+    ram.register(&vm_fd).map_err(VmError::Memory)?;
+    Ok((kvm, vm_fd))
+}
+
+fn create_vcpu(vm_fd: &VmFd, index: u8) -> Result<VcpuFd, VmError> {
+    vm_fd
+        .create_vcpu(u64::from(index))
+        .map_err(|source| VmError::CreateVcpu { index, source })
+}
+
+fn take<S: serde::de::DeserializeOwned>(
+    states: &mut StateSet,
+    id: &str,
+    version: u16,
+) -> Result<S, VmError> {
+    states
+        .take(id, version)
+        .map_err(|e| VmError::LiveUpdate(MachineError::State(e)))
+}
+
+/// Moves a saved vCPU's TSC forward by `elapsed_ns` at the guest's TSC rate.
+fn advance_tsc(mut state: VcpuState, elapsed_ns: u64, vcpu: &VcpuFd) -> VcpuState {
+    let khz = state
+        .tsc_khz
+        .or_else(|| vcpu.get_tsc_khz().ok())
+        .unwrap_or(0);
+    let ticks = u128::from(elapsed_ns) * u128::from(khz) / 1_000_000;
+    let ticks = u64::try_from(ticks).unwrap_or(u64::MAX);
+    for msr in &mut state.msrs {
+        if msr.index == cpu::MSR_IA32_TSC {
+            msr.data = msr.data.wrapping_add(ticks);
+        }
+    }
+    state
 }
 
 /// A booted VM. Dropping it stops the vCPUs and devices and releases guest RAM.
@@ -84,21 +151,17 @@ impl Vm {
         config: &VmConfig,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
     ) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::Kvm)?;
-        let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
-        // The irqchip must exist before any vCPU (KVM creates each vCPU's LAPIC from it).
-        platform::create_platform(&vm_fd).map_err(VmError::Platform)?;
         let ram = GuestRam::new(config.memory.size).map_err(VmError::Memory)?;
-        ram.register(&vm_fd).map_err(VmError::Memory)?;
+        let (kvm, vm_fd) = create_vm(&ram)?;
         let interrupts = InterruptManager::new(vm_fd.clone()).map_err(VmError::Interrupts)?;
-        let mut devices = DeviceManager::new(&DeviceContext {
+        let ctx = DeviceContext {
             config,
             memory: ram.memory(),
             vm: &vm_fd,
             interrupts: &interrupts,
             on_event: on_event.clone(),
-        })
-        .map_err(VmError::Devices)?;
+        };
+        let devices = DeviceManager::build(&ctx, None).map_err(VmError::Devices)?;
 
         let count = config.cpus.boot_vcpus;
         let kernel = config.payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
@@ -114,9 +177,7 @@ impl Vm {
         .map_err(VmError::Boot)?;
         let mut fds = Vec::with_capacity(usize::from(count));
         for index in 0..count {
-            let vcpu = vm_fd
-                .create_vcpu(u64::from(index))
-                .map_err(|source| VmError::CreateVcpu { index, source })?;
+            let vcpu = create_vcpu(&vm_fd, index)?;
             cpu::configure_vcpu(&kvm, &vcpu, index, count)
                 .map_err(|source| VmError::Vcpu { index, source })?;
             if index == 0 {
@@ -124,9 +185,106 @@ impl Vm {
             }
             fds.push(vcpu);
         }
-        let vcpus = VcpuSet::start(fds, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
-        devices.start_workers().map_err(VmError::Devices)?;
-        vcpus.resume();
+        Self::start(
+            Parts {
+                kvm,
+                vm_fd,
+                ram,
+                interrupts,
+                devices,
+                vcpus: fds,
+            },
+            on_event,
+            true,
+        )
+    }
+
+    /// Rebuilds a VM from a live update's saved state, on the very same guest RAM, and starts
+    /// it. Returns the configuration it was saved with.
+    /// Also returns when the old VMM paused the guest (host realtime, ns since the epoch).
+    pub fn restore(
+        incoming: &mut Incoming,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+        resume: bool,
+    ) -> Result<(Self, VmConfig, u64), VmError> {
+        let states = incoming.states().ok_or(VmError::NoState)?;
+        let config: VmConfig = take(states, ids::CONFIG, 1)?;
+        let memory: MemoryState = take(states, ids::MEMORY, 1)?;
+        let interrupt_state: InterruptState = take(states, ids::INTERRUPTS, 1)?;
+        let vcpus: VcpusState = take(states, ids::VCPUS, 1)?;
+        let mut platform: PlatformState = take(states, ids::PLATFORM, PlatformState::VERSION)?;
+        let memfd = incoming
+            .take_file(memory.memfd_token)
+            .map_err(VmError::LiveUpdate)?;
+        let ram = GuestRam::from_memfd(File::from(memfd), memory.size).map_err(VmError::Memory)?;
+        let (kvm, vm_fd) = create_vm(&ram)?;
+        // Routes first: devices then claim their MSI groups in the saved order.
+        let interrupts = InterruptManager::restore(vm_fd.clone(), &interrupt_state)
+            .map_err(VmError::Interrupts)?;
+        let ctx = DeviceContext {
+            config: &config,
+            memory: ram.memory(),
+            vm: &vm_fd,
+            interrupts: &interrupts,
+            on_event: on_event.clone(),
+        };
+        let states = incoming.states().ok_or(VmError::NoState)?;
+        let devices = DeviceManager::build(&ctx, Some(states)).map_err(VmError::Devices)?;
+        // Everything saved must have found its owner before the guest runs again.
+        let leftovers = states.remaining();
+        if !leftovers.is_empty() {
+            return Err(VmError::LiveUpdate(MachineError::State(
+                StateError::Orphans { ids: leftovers },
+            )));
+        }
+
+        // The guest's clocks move on by the length of the pause: it must see real time pass,
+        // neither jump back nor fall behind.
+        let elapsed_ns = realtime_ns().saturating_sub(vcpus.paused_at_ns);
+        let mut fds = Vec::with_capacity(vcpus.vcpus.len());
+        for (index, state) in (0u8..).zip(vcpus.vcpus.iter().cloned()) {
+            let vcpu = create_vcpu(&vm_fd, index)?;
+            let state = advance_tsc(state, elapsed_ns, &vcpu);
+            state
+                .restore(&vcpu)
+                .map_err(|source| VmError::Vcpu { index, source })?;
+            fds.push(vcpu);
+        }
+        platform.clock.clock = platform.clock.clock.saturating_add(elapsed_ns);
+        // Last before running: the PIT and kvmclock start counting from here.
+        platform.restore(&vm_fd).map_err(VmError::Platform)?;
+        let parts = Parts {
+            kvm,
+            vm_fd,
+            ram,
+            interrupts,
+            devices,
+            vcpus: fds,
+        };
+        let vm = Self::start(parts, on_event, resume)?;
+        Ok((vm, config, vcpus.paused_at_ns))
+    }
+
+    /// Starts the vCPU threads and device workers; the vCPUs run only with `resume`.
+    fn start(
+        parts: Parts,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+        resume: bool,
+    ) -> Result<Self, VmError> {
+        let Parts {
+            kvm,
+            vm_fd,
+            ram,
+            interrupts,
+            mut devices,
+            vcpus,
+        } = parts;
+        let vcpus =
+            VcpuSet::start(vcpus, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
+        if resume {
+            devices.start_workers().map_err(VmError::Devices)?;
+            vcpus.resume();
+        }
         Ok(Self {
             vcpus,
             devices,
@@ -135,6 +293,44 @@ impl Vm {
             ram,
             kvm,
         })
+    }
+
+    /// Runs a live update of this VM into `session`: prepare (guest running), freeze (paused,
+    /// state saved), then `carrier` takes the session. On failure the VM runs on.
+    pub fn live_update(
+        &mut self,
+        config: &VmConfig,
+        session: Box<dyn Session>,
+        state_file: File,
+        carrier: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
+    ) -> Result<Timings, VmError> {
+        let msrs = msr_list(&self.kvm, &self.vcpus).map_err(|e| {
+            VmError::LiveUpdate(MachineError::Participant {
+                step: Step::Prepare,
+                id: ids::VCPUS.into(),
+                source: e,
+            })
+        })?;
+        let mut config_part = ConfigParticipant(config);
+        let mut memory = MemoryParticipant::new(&self.ram);
+        let mut vcpus = VcpusParticipant::new(&self.vcpus, msrs);
+        let mut interrupts = InterruptsParticipant(&self.interrupts);
+        let mut platform = PlatformParticipant(&self.vm_fd);
+        let mut devices = self.devices.participants();
+        let mut participants: Vec<&mut dyn AnyParticipant> =
+            vec![&mut config_part, &mut memory, &mut vcpus];
+        participants.extend(
+            devices
+                .iter_mut()
+                .map(|d| d.as_mut() as &mut dyn AnyParticipant),
+        );
+        participants.push(&mut interrupts);
+        participants.push(&mut platform);
+        let mut update = Outgoing::new(session, participants);
+        update.prepare().map_err(VmError::LiveUpdate)?;
+        update.freeze(state_file).map_err(VmError::LiveUpdate)?;
+        update.handover(carrier).map_err(VmError::LiveUpdate)?;
+        Ok(update.timings().clone())
     }
 
     /// Stops the vCPUs, then the device queue workers: the guest sees time pass, nothing else.

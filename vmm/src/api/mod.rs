@@ -45,6 +45,17 @@ pub enum ApiRequest {
     VmDelete,
     /// `GET vm.counters`.
     VmCounters,
+    /// `PUT vm.live-update` with a `LiveUpdateConfig` body.
+    VmLiveUpdate(LiveUpdateConfig),
+}
+
+/// The body of `vm.live-update`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveUpdateConfig {
+    /// Name of the live-update session the VM goes into (1 to 63 bytes); the successor restores
+    /// it with `--restore source_url=luo://<session>`.
+    pub session: String,
 }
 
 /// A successful answer.
@@ -194,6 +205,13 @@ fn vm_create(body: &[u8]) -> Result<ApiRequest, String> {
         .map_err(|e| e.to_string())
 }
 
+fn vm_live_update(body: &[u8]) -> Result<ApiRequest, String> {
+    let config: LiveUpdateConfig =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid LiveUpdateConfig JSON: {e}"))?;
+    liveupdate::session::check_name(&config.session).map_err(|e| e.to_string())?;
+    Ok(ApiRequest::VmLiveUpdate(config))
+}
+
 /// Every endpoint the server serves (and `docs/openapi.yaml` documents).
 pub const ROUTES: &[Route] = &[
     empty("vmm.ping", Method::Get, || ApiRequest::VmmPing),
@@ -207,6 +225,7 @@ pub const ROUTES: &[Route] = &[
     empty("vm.reboot", Method::Put, || ApiRequest::VmReboot),
     empty("vm.delete", Method::Put, || ApiRequest::VmDelete),
     empty("vm.counters", Method::Get, || ApiRequest::VmCounters),
+    json("vm.live-update", Method::Put, vm_live_update),
 ];
 
 /// Maps a method, a path and a body to a request, with cloud-hypervisor's error statuses.

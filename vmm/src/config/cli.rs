@@ -231,6 +231,18 @@ fn parse_rng(input: &str) -> Result<RngConfig, ConfigError> {
     })
 }
 
+/// URL scheme of a live-update session in `--restore source_url=`.
+pub const LUO_URL_SCHEME: &str = "luo://";
+
+/// Where a VM is restored from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// The live-update session's name.
+    pub session: String,
+    /// Resume the guest once restored (the default for a live update).
+    pub resume: bool,
+}
+
 /// Parses `--api-socket path=PATH` or a bare `--api-socket PATH`.
 pub fn parse_api_socket(input: &str) -> Result<PathBuf, ConfigError> {
     parse_path_option("api-socket", input, true)
@@ -239,6 +251,39 @@ pub fn parse_api_socket(input: &str) -> Result<PathBuf, ConfigError> {
 /// Parses `--event-monitor path=PATH`.
 pub fn parse_event_monitor(input: &str) -> Result<PathBuf, ConfigError> {
     parse_path_option("event-monitor", input, false)
+}
+
+/// Parses `--liveupdate agent=PATH`: where the session agent (`ch-luod`) listens.
+pub fn parse_liveupdate(input: &str) -> Result<PathBuf, ConfigError> {
+    let options = Options::parse("liveupdate", input, &["agent"])?;
+    options.required_path("agent")
+}
+
+/// Parses `--restore source_url=luo://NAME[,resume=on|off]`: restore from a live-update session.
+pub fn parse_restore(input: &str) -> Result<RestoreConfig, ConfigError> {
+    let options = Options::parse("restore", input, &["source_url", "resume"])?;
+    let url = options.get("source_url").ok_or(ConfigError::MissingKey {
+        flag: "restore",
+        key: "source_url",
+    })?;
+    let Some(session) = url.strip_prefix(LUO_URL_SCHEME) else {
+        return Err(options.invalid(
+            "source_url",
+            url,
+            "only luo://<session> is supported (snapshots from file:// are not)",
+        ));
+    };
+    if liveupdate::session::check_name(session).is_err() {
+        return Err(options.invalid(
+            "source_url",
+            url,
+            "the session name must have 1 to 63 bytes",
+        ));
+    }
+    Ok(RestoreConfig {
+        session: session.to_string(),
+        resume: options.bool("resume")?.unwrap_or(true),
+    })
 }
 
 fn parse_path_option(

@@ -16,7 +16,10 @@ use log::debug;
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
-pub use cli::{VmCliArgs, parse_api_socket, parse_event_monitor, parse_size};
+pub use cli::{
+    LUO_URL_SCHEME, RestoreConfig, VmCliArgs, parse_api_socket, parse_event_monitor,
+    parse_liveupdate, parse_restore, parse_size,
+};
 
 /// Default guest RAM size, as cloud-hypervisor: 512 MiB.
 pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;

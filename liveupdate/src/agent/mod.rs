@@ -1,0 +1,144 @@
+//! `ch-luod`, the host's session agent, and the client VMMs use to reach it.
+//!
+//! # Why an agent
+//! `/dev/liveupdate` admits one opener per host, and an outgoing session is discarded when its
+//! last fd closes, so something that outlives every VMM must own the device and hold the
+//! sessions until the handover. `ch-luod` does: it performs every session operation on behalf of
+//! the VMMs, which never hold session fds. Kernel mode (`ch-luod --socket PATH`) uses
+//! `/dev/liveupdate`; restart mode (`--emulate`) uses the userspace holder
+//! ([`crate::emulated::EmulatedProvider`]), where `handover` stands in for the kexec.
+//!
+//! # Protocol ([`protocol`])
+//! A UNIX stream socket (default [`DEFAULT_SOCKET`], mode 0600 or 0660). Each message is one
+//! `sendmsg`: a 12-byte header (`b"LUOD"`, version, flags, body length), a JSON body of at most
+//! [`protocol::MAX_BODY_LEN`] bytes, and at most one fd as `SCM_RIGHTS`. Requests, tagged by
+//! `"op"`: `ping`, `create_session{name}`, `preserve{name,token}` + fd, `handover{name}`,
+//! `cancel{name}`, `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
+//! `finish{name}`, `list`. Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
+//! `sessions{sessions}`, `error{kind,message}` with a stable snake_case
+//! [`protocol::ErrorKind`]. A body that is not a valid request gets a `bad_request` reply and the
+//! connection goes on; a bad header, an oversized body or more than one fd gets a `bad_request`
+//! reply and the connection is closed (the stream cannot be trusted to be in step any more).
+//! Once a message has started it must be complete within [`server::MESSAGE_TIMEOUT`].
+//!
+//! # Retrieval
+//! The agent retrieves an incoming session and each of its files from the provider once, and
+//! keeps them until FINISH: until then its owner may retrieve the session and any file again
+//! (the same open file), so a VMM that refuses the state leaves the session whole for a build
+//! that can read it. (The providers themselves hand each file out at most once.)
+//!
+//! # Ownership
+//! Each connection's uid comes from `SO_PEERCRED`. A session remembers the uid that created it;
+//! only that uid may preserve into it, hand it over, cancel it, retrieve it, retrieve its files
+//! and finish it (else `permission_denied`). An incoming session whose creator this agent did
+//! not see (it came across a kexec) may be retrieved by root or the agent's own uid only, until
+//! owners are carried across the kexec.
+//!
+//! Sessions belong to the agent, not to connections: a VMM that disconnects or crashes before
+//! its handover leaves its session held (its guest is gone, but the successor or an operator may
+//! still want to `cancel` it or look at it with `list`; dropping it silently would lose nothing
+//! but hide what happened). `cancel` is how the owner drops it.
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+pub mod state;
+mod sys;
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub use client::{AgentClient, AgentProvider, AgentSession};
+pub use protocol::{Direction, ErrorKind, Request, Response, SessionInfo};
+pub use server::{AgentServer, ShutdownHandle};
+pub use state::{AgentState, HandoverMode};
+
+/// Where `ch-luod` listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/ch-luod.sock";
+
+/// Errors of the agent and its client.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// Nobody listens at the socket path.
+    #[error("Cannot connect to the session agent at {path} (is ch-luod running?)")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting up the agent's socket failed.
+    #[error("Cannot {operation} {path}")]
+    Setup {
+        /// What was being done.
+        operation: &'static str,
+        /// The path concerned.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another agent serves this socket path.
+    #[error("Another ch-luod is serving {path}")]
+    AlreadyRunning {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The socket path has no file name.
+    #[error("Invalid socket path {path}")]
+    BadSocketPath {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A message could not be sent, received or decoded.
+    #[error("Session agent protocol error")]
+    Protocol(#[from] protocol::ProtocolError),
+    /// The agent refused the request.
+    #[error("{message}")]
+    Remote {
+        /// Machine-readable kind.
+        kind: ErrorKind,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent answered with a reply that does not fit the request.
+    #[error("Unexpected reply from the agent: {0}")]
+    UnexpectedReply(String),
+    /// Blocking or waiting for termination signals failed.
+    #[error("Signal handling failed")]
+    Signal(#[source] io::Error),
+}
+
+impl AgentError {
+    /// The remote error kind, if the agent refused the request.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            AgentError::Remote { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// The effective uid of this process (the agent's own uid, see [`AgentState::new`]).
+pub fn effective_uid() -> u32 {
+    sys::effective_uid()
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and the threads it spawns afterwards, so
+/// [`wait_for_termination`] can take them. Call first thing in `main`.
+pub fn block_termination_signals() -> Result<(), AgentError> {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::block_signal(signal)
+            .map_err(|e| AgentError::Signal(io::Error::other(format!("{e:?}"))))?;
+    }
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT (blocked beforehand with [`block_termination_signals`]) and
+/// returns its number.
+pub fn wait_for_termination() -> Result<i32, AgentError> {
+    sys::wait_for_signal(&[libc::SIGTERM, libc::SIGINT]).map_err(AgentError::Signal)
+}

@@ -1,0 +1,540 @@
+//! The agent's socket: created without a permission window, one instance per path, one thread
+//! per connection.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+
+use super::protocol::{self, ErrorKind, ProtocolError, Request, Response, WireError};
+use super::state::AgentState;
+use super::{AgentError, sys};
+
+/// Most simultaneous connections; more are answered with a `busy` error and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Once a message has started, the rest must arrive within this time.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Makes private directory names unique within the process.
+static PRIVATE_DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A bound agent socket, ready to serve.
+#[derive(Debug)]
+pub struct AgentServer {
+    listener: UnixListener,
+    path: PathBuf,
+    state: Arc<Mutex<AgentState>>,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+    /// Held (flock) for the server's lifetime: a second agent on the same path is refused.
+    _lock: File,
+}
+
+/// Stops a running [`AgentServer`] from another thread and removes its socket.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl ShutdownHandle {
+    /// Makes [`AgentServer::run`] return (dropping the server then removes the socket file).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop; a failure means it is gone already.
+        let _ = UnixStream::connect(&self.path);
+    }
+}
+
+impl Drop for AgentServer {
+    fn drop(&mut self) {
+        // Only a bound server exists, and the lock says the socket at `path` is ours.
+        if let Err(e) = fs::remove_file(&self.path) {
+            debug!("removing {}: {e}", self.path.display());
+        }
+    }
+}
+
+fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AgentError {
+    let path = path.to_path_buf();
+    move |source| AgentError::Setup {
+        operation,
+        path,
+        source,
+    }
+}
+
+impl AgentServer {
+    /// Binds the agent socket at `path` with permission bits `mode` (e.g. 0o600 or 0o660).
+    ///
+    /// The socket is bound in a private (0700) directory beside `path`, given `mode`, then
+    /// renamed over `path`, so it is never reachable with wider permissions; a stale socket is
+    /// replaced. A lock on `<path>.lock` refuses a second agent on the same path.
+    pub fn bind(path: &Path, mode: u32, state: AgentState) -> Result<Self, AgentError> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error("open lock file", &lock_path))?;
+        if lock.try_lock().is_err() {
+            return Err(AgentError::AlreadyRunning {
+                path: path.to_path_buf(),
+            });
+        }
+
+        let parent = path.parent().unwrap_or(Path::new("."));
+        let file_name = path.file_name().ok_or_else(|| AgentError::BadSocketPath {
+            path: path.to_path_buf(),
+        })?;
+        let unique = PRIVATE_DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let private_dir = parent.join(format!(".ch-luod.{}.{unique}.tmp", std::process::id()));
+        let _ = fs::remove_dir_all(&private_dir);
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&private_dir)
+            .map_err(io_error("create private directory", &private_dir))?;
+        let temp_path = private_dir.join(file_name);
+        let bound = UnixListener::bind(&temp_path)
+            .map_err(io_error("bind", &temp_path))
+            .and_then(|listener| {
+                fs::set_permissions(&temp_path, fs::Permissions::from_mode(mode))
+                    .map_err(io_error("set permissions of", &temp_path))?;
+                fs::rename(&temp_path, path).map_err(io_error("rename socket to", path))?;
+                Ok(listener)
+            });
+        let _ = fs::remove_dir_all(&private_dir);
+        let listener = bound?;
+        info!("listening on {} (mode {mode:o})", path.display());
+
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+            state: Arc::new(Mutex::new(state)),
+            stop: Arc::new(AtomicBool::new(false)),
+            connections: Arc::new(AtomicUsize::new(0)),
+            _lock: lock,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A handle that stops [`Self::run`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            path: self.path.clone(),
+            stop: Arc::clone(&self.stop),
+        }
+    }
+
+    /// Accepts connections until [`ShutdownHandle::shutdown`]; each gets its own thread.
+    pub fn run(&self) -> Result<(), AgentError> {
+        for stream in self.listener.incoming() {
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            if self.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                self.connections.fetch_sub(1, Ordering::SeqCst);
+                refuse_busy(&stream);
+                continue;
+            }
+            let state = Arc::clone(&self.state);
+            let connections = Arc::clone(&self.connections);
+            let spawned = thread::Builder::new()
+                .name("ch-luod-conn".into())
+                .spawn(move || {
+                    serve_connection(&stream, &state);
+                    connections.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                warn!("cannot start a connection thread: {e}");
+                self.connections.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn refuse_busy(stream: &UnixStream) {
+    let error = WireError::new(ErrorKind::Busy, "The agent has too many connections");
+    let _ = protocol::send(stream, &Response::Error(error), None);
+}
+
+fn serve_connection(stream: &UnixStream, state: &Mutex<AgentState>) {
+    let uid = match sys::peer_uid(stream) {
+        Ok(uid) => uid,
+        Err(e) => {
+            warn!("cannot read peer credentials: {e}");
+            return;
+        }
+    };
+    if let Err(e) = stream.set_write_timeout(Some(MESSAGE_TIMEOUT)) {
+        warn!("cannot set write timeout: {e}");
+        return;
+    }
+    debug!("connection from uid {uid}");
+    loop {
+        let received = match protocol::recv(stream, MESSAGE_TIMEOUT) {
+            Ok(Some(received)) => received,
+            Ok(None) => break,
+            Err(error) => {
+                // The byte stream cannot be trusted to be in step any more: answer and close.
+                warn!("bad message from uid {uid}: {error}");
+                reply_bad_request(stream, &error);
+                break;
+            }
+        };
+        let (response, fd) = match protocol::decode_body::<Request>(&received.body) {
+            Ok(request) => {
+                debug!("uid {uid}: {request:?}");
+                state.lock().unwrap_or_else(PoisonError::into_inner).handle(
+                    request,
+                    uid,
+                    received.fd,
+                )
+            }
+            Err(error) => {
+                warn!("bad request from uid {uid}: {error}");
+                let message = protocol::error_chain(&error);
+                (
+                    Response::Error(WireError::new(ErrorKind::BadRequest, message)),
+                    None,
+                )
+            }
+        };
+        if let Err(e) = protocol::send(stream, &response, fd.as_ref().map(std::os::fd::AsFd::as_fd))
+        {
+            warn!("cannot reply to uid {uid}: {e}");
+            break;
+        }
+    }
+    debug!("connection from uid {uid} closed");
+}
+
+fn reply_bad_request(stream: &UnixStream, error: &ProtocolError) {
+    if matches!(error, ProtocolError::Truncated | ProtocolError::Io { .. }) {
+        return;
+    }
+    let error = WireError::new(ErrorKind::BadRequest, protocol::error_chain(error));
+    let _ = protocol::send(stream, &Response::Error(error), None);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileTypeExt;
+    use std::thread::JoinHandle;
+
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::*;
+    use crate::agent::client::{AgentClient, AgentProvider};
+    use crate::agent::protocol::{Direction, HEADER_LEN};
+    use crate::agent::state::HandoverMode;
+    use crate::emulated::EmulatedProvider;
+    use crate::session::{SessionError, SessionProvider};
+
+    struct Agent {
+        _dir: TempDir,
+        path: PathBuf,
+        shutdown: ShutdownHandle,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            self.shutdown.shutdown();
+            if let Some(thread) = self.thread.take() {
+                thread.join().unwrap();
+            }
+        }
+    }
+
+    fn restart_state() -> AgentState {
+        let provider = EmulatedProvider::new();
+        let holder = provider.clone();
+        let handover = HandoverMode::Restart(Box::new(move |name: &str| holder.handover(name)));
+        AgentState::new(Box::new(provider), handover, 0)
+    }
+
+    fn start_agent() -> Agent {
+        let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
+        let path = dir.as_path().join("luod.sock");
+        let server = AgentServer::bind(&path, 0o600, restart_state()).unwrap();
+        let shutdown = server.shutdown_handle();
+        let thread = thread::spawn(move || server.run().unwrap());
+        Agent {
+            _dir: dir,
+            path,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    fn memfd_with(bytes: &[u8]) -> File {
+        let mut file = File::from(crate::sys::memfd_create("agent-e2e", 0).unwrap());
+        file.set_len(4096).unwrap();
+        file.write_all(bytes).unwrap();
+        file
+    }
+
+    fn read_at(file: &mut File, offset: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.read_exact(&mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn memfd_crosses_handover_through_the_agent() {
+        let agent = start_agent();
+        let mut old_vmm = AgentClient::connect(&agent.path).unwrap();
+        let mut original = memfd_with(b"guest ram");
+        old_vmm.create_session("vm0").unwrap();
+        old_vmm.preserve("vm0", original.as_fd(), 42).unwrap();
+        old_vmm.handover("vm0").unwrap();
+        drop(old_vmm);
+
+        let mut new_vmm = AgentClient::connect(&agent.path).unwrap();
+        new_vmm.retrieve_session("vm0").unwrap();
+        let mut retrieved = File::from(new_vmm.retrieve_fd("vm0", 42).unwrap());
+
+        assert_eq!(read_at(&mut retrieved, 0, 9), b"guest ram");
+        retrieved.seek(SeekFrom::Start(100)).unwrap();
+        retrieved.write_all(b"new vmm").unwrap();
+        assert_eq!(read_at(&mut original, 100, 7), b"new vmm");
+        new_vmm.finish("vm0").unwrap();
+        assert!(new_vmm.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn sessions_survive_the_creating_connection() {
+        let agent = start_agent();
+        let mut vmm = AgentClient::connect(&agent.path).unwrap();
+        vmm.create_session("vm0").unwrap();
+        drop(vmm);
+
+        let sessions = AgentClient::connect(&agent.path).unwrap().list().unwrap();
+
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].direction, Direction::Outgoing);
+    }
+
+    #[test]
+    fn cancel_over_the_socket_discards_the_session() {
+        let agent = start_agent();
+        let mut vmm = AgentClient::connect(&agent.path).unwrap();
+        let file = memfd_with(b"x");
+        vmm.create_session("vm0").unwrap();
+        vmm.preserve("vm0", file.as_fd(), 1).unwrap();
+
+        vmm.cancel("vm0").unwrap();
+
+        assert!(vmm.list().unwrap().is_empty());
+        let error = vmm.handover("vm0").unwrap_err();
+        assert_eq!(error.kind(), Some(ErrorKind::NoSuchSession));
+    }
+
+    #[test]
+    fn remote_errors_keep_kind_and_message() {
+        let agent = start_agent();
+        let mut vmm = AgentClient::connect(&agent.path).unwrap();
+        vmm.create_session("vm0").unwrap();
+
+        let error = vmm.create_session("vm0").unwrap_err();
+
+        assert_eq!(error.kind(), Some(ErrorKind::SessionExists));
+        assert_eq!(error.to_string(), r#"Session "vm0" exists already"#);
+    }
+
+    #[test]
+    fn agent_provider_works_as_a_session_provider() {
+        let agent = start_agent();
+        let mut provider: Box<dyn SessionProvider> =
+            Box::new(AgentProvider::connect(&agent.path).unwrap());
+        let file = memfd_with(b"state");
+        let mut session = provider.create_session("vm0").unwrap();
+        session.preserve_fd(file.as_fd(), 1).unwrap();
+
+        let duplicate = session.preserve_fd(file.as_fd(), 1).unwrap_err();
+        let missing = provider.retrieve_session("nope").unwrap_err();
+
+        assert!(
+            matches!(duplicate, SessionError::TokenExists { token: 1 }),
+            "{duplicate:?}"
+        );
+        assert!(
+            matches!(missing, SessionError::NoSuchSession { .. }),
+            "{missing:?}"
+        );
+        assert_eq!(session.name().unwrap(), "vm0");
+    }
+
+    #[test]
+    fn connect_without_agent_names_the_path() {
+        let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
+        let path = dir.as_path().join("nobody.sock");
+
+        let error = AgentClient::connect(&path).unwrap_err();
+
+        let message = error.to_string();
+        assert!(message.contains(&*path.to_string_lossy()), "{message}");
+        assert!(message.contains("is ch-luod running?"), "{message}");
+    }
+
+    #[test]
+    fn socket_is_private_and_a_second_agent_is_refused() {
+        let agent = start_agent();
+
+        let meta = fs::metadata(&agent.path).unwrap();
+        let second = AgentServer::bind(&agent.path, 0o600, restart_state());
+
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(
+            matches!(second, Err(AgentError::AlreadyRunning { .. })),
+            "{second:?}"
+        );
+        AgentClient::connect(&agent.path).unwrap().ping().unwrap();
+    }
+
+    #[test]
+    fn stale_socket_is_replaced() {
+        let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
+        let path = dir.as_path().join("luod.sock");
+        drop(UnixListener::bind(&path).unwrap());
+
+        let server = AgentServer::bind(&path, 0o660, restart_state()).unwrap();
+
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        assert_eq!(server.path(), path);
+    }
+
+    #[test]
+    fn stopped_server_removes_its_socket_when_dropped() {
+        let mut agent = start_agent();
+
+        agent.shutdown.shutdown();
+        agent.thread.take().unwrap().join().unwrap();
+
+        assert!(!agent.path.exists());
+    }
+
+    fn raw_reply(stream: &UnixStream) -> Option<Response> {
+        let received = protocol::recv(stream, Duration::from_secs(5)).unwrap()?;
+        Some(protocol::decode_body(&received.body).unwrap())
+    }
+
+    fn bad_request(response: Option<Response>) -> bool {
+        matches!(
+            response,
+            Some(Response::Error(WireError {
+                kind: ErrorKind::BadRequest,
+                ..
+            }))
+        )
+    }
+
+    #[test]
+    fn bad_json_gets_an_error_reply_and_the_connection_goes_on() {
+        let agent = start_agent();
+        let stream = UnixStream::connect(&agent.path).unwrap();
+        let mut frame = protocol::encode(&Request::Ping).unwrap();
+        frame.truncate(HEADER_LEN);
+        frame[8..12].copy_from_slice(&10u32.to_le_bytes());
+        frame.extend_from_slice(b"{not json}");
+        (&stream).write_all(&frame).unwrap();
+
+        let reply = raw_reply(&stream);
+        protocol::send(&stream, &Request::Ping, None).unwrap();
+        let pong = raw_reply(&stream);
+
+        assert!(bad_request(reply));
+        assert!(matches!(pong, Some(Response::Pong { .. })), "{pong:?}");
+    }
+
+    #[test]
+    fn garbage_and_oversized_frames_get_an_error_and_the_agent_lives_on() {
+        let agent = start_agent();
+        let mut oversized = protocol::encode(&Request::Ping).unwrap();
+        oversized[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        for bytes in [&b"GET / HTTP/1.1\r\n\r\n"[..], &oversized] {
+            let stream = UnixStream::connect(&agent.path).unwrap();
+            (&stream).write_all(bytes).unwrap();
+
+            let reply = raw_reply(&stream);
+            let after = protocol::recv(&stream, Duration::from_secs(5));
+
+            assert!(bad_request(reply));
+            assert!(
+                !matches!(after, Ok(Some(_))),
+                "connection should be closed: {after:?}"
+            );
+        }
+        AgentClient::connect(&agent.path).unwrap().ping().unwrap();
+    }
+
+    #[test]
+    fn too_many_fds_get_an_error_reply() {
+        let agent = start_agent();
+        let stream = UnixStream::connect(&agent.path).unwrap();
+        let (a, b) = (memfd_with(b"a"), memfd_with(b"b"));
+        let frame = protocol::encode(&Request::Ping).unwrap();
+        use std::os::fd::AsRawFd;
+        vmm_sys_util::sock_ctrl_msg::ScmSocket::send_with_fds(
+            &stream,
+            &[frame.as_slice()],
+            &[a.as_raw_fd(), b.as_raw_fd()],
+        )
+        .unwrap();
+
+        assert!(bad_request(raw_reply(&stream)));
+    }
+
+    #[test]
+    fn a_file_is_retrieved_again_as_the_same_file_until_the_session_is_finished() {
+        use std::os::unix::fs::FileExt;
+        let agent = start_agent();
+        let mut vmm = AgentClient::connect(&agent.path).unwrap();
+        let file = memfd_with(b"x");
+        vmm.create_session("s").unwrap();
+        vmm.preserve("s", file.as_fd(), 3).unwrap();
+        vmm.handover("s").unwrap();
+        vmm.retrieve_session("s").unwrap();
+
+        let first = File::from(vmm.retrieve_fd("s", 3).unwrap());
+        vmm.retrieve_session("s").unwrap();
+        let second = File::from(vmm.retrieve_fd("s", 3).unwrap());
+        first.write_all_at(b"y", 0).unwrap();
+        let mut byte = [0u8; 1];
+        second.read_exact_at(&mut byte, 0).unwrap();
+        vmm.finish("s").unwrap();
+        let after_finish = vmm.retrieve_fd("s", 3).unwrap_err();
+
+        assert_eq!(first.metadata().unwrap().len(), 4096);
+        assert_eq!(&byte, b"y");
+        assert_eq!(after_finish.kind(), Some(ErrorKind::NoSuchSession));
+    }
+}

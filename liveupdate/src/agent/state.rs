@@ -1,0 +1,787 @@
+//! What the agent holds and how it answers each request, apart from sockets (so the ownership
+//! rules can be tested with any uid).
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+
+use log::{info, warn};
+
+use super::protocol::{Direction, ErrorKind, Request, Response, SessionInfo, VERSION, WireError};
+use crate::session::{Session, SessionError, SessionProvider, Token};
+
+/// Hands a session over in restart mode (e.g. `EmulatedProvider::handover`).
+pub type HandoverFn = Box<dyn FnMut(&str) -> Result<(), SessionError> + Send>;
+
+/// What `handover` means for this agent.
+pub enum HandoverMode {
+    /// Kernel mode: the session is frozen and held until a kexec (not implemented yet).
+    Kexec,
+    /// Restart mode: the session moves to the incoming side at once.
+    Restart(HandoverFn),
+}
+
+impl std::fmt::Debug for HandoverMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl HandoverMode {
+    /// "kernel" or "restart".
+    pub fn name(&self) -> &'static str {
+        match self {
+            HandoverMode::Kexec => "kernel",
+            HandoverMode::Restart(_) => "restart",
+        }
+    }
+}
+
+/// A session the agent holds for a VMM.
+#[derive(Debug)]
+struct Held {
+    session: Box<dyn Session>,
+    owner: Option<u32>,
+    tokens: Vec<Token>,
+    frozen: bool,
+    /// Files of an incoming session retrieved from the provider, kept until FINISH: a VMM that
+    /// refuses the session's state (a newer format, say) leaves it retrievable, with every file,
+    /// for one that can read it.
+    retrieved: BTreeMap<Token, OwnedFd>,
+}
+
+/// Everything the agent holds: the provider and the sessions, by side.
+pub struct AgentState {
+    provider: Box<dyn SessionProvider>,
+    handover: HandoverMode,
+    /// The agent's own uid: may retrieve incoming sessions whose owner is unknown.
+    agent_uid: u32,
+    outgoing: BTreeMap<String, Held>,
+    /// Restart mode: handed over, not yet retrieved (owner and tokens remembered).
+    handed_over: BTreeMap<String, (u32, Vec<Token>)>,
+    incoming: BTreeMap<String, Held>,
+}
+
+impl std::fmt::Debug for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentState")
+            .field("mode", &self.handover)
+            .field("outgoing", &self.outgoing)
+            .field("handed_over", &self.handed_over)
+            .field("incoming", &self.incoming)
+            .finish_non_exhaustive()
+    }
+}
+
+fn denied(name: &str) -> WireError {
+    WireError::new(
+        ErrorKind::PermissionDenied,
+        format!("Permission denied: session {name:?} belongs to another user"),
+    )
+}
+
+fn session_error(error: &SessionError) -> WireError {
+    WireError::from_session(error)
+}
+
+fn no_session(name: &str, side: &str) -> WireError {
+    WireError::new(
+        ErrorKind::NoSuchSession,
+        format!("No {side} session {name:?} held by the agent"),
+    )
+}
+
+/// Finds `name` in `map` and checks that `uid` owns it.
+fn owned<'a>(
+    map: &'a mut BTreeMap<String, Held>,
+    name: &str,
+    uid: u32,
+    side: &str,
+) -> Result<&'a mut Held, WireError> {
+    let held = map.get_mut(name).ok_or_else(|| no_session(name, side))?;
+    if held.owner != Some(uid) {
+        return Err(denied(name));
+    }
+    Ok(held)
+}
+
+impl AgentState {
+    /// An agent state over `provider`, running as `agent_uid`.
+    pub fn new(provider: Box<dyn SessionProvider>, handover: HandoverMode, agent_uid: u32) -> Self {
+        Self {
+            provider,
+            handover,
+            agent_uid,
+            outgoing: BTreeMap::new(),
+            handed_over: BTreeMap::new(),
+            incoming: BTreeMap::new(),
+        }
+    }
+
+    /// Answers `request` from a peer running as `uid`; `fd` is the descriptor that came with it.
+    /// Returns the response and, for `retrieve_fd`, the descriptor to send back.
+    pub fn handle(
+        &mut self,
+        request: Request,
+        uid: u32,
+        fd: Option<OwnedFd>,
+    ) -> (Response, Option<OwnedFd>) {
+        let result = match (request.takes_fd(), fd) {
+            (true, None) => Err(WireError::new(
+                ErrorKind::BadRequest,
+                "This request needs exactly one file descriptor",
+            )),
+            (false, Some(_)) => Err(WireError::new(
+                ErrorKind::BadRequest,
+                "This request takes no file descriptor",
+            )),
+            (_, fd) => self.dispatch(request, uid, fd),
+        };
+        match result {
+            Ok((response, fd)) => (response, fd),
+            Err(error) => (Response::Error(error), None),
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        request: Request,
+        uid: u32,
+        fd: Option<OwnedFd>,
+    ) -> Result<(Response, Option<OwnedFd>), WireError> {
+        let ok = Ok((Response::Ok, None));
+        match request {
+            Request::Ping => Ok((
+                Response::Pong {
+                    mode: self.handover.name().to_string(),
+                    version: VERSION,
+                },
+                None,
+            )),
+            Request::List => Ok((
+                Response::Sessions {
+                    sessions: self.list(),
+                },
+                None,
+            )),
+            Request::CreateSession { name } => self.create(name, uid).and(ok),
+            Request::Preserve { name, token } => match fd {
+                Some(fd) => self.preserve(&name, token, uid, fd).and(ok),
+                None => Err(WireError::new(ErrorKind::BadRequest, "Missing fd")),
+            },
+            Request::Handover { name } => self.handover(&name, uid).and(ok),
+            Request::Cancel { name } => self.cancel(&name, uid).and(ok),
+            Request::RetrieveSession { name } => self.retrieve_session(name, uid).and(ok),
+            Request::RetrieveFd { name, token } => {
+                let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
+                if !held.retrieved.contains_key(&token) {
+                    let fd = held
+                        .session
+                        .retrieve_fd(token)
+                        .map_err(|e| session_error(&e))?;
+                    held.retrieved.insert(token, fd);
+                }
+                let fd = held
+                    .retrieved
+                    .get(&token)
+                    .map(OwnedFd::try_clone)
+                    .transpose()
+                    .map_err(|e| {
+                        WireError::new(
+                            ErrorKind::Os,
+                            format!("Cannot duplicate the file of token {token:#x}: {e}"),
+                        )
+                    })?;
+                if !held.tokens.contains(&token) {
+                    held.tokens.push(token);
+                }
+                Ok((Response::Ok, fd))
+            }
+            Request::Finish { name } => {
+                let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
+                held.session.finish().map_err(|e| session_error(&e))?;
+                self.incoming.remove(&name);
+                info!("session {name:?} finished by uid {uid}");
+                ok
+            }
+        }
+    }
+
+    fn create(&mut self, name: String, uid: u32) -> Result<(), WireError> {
+        // The provider checks the name and refuses duplicates among its outgoing sessions.
+        let session = self
+            .provider
+            .create_session(&name)
+            .map_err(|e| session_error(&e))?;
+        info!("session {name:?} created for uid {uid}");
+        self.outgoing.insert(
+            name,
+            Held {
+                session,
+                owner: Some(uid),
+                tokens: Vec::new(),
+                frozen: false,
+                retrieved: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn preserve(
+        &mut self,
+        name: &str,
+        token: Token,
+        uid: u32,
+        fd: OwnedFd,
+    ) -> Result<(), WireError> {
+        let held = owned(&mut self.outgoing, name, uid, "outgoing")?;
+        if held.frozen {
+            return Err(WireError::new(
+                ErrorKind::Frozen,
+                format!("Session {name:?} is frozen: nothing more can be preserved"),
+            ));
+        }
+        held.session
+            .preserve_fd(fd.as_fd(), token)
+            .map_err(|e| session_error(&e))?;
+        held.tokens.push(token);
+        Ok(())
+    }
+
+    fn handover(&mut self, name: &str, uid: u32) -> Result<(), WireError> {
+        let held = owned(&mut self.outgoing, name, uid, "outgoing")?;
+        match &mut self.handover {
+            HandoverMode::Kexec => {
+                held.frozen = true;
+                info!("session {name:?} frozen, held for the kexec");
+                Err(WireError::new(
+                    ErrorKind::NotSupported,
+                    format!(
+                        "Kernel mode cannot hand over yet (kexec is not implemented in ch-luod); \
+                         session {name:?} is frozen and held"
+                    ),
+                ))
+            }
+            HandoverMode::Restart(hand_over) => {
+                hand_over(name).map_err(|e| session_error(&e))?;
+                // The holder replaced any incoming session of this name never finished.
+                if self.incoming.remove(name).is_some() {
+                    warn!("handover of {name:?} replaced a retrieved session never finished");
+                }
+                // The holder moved the session; our outgoing handle is no longer needed.
+                if let Some(held) = self.outgoing.remove(name) {
+                    self.handed_over
+                        .insert(name.to_string(), (uid, held.tokens));
+                }
+                info!("session {name:?} handed over");
+                Ok(())
+            }
+        }
+    }
+
+    fn cancel(&mut self, name: &str, uid: u32) -> Result<(), WireError> {
+        owned(&mut self.outgoing, name, uid, "outgoing")?;
+        // Dropping the last handle discards the session and unpreserves its files.
+        self.outgoing.remove(name);
+        info!("session {name:?} cancelled by uid {uid}");
+        Ok(())
+    }
+
+    fn retrieve_session(&mut self, name: String, uid: u32) -> Result<(), WireError> {
+        // The creator, if this agent saw the handover; otherwise (a session from before a kexec)
+        // only root or the agent's own user, until owners are carried across the kexec.
+        let owner = self.handed_over.get(&name).map(|(owner, _)| *owner);
+        let allowed = match owner {
+            Some(owner) => owner == uid,
+            None => uid == 0 || uid == self.agent_uid,
+        };
+        if !allowed {
+            return Err(denied(&name));
+        }
+        if let Some(held) = self.incoming.get(&name) {
+            // Retrieved but not finished: its owner may take it again (e.g. a newer VMM after
+            // an older one refused its state).
+            return if held.owner == Some(uid) || uid == 0 {
+                info!("session {name:?} retrieved again by uid {uid}");
+                Ok(())
+            } else {
+                Err(denied(&name))
+            };
+        }
+        let session = self
+            .provider
+            .retrieve_session(&name)
+            .map_err(|e| session_error(&e))?;
+        self.handed_over.remove(&name);
+        info!("session {name:?} retrieved for uid {uid}");
+        self.incoming.insert(
+            name,
+            Held {
+                session,
+                owner: Some(uid),
+                tokens: Vec::new(),
+                frozen: false,
+                retrieved: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Every session the agent holds, sorted by side then name.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let held = |side: Direction| {
+            move |(name, held): (&String, &Held)| SessionInfo {
+                name: name.clone(),
+                direction: if held.frozen { Direction::Frozen } else { side },
+                owner_uid: held.owner,
+                tokens: held.tokens.clone(),
+            }
+        };
+        let mut sessions: Vec<_> = self
+            .outgoing
+            .iter()
+            .map(held(Direction::Outgoing))
+            .collect();
+        sessions.extend(
+            self.handed_over
+                .iter()
+                .map(|(name, (owner, tokens))| SessionInfo {
+                    name: name.clone(),
+                    direction: Direction::HandedOver,
+                    owner_uid: Some(*owner),
+                    tokens: tokens.clone(),
+                }),
+        );
+        sessions.extend(self.incoming.iter().map(held(Direction::Incoming)));
+        sessions
+    }
+}
+
+impl Drop for AgentState {
+    fn drop(&mut self) {
+        if !self.outgoing.is_empty() {
+            warn!(
+                "agent exiting with {} outgoing session(s): their files are unpreserved",
+                self.outgoing.len()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+
+    use super::*;
+    use crate::emulated::EmulatedProvider;
+
+    const OWNER: u32 = 1000;
+    const OTHER: u32 = 2000;
+
+    fn restart_state() -> (AgentState, EmulatedProvider) {
+        let provider = EmulatedProvider::new();
+        let holder = provider.clone();
+        let handover = HandoverMode::Restart(Box::new(move |name: &str| holder.handover(name)));
+        (
+            AgentState::new(Box::new(provider.clone()), handover, 0),
+            provider,
+        )
+    }
+
+    fn memfd() -> OwnedFd {
+        let fd = crate::sys::memfd_create("agent-state-test", 0).unwrap();
+        File::from(fd.try_clone().unwrap()).set_len(4096).unwrap();
+        fd
+    }
+
+    fn name(name: &str) -> String {
+        name.to_string()
+    }
+
+    fn ok(state: &mut AgentState, request: Request, uid: u32, fd: Option<OwnedFd>) {
+        let (response, _) = state.handle(request, uid, fd);
+        assert_eq!(response, Response::Ok);
+    }
+
+    fn error_kind(
+        state: &mut AgentState,
+        request: Request,
+        uid: u32,
+        fd: Option<OwnedFd>,
+    ) -> ErrorKind {
+        match state.handle(request, uid, fd) {
+            (Response::Error(error), None) => error.kind,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_creating_uid_may_use_an_outgoing_session() {
+        let (mut state, _) = restart_state();
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+
+        let preserve = Request::Preserve {
+            name: name("vm"),
+            token: 1,
+        };
+        let preserve_kind = error_kind(&mut state, preserve, OTHER, Some(memfd()));
+        let handover_kind = error_kind(
+            &mut state,
+            Request::Handover { name: name("vm") },
+            OTHER,
+            None,
+        );
+        let cancel_kind = error_kind(
+            &mut state,
+            Request::Cancel { name: name("vm") },
+            OTHER,
+            None,
+        );
+
+        assert_eq!(preserve_kind, ErrorKind::PermissionDenied);
+        assert_eq!(handover_kind, ErrorKind::PermissionDenied);
+        assert_eq!(cancel_kind, ErrorKind::PermissionDenied);
+        assert_eq!(state.list()[0].direction, Direction::Outgoing);
+    }
+
+    #[test]
+    fn only_the_creating_uid_may_retrieve_and_finish_after_handover() {
+        let (mut state, _) = restart_state();
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+        let preserve = Request::Preserve {
+            name: name("vm"),
+            token: 1,
+        };
+        ok(&mut state, preserve, OWNER, Some(memfd()));
+        ok(
+            &mut state,
+            Request::Handover { name: name("vm") },
+            OWNER,
+            None,
+        );
+
+        let retrieve_kind = error_kind(
+            &mut state,
+            Request::RetrieveSession { name: name("vm") },
+            OTHER,
+            None,
+        );
+        ok(
+            &mut state,
+            Request::RetrieveSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+        let fd_kind = error_kind(
+            &mut state,
+            Request::RetrieveFd {
+                name: name("vm"),
+                token: 1,
+            },
+            OTHER,
+            None,
+        );
+        let finish_kind = error_kind(
+            &mut state,
+            Request::Finish { name: name("vm") },
+            OTHER,
+            None,
+        );
+
+        assert_eq!(retrieve_kind, ErrorKind::PermissionDenied);
+        assert_eq!(fd_kind, ErrorKind::PermissionDenied);
+        assert_eq!(finish_kind, ErrorKind::PermissionDenied);
+        ok(
+            &mut state,
+            Request::Finish { name: name("vm") },
+            OWNER,
+            None,
+        );
+        assert!(state.list().is_empty());
+    }
+
+    #[test]
+    fn incoming_session_of_unknown_owner_is_for_root_only() {
+        let (mut state, mut provider) = restart_state();
+        // Handed over behind the agent's back: the agent never saw its creator.
+        let session = provider.create_session("old").unwrap();
+        provider.handover("old").unwrap();
+        drop(session);
+
+        let kind = error_kind(
+            &mut state,
+            Request::RetrieveSession { name: name("old") },
+            OWNER,
+            None,
+        );
+
+        assert_eq!(kind, ErrorKind::PermissionDenied);
+        ok(
+            &mut state,
+            Request::RetrieveSession { name: name("old") },
+            0,
+            None,
+        );
+    }
+
+    #[test]
+    fn preserve_needs_exactly_one_fd_and_other_requests_none() {
+        let (mut state, _) = restart_state();
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+
+        let missing = error_kind(
+            &mut state,
+            Request::Preserve {
+                name: name("vm"),
+                token: 1,
+            },
+            OWNER,
+            None,
+        );
+        let unexpected = error_kind(&mut state, Request::Ping, OWNER, Some(memfd()));
+
+        assert_eq!(missing, ErrorKind::BadRequest);
+        assert_eq!(unexpected, ErrorKind::BadRequest);
+    }
+
+    #[test]
+    fn session_errors_keep_their_kind() {
+        let (mut state, _) = restart_state();
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+        let null = OwnedFd::from(File::open("/dev/null").unwrap());
+
+        let exists = error_kind(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+        let invalid = error_kind(
+            &mut state,
+            Request::CreateSession {
+                name: "x".repeat(64),
+            },
+            OWNER,
+            None,
+        );
+        let unpreservable = error_kind(
+            &mut state,
+            Request::Preserve {
+                name: name("vm"),
+                token: 1,
+            },
+            OWNER,
+            Some(null),
+        );
+        let no_session = error_kind(
+            &mut state,
+            Request::Finish { name: name("nope") },
+            OWNER,
+            None,
+        );
+
+        assert_eq!(exists, ErrorKind::SessionExists);
+        assert_eq!(invalid, ErrorKind::InvalidName);
+        assert_eq!(unpreservable, ErrorKind::Unpreservable);
+        assert_eq!(no_session, ErrorKind::NoSuchSession);
+    }
+
+    #[test]
+    fn cancel_drops_the_session_and_unpreserves_its_files() {
+        let (mut state, provider) = restart_state();
+        let file = memfd();
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+        let preserve = Request::Preserve {
+            name: name("vm"),
+            token: 1,
+        };
+        ok(
+            &mut state,
+            preserve.clone(),
+            OWNER,
+            Some(file.try_clone().unwrap()),
+        );
+
+        ok(
+            &mut state,
+            Request::Cancel { name: name("vm") },
+            OWNER,
+            None,
+        );
+
+        assert!(state.list().is_empty());
+        assert!(provider.sessions().is_empty());
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+        ok(&mut state, preserve, OWNER, Some(file));
+    }
+
+    #[test]
+    fn kernel_mode_handover_freezes_and_says_not_yet() {
+        let provider = EmulatedProvider::new();
+        let mut state = AgentState::new(Box::new(provider), HandoverMode::Kexec, 0);
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+
+        let handover = error_kind(
+            &mut state,
+            Request::Handover { name: name("vm") },
+            OWNER,
+            None,
+        );
+        let preserve = error_kind(
+            &mut state,
+            Request::Preserve {
+                name: name("vm"),
+                token: 1,
+            },
+            OWNER,
+            Some(memfd()),
+        );
+
+        assert_eq!(handover, ErrorKind::NotSupported);
+        assert_eq!(preserve, ErrorKind::Frozen);
+        assert_eq!(state.list()[0].direction, Direction::Frozen);
+        ok(
+            &mut state,
+            Request::Cancel { name: name("vm") },
+            OWNER,
+            None,
+        );
+        assert!(state.list().is_empty());
+    }
+
+    #[test]
+    fn list_shows_direction_owner_and_tokens() {
+        let (mut state, _) = restart_state();
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("a") },
+            OWNER,
+            None,
+        );
+        ok(
+            &mut state,
+            Request::Preserve {
+                name: name("a"),
+                token: 7,
+            },
+            OWNER,
+            Some(memfd()),
+        );
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("b") },
+            OTHER,
+            None,
+        );
+        ok(
+            &mut state,
+            Request::Handover { name: name("b") },
+            OTHER,
+            None,
+        );
+
+        let (response, _) = state.handle(Request::List, OWNER, None);
+
+        let expected = vec![
+            SessionInfo {
+                name: name("a"),
+                direction: Direction::Outgoing,
+                owner_uid: Some(OWNER),
+                tokens: vec![7],
+            },
+            SessionInfo {
+                name: name("b"),
+                direction: Direction::HandedOver,
+                owner_uid: Some(OTHER),
+                tokens: vec![],
+            },
+        ];
+        assert_eq!(response, Response::Sessions { sessions: expected });
+    }
+
+    #[test]
+    fn handover_over_an_unfinished_retrieved_session_of_the_same_name_replaces_it() {
+        let (mut state, _) = restart_state();
+        for _ in 0..2 {
+            ok(
+                &mut state,
+                Request::CreateSession { name: name("vm") },
+                OWNER,
+                None,
+            );
+            ok(
+                &mut state,
+                Request::Handover { name: name("vm") },
+                OWNER,
+                None,
+            );
+            ok(
+                &mut state,
+                Request::RetrieveSession { name: name("vm") },
+                OWNER,
+                None,
+            );
+        }
+
+        let sessions = state.list();
+
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].direction, Direction::Incoming);
+        ok(
+            &mut state,
+            Request::Finish { name: name("vm") },
+            OWNER,
+            None,
+        );
+    }
+
+    #[test]
+    fn ping_reports_the_mode() {
+        let (mut state, _) = restart_state();
+
+        let (response, fd) = state.handle(Request::Ping, OWNER, None);
+
+        assert_eq!(
+            response,
+            Response::Pong {
+                mode: name("restart"),
+                version: VERSION
+            }
+        );
+        assert!(fd.is_none());
+    }
+}

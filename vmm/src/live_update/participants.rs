@@ -1,0 +1,246 @@
+//! The VM's pieces as live-update participants, in the order the machine must drive them:
+//! configuration and memory first (nothing to pause), then the vCPUs (the pause starts when
+//! they stop), then every device (its queue worker stops after the vCPUs, so no new request
+//! arrives while it drains), then the interrupt routes and the irqchip, PIT and clock, which
+//! only change while vCPUs or devices run.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use liveupdate::participant::{FileSink, Participant, ParticipantError};
+use liveupdate::session::Token;
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::cpu::{self, VcpuState};
+use crate::interrupts::{InterruptManager, InterruptState};
+use crate::memory::GuestRam;
+use crate::platform::PlatformState;
+use crate::vcpu_thread::VcpuSet;
+use devices::bus::lock;
+
+/// Participant ids, shared by the saving and the restoring side.
+pub mod ids {
+    /// The VM configuration.
+    pub const CONFIG: &str = "config";
+    /// Guest RAM.
+    pub const MEMORY: &str = "memory";
+    /// Every vCPU.
+    pub const VCPUS: &str = "vcpus";
+    /// MSI routes.
+    pub const INTERRUPTS: &str = "interrupts";
+    /// PIC, IOAPIC, PIT and kvmclock.
+    pub const PLATFORM: &str = "platform";
+}
+
+fn failed(id: &str, reason: impl std::fmt::Display) -> ParticipantError {
+    ParticipantError::Failed {
+        id: id.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Nanoseconds since the Unix epoch: the one clock that runs on across a kexec too.
+pub fn realtime_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The VM configuration travels with the state, so the successor needs no other input.
+#[derive(Debug)]
+pub struct ConfigParticipant<'a>(pub &'a VmConfig);
+
+impl Participant for ConfigParticipant<'_> {
+    type State = VmConfig;
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> String {
+        ids::CONFIG.into()
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<VmConfig, ParticipantError> {
+        Ok(self.0.clone())
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+/// Where guest RAM went: the memfd's token and its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryState {
+    /// RAM size in bytes (the memfd's size).
+    pub size: u64,
+    /// Token of the RAM memfd in the session.
+    pub memfd_token: Token,
+}
+
+/// Guest RAM: preserved while the guest still runs (in the kernel that pins every page, the
+/// slowest step of all), never copied.
+#[derive(Debug)]
+pub struct MemoryParticipant<'a> {
+    ram: &'a GuestRam,
+    token: Option<Token>,
+}
+
+impl<'a> MemoryParticipant<'a> {
+    /// Guest RAM of the VM being updated.
+    pub fn new(ram: &'a GuestRam) -> Self {
+        Self { ram, token: None }
+    }
+}
+
+impl Participant for MemoryParticipant<'_> {
+    type State = MemoryState;
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> String {
+        ids::MEMORY.into()
+    }
+    fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        use std::os::fd::AsFd;
+        self.token = Some(files.preserve(self.ram.memfd().as_fd())?);
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<MemoryState, ParticipantError> {
+        let memfd_token = self
+            .token
+            .ok_or_else(|| failed(ids::MEMORY, "saved before it was prepared"))?;
+        Ok(MemoryState {
+            size: self.ram.size(),
+            memfd_token,
+        })
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+/// Every vCPU, and the moment they were saved, so the successor can move the guest's clocks
+/// forward by the length of the pause.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VcpusState {
+    /// One state per vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// Host `CLOCK_REALTIME` (ns since the epoch) right after the vCPUs stopped.
+    pub paused_at_ns: u64,
+}
+
+/// The vCPUs: pausing them starts the guest-visible pause.
+#[derive(Debug)]
+pub struct VcpusParticipant<'a> {
+    set: &'a VcpuSet,
+    msrs: &'a [u32],
+    paused_at_ns: u64,
+}
+
+impl<'a> VcpusParticipant<'a> {
+    /// The vCPUs of the VM; `msrs` is the list of MSRs to save.
+    pub fn new(set: &'a VcpuSet, msrs: &'a [u32]) -> Self {
+        Self {
+            set,
+            msrs,
+            paused_at_ns: 0,
+        }
+    }
+}
+
+impl Participant for VcpusParticipant<'_> {
+    type State = VcpusState;
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> String {
+        ids::VCPUS.into()
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        self.set.pause();
+        self.paused_at_ns = realtime_ns();
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<VcpusState, ParticipantError> {
+        let mut vcpus = Vec::with_capacity(self.set.vcpus().len());
+        for (index, vcpu) in self.set.vcpus().iter().enumerate() {
+            let state = VcpuState::save(&lock(vcpu), self.msrs)
+                .map_err(|e| failed(&format!("vcpu/{index}"), e))?;
+            vcpus.push(state);
+        }
+        Ok(VcpusState {
+            vcpus,
+            paused_at_ns: self.paused_at_ns,
+        })
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        self.set.resume();
+        Ok(())
+    }
+}
+
+/// The MSI routes the guest programmed.
+#[derive(Debug)]
+pub struct InterruptsParticipant<'a>(pub &'a InterruptManager);
+
+impl Participant for InterruptsParticipant<'_> {
+    type State = InterruptState;
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> String {
+        ids::INTERRUPTS.into()
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<InterruptState, ParticipantError> {
+        Ok(self.0.save())
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+/// PICs, IOAPIC, PIT and kvmclock.
+#[derive(Debug)]
+pub struct PlatformParticipant<'a>(pub &'a kvm_ioctls::VmFd);
+
+impl Participant for PlatformParticipant<'_> {
+    type State = PlatformState;
+    const VERSION: u16 = PlatformState::VERSION;
+
+    fn id(&self) -> String {
+        ids::PLATFORM.into()
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<PlatformState, ParticipantError> {
+        PlatformState::save(self.0).map_err(|e| failed(ids::PLATFORM, e))
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+/// The MSR list every vCPU state carries (probed once per process).
+pub fn msr_list(kvm: &kvm_ioctls::Kvm, set: &VcpuSet) -> Result<&'static [u32], ParticipantError> {
+    let first = set
+        .vcpus()
+        .first()
+        .ok_or_else(|| failed(ids::VCPUS, "the VM has no vCPU"))?;
+    cpu::supported_msrs_cached(kvm, &lock(first)).map_err(|e| failed(ids::VCPUS, e))
+}
