@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::participant::{AnyParticipant, FileSink, ParticipantError, STATE_TOKEN};
+use crate::participant::{
+    AnyParticipant, FIRST_FREE_TOKEN, FileSink, ParticipantError, STATE_TOKEN,
+};
 use crate::session::{Session, SessionError, Token};
 use crate::state::{self, MAX_BLOB_SIZE, StateError, StateSet};
 
@@ -186,7 +188,7 @@ impl<'a> Outgoing<'a> {
             phase: Phase::Normal,
             session: Some(session),
             participants,
-            next_token: STATE_TOKEN + 1,
+            next_token: FIRST_FREE_TOKEN,
             paused: 0,
             timings: Timings::default(),
         }
@@ -535,7 +537,7 @@ mod tests {
             self.call("save")?;
             Ok(FakeState {
                 value: 42,
-                token: self.preserve.then_some(1),
+                token: self.preserve.then_some(FIRST_FREE_TOKEN),
             })
         }
         fn resume(&mut self) -> Result<(), ParticipantError> {
@@ -609,7 +611,7 @@ mod tests {
             ]
         );
         let tokens: Vec<_> = files.lock().unwrap().keys().copied().collect();
-        assert_eq!(tokens, [STATE_TOKEN, 1]);
+        assert_eq!(tokens, [STATE_TOKEN, FIRST_FREE_TOKEN]);
         for step in ["prepare", "pause", "save", "freeze", "handover"] {
             assert!(update.timings().get(step).is_some(), "{step} not timed");
         }
@@ -719,7 +721,7 @@ mod tests {
             memory,
             FakeState {
                 value: 42,
-                token: Some(1)
+                token: Some(FIRST_FREE_TOKEN)
             }
         );
         memfd.unwrap();

@@ -61,11 +61,14 @@ pub struct FileSink<'a> {
 
 /// The token of the state blob's memfd in every session.
 pub const STATE_TOKEN: Token = 0;
+/// Tokens below this one are reserved for files a successor looks for by a fixed token (the
+/// state blob, guest RAM); the sink hands out tokens from here on.
+pub const FIRST_FREE_TOKEN: Token = 16;
 
 impl<'a> FileSink<'a> {
-    /// A sink that allocates tokens from 1 upwards.
+    /// A sink that allocates tokens from [`FIRST_FREE_TOKEN`] upwards.
     pub fn new(session: &'a mut dyn Session) -> Self {
-        Self::starting_at(session, STATE_TOKEN + 1)
+        Self::starting_at(session, FIRST_FREE_TOKEN)
     }
 
     /// A sink that allocates tokens from `next_token` upwards (the machine keeps counting
@@ -90,6 +93,24 @@ impl<'a> FileSink<'a> {
             .map_err(ParticipantError::Session)?;
         self.next_token += 1;
         Ok(token)
+    }
+
+    /// Preserves `fd` under a reserved token, one of those below [`FIRST_FREE_TOKEN`] other than
+    /// [`STATE_TOKEN`], that a successor knows without reading the state.
+    pub fn preserve_reserved(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        token: Token,
+    ) -> Result<(), ParticipantError> {
+        if token == STATE_TOKEN || token >= FIRST_FREE_TOKEN {
+            return Err(ParticipantError::Failed {
+                id: "session".into(),
+                reason: format!("token {token} is not a reserved token"),
+            });
+        }
+        self.session
+            .preserve_fd(fd, token)
+            .map_err(ParticipantError::Session)
     }
 
     /// Preserves `fd` under the reserved [`STATE_TOKEN`].

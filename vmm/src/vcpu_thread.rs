@@ -78,7 +78,8 @@ fn install_kick_handler() -> io::Result<()> {
 }
 
 impl VcpuSet {
-    /// Starts one thread per vCPU. They begin paused: call [`VcpuSet::resume`] to run them.
+    /// Starts one thread per vCPU. They begin paused (they park on their own, nobody waits for
+    /// them): call [`VcpuSet::resume`] to run them.
     pub fn start(
         vcpus: Vec<VcpuFd>,
         buses: &Buses,
@@ -117,7 +118,6 @@ impl VcpuSet {
                 }
             }
         }
-        set.wait_parked();
         Ok(set)
     }
 
@@ -147,7 +147,8 @@ impl VcpuSet {
             drop(control);
             self.kick_all();
             control = lock(m);
-            control = match cv.wait_timeout(control, Duration::from_millis(1)) {
+            // A kick that lands just before KVM_RUN is lost: kick again soon.
+            control = match cv.wait_timeout(control, Duration::from_micros(100)) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
             };

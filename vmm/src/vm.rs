@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use liveupdate::machine::{Incoming, MachineError, Outgoing, Step, Timings};
@@ -17,8 +18,8 @@ use crate::cpu::{self, CpuError, VcpuState};
 use crate::device_manager::{DeviceContext, DeviceError, DeviceManager};
 use crate::interrupts::{InterruptError, InterruptManager, InterruptState};
 use crate::live_update::participants::{
-    ConfigParticipant, InterruptsParticipant, MemoryParticipant, MemoryState, PlatformParticipant,
-    VcpusParticipant, VcpusState, ids, msr_list, realtime_ns,
+    ConfigParticipant, FailureInjector, InterruptsParticipant, MemoryParticipant, MemoryState,
+    PlatformParticipant, VcpusParticipant, VcpusState, ids, msr_list, realtime_ns,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::platform::{self, PlatformError, PlatformState};
@@ -78,6 +79,36 @@ pub enum VmError {
     /// The live-update state was already used.
     #[error("The live-update state was already used")]
     NoState,
+    /// The VM built ahead has another RAM size than the saved VM.
+    #[error("The VM built ahead has {prebuilt} bytes of RAM, the saved VM {saved}")]
+    PrebuiltMismatch {
+        /// RAM of the prebuilt VM.
+        prebuilt: u64,
+        /// RAM of the saved VM.
+        saved: u64,
+    },
+}
+
+/// A KVM VM (irqchip and PIT made) with guest RAM mapped and registered, built by a successor
+/// ahead of the update while the old VMM still runs the guest on that same RAM.
+#[derive(Debug)]
+pub struct Prebuilt {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
+}
+
+impl Prebuilt {
+    /// Maps `ram_memfd` (all of guest RAM) into a new KVM VM.
+    pub fn new(ram_memfd: File) -> Result<Self, VmError> {
+        let size = ram_memfd
+            .metadata()
+            .map_err(|e| VmError::Memory(MemoryError::Memfd(e)))?
+            .len();
+        let ram = GuestRam::from_memfd(ram_memfd, size).map_err(VmError::Memory)?;
+        let (kvm, vm_fd) = create_vm(&ram)?;
+        Ok(Self { kvm, vm_fd, ram })
+    }
 }
 
 /// What a VM is made of, before its vCPU threads start.
@@ -114,6 +145,15 @@ fn take<S: serde::de::DeserializeOwned>(
     states
         .take(id, version)
         .map_err(|e| VmError::LiveUpdate(MachineError::State(e)))
+}
+
+/// Records the time since `since` as step `name` of the restore, and restarts the clock.
+fn lap(incoming: &mut Incoming, name: &str, since: &mut Instant) {
+    let now = Instant::now();
+    incoming
+        .timings_mut()
+        .record(name, now.duration_since(*since));
+    *since = now;
 }
 
 /// Moves a saved vCPU's TSC forward by `elapsed_ns` at the guest's TSC rate.
@@ -201,9 +241,11 @@ impl Vm {
 
     /// Rebuilds a VM from a live update's saved state, on the very same guest RAM, and starts
     /// it. Returns the configuration it was saved with.
-    /// Also returns when the old VMM paused the guest (host realtime, ns since the epoch).
+    /// With `prebuilt`, the KVM VM and guest RAM made ahead are used. Also returns when the
+    /// old VMM paused the guest (host realtime, ns since the epoch).
     pub fn restore(
         incoming: &mut Incoming,
+        prebuilt: Option<Prebuilt>,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
         resume: bool,
     ) -> Result<(Self, VmConfig, u64), VmError> {
@@ -213,11 +255,23 @@ impl Vm {
         let interrupt_state: InterruptState = take(states, ids::INTERRUPTS, 1)?;
         let vcpus: VcpusState = take(states, ids::VCPUS, 1)?;
         let mut platform: PlatformState = take(states, ids::PLATFORM, PlatformState::VERSION)?;
-        let memfd = incoming
-            .take_file(memory.memfd_token)
-            .map_err(VmError::LiveUpdate)?;
-        let ram = GuestRam::from_memfd(File::from(memfd), memory.size).map_err(VmError::Memory)?;
-        let (kvm, vm_fd) = create_vm(&ram)?;
+        let mut step = Instant::now();
+        let Prebuilt { kvm, vm_fd, ram } = match prebuilt {
+            Some(prebuilt) if prebuilt.ram.size() == memory.size => prebuilt,
+            Some(prebuilt) => {
+                return Err(VmError::PrebuiltMismatch {
+                    prebuilt: prebuilt.ram.size(),
+                    saved: memory.size,
+                });
+            }
+            None => {
+                let memfd = incoming
+                    .take_file(memory.memfd_token)
+                    .map_err(VmError::LiveUpdate)?;
+                Prebuilt::new(File::from(memfd))?
+            }
+        };
+        lap(incoming, "create_vm", &mut step);
         // Routes first: devices then claim their MSI groups in the saved order.
         let interrupts = InterruptManager::restore(vm_fd.clone(), &interrupt_state)
             .map_err(VmError::Interrupts)?;
@@ -237,6 +291,7 @@ impl Vm {
                 StateError::Orphans { ids: leftovers },
             )));
         }
+        lap(incoming, "devices", &mut step);
 
         // The guest's clocks move on by the length of the pause: it must see real time pass,
         // neither jump back nor fall behind.
@@ -250,9 +305,11 @@ impl Vm {
                 .map_err(|source| VmError::Vcpu { index, source })?;
             fds.push(vcpu);
         }
+        lap(incoming, "vcpus", &mut step);
         platform.clock.clock = platform.clock.clock.saturating_add(elapsed_ns);
         // Last before running: the PIT and kvmclock start counting from here.
         platform.restore(&vm_fd).map_err(VmError::Platform)?;
+        lap(incoming, "platform", &mut step);
         let parts = Parts {
             kvm,
             vm_fd,
@@ -262,6 +319,7 @@ impl Vm {
             vcpus: fds,
         };
         let vm = Self::start(parts, on_event, resume)?;
+        lap(incoming, "start", &mut step);
         Ok((vm, config, vcpus.paused_at_ns))
     }
 
@@ -326,6 +384,10 @@ impl Vm {
         );
         participants.push(&mut interrupts);
         participants.push(&mut platform);
+        let mut injector = FailureInjector::from_env();
+        if let Some(injector) = injector.as_mut() {
+            participants.push(injector);
+        }
         let mut update = Outgoing::new(session, participants);
         update.prepare().map_err(VmError::LiveUpdate)?;
         update.freeze(state_file).map_err(VmError::LiveUpdate)?;

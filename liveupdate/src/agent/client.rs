@@ -117,6 +117,19 @@ impl AgentClient {
         self.expect_ok(&Request::RetrieveSession { name: name.into() })
     }
 
+    /// Restart mode: a copy of a file preserved in the caller's outgoing session (see
+    /// [`Request::Peek`]).
+    pub fn peek(&mut self, name: &str, token: Token) -> Result<OwnedFd, AgentError> {
+        let request = Request::Peek {
+            name: name.to_string(),
+            token,
+        };
+        match self.request(&request, None)? {
+            (Response::Ok, Some(fd)) => Ok(fd),
+            (response, _) => Err(AgentError::UnexpectedReply(format!("{response:?}"))),
+        }
+    }
+
     /// Retrieves the file under `token` of retrieved session `name`.
     pub fn retrieve_fd(&mut self, name: &str, token: Token) -> Result<OwnedFd, AgentError> {
         let request = Request::RetrieveFd {

@@ -88,6 +88,16 @@ pub enum Request {
         /// Session name.
         name: String,
     },
+    /// Restart mode only: a copy of the file preserved under `token` in the caller's outgoing
+    /// session, before the handover, so a successor VMM started ahead can map guest RAM and
+    /// build its VM while the guest still runs. The reply carries the fd. (Both processes run
+    /// on the same kernel; across a kexec files exist only after the handover.)
+    Peek {
+        /// Session name.
+        name: String,
+        /// The file's token.
+        token: Token,
+    },
     /// Retrieves an incoming session; the agent keeps it for the caller.
     RetrieveSession {
         /// Session name.

@@ -43,10 +43,10 @@ struct Held {
     owner: Option<u32>,
     tokens: Vec<Token>,
     frozen: bool,
-    /// Files of an incoming session retrieved from the provider, kept until FINISH: a VMM that
-    /// refuses the session's state (a newer format, say) leaves it retrievable, with every file,
-    /// for one that can read it.
-    retrieved: BTreeMap<Token, OwnedFd>,
+    /// Incoming: files retrieved from the provider, kept until FINISH, so a VMM that refuses
+    /// the session's state (a newer format, say) leaves it retrievable, with every file, for
+    /// one that can read it. Outgoing, restart mode: copies of the preserved files, for `peek`.
+    files: BTreeMap<Token, OwnedFd>,
 }
 
 /// Everything the agent holds: the provider and the sessions, by side.
@@ -102,6 +102,23 @@ fn owned<'a>(
         return Err(denied(name));
     }
     Ok(held)
+}
+
+/// A new descriptor for the file `held` keeps under `token`.
+fn copy_of(held: &Held, token: Token) -> Result<Option<OwnedFd>, WireError> {
+    let file = held.files.get(&token).ok_or_else(|| {
+        WireError::new(
+            ErrorKind::NoSuchToken,
+            format!("No file under token {token:#x}"),
+        )
+    })?;
+    let copy = file.try_clone().map_err(|e| {
+        WireError::new(
+            ErrorKind::Os,
+            format!("Cannot duplicate the file of token {token:#x}: {e}"),
+        )
+    })?;
+    Ok(Some(copy))
 }
 
 impl AgentState {
@@ -164,6 +181,16 @@ impl AgentState {
                 None,
             )),
             Request::CreateSession { name } => self.create(name, uid).and(ok),
+            Request::Peek { name, token } => {
+                if !matches!(self.handover, HandoverMode::Restart(_)) {
+                    return Err(WireError::new(
+                        ErrorKind::NotSupported,
+                        "peek exists in restart mode only: across a kexec, files exist after the handover",
+                    ));
+                }
+                let held = owned(&mut self.outgoing, &name, uid, "outgoing")?;
+                Ok((Response::Ok, copy_of(held, token)?))
+            }
             Request::Preserve { name, token } => match fd {
                 Some(fd) => self.preserve(&name, token, uid, fd).and(ok),
                 None => Err(WireError::new(ErrorKind::BadRequest, "Missing fd")),
@@ -173,24 +200,14 @@ impl AgentState {
             Request::RetrieveSession { name } => self.retrieve_session(name, uid).and(ok),
             Request::RetrieveFd { name, token } => {
                 let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
-                if !held.retrieved.contains_key(&token) {
+                if !held.files.contains_key(&token) {
                     let fd = held
                         .session
                         .retrieve_fd(token)
                         .map_err(|e| session_error(&e))?;
-                    held.retrieved.insert(token, fd);
+                    held.files.insert(token, fd);
                 }
-                let fd = held
-                    .retrieved
-                    .get(&token)
-                    .map(OwnedFd::try_clone)
-                    .transpose()
-                    .map_err(|e| {
-                        WireError::new(
-                            ErrorKind::Os,
-                            format!("Cannot duplicate the file of token {token:#x}: {e}"),
-                        )
-                    })?;
+                let fd = copy_of(held, token)?;
                 if !held.tokens.contains(&token) {
                     held.tokens.push(token);
                 }
@@ -220,7 +237,7 @@ impl AgentState {
                 owner: Some(uid),
                 tokens: Vec::new(),
                 frozen: false,
-                retrieved: BTreeMap::new(),
+                files: BTreeMap::new(),
             },
         );
         Ok(())
@@ -244,6 +261,9 @@ impl AgentState {
             .preserve_fd(fd.as_fd(), token)
             .map_err(|e| session_error(&e))?;
         held.tokens.push(token);
+        if matches!(self.handover, HandoverMode::Restart(_)) {
+            held.files.insert(token, fd);
+        }
         Ok(())
     }
 
@@ -320,7 +340,7 @@ impl AgentState {
                 owner: Some(uid),
                 tokens: Vec::new(),
                 frozen: false,
-                retrieved: BTreeMap::new(),
+                files: BTreeMap::new(),
             },
         );
         Ok(())

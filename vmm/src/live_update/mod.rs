@@ -25,7 +25,8 @@ use thiserror::Error;
 use crate::config::{RestoreConfig, VmConfig};
 use crate::sys;
 use crate::vcpu_thread::VcpuEvent;
-use crate::vm::{Vm, VmError};
+use crate::vm::{Prebuilt, Vm, VmError};
+use participants::RAM_TOKEN;
 
 /// How long a successor waits for its session to be handed over.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(120);
@@ -131,19 +132,14 @@ pub fn run_incoming(
     };
     let start = Instant::now();
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
-    wait_for_handover(&mut client, name).map_err(|e| match e {
-        Some(source) => agent_error(source),
-        None => LiveUpdateError::NoHandover {
-            session: name.to_string(),
-        },
-    })?;
+    let prebuilt = wait_for_handover(&mut client, name)?;
     let retrieved = Instant::now();
     let client = Arc::new(Mutex::new(client));
     let session = AgentSession::new(client, name);
     let mut incoming =
         Incoming::restore(Box::new(session)).map_err(|(_session, e)| LiveUpdateError::State(e))?;
-    let (vm, config, paused_at_ns) =
-        Vm::restore(&mut incoming, on_event, restore.resume).map_err(LiveUpdateError::Vm)?;
+    let (vm, config, paused_at_ns) = Vm::restore(&mut incoming, prebuilt, on_event, restore.resume)
+        .map_err(LiveUpdateError::Vm)?;
     let resumed_at_ns = participants::realtime_ns();
     let restored = Instant::now();
     if let Err(e) = incoming.finish() {
@@ -167,18 +163,54 @@ pub fn run_incoming(
     })
 }
 
-/// Retrieves the session, waiting while it has not been handed over yet. `Err(None)` on timeout.
-fn wait_for_handover(client: &mut AgentClient, name: &str) -> Result<(), Option<AgentError>> {
+/// Retrieves the session, waiting while it has not been handed over yet. Meanwhile (restart
+/// mode), as soon as the old VMM has preserved guest RAM, builds the KVM VM on it, so that the
+/// pause carries only vCPU and device state.
+fn wait_for_handover(
+    client: &mut AgentClient,
+    name: &str,
+) -> Result<Option<Prebuilt>, LiveUpdateError> {
     let deadline = Instant::now() + HANDOVER_WAIT;
+    let mut prebuilt = None;
+    let mut peek = true;
     loop {
         match client.retrieve_session(name) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == Some(ErrorKind::NoSuchSession) && Instant::now() < deadline => {
-                std::thread::sleep(HANDOVER_POLL);
+            Ok(()) => return Ok(prebuilt),
+            Err(e) if e.kind() != Some(ErrorKind::NoSuchSession) => {
+                return Err(agent_failure(client, e));
             }
-            Err(e) if e.kind() == Some(ErrorKind::NoSuchSession) => return Err(None),
-            Err(e) => return Err(Some(e)),
+            Err(_) if Instant::now() >= deadline => {
+                return Err(LiveUpdateError::NoHandover {
+                    session: name.to_string(),
+                });
+            }
+            Err(_) => {}
         }
+        if peek {
+            match client.peek(name, RAM_TOKEN) {
+                Ok(memfd) => {
+                    prebuilt = Some(Prebuilt::new(File::from(memfd)).map_err(LiveUpdateError::Vm)?);
+                    peek = false;
+                    info!("Guest RAM of session {name:?} mapped ahead of the handover");
+                }
+                // Not created or not prepared yet: try again.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        Some(ErrorKind::NoSuchSession | ErrorKind::NoSuchToken)
+                    ) => {}
+                // Kernel mode, or the session is no longer outgoing: restore from the handover.
+                Err(_) => peek = false,
+            }
+        }
+        std::thread::sleep(HANDOVER_POLL);
+    }
+}
+
+fn agent_failure(client: &AgentClient, source: AgentError) -> LiveUpdateError {
+    LiveUpdateError::Agent {
+        path: client.path().to_path_buf(),
+        source,
     }
 }
 

@@ -32,6 +32,10 @@ pub mod ids {
     pub const PLATFORM: &str = "platform";
 }
 
+/// Guest RAM's token in every session: a successor started ahead of the update finds it there
+/// without reading the state (restart mode).
+pub const RAM_TOKEN: Token = 1;
+
 fn failed(id: &str, reason: impl std::fmt::Display) -> ParticipantError {
     ParticipantError::Failed {
         id: id.to_string(),
@@ -104,7 +108,8 @@ impl Participant for MemoryParticipant<'_> {
     }
     fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
         use std::os::fd::AsFd;
-        self.token = Some(files.preserve(self.ram.memfd().as_fd())?);
+        files.preserve_reserved(self.ram.memfd().as_fd(), RAM_TOKEN)?;
+        self.token = Some(RAM_TOKEN);
         Ok(())
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
@@ -243,4 +248,55 @@ pub fn msr_list(kvm: &kvm_ioctls::Kvm, set: &VcpuSet) -> Result<&'static [u32], 
         .first()
         .ok_or_else(|| failed(ids::VCPUS, "the VM has no vCPU"))?;
     cpu::supported_msrs_cached(kvm, &lock(first)).map_err(|e| failed(ids::VCPUS, e))
+}
+
+/// Environment variable naming a live-update step that must fail (`prepare`, `pause` or
+/// `save`): a test hook to prove that a failed update cancels and the guest runs on.
+pub const INJECT_FAILURE_ENV: &str = "CHV_TEST_LIVE_UPDATE_FAIL_AT";
+
+/// Fails the step named in [`INJECT_FAILURE_ENV`]; placed last, so every real participant has
+/// done that step when it fails.
+#[derive(Debug)]
+pub struct FailureInjector {
+    step: String,
+}
+
+impl FailureInjector {
+    /// An injector if the environment asks for one.
+    pub fn from_env() -> Option<Self> {
+        std::env::var(INJECT_FAILURE_ENV)
+            .ok()
+            .map(|step| Self { step })
+    }
+
+    fn check(&self, step: &str) -> Result<(), ParticipantError> {
+        if self.step == step {
+            return Err(failed(
+                "fault-injection",
+                format!("injected failure in {step}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Participant for FailureInjector {
+    type State = ();
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> String {
+        "fault-injection".into()
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        self.check("prepare")
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        self.check("pause")
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        self.check("save")
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
 }
