@@ -112,6 +112,20 @@ impl AgentClient {
         self.expect_ok(&Request::Cancel { name: name.into() })
     }
 
+    /// Waits up to `timeout` until session `name` is handed over (see
+    /// [`Request::WaitHandover`]); a `no_such_session` error when it was not.
+    pub fn wait_handover(
+        &mut self,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(), AgentError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.expect_ok(&Request::WaitHandover {
+            name: name.into(),
+            timeout_ms,
+        })
+    }
+
     /// Retrieves incoming session `name`; the agent keeps it for this uid.
     pub fn retrieve_session(&mut self, name: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::RetrieveSession { name: name.into() })

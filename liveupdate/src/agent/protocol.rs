@@ -98,6 +98,15 @@ pub enum Request {
         /// The file's token.
         token: Token,
     },
+    /// Waits until outgoing session `name` has been handed over (or was already), at most
+    /// `timeout_ms` (capped at [`MAX_WAIT_MS`]); then `ok`, else a `no_such_session` error. Lets a
+    /// successor started ahead of the update take the session the moment it is handed over.
+    WaitHandover {
+        /// Session name.
+        name: String,
+        /// How long to wait, in milliseconds.
+        timeout_ms: u64,
+    },
     /// Retrieves an incoming session; the agent keeps it for the caller.
     RetrieveSession {
         /// Session name.
@@ -125,6 +134,9 @@ impl Request {
         matches!(self, Request::Preserve { .. })
     }
 }
+
+/// Longest single `wait_handover` the agent grants.
+pub const MAX_WAIT_MS: u64 = 60_000;
 
 /// Where a session stands, as the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

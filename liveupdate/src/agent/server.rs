@@ -2,17 +2,18 @@
 //! per connection.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use super::protocol::{self, ErrorKind, ProtocolError, Request, Response, WireError};
+use super::protocol::{self, ErrorKind, MAX_WAIT_MS, ProtocolError, Request, Response, WireError};
 use super::state::AgentState;
 use super::{AgentError, sys};
 
@@ -29,7 +30,7 @@ static PRIVATE_DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
 pub struct AgentServer {
     listener: UnixListener,
     path: PathBuf,
-    state: Arc<Mutex<AgentState>>,
+    state: Arc<Shared>,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicUsize>,
     /// Held (flock) for the server's lifetime: a second agent on the same path is refused.
@@ -119,7 +120,10 @@ impl AgentServer {
         Ok(Self {
             listener,
             path: path.to_path_buf(),
-            state: Arc::new(Mutex::new(state)),
+            state: Arc::new(Shared {
+                state: Mutex::new(state),
+                changed: Condvar::new(),
+            }),
             stop: Arc::new(AtomicBool::new(false)),
             connections: Arc::new(AtomicUsize::new(0)),
             _lock: lock,
@@ -179,7 +183,45 @@ fn refuse_busy(stream: &UnixStream) {
     let _ = protocol::send(stream, &Response::Error(error), None);
 }
 
-fn serve_connection(stream: &UnixStream, state: &Mutex<AgentState>) {
+/// The agent's state and a signal for every change to it (for `wait_handover`).
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<AgentState>,
+    changed: Condvar,
+}
+
+impl Shared {
+    /// Handles one request; `wait_handover` first waits, without holding the state, until the
+    /// session is handed over or the wait times out.
+    fn handle(
+        &self,
+        request: Request,
+        uid: u32,
+        fd: Option<OwnedFd>,
+    ) -> (Response, Option<OwnedFd>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Request::WaitHandover { name, timeout_ms } = &request {
+            let deadline = Instant::now() + Duration::from_millis((*timeout_ms).min(MAX_WAIT_MS));
+            while !state.is_handed_over(name) {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                state = self
+                    .changed
+                    .wait_timeout(state, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+        let answer = state.handle(request, uid, fd);
+        drop(state);
+        self.changed.notify_all();
+        answer
+    }
+}
+
+fn serve_connection(stream: &UnixStream, state: &Shared) {
     let uid = match sys::peer_uid(stream) {
         Ok(uid) => uid,
         Err(e) => {
@@ -206,11 +248,7 @@ fn serve_connection(stream: &UnixStream, state: &Mutex<AgentState>) {
         let (response, fd) = match protocol::decode_body::<Request>(&received.body) {
             Ok(request) => {
                 debug!("uid {uid}: {request:?}");
-                state.lock().unwrap_or_else(PoisonError::into_inner).handle(
-                    request,
-                    uid,
-                    received.fd,
-                )
+                state.handle(request, uid, received.fd)
             }
             Err(error) => {
                 warn!("bad request from uid {uid}: {error}");

@@ -122,6 +122,11 @@ fn copy_of(held: &Held, token: Token) -> Result<Option<OwnedFd>, WireError> {
 }
 
 impl AgentState {
+    /// Whether session `name` has been handed over (and maybe retrieved already).
+    pub fn is_handed_over(&self, name: &str) -> bool {
+        self.handed_over.contains_key(name) || self.incoming.contains_key(name)
+    }
+
     /// An agent state over `provider`, running as `agent_uid`.
     pub fn new(provider: Box<dyn SessionProvider>, handover: HandoverMode, agent_uid: u32) -> Self {
         Self {
@@ -198,6 +203,12 @@ impl AgentState {
             Request::Handover { name } => self.handover(&name, uid).and(ok),
             Request::Cancel { name } => self.cancel(&name, uid).and(ok),
             Request::RetrieveSession { name } => self.retrieve_session(name, uid).and(ok),
+            // The server waits on its own (without holding the state) before asking here.
+            Request::WaitHandover { name, .. } if self.is_handed_over(&name) => ok,
+            Request::WaitHandover { name, .. } => Err(WireError::new(
+                ErrorKind::NoSuchSession,
+                format!("Session {name:?} has not been handed over"),
+            )),
             Request::RetrieveFd { name, token } => {
                 let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
                 if !held.files.contains_key(&token) {

@@ -30,7 +30,7 @@ use participants::RAM_TOKEN;
 
 /// How long a successor waits for its session to be handed over.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(120);
-/// How often a waiting successor asks the agent.
+/// How often a successor started ahead looks for guest RAM in the outgoing session.
 const HANDOVER_POLL: Duration = Duration::from_micros(200);
 
 /// Why a live update or a restore failed.
@@ -134,6 +134,7 @@ pub fn run_incoming(
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
     let prebuilt = wait_for_handover(&mut client, name)?;
     let retrieved = Instant::now();
+    let retrieved_at_ns = participants::realtime_ns();
     let client = Arc::new(Mutex::new(client));
     let session = AgentSession::new(client, name);
     let mut incoming =
@@ -150,10 +151,15 @@ pub fn run_incoming(
     timings.record("retrieve", retrieved.duration_since(start));
     timings.record("restore", restored.duration_since(retrieved));
     if restore.resume {
-        timings.steps.push((
-            "pause".into(),
-            resumed_at_ns.saturating_sub(paused_at_ns) / 1000,
-        ));
+        // As the host saw it: from the old VMM's vCPU pause to this resume, and the part of it
+        // spent before this process had the session.
+        let since_pause = |at: u64| at.saturating_sub(paused_at_ns) / 1000;
+        timings
+            .steps
+            .push(("pause".into(), since_pause(resumed_at_ns)));
+        timings
+            .steps
+            .push(("until_retrieved".into(), since_pause(retrieved_at_ns)));
     }
     info!("VM restored from session {name:?}: {:?}", timings.steps);
     Ok(Restored {
@@ -179,12 +185,13 @@ fn wait_for_handover(
             Err(e) if e.kind() != Some(ErrorKind::NoSuchSession) => {
                 return Err(agent_failure(client, e));
             }
-            Err(_) if Instant::now() >= deadline => {
-                return Err(LiveUpdateError::NoHandover {
-                    session: name.to_string(),
-                });
-            }
             Err(_) => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(LiveUpdateError::NoHandover {
+                session: name.to_string(),
+            });
         }
         if peek {
             match client.peek(name, RAM_TOKEN) {
@@ -193,17 +200,26 @@ fn wait_for_handover(
                     peek = false;
                     info!("Guest RAM of session {name:?} mapped ahead of the handover");
                 }
-                // Not created or not prepared yet: try again.
+                // Not created or not prepared yet: look again shortly.
                 Err(e)
                     if matches!(
                         e.kind(),
                         Some(ErrorKind::NoSuchSession | ErrorKind::NoSuchToken)
-                    ) => {}
-                // Kernel mode, or the session is no longer outgoing: restore from the handover.
+                    ) =>
+                {
+                    std::thread::sleep(HANDOVER_POLL);
+                }
+                // Kernel mode, or the session is no longer outgoing.
                 Err(_) => peek = false,
             }
+            continue;
         }
-        std::thread::sleep(HANDOVER_POLL);
+        // The agent answers the moment the session is handed over.
+        match client.wait_handover(name, (deadline - now).min(Duration::from_secs(1))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == Some(ErrorKind::NoSuchSession) => {}
+            Err(e) => return Err(agent_failure(client, e)),
+        }
     }
 }
 
