@@ -575,4 +575,37 @@ mod tests {
         assert_eq!(&byte, b"y");
         assert_eq!(after_finish.kind(), Some(ErrorKind::NoSuchSession));
     }
+
+    #[test]
+    fn wait_handover_returns_when_another_client_hands_the_session_over() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        old.create_session("w").unwrap();
+        let start = std::time::Instant::now();
+        let waiter = thread::spawn(move || successor.wait_handover("w", Duration::from_secs(10)));
+
+        thread::sleep(Duration::from_millis(50));
+        old.handover("w").unwrap();
+        let waited = waiter.join().unwrap();
+
+        waited.unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn wait_handover_times_out_with_no_such_session() {
+        let agent = start_agent();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+
+        let error = successor
+            .wait_handover("never", Duration::from_millis(20))
+            .unwrap_err();
+
+        assert_eq!(error.kind(), Some(ErrorKind::NoSuchSession));
+    }
 }
