@@ -204,6 +204,12 @@ impl<'a> Outgoing<'a> {
         &self.timings
     }
 
+    /// Records a step the caller ran between the machine's steps (e.g. waiting for a
+    /// successor after prepare).
+    pub fn record(&mut self, name: &str, took: Duration) {
+        self.timings.record(name, took);
+    }
+
     /// Guest running: every participant prepares. On failure the update is cancelled.
     pub fn prepare(&mut self) -> Result<(), MachineError> {
         let target = next_phase(self.phase, Step::Prepare)?;

@@ -4,7 +4,7 @@
 //! offset 0   magic "CHLUSTAT"
 //!        8   format version (u16 le), 2 bytes reserved (0), 4 bytes reserved (0)
 //!       16   payload length (u64 le)
-//!       24   payload: JSON {"envelopes": [{"id", "version", "state"}, ...]}
+//!       24   payload: postcard-encoded envelopes [{id, version, state bytes}, ...]
 //!   24 + n   CRC-64/XZ of everything before it (u64 le)
 //! ```
 //!
@@ -83,9 +83,9 @@ pub enum StateError {
         /// Oldest format this build reads.
         oldest: u16,
     },
-    /// The payload is not the JSON we expect.
+    /// The payload does not decode into envelopes.
     #[error("State blob payload is malformed")]
-    Payload(#[source] serde_json::Error),
+    Payload(#[source] postcard::Error),
     /// Two envelopes share an id.
     #[error("State blob holds {id} twice")]
     DuplicateId {
@@ -115,7 +115,7 @@ pub enum StateError {
         id: String,
         /// Why.
         #[source]
-        source: serde_json::Error,
+        source: postcard::Error,
     },
     /// States were left that no part of this build restored.
     #[error("State blob holds states nothing restored: {ids:?}")]
@@ -132,21 +132,18 @@ pub struct Envelope {
     pub id: String,
     /// Version of the participant's `State` type.
     pub version: u16,
-    /// The state itself.
-    pub state: serde_json::Value,
+    /// The state itself, postcard-encoded (compact and fast: this is written and read while
+    /// the guest is paused).
+    pub state: Vec<u8>,
 }
 
 impl Envelope {
     /// Wraps `state` of participant `id`.
-    pub fn wrap<S: Serialize>(
-        id: &str,
-        version: u16,
-        state: &S,
-    ) -> Result<Self, serde_json::Error> {
+    pub fn wrap<S: Serialize>(id: &str, version: u16, state: &S) -> Result<Self, postcard::Error> {
         Ok(Self {
             id: id.to_string(),
             version,
-            state: serde_json::to_value(state)?,
+            state: postcard::to_stdvec(state)?,
         })
     }
 }
@@ -162,7 +159,7 @@ pub fn encode(envelopes: Vec<Envelope>) -> Result<Vec<u8>, StateError> {
 }
 
 fn encode_with_version(envelopes: Vec<Envelope>, version: u16) -> Result<Vec<u8>, StateError> {
-    let payload = serde_json::to_vec(&Payload { envelopes }).map_err(StateError::Payload)?;
+    let payload = postcard::to_stdvec(&Payload { envelopes }).map_err(StateError::Payload)?;
     let mut blob = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
     blob.extend_from_slice(&MAGIC);
     blob.extend_from_slice(&version.to_le_bytes());
@@ -218,7 +215,7 @@ pub fn decode(blob: &[u8]) -> Result<StateSet, StateError> {
             actual: payload.len(),
         });
     }
-    let Payload { envelopes } = serde_json::from_slice(payload).map_err(StateError::Payload)?;
+    let Payload { envelopes } = decode_exact(payload).map_err(StateError::Payload)?;
     let mut set = BTreeMap::new();
     for envelope in envelopes {
         if set.contains_key(&envelope.id) {
@@ -227,6 +224,15 @@ pub fn decode(blob: &[u8]) -> Result<StateSet, StateError> {
         set.insert(envelope.id.clone(), envelope);
     }
     Ok(StateSet { envelopes: set })
+}
+
+/// Decodes `bytes` as one `T` and nothing after it.
+fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    let (value, rest) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        return Err(postcard::Error::DeserializeBadEncoding);
+    }
+    Ok(value)
 }
 
 fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
@@ -249,7 +255,7 @@ impl StateSet {
                 supported,
             });
         }
-        serde_json::from_value(envelope.state).map_err(|source| StateError::BadState {
+        decode_exact(&envelope.state).map_err(|source| StateError::BadState {
             id: id.to_string(),
             source,
         })

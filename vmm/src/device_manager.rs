@@ -109,7 +109,7 @@ pub enum DeviceError {
 trait ManagedVirtio: Send + Sync {
     fn start_worker(&self) -> io::Result<QueueWorker>;
     fn counters(&self) -> BTreeMap<String, u64>;
-    fn save(&self, id: &str) -> Result<Envelope, serde_json::Error>;
+    fn save(&self, id: &str) -> Result<Envelope, postcard::Error>;
 }
 
 /// Version of `VirtioPciState` in the state blob.
@@ -122,7 +122,7 @@ impl<D: VirtioDevice + 'static> ManagedVirtio for Arc<Mutex<VirtioPciDevice<D>>>
     fn counters(&self) -> BTreeMap<String, u64> {
         lock(self).counters()
     }
-    fn save(&self, id: &str) -> Result<Envelope, serde_json::Error> {
+    fn save(&self, id: &str) -> Result<Envelope, postcard::Error> {
         Envelope::wrap(id, VIRTIO_STATE_VERSION, &lock(self).state())
     }
 }

@@ -18,8 +18,8 @@ use crate::cpu::{self, CpuError, VcpuState};
 use crate::device_manager::{DeviceContext, DeviceError, DeviceManager};
 use crate::interrupts::{InterruptError, InterruptManager, InterruptState};
 use crate::live_update::participants::{
-    ConfigParticipant, FailureInjector, InterruptsParticipant, MemoryParticipant, MemoryState,
-    PlatformParticipant, VcpusParticipant, VcpusState, ids, msr_list, realtime_ns,
+    ConfigParticipant, ConfigState, FailureInjector, InterruptsParticipant, MemoryParticipant,
+    MemoryState, PlatformParticipant, VcpusParticipant, VcpusState, ids, msr_list, realtime_ns,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::platform::{self, PlatformError, PlatformState};
@@ -76,6 +76,9 @@ pub enum VmError {
     /// A live update failed (the VM runs on where it was).
     #[error("Live update failed")]
     LiveUpdate(#[source] MachineError),
+    /// The saved VM configuration does not parse.
+    #[error("The saved VM configuration is invalid")]
+    Config(#[source] crate::config::ConfigError),
     /// The live-update state was already used.
     #[error("The live-update state was already used")]
     NoState,
@@ -250,7 +253,8 @@ impl Vm {
         resume: bool,
     ) -> Result<(Self, VmConfig, u64), VmError> {
         let states = incoming.states().ok_or(VmError::NoState)?;
-        let config: VmConfig = take(states, ids::CONFIG, 1)?;
+        let config: ConfigState = take(states, ids::CONFIG, 1)?;
+        let config = config.config().map_err(VmError::Config)?;
         let memory: MemoryState = take(states, ids::MEMORY, 1)?;
         let interrupt_state: InterruptState = take(states, ids::INTERRUPTS, 1)?;
         let vcpus: VcpusState = take(states, ids::VCPUS, 1)?;
@@ -297,13 +301,15 @@ impl Vm {
         // neither jump back nor fall behind.
         let elapsed_ns = realtime_ns().saturating_sub(vcpus.paused_at_ns);
         let mut fds = Vec::with_capacity(vcpus.vcpus.len());
-        for (index, state) in (0u8..).zip(vcpus.vcpus.iter().cloned()) {
-            let vcpu = create_vcpu(&vm_fd, index)?;
-            let state = advance_tsc(state, elapsed_ns, &vcpu);
+        for index in (0u8..).take(vcpus.vcpus.len()) {
+            fds.push(create_vcpu(&vm_fd, index)?);
+        }
+        lap(incoming, "create_vcpus", &mut step);
+        for ((index, state), vcpu) in (0u8..).zip(vcpus.vcpus.iter().cloned()).zip(&fds) {
+            let state = advance_tsc(state, elapsed_ns, vcpu);
             state
-                .restore(&vcpu)
+                .restore(vcpu)
                 .map_err(|source| VmError::Vcpu { index, source })?;
-            fds.push(vcpu);
         }
         lap(incoming, "vcpus", &mut step);
         platform.clock.clock = platform.clock.clock.saturating_add(elapsed_ns);
@@ -355,11 +361,14 @@ impl Vm {
 
     /// Runs a live update of this VM into `session`: prepare (guest running), freeze (paused,
     /// state saved), then `carrier` takes the session. On failure the VM runs on.
+    /// `after_prepare` runs between prepare and freeze, guest still running (e.g. to let a
+    /// successor build its VM on the preserved RAM).
     pub fn live_update(
         &mut self,
         config: &VmConfig,
         session: Box<dyn Session>,
         state_file: File,
+        after_prepare: impl FnOnce(),
         carrier: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
     ) -> Result<Timings, VmError> {
         let msrs = msr_list(&self.kvm, &self.vcpus).map_err(|e| {
@@ -390,6 +399,9 @@ impl Vm {
         }
         let mut update = Outgoing::new(session, participants);
         update.prepare().map_err(VmError::LiveUpdate)?;
+        let waited = Instant::now();
+        after_prepare();
+        update.record("after_prepare", waited.elapsed());
         update.freeze(state_file).map_err(VmError::LiveUpdate)?;
         update.handover(carrier).map_err(VmError::LiveUpdate)?;
         Ok(update.timings().clone())

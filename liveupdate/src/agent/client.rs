@@ -126,6 +126,31 @@ impl AgentClient {
         })
     }
 
+    /// Successor: its VM is built on the session's guest RAM.
+    pub fn successor_ready(&mut self, name: &str) -> Result<(), AgentError> {
+        self.expect_ok(&Request::SuccessorReady { name: name.into() })
+    }
+
+    /// Old VMM: waits up to `timeout` for a successor that asked for session `name` to be
+    /// ready. Returns whether one was waiting and whether it is ready.
+    pub fn wait_successor(
+        &mut self,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(bool, bool), AgentError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        match self.request(
+            &Request::WaitSuccessor {
+                name: name.into(),
+                timeout_ms,
+            },
+            None,
+        )? {
+            (Response::Successor { waiting, ready }, None) => Ok((waiting, ready)),
+            (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
     /// Retrieves incoming session `name`; the agent keeps it for this uid.
     pub fn retrieve_session(&mut self, name: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::RetrieveSession { name: name.into() })

@@ -107,6 +107,21 @@ pub enum Request {
         /// How long to wait, in milliseconds.
         timeout_ms: u64,
     },
+    /// Restart mode, from a successor started ahead: its VM is built on the session's guest RAM
+    /// (after a `peek`), so the old VMM may pause the guest.
+    SuccessorReady {
+        /// Session name.
+        name: String,
+    },
+    /// From the old VMM after prepare: if a successor has asked for this session (`peek`),
+    /// waits up to `timeout_ms` (capped at [`MAX_WAIT_MS`]) until it is ready, so that it
+    /// builds its VM while the guest still runs. Answered with `successor`.
+    WaitSuccessor {
+        /// Session name.
+        name: String,
+        /// How long to wait, in milliseconds.
+        timeout_ms: u64,
+    },
     /// Retrieves an incoming session; the agent keeps it for the caller.
     RetrieveSession {
         /// Session name.
@@ -280,6 +295,13 @@ pub enum Response {
         mode: String,
         /// The agent's protocol version.
         version: u16,
+    },
+    /// Answer to `wait_successor`.
+    Successor {
+        /// A successor asked for the session.
+        waiting: bool,
+        /// It said it is ready.
+        ready: bool,
     },
     /// Answer to `list`.
     Sessions {

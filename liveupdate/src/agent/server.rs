@@ -191,8 +191,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// Handles one request; `wait_handover` first waits, without holding the state, until the
-    /// session is handed over or the wait times out.
+    /// Handles one request; `wait_handover` and `wait_successor` first wait, without holding
+    /// the state, until what they wait for happens or the wait times out.
     fn handle(
         &self,
         request: Request,
@@ -200,9 +200,22 @@ impl Shared {
         fd: Option<OwnedFd>,
     ) -> (Response, Option<OwnedFd>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Request::WaitHandover { name, timeout_ms } = &request {
-            let deadline = Instant::now() + Duration::from_millis((*timeout_ms).min(MAX_WAIT_MS));
-            while !state.is_handed_over(name) {
+        let wait: Option<(u64, &dyn Fn(&AgentState) -> bool)> = match &request {
+            Request::WaitHandover { name, timeout_ms } => {
+                Some((*timeout_ms, &move |state: &AgentState| {
+                    state.is_handed_over(name)
+                }))
+            }
+            Request::WaitSuccessor { name, timeout_ms } => {
+                Some((*timeout_ms, &move |state: &AgentState| {
+                    !state.successor_pending(name)
+                }))
+            }
+            _ => None,
+        };
+        if let Some((timeout_ms, done)) = wait {
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms.min(MAX_WAIT_MS));
+            while !done(&state) {
                 let now = Instant::now();
                 if now >= deadline {
                     break;

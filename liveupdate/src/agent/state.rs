@@ -58,6 +58,8 @@ pub struct AgentState {
     outgoing: BTreeMap<String, Held>,
     /// Restart mode: handed over, not yet retrieved (owner and tokens remembered).
     handed_over: BTreeMap<String, (u32, Vec<Token>)>,
+    /// Successors started ahead, by session name: false once one peeked, true once it is ready.
+    successors: BTreeMap<String, bool>,
     incoming: BTreeMap<String, Held>,
 }
 
@@ -122,6 +124,11 @@ fn copy_of(held: &Held, token: Token) -> Result<Option<OwnedFd>, WireError> {
 }
 
 impl AgentState {
+    /// Whether a successor has peeked session `name` but is not ready yet.
+    pub fn successor_pending(&self, name: &str) -> bool {
+        self.successors.get(name) == Some(&false)
+    }
+
     /// Whether session `name` has been handed over (and maybe retrieved already).
     pub fn is_handed_over(&self, name: &str) -> bool {
         self.handed_over.contains_key(name) || self.incoming.contains_key(name)
@@ -135,6 +142,7 @@ impl AgentState {
             agent_uid,
             outgoing: BTreeMap::new(),
             handed_over: BTreeMap::new(),
+            successors: BTreeMap::new(),
             incoming: BTreeMap::new(),
         }
     }
@@ -186,7 +194,24 @@ impl AgentState {
                 None,
             )),
             Request::CreateSession { name } => self.create(name, uid).and(ok),
+            Request::SuccessorReady { name } => {
+                self.successors.insert(name, true);
+                ok
+            }
+            Request::WaitSuccessor { name, .. } => {
+                owned(&mut self.outgoing, &name, uid, "outgoing")?;
+                let ready = self.successors.get(&name).copied();
+                Ok((
+                    Response::Successor {
+                        waiting: ready.is_some(),
+                        ready: ready == Some(true),
+                    },
+                    None,
+                ))
+            }
             Request::Peek { name, token } => {
+                // A successor asks: the old VMM will wait for it (see `WaitSuccessor`).
+                self.successors.entry(name.clone()).or_insert(false);
                 if !matches!(self.handover, HandoverMode::Restart(_)) {
                     return Err(WireError::new(
                         ErrorKind::NotSupported,
@@ -343,6 +368,7 @@ impl AgentState {
             .retrieve_session(&name)
             .map_err(|e| session_error(&e))?;
         self.handed_over.remove(&name);
+        self.successors.remove(&name);
         info!("session {name:?} retrieved for uid {uid}");
         self.incoming.insert(
             name,

@@ -30,6 +30,8 @@ use participants::RAM_TOKEN;
 
 /// How long a successor waits for its session to be handed over.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(120);
+/// How long the old VMM waits, guest running, for a successor started ahead to build its VM.
+pub const SUCCESSOR_WAIT: Duration = Duration::from_secs(5);
 /// How often a successor started ahead looks for guest RAM in the outgoing session.
 const HANDOVER_POLL: Duration = Duration::from_micros(200);
 
@@ -89,9 +91,22 @@ pub fn run_outgoing(
     let client = Arc::new(Mutex::new(client));
     let session = AgentSession::new(client.clone(), name);
     let state_file = sys::memfd_create(c"liveupdate-state").map_err(LiveUpdateError::StateFile)?;
-    let result = vm.live_update(config, Box::new(session), state_file, |_session| {
-        lock(&client).handover(name).map_err(|e| e.to_string())
-    });
+    // A successor started ahead builds its VM on the preserved RAM while the guest still runs.
+    let wait_for_successor = || match lock(&client).wait_successor(name, SUCCESSOR_WAIT) {
+        Ok((true, true)) => info!("Successor for session {name:?} is ready"),
+        Ok((true, false)) => warn!(
+            "Successor for session {name:?} not ready after {SUCCESSOR_WAIT:?}; pausing anyway"
+        ),
+        Ok((false, _)) => info!("No successor waits for session {name:?} yet"),
+        Err(e) => warn!("Cannot ask the agent about a successor: {e}"),
+    };
+    let result = vm.live_update(
+        config,
+        Box::new(session),
+        state_file,
+        wait_for_successor,
+        |_session| lock(&client).handover(name).map_err(|e| e.to_string()),
+    );
     match result {
         Ok(timings) => {
             info!("VM handed over in session {name:?}: {:?}", timings.steps);
@@ -199,6 +214,9 @@ fn wait_for_handover(
                     prebuilt = Some(Prebuilt::new(File::from(memfd)).map_err(LiveUpdateError::Vm)?);
                     peek = false;
                     info!("Guest RAM of session {name:?} mapped ahead of the handover");
+                    if let Err(e) = client.successor_ready(name) {
+                        warn!("Cannot tell the agent this successor is ready: {e}");
+                    }
                 }
                 // Not created or not prepared yet: look again shortly.
                 Err(e)

@@ -50,12 +50,27 @@ pub fn realtime_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// The VM configuration, in cloud-hypervisor's JSON shape. It is kept as JSON because its
+/// serde attributes leave absent fields out, which only a self-describing encoding carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigState {
+    /// `VmConfig` as JSON.
+    pub json: String,
+}
+
+impl ConfigState {
+    /// The configuration it holds.
+    pub fn config(&self) -> Result<VmConfig, crate::config::ConfigError> {
+        VmConfig::from_json(self.json.as_bytes())
+    }
+}
+
 /// The VM configuration travels with the state, so the successor needs no other input.
 #[derive(Debug)]
 pub struct ConfigParticipant<'a>(pub &'a VmConfig);
 
 impl Participant for ConfigParticipant<'_> {
-    type State = VmConfig;
+    type State = ConfigState;
     const VERSION: u16 = 1;
 
     fn id(&self) -> String {
@@ -67,8 +82,9 @@ impl Participant for ConfigParticipant<'_> {
     fn pause(&mut self) -> Result<(), ParticipantError> {
         Ok(())
     }
-    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<VmConfig, ParticipantError> {
-        Ok(self.0.clone())
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<ConfigState, ParticipantError> {
+        let json = serde_json::to_string(self.0).map_err(|e| failed(ids::CONFIG, e))?;
+        Ok(ConfigState { json })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())
