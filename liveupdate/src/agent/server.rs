@@ -183,6 +183,9 @@ fn refuse_busy(stream: &UnixStream) {
     let _ = protocol::send(stream, &Response::Error(error), None);
 }
 
+/// What a waiting request waits for, checked each time the state changes.
+type WaitCondition = dyn Fn(&AgentState) -> bool;
+
 /// The agent's state and a signal for every change to it (for `wait_handover`).
 #[derive(Debug)]
 struct Shared {
@@ -200,7 +203,7 @@ impl Shared {
         fd: Option<OwnedFd>,
     ) -> (Response, Option<OwnedFd>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let wait: Option<(u64, &dyn Fn(&AgentState) -> bool)> = match &request {
+        let wait: Option<(u64, &WaitCondition)> = match &request {
             Request::WaitHandover { name, timeout_ms } => {
                 Some((*timeout_ms, &move |state: &AgentState| {
                     state.is_handed_over(name)
