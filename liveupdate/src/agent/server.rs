@@ -184,7 +184,7 @@ fn refuse_busy(stream: &UnixStream) {
 }
 
 /// What a waiting request waits for, checked each time the state changes.
-type WaitCondition = dyn Fn(&AgentState) -> bool;
+type WaitCondition<'a> = dyn Fn(&AgentState) -> bool + 'a;
 
 /// The agent's state and a signal for every change to it (for `wait_handover`).
 #[derive(Debug)]
@@ -203,7 +203,7 @@ impl Shared {
         fd: Option<OwnedFd>,
     ) -> (Response, Option<OwnedFd>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let wait: Option<(u64, &WaitCondition)> = match &request {
+        let wait: Option<(u64, &WaitCondition<'_>)> = match &request {
             Request::WaitHandover { name, timeout_ms } => {
                 Some((*timeout_ms, &move |state: &AgentState| {
                     state.is_handed_over(name)
