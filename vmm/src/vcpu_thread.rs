@@ -444,6 +444,53 @@ mod tests {
         );
     }
 
+    /// A real-mode guest that halts forever: `hlt; jmp $-1`.
+    const HALT_CODE: [u8; 3] = [0xf4, 0xeb, 0xfd];
+
+    #[test]
+    fn a_halted_guest_is_paused_and_its_vcpu_can_be_read() {
+        let kvm = Kvm::new().expect("needs /dev/kvm (load kvm_intel or kvm_amd, run as root)");
+        let vm = kvm.create_vm().unwrap();
+        // With an in-kernel LAPIC, HLT waits inside KVM_RUN: only a kick gets the thread out.
+        vm.create_irq_chip().unwrap();
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.memory()
+            .write_slice(&HALT_CODE, GuestAddress(0x1000))
+            .unwrap();
+        ram.register(&vm).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        let buses = Buses {
+            pio: Arc::new(RwLock::new(Bus::new())),
+            mmio: Arc::new(RwLock::new(Bus::new())),
+        };
+        let set = Arc::new(VcpuSet::start(vec![vcpu], &buses, Arc::new(|_| {})).unwrap());
+        set.resume();
+        std::thread::sleep(Duration::from_millis(50));
+
+        let (done, paused) = std::sync::mpsc::channel();
+        let pausing = set.clone();
+        std::thread::spawn(move || {
+            pausing.pause();
+            let rip = lock(&pausing.vcpus()[0]).get_regs().unwrap().rip;
+            done.send(rip).unwrap();
+        });
+        let rip = paused.recv_timeout(Duration::from_secs(10));
+
+        let rip = rip.expect("pausing a halted vCPU did not return");
+        assert!(
+            (0x1000..0x1003).contains(&rip),
+            "rip {rip:#x} outside the halt loop"
+        );
+    }
+
     #[test]
     fn stop_joins_a_running_set() {
         let count = Arc::new(AtomicU64::new(0));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use liveupdate::machine::{Incoming, MachineError, Outgoing, Step, Timings};
+use liveupdate::machine::{Incoming, MachineError, Outgoing, Timings};
 use liveupdate::participant::AnyParticipant;
 use liveupdate::session::Session;
 use liveupdate::state::{StateError, StateSet};
@@ -19,7 +19,7 @@ use crate::device_manager::{DeviceContext, DeviceError, DeviceManager};
 use crate::interrupts::{InterruptError, InterruptManager, InterruptState};
 use crate::live_update::participants::{
     ConfigParticipant, ConfigState, FailureInjector, InterruptsParticipant, MemoryParticipant,
-    MemoryState, PlatformParticipant, VcpusParticipant, VcpusState, ids, msr_list, realtime_ns,
+    MemoryState, PlatformParticipant, VcpusParticipant, VcpusState, ids, realtime_ns,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::platform::{self, PlatformError, PlatformState};
@@ -76,6 +76,9 @@ pub enum VmError {
     /// A live update failed (the VM runs on where it was).
     #[error("Live update failed")]
     LiveUpdate(#[source] MachineError),
+    /// A VM needs at least one vCPU.
+    #[error("The VM has no vCPU")]
+    NoVcpu,
     /// The saved VM configuration does not parse.
     #[error("The saved VM configuration is invalid")]
     Config(#[source] crate::config::ConfigError),
@@ -186,6 +189,9 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     ram: GuestRam,
     kvm: Kvm,
+    /// The MSRs a vCPU state carries, probed before the vCPUs ran: once they run, a halted
+    /// guest keeps its vCPU inside KVM_RUN and nobody else may touch it until it is paused.
+    msrs: &'static [u32],
 }
 
 impl Vm {
@@ -343,6 +349,9 @@ impl Vm {
             mut devices,
             vcpus,
         } = parts;
+        let first = vcpus.first().ok_or(VmError::NoVcpu)?;
+        let msrs = cpu::supported_msrs_cached(&kvm, first)
+            .map_err(|source| VmError::Vcpu { index: 0, source })?;
         let vcpus =
             VcpuSet::start(vcpus, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
         if resume {
@@ -356,6 +365,7 @@ impl Vm {
             vm_fd,
             ram,
             kvm,
+            msrs,
         })
     }
 
@@ -371,13 +381,7 @@ impl Vm {
         after_prepare: impl FnOnce(),
         carrier: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
     ) -> Result<Timings, VmError> {
-        let msrs = msr_list(&self.kvm, &self.vcpus).map_err(|e| {
-            VmError::LiveUpdate(MachineError::Participant {
-                step: Step::Prepare,
-                id: ids::VCPUS.into(),
-                source: e,
-            })
-        })?;
+        let msrs = self.msrs;
         let mut config_part = ConfigParticipant(config);
         let mut memory = MemoryParticipant::new(&self.ram);
         let mut vcpus = VcpusParticipant::new(&self.vcpus, msrs);

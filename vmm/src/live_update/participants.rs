@@ -11,7 +11,7 @@ use liveupdate::session::Token;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::cpu::{self, VcpuState};
+use crate::cpu::VcpuState;
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::memory::GuestRam;
 use crate::platform::PlatformState;
@@ -255,15 +255,6 @@ impl Participant for PlatformParticipant<'_> {
     fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())
     }
-}
-
-/// The MSR list every vCPU state carries (probed once per process).
-pub fn msr_list(kvm: &kvm_ioctls::Kvm, set: &VcpuSet) -> Result<&'static [u32], ParticipantError> {
-    let first = set
-        .vcpus()
-        .first()
-        .ok_or_else(|| failed(ids::VCPUS, "the VM has no vCPU"))?;
-    cpu::supported_msrs_cached(kvm, &lock(first)).map_err(|e| failed(ids::VCPUS, e))
 }
 
 /// Environment variable naming a live-update step that must fail (`prepare`, `pause` or
