@@ -376,3 +376,157 @@ impl VmmProcess {
         info["state"].as_str().unwrap_or_default().to_string()
     }
 }
+
+// Helpers for live_update.rs.
+
+/// A `ch-luod --emulate` session agent on a socket in a test's scratch directory, killed on drop.
+pub struct Agent {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent on `dir/agent.sock` and waits until it listens.
+    pub fn start(dir: &Path) -> Self {
+        let socket = dir.join("agent.sock");
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ch-luod"))
+            .args(["--emulate", "-v", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start ch-luod");
+        let mut agent = Self { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&agent.socket).is_err() {
+            if let Some(status) = agent.child.try_wait().unwrap() {
+                panic!("ch-luod exited before listening: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ch-luod did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    /// The VMM option value: `agent=<socket>`.
+    pub fn arg(&self) -> String {
+        format!("agent={}", self.socket.display())
+    }
+
+    /// A new protocol connection.
+    pub fn client(&self) -> liveupdate::agent::AgentClient {
+        liveupdate::agent::AgentClient::connect(&self.socket).unwrap()
+    }
+
+    /// The sessions the agent holds.
+    pub fn sessions(&self) -> Vec<liveupdate::agent::SessionInfo> {
+        self.client().list().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl VmmProcess {
+    /// Like [`VmmProcess::spawn`], with extra environment variables for the VMM.
+    pub fn spawn_with_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
+        let stderr_path = dir.join("vmm.stderr");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("cannot start cloud-hypervisor");
+        let stdout = child.stdout.take().unwrap();
+        let output = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let (m, cv) = &*sink;
+                m.lock().unwrap().lines.push(line);
+                cv.notify_all();
+            }
+            let (m, cv) = &*sink;
+            m.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        let api_socket = args
+            .iter()
+            .position(|a| *a == "--api-socket")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| PathBuf::from(v.trim_start_matches("path=")));
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            output,
+            stderr_path,
+            api_socket,
+        }
+    }
+
+    /// Starts a successor VMM (API socket `dir/api.sock`) that takes over session `session`
+    /// from `agent`; it waits for the handover if the session is not handed over yet.
+    pub fn successor(agent: &Agent, session: &str, dir: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = format!("path={}", dir.join("api.sock").display());
+        let agent = agent.arg();
+        let source = format!("source_url=luo://{session}");
+        let mut args = vec![
+            "--api-socket",
+            &socket,
+            "--liveupdate",
+            &agent,
+            "--restore",
+            &source,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, dir)
+    }
+
+    /// Sends `vm.live-update` into `session` and returns the raw response.
+    pub fn try_live_update(&self, session: &str) -> Response {
+        let body = serde_json::json!({ "session": session }).to_string();
+        self.api("PUT", "vm.live-update", Some(&body))
+    }
+
+    /// Live-updates the VM into `session`; asserts success and returns `timings_us`.
+    pub fn live_update(&self, session: &str) -> serde_json::Value {
+        let response = self.try_live_update(session);
+        assert_eq!(
+            response.status,
+            200,
+            "live update into {session:?} failed: {:?}\nstderr:\n{}",
+            response.error_messages(),
+            self.stderr()
+        );
+        let reply: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(reply["session"], session, "{reply}");
+        reply["timings_us"].clone()
+    }
+
+    /// `vm.info` as JSON.
+    pub fn vm_info(&self) -> serde_json::Value {
+        let response = self.api("GET", "vm.info", None);
+        assert_eq!(
+            response.status,
+            200,
+            "vm.info failed: {:?}",
+            response.error_messages()
+        );
+        serde_json::from_slice(&response.body).unwrap()
+    }
+}
