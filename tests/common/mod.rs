@@ -63,42 +63,7 @@ pub struct VmmProcess {
 impl VmmProcess {
     /// Starts the VMM with `args` (stdout captured line by line, stderr to a file in `dir`).
     pub fn spawn(args: &[&str], dir: &Path) -> Self {
-        let stderr_path = dir.join("vmm.stderr");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("cannot start cloud-hypervisor");
-        let stdout = child.stdout.take().unwrap();
-        let output = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
-        let sink = output.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let (m, cv) = &*sink;
-                m.lock().unwrap().lines.push(line);
-                cv.notify_all();
-            }
-            let (m, cv) = &*sink;
-            m.lock().unwrap().closed = true;
-            cv.notify_all();
-        });
-        let api_socket = args
-            .iter()
-            .position(|a| *a == "--api-socket")
-            .and_then(|i| args.get(i + 1))
-            .map(|v| PathBuf::from(v.trim_start_matches("path=")));
-        let stdin = child.stdin.take();
-        Self {
-            child,
-            stdin,
-            output,
-            stderr_path,
-            api_socket,
-        }
+        Self::spawn_with_env(args, dir, &[])
     }
 
     /// Boots the probe guest with `cpus` vCPUs, `memory` (e.g. "256M") and a probe command line.
