@@ -612,6 +612,29 @@ fn a_session_name_in_use_is_refused_with_409() {
 }
 
 #[test]
+fn a_successor_waiting_for_its_handover_answers_its_api() {
+    let dir = scratch_dir("lu-waiting-api");
+    let agent = Agent::start(&dir);
+    let mut successor = VmmProcess::successor(&agent, "later", &dir.join("successor"), &[]);
+
+    successor.wait_for_api(Duration::from_secs(10));
+    let ping = successor.api("GET", "vmm.ping", None);
+    let info = successor.api("GET", "vm.info", None);
+    let shutdown = successor.api("PUT", "vmm.shutdown", None);
+    let code = successor.wait_exit(Duration::from_secs(10));
+
+    assert_eq!(ping.status, 200);
+    assert_eq!(info.status, 409);
+    assert!(
+        info.error_messages().join(" ").contains("being restored"),
+        "{:?}",
+        info.error_messages()
+    );
+    assert!(shutdown.is_success(), "{}", shutdown.status);
+    assert_eq!(code, Some(0), "stderr:\n{}", successor.stderr());
+}
+
+#[test]
 fn successor_without_a_handover_fails_clearly() {
     let dir = scratch_dir("lu-no-agent");
     let started = Instant::now();

@@ -17,7 +17,7 @@ use crate::api::{
 };
 use crate::config::{ConsoleMode, RestoreConfig, VmConfig};
 use crate::event_monitor::{EventMonitor, EventMonitorError};
-use crate::live_update::{self, LiveUpdateError};
+use crate::live_update::{self, LiveUpdateError, Restored};
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{Vm, VmError};
 
@@ -85,6 +85,8 @@ enum VmmEvent {
     Api(ApiRequest, Sender<Result<ApiResponse, ApiError>>),
     Vcpu(VcpuEvent),
     Input(Vec<u8>),
+    /// The restore thread is done (it may have waited long for the handover).
+    Restored(RestoreConfig, Box<Result<Restored, LiveUpdateError>>),
 }
 
 /// Forwards API requests from the HTTP threads into the control loop and waits for the answer.
@@ -123,10 +125,9 @@ pub fn run(options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
         .transpose()
         .map_err(VmmError::ApiServer)?;
     if let Some(restore) = &options.restore {
-        vmm.restore(restore).map_err(|source| VmmError::Restore {
-            session: restore.session.clone(),
-            source,
-        })?;
+        // In its own thread: a successor started ahead waits for the handover, and its API
+        // must answer meanwhile.
+        vmm.start_restore(restore.clone());
     }
     if let Some(config) = vm {
         config.validate().map_err(VmmError::Config)?;
@@ -149,6 +150,8 @@ struct Vmm {
     stdin_reader_started: bool,
     pending_input: VecDeque<u8>,
     agent: PathBuf,
+    /// The session being restored from, until the VM is taken over.
+    restoring: Option<String>,
 }
 
 /// What the loop does after an event.
@@ -169,6 +172,7 @@ impl Vmm {
             stdin_reader_started: false,
             pending_input: VecDeque::new(),
             agent: PathBuf::new(),
+            restoring: None,
         }
     }
 
@@ -214,6 +218,18 @@ impl Vmm {
                     self.flush_input();
                     Next::Continue
                 }
+                VmmEvent::Restored(restore, result) => match *result {
+                    Ok(restored) => {
+                        self.finish_restore(&restore, restored);
+                        Next::Continue
+                    }
+                    Err(source) => {
+                        return Err(VmmError::Restore {
+                            session: restore.session,
+                            source,
+                        });
+                    }
+                },
             };
             if let Next::Exit = next {
                 self.vm = None;
@@ -249,6 +265,11 @@ impl Vmm {
     }
 
     fn handle_vm_request(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        if let Some(session) = &self.restoring {
+            return Err(ApiError::conflict(format!(
+                "The VM is being restored from live-update session {session}"
+            )));
+        }
         if let ApiRequest::VmCreate(config) = request {
             return self.create(*config);
         }
@@ -359,14 +380,36 @@ impl Vmm {
         }
     }
 
-    /// Takes over the VM of a live-update session and runs it.
-    fn restore(&mut self, restore: &RestoreConfig) -> Result<(), LiveUpdateError> {
+    /// Starts taking over the VM of a live-update session; the result arrives as an event.
+    fn start_restore(&mut self, restore: RestoreConfig) {
         self.emit("vm", "restoring");
+        self.restoring = Some(restore.session.clone());
         let events = self.events.clone();
+        let agent = self.agent.clone();
+        let vcpu_events = self.events.clone();
         let on_vcpu_event = Arc::new(move |event| {
-            let _ = events.send(VmmEvent::Vcpu(event));
+            let _ = vcpu_events.send(VmmEvent::Vcpu(event));
         });
-        let restored = live_update::run_incoming(&self.agent, restore, on_vcpu_event)?;
+        let spawned = std::thread::Builder::new()
+            .name("restore".into())
+            .spawn(move || {
+                let result = live_update::run_incoming(&agent, &restore, on_vcpu_event);
+                let _ = events.send(VmmEvent::Restored(restore, Box::new(result)));
+            });
+        if let Err(e) = spawned {
+            let _ = self.events.send(VmmEvent::Restored(
+                RestoreConfig {
+                    session: String::new(),
+                    resume: false,
+                },
+                Box::new(Err(LiveUpdateError::Thread(e))),
+            ));
+        }
+    }
+
+    /// Installs the VM the restore thread took over.
+    fn finish_restore(&mut self, restore: &RestoreConfig, restored: Restored) {
+        self.restoring = None;
         self.start_stdin_reader(&restored.config);
         self.config = Some(restored.config);
         self.vm = Some(restored.vm);
@@ -382,7 +425,6 @@ impl Vmm {
             .map(|(step, us)| (format!("{step}_us"), us.to_string()))
             .collect();
         self.emit_with("vm", "restored", Some(&properties));
-        Ok(())
     }
 
     fn create(&mut self, config: VmConfig) -> Result<ApiResponse, ApiError> {

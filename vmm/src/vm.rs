@@ -306,6 +306,11 @@ impl Vm {
         // The guest's clocks move on by the length of the pause: it must see real time pass,
         // neither jump back nor fall behind.
         let elapsed_ns = realtime_ns().saturating_sub(vcpus.paused_at_ns);
+        log::info!(
+            "Guest paused {elapsed_ns} ns ago; TSC kHz {:?}, kvmclock {} ns",
+            vcpus.vcpus.first().and_then(|v| v.tsc_khz),
+            platform.clock.clock
+        );
         let mut fds = Vec::with_capacity(vcpus.vcpus.len());
         for index in (0u8..).take(vcpus.vcpus.len()) {
             fds.push(create_vcpu(&vm_fd, index)?);

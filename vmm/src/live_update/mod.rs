@@ -56,6 +56,9 @@ pub enum LiveUpdateError {
     /// The session's state could not be read.
     #[error("The session's state is unusable; the session is kept for a build that can read it")]
     State(#[source] MachineError),
+    /// The restore thread could not start.
+    #[error("Cannot start the restore thread")]
+    Thread(#[source] std::io::Error),
     /// No handover came within [`HANDOVER_WAIT`].
     #[error("Session {session} was not handed over within {}s", HANDOVER_WAIT.as_secs())]
     NoHandover {
