@@ -1,5 +1,12 @@
 //! Creates the guest's devices, puts them on the port and MMIO buses, and wires their interrupts
 //! (irqfd) and queue notifications (ioeventfd) into KVM.
+//!
+//! `legacy` builds the port devices, `pci` the virtio-pci devices and their wiring, and
+//! `participants` turns each device into a live-update participant.
+
+mod legacy;
+mod participants;
+mod pci;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -8,29 +15,27 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 
 use devices::bus::{Bus, BusError, lock};
-use devices::legacy::{Cmos, CmosState, I8042, Serial, SerialState, system_clock};
-use devices::pci::{
-    BarAllocator, BarRelocator, PciBarRegion, PciDevice, PciError, PciRoot, PciRootState,
-};
+use devices::legacy::{Cmos, Serial};
+use devices::pci::{BarAllocator, PciError, PciRoot, PciRootState};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::console::Console;
-use devices::virtio::device::VirtioDevice;
-use devices::virtio::pci::{
-    BAR_SIZE, QueueWorker, VirtioPciDevice, VirtioPciError, spawn_queue_worker,
-};
+use devices::virtio::pci::{VirtioPciDevice, VirtioPciError};
 use devices::virtio::rng::{Rng, RngConfig, RngError};
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
-use liveupdate::state::{Envelope, StateError, StateSet};
+use kvm_ioctls::VmFd;
+use liveupdate::participant::AnyParticipant;
+use liveupdate::state::{StateError, StateSet};
 use log::warn;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConsoleConfig, ConsoleMode, VmConfig};
 use crate::interrupts::{InterruptError, InterruptManager};
 use crate::layout;
 use crate::vcpu_thread::{Buses, VcpuEvent};
+
+use legacy::{CMOS_STATE_VERSION, LegacyDevices, SERIAL_STATE_VERSION, add_legacy};
+use participants::{PCI_ROOT_STATE_VERSION, StateOnly, VirtioParticipant, envelope};
+use pci::{IoEvents, MmioRelocator, PciBuilder, VirtioEntry};
 
 /// Errors from building the devices.
 #[derive(Debug, Error)]
@@ -103,71 +108,6 @@ pub enum DeviceError {
         #[source]
         source: io::Error,
     },
-}
-
-/// A virtio-pci device of any type, as the manager drives it.
-trait ManagedVirtio: Send + Sync {
-    fn start_worker(&self) -> io::Result<QueueWorker>;
-    fn counters(&self) -> BTreeMap<String, u64>;
-    fn save(&self, id: &str) -> Result<Envelope, postcard::Error>;
-}
-
-/// Version of `VirtioPciState` in the state blob.
-const VIRTIO_STATE_VERSION: u16 = 1;
-
-impl<D: VirtioDevice + 'static> ManagedVirtio for Arc<Mutex<VirtioPciDevice<D>>> {
-    fn start_worker(&self) -> io::Result<QueueWorker> {
-        spawn_queue_worker(self.clone())
-    }
-    fn counters(&self) -> BTreeMap<String, u64> {
-        lock(self).counters()
-    }
-    fn save(&self, id: &str) -> Result<Envelope, postcard::Error> {
-        Envelope::wrap(id, VIRTIO_STATE_VERSION, &lock(self).state())
-    }
-}
-
-struct VirtioEntry {
-    id: String,
-    device: Box<dyn ManagedVirtio>,
-    worker: Option<QueueWorker>,
-}
-
-/// Where each BAR's queue notifications are registered, so a BAR move can follow.
-#[derive(Default)]
-struct IoEvents {
-    by_bar: BTreeMap<u64, Vec<(u64, EventFd)>>,
-}
-
-/// Moves a BAR on the MMIO bus and its ioeventfds in KVM when the guest reprograms it.
-struct MmioRelocator {
-    vm: Arc<VmFd>,
-    mmio: Arc<RwLock<Bus>>,
-    ioevents: Arc<Mutex<IoEvents>>,
-}
-
-impl BarRelocator for MmioRelocator {
-    fn move_bar(&self, old_base: u64, new_base: u64, len: u64) -> io::Result<()> {
-        {
-            let mut mmio = write_bus(&self.mmio);
-            let device = mmio.remove(old_base).map_err(io::Error::other)?;
-            mmio.insert(device, new_base, len)
-                .map_err(io::Error::other)?;
-        }
-        let mut ioevents = lock(&self.ioevents);
-        if let Some(events) = ioevents.by_bar.remove(&old_base) {
-            for (offset, evt) in &events {
-                self.vm
-                    .unregister_ioevent(evt, &IoEventAddress::Mmio(old_base + offset), NoDatamatch)
-                    .map_err(io::Error::other)?;
-                self.vm
-                    .register_ioevent(evt, &IoEventAddress::Mmio(new_base + offset), NoDatamatch)
-                    .map_err(io::Error::other)?;
-            }
-            ioevents.by_bar.insert(new_base, events);
-        }
-        Ok(())
-    }
 }
 
 /// All devices of one VM.
@@ -418,240 +358,6 @@ impl Drop for DeviceManager {
     }
 }
 
-struct PciBuilder<'a, 'b, 's> {
-    root: PciRoot,
-    bars: BarAllocator,
-    ctx: &'a DeviceContext<'b>,
-    ioevents: Arc<Mutex<IoEvents>>,
-    mmio: Arc<RwLock<Bus>>,
-    restore: Option<&'s mut StateSet>,
-    virtio: Vec<VirtioEntry>,
-}
-
-impl PciBuilder<'_, '_, '_> {
-    /// Wraps `device` in a virtio-pci transport (fresh, or from its saved state), plugs it into
-    /// a slot and its BAR into the MMIO bus, and registers its queue notifications with KVM.
-    fn add<D: VirtioDevice + 'static>(
-        &mut self,
-        device: D,
-        id: &str,
-    ) -> Result<Arc<Mutex<VirtioPciDevice<D>>>, DeviceError> {
-        let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
-        let msi = self
-            .ctx
-            .interrupts
-            .msi_vectors(vectors)
-            .map_err(DeviceError::Interrupt)?;
-        let memory = self.ctx.memory.clone();
-        let virtio_error = |source| DeviceError::Virtio {
-            id: id.to_string(),
-            source,
-        };
-        let transport = match self.restore.as_deref_mut() {
-            Some(states) => {
-                let key = ids::virtio(id);
-                let state = states
-                    .take(&key, VIRTIO_STATE_VERSION)
-                    .map_err(restore_error(&key))?;
-                VirtioPciDevice::from_state(device, state, memory, msi).map_err(virtio_error)?
-            }
-            None => {
-                let bar = self.bars.allocate(BAR_SIZE).map_err(DeviceError::Pci)?;
-                VirtioPciDevice::new(device, memory, msi, bar).map_err(virtio_error)?
-            }
-        };
-        // The guest may have moved the BAR: use where it is now, not where we first put it.
-        let bar = transport.bars().first().map_or(0, |b| b.address);
-        let mut events = Vec::new();
-        for (offset, evt) in transport.ioeventfds() {
-            self.ctx
-                .vm
-                .register_ioevent(evt, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
-                .map_err(DeviceError::IoEvent)?;
-            let clone = evt.try_clone().map_err(|source| DeviceError::Worker {
-                id: id.to_string(),
-                source,
-            })?;
-            events.push((offset, clone));
-        }
-        lock(&self.ioevents).by_bar.insert(bar, events);
-        let transport = Arc::new(Mutex::new(transport));
-        self.root
-            .add_device(transport.clone())
-            .map_err(DeviceError::Pci)?;
-        write_bus(&self.mmio)
-            .insert(
-                Arc::new(Mutex::new(PciBarRegion::new(transport.clone(), 0))),
-                bar,
-                BAR_SIZE,
-            )
-            .map_err(DeviceError::Bus)?;
-        self.virtio.push(VirtioEntry {
-            id: id.to_string(),
-            device: Box::new(transport.clone()),
-            worker: None,
-        });
-        Ok(transport)
-    }
-}
-
-/// Versions of the device states in the state blob.
-const SERIAL_STATE_VERSION: u16 = 1;
-const CMOS_STATE_VERSION: u16 = 1;
-const PCI_ROOT_STATE_VERSION: u16 = 1;
-
-/// Serial (COM1), i8042 and CMOS on the port bus. The i8042 holds no state worth carrying.
-fn add_legacy(
-    ctx: &DeviceContext<'_>,
-    pio: &RwLock<Bus>,
-    mut restore: Option<&mut StateSet>,
-) -> Result<LegacyDevices, DeviceError> {
-    let mut pio = write_bus(pio);
-    let mut serial = None;
-    if ctx.config.serial.mode != ConsoleMode::Off {
-        let irq = ctx
-            .interrupts
-            .legacy_line(layout::COM1_IRQ)
-            .map_err(DeviceError::Interrupt)?;
-        let output = output_for(&ctx.config.serial, "serial")?;
-        let device = match restore.as_deref_mut() {
-            Some(states) => {
-                let state: SerialState = states
-                    .take(ids::SERIAL, SERIAL_STATE_VERSION)
-                    .map_err(restore_error(ids::SERIAL))?;
-                Serial::from_state(&state, irq, output).map_err(|e| DeviceError::Restore {
-                    id: ids::SERIAL.into(),
-                    source: Box::new(e),
-                })?
-            }
-            None => Serial::new(irq, output),
-        };
-        let device = Arc::new(Mutex::new(device));
-        pio.insert(
-            device.clone(),
-            layout::COM1_PORT,
-            devices::legacy::SERIAL_PORT_LEN,
-        )
-        .map_err(DeviceError::Bus)?;
-        serial = Some(device);
-    }
-    let on_event = ctx.on_event.clone();
-    let i8042 = I8042::new(Box::new(move || {
-        on_event(VcpuEvent::Reset);
-        Ok(())
-    }));
-    pio.insert(
-        Arc::new(Mutex::new(i8042)),
-        layout::I8042_PORT,
-        devices::legacy::I8042_PORT_LEN,
-    )
-    .map_err(DeviceError::Bus)?;
-    let cmos = match restore {
-        Some(states) => {
-            let state: CmosState = states
-                .take(ids::CMOS, CMOS_STATE_VERSION)
-                .map_err(restore_error(ids::CMOS))?;
-            Cmos::from_state(&state, system_clock()).map_err(|e| DeviceError::Restore {
-                id: ids::CMOS.into(),
-                source: Box::new(e),
-            })?
-        }
-        None => Cmos::new(ctx.config.memory.size, system_clock()),
-    };
-    let cmos = Arc::new(Mutex::new(cmos));
-    pio.insert(
-        cmos.clone(),
-        layout::CMOS_PORT,
-        devices::legacy::CMOS_PORT_LEN,
-    )
-    .map_err(DeviceError::Bus)?;
-    Ok(LegacyDevices { serial, cmos })
-}
-
-/// The legacy devices that have state.
-struct LegacyDevices {
-    serial: Option<Arc<Mutex<Serial>>>,
-    cmos: Arc<Mutex<Cmos>>,
-}
-
-fn envelope<S: serde::Serialize>(
-    id: &str,
-    version: u16,
-    state: &S,
-) -> Result<Envelope, ParticipantError> {
-    Envelope::wrap(id, version, state).map_err(|e| ParticipantError::BadState {
-        id: id.to_string(),
-        source: Box::new(e),
-    })
-}
-
-/// A device that only needs its state saved: it changes only when a vCPU touches it, and the
-/// vCPUs are paused before any device saves.
-struct StateOnly<'a> {
-    id: &'static str,
-    save: Box<dyn Fn() -> Result<Envelope, ParticipantError> + 'a>,
-}
-
-impl AnyParticipant for StateOnly<'_> {
-    fn id(&self) -> String {
-        self.id.to_string()
-    }
-    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
-        Ok(())
-    }
-    fn pause(&mut self) -> Result<(), ParticipantError> {
-        Ok(())
-    }
-    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
-        (self.save)()
-    }
-    fn resume(&mut self) -> Result<(), ParticipantError> {
-        Ok(())
-    }
-}
-
-/// A virtio-pci device: its queue worker stops on pause, after completing what it holds.
-struct VirtioParticipant<'a> {
-    entry: &'a mut VirtioEntry,
-}
-
-impl AnyParticipant for VirtioParticipant<'_> {
-    fn id(&self) -> String {
-        ids::virtio(&self.entry.id)
-    }
-    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
-        Ok(())
-    }
-    fn pause(&mut self) -> Result<(), ParticipantError> {
-        if let Some(worker) = self.entry.worker.take() {
-            worker.stop();
-        }
-        Ok(())
-    }
-    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
-        let id = ids::virtio(&self.entry.id);
-        self.entry
-            .device
-            .save(&id)
-            .map_err(|e| ParticipantError::BadState {
-                id: id.clone(),
-                source: Box::new(e),
-            })
-    }
-    fn resume(&mut self) -> Result<(), ParticipantError> {
-        let worker = self
-            .entry
-            .device
-            .start_worker()
-            .map_err(|e| ParticipantError::Failed {
-                id: ids::virtio(&self.entry.id),
-                reason: format!("cannot restart the queue worker: {e}"),
-            })?;
-        self.entry.worker = Some(worker);
-        Ok(())
-    }
-}
-
 /// Takes a bus for writing; a poisoned lock still holds a consistent bus (inserts are atomic).
 fn write_bus(bus: &RwLock<Bus>) -> RwLockWriteGuard<'_, Bus> {
     bus.write()
@@ -666,9 +372,14 @@ fn output_for(
         ConsoleMode::Tty => Ok(Box::new(io::stdout())),
         ConsoleMode::Null | ConsoleMode::Off => Ok(Box::new(io::sink())),
         ConsoleMode::File => {
+            // Appended to, never truncated: after a reboot or a live update the guest's earlier
+            // output stays in the file.
             let path = config.file.clone().unwrap_or_default();
-            let file =
-                File::create(&path).map_err(|source| DeviceError::OutputFile { path, source })?;
+            let file = File::options()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| DeviceError::OutputFile { path, source })?;
             Ok(Box::new(file))
         }
         mode => Err(DeviceError::UnsupportedMode { device, mode }),

@@ -1,0 +1,90 @@
+//! The port devices: COM1, the i8042 (reset) and the CMOS RTC.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use devices::bus::Bus;
+use devices::legacy::{Cmos, CmosState, I8042, Serial, SerialState, system_clock};
+use liveupdate::state::StateSet;
+
+use crate::config::ConsoleMode;
+use crate::layout;
+use crate::vcpu_thread::VcpuEvent;
+
+use super::{DeviceContext, DeviceError, ids, output_for, restore_error, write_bus};
+
+/// Versions of the device states in the state blob.
+pub(super) const SERIAL_STATE_VERSION: u16 = 1;
+pub(super) const CMOS_STATE_VERSION: u16 = 1;
+/// Serial (COM1), i8042 and CMOS on the port bus. The i8042 holds no state worth carrying.
+pub(super) fn add_legacy(
+    ctx: &DeviceContext<'_>,
+    pio: &RwLock<Bus>,
+    mut restore: Option<&mut StateSet>,
+) -> Result<LegacyDevices, DeviceError> {
+    let mut pio = write_bus(pio);
+    let mut serial = None;
+    if ctx.config.serial.mode != ConsoleMode::Off {
+        let irq = ctx
+            .interrupts
+            .legacy_line(layout::COM1_IRQ)
+            .map_err(DeviceError::Interrupt)?;
+        let output = output_for(&ctx.config.serial, "serial")?;
+        let device = match restore.as_deref_mut() {
+            Some(states) => {
+                let state: SerialState = states
+                    .take(ids::SERIAL, SERIAL_STATE_VERSION)
+                    .map_err(restore_error(ids::SERIAL))?;
+                Serial::from_state(&state, irq, output).map_err(|e| DeviceError::Restore {
+                    id: ids::SERIAL.into(),
+                    source: Box::new(e),
+                })?
+            }
+            None => Serial::new(irq, output),
+        };
+        let device = Arc::new(Mutex::new(device));
+        pio.insert(
+            device.clone(),
+            layout::COM1_PORT,
+            devices::legacy::SERIAL_PORT_LEN,
+        )
+        .map_err(DeviceError::Bus)?;
+        serial = Some(device);
+    }
+    let on_event = ctx.on_event.clone();
+    let i8042 = I8042::new(Box::new(move || {
+        on_event(VcpuEvent::Reset);
+        Ok(())
+    }));
+    pio.insert(
+        Arc::new(Mutex::new(i8042)),
+        layout::I8042_PORT,
+        devices::legacy::I8042_PORT_LEN,
+    )
+    .map_err(DeviceError::Bus)?;
+    let cmos = match restore {
+        Some(states) => {
+            let state: CmosState = states
+                .take(ids::CMOS, CMOS_STATE_VERSION)
+                .map_err(restore_error(ids::CMOS))?;
+            Cmos::from_state(&state, system_clock()).map_err(|e| DeviceError::Restore {
+                id: ids::CMOS.into(),
+                source: Box::new(e),
+            })?
+        }
+        None => Cmos::new(ctx.config.memory.size, system_clock()),
+    };
+    let cmos = Arc::new(Mutex::new(cmos));
+    pio.insert(
+        cmos.clone(),
+        layout::CMOS_PORT,
+        devices::legacy::CMOS_PORT_LEN,
+    )
+    .map_err(DeviceError::Bus)?;
+    Ok(LegacyDevices { serial, cmos })
+}
+
+/// The legacy devices that have state.
+pub(super) struct LegacyDevices {
+    pub(super) serial: Option<Arc<Mutex<Serial>>>,
+    pub(super) cmos: Arc<Mutex<Cmos>>,
+}

@@ -1,0 +1,88 @@
+//! Each device as a live-update participant.
+
+use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
+use liveupdate::state::Envelope;
+
+use super::ids;
+use super::pci::VirtioEntry;
+
+/// Version of `PciRootState` in the state blob.
+pub(super) const PCI_ROOT_STATE_VERSION: u16 = 1;
+
+pub(super) fn envelope<S: serde::Serialize>(
+    id: &str,
+    version: u16,
+    state: &S,
+) -> Result<Envelope, ParticipantError> {
+    Envelope::wrap(id, version, state).map_err(|e| ParticipantError::BadState {
+        id: id.to_string(),
+        source: Box::new(e),
+    })
+}
+
+/// A device that only needs its state saved: it changes only when a vCPU touches it, and the
+/// vCPUs are paused before any device saves.
+pub(super) struct StateOnly<'a> {
+    pub(super) id: &'static str,
+    pub(super) save: Box<dyn Fn() -> Result<Envelope, ParticipantError> + 'a>,
+}
+
+impl AnyParticipant for StateOnly<'_> {
+    fn id(&self) -> String {
+        self.id.to_string()
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
+        (self.save)()
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+/// A virtio-pci device: its queue worker stops on pause, after completing what it holds.
+pub(super) struct VirtioParticipant<'a> {
+    pub(super) entry: &'a mut VirtioEntry,
+}
+
+impl AnyParticipant for VirtioParticipant<'_> {
+    fn id(&self) -> String {
+        ids::virtio(&self.entry.id)
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        if let Some(worker) = self.entry.worker.take() {
+            worker.stop();
+        }
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
+        let id = ids::virtio(&self.entry.id);
+        self.entry
+            .device
+            .save(&id)
+            .map_err(|e| ParticipantError::BadState {
+                id: id.clone(),
+                source: Box::new(e),
+            })
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        let worker = self
+            .entry
+            .device
+            .start_worker()
+            .map_err(|e| ParticipantError::Failed {
+                id: ids::virtio(&self.entry.id),
+                reason: format!("cannot restart the queue worker: {e}"),
+            })?;
+        self.entry.worker = Some(worker);
+        Ok(())
+    }
+}
