@@ -95,6 +95,41 @@ impl fmt::Debug for IrqchipState {
     }
 }
 
+/// The three in-kernel interrupt controllers (a live-update participant of its own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IrqchipsState {
+    /// The master 8259 PIC.
+    pub pic_master: IrqchipState,
+    /// The slave 8259 PIC.
+    pub pic_slave: IrqchipState,
+    /// The IOAPIC.
+    pub ioapic: IrqchipState,
+}
+
+impl IrqchipsState {
+    /// Format version of this struct, for the live-update envelope.
+    pub const VERSION: u16 = 1;
+
+    /// Captures the PICs and the IOAPIC of a VM whose vCPUs are paused.
+    pub fn save(vm: &VmFd) -> Result<Self, PlatformError> {
+        Ok(Self {
+            pic_master: get_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: get_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: get_irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+}
+
+/// Captures the PIT (`KVM_GET_PIT2`).
+pub fn save_pit(vm: &VmFd) -> Result<kvm_pit_state2, PlatformError> {
+    vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))
+}
+
+/// Captures the kvmclock (`KVM_GET_CLOCK`).
+pub fn save_clock(vm: &VmFd) -> Result<kvm_clock_data, PlatformError> {
+    vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))
+}
+
 /// The platform devices' state, as plain data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlatformState {
@@ -117,13 +152,27 @@ impl PlatformState {
 
     /// Captures the platform state of a VM whose vCPUs are paused.
     pub fn save(vm: &VmFd) -> Result<Self, PlatformError> {
-        Ok(Self {
-            pic_master: get_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: get_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: get_irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
-            pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
-            clock: vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
-        })
+        Ok(Self::from_parts(
+            IrqchipsState::save(vm)?,
+            save_pit(vm)?,
+            save_clock(vm)?,
+        ))
+    }
+
+    /// The whole platform state from its parts (saved by separate participants).
+    pub fn from_parts(irqchips: IrqchipsState, pit: kvm_pit_state2, clock: kvm_clock_data) -> Self {
+        let IrqchipsState {
+            pic_master,
+            pic_slave,
+            ioapic,
+        } = irqchips;
+        Self {
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit,
+            clock,
+        }
     }
 
     /// Loads this state into `vm`, made by [`create_platform`]. Call it after the vCPU states

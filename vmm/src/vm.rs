@@ -18,11 +18,12 @@ use crate::cpu::{self, CpuError, VcpuState};
 use crate::device_manager::{DeviceContext, DeviceError, DeviceManager};
 use crate::interrupts::{InterruptError, InterruptManager, InterruptState};
 use crate::live_update::participants::{
-    ConfigParticipant, ConfigState, FailureInjector, InterruptsParticipant, MemoryParticipant,
-    MemoryState, PlatformParticipant, VcpusParticipant, VcpusState, ids, realtime_ns,
+    ClockState, ConfigParticipant, ConfigState, FailureInjector, InterruptsParticipant,
+    MemoryParticipant, MemoryState, PitState, VcpuParticipant, VcpusParticipant, VcpusState,
+    clock_participant, ids, irqchip_participant, pit_participant, realtime_ns,
 };
 use crate::memory::{GuestRam, MemoryError};
-use crate::platform::{self, PlatformError, PlatformState};
+use crate::platform::{self, IrqchipsState, PlatformError, PlatformState};
 use crate::vcpu_thread::{VcpuEvent, VcpuSet};
 
 /// Errors from building or running a VM.
@@ -264,7 +265,13 @@ impl Vm {
         let memory: MemoryState = take(states, ids::MEMORY, 1)?;
         let interrupt_state: InterruptState = take(states, ids::INTERRUPTS, 1)?;
         let vcpus: VcpusState = take(states, ids::VCPUS, 1)?;
-        let mut platform: PlatformState = take(states, ids::PLATFORM, PlatformState::VERSION)?;
+        let vcpu_states = (0..vcpus.count)
+            .map(|index| take::<VcpuState>(states, &ids::vcpu(index), VcpuState::VERSION))
+            .collect::<Result<Vec<_>, _>>()?;
+        let irqchips: IrqchipsState = take(states, ids::IRQCHIP, IrqchipsState::VERSION)?;
+        let pit: PitState = take(states, ids::PIT, 1)?;
+        let clock: ClockState = take(states, ids::CLOCK, 1)?;
+        let mut platform = PlatformState::from_parts(irqchips, pit.0, clock.0);
         let mut step = Instant::now();
         let Prebuilt { kvm, vm_fd, ram } = match prebuilt {
             Some(prebuilt) if prebuilt.ram.size() == memory.size => prebuilt,
@@ -308,15 +315,15 @@ impl Vm {
         let elapsed_ns = realtime_ns().saturating_sub(vcpus.paused_at_ns);
         log::info!(
             "Guest paused {elapsed_ns} ns ago; TSC kHz {:?}, kvmclock {} ns",
-            vcpus.vcpus.first().and_then(|v| v.tsc_khz),
+            vcpu_states.first().and_then(|v| v.tsc_khz),
             platform.clock.clock
         );
-        let mut fds = Vec::with_capacity(vcpus.vcpus.len());
-        for index in (0u8..).take(vcpus.vcpus.len()) {
+        let mut fds = Vec::with_capacity(vcpu_states.len());
+        for index in (0u8..).take(vcpu_states.len()) {
             fds.push(create_vcpu(&vm_fd, index)?);
         }
         lap(incoming, "create_vcpus", &mut step);
-        for ((index, state), vcpu) in (0u8..).zip(vcpus.vcpus.iter().cloned()).zip(&fds) {
+        for ((index, state), vcpu) in (0u8..).zip(vcpu_states).zip(&fds) {
             let state = advance_tsc(state, elapsed_ns, vcpu);
             state
                 .restore(vcpu)
@@ -389,19 +396,28 @@ impl Vm {
         let msrs = self.msrs;
         let mut config_part = ConfigParticipant(config);
         let mut memory = MemoryParticipant::new(&self.ram);
-        let mut vcpus = VcpusParticipant::new(&self.vcpus, msrs);
+        let mut vcpus = VcpusParticipant::new(&self.vcpus);
+        let mut each_vcpu: Vec<_> = (0..self.vcpus.vcpus().len())
+            .map(|index| VcpuParticipant::new(&self.vcpus, index, msrs))
+            .collect();
         let mut interrupts = InterruptsParticipant(&self.interrupts);
-        let mut platform = PlatformParticipant(&self.vm_fd);
+        let mut irqchip = irqchip_participant(&self.vm_fd);
+        let mut pit = pit_participant(&self.vm_fd);
+        let mut clock = clock_participant(&self.vm_fd);
         let mut devices = self.devices.participants();
+        // The vCPU set pauses first (the pause starts there), then each device's queue worker.
         let mut participants: Vec<&mut dyn AnyParticipant> =
             vec![&mut config_part, &mut memory, &mut vcpus];
+        participants.extend(each_vcpu.iter_mut().map(|v| v as &mut dyn AnyParticipant));
         participants.extend(
             devices
                 .iter_mut()
                 .map(|d| d.as_mut() as &mut dyn AnyParticipant),
         );
         participants.push(&mut interrupts);
-        participants.push(&mut platform);
+        participants.push(&mut irqchip);
+        participants.push(&mut pit);
+        participants.push(&mut clock);
         let mut injector = FailureInjector::from_env();
         if let Some(injector) = injector.as_mut() {
             participants.push(injector);

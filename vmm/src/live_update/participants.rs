@@ -14,7 +14,7 @@ use crate::config::VmConfig;
 use crate::cpu::VcpuState;
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::memory::GuestRam;
-use crate::platform::PlatformState;
+use crate::platform::{self, IrqchipsState};
 use crate::vcpu_thread::VcpuSet;
 use devices::bus::lock;
 
@@ -24,12 +24,20 @@ pub mod ids {
     pub const CONFIG: &str = "config";
     /// Guest RAM.
     pub const MEMORY: &str = "memory";
-    /// Every vCPU.
+    /// The vCPU set (pausing it starts the pause).
     pub const VCPUS: &str = "vcpus";
+    /// One vCPU.
+    pub fn vcpu(index: usize) -> String {
+        format!("vcpu/{index}")
+    }
     /// MSI routes.
     pub const INTERRUPTS: &str = "interrupts";
-    /// PIC, IOAPIC, PIT and kvmclock.
-    pub const PLATFORM: &str = "platform";
+    /// The PICs and the IOAPIC.
+    pub const IRQCHIP: &str = "irqchip";
+    /// The 8254 PIT.
+    pub const PIT: &str = "pit";
+    /// The kvmclock.
+    pub const CLOCK: &str = "clock";
 }
 
 /// Guest RAM's token in every session: a successor started ahead of the update finds it there
@@ -145,30 +153,29 @@ impl Participant for MemoryParticipant<'_> {
     }
 }
 
-/// Every vCPU, and the moment they were saved, so the successor can move the guest's clocks
-/// forward by the length of the pause.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The vCPU set: how many vCPUs there are, and when they were paused, so the successor can
+/// move the guest's clocks forward by the length of the pause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpusState {
-    /// One state per vCPU, by index.
-    pub vcpus: Vec<VcpuState>,
+    /// Number of vCPUs (each saved as `vcpu/<index>`).
+    pub count: usize,
     /// Host `CLOCK_REALTIME` (ns since the epoch) right after the vCPUs stopped.
     pub paused_at_ns: u64,
 }
 
-/// The vCPUs: pausing them starts the guest-visible pause.
+/// The vCPU set: pausing it starts the guest-visible pause. Each vCPU's state is its own
+/// participant ([`VcpuParticipant`]).
 #[derive(Debug)]
 pub struct VcpusParticipant<'a> {
     set: &'a VcpuSet,
-    msrs: &'a [u32],
     paused_at_ns: u64,
 }
 
 impl<'a> VcpusParticipant<'a> {
-    /// The vCPUs of the VM; `msrs` is the list of MSRs to save.
-    pub fn new(set: &'a VcpuSet, msrs: &'a [u32]) -> Self {
+    /// The vCPUs of the VM.
+    pub fn new(set: &'a VcpuSet) -> Self {
         Self {
             set,
-            msrs,
             paused_at_ns: 0,
         }
     }
@@ -190,19 +197,54 @@ impl Participant for VcpusParticipant<'_> {
         Ok(())
     }
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<VcpusState, ParticipantError> {
-        let mut vcpus = Vec::with_capacity(self.set.vcpus().len());
-        for (index, vcpu) in self.set.vcpus().iter().enumerate() {
-            let state = VcpuState::save(&lock(vcpu), self.msrs)
-                .map_err(|e| failed(&format!("vcpu/{index}"), e))?;
-            vcpus.push(state);
-        }
         Ok(VcpusState {
-            vcpus,
+            count: self.set.vcpus().len(),
             paused_at_ns: self.paused_at_ns,
         })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
         self.set.resume();
+        Ok(())
+    }
+}
+
+/// One vCPU's registers, MSRs, LAPIC and events (paused with the whole set before it).
+#[derive(Debug)]
+pub struct VcpuParticipant<'a> {
+    set: &'a VcpuSet,
+    index: usize,
+    msrs: &'a [u32],
+}
+
+impl<'a> VcpuParticipant<'a> {
+    /// vCPU `index` of `set`; `msrs` is the list of MSRs to save.
+    pub fn new(set: &'a VcpuSet, index: usize, msrs: &'a [u32]) -> Self {
+        Self { set, index, msrs }
+    }
+}
+
+impl Participant for VcpuParticipant<'_> {
+    type State = VcpuState;
+    const VERSION: u16 = VcpuState::VERSION;
+
+    fn id(&self) -> String {
+        ids::vcpu(self.index)
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<VcpuState, ParticipantError> {
+        let vcpu = self
+            .set
+            .vcpus()
+            .get(self.index)
+            .ok_or_else(|| failed(&self.id(), "no such vCPU"))?;
+        VcpuState::save(&lock(vcpu), self.msrs).map_err(|e| failed(&self.id(), e))
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())
     }
 }
@@ -232,16 +274,61 @@ impl Participant for InterruptsParticipant<'_> {
     }
 }
 
-/// PICs, IOAPIC, PIT and kvmclock.
+/// A participant that only saves a piece of VM-wide KVM state: it changes only while vCPUs or
+/// devices run, and both are paused before anything saves.
 #[derive(Debug)]
-pub struct PlatformParticipant<'a>(pub &'a kvm_ioctls::VmFd);
+pub struct KvmStateParticipant<'a, S> {
+    id: &'static str,
+    vm: &'a kvm_ioctls::VmFd,
+    save: fn(&kvm_ioctls::VmFd) -> Result<S, crate::platform::PlatformError>,
+}
 
-impl Participant for PlatformParticipant<'_> {
-    type State = PlatformState;
-    const VERSION: u16 = PlatformState::VERSION;
+/// The PICs and the IOAPIC.
+pub fn irqchip_participant(vm: &kvm_ioctls::VmFd) -> KvmStateParticipant<'_, IrqchipsState> {
+    KvmStateParticipant {
+        id: ids::IRQCHIP,
+        vm,
+        save: IrqchipsState::save,
+    }
+}
+
+/// The PIT.
+pub fn pit_participant(vm: &kvm_ioctls::VmFd) -> KvmStateParticipant<'_, PitState> {
+    KvmStateParticipant {
+        id: ids::PIT,
+        vm,
+        save: |vm| platform::save_pit(vm).map(PitState),
+    }
+}
+
+/// The kvmclock (last of all: read as late as possible).
+pub fn clock_participant(vm: &kvm_ioctls::VmFd) -> KvmStateParticipant<'_, ClockState> {
+    KvmStateParticipant {
+        id: ids::CLOCK,
+        vm,
+        save: |vm| platform::save_clock(vm).map(ClockState),
+    }
+}
+
+/// The PIT's channels and flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PitState(pub kvm_bindings::kvm_pit_state2);
+
+/// The kvmclock, in ns (with KVM's `realtime` and `host_tsc` when it filled them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClockState(pub kvm_bindings::kvm_clock_data);
+
+impl<S> Participant for KvmStateParticipant<'_, S>
+where
+    S: Serialize + serde::de::DeserializeOwned + std::fmt::Debug + Clone + PartialEq,
+{
+    type State = S;
+    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
-        ids::PLATFORM.into()
+        self.id.into()
     }
     fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
         Ok(())
@@ -249,8 +336,8 @@ impl Participant for PlatformParticipant<'_> {
     fn pause(&mut self) -> Result<(), ParticipantError> {
         Ok(())
     }
-    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<PlatformState, ParticipantError> {
-        PlatformState::save(self.0).map_err(|e| failed(ids::PLATFORM, e))
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<S, ParticipantError> {
+        (self.save)(self.vm).map_err(|e| failed(self.id, e))
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())
