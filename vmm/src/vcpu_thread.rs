@@ -358,14 +358,21 @@ mod tests {
     /// A real-mode guest that writes to port 0x10 forever: `out 0x10, al; inc al; jmp $-4`.
     const LOOP_CODE: [u8; 5] = [0xe6, 0x10, 0xfe, 0xc0, 0xeb];
 
-    fn start_looping_guest(count: Arc<AtomicU64>) -> (VcpuSet, kvm_ioctls::VmFd, GuestRam) {
+    /// A VM (with an in-kernel irqchip when asked) whose one vCPU runs `code` in real mode at
+    /// 0x1000, with its vCPU thread started paused on `pio`.
+    fn start_real_mode_guest(
+        code: &[u8],
+        irqchip: bool,
+        pio: Bus,
+    ) -> (VcpuSet, kvm_ioctls::VmFd, GuestRam) {
         let kvm = Kvm::new().expect("needs /dev/kvm (load kvm_intel or kvm_amd, run as root)");
         let vm = kvm.create_vm().unwrap();
+        if irqchip {
+            vm.create_irq_chip().unwrap();
+        }
         let ram = GuestRam::new(64 << 20).unwrap();
-        let mut code = LOOP_CODE.to_vec();
-        code.push(0xfa); // jmp rel8 -6: back to the `out`
         ram.memory()
-            .write_slice(&code, GuestAddress(0x1000))
+            .write_slice(code, GuestAddress(0x1000))
             .unwrap();
         ram.register(&vm).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
@@ -377,15 +384,21 @@ mod tests {
         regs.rip = 0x1000;
         regs.rflags = 2;
         vcpu.set_regs(&regs).unwrap();
-        let mut pio = Bus::new();
-        pio.insert(Arc::new(Mutex::new(PortCounter(count))), 0x10, 1)
-            .unwrap();
         let buses = Buses {
             pio: Arc::new(RwLock::new(pio)),
             mmio: Arc::new(RwLock::new(Bus::new())),
         };
         let set = VcpuSet::start(vec![vcpu], &buses, Arc::new(|_| {})).unwrap();
         (set, vm, ram)
+    }
+
+    fn start_looping_guest(count: Arc<AtomicU64>) -> (VcpuSet, kvm_ioctls::VmFd, GuestRam) {
+        let mut code = LOOP_CODE.to_vec();
+        code.push(0xfa); // jmp rel8 -6: back to the `out`
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(PortCounter(count))), 0x10, 1)
+            .unwrap();
+        start_real_mode_guest(&code, false, pio)
     }
 
     fn wait_for_count_above(count: &AtomicU64, floor: u64) -> u64 {
@@ -449,29 +462,9 @@ mod tests {
 
     #[test]
     fn a_halted_guest_is_paused_and_its_vcpu_can_be_read() {
-        let kvm = Kvm::new().expect("needs /dev/kvm (load kvm_intel or kvm_amd, run as root)");
-        let vm = kvm.create_vm().unwrap();
         // With an in-kernel LAPIC, HLT waits inside KVM_RUN: only a kick gets the thread out.
-        vm.create_irq_chip().unwrap();
-        let ram = GuestRam::new(64 << 20).unwrap();
-        ram.memory()
-            .write_slice(&HALT_CODE, GuestAddress(0x1000))
-            .unwrap();
-        ram.register(&vm).unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = 0x1000;
-        regs.rflags = 2;
-        vcpu.set_regs(&regs).unwrap();
-        let buses = Buses {
-            pio: Arc::new(RwLock::new(Bus::new())),
-            mmio: Arc::new(RwLock::new(Bus::new())),
-        };
-        let set = Arc::new(VcpuSet::start(vec![vcpu], &buses, Arc::new(|_| {})).unwrap());
+        let (set, _vm, _ram) = start_real_mode_guest(&HALT_CODE, true, Bus::new());
+        let set = Arc::new(set);
         set.resume();
         std::thread::sleep(Duration::from_millis(50));
 
