@@ -261,6 +261,11 @@ impl StateSet {
         })
     }
 
+    /// The envelope of `id`, left in the set (to inspect or compare a state without its type).
+    pub fn envelope(&self, id: &str) -> Option<&Envelope> {
+        self.envelopes.get(id)
+    }
+
     /// Ids still in the set.
     pub fn remaining(&self) -> Vec<String> {
         self.envelopes.keys().cloned().collect()
