@@ -1,0 +1,266 @@
+//! One running VM: KVM VM, guest RAM, vCPU threads and devices, built in the order KVM needs.
+//! Saving a VM into a live-update session and rebuilding it from one is in `live_update`.
+
+mod live_update;
+
+pub use live_update::Prebuilt;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use liveupdate::machine::MachineError;
+use thiserror::Error;
+
+use crate::boot::{self, BootConfig, BootError};
+use crate::config::VmConfig;
+use crate::cpu::{self, CpuError};
+use crate::device_manager::{DeviceContext, DeviceError, DeviceManager};
+use crate::interrupts::{InterruptError, InterruptManager};
+use crate::memory::{GuestRam, MemoryError};
+use crate::platform::{self, PlatformError};
+use crate::vcpu_thread::{VcpuEvent, VcpuSet};
+
+/// Errors from building or running a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("Cannot open /dev/kvm")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// KVM refused to create the VM or a vCPU.
+    #[error("KVM refused to create the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// A vCPU could not be created.
+    #[error("Cannot create vCPU {index}")]
+    CreateVcpu {
+        /// Index of the vCPU.
+        index: u8,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The irqchip, PIT or clock could not be set up.
+    #[error("Cannot set up the interrupt controller and timer")]
+    Platform(#[source] PlatformError),
+    /// Guest RAM could not be set up.
+    #[error("Cannot set up guest RAM")]
+    Memory(#[source] MemoryError),
+    /// Interrupt routing could not be set up.
+    #[error("Cannot set up interrupt routing")]
+    Interrupts(#[source] InterruptError),
+    /// A device could not be created.
+    #[error("Cannot create the devices")]
+    Devices(#[source] DeviceError),
+    /// The configuration names no kernel.
+    #[error("No kernel to boot: set payload.kernel (--kernel)")]
+    NoKernel,
+    /// The kernel could not be loaded.
+    #[error("Cannot load the kernel")]
+    Boot(#[source] BootError),
+    /// A vCPU could not be configured.
+    #[error("Cannot configure vCPU {index}")]
+    Vcpu {
+        /// Index of the vCPU.
+        index: u8,
+        /// Why.
+        #[source]
+        source: CpuError,
+    },
+    /// The vCPU threads could not start.
+    #[error("Cannot start the vCPU threads")]
+    VcpuThreads(#[source] std::io::Error),
+    /// A live update failed (the VM runs on where it was).
+    #[error("Live update failed")]
+    LiveUpdate(#[source] MachineError),
+    /// A VM needs at least one vCPU.
+    #[error("The VM has no vCPU")]
+    NoVcpu,
+    /// The saved VM configuration does not parse.
+    #[error("The saved VM configuration is invalid")]
+    Config(#[source] crate::config::ConfigError),
+    /// The live-update state was already used.
+    #[error("The live-update state was already used")]
+    NoState,
+    /// The VM built ahead has another RAM size than the saved VM.
+    #[error("The VM built ahead has {prebuilt} bytes of RAM, the saved VM {saved}")]
+    PrebuiltMismatch {
+        /// RAM of the prebuilt VM.
+        prebuilt: u64,
+        /// RAM of the saved VM.
+        saved: u64,
+    },
+}
+
+/// What a VM is made of, before its vCPU threads start.
+struct Parts {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
+    interrupts: InterruptManager,
+    devices: DeviceManager,
+    vcpus: Vec<VcpuFd>,
+}
+
+/// A KVM VM with its irqchip and PIT, and `ram` registered as its memory.
+fn create_vm(ram: &GuestRam) -> Result<(Kvm, Arc<VmFd>), VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+    // The irqchip must exist before any vCPU (KVM creates each vCPU's LAPIC from it).
+    platform::create_platform(&vm_fd).map_err(VmError::Platform)?;
+    ram.register(&vm_fd).map_err(VmError::Memory)?;
+    Ok((kvm, vm_fd))
+}
+
+fn create_vcpu(vm_fd: &VmFd, index: u8) -> Result<VcpuFd, VmError> {
+    vm_fd
+        .create_vcpu(u64::from(index))
+        .map_err(|source| VmError::CreateVcpu { index, source })
+}
+
+/// A booted VM. Dropping it stops the vCPUs and devices and releases guest RAM.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: vCPU threads stop before the devices they call into, and both
+    // before the VM and its memory go away.
+    vcpus: VcpuSet,
+    devices: DeviceManager,
+    interrupts: InterruptManager,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
+    kvm: Kvm,
+    /// The MSRs a vCPU state carries, probed before the vCPUs ran: once they run, a halted
+    /// guest keeps its vCPU inside KVM_RUN and nobody else may touch it until it is paused.
+    msrs: &'static [u32],
+}
+
+impl Vm {
+    /// Builds the VM described by `config`, loads its kernel and starts it running.
+    pub fn boot(
+        config: &VmConfig,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    ) -> Result<Self, VmError> {
+        let ram = GuestRam::new(config.memory.size).map_err(VmError::Memory)?;
+        let (kvm, vm_fd) = create_vm(&ram)?;
+        let interrupts = InterruptManager::new(vm_fd.clone()).map_err(VmError::Interrupts)?;
+        let ctx = DeviceContext {
+            config,
+            memory: ram.memory(),
+            vm: &vm_fd,
+            interrupts: &interrupts,
+            on_event: on_event.clone(),
+        };
+        let devices = DeviceManager::build(&ctx, None).map_err(VmError::Devices)?;
+
+        let count = config.cpus.boot_vcpus;
+        let kernel = config.payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
+        let entry = boot::load_kernel(
+            ram.memory(),
+            &BootConfig {
+                kernel,
+                initramfs: config.payload.initramfs.as_deref(),
+                cmdline: config.payload.cmdline.as_deref().unwrap_or(""),
+                vcpus: count,
+            },
+        )
+        .map_err(VmError::Boot)?;
+        let mut fds = Vec::with_capacity(usize::from(count));
+        for index in 0..count {
+            let vcpu = create_vcpu(&vm_fd, index)?;
+            cpu::configure_vcpu(&kvm, &vcpu, index, count)
+                .map_err(|source| VmError::Vcpu { index, source })?;
+            if index == 0 {
+                boot::configure_boot_vcpu(&vcpu, &entry).map_err(VmError::Boot)?;
+            }
+            fds.push(vcpu);
+        }
+        Self::start(
+            Parts {
+                kvm,
+                vm_fd,
+                ram,
+                interrupts,
+                devices,
+                vcpus: fds,
+            },
+            on_event,
+            true,
+        )
+    }
+
+    /// Starts the vCPU threads and device workers; the vCPUs run only with `resume`.
+    fn start(
+        parts: Parts,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+        resume: bool,
+    ) -> Result<Self, VmError> {
+        let Parts {
+            kvm,
+            vm_fd,
+            ram,
+            interrupts,
+            mut devices,
+            vcpus,
+        } = parts;
+        let first = vcpus.first().ok_or(VmError::NoVcpu)?;
+        let msrs = cpu::supported_msrs_cached(&kvm, first)
+            .map_err(|source| VmError::Vcpu { index: 0, source })?;
+        let vcpus =
+            VcpuSet::start(vcpus, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
+        if resume {
+            devices.start_workers().map_err(VmError::Devices)?;
+            vcpus.resume();
+        }
+        Ok(Self {
+            vcpus,
+            devices,
+            interrupts,
+            vm_fd,
+            ram,
+            kvm,
+            msrs,
+        })
+    }
+
+    /// Stops the vCPUs, then the device queue workers: the guest sees time pass, nothing else.
+    pub fn pause(&mut self) {
+        self.vcpus.pause();
+        self.devices.stop_workers();
+    }
+
+    /// Restarts device workers, then the vCPUs.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        self.devices.start_workers().map_err(VmError::Devices)?;
+        self.vcpus.resume();
+        Ok(())
+    }
+
+    /// Device counters by device id.
+    pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.devices.counters()
+    }
+
+    /// Terminal input; returns how many bytes the guest's device took.
+    pub fn push_input(&mut self, bytes: &[u8]) -> usize {
+        self.devices.push_input(bytes)
+    }
+
+    /// Guest RAM (for live update and for tests).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    /// The interrupt routes of the VM.
+    pub fn interrupts(&self) -> &InterruptManager {
+        &self.interrupts
+    }
+
+    /// The KVM system handle the VM was created from.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+}
