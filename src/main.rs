@@ -39,6 +39,9 @@ struct Cli {
     /// Disks: path=<image>[,readonly=on|off][,id=<id>] (repeatable, several per flag).
     #[arg(long, value_name = "path=<image>", num_args = 1.., action = ArgAction::Append)]
     disk: Vec<String>,
+    /// vfio-user devices: socket=<path>[,persist=on|off] (repeatable).
+    #[arg(long, value_name = "socket=<path>", action = ArgAction::Append)]
+    user_device: Vec<String>,
     /// Serial port: off|null|pty|tty|file=<path>.
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
@@ -75,6 +78,7 @@ impl Cli {
             initramfs: self.initramfs.clone(),
             cmdline: self.cmdline.clone(),
             disks: self.disk.clone(),
+            user_devices: self.user_device.clone(),
             serial: self.serial.clone(),
             console: self.console.clone(),
             rng: self.rng.clone(),

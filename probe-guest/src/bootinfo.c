@@ -135,6 +135,8 @@ void config_parse(void)
 			cfg.virtio = v;
 		else if (key_is(tok, klen, "blk_io") && has_val && v <= 1)
 			cfg.blk_io = v;
+		else if (key_is(tok, klen, "userdev") && has_val && v <= 1)
+			cfg.userdev = v;
 		else
 			note_unknown(tok, len);	/* unknown key or bad value */
 	}

@@ -206,6 +206,8 @@ void probe_main(u32 start_info)
 		virtio_selftest(mapped, tsc.khz);
 	if (cfg.blk_io)
 		blk_io_init(mapped, tsc.khz);
+	if (cfg.userdev)
+		userdev_init();
 
 	struct worker w;
 	worker_init(&w, 0);
@@ -224,6 +226,8 @@ void probe_main(u32 start_info)
 			print_mismatch();
 			if (cfg.blk_io)
 				blk_io_tick(tsc.khz);
+			if (cfg.userdev)
+				userdev_tick();
 			print_status(++seq, now);
 			next_status += status_ticks;
 			if (next_status <= now)

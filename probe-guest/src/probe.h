@@ -142,6 +142,7 @@ struct config {
 	bool corrupt;
 	bool virtio;
 	bool blk_io;
+	bool userdev;
 	char unknown[128];
 	u32 unknown_len;
 };

@@ -140,6 +140,10 @@ bool vq_wait(struct virtq *q, u32 *used_len, u64 timeout_ms, u64 tsc_khz);
 void virtio_selftest(u64 mapped_end, u64 tsc_khz);
 void blk_io_init(u64 mapped_end, u64 tsc_khz);
 void blk_io_tick(u64 tsc_khz);
+
+/* userdev.c: the vfio-user test device (`userdev=1`). */
+void userdev_init(void);
+void userdev_tick(void);
 extern u64 blk_io_ok, blk_io_err;
 
 #endif

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::{
     ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig,
-    RngConfig, VmConfig,
+    RngConfig, UserDeviceConfig, VmConfig,
 };
 
 /// The VM-related flags as given on the command line, before parsing their values.
@@ -27,6 +27,8 @@ pub struct VmCliArgs {
     pub cmdline: Option<String>,
     /// `--disk path=P[,readonly=on|off][,id=X]`, one entry per disk.
     pub disks: Vec<String>,
+    /// `--user-device socket=P[,persist=on|off]`, one entry per vfio-user device.
+    pub user_devices: Vec<String>,
     /// `--serial off|null|pty|tty|file=PATH`.
     pub serial: Option<String>,
     /// `--console off|null|pty|tty|file=PATH`.
@@ -57,6 +59,11 @@ impl VmCliArgs {
             .disks
             .iter()
             .map(|disk| parse_disk(disk))
+            .collect::<Result<_, _>>()?;
+        config.user_devices = self
+            .user_devices
+            .iter()
+            .map(|device| parse_user_device(device))
             .collect::<Result<_, _>>()?;
         if let Some(serial) = &self.serial {
             config.serial = parse_console("serial", serial)?;
@@ -204,6 +211,14 @@ fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
         path: options.required_path("path")?,
         readonly: options.bool("readonly")?.unwrap_or(false),
         id,
+    })
+}
+
+fn parse_user_device(input: &str) -> Result<UserDeviceConfig, ConfigError> {
+    let options = Options::parse("user-device", input, &["socket", "persist"])?;
+    Ok(UserDeviceConfig {
+        socket: options.required_path("socket")?,
+        persist: options.bool("persist")?.unwrap_or(false),
     })
 }
 
@@ -459,6 +474,47 @@ mod tests {
             ConfigError::MissingKey {
                 flag: "disk",
                 key: "path"
+            }
+        );
+    }
+
+    #[test]
+    fn user_devices_keep_their_sockets_in_order() {
+        let args = VmCliArgs {
+            user_devices: vec![
+                "socket=/a.sock".to_string(),
+                "socket=/b.sock,persist=on".to_string(),
+            ],
+            ..VmCliArgs::default()
+        };
+
+        let config = args.to_vm_config().unwrap();
+
+        let sockets: Vec<_> = config
+            .user_devices
+            .iter()
+            .map(|d| d.socket.clone())
+            .collect();
+        assert_eq!(
+            sockets,
+            [PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]
+        );
+    }
+
+    #[test]
+    fn user_device_with_unknown_key_is_rejected() {
+        let args = VmCliArgs {
+            user_devices: vec!["path=/a.sock".to_string()],
+            ..VmCliArgs::default()
+        };
+
+        let error = args.to_vm_config().unwrap_err();
+
+        assert_eq!(
+            error,
+            ConfigError::UnknownKey {
+                flag: "user-device",
+                key: "path".to_string()
             }
         );
     }

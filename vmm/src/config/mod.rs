@@ -124,6 +124,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in order.
     #[serde(default, deserialize_with = "null_as_default")]
     pub disks: Vec<DiskConfig>,
+    /// vfio-user devices, in order.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub user_devices: Vec<UserDeviceConfig>,
     /// The legacy 16550 serial port.
     #[serde(default = "ConsoleConfig::default_serial")]
     pub serial: ConsoleConfig,
@@ -188,6 +191,17 @@ pub struct DiskConfig {
     /// Device id (for counters and the API); generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// One vfio-user device (`--user-device`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDeviceConfig {
+    /// The server's UNIX socket.
+    pub socket: PathBuf,
+    /// The server keeps the device running across a reconnect (e.g. `vfio-user-testdev
+    /// --persist`), so a live update can re-attach it instead of refusing.
+    #[serde(default)]
+    pub persist: bool,
 }
 
 /// Where a serial port or console goes.
@@ -309,6 +323,7 @@ impl Default for VmConfig {
             memory: MemoryConfig::default(),
             payload: PayloadConfig::default(),
             disks: Vec::new(),
+            user_devices: Vec::new(),
             serial: ConsoleConfig::default_serial(),
             console: ConsoleConfig::default_console(),
             rng: RngConfig::default(),
@@ -605,6 +620,24 @@ mod tests {
         assert!(config.disks.is_empty());
         assert_eq!(config.serial.mode, ConsoleMode::Tty);
         assert_eq!(config.console.mode, ConsoleMode::Off);
+    }
+
+    #[test]
+    fn json_user_devices_as_cloud_hypervisor_writes_them_parse() {
+        let json = br#"{
+            "payload": {"kernel": "/vmlinux"},
+            "user_devices": [{"socket": "/run/dev.sock", "id": "u0", "pci_segment": 0}]
+        }"#;
+
+        let config = VmConfig::from_json(json).unwrap();
+
+        assert_eq!(
+            config.user_devices,
+            [UserDeviceConfig {
+                socket: PathBuf::from("/run/dev.sock"),
+                persist: false,
+            }]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod legacy;
 mod participants;
 mod pci;
+mod user;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -99,6 +100,15 @@ pub enum DeviceError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A vfio-user device could not be attached.
+    #[error("Cannot attach the vfio-user device at {socket}")]
+    UserDevice {
+        /// The server's socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: vfio_user::UserDeviceError,
+    },
     /// A queue worker thread could not start.
     #[error("Cannot start the queue worker of {id}")]
     Worker {
@@ -120,6 +130,7 @@ pub struct DeviceManager {
     console: Option<Arc<Mutex<VirtioPciDevice<Console>>>>,
     console_is_tty: bool,
     virtio: Vec<VirtioEntry>,
+    user_devices: Vec<user::UserDeviceEntry>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -153,6 +164,10 @@ pub mod ids {
     pub const CMOS: &str = "cmos";
     /// The PCI root (host bridge and config address register).
     pub const PCI_ROOT: &str = "pci/root";
+    /// A vfio-user device, by its position on the command line.
+    pub fn user_device(index: usize) -> String {
+        format!("vfio-user/{index}")
+    }
     /// A virtio-pci device, by device id.
     pub fn virtio(id: &str) -> String {
         format!("virtio/{id}")
@@ -215,6 +230,11 @@ impl DeviceManager {
         })
         .map_err(DeviceError::Rng)?;
         pci.add(rng, "_rng")?;
+        // After the virtio devices, so their MSI groups keep their order in saved states.
+        let mut user_devices = Vec::new();
+        for (index, device) in ctx.config.user_devices.iter().enumerate() {
+            user_devices.push(pci.add_user_device(index, device)?);
+        }
         if let Some(states) = pci.restore.as_deref_mut() {
             let state: PciRootState = states
                 .take(ids::PCI_ROOT, PCI_ROOT_STATE_VERSION)
@@ -239,6 +259,7 @@ impl DeviceManager {
             console,
             console_is_tty: ctx.config.console.mode == ConsoleMode::Tty,
             virtio,
+            user_devices,
         })
     }
 
@@ -268,6 +289,9 @@ impl DeviceManager {
         }));
         for entry in &mut self.virtio {
             list.push(Box::new(VirtioParticipant { entry }));
+        }
+        for entry in &self.user_devices {
+            list.push(Box::new(user::UserDeviceParticipant { entry }));
         }
         list
     }

@@ -1,0 +1,376 @@
+//! vfio-user on real KVM: the VMM attaches `vfio-user-testdev`, which DMAs an advancing counter
+//! into guest RAM while the probe guest runs; a missing server is a clear startup error.
+// Integration tests are their own crate: no `cfg(test)` module to hold them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module
+)]
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{Agent, VmmProcess, probe_fields, scratch_dir};
+
+const BOOT: Duration = Duration::from_secs(30);
+const LINE: Duration = Duration::from_secs(10);
+const QUICK: &str = "fill=1 status_ms=300";
+/// Where the test device DMAs: above the probe's pattern area (fill=1 keeps it small) and clear
+/// of the boot data in low memory.
+const DMA_ADDR: u64 = 0x300_0000;
+
+/// Requires /dev/kvm; fails (never skips) without it.
+fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
+    );
+}
+
+/// A running `vfio-user-testdev`, killed on drop.
+struct TestDev {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl TestDev {
+    /// Starts the device with DMA enabled at `DMA_ADDR` and waits for its socket.
+    fn start(dir: &Path, rate: u32) -> Self {
+        Self::start_with(
+            dir,
+            &[
+                "--rate",
+                &rate.to_string(),
+                "--enable",
+                &format!("{DMA_ADDR:#x},16"),
+            ],
+        )
+    }
+
+    /// Starts the device with extra arguments and waits for its socket.
+    fn start_with(dir: &Path, args: &[&str]) -> Self {
+        let socket = dir.join("testdev.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_vfio-user-testdev"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "vfio-user-testdev did not listen"
+            );
+            sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+
+    fn arg(&self) -> String {
+        format!("socket={}", self.socket.display())
+    }
+}
+
+impl Drop for TestDev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The VMM's guest RAM memfd (offset = guest physical address below 3 GiB).
+fn guest_ram(pid: u32) -> File {
+    let fds = PathBuf::from(format!("/proc/{pid}/fd"));
+    let memfd = std::fs::read_dir(&fds)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|fd| {
+            std::fs::read_link(fd)
+                .is_ok_and(|target| target.to_string_lossy().starts_with("/memfd:guest-ram"))
+        })
+        .unwrap_or_else(|| panic!("no /memfd:guest-ram link in {}", fds.display()));
+    File::open(memfd).unwrap()
+}
+
+/// The device's record: (counter, timestamp in ns since the epoch).
+fn read_record(ram: &File) -> (u64, u64) {
+    let mut bytes = [0u8; 16];
+    ram.read_exact_at(&mut bytes, DMA_ADDR).unwrap();
+    (
+        u64::from_le_bytes(bytes[..8].try_into().unwrap()),
+        u64::from_le_bytes(bytes[8..].try_into().unwrap()),
+    )
+}
+
+fn now_ns() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn attached_testdev_dma_advances_counter_in_guest_ram_while_guest_runs() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-dma");
+    let dev = TestDev::start(&dir, 1000);
+    let vmm = VmmProcess::probe(1, "128M", QUICK, &dir, &["--user-device", &dev.arg()]);
+    let (next, _banner) = vmm.next_banner(0, BOOT);
+    let ram = guest_ram(vmm.pid());
+
+    let (first, _) = read_record(&ram);
+    sleep(Duration::from_millis(500));
+    let (second, stamp) = read_record(&ram);
+    let (_, status) = vmm.next_status(next, LINE);
+
+    assert!(first > 0, "no DMA before the guest booted: {first}");
+    assert!(
+        second > first + 50,
+        "counter barely moved: {first} -> {second}"
+    );
+    let age = now_ns().saturating_sub(stamp);
+    assert!(age < 1_000_000_000, "timestamp {age} ns old");
+    assert_eq!(status.get("errors"), 0, "{status:?}");
+}
+
+#[test]
+fn missing_server_is_a_clear_startup_error() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-missing");
+    let socket = format!("socket={}", dir.join("nobody.sock").display());
+    let mut vmm = VmmProcess::probe(1, "128M", QUICK, &dir, &["--user-device", &socket]);
+
+    let code = vmm.wait_exit(Duration::from_secs(10));
+
+    assert_ne!(code, Some(0));
+    assert!(code.is_some(), "the VMM kept running without its device");
+    let stderr = vmm.stderr();
+    assert!(
+        stderr.contains("Cannot attach the vfio-user device"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn live_update_with_non_persisting_device_is_refused_and_dma_goes_on() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-lu");
+    let agent = Agent::start(&dir);
+    let dev = TestDev::start(&dir, 1000);
+    let liveupdate = agent.arg();
+    let extra = ["--liveupdate", &liveupdate, "--user-device", &dev.arg()];
+    let vmm = VmmProcess::probe(1, "128M", QUICK, &dir, &extra);
+    let (_, _banner) = vmm.next_banner(0, BOOT);
+    let ram = guest_ram(vmm.pid());
+
+    let refused = vmm.try_live_update("userdev");
+    let after = vmm.lines().len();
+    let (before, _) = read_record(&ram);
+    sleep(Duration::from_millis(300));
+    let (later, _) = read_record(&ram);
+    let (_, status) = vmm.next_status(after, LINE);
+
+    assert!(!refused.is_success(), "{refused:?}");
+    let messages = String::from_utf8_lossy(&refused.body).to_string();
+    assert!(messages.contains("vfio-user/0"), "{messages}");
+    assert!(messages.contains("persist=off"), "{messages}");
+    assert!(later > before, "DMA stopped: {before} -> {later}");
+    assert_eq!(status.get("errors"), 0, "{status:?}");
+}
+
+/// The next `probe: userdev counter=...` line after line `skip`, and the index after it.
+fn next_userdev(
+    vmm: &VmmProcess,
+    skip: usize,
+) -> (usize, std::collections::BTreeMap<String, String>) {
+    let mut index = skip;
+    let fields = vmm.wait_for(skip, LINE, |line| {
+        index += 1;
+        probe_fields(line, "userdev").filter(|f| f.contains_key("counter"))
+    });
+    (index, fields)
+}
+
+fn field(fields: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {
+    fields[key]
+        .parse()
+        .unwrap_or_else(|e| panic!("{key} in {fields:?}: {e}"))
+}
+
+#[test]
+fn probe_guest_drives_testdev_dma_and_receives_its_msi() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-guest");
+    let dev = TestDev::start_with(&dir, &[]);
+    let cmdline = format!("{QUICK} userdev=1");
+    let vmm = VmmProcess::probe(1, "128M", &cmdline, &dir, &["--user-device", &dev.arg()]);
+    let (next, _banner) = vmm.next_banner(0, BOOT);
+
+    let started = vmm.wait_for(next, LINE, |line| probe_fields(line, "userdev started"));
+    let (next, first) = next_userdev(&vmm, next);
+    let (next, second) = next_userdev(&vmm, next);
+    let (_, status) = vmm.next_status(next, LINE);
+
+    assert!(started.contains_key("bar"), "{started:?}");
+    assert!(
+        field(&second, "counter") > field(&first, "counter"),
+        "{first:?} {second:?}"
+    );
+    assert!(
+        field(&second, "irqs") > field(&first, "irqs"),
+        "{first:?} {second:?}"
+    );
+    assert_eq!(field(&second, "msi_pending"), 1, "{second:?}");
+    assert_eq!(status.get("errors"), 0, "{status:?}");
+}
+
+#[test]
+fn killed_server_leaves_the_guest_running() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-killed");
+    let mut dev = TestDev::start_with(&dir, &[]);
+    let cmdline = format!("{QUICK} userdev=1");
+    let mut vmm = VmmProcess::probe(1, "128M", &cmdline, &dir, &["--user-device", &dev.arg()]);
+    let (next, _banner) = vmm.next_banner(0, BOOT);
+    let (next, before) = next_userdev(&vmm, next);
+
+    dev.child.kill().unwrap();
+    dev.child.wait().unwrap();
+    let (next, _) = next_userdev(&vmm, next);
+    let (next, stopped) = next_userdev(&vmm, next);
+    let (next, still) = next_userdev(&vmm, next);
+    let (_, status) = vmm.next_status(next, LINE);
+
+    assert!(field(&before, "counter") > 0, "{before:?}");
+    // The device is gone: its buffer stops moving and its registers read as all ones.
+    assert_eq!(field(&stopped, "counter"), field(&still, "counter"));
+    assert_eq!(field(&still, "irqs"), u64::from(u32::MAX), "{still:?}");
+    assert_eq!(status.get("errors"), 0, "{status:?}");
+    assert!(vmm.is_running(), "the VMM exited with its device");
+    let stderr = vmm.stderr();
+    assert_eq!(stderr.matches("connection lost").count(), 1, "{stderr}");
+}
+
+#[test]
+fn guest_reboot_reconnects_and_dma_starts_again() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-reboot");
+    let dev = TestDev::start_with(&dir, &[]);
+    let cmdline = format!("{QUICK} userdev=1 reboot_after=2");
+    let mut vmm = VmmProcess::probe(1, "128M", &cmdline, &dir, &["--user-device", &dev.arg()]);
+    let (next, _banner) = vmm.next_banner(0, BOOT);
+    let (next, before) = next_userdev(&vmm, next);
+
+    let (next, _second_boot) = vmm.next_banner(next, BOOT);
+    let (next, first) = next_userdev(&vmm, next);
+    let (_, second) = next_userdev(&vmm, next);
+
+    assert!(field(&before, "counter") > 0, "{before:?}");
+    assert!(
+        field(&second, "counter") > field(&first, "counter"),
+        "{first:?} {second:?}"
+    );
+    assert_eq!(field(&second, "msi_pending"), 1, "{second:?}");
+    assert!(vmm.is_running(), "{}", vmm.stderr());
+}
+
+/// The last complete `probe: userdev counter=...` line of a VMM that has exited.
+fn last_userdev(vmm: &VmmProcess) -> std::collections::BTreeMap<String, String> {
+    vmm.lines()
+        .iter()
+        .rev()
+        .filter_map(|line| probe_fields(line, "userdev"))
+        .find(|fields| fields.contains_key("msi_pending"))
+        .unwrap_or_else(|| panic!("no userdev line in {:?}", vmm.lines()))
+}
+
+#[test]
+fn restart_live_update_reattaches_a_persisting_device_that_kept_running() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-restart");
+    let agent = Agent::start(&dir);
+    let dev = TestDev::start_with(&dir, &["--persist"]);
+    let liveupdate = agent.arg();
+    let device = format!("{},persist=on", dev.arg());
+    let cmdline = "fill=1 status_ms=100 userdev=1";
+    let old_dir = dir.join("old");
+    std::fs::create_dir_all(&old_dir).unwrap();
+    let extra = ["--liveupdate", &liveupdate, "--user-device", &device];
+    let mut old = VmmProcess::probe(1, "128M", cmdline, &old_dir, &extra);
+    let (next, _) = old.next_banner(0, BOOT);
+    let (_, _) = next_userdev(&old, next);
+
+    let timings = old.live_update("userdev");
+    let old_exit = old.wait_exit(Duration::from_secs(10));
+    let before = last_userdev(&old);
+    let successor = VmmProcess::successor(&agent, "userdev", &dir.join("new"), &[]);
+    let (_, first_status) = successor.next_status(0, LINE);
+    let (next, first) = next_userdev(&successor, 0);
+    let (next, later) = next_userdev(&successor, next);
+    let (_, status) = successor.next_status(next, LINE);
+
+    assert_eq!(old_exit, Some(0), "{}", old.stderr());
+    assert!(
+        !successor.lines().iter().any(|l| l.contains("probe: start")),
+        "the guest restarted: {:?}",
+        successor.lines()
+    );
+    // The device kept DMA-ing while no VMM ran the guest: the first reading after the
+    // update is ahead of the last one before by more than the guest's own 100 ms step.
+    let advanced = field(&first, "counter") - field(&before, "counter");
+    assert!(advanced > 0, "{before:?} {first:?}");
+    assert!(
+        field(&later, "counter") > field(&first, "counter"),
+        "{first:?} {later:?}"
+    );
+    assert!(
+        field(&later, "irqs") > field(&before, "irqs"),
+        "{before:?} {later:?}"
+    );
+    assert_eq!(field(&later, "msi_pending"), 1, "{later:?}");
+    assert_eq!(status.get("errors"), 0, "{status:?}");
+    eprintln!(
+        "vfio-user restart update: counter {} -> {} (advanced {advanced} at 1000/s), \
+         guest pause (first stall_us after the update) {}, timings_us {timings}",
+        field(&before, "counter"),
+        field(&first, "counter"),
+        first_status.get("stall_us"),
+    );
+}
+
+#[test]
+fn live_update_after_the_server_died_is_refused_and_the_guest_runs_on() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-dead");
+    let agent = Agent::start(&dir);
+    let mut dev = TestDev::start_with(&dir, &["--persist"]);
+    let liveupdate = agent.arg();
+    let device = format!("{},persist=on", dev.arg());
+    let extra = ["--liveupdate", &liveupdate, "--user-device", &device];
+    let vmm = VmmProcess::probe(1, "128M", QUICK, &dir, &extra);
+    let (_, _banner) = vmm.next_banner(0, BOOT);
+
+    dev.child.kill().unwrap();
+    dev.child.wait().unwrap();
+    let refused = vmm.try_live_update("dead");
+    let after = vmm.lines().len();
+    let (next, first) = vmm.next_status(after, LINE);
+    let (_, second) = vmm.next_status(next, LINE);
+
+    assert!(!refused.is_success(), "{refused:?}");
+    let messages = String::from_utf8_lossy(&refused.body).to_string();
+    assert!(messages.contains("does not answer"), "{messages}");
+    assert!(second.get("seq") > first.get("seq"), "{first:?} {second:?}");
+    assert_eq!(second.get("errors"), 0, "{second:?}");
+}

@@ -1,0 +1,709 @@
+//! The VMM side: a remote PCI function on our PCI bus.
+//!
+//! BAR registers live here (the VMM places BARs; the server never sees guest addresses of its
+//! BARs), every other configuration byte and every BAR access goes to the server. The MSI
+//! capability is forwarded too, and after each write to it the VMM reads it back and points its
+//! one MSI vector (a KVM irqfd whose eventfd the server signals) at the programmed message.
+
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::proto::{Connection, ProtoError};
+use devices::interrupt::{MsiMessage, MsiVectors};
+use devices::pci::{
+    PciBarInfo, PciConfiguration, PciConfigurationState, PciDevice, PciError, PciIds,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX,
+};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// First and end offset of the BAR registers in configuration space.
+const BAR_REGS: std::ops::Range<usize> = 0x10..0x28;
+/// PCI capability id of MSI.
+const CAP_ID_MSI: u8 = 0x05;
+
+/// Errors from attaching a vfio-user device.
+#[derive(Debug, Error)]
+pub enum UserDeviceError {
+    /// The server could not be reached or refused the handshake.
+    #[error("Cannot connect to the vfio-user server at {path}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ProtoError,
+    },
+    /// The server's device is not a PCI device.
+    #[error("The vfio-user device is not a PCI device")]
+    NotPci,
+    /// A protocol exchange failed.
+    #[error("vfio-user {what} failed")]
+    Protocol {
+        /// The request.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: ProtoError,
+    },
+    /// A guest RAM region has no file behind it, so it cannot be shared.
+    #[error("Guest RAM at {address:#x} is not file-backed")]
+    RamNotShareable {
+        /// Region start.
+        address: u64,
+    },
+    /// Guest RAM is not laid out as when the device was attached.
+    #[error("Guest RAM differs from the device's DMA regions")]
+    RamLayoutChanged,
+    /// BAR 0 is missing or not a usable memory BAR.
+    #[error("The device has no usable BAR 0")]
+    NoBar,
+    /// The BAR could not be placed.
+    #[error("Cannot place BAR 0")]
+    Bar(#[source] PciError),
+}
+
+/// One guest RAM region shared with the server for DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmaRegionState {
+    /// Guest physical address.
+    pub address: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Offset of the region in its RAM memfd.
+    pub file_offset: u64,
+}
+
+/// What the VMM side knows of an attached device; the device's own registers stay in the
+/// server. The start of the live-update state (see the crate docs): not yet saved anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfioUserDeviceState {
+    /// The server's socket.
+    pub socket: PathBuf,
+    /// BAR registers as the guest programmed them.
+    pub bars: PciConfigurationState,
+    /// Offset of the MSI capability, if the device has one.
+    pub msi_cap: Option<usize>,
+    /// The DMA regions shared with the server.
+    pub dma: Vec<DmaRegionState>,
+}
+
+/// A PCI function served by a vfio-user server.
+pub struct VfioUserPciDevice {
+    client: Connection,
+    socket: PathBuf,
+    /// A protocol call failed: the server is treated as gone, accesses read all ones.
+    lost: bool,
+    dma: Vec<DmaRegionState>,
+    /// Holds the BAR registers (sizing, guest moves).
+    bars: PciConfiguration,
+    msi_cap: Option<usize>,
+    msi: Arc<dyn MsiVectors>,
+    /// The eventfd the server signals; kept so it outlives the connection setup.
+    _irq: EventFd,
+}
+
+impl fmt::Debug for VfioUserPciDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VfioUserPciDevice")
+            .field("bars", &self.bars.bars())
+            .field("msi_cap", &self.msi_cap)
+            .finish_non_exhaustive()
+    }
+}
+
+fn protocol(what: &'static str) -> impl FnOnce(ProtoError) -> UserDeviceError {
+    move |source| UserDeviceError::Protocol { what, source }
+}
+
+/// Connects (resetting the device if `reset`), shares guest RAM and the MSI eventfd; returns
+/// the connection, the DMA regions and the size of BAR 0.
+fn open(
+    path: &Path,
+    memory: &GuestMemoryMmap,
+    irq: &EventFd,
+    reset: bool,
+) -> Result<(Connection, Vec<DmaRegionState>, u64), UserDeviceError> {
+    let mut client = Connection::connect(path).map_err(|source| UserDeviceError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (flags, _regions, _irqs) = client.device_info().map_err(protocol("DEVICE_GET_INFO"))?;
+    if flags & VFIO_DEVICE_FLAGS_PCI == 0 {
+        return Err(UserDeviceError::NotPci);
+    }
+    if reset && flags & VFIO_DEVICE_FLAGS_RESET != 0 {
+        // A server that kept the device running for an earlier client must not hand its
+        // DMA engine, still programmed, to a guest that has just booted.
+        client.reset().map_err(protocol("DEVICE_RESET"))?;
+    }
+    let mut dma = Vec::new();
+    for region in memory.iter() {
+        let address = region.start_addr().0;
+        let file = region
+            .file_offset()
+            .ok_or(UserDeviceError::RamNotShareable { address })?;
+        dma.push(DmaRegionState {
+            address,
+            size: region.len(),
+            file_offset: file.start(),
+        });
+        client
+            .dma_map(file.start(), address, region.len(), file.file().as_raw_fd())
+            .map_err(protocol("DMA map"))?;
+    }
+    client
+        .set_irqs(
+            VFIO_PCI_MSI_IRQ_INDEX,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            &[irq.as_raw_fd()],
+        )
+        .map_err(protocol("SET_IRQS"))?;
+    let size = client
+        .region_info(VFIO_PCI_BAR0_REGION_INDEX)
+        .map_err(protocol("DEVICE_GET_REGION_INFO"))?
+        .size;
+    if !size.is_power_of_two() || !(16..=1 << 31).contains(&size) {
+        return Err(UserDeviceError::NoBar);
+    }
+    Ok((client, dma, size))
+}
+
+/// The VMM's copy of the BAR registers: one 32-bit memory BAR 0.
+fn bar_registers(address: u64, size: u64) -> Result<PciConfiguration, UserDeviceError> {
+    let mut bars = PciConfiguration::new(&PciIds::default());
+    bars.add_bar(&PciBarInfo {
+        index: 0,
+        address,
+        size,
+        is_64bit: false,
+    })
+    .map_err(UserDeviceError::Bar)?;
+    Ok(bars)
+}
+
+impl VfioUserPciDevice {
+    /// Connects to the server at `path`, resets the device, shares every region of `memory`
+    /// for DMA, gives the server `irq` (registered by the caller as the irqfd behind `msi` vector 0) and places
+    /// BAR 0 where `place_bar(size)` says.
+    pub fn connect(
+        path: &Path,
+        memory: &GuestMemoryMmap,
+        msi: Arc<dyn MsiVectors>,
+        irq: EventFd,
+        place_bar: &mut dyn FnMut(u64) -> Result<u64, PciError>,
+    ) -> Result<Self, UserDeviceError> {
+        let (client, dma, size) = open(path, memory, &irq, true)?;
+        let address = place_bar(size).map_err(UserDeviceError::Bar)?;
+        let bars = bar_registers(address, size)?;
+        Self::finish(client, path, dma, bars, msi, irq)
+    }
+
+    /// Takes over a device that kept running while no VMM was attached (a server in persist
+    /// mode, after a VMM replacement): no reset, the same DMA regions mapped again, a new
+    /// eventfd, and the BAR registers from `state`. The guest RAM must be laid out as in
+    /// `state`.
+    pub fn reattach(
+        memory: &GuestMemoryMmap,
+        msi: Arc<dyn MsiVectors>,
+        irq: EventFd,
+        state: &VfioUserDeviceState,
+    ) -> Result<Self, UserDeviceError> {
+        let path = state.socket.as_path();
+        let (client, dma, size) = open(path, memory, &irq, false)?;
+        if dma != state.dma {
+            return Err(UserDeviceError::RamLayoutChanged);
+        }
+        let mut bars = bar_registers(0, size)?;
+        bars.set_state(&state.bars).map_err(UserDeviceError::Bar)?;
+        Self::finish(client, path, dma, bars, msi, irq)
+    }
+
+    fn finish(
+        client: Connection,
+        path: &Path,
+        dma: Vec<DmaRegionState>,
+        bars: PciConfiguration,
+        msi: Arc<dyn MsiVectors>,
+        irq: EventFd,
+    ) -> Result<Self, UserDeviceError> {
+        let mut device = Self {
+            client,
+            socket: path.to_path_buf(),
+            lost: false,
+            dma,
+            bars,
+            msi_cap: None,
+            msi,
+            _irq: irq,
+        };
+        device.msi_cap = device.find_msi_cap()?;
+        Ok(device)
+    }
+
+    /// Whether the server still answers (one configuration read); false once the connection
+    /// is lost.
+    pub fn is_alive(&mut self) -> bool {
+        let mut ids = [0u8; 4];
+        self.guest_call(|dev| dev.read_config(0, &mut ids))
+    }
+
+    /// The VMM-side state of the device.
+    pub fn state(&self) -> VfioUserDeviceState {
+        VfioUserDeviceState {
+            socket: self.socket.clone(),
+            bars: self.bars.state(),
+            msi_cap: self.msi_cap,
+            dma: self.dma.clone(),
+        }
+    }
+
+    fn read_config(&mut self, offset: usize, data: &mut [u8]) -> Result<(), UserDeviceError> {
+        self.client
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, data)
+            .map_err(protocol("config read"))
+    }
+
+    /// Walks the capability list for MSI (at most 48 entries, so a loop cannot hang us).
+    fn find_msi_cap(&mut self) -> Result<Option<usize>, UserDeviceError> {
+        let mut pointer = [0u8];
+        self.read_config(0x34, &mut pointer)?;
+        for _ in 0..48 {
+            let offset = usize::from(pointer[0] & 0xfc);
+            if offset < 0x40 {
+                return Ok(None);
+            }
+            let mut header = [0u8; 2];
+            self.read_config(offset, &mut header)?;
+            if header[0] == CAP_ID_MSI {
+                return Ok(Some(offset));
+            }
+            pointer[0] = header[1];
+        }
+        Ok(None)
+    }
+
+    /// Reads the MSI capability back and points the vector at what the guest programmed.
+    fn update_msi(&mut self, cap: usize) -> Result<(), UserDeviceError> {
+        let mut raw = [0u8; 14];
+        self.read_config(cap, &mut raw)?;
+        let control = u16::from_le_bytes([raw[2], raw[3]]);
+        let is_64bit = control & 0x80 != 0;
+        let low = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+        let (high, data) = if is_64bit {
+            (
+                u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
+                u16::from_le_bytes([raw[12], raw[13]]),
+            )
+        } else {
+            (0, u16::from_le_bytes([raw[8], raw[9]]))
+        };
+        let message = (control & 1 != 0).then_some(MsiMessage {
+            address: u64::from(high) << 32 | u64::from(low),
+            data: u32::from(data),
+        });
+        if let Err(e) = self.msi.configure(0, message) {
+            log::warn!("vfio-user: cannot route the MSI vector: {e}");
+        }
+        Ok(())
+    }
+}
+
+impl VfioUserPciDevice {
+    /// Runs one guest-triggered protocol call, unless the connection was already lost; the
+    /// first failure is logged once and marks it lost (a dead server must not flood the log).
+    fn guest_call(&mut self, call: impl FnOnce(&mut Self) -> Result<(), UserDeviceError>) -> bool {
+        if self.lost {
+            return false;
+        }
+        match call(self) {
+            Ok(()) => true,
+            Err(e) => {
+                let cause = std::error::Error::source(&e)
+                    .map(|source| format!(" ({source})"))
+                    .unwrap_or_default();
+                log::error!(
+                    "vfio-user device {}: {e}{cause}: connection lost, its registers now read all ones",
+                    self.socket.display()
+                );
+                self.lost = true;
+                false
+            }
+        }
+    }
+}
+
+impl PciDevice for VfioUserPciDevice {
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if BAR_REGS.contains(&offset) {
+            self.bars.read(offset, data);
+        } else if !self.guest_call(|dev| dev.read_config(offset, data)) {
+            data.fill(0xff);
+        }
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        if BAR_REGS.contains(&offset) {
+            self.bars.write(offset, data);
+            return;
+        }
+        let written = self.guest_call(|dev| {
+            dev.client
+                .region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, data)
+                .map_err(protocol("config write"))
+        });
+        if written
+            && let Some(cap) = self.msi_cap
+            && offset < cap + 14
+            && offset + data.len() > cap
+        {
+            self.guest_call(|dev| dev.update_msi(cap));
+        }
+    }
+
+    fn bars(&self) -> Vec<PciBarInfo> {
+        self.bars.bars()
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let region = u32::try_from(bar).unwrap_or(u32::MAX);
+        let read = self.guest_call(|dev| {
+            dev.client
+                .region_read(region, offset, data)
+                .map_err(protocol("BAR read"))
+        });
+        if !read {
+            data.fill(0xff);
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let region = u32::try_from(bar).unwrap_or(u32::MAX);
+        self.guest_call(|dev| {
+            dev.client
+                .region_write(region, offset, data)
+                .map_err(protocol("BAR write"))
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::OpenOptions;
+    use std::io;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+
+    use super::*;
+    use crate::testdev::regs::{BAR0_SIZE, DEVICE_ID, DEVICE_MAGIC, MSI_CAP, VENDOR_ID, reg};
+    use crate::testdev::{TestDevOptions, serve};
+
+    #[derive(Default)]
+    struct RecordingMsi(Mutex<Vec<Option<MsiMessage>>>);
+
+    impl MsiVectors for RecordingMsi {
+        fn configure(&self, vector: u16, message: Option<MsiMessage>) -> io::Result<()> {
+            assert_eq!(vector, 0);
+            self.0.lock().unwrap().push(message);
+            Ok(())
+        }
+        fn trigger(&self, _vector: u16) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// 1 MiB of file-backed "guest RAM", as the VMM's memfd would be.
+    fn file_backed_memory(dir: &Path) -> GuestMemoryMmap {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("ram"))
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), 1 << 20).unwrap();
+        let region = GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap();
+        GuestMemoryMmap::from_regions(vec![region]).unwrap()
+    }
+
+    fn connected(
+        name: &str,
+    ) -> (
+        VfioUserPciDevice,
+        GuestMemoryMmap,
+        Arc<RecordingMsi>,
+        EventFd,
+    ) {
+        let dir = std::env::temp_dir().join(format!("vfio-user-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("dev.sock");
+        let server_socket = socket.clone();
+        std::thread::spawn(move || {
+            let options = TestDevOptions {
+                rate_hz: 1000,
+                ..TestDevOptions::default()
+            };
+            serve(&server_socket, &options).unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "server did not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let memory = file_backed_memory(&dir);
+        let msi = Arc::new(RecordingMsi::default());
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let device = VfioUserPciDevice::connect(
+            &socket,
+            &memory,
+            msi.clone(),
+            irq.try_clone().unwrap(),
+            &mut |size| Ok(0xc000_0000 + size),
+        )
+        .unwrap();
+        (device, memory, msi, irq)
+    }
+
+    fn bar_reg(device: &mut VfioUserPciDevice, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        device.bar_read(0, offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    #[test]
+    fn config_space_shows_server_ids_and_vmm_placed_bar() {
+        let (mut device, _memory, _msi, _irq) = connected("ids");
+
+        let mut ids = [0u8; 4];
+        device.config_read(0, &mut ids);
+        let mut bar = [0u8; 4];
+        device.config_read(0x10, &mut bar);
+
+        assert_eq!(u16::from_le_bytes([ids[0], ids[1]]), VENDOR_ID);
+        assert_eq!(u16::from_le_bytes([ids[2], ids[3]]), DEVICE_ID);
+        assert_eq!(u64::from(u32::from_le_bytes(bar)), 0xc000_0000 + BAR0_SIZE);
+    }
+
+    /// A server that answers the version handshake with `reply` and hangs up.
+    fn bogus_server(name: &str, reply: Vec<u8>) -> PathBuf {
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("vfio-user-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("bogus.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 16];
+            stream.read_exact(&mut request).unwrap();
+            let _ = stream.write_all(&reply);
+        });
+        socket
+    }
+
+    fn connect_to(socket: &Path) -> Result<VfioUserPciDevice, UserDeviceError> {
+        let dir = socket.parent().unwrap();
+        VfioUserPciDevice::connect(
+            socket,
+            &file_backed_memory(dir),
+            Arc::new(RecordingMsi::default()),
+            EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+            &mut |_| Ok(0xc000_0000),
+        )
+    }
+
+    #[test]
+    fn garbage_handshake_reply_is_a_connect_error() {
+        // A header claiming a reply of 64 bytes, followed by bytes that are not JSON.
+        let mut reply = vec![0u8; 16];
+        reply[2..4].copy_from_slice(&1u16.to_le_bytes());
+        reply[4..8].copy_from_slice(&64u32.to_le_bytes());
+        reply[8..12].copy_from_slice(&1u32.to_le_bytes());
+        reply.extend_from_slice(&[0xa5; 48]);
+        let socket = bogus_server("garbage", reply);
+
+        let result = connect_to(&socket);
+
+        assert!(
+            matches!(result, Err(UserDeviceError::Connect { .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn server_hanging_up_mid_handshake_is_a_connect_error() {
+        let socket = bogus_server("hangup", vec![0u8; 5]);
+
+        let result = connect_to(&socket);
+
+        assert!(
+            matches!(result, Err(UserDeviceError::Connect { .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn persistent_device_keeps_running_across_a_reattach_without_reset() {
+        let dir = std::env::temp_dir().join(format!("vfio-user-persist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("dev.sock");
+        let server_socket = socket.clone();
+        std::thread::spawn(move || {
+            let options = TestDevOptions {
+                rate_hz: 1000,
+                persist: true,
+                ..TestDevOptions::default()
+            };
+            serve(&server_socket, &options)
+        });
+        while !socket.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let memory = file_backed_memory(&dir);
+        let old_irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut old = VfioUserPciDevice::connect(
+            &socket,
+            &memory,
+            Arc::new(RecordingMsi::default()),
+            old_irq.try_clone().unwrap(),
+            &mut |_| Ok(0xc000_0000),
+        )
+        .unwrap();
+        old.config_write(0x10, &0xd000_0000u32.to_le_bytes());
+        old.config_write(MSI_CAP + 2, &[0x81]);
+        old.bar_write(0, reg::DMA_ADDR_LO, &0x8000u32.to_le_bytes());
+        old.bar_write(0, reg::DMA_LEN, &16u32.to_le_bytes());
+        old.bar_write(0, reg::CONTROL, &1u32.to_le_bytes());
+        std::thread::sleep(Duration::from_millis(50));
+        let at_detach = bar_reg(&mut old, reg::COUNTER_LO);
+        let state = old.state();
+
+        drop(old);
+        std::thread::sleep(Duration::from_millis(100));
+        let while_detached: u64 = memory.read_obj(GuestAddress(0x8000)).unwrap();
+        let new_irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut new = VfioUserPciDevice::reattach(
+            &memory,
+            Arc::new(RecordingMsi::default()),
+            new_irq.try_clone().unwrap(),
+            &state,
+        )
+        .unwrap();
+        let control = bar_reg(&mut new, reg::CONTROL);
+
+        assert!(at_detach > 0);
+        assert!(
+            while_detached > u64::from(at_detach) + 20,
+            "DMA stopped while detached: {at_detach} -> {while_detached}"
+        );
+        assert_eq!(control, 1, "the re-attach reset the device");
+        assert_eq!(new.bars()[0].address, 0xd000_0000);
+        assert!(
+            new_irq.read().unwrap() >= 1,
+            "no interrupt on the new eventfd"
+        );
+    }
+
+    #[test]
+    fn fresh_connect_resets_a_device_left_running() {
+        let dir = std::env::temp_dir().join(format!("vfio-user-fresh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("dev.sock");
+        let server_socket = socket.clone();
+        std::thread::spawn(move || {
+            let options = TestDevOptions {
+                persist: true,
+                ..TestDevOptions::default()
+            };
+            serve(&server_socket, &options)
+        });
+        while !socket.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let memory = file_backed_memory(&dir);
+        let attach = || {
+            VfioUserPciDevice::connect(
+                &socket,
+                &memory,
+                Arc::new(RecordingMsi::default()),
+                EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+                &mut |_| Ok(0xc000_0000),
+            )
+            .unwrap()
+        };
+        let mut first = attach();
+        first.bar_write(0, reg::DMA_LEN, &16u32.to_le_bytes());
+        first.bar_write(0, reg::CONTROL, &1u32.to_le_bytes());
+        drop(first);
+
+        let mut second = attach();
+
+        assert_eq!(bar_reg(&mut second, reg::CONTROL), 0);
+    }
+
+    #[test]
+    fn state_follows_a_guest_bar_move_and_lists_shared_ram() {
+        let (mut device, _memory, _msi, _irq) = connected("state");
+
+        device.config_write(0x10, &0xd000_0000u32.to_le_bytes());
+        let state = device.state();
+
+        assert_eq!(device.bars()[0].address, 0xd000_0000);
+        assert_eq!(state.msi_cap, Some(MSI_CAP));
+        assert_eq!(
+            state.dma,
+            [DmaRegionState {
+                address: 0,
+                size: 1 << 20,
+                file_offset: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn guest_program_runs_dma_into_shared_ram_and_signals_msi() {
+        let (mut device, memory, msi, irq) = connected("dma");
+        let msi_data = MSI_CAP + 12;
+
+        device.config_write(MSI_CAP + 4, &0xfee0_0000u32.to_le_bytes());
+        device.config_write(msi_data, &0x41u16.to_le_bytes());
+        device.config_write(MSI_CAP + 2, &[0x81]);
+        device.bar_write(0, reg::DMA_ADDR_LO, &0x8000u32.to_le_bytes());
+        device.bar_write(0, reg::DMA_LEN, &16u32.to_le_bytes());
+        device.bar_write(0, reg::CONTROL, &1u32.to_le_bytes());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bar_reg(&mut device, reg::COUNTER_LO) < 20 {
+            assert!(Instant::now() < deadline, "DMA engine did not advance");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        device.bar_write(0, reg::CONTROL, &0u32.to_le_bytes());
+
+        let in_ram: u64 = memory.read_obj(GuestAddress(0x8000)).unwrap();
+        assert!(in_ram >= 20, "counter in RAM: {in_ram}");
+        assert_eq!(bar_reg(&mut device, reg::ID), DEVICE_MAGIC);
+        assert!(irq.read().unwrap() >= 20);
+        let last = msi.0.lock().unwrap().last().copied().flatten();
+        assert_eq!(
+            last,
+            Some(MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x41
+            })
+        );
+    }
+}
