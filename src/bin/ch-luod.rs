@@ -10,7 +10,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use liveupdate::agent::{self, AgentClient, AgentServer, AgentState, DEFAULT_SOCKET, HandoverMode};
+use liveupdate::agent::kexec::DEFAULT_BARRIER_TIMEOUT;
+use liveupdate::agent::{
+    self, AgentClient, AgentServer, AgentState, DEFAULT_SOCKET, HandoverMode, KexecImage,
+    SystemKexec,
+};
 use liveupdate::emulated::EmulatedProvider;
 use liveupdate::kernel::KernelProvider;
 use liveupdate::session::SessionProvider;
@@ -47,6 +51,27 @@ enum Command {
     Cancel {
         /// Session name.
         name: String,
+    },
+    /// Kernel mode, root: load the next kernel, wait until every VMM has frozen its session,
+    /// and reboot into it. Returns (with an error) only if the kexec fails; the VMMs then
+    /// resume their guests.
+    Kexec {
+        /// The next kernel (bzImage).
+        #[arg(long, value_name = "PATH")]
+        kernel: PathBuf,
+        /// Its initramfs.
+        #[arg(long, value_name = "PATH")]
+        initrd: Option<PathBuf>,
+        /// Its command line (it must include `liveupdate=on` for the sessions to be found).
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        cmdline: String,
+        /// Longest wait, in seconds, for every session to freeze before the kexec is cancelled.
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_BARRIER_TIMEOUT.as_secs())]
+        timeout: u64,
+        /// A session that must exist and be frozen before the reboot (repeatable), for VMMs
+        /// that may not have created theirs yet; every existing session is waited for anyway.
+        #[arg(long = "session", value_name = "NAME")]
+        sessions: Vec<String>,
     },
 }
 
@@ -110,7 +135,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         (Box::new(provider), handover)
     } else {
         let provider = KernelProvider::open().context("Cannot run in kernel mode")?;
-        (Box::new(provider), HandoverMode::Kexec)
+        (
+            Box::new(provider),
+            HandoverMode::Kexec(std::sync::Arc::new(SystemKexec)),
+        )
     };
     info!("{} mode", handover.name());
     let state = AgentState::new(provider, handover, agent::effective_uid());
@@ -142,6 +170,22 @@ fn client(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             }
         }
         Command::Cancel { name } => client.cancel(name)?,
+        Command::Kexec {
+            kernel,
+            initrd,
+            cmdline,
+            timeout,
+            sessions,
+        } => {
+            let image = KexecImage {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: cmdline.clone(),
+            };
+            return Err(client
+                .kexec(&image, sessions, std::time::Duration::from_secs(*timeout))
+                .into());
+        }
     }
     Ok(())
 }

@@ -101,10 +101,33 @@ impl AgentClient {
         }
     }
 
-    /// Hands session `name` over (restart mode); in kernel mode the agent freezes it and answers
-    /// with a `not_supported` error until kexec is implemented.
+    /// Hands session `name` over (restart mode). In kernel mode the agent freezes it and
+    /// answers only if the kexec fails (a `kexec_failed` error) or none starts in time; on
+    /// success the call never returns (the machine reboots).
     pub fn handover(&mut self, name: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::Handover { name: name.into() })
+    }
+
+    /// Kernel mode, root only: loads `image` and reboots into it once every outgoing session,
+    /// and every session named in `sessions`, is frozen, waiting at most `barrier_timeout`.
+    /// Returns only on failure.
+    pub fn kexec(
+        &mut self,
+        image: &super::KexecImage,
+        sessions: &[String],
+        barrier_timeout: std::time::Duration,
+    ) -> AgentError {
+        let request = Request::Kexec {
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            cmdline: image.cmdline.clone(),
+            timeout_ms: u64::try_from(barrier_timeout.as_millis()).unwrap_or(u64::MAX),
+            sessions: sessions.to_vec(),
+        };
+        match self.request(&request, None) {
+            Ok((other, _)) => AgentError::UnexpectedReply(format!("{other:?}")),
+            Err(error) => error,
+        }
     }
 
     /// Discards outgoing session `name`, unpreserving its files.

@@ -13,7 +13,8 @@
 //! `sendmsg`: a 12-byte header (`b"LUOD"`, version, flags, body length), a JSON body of at most
 //! [`protocol::MAX_BODY_LEN`] bytes, and at most one fd as `SCM_RIGHTS`. Requests, tagged by
 //! `"op"`: `ping`, `create_session{name}`, `preserve{name,token}` + fd, `handover{name}`,
-//! `cancel{name}`, `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
+//! `cancel{name}`, `kexec{kernel,initrd,cmdline,timeout_ms}` (kernel mode, see [`kexec`]),
+//! `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
 //! `finish{name}`, `list`. Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
 //! `sessions{sessions}`, `error{kind,message}` with a stable snake_case
 //! [`protocol::ErrorKind`]. A body that is not a valid request gets a `bad_request` reply and the
@@ -40,6 +41,7 @@
 //! but hide what happened). `cancel` is how the owner drops it.
 
 pub mod client;
+pub mod kexec;
 pub mod protocol;
 pub mod server;
 pub mod state;
@@ -51,6 +53,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub use client::{AgentClient, AgentProvider, AgentSession};
+pub use kexec::{KexecImage, KexecOps, SystemKexec};
 pub use protocol::{Direction, ErrorKind, Request, Response, SessionInfo};
 pub use server::{AgentServer, ShutdownHandle};
 pub use state::{AgentState, HandoverMode};

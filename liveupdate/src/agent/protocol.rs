@@ -141,6 +141,23 @@ pub enum Request {
     },
     /// Lists the sessions the agent holds.
     List,
+    /// Kernel mode, root only: loads `kernel` (and `initrd`) with `cmdline` through
+    /// `kexec_file_load`, waits at most `timeout_ms` until every outgoing session is frozen,
+    /// then reboots into it. Answered only on failure (see [`super::kexec`]).
+    Kexec {
+        /// The next kernel's image.
+        kernel: std::path::PathBuf,
+        /// Its initramfs, if any.
+        initrd: Option<std::path::PathBuf>,
+        /// Its command line.
+        cmdline: String,
+        /// The barrier's timeout, in milliseconds.
+        timeout_ms: u64,
+        /// Sessions that must exist (and be frozen) before the reboot, besides every outgoing
+        /// one: covers VMMs that have not created their session yet.
+        #[serde(default)]
+        sessions: Vec<String>,
+    },
 }
 
 impl Request {
@@ -220,6 +237,8 @@ pub enum ErrorKind {
     Frozen,
     /// The request could not be decoded (bad header, JSON, size or fd count).
     BadRequest,
+    /// The kexec failed (load, barrier timeout or reboot); frozen sessions were not handed over.
+    KexecFailed,
     /// A kind this client does not know (a newer agent).
     #[serde(other)]
     Unknown,

@@ -7,12 +7,13 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use super::kexec::{HANDOVER_WAIT, KexecImage};
 use super::protocol::{self, ErrorKind, MAX_WAIT_MS, ProtocolError, Request, Response, WireError};
 use super::state::AgentState;
 use super::{AgentError, sys};
@@ -21,6 +22,10 @@ use super::{AgentError, sys};
 pub const MAX_CONNECTIONS: usize = 64;
 /// Once a message has started, the rest must arrive within this time.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often waits in the kexec barrier look at the state again (they are also woken by
+/// every change).
+const BARRIER_POLL: Duration = Duration::from_millis(100);
 
 /// Makes private directory names unique within the process.
 static PRIVATE_DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -203,6 +208,25 @@ impl Shared {
         fd: Option<OwnedFd>,
     ) -> (Response, Option<OwnedFd>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Request::Kexec {
+            kernel,
+            initrd,
+            cmdline,
+            timeout_ms,
+            sessions,
+        } = request
+        {
+            let image = KexecImage {
+                kernel,
+                initrd,
+                cmdline,
+            };
+            return (self.kexec(state, uid, &image, &sessions, timeout_ms), None);
+        }
+        let kernel_handover = match &request {
+            Request::Handover { name } if state.is_kernel_mode() => Some(name.clone()),
+            _ => None,
+        };
         let wait: Option<(u64, &WaitCondition<'_>)> = match &request {
             Request::WaitHandover { name, timeout_ms } => {
                 Some((*timeout_ms, &move |state: &AgentState| {
@@ -231,9 +255,87 @@ impl Shared {
             }
         }
         let answer = state.handle(request, uid, fd);
-        drop(state);
         self.changed.notify_all();
-        answer
+        match (kernel_handover, answer) {
+            (Some(name), (Response::Ok, None)) => (self.hold_handover(state, &name), None),
+            (_, answer) => answer,
+        }
+    }
+
+    /// Kernel mode: holds the reply to the frozen session `name`'s `handover` until the kexec
+    /// fails (an error reply) or happens (no reply ever), or no kexec starts in time.
+    fn hold_handover(&self, mut state: MutexGuard<'_, AgentState>, name: &str) -> Response {
+        let deadline = Instant::now() + HANDOVER_WAIT;
+        loop {
+            if let Some(verdict) = state.handover_verdict(name) {
+                return verdict;
+            }
+            let now = Instant::now();
+            if now >= deadline && state.kexec_idle() {
+                let response = state.abandon_handover(name);
+                self.changed.notify_all();
+                return response;
+            }
+            state = self
+                .changed
+                .wait_timeout(
+                    state,
+                    deadline.saturating_duration_since(now).max(BARRIER_POLL),
+                )
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Runs a kexec: load, barrier (every outgoing session and every `expected` one frozen, at
+    /// most `timeout_ms`), reboot. Returns only on failure.
+    fn kexec(
+        &self,
+        mut state: MutexGuard<'_, AgentState>,
+        uid: u32,
+        image: &KexecImage,
+        expected: &[String],
+        timeout_ms: u64,
+    ) -> Response {
+        let ops = match state.begin_kexec(uid) {
+            Ok(ops) => ops,
+            Err(error) => return Response::Error(error),
+        };
+        // Loading takes a while: VMMs may go on preparing and freezing meanwhile.
+        drop(state);
+        let loaded = ops.load(image);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = state.kexec_loaded(image, loaded);
+        self.changed.notify_all();
+        if let Err(error) = result {
+            return Response::Error(error);
+        }
+        let timeout = Duration::from_millis(timeout_ms);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending = state.unfrozen_sessions(expected);
+            if pending.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let error = state.fail_kexec(format!(
+                    "Barrier timeout after {timeout:?}: not frozen: {}",
+                    pending.join(", ")
+                ));
+                self.changed.notify_all();
+                return Response::Error(error);
+            }
+            state = self
+                .changed
+                .wait_timeout(state, (deadline - now).min(BARRIER_POLL))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        // The state stays locked through the reboot: nothing may change a session meanwhile.
+        let error = state.reboot();
+        self.changed.notify_all();
+        Response::Error(error)
     }
 }
 
@@ -333,9 +435,13 @@ mod tests {
     }
 
     fn start_agent() -> Agent {
+        start_agent_with(restart_state())
+    }
+
+    fn start_agent_with(state: AgentState) -> Agent {
         let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
         let path = dir.as_path().join("luod.sock");
-        let server = AgentServer::bind(&path, 0o600, restart_state()).unwrap();
+        let server = AgentServer::bind(&path, 0o600, state).unwrap();
         let shutdown = server.shutdown_handle();
         let thread = thread::spawn(move || server.run().unwrap());
         Agent {
@@ -623,5 +729,93 @@ mod tests {
             .unwrap_err();
 
         assert_eq!(error.kind(), Some(ErrorKind::NoSuchSession));
+    }
+
+    fn kernel_agent(fake: &crate::agent::state::tests::FakeKexec) -> Agent {
+        let state = AgentState::new(
+            Box::new(EmulatedProvider::new()),
+            HandoverMode::Kexec(Arc::new(fake.clone())),
+            crate::agent::effective_uid(),
+        );
+        start_agent_with(state)
+    }
+
+    /// Hands `name` over from another thread (the reply is held) and returns its outcome.
+    fn handover_in_thread(path: &Path, name: &'static str) -> JoinHandle<Option<ErrorKind>> {
+        let mut vmm = AgentClient::connect(path).unwrap();
+        vmm.create_session(name).unwrap();
+        thread::spawn(move || vmm.handover(name).err().and_then(|e| e.kind()))
+    }
+
+    fn wait_frozen(path: &Path, count: usize) {
+        let mut client = AgentClient::connect(path).unwrap();
+        for _ in 0..500 {
+            let frozen = client
+                .list()
+                .unwrap()
+                .iter()
+                .filter(|s| s.direction == Direction::Frozen)
+                .count();
+            if frozen == count {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("sessions never froze");
+    }
+
+    #[test]
+    fn kexec_reboots_only_after_every_session_froze_and_a_failed_reboot_fails_each_handover() {
+        let fake = crate::agent::state::tests::FakeKexec::default();
+        let agent = kernel_agent(&fake);
+        let first = handover_in_thread(&agent.path, "vm0");
+        let mut second_vmm = AgentClient::connect(&agent.path).unwrap();
+        second_vmm.create_session("vm1").unwrap();
+        wait_frozen(&agent.path, 1);
+
+        let path = agent.path.clone();
+        let kexec = thread::spawn(move || {
+            let mut operator = AgentClient::connect(&path).unwrap();
+            operator
+                .kexec(
+                    &crate::agent::state::tests::image(),
+                    &[],
+                    Duration::from_secs(20),
+                )
+                .kind()
+        });
+        thread::sleep(Duration::from_millis(300));
+        let calls_before_barrier = fake.calls.lock().unwrap().clone();
+        let second = thread::spawn(move || second_vmm.handover("vm1").err().and_then(|e| e.kind()));
+
+        assert_eq!(calls_before_barrier, ["load"]);
+        assert_eq!(kexec.join().unwrap(), Some(ErrorKind::KexecFailed));
+        assert_eq!(first.join().unwrap(), Some(ErrorKind::KexecFailed));
+        assert_eq!(second.join().unwrap(), Some(ErrorKind::KexecFailed));
+        assert_eq!(*fake.calls.lock().unwrap(), ["load", "reboot", "unload"]);
+    }
+
+    #[test]
+    fn barrier_timeout_names_the_unfrozen_session_and_resumes_the_frozen_one() {
+        let fake = crate::agent::state::tests::FakeKexec::default();
+        let agent = kernel_agent(&fake);
+        let frozen = handover_in_thread(&agent.path, "vm0");
+        let mut idle_vmm = AgentClient::connect(&agent.path).unwrap();
+        idle_vmm.create_session("stuck").unwrap();
+        wait_frozen(&agent.path, 1);
+        let mut operator = AgentClient::connect(&agent.path).unwrap();
+
+        let error = operator.kexec(
+            &crate::agent::state::tests::image(),
+            &["vm0".to_string(), "absent".to_string()],
+            Duration::from_millis(200),
+        );
+
+        assert_eq!(error.kind(), Some(ErrorKind::KexecFailed));
+        assert!(error.to_string().contains("absent, stuck"), "{error}");
+        assert_eq!(frozen.join().unwrap(), Some(ErrorKind::KexecFailed));
+        assert_eq!(*fake.calls.lock().unwrap(), ["load", "unload"]);
+        let sessions = operator.list().unwrap();
+        assert!(sessions.iter().all(|s| s.direction == Direction::Outgoing));
     }
 }

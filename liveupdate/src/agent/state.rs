@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use log::{info, warn};
 
+use super::kexec::{KexecPhase, SharedKexecOps};
 use super::protocol::{Direction, ErrorKind, Request, Response, SessionInfo, VERSION, WireError};
 use crate::session::{Session, SessionError, SessionProvider, Token};
 
@@ -14,8 +15,8 @@ pub type HandoverFn = Box<dyn FnMut(&str) -> Result<(), SessionError> + Send>;
 
 /// What `handover` means for this agent.
 pub enum HandoverMode {
-    /// Kernel mode: the session is frozen and held until a kexec (not implemented yet).
-    Kexec,
+    /// Kernel mode: the session is frozen and held until the kexec (see [`super::kexec`]).
+    Kexec(SharedKexecOps),
     /// Restart mode: the session moves to the incoming side at once.
     Restart(HandoverFn),
 }
@@ -30,7 +31,7 @@ impl HandoverMode {
     /// "kernel" or "restart".
     pub fn name(&self) -> &'static str {
         match self {
-            HandoverMode::Kexec => "kernel",
+            HandoverMode::Kexec(_) => "kernel",
             HandoverMode::Restart(_) => "restart",
         }
     }
@@ -38,29 +39,32 @@ impl HandoverMode {
 
 /// A session the agent holds for a VMM.
 #[derive(Debug)]
-struct Held {
+pub(super) struct Held {
     session: Box<dyn Session>,
     owner: Option<u32>,
     tokens: Vec<Token>,
-    frozen: bool,
+    pub(super) frozen: bool,
     /// Incoming: files retrieved from the provider, kept until FINISH, so a VMM that refuses
     /// the session's state (a newer format, say) leaves it retrievable, with every file, for
     /// one that can read it. Outgoing, restart mode: copies of the preserved files, for `peek`.
     files: BTreeMap<Token, OwnedFd>,
+    /// Kernel mode: why the kexec this frozen session waited for failed (answers `handover`).
+    pub(super) verdict: Option<WireError>,
 }
 
 /// Everything the agent holds: the provider and the sessions, by side.
 pub struct AgentState {
     provider: Box<dyn SessionProvider>,
-    handover: HandoverMode,
+    pub(super) handover: HandoverMode,
     /// The agent's own uid: may retrieve incoming sessions whose owner is unknown.
-    agent_uid: u32,
-    outgoing: BTreeMap<String, Held>,
+    pub(super) agent_uid: u32,
+    pub(super) outgoing: BTreeMap<String, Held>,
     /// Restart mode: handed over, not yet retrieved (owner and tokens remembered).
     handed_over: BTreeMap<String, (u32, Vec<Token>)>,
     /// Successors started ahead, by session name: false once one peeked, true once it is ready.
     successors: BTreeMap<String, bool>,
     incoming: BTreeMap<String, Held>,
+    pub(super) kexec: KexecPhase,
 }
 
 impl std::fmt::Debug for AgentState {
@@ -85,7 +89,7 @@ fn session_error(error: &SessionError) -> WireError {
     WireError::from_session(error)
 }
 
-fn no_session(name: &str, side: &str) -> WireError {
+pub(super) fn no_session(name: &str, side: &str) -> WireError {
     WireError::new(
         ErrorKind::NoSuchSession,
         format!("No {side} session {name:?} held by the agent"),
@@ -144,6 +148,7 @@ impl AgentState {
             handed_over: BTreeMap::new(),
             successors: BTreeMap::new(),
             incoming: BTreeMap::new(),
+            kexec: KexecPhase::Idle,
         }
     }
 
@@ -226,6 +231,10 @@ impl AgentState {
                 None => Err(WireError::new(ErrorKind::BadRequest, "Missing fd")),
             },
             Request::Handover { name } => self.handover(&name, uid).and(ok),
+            Request::Kexec { .. } => Err(WireError::new(
+                ErrorKind::BadRequest,
+                "kexec is served by the agent's socket server only",
+            )),
             Request::Cancel { name } => self.cancel(&name, uid).and(ok),
             Request::RetrieveSession { name } => self.retrieve_session(name, uid).and(ok),
             // The server waits on its own (without holding the state) before asking here.
@@ -274,6 +283,7 @@ impl AgentState {
                 tokens: Vec::new(),
                 frozen: false,
                 files: BTreeMap::new(),
+                verdict: None,
             },
         );
         Ok(())
@@ -297,6 +307,7 @@ impl AgentState {
             .preserve_fd(fd.as_fd(), token)
             .map_err(|e| session_error(&e))?;
         held.tokens.push(token);
+        info!("session {name:?}: token {token:#x} preserved");
         if matches!(self.handover, HandoverMode::Restart(_)) {
             held.files.insert(token, fd);
         }
@@ -306,16 +317,12 @@ impl AgentState {
     fn handover(&mut self, name: &str, uid: u32) -> Result<(), WireError> {
         let held = owned(&mut self.outgoing, name, uid, "outgoing")?;
         match &mut self.handover {
-            HandoverMode::Kexec => {
+            HandoverMode::Kexec(_) => {
+                // The server holds the reply until the kexec's outcome is known.
                 held.frozen = true;
+                held.verdict = None;
                 info!("session {name:?} frozen, held for the kexec");
-                Err(WireError::new(
-                    ErrorKind::NotSupported,
-                    format!(
-                        "Kernel mode cannot hand over yet (kexec is not implemented in ch-luod); \
-                         session {name:?} is frozen and held"
-                    ),
-                ))
+                Ok(())
             }
             HandoverMode::Restart(hand_over) => {
                 hand_over(name).map_err(|e| session_error(&e))?;
@@ -378,6 +385,7 @@ impl AgentState {
                 tokens: Vec::new(),
                 frozen: false,
                 files: BTreeMap::new(),
+                verdict: None,
             },
         );
         Ok(())
@@ -425,10 +433,11 @@ impl Drop for AgentState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::fs::File;
 
     use super::*;
+    use crate::agent::kexec::{KexecImage, KexecOps};
     use crate::emulated::EmulatedProvider;
 
     const OWNER: u32 = 1000;
@@ -701,10 +710,54 @@ mod tests {
         ok(&mut state, preserve, OWNER, Some(file));
     }
 
-    #[test]
-    fn kernel_mode_handover_freezes_and_says_not_yet() {
+    /// What the fake kexec was asked to do, in order.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct FakeKexec {
+        pub(crate) calls: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+        pub(crate) fail_load: bool,
+    }
+
+    impl KexecOps for FakeKexec {
+        fn load(&self, _image: &KexecImage) -> std::io::Result<()> {
+            self.calls.lock().unwrap().push("load");
+            if self.fail_load {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOEXEC));
+            }
+            Ok(())
+        }
+
+        fn unload(&self) -> std::io::Result<()> {
+            self.calls.lock().unwrap().push("unload");
+            Ok(())
+        }
+
+        fn reboot(&self) -> std::io::Error {
+            self.calls.lock().unwrap().push("reboot");
+            std::io::Error::from_raw_os_error(libc::EBUSY)
+        }
+    }
+
+    pub(crate) fn image() -> KexecImage {
+        KexecImage {
+            kernel: "/boot/next".into(),
+            initrd: None,
+            cmdline: "liveupdate=on".into(),
+        }
+    }
+
+    fn kernel_state(fake: &FakeKexec) -> AgentState {
         let provider = EmulatedProvider::new();
-        let mut state = AgentState::new(Box::new(provider), HandoverMode::Kexec, 0);
+        AgentState::new(
+            Box::new(provider),
+            HandoverMode::Kexec(std::sync::Arc::new(fake.clone())),
+            0,
+        )
+    }
+
+    #[test]
+    fn kernel_mode_handover_freezes_and_waits_for_a_verdict() {
+        let fake = FakeKexec::default();
+        let mut state = kernel_state(&fake);
         ok(
             &mut state,
             Request::CreateSession { name: name("vm") },
@@ -712,7 +765,7 @@ mod tests {
             None,
         );
 
-        let handover = error_kind(
+        ok(
             &mut state,
             Request::Handover { name: name("vm") },
             OWNER,
@@ -728,9 +781,9 @@ mod tests {
             Some(memfd()),
         );
 
-        assert_eq!(handover, ErrorKind::NotSupported);
         assert_eq!(preserve, ErrorKind::Frozen);
         assert_eq!(state.list()[0].direction, Direction::Frozen);
+        assert_eq!(state.handover_verdict("vm"), None);
         ok(
             &mut state,
             Request::Cancel { name: name("vm") },
@@ -738,6 +791,101 @@ mod tests {
             None,
         );
         assert!(state.list().is_empty());
+        assert!(matches!(
+            state.handover_verdict("vm"),
+            Some(Response::Error(WireError {
+                kind: ErrorKind::NoSuchSession,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn failed_reboot_unfreezes_sessions_and_fails_their_handover() {
+        let fake = FakeKexec::default();
+        let mut state = kernel_state(&fake);
+        for vm in ["a", "b"] {
+            ok(
+                &mut state,
+                Request::CreateSession { name: name(vm) },
+                OWNER,
+                None,
+            );
+            ok(
+                &mut state,
+                Request::Handover { name: name(vm) },
+                OWNER,
+                None,
+            );
+        }
+        state.start_kexec(0, &image()).unwrap();
+
+        let error = state.reboot();
+
+        assert_eq!(error.kind, ErrorKind::KexecFailed);
+        assert_eq!(*fake.calls.lock().unwrap(), ["load", "reboot", "unload"]);
+        assert!(state.kexec_idle());
+        assert_eq!(state.unfrozen_sessions(&[]), ["a", "b"]);
+        for vm in ["a", "b"] {
+            let verdict = state.handover_verdict(vm);
+            assert!(
+                matches!(&verdict, Some(Response::Error(e)) if e.kind == ErrorKind::KexecFailed),
+                "{verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn failed_load_fails_frozen_sessions_and_leaves_the_agent_idle() {
+        let fake = FakeKexec {
+            fail_load: true,
+            ..FakeKexec::default()
+        };
+        let mut state = kernel_state(&fake);
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("vm") },
+            OWNER,
+            None,
+        );
+        ok(
+            &mut state,
+            Request::Handover { name: name("vm") },
+            OWNER,
+            None,
+        );
+
+        let error = state.start_kexec(0, &image()).unwrap_err();
+
+        assert_eq!(error.kind, ErrorKind::KexecFailed);
+        assert!(error.message.contains("/boot/next"), "{}", error.message);
+        assert!(state.kexec_idle());
+        assert!(state.handover_verdict("vm").is_some());
+        assert_eq!(state.unfrozen_sessions(&[]), ["vm"]);
+    }
+
+    #[test]
+    fn kexec_is_for_root_and_kernel_mode_and_new_sessions_join_the_barrier() {
+        let fake = FakeKexec::default();
+        let mut state = kernel_state(&fake);
+        let (mut restart, _) = restart_state();
+
+        let denied = state.start_kexec(OWNER, &image()).unwrap_err();
+        let restart_mode = restart.start_kexec(0, &image()).unwrap_err();
+        state.start_kexec(0, &image()).unwrap();
+        ok(
+            &mut state,
+            Request::CreateSession { name: name("late") },
+            OWNER,
+            None,
+        );
+        let again = state.start_kexec(0, &image()).unwrap_err();
+
+        assert_eq!(denied.kind, ErrorKind::PermissionDenied);
+        assert_eq!(restart_mode.kind, ErrorKind::NotSupported);
+        assert_eq!(state.unfrozen_sessions(&[]), ["late"]);
+        assert_eq!(again.kind, ErrorKind::Busy);
+        assert_eq!(*fake.calls.lock().unwrap(), ["load"]);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
+pub mod kexec;
 #[cfg(test)]
 pub(crate) mod mapping;
 

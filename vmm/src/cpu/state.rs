@@ -197,12 +197,30 @@ impl VcpuState {
     }
 
     fn restore_tsc_khz(&self, vcpu: &VcpuFd) -> Result<(), CpuError> {
-        if let Some(khz) = self.tsc_khz
-            && vcpu.get_tsc_khz().ok() != Some(khz)
-        {
-            vcpu.set_tsc_khz(khz).map_err(kvm_err("KVM_SET_TSC_KHZ"))?;
+        let Some(khz) = self.tsc_khz else {
+            return Ok(());
+        };
+        let current = vcpu.get_tsc_khz().ok();
+        if current == Some(khz) {
+            return Ok(());
         }
-        Ok(())
+        match vcpu.set_tsc_khz(khz) {
+            Ok(()) => Ok(()),
+            // Without TSC scaling KVM takes only the host's own frequency, which a new host
+            // kernel (after a kexec) may have calibrated slightly differently: run at the host's.
+            Err(e)
+                if e.errno() == libc::EINVAL
+                    && current.is_some_and(|host| host.abs_diff(khz) <= khz / 100) =>
+            {
+                log::warn!(
+                    "TSC frequency {khz} kHz refused (no TSC scaling); the guest runs at the \
+                     host's {} kHz",
+                    current.unwrap_or_default()
+                );
+                Ok(())
+            }
+            Err(e) => Err(kvm_err("KVM_SET_TSC_KHZ")(e)),
+        }
     }
 }
 
