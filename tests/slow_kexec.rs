@@ -46,23 +46,22 @@ fn release_bins() -> PathBuf {
     target.join("release")
 }
 
-#[test]
-#[ignore = "slow group: run with cargo test --test slow_kexec -- --ignored"]
-fn probe_guest_survives_a_live_update_across_a_real_kexec() {
+/// Runs `scripts/e2e-kexec --case <case>` and asserts it passed; returns its output.
+fn run_e2e(case: &str) -> String {
     // Arrange
     let bins = release_bins();
     let dir = target_dir().join("slow-tests");
     std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("e2e-kexec.log");
+    let log = dir.join(format!("e2e-kexec-{case}.log"));
     let out = File::create(&log).unwrap();
     let err = out.try_clone().unwrap();
-    let serial = dir.join("e2e-kexec.serial.log");
+    let serial = dir.join(format!("e2e-kexec-{case}.serial.log"));
 
     // Act
     let start = Instant::now();
     let status = Command::new(repo_root().join("scripts/e2e-kexec"))
         .arg(&bins)
-        .arg("--log")
+        .args(["--case", case, "--log"])
         .arg(&serial)
         .current_dir(repo_root())
         .stdin(Stdio::null())
@@ -78,15 +77,35 @@ fn probe_guest_survives_a_live_update_across_a_real_kexec() {
     let tail = lines[lines.len().saturating_sub(80)..].join("\n");
     assert!(
         status.success() && output.contains("E2E-KEXEC-PASS"),
-        "scripts/e2e-kexec failed ({status}) after {seconds:.0} s; full log: {}\n\
+        "scripts/e2e-kexec --case {case} failed ({status}) after {seconds:.0} s; full log: {}\n\
          --- last lines ---\n{tail}\n---\n{PREREQUISITES}",
         log.display()
     );
-    eprintln!("{seconds:.1} s in all; log: {}", log.display());
-    for line in lines
-        .iter()
+    eprintln!("{case}: {seconds:.1} s in all; log: {}", log.display());
+    output
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_kexec -- --ignored"]
+fn probe_guest_survives_a_live_update_across_a_real_kexec() {
+    let output = run_e2e("kexec");
+
+    for line in output
+        .lines()
         .skip_while(|l| !l.starts_with("E2E-KEXEC timings"))
     {
         eprintln!("{line}");
     }
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_kexec -- --ignored"]
+fn a_failing_kexec_file_load_cancels_the_update_and_the_guest_runs_on() {
+    run_e2e("bad-kernel");
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_kexec -- --ignored"]
+fn without_liveupdate_on_the_agent_refuses_to_start_clearly() {
+    run_e2e("no-luo");
 }
