@@ -1,14 +1,13 @@
 //! `cloud-hypervisor`: the VMM binary. Parses cloud-hypervisor's flags, validates the VM
 //! configuration, then runs the control loop.
 
-use std::io::Write;
+mod logger;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{ArgAction, Parser};
-use log::{LevelFilter, Log, Metadata, Record};
 use vmm::config::{
     VmCliArgs, parse_api_socket, parse_event_monitor, parse_liveupdate, parse_restore,
 };
@@ -86,51 +85,6 @@ impl Cli {
     }
 }
 
-/// Writes log records to stderr with the time since start.
-struct StderrLogger {
-    start: Instant,
-}
-
-impl Log for StderrLogger {
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &Record<'_>) {
-        if self.enabled(record.metadata()) {
-            let elapsed = self.start.elapsed();
-            // Logging must never fail the VMM; a closed stderr just loses the line.
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "cloud-hypervisor: {:>4}.{:06}s: <{}> {}: {}",
-                elapsed.as_secs(),
-                elapsed.subsec_micros(),
-                record.level(),
-                record.target(),
-                record.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => LevelFilter::Warn,
-        1 => LevelFilter::Info,
-        2 => LevelFilter::Debug,
-        _ => LevelFilter::Trace,
-    };
-    // The logger lives for the whole process.
-    let logger = Box::leak(Box::new(StderrLogger {
-        start: Instant::now(),
-    }));
-    if log::set_logger(logger).is_ok() {
-        log::set_max_level(level);
-    }
-}
-
 fn try_main(cli: &Cli) -> anyhow::Result<()> {
     let vm_args = cli.vm_args();
     let has_payload = vm_args.kernel.is_some() || vm_args.firmware.is_some();
@@ -193,7 +147,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logging(cli.verbose);
+    logger::init("cloud-hypervisor", cli.verbose, true);
     match try_main(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

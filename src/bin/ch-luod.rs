@@ -2,11 +2,12 @@
 //! userspace session holder (`--emulate`, restart mode) and serves VMMs over a UNIX socket; see
 //! `liveupdate::agent` for the protocol. With a subcommand it acts as a small client instead.
 
-use std::io::Write;
+#[path = "../logger.rs"]
+mod logger;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -18,7 +19,7 @@ use liveupdate::agent::{
 use liveupdate::emulated::EmulatedProvider;
 use liveupdate::kernel::KernelProvider;
 use liveupdate::session::SessionProvider;
-use log::{LevelFilter, Log, Metadata, Record, info};
+use log::info;
 
 /// Live-update session agent for cloud-hypervisor-compatible VMMs.
 #[derive(Debug, Parser)]
@@ -79,49 +80,6 @@ fn parse_mode(text: &str) -> Result<u32, String> {
     match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
         Ok(mode @ (0o600 | 0o660)) => Ok(mode),
         _ => Err("expected 0600 or 0660".to_string()),
-    }
-}
-
-/// Writes log records to stderr with the time since start.
-struct StderrLogger {
-    start: Instant,
-}
-
-impl Log for StderrLogger {
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &Record<'_>) {
-        if self.enabled(record.metadata()) {
-            let elapsed = self.start.elapsed();
-            // A closed stderr just loses the line.
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "ch-luod: {:>4}.{:06}s: <{}> {}",
-                elapsed.as_secs(),
-                elapsed.subsec_micros(),
-                record.level(),
-                record.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => LevelFilter::Warn,
-        1 => LevelFilter::Info,
-        2 => LevelFilter::Debug,
-        _ => LevelFilter::Trace,
-    };
-    let logger = Box::leak(Box::new(StderrLogger {
-        start: Instant::now(),
-    }));
-    if log::set_logger(logger).is_ok() {
-        log::set_max_level(level);
     }
 }
 
@@ -192,7 +150,7 @@ fn client(cli: &Cli, command: &Command) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    logger::init("ch-luod", cli.verbose, false);
     let result = match &cli.command {
         Some(command) => client(&cli, command),
         None => serve(&cli),
