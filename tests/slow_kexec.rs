@@ -9,80 +9,37 @@
     clippy::tests_outside_test_module
 )]
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+mod slow;
 
-/// What to install when the script fails for want of a tool.
-const PREREQUISITES: &str = "The kexec test needs root, /dev/kvm, apt access (for linux-source-7.2 \
-and busybox-static) and the Debian packages qemu-system-x86 build-essential flex bison bc \
-libelf-dev libssl-dev cpio xz-utils kmod perl, which the scripts install when missing";
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The target directory this test binary was built in (`<target>/<profile>/cloud-hypervisor`).
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
-        .parent()
-        .and_then(Path::parent)
-        .expect("binary path has a target directory")
-        .to_path_buf()
-}
-
-/// Builds the release binaries (a no-op when they are up to date); returns their directory.
-fn release_bins() -> PathBuf {
-    let target = target_dir();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--bins", "--target-dir"])
-        .arg(&target)
-        .current_dir(repo_root())
-        .status()
-        .expect("cannot run cargo");
-    assert!(status.success(), "cargo build --release failed: {status}");
-    target.join("release")
-}
+use slow::{release_bins, run_script};
 
 /// Runs `scripts/e2e-kexec --case <case>` and asserts it passed; returns its output.
 fn run_e2e(case: &str) -> String {
-    // Arrange
     let bins = release_bins();
-    let dir = target_dir().join("slow-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join(format!("e2e-kexec-{case}.log"));
-    let out = File::create(&log).unwrap();
-    let err = out.try_clone().unwrap();
-    let serial = dir.join(format!("e2e-kexec-{case}.serial.log"));
+    let serial = slow::target_dir()
+        .join("slow-tests")
+        .join(format!("e2e-kexec-{case}.serial.log"));
+    let args = [
+        bins.as_os_str(),
+        "--case".as_ref(),
+        case.as_ref(),
+        "--log".as_ref(),
+        serial.as_os_str(),
+    ];
 
-    // Act
-    let start = Instant::now();
-    let status = Command::new(repo_root().join("scripts/e2e-kexec"))
-        .arg(&bins)
-        .args(["--case", case, "--log"])
-        .arg(&serial)
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run scripts/e2e-kexec: {e}"));
-    let seconds = start.elapsed().as_secs_f64();
-    let output = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let run = run_script("e2e-kexec", &args, &format!("e2e-kexec-{case}"));
 
-    // Assert
-    let lines: Vec<&str> = output.lines().collect();
-    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
     assert!(
-        status.success() && output.contains("E2E-KEXEC-PASS"),
-        "scripts/e2e-kexec --case {case} failed ({status}) after {seconds:.0} s; full log: {}\n\
-         --- last lines ---\n{tail}\n---\n{PREREQUISITES}",
-        log.display()
+        run.output.contains("E2E-KEXEC-PASS"),
+        "no E2E-KEXEC-PASS in {}",
+        run.log.display()
     );
-    eprintln!("{case}: {seconds:.1} s in all; log: {}", log.display());
-    output
+    eprintln!(
+        "{case}: {:.1} s in all; log: {}",
+        run.seconds,
+        run.log.display()
+    );
+    run.output
 }
 
 #[test]

@@ -1,0 +1,145 @@
+//! What the slow group's tests share: release binaries built once, and test-bed scripts run
+//! with their output kept in a log and shown when they fail.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// What to install when a test-bed script fails for want of a tool.
+pub const PREREQUISITES: &str = "The slow group needs root, /dev/kvm, apt access (for linux-source-7.2 \
+and busybox-static) and the Debian packages qemu-system-x86 build-essential flex bison bc \
+libelf-dev libssl-dev cpio xz-utils kmod perl, which the scripts install when missing";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The target directory this test binary was built in (`<target>/<profile>/cloud-hypervisor`).
+pub fn target_dir() -> PathBuf {
+    let debug_bin = Path::new(env!("CARGO_BIN_EXE_cloud-hypervisor"));
+    debug_bin
+        .parent()
+        .and_then(Path::parent)
+        .expect("binary path has a target directory")
+        .to_path_buf()
+}
+
+/// Builds `cloud-hypervisor`, `ch-remote` and `ch-luod` in release mode once per test process
+/// and returns the directory holding them.
+pub fn release_bins() -> PathBuf {
+    static BINS: OnceLock<PathBuf> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let target = target_dir();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "--bins", "--target-dir"])
+            .arg(&target)
+            .current_dir(repo_root())
+            .status()
+            .expect("cannot run cargo");
+        assert!(status.success(), "cargo build --release failed: {status}");
+        let bins = target.join("release");
+        for name in ["cloud-hypervisor", "ch-remote", "ch-luod"] {
+            assert!(
+                bins.join(name).is_file(),
+                "{name} is missing from {}",
+                bins.display()
+            );
+        }
+        bins
+    })
+    .clone()
+}
+
+/// The output of one script run, kept in a log file under the target directory.
+pub struct ScriptRun {
+    /// Everything the script printed.
+    pub output: String,
+    /// Where it is kept.
+    pub log: PathBuf,
+    /// How long the script ran.
+    pub seconds: f64,
+}
+
+/// Runs `scripts/<script> <args>` with stdout and stderr into `<target>/slow-tests/<log_name>.log`;
+/// panics with the end of the log when it fails.
+pub fn run_script(script: &str, args: &[&OsStr], log_name: &str) -> ScriptRun {
+    let (status, run) = try_run_script(script, args, log_name);
+    if !status.success() {
+        fail(script, status, &run);
+    }
+    run
+}
+
+/// Like [`run_script`], but runs the script once more when a failed run printed `rerun_marker`:
+/// the test bed says it came up unfit for the test (before the code under test did anything).
+/// A second such run fails like any other.
+pub fn run_script_with_one_rerun(
+    script: &str,
+    args: &[&OsStr],
+    log_name: &str,
+    rerun_marker: &str,
+) -> ScriptRun {
+    let (status, run) = try_run_script(script, args, log_name);
+    if status.success() {
+        return run;
+    }
+    let Some(reason) = run.output.lines().find(|l| l.contains(rerun_marker)) else {
+        fail(script, status, &run);
+    };
+    eprintln!(
+        "scripts/{script}: the test bed came up unfit ({reason}); running it once more (log of the first run: {})",
+        run.log.display()
+    );
+    run_script(script, args, &format!("{log_name}-rerun"))
+}
+
+fn try_run_script(script: &str, args: &[&OsStr], log_name: &str) -> (ExitStatus, ScriptRun) {
+    let dir = target_dir().join("slow-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join(format!("{log_name}.log"));
+    let out = File::create(&log).unwrap();
+    let err = out.try_clone().unwrap();
+    let start = Instant::now();
+    let status = Command::new(repo_root().join("scripts").join(script))
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run scripts/{script}: {e}"));
+    let seconds = start.elapsed().as_secs_f64();
+    let output = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    (
+        status,
+        ScriptRun {
+            output,
+            log,
+            seconds,
+        },
+    )
+}
+
+fn fail(script: &str, status: ExitStatus, run: &ScriptRun) -> ! {
+    let lines: Vec<&str> = run.output.lines().collect();
+    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+    panic!(
+        "scripts/{script} failed ({status}) after {:.0} s; full log: {}\n\
+         --- last lines ---\n{tail}\n---\n{PREREQUISITES}",
+        run.seconds,
+        run.log.display()
+    );
+}
+
+/// The lines of `run` that hold `marker`, for the test's own report.
+pub fn report(run: &ScriptRun, marker: &str) {
+    eprintln!("{:.1} s in all; log: {}", run.seconds, run.log.display());
+    for line in run.output.lines().filter(|l| l.contains(marker)) {
+        eprintln!("{line}");
+    }
+}
