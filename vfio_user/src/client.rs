@@ -438,6 +438,22 @@ mod tests {
         GuestMemoryMmap::from_regions(vec![region]).unwrap()
     }
 
+    /// A scratch directory and the socket of a test device served from it on a thread.
+    fn serving(name: &str, options: TestDevOptions) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("vfio-user-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("dev.sock");
+        let server_socket = socket.clone();
+        std::thread::spawn(move || serve(&server_socket, &options));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "server did not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (dir, socket)
+    }
+
     fn connected(
         name: &str,
     ) -> (
@@ -446,23 +462,11 @@ mod tests {
         Arc<RecordingMsi>,
         EventFd,
     ) {
-        let dir = std::env::temp_dir().join(format!("vfio-user-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("dev.sock");
-        let server_socket = socket.clone();
-        std::thread::spawn(move || {
-            let options = TestDevOptions {
-                rate_hz: 1000,
-                ..TestDevOptions::default()
-            };
-            serve(&server_socket, &options).unwrap();
-        });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "server did not listen");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let options = TestDevOptions {
+            rate_hz: 1000,
+            ..TestDevOptions::default()
+        };
+        let (dir, socket) = serving(name, options);
         let memory = file_backed_memory(&dir);
         let msi = Arc::new(RecordingMsi::default());
         let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
@@ -557,22 +561,12 @@ mod tests {
 
     #[test]
     fn persistent_device_keeps_running_across_a_reattach_without_reset() {
-        let dir = std::env::temp_dir().join(format!("vfio-user-persist-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("dev.sock");
-        let server_socket = socket.clone();
-        std::thread::spawn(move || {
-            let options = TestDevOptions {
-                rate_hz: 1000,
-                persist: true,
-                ..TestDevOptions::default()
-            };
-            serve(&server_socket, &options)
-        });
-        while !socket.exists() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let options = TestDevOptions {
+            rate_hz: 1000,
+            persist: true,
+            ..TestDevOptions::default()
+        };
+        let (dir, socket) = serving("persist", options);
         let memory = file_backed_memory(&dir);
         let old_irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let mut old = VfioUserPciDevice::connect(
@@ -620,21 +614,11 @@ mod tests {
 
     #[test]
     fn fresh_connect_resets_a_device_left_running() {
-        let dir = std::env::temp_dir().join(format!("vfio-user-fresh-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("dev.sock");
-        let server_socket = socket.clone();
-        std::thread::spawn(move || {
-            let options = TestDevOptions {
-                persist: true,
-                ..TestDevOptions::default()
-            };
-            serve(&server_socket, &options)
-        });
-        while !socket.exists() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let options = TestDevOptions {
+            persist: true,
+            ..TestDevOptions::default()
+        };
+        let (dir, socket) = serving("fresh", options);
         let memory = file_backed_memory(&dir);
         let attach = || {
             VfioUserPciDevice::connect(
