@@ -15,7 +15,7 @@
 
 mod slow;
 
-use slow::{release_bins, report, run_script, run_script_with_one_rerun};
+use slow::{release_bins, report, run_script};
 
 #[test]
 #[ignore = "slow group: run with scripts/test --slow"]
@@ -42,11 +42,10 @@ fn linux_guest_survives_a_restart_mode_live_update() {
     let bins = release_bins();
 
     // Act
-    let run = run_script_with_one_rerun(
+    let run = run_script(
         "test-nested-live-update",
         &[bins.as_os_str()],
         "test-nested-live-update",
-        "NESTED-LIVE-UPDATE-SKEWED",
     );
 
     // Assert

@@ -75,29 +75,6 @@ pub fn run_script(script: &str, args: &[&OsStr], log_name: &str) -> ScriptRun {
     run
 }
 
-/// Like [`run_script`], but runs the script once more when a failed run printed `rerun_marker`:
-/// the test bed says it came up unfit for the test (before the code under test did anything).
-/// A second such run fails like any other.
-pub fn run_script_with_one_rerun(
-    script: &str,
-    args: &[&OsStr],
-    log_name: &str,
-    rerun_marker: &str,
-) -> ScriptRun {
-    let (status, run) = try_run_script(script, args, log_name);
-    if status.success() {
-        return run;
-    }
-    let Some(reason) = run.output.lines().find(|l| l.contains(rerun_marker)) else {
-        fail(script, status, &run);
-    };
-    eprintln!(
-        "scripts/{script}: the test bed came up unfit ({reason}); running it once more (log of the first run: {})",
-        run.log.display()
-    );
-    run_script(script, args, &format!("{log_name}-rerun"))
-}
-
 fn try_run_script(script: &str, args: &[&OsStr], log_name: &str) -> (ExitStatus, ScriptRun) {
     let dir = target_dir().join("slow-tests");
     std::fs::create_dir_all(&dir).unwrap();

@@ -21,6 +21,7 @@ mod state;
 mod sys;
 #[cfg(test)]
 pub(crate) mod test_util;
+mod tsc;
 
 pub use cpuid::apply_topology;
 pub use error::CpuError;
@@ -28,3 +29,4 @@ pub use lapic::{lapic_register, set_lapic_register};
 pub use msrs::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, supported_msrs, supported_msrs_cached};
 pub use setup::configure_vcpu;
 pub use state::{FpuState, LegacyFpu, VcpuState};
+pub use tsc::use_host_tsc_rate;

@@ -11,12 +11,14 @@ use super::{apply_topology, lapic, msrs};
 ///
 /// Requires the in-kernel irqchip (see [`crate::platform::create_platform`]). Sets, in this
 /// order: CPUID (KVM checks later MSR and XCR0 writes against it, and refuses `KVM_SET_CPUID2`
-/// once the vCPU has run), the boot MSRs, the LAPIC LINT pins, and checks the MP state.
+/// once the vCPU has run), the boot MSRs, the LAPIC LINT pins, and checks the MP state. The
+/// TSC runs at the host's frequency (see [`super::use_host_tsc_rate`]).
 pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u8, total: u8) -> Result<(), CpuError> {
     if total == 0 || id >= total {
         return Err(CpuError::InvalidTopology { id, total });
     }
     check_xsave_size(kvm)?;
+    super::use_host_tsc_rate(vcpu)?;
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -130,7 +130,9 @@ impl VcpuState {
         //    it. KVM refuses KVM_SET_CPUID2 after the first KVM_RUN, hence a fresh vCPU.
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         // 2. TSC frequency before the TSC MSR: KVM converts the TSC value with the current
-        //    ratio. Only touched if it differs (needs TSC scaling on the host).
+        //    ratio. The host's rate first (see `use_host_tsc_rate`), then the saved one if it
+        //    differs (needs TSC scaling on the host).
+        super::use_host_tsc_rate(vcpu)?;
         self.restore_tsc_khz(vcpu)?;
         // 3. MP state before registers and events: entering INIT_RECEIVED/SIPI_RECEIVED
         //    changes pending events, which step 9 then sets exactly.
@@ -217,7 +219,8 @@ impl VcpuState {
                      host's {} kHz",
                     current.unwrap_or_default()
                 );
-                Ok(())
+                // The refused call left KVM's idea of the frequency at `khz`: put it back.
+                super::use_host_tsc_rate(vcpu)
             }
             Err(e) => Err(kvm_err("KVM_SET_TSC_KHZ")(e)),
         }
