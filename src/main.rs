@@ -9,9 +9,11 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{ArgAction, Parser};
 use vmm::config::{
-    VmCliArgs, parse_api_socket, parse_event_monitor, parse_liveupdate, parse_restore,
+    LiveUpdateSource, VmCliArgs, parse_api_socket, parse_event_monitor, parse_liveupdate,
+    parse_restore,
 };
 use vmm::control_loop::{VmmOptions, run};
+use vmm::live_update::Inherited;
 
 /// A cloud-hypervisor-compatible VMM with host-kernel live update.
 #[derive(Debug, Parser)]
@@ -41,6 +43,9 @@ struct Cli {
     /// vfio-user devices: socket=<path>[,persist=on|off] (repeatable).
     #[arg(long, value_name = "socket=<path>", action = ArgAction::Append)]
     user_device: Vec<String>,
+    /// Kernel VFIO devices: path=/sys/bus/pci/devices/<BDF>[,id=<id>] (repeatable).
+    #[arg(long, value_name = "path=<sysfs path>", action = ArgAction::Append)]
+    device: Vec<String>,
     /// Serial port: off|null|pty|tty|file=<path>.
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
@@ -56,8 +61,9 @@ struct Cli {
     /// Event log file: path=<path>.
     #[arg(long, value_name = "path=<path>")]
     event_monitor: Option<String>,
-    /// Live-update session agent: agent=<socket> (default /run/ch-luod.sock).
-    #[arg(long, value_name = "agent=<socket>")]
+    /// Live-update sessions: agent=<socket> (default /run/ch-luod.sock), or inherit=<name> for
+    /// the session fd passed by the service manager (systemd's LUOSession=, LISTEN_FDS).
+    #[arg(long, value_name = "agent=<socket>|inherit=<name>")]
     liveupdate: Option<String>,
     /// Restore a live-updated VM: source_url=luo://<session>[,resume=on|off].
     #[arg(long, value_name = "source_url=luo://<session>")]
@@ -78,6 +84,7 @@ impl Cli {
             cmdline: self.cmdline.clone(),
             disks: self.disk.clone(),
             user_devices: self.user_device.clone(),
+            devices: self.device.clone(),
             serial: self.serial.clone(),
             console: self.console.clone(),
             rng: self.rng.clone(),
@@ -118,15 +125,29 @@ fn try_main(cli: &Cli) -> anyhow::Result<()> {
         .as_deref()
         .map(parse_event_monitor)
         .transpose()?;
-    let liveupdate_agent = match cli.liveupdate.as_deref() {
-        Some(option) => parse_liveupdate(option)?,
-        None => PathBuf::from(liveupdate::agent::DEFAULT_SOCKET),
+    let default_agent = || PathBuf::from(liveupdate::agent::DEFAULT_SOCKET);
+    let (liveupdate_agent, liveupdate_inherited) = match cli
+        .liveupdate
+        .as_deref()
+        .map(parse_liveupdate)
+        .transpose()?
+    {
+        None => (default_agent(), None),
+        Some(LiveUpdateSource::Agent(path)) => (path, None),
+        // Still single-threaded here, as taking it (it unsets LISTEN_*) requires.
+        Some(LiveUpdateSource::Inherit(name)) => {
+            let inherited = Inherited::take(&name).with_context(|| {
+                format!("Cannot take the inherited live-update session {name:?}")
+            })?;
+            (default_agent(), Some(inherited))
+        }
     };
     run(
         VmmOptions {
             api_socket,
             event_monitor,
             liveupdate_agent,
+            liveupdate_inherited,
             restore,
         },
         vm,

@@ -135,6 +135,43 @@ fn memfd_survives_handover_through_the_real_agent() {
 }
 
 #[test]
+fn attached_socket_moves_to_the_successor_and_closes_on_finish() {
+    let agent = Agent::start_emulated("attach");
+    let (server, vmm_end) = UnixStream::pair().unwrap();
+    let mut old_vmm = agent.client();
+    old_vmm.create_session("vm0").unwrap();
+    old_vmm.attach("vm0", vmm_end.as_fd(), 7).unwrap();
+    let duplicate = old_vmm.attach("vm0", vmm_end.as_fd(), 7).unwrap_err();
+    old_vmm.handover("vm0").unwrap();
+    drop((old_vmm, vmm_end));
+
+    let mut new_vmm = agent.client();
+    new_vmm.retrieve_session("vm0").unwrap();
+    let listed = new_vmm.list().unwrap()[0].attachments.clone();
+    let mut attachments = new_vmm.retrieve_attachments("vm0").unwrap();
+    let stream = UnixStream::from(attachments.remove(&7).unwrap());
+    (&stream).write_all(b"ping").unwrap();
+    let mut received = [0u8; 4];
+    (&server).read_exact(&mut received).unwrap();
+    new_vmm.finish("vm0").unwrap();
+    drop(stream);
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    (&server).read_to_end(&mut rest).unwrap();
+
+    assert_eq!(duplicate.kind(), Some(ErrorKind::TokenExists));
+    assert_eq!(listed, [7]);
+    assert_eq!(&received, b"ping");
+    assert!(attachments.is_empty());
+    assert!(
+        rest.is_empty(),
+        "EOF once the agent and the successor closed"
+    );
+}
+
+#[test]
 fn malformed_bytes_do_not_kill_the_agent() {
     let mut agent = Agent::start_emulated("garbage");
     for garbage in [

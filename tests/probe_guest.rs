@@ -84,11 +84,14 @@ fn pause_stops_the_guest_and_resume_shows_the_stall() {
     let lines_when_paused = vmm.lines().len().max(next);
     std::thread::sleep(Duration::from_millis(1100));
     let info = vmm.ch_remote(&["info"]);
+    // Read before the resume: the guest's first line after it must not count as "while paused".
+    let lines_before_resume = vmm.lines();
     let resume_at = Instant::now();
     let resumed = vmm.ch_remote(&["resume"]);
     let pause_length = resume_at - paused_at;
 
-    let quiet: Vec<String> = vmm.lines()[lines_when_paused..]
+    let quiet: Vec<String> = lines_before_resume
+        [lines_when_paused.min(lines_before_resume.len())..]
         .iter()
         .filter(|line| ProbeStatus::parse(line).is_some())
         .cloned()

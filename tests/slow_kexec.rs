@@ -11,11 +11,49 @@
 
 mod slow;
 
+use std::path::PathBuf;
+use std::process::Command;
+
 use slow::{release_bins, run_script};
+
+/// The release binaries plus `luo-standin` (the liveupdate crate's stand-in for systemd's
+/// `LUOSession=`, which only the inherited case uses).
+fn release_bins_with_standin() -> PathBuf {
+    let bins = release_bins();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "liveupdate",
+            "--bin",
+            "luo-standin",
+        ])
+        .arg("--target-dir")
+        .arg(slow::target_dir())
+        .current_dir(slow::repo_root())
+        .status()
+        .expect("cannot run cargo");
+    assert!(
+        status.success(),
+        "cargo build of luo-standin failed: {status}"
+    );
+    assert!(
+        bins.join("luo-standin").is_file(),
+        "luo-standin is missing from {}",
+        bins.display()
+    );
+    bins
+}
 
 /// Runs `scripts/e2e-kexec --case <case>` and asserts it passed; returns its output.
 fn run_e2e(case: &str) -> String {
-    let bins = release_bins();
+    let bins = if case == "inherited" {
+        release_bins_with_standin()
+    } else {
+        release_bins()
+    };
     let serial = slow::target_dir()
         .join("slow-tests")
         .join(format!("e2e-kexec-{case}.serial.log"));
@@ -65,4 +103,23 @@ fn a_failing_kexec_file_load_cancels_the_update_and_the_guest_runs_on() {
 #[ignore = "slow group: run with cargo test --test slow_kexec -- --ignored"]
 fn without_liveupdate_on_the_agent_refuses_to_start_clearly() {
     run_e2e("no-luo");
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_kexec -- --ignored"]
+fn session_inherited_the_systemd_way_carries_the_guest_across_a_real_kexec() {
+    let output = run_e2e("inherited");
+
+    assert!(
+        output.contains("not the inherited session"),
+        "no 400 for an update into another session"
+    );
+    assert!(
+        output.contains("takes no further live update"),
+        "no 409 for a second update into the inherited session"
+    );
+    assert!(
+        output.contains("probe verified") && output.contains("errors=0"),
+        "the probe did not verify its RAM after the restore"
+    );
 }

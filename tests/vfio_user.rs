@@ -1,5 +1,8 @@
 //! vfio-user on real KVM: the VMM attaches `vfio-user-testdev`, which DMAs an advancing counter
-//! into guest RAM while the probe guest runs; a missing server is a clear startup error.
+//! into guest RAM while the probe guest runs; a missing server is a clear startup error. A
+//! restart-mode live update hands the connection and the MSI eventfd to the successor: the
+//! server sees no reconnect, the counter runs on through the pause, and the probe, counting
+//! the device's MSIs one by one, takes every interrupt the device raised.
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
 #![allow(
     clippy::unwrap_used,
@@ -75,6 +78,10 @@ impl TestDev {
 
     fn arg(&self) -> String {
         format!("socket={}", self.socket.display())
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 }
 
@@ -160,33 +167,6 @@ fn missing_server_is_a_clear_startup_error() {
         stderr.contains("Cannot attach the vfio-user device"),
         "{stderr}"
     );
-}
-
-#[test]
-fn live_update_with_non_persisting_device_is_refused_and_dma_goes_on() {
-    require_kvm();
-    let dir = scratch_dir("vfio-user-lu");
-    let agent = Agent::start(&dir);
-    let dev = TestDev::start(&dir, 1000);
-    let liveupdate = agent.arg();
-    let extra = ["--liveupdate", &liveupdate, "--user-device", &dev.arg()];
-    let vmm = VmmProcess::probe(1, "128M", QUICK, &dir, &extra);
-    let (_, _banner) = vmm.next_banner(0, BOOT);
-    let ram = guest_ram(vmm.pid());
-
-    let refused = vmm.try_live_update("userdev");
-    let after = vmm.lines().len();
-    let (before, _) = read_record(&ram);
-    sleep(Duration::from_millis(300));
-    let (later, _) = read_record(&ram);
-    let (_, status) = vmm.next_status(after, LINE);
-
-    assert!(!refused.is_success(), "{refused:?}");
-    let messages = String::from_utf8_lossy(&refused.body).to_string();
-    assert!(messages.contains("vfio-user/0"), "{messages}");
-    assert!(messages.contains("persist=off"), "{messages}");
-    assert!(later > before, "DMA stopped: {before} -> {later}");
-    assert_eq!(status.get("errors"), 0, "{status:?}");
 }
 
 /// The next `probe: userdev counter=...` line after line `skip`, and the index after it.
@@ -285,68 +265,166 @@ fn guest_reboot_reconnects_and_dma_starts_again() {
     assert!(vmm.is_running(), "{}", vmm.stderr());
 }
 
-/// The last complete `probe: userdev counter=...` line of a VMM that has exited.
-fn last_userdev(vmm: &VmmProcess) -> std::collections::BTreeMap<String, String> {
+/// The last complete counting `userdev` line of a VMM that has exited (its last line may be
+/// cut short where the guest was paused; `client` is the last field).
+fn last_counted(vmm: &VmmProcess) -> std::collections::BTreeMap<String, String> {
     vmm.lines()
         .iter()
         .rev()
         .filter_map(|line| probe_fields(line, "userdev"))
-        .find(|fields| fields.contains_key("msi_pending"))
+        .find(|fields| fields.contains_key("client"))
         .unwrap_or_else(|| panic!("no userdev line in {:?}", vmm.lines()))
 }
 
-#[test]
-fn restart_live_update_reattaches_a_persisting_device_that_kept_running() {
-    require_kvm();
-    let dir = scratch_dir("vfio-user-restart");
-    let agent = Agent::start(&dir);
-    let dev = TestDev::start_with(&dir, &["--persist"]);
+/// The probe command line that counts the device's MSIs one by one (acknowledge mode).
+const COUNTING: &str = "fill=1 status_ms=100 userdev=1 userdev_ack=1";
+
+/// Boots the counting probe with the agent and the (non-persisting) device, environment `env`.
+fn counting_vmm(agent: &Agent, dev: &TestDev, dir: &Path, env: &[(&str, &str)]) -> VmmProcess {
+    std::fs::create_dir_all(dir).unwrap();
+    let kernel = common::probe_guest();
+    let socket = dir.join("api.sock");
     let liveupdate = agent.arg();
-    let device = format!("{},persist=on", dev.arg());
-    let cmdline = "fill=1 status_ms=100 userdev=1";
-    let old_dir = dir.join("old");
-    std::fs::create_dir_all(&old_dir).unwrap();
-    let extra = ["--liveupdate", &liveupdate, "--user-device", &device];
-    let mut old = VmmProcess::probe(1, "128M", cmdline, &old_dir, &extra);
+    let device = dev.arg();
+    let args = [
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--liveupdate",
+        &liveupdate,
+        "--cpus",
+        "boot=1",
+        "--memory",
+        "size=128M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        COUNTING,
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--user-device",
+        &device,
+    ];
+    VmmProcess::spawn_with_env(&args, dir, env)
+}
+
+/// Reads `count` userdev lines from line `skip` on; each must show the guest's MSI count
+/// equal to the device's, or one behind with an interrupt in flight, and the first client.
+fn counted_lines(
+    vmm: &VmmProcess,
+    skip: usize,
+    count: usize,
+) -> (usize, Vec<std::collections::BTreeMap<String, String>>) {
+    let mut next = skip;
+    let mut lines = Vec::new();
+    for _ in 0..count {
+        let (after, fields) = next_userdev(vmm, next);
+        let (msis, irqs) = (field(&fields, "msis"), field(&fields, "irqs"));
+        assert!(
+            irqs == msis || irqs == msis + 1,
+            "the guest took {msis} MSIs, the device raised {irqs}: {fields:?}"
+        );
+        assert_eq!(
+            field(&fields, "client"),
+            1,
+            "the server saw a reconnect: {fields:?}"
+        );
+        lines.push(fields);
+        next = after;
+    }
+    (next, lines)
+}
+
+#[test]
+fn restart_live_update_hands_the_connection_over_without_a_disconnect_or_a_lost_interrupt() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-handover");
+    let agent = Agent::start(&dir);
+    // Not --persist: a reconnect would reset the device and stop its DMA.
+    let mut dev = TestDev::start_with(&dir, &[]);
+    let old = counting_vmm(&agent, &dev, &dir.join("old"), &[]);
     let (next, _) = old.next_banner(0, BOOT);
-    let (_, _) = next_userdev(&old, next);
+    let (_, warmup) = counted_lines(&old, next, 3);
 
     let timings = old.live_update("userdev");
+    let mut old = old;
     let old_exit = old.wait_exit(Duration::from_secs(10));
-    let before = last_userdev(&old);
+    // A pause of well over one interrupt period (100 ms): the device raises an interrupt
+    // while no VMM runs the guest, and it must wait in the handed-over eventfd.
+    sleep(Duration::from_millis(300));
     let successor = VmmProcess::successor(&agent, "userdev", &dir.join("new"), &[]);
+    let before = last_counted(&old);
     let (_, first_status) = successor.next_status(0, LINE);
-    let (next, first) = next_userdev(&successor, 0);
-    let (next, later) = next_userdev(&successor, next);
+    let (next, after) = counted_lines(&successor, 0, 5);
     let (_, status) = successor.next_status(next, LINE);
 
     assert_eq!(old_exit, Some(0), "{}", old.stderr());
+    assert!(
+        field(&warmup[2], "msis") > field(&warmup[0], "msis"),
+        "the guest takes no MSIs: {warmup:?}"
+    );
     assert!(
         !successor.lines().iter().any(|l| l.contains("probe: start")),
         "the guest restarted: {:?}",
         successor.lines()
     );
-    // The device kept DMA-ing while no VMM ran the guest: the first reading after the
-    // update is ahead of the last one before by more than the guest's own 100 ms step.
-    let advanced = field(&first, "counter") - field(&before, "counter");
+    // The device kept DMA-ing through the pause, into the RAM both VMMs map.
+    let (first, last) = (&after[0], &after[after.len() - 1]);
+    let advanced = field(first, "counter") - field(&before, "counter");
     assert!(advanced > 0, "{before:?} {first:?}");
     assert!(
-        field(&later, "counter") > field(&first, "counter"),
-        "{first:?} {later:?}"
+        field(last, "counter") > field(first, "counter"),
+        "{after:?}"
     );
+    // No interrupt lost for good: the acknowledge chain goes on (a lost MSI would stop it
+    // with the device one ahead forever), and the counts match on every line.
     assert!(
-        field(&later, "irqs") > field(&before, "irqs"),
-        "{before:?} {later:?}"
+        field(last, "msis") >= field(&before, "msis") + 3,
+        "MSIs stopped: {before:?} {after:?}"
     );
-    assert_eq!(field(&later, "msi_pending"), 1, "{later:?}");
     assert_eq!(status.get("errors"), 0, "{status:?}");
+    assert!(dev.is_running(), "the server died");
     eprintln!(
-        "vfio-user restart update: counter {} -> {} (advanced {advanced} at 1000/s), \
-         guest pause (first stall_us after the update) {}, timings_us {timings}",
+        "vfio-user handover: counter {} -> {} (advanced {advanced} at 1000/s), MSIs taken {} -> {} \
+         (device {} -> {}), guest pause (first stall_us after the update) {}, timings_us {timings}",
         field(&before, "counter"),
-        field(&first, "counter"),
+        field(first, "counter"),
+        field(&before, "msis"),
+        field(last, "msis"),
+        field(&before, "irqs"),
+        field(last, "irqs"),
         first_status.get("stall_us"),
     );
+}
+
+#[test]
+fn cancelled_update_gives_the_device_back_to_the_old_vmm() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-cancel");
+    let agent = Agent::start(&dir);
+    let dev = TestDev::start_with(&dir, &[]);
+    let env = [("CHV_TEST_LIVE_UPDATE_FAIL_AT", "save")];
+    let vmm = counting_vmm(&agent, &dev, &dir, &env);
+    let (next, _) = vmm.next_banner(0, BOOT);
+    let (_, before) = counted_lines(&vmm, next, 1);
+
+    let refused = vmm.try_live_update("cancelled");
+    let after_update = vmm.lines().len();
+    let (_, after) = counted_lines(&vmm, after_update, 6);
+
+    assert!(!refused.is_success(), "{refused:?}");
+    let messages = String::from_utf8_lossy(&refused.body).to_string();
+    assert!(messages.contains("injected failure"), "{messages}");
+    assert!(
+        field(&after[5], "msis") >= field(&before[0], "msis") + 3,
+        "MSIs stopped after the cancel: {before:?} {after:?}"
+    );
+    assert!(
+        field(&after[5], "counter") > field(&after[0], "counter"),
+        "{after:?}"
+    );
+    assert!(agent.sessions().is_empty(), "{:?}", agent.sessions());
 }
 
 #[test]

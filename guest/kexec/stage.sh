@@ -10,7 +10,11 @@
 #   must go on printing status lines with errors=0 until it has verified all its pattern again.
 # Markers on the console (the host timestamps them): E2E-KEXEC-STAGE1/2, E2E-KEXEC-RESTORE,
 # E2E-KEXEC-RUNNING, E2E-KEXEC-PASS or E2E-KEXEC-FAIL: why.
-# Environment-free: knobs come from the kernel command line (e2e_cpus=, e2e_fill=, e2e_case=).
+# In the test bed it is environment-free: knobs come from the kernel command line (e2e_cpus=,
+# e2e_fill=, e2e_case=) and its files lie at / in the initramfs. On a bare-metal host
+# (scripts/e2e-kexec --bare-metal) E2E_BASE names the directory holding bin/, guest/ and
+# kexec/, E2E_BARE_METAL=1 makes every end an exit instead of a reboot, and stage 2 is started
+# after the kexec by the systemd unit that script installs.
 #
 # Error cases (e2e_case=, one boot each, no kexec happens; each ends with E2E-KEXEC-PASS):
 #   no-luo      kernel booted with liveupdate=off: ch-luod must refuse to start, naming why;
@@ -18,12 +22,32 @@
 #               kexec_file_load fails, the VMM's handover fails, it cancels and its guest runs
 #               on with errors=0 through two more full passes. Every case also checks that a
 #               second kernel-mode ch-luod is refused with "busy" (EBUSY on /dev/liveupdate).
+#
+# Case inherited (a real kexec, like the default case, but without ch-luod; test bed only):
+# luo-standin plays systemd's part for LUOSession= (docs/systemd.md). In stage 1 it creates the
+# session (its kernel name differs from the fd name, as systemd's derived names do), loads the
+# next kernel, and starts the VMM with the session as fd 3 and LISTEN_PID/LISTEN_FDS/
+# LISTEN_FDNAMES set (`--liveupdate inherit=probe`). The stage checks that an update into
+# another session is refused (400), live-updates the VM into the inherited session, checks that
+# the guest stays paused and that a second update is refused (409), then stops the VMM with
+# SIGTERM as `systemctl kexec` stops the unit; the stand-in, still holding the session, reboots
+# into the next kernel. In stage 2 it retrieves the session and starts
+# `--restore source_url=luo://probe` the same way; the VMM must FINISH the session.
 
-work=/tmp/e2e
+base="${E2E_BASE:-}"
+PATH="$base/bin:$PATH"
+work="${E2E_WORK:-/tmp/e2e}"
+# The test bed ends by powering QEMU off; a bare-metal host must not be rebooted by a test.
+reboot() {
+    [ -n "${E2E_BARE_METAL:-}" ] || command reboot "$@"
+}
 agent_socket=$work/luod.sock
 api_socket=$work/api.sock
 session=probe
-cmdline=$(cat /proc/cmdline)
+# Stands for the name systemd derives from the unit (case inherited).
+kernel_session=standin-0123abcd-probe
+# E2E_ARGS (bare metal) adds knobs; they ride along on the next kernel's command line.
+cmdline="$(cat /proc/cmdline) ${E2E_ARGS:-}"
 
 arg() {
     for word in $cmdline; do
@@ -38,7 +62,8 @@ case_name=$(arg e2e_case kexec)
 
 fail() {
     {
-        for f in "$work/luod.log" "$work/vmm.log" "$work/vmm.err" "$work/kexec.log" "$work/remote.log"; do
+        for f in "$work/luod.log" "$work/vmm.log" "$work/vmm.err" "$work/kexec.log" "$work/remote.log" \
+            "$work/standin.log"; do
             [ -s "$f" ] || continue
             echo "----- last lines of $f"
             tail -n 25 "$f" | tr -d '\r'
@@ -70,9 +95,11 @@ start_agent() {
     echo "E2E-KEXEC second ch-luod refused: $out"
 }
 
-for f in /bin/cloud-hypervisor /bin/ch-remote /bin/ch-luod /guest/probe-guest.elf; do
+for f in "$base"/bin/cloud-hypervisor "$base"/bin/ch-remote "$base"/bin/ch-luod "$base"/guest/probe-guest.elf; do
     [ -e "$f" ] || fail "$f is missing from the initramfs"
 done
+[ "$case_name" != inherited ] || [ -e "$base"/bin/luo-standin ] ||
+    fail "$base/bin/luo-standin is missing from the initramfs"
 mkdir -p "$work" || fail "cannot create $work"
 
 if [ "$case_name" = no-luo ]; then
@@ -99,17 +126,110 @@ wait_iter() {
     [ "$wi_errors" = 0 ] || fail "the probe reported errors=$wi_errors"
 }
 
+# The VM's state as the API reports it (Running, Paused, ...).
+vm_state() {
+    ch-remote --api-socket "$api_socket" info 2>/dev/null | tr -d ' \n' |
+        grep -o '"state":"[A-Za-z]*"' | head -n1 | cut -d'"' -f4
+}
+
+# Case inherited, stage 1 (see the header); returns only by failing.
+inherited_stage1() {
+    echo "E2E-KEXEC-STAGE1 cpus=$cpus fill=$fill"
+    echo "E2E-KEXEC-CASE inherited"
+    for f in "$base"/kexec/bzImage "$base"/kexec/initrd.cpio.gz; do
+        [ -e "$f" ] || fail "$f is missing from the outer initramfs"
+    done
+    next="$(echo "$cmdline" | sed 's/ *e2e_stage=[^ ]*//') e2e_stage=2"
+    mkfifo "$work/vmm.in" || fail "mkfifo failed"
+    # The stand-in's own lines go to standin.log; the VMM's to vmm.log and vmm.err (a shell
+    # redirects its stderr, then execs it: LISTEN_PID stays its pid).
+    # shellcheck disable=SC2016
+    luo-standin create --session "$kernel_session" --fdname "$session" --pidfile "$work/vmm.pid" \
+        --kexec-kernel "$base"/kexec/bzImage --kexec-initrd "$base"/kexec/initrd.cpio.gz \
+        --kexec-cmdline "$next" -- /bin/sh -c 'exec "$@" 2>"$0"' "$work/vmm.err" \
+        cloud-hypervisor -v --api-socket "path=$api_socket" --liveupdate "inherit=$session" \
+        --kernel "$base"/guest/probe-guest.elf --cmdline "fill=$fill status_ms=200" \
+        --memory size=256M --cpus "boot=$cpus" --serial tty --console off \
+        <"$work/vmm.in" >"$work/vmm.log" 2>"$work/standin.log" &
+    standin_pid=$!
+    exec 3>"$work/vmm.in"
+    t=$(now)
+    until [ -s "$work/vmm.pid" ]; do
+        kill -0 "$standin_pid" 2>/dev/null || fail "luo-standin exited before starting the VMM"
+        elapsed_over "$t" 60 && fail "luo-standin did not start the VMM within 60 s"
+        sleep 0.1
+    done
+    vmm_pid=$(cat "$work/vmm.pid")
+    sed 's/^/E2E-KEXEC /' "$work/standin.log"
+    # Two full passes before the update, so the pattern is established everywhere.
+    wait_iter "$work/vmm.log" $((2 * cpus)) "$vmm_pid"
+    echo "E2E-KEXEC probe before: $(last_line "$work/vmm.log")"
+    grep -q "Inherited live-update session \"$session\" (kernel name \"$kernel_session\")" "$work/vmm.err" ||
+        fail "the VMM did not log the inherited session with its kernel name"
+
+    out=$(ch-remote --api-socket "$api_socket" live-update --session other 2>&1) &&
+        fail "a live update into another session than the inherited one succeeded"
+    echo "E2E-KEXEC other session said: $(echo "$out" | tr '\n' ' ')"
+    echo "$out" | grep -q '400' || fail "a live update into another session is not a 400: $out"
+    echo "$out" | grep -q 'not the inherited session' || fail "the 400 does not say why: $out"
+    [ "$(vm_state)" = Running ] || fail "the VM is '$(vm_state)' after a refused update, not Running"
+
+    echo "E2E-KEXEC-LIVE-UPDATE"
+    ch-remote --api-socket "$api_socket" live-update --session "$session" >"$work/remote.log" 2>&1 ||
+        fail "the live update into the inherited session failed: $(cat "$work/remote.log")"
+    echo "E2E-KEXEC live-update said: $(tr '\n' ' ' <"$work/remote.log")"
+    grep -q '"timings_us"' "$work/remote.log" || fail "the live-update answer has no timings"
+    kill -0 "$vmm_pid" 2>/dev/null || fail "the VMM exited after the live update (it must wait to be stopped)"
+    [ "$(vm_state)" = Paused ] || fail "the VM is '$(vm_state)' after the live update, not Paused"
+    paused_iter=$(last_status "$work/vmm.log" iter)
+    out=$(ch-remote --api-socket "$api_socket" live-update --session "$session" 2>&1) &&
+        fail "a second live update into the inherited session succeeded"
+    echo "E2E-KEXEC second update said: $(echo "$out" | tr '\n' ' ')"
+    echo "$out" | grep -q '409' || fail "a second live update is not a 409: $out"
+    echo "$out" | grep -q 'takes no further live update' || fail "the 409 does not say why: $out"
+    sleep 1
+    [ "$(last_status "$work/vmm.log" iter)" = "$paused_iter" ] || fail "the guest ran on after its live update"
+
+    # `systemctl kexec`: the unit is stopped (SIGTERM), then the stand-in reboots with the session.
+    echo "E2E-KEXEC stopping the VMM with SIGTERM"
+    kill -TERM "$vmm_pid"
+    wait "$standin_pid"
+    rc=$?
+    fail "luo-standin exited $rc instead of rebooting: $(tail -n 3 "$work/standin.log")"
+}
+
+# Case inherited, stage 2: the stand-in retrieves the session and starts the restoring VMM.
+inherited_stage2() {
+    echo "E2E-KEXEC-STAGE2"
+    mkfifo "$work/vmm.in" || fail "mkfifo failed"
+    echo "E2E-KEXEC-RESTORE"
+    # shellcheck disable=SC2016
+    luo-standin retrieve --session "$kernel_session" --fdname "$session" --pidfile "$work/vmm.pid" \
+        -- /bin/sh -c 'exec "$@" 2>"$0"' "$work/vmm.err" \
+        cloud-hypervisor -v --liveupdate "inherit=$session" --restore "source_url=luo://$session" \
+        <"$work/vmm.in" >"$work/vmm.log" 2>"$work/standin.log" &
+    vmm_pid=$!
+    exec 3>"$work/vmm.in"
+}
+
+if [ "$case_name" = inherited ] && [ "$stage" = 1 ]; then
+    inherited_stage1
+fi
+
 if [ "$stage" = 1 ]; then
     echo "E2E-KEXEC-STAGE1 cpus=$cpus fill=$fill"
-    for f in /kexec/bzImage /kexec/initrd.cpio.gz; do
+    for f in "$base"/kexec/bzImage "$base"/kexec/initrd.cpio.gz; do
         [ -e "$f" ] || fail "$f is missing from the outer initramfs"
     done
     start_agent
-    mkfifo "$work/vmm.in" || fail "mkfifo failed"
+    mkfifo "$work/vmm.in" "$work/vmm.errpipe" || fail "mkfifo failed"
+    # The VMM's log on the console too: its freeze timings are the last thing it says before
+    # the machine kexecs.
+    tee "$work/vmm.err" <"$work/vmm.errpipe" &
     cloud-hypervisor -v --api-socket "path=$api_socket" --liveupdate "agent=$agent_socket" \
-        --kernel /guest/probe-guest.elf --cmdline "fill=$fill status_ms=200" \
+        --kernel "$base"/guest/probe-guest.elf --cmdline "fill=$fill status_ms=200" \
         --memory size=256M --cpus "boot=$cpus" --serial tty --console off \
-        <"$work/vmm.in" >"$work/vmm.log" 2>"$work/vmm.err" &
+        <"$work/vmm.in" >"$work/vmm.log" 2>"$work/vmm.errpipe" &
     vmm_pid=$!
     exec 3>"$work/vmm.in"
     t=$(now)
@@ -132,7 +252,7 @@ if [ "$stage" = 1 ]; then
             elapsed_over "$t" 120 && fail "the session did not freeze within 120 s"
             sleep 0.05
         done
-        ch-luod --socket "$agent_socket" kexec --kernel /bin/ch-remote --cmdline x --timeout 10 \
+        ch-luod --socket "$agent_socket" kexec --kernel "$base"/bin/ch-remote --cmdline x --timeout 10 \
             --session "$session" >"$work/kexec.log" 2>&1 && fail "ch-luod kexec of a non-kernel succeeded"
         echo "E2E-KEXEC kexec said: $(cat "$work/kexec.log")"
         grep -q 'kexec_file_load' "$work/kexec.log" || fail "the kexec error does not name kexec_file_load"
@@ -151,8 +271,8 @@ if [ "$stage" = 1 ]; then
     # (--session) while the VMM prepares; the live update starts once the image is loaded, so
     # the guest's pause does not include the load.
     next="$(echo "$cmdline" | sed 's/ *e2e_stage=[^ ]*//') e2e_stage=2"
-    ch-luod --socket "$agent_socket" kexec --kernel /kexec/bzImage \
-        --initrd /kexec/initrd.cpio.gz --cmdline "$next" --timeout 120 --session "$session" \
+    ch-luod --socket "$agent_socket" kexec --kernel "$base"/kexec/bzImage \
+        --initrd "$base"/kexec/initrd.cpio.gz --cmdline "$next" --timeout 120 --session "$session" \
         >"$work/kexec.log" 2>&1 &
     kexec_pid=$!
     t=$(now)
@@ -173,15 +293,19 @@ if [ "$stage" = 1 ]; then
     fail "ch-luod kexec exited $rc: $(cat "$work/kexec.log")"
 fi
 
-echo "E2E-KEXEC-STAGE2"
-start_agent
-ch-luod --socket "$agent_socket" list
-mkfifo "$work/vmm.in" || fail "mkfifo failed"
-echo "E2E-KEXEC-RESTORE"
-cloud-hypervisor -v --liveupdate "agent=$agent_socket" --restore "source_url=luo://$session" \
-    <"$work/vmm.in" >"$work/vmm.log" 2>"$work/vmm.err" &
-vmm_pid=$!
-exec 3>"$work/vmm.in"
+if [ "$case_name" = inherited ]; then
+    inherited_stage2
+else
+    echo "E2E-KEXEC-STAGE2"
+    start_agent
+    ch-luod --socket "$agent_socket" list
+    mkfifo "$work/vmm.in" || fail "mkfifo failed"
+    echo "E2E-KEXEC-RESTORE"
+    cloud-hypervisor -v --liveupdate "agent=$agent_socket" --restore "source_url=luo://$session" \
+        <"$work/vmm.in" >"$work/vmm.log" 2>"$work/vmm.err" &
+    vmm_pid=$!
+    exec 3>"$work/vmm.in"
+fi
 t=$(now)
 until [ -n "$(last_status "$work/vmm.log" iter)" ]; do
     kill -0 "$vmm_pid" 2>/dev/null || fail "the restoring VMM exited"
@@ -209,7 +333,12 @@ grep -q 'probe: mismatch' "$work/vmm.log" && fail "the probe reported a mismatch
 grep -E '<ERROR>|panicked' "$work/vmm.err" && fail "the restored VMM logged an error"
 echo "E2E-KEXEC restore steps: $(grep -o 'VM restored from session.*' "$work/vmm.err" | head -n1)"
 grep -F '<WARN>' "$work/vmm.err" | sed 's/^/E2E-KEXEC restored VMM warned: /'
-sessions=$(ch-luod --socket "$agent_socket" list)
-[ -z "$sessions" ] || fail "the agent still holds sessions after FINISH: $sessions"
+if [ "$case_name" = inherited ]; then
+    grep -q "Session \"$session\" finished" "$work/vmm.err" || fail "the restored VMM did not FINISH the session"
+    sed 's/^/E2E-KEXEC /' "$work/standin.log"
+else
+    sessions=$(ch-luod --socket "$agent_socket" list)
+    [ -z "$sessions" ] || fail "the agent still holds sessions after FINISH: $sessions"
+fi
 echo "E2E-KEXEC-PASS"
 reboot -f

@@ -532,6 +532,20 @@ mod tests {
     }
 
     #[test]
+    fn attaching_an_fd_is_refused_as_restart_agent_only() {
+        let mut provider = EmulatedProvider::new();
+        let mut session = provider.create_session("vm").unwrap();
+        let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+
+        let result = session.attach_fd(socket.as_fd(), 1);
+
+        assert!(
+            matches!(result, Err(SessionError::AttachmentsUnsupported)),
+            "{result:?}"
+        );
+    }
+
+    #[test]
     fn dropped_outgoing_session_is_discarded_with_its_files() {
         let mut provider = EmulatedProvider::new();
         let file = memfd();

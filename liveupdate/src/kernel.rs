@@ -178,7 +178,8 @@ pub struct KernelSession {
 
 impl KernelSession {
     /// Wraps a session fd received from elsewhere (`LISTEN_FDS`, SCM_RIGHTS). Nothing checks
-    /// that it is a session: ioctls on another kind of fd fail with [`SessionError::Os`].
+    /// that it is a session: ioctls on another kind of fd fail with [`SessionError::Os`]
+    /// ([`crate::inherited`] checks an fd inherited by `LISTEN_FDS` first).
     pub fn from_fd(fd: OwnedFd) -> Self {
         Self { fd }
     }

@@ -20,6 +20,7 @@
 //!
 //! Every step is timed; a failed prepare or freeze cancels by itself.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -403,6 +404,13 @@ impl Incoming {
     pub fn take_file(&mut self, token: Token) -> Result<OwnedFd, MachineError> {
         self.session
             .retrieve_fd(token)
+            .map_err(MachineError::Session)
+    }
+
+    /// Every fd the old VMM attached (restart mode, see [`FileSink::attach`]), by token.
+    pub fn take_attachments(&mut self) -> Result<BTreeMap<Token, OwnedFd>, MachineError> {
+        self.session
+            .retrieve_attachments()
             .map_err(MachineError::Session)
     }
 

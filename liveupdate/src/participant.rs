@@ -113,6 +113,19 @@ impl<'a> FileSink<'a> {
             .map_err(ParticipantError::Session)
     }
 
+    /// Restart mode only: attaches `fd` (a socket, an eventfd: any kind of file, see
+    /// [`Session::attach_fd`]) for the successor and returns its token (record it in the
+    /// participant's state). Elsewhere it fails with [`SessionError::AttachmentsUnsupported`],
+    /// so a participant that needs it refuses the update in prepare.
+    pub fn attach(&mut self, fd: BorrowedFd<'_>) -> Result<Token, ParticipantError> {
+        let token = self.next_token;
+        self.session
+            .attach_fd(fd, token)
+            .map_err(ParticipantError::Session)?;
+        self.next_token += 1;
+        Ok(token)
+    }
+
     /// Preserves `fd` under the reserved [`STATE_TOKEN`].
     pub(crate) fn preserve_state(&mut self, fd: BorrowedFd<'_>) -> Result<(), ParticipantError> {
         self.session

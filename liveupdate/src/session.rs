@@ -10,7 +10,14 @@
 //! - after the handover (kexec, or its userspace stand-in) the session is *incoming*: it can be
 //!   retrieved once by name, its files retrieved by token, then finished;
 //! - preserve on an incoming session, retrieve or finish on an outgoing one: EINVAL.
+//!
+//! Restart mode adds *attachments*: fds of any kind (a socket, an eventfd) that the session
+//! agent (`ch-luod --emulate`) keeps beside the session and gives to the successor with it. They
+//! never reach a kernel (LUO carries memfds only), so they exist only in restart mode; every
+//! other session refuses them ([`SessionError::AttachmentsUnsupported`]). They are dropped when
+//! the session is cancelled or finished.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
@@ -85,6 +92,10 @@ pub enum SessionError {
         /// "incoming" or "outgoing".
         direction: &'static str,
     },
+    /// This session cannot carry fd attachments (sockets, eventfds): only the session agent
+    /// in restart mode holds them.
+    #[error("fd attachments exist only in restart mode (ch-luod --emulate)")]
+    AttachmentsUnsupported,
     /// A file of the session is not ready to be finished (e.g. a dependency not yet restored).
     #[error("The session cannot be finished yet")]
     NotFinishable,
@@ -119,6 +130,17 @@ pub trait Session: Send + std::fmt::Debug {
     fn retrieve_fd(&mut self, token: Token) -> Result<OwnedFd, SessionError>;
     /// Incoming: releases the session once every file is restored.
     fn finish(&mut self) -> Result<(), SessionError>;
+    /// Outgoing, restart mode only: attaches `fd` (any kind of file) under `token`, a key of
+    /// its own (not shared with preserved files). Refused by sessions that cannot hold it.
+    fn attach_fd(&mut self, fd: BorrowedFd<'_>, token: Token) -> Result<(), SessionError> {
+        let _ = (fd, token);
+        Err(SessionError::AttachmentsUnsupported)
+    }
+    /// Incoming: every fd the previous VMM attached, by token (none where attachments cannot
+    /// exist).
+    fn retrieve_attachments(&mut self) -> Result<BTreeMap<Token, OwnedFd>, SessionError> {
+        Ok(BTreeMap::new())
+    }
 }
 
 /// Where sessions come from.

@@ -135,8 +135,14 @@ void config_parse(void)
 			cfg.virtio = v;
 		else if (key_is(tok, klen, "blk_io") && has_val && v <= 1)
 			cfg.blk_io = v;
-		else if (key_is(tok, klen, "userdev") && has_val && v <= 1)
-			cfg.userdev = v;
+		else if (key_is(tok, klen, "userdev") && has_val && v <= 2) {
+			cfg.userdev = v != 0;
+			cfg.userdev_rescan = v == 2;
+		}
+		else if (key_is(tok, klen, "userdev_ack") && has_val && v <= 1)
+			cfg.userdev_ack = v;
+		else if (key_is(tok, klen, "edu") && has_val && v <= 1)
+			cfg.edu = v;
 		else
 			note_unknown(tok, len);	/* unknown key or bad value */
 	}

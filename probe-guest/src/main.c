@@ -1,6 +1,7 @@
 /* Probe guest entry: bring-up, status lines, serial input, reboot. */
 #include "probe.h"
 #include "virtio.h"
+#include "edu.h"
 
 #define INPUT_POLL_US 10000
 #define SMP_QUIET_MS 200
@@ -208,6 +209,8 @@ void probe_main(u32 start_info)
 		blk_io_init(mapped, tsc.khz);
 	if (cfg.userdev)
 		userdev_init();
+	if (cfg.edu)
+		edu_init(tsc.khz);
 
 	struct worker w;
 	worker_init(&w, 0);
@@ -220,6 +223,8 @@ void probe_main(u32 start_info)
 		u64 now = worker_step(&w);
 		if (now >= next_poll) {
 			poll_input();
+			if (cfg.userdev)
+				userdev_poll();
 			next_poll = now + poll_ticks;
 		}
 		if (now >= next_status) {
@@ -228,6 +233,8 @@ void probe_main(u32 start_info)
 				blk_io_tick(tsc.khz);
 			if (cfg.userdev)
 				userdev_tick();
+			if (cfg.edu)
+				edu_tick();
 			print_status(++seq, now);
 			next_status += status_ticks;
 			if (next_status <= now)

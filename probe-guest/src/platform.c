@@ -29,7 +29,8 @@ struct idt_gate {
 	u32 zero;
 } __attribute__((packed));
 
-static struct idt_gate idt[32] __attribute__((aligned(16)));
+/* 32 exception gates, then interrupt vectors a driver claims (idt_set_handler). */
+static struct idt_gate idt[256] __attribute__((aligned(16)));
 extern char exc_stubs[];
 
 void delay_us(u64 us, u64 tsc_khz)
@@ -228,19 +229,29 @@ u64 paging_init(const struct ram_map *ram, bool gib_pages)
 	return ngib * GIB;
 }
 
+static void idt_set(u32 v, u64 a)
+{
+	idt[v].off_lo = (u16)a;
+	idt[v].sel = SEL_CODE64;
+	idt[v].ist = 0;
+	idt[v].off_mid = (u16)(a >> 16);
+	idt[v].off_hi = (u32)(a >> 32);
+	idt[v].zero = 0;
+	__atomic_store_n(&idt[v].type, 0x8e, __ATOMIC_RELEASE);
+}
+
+/* Points interrupt vector `v` (32..255) at `handler`, which must end in iretq. */
+void idt_set_handler(u8 v, void (*handler)(void))
+{
+	if (v >= 32)
+		idt_set(v, (u64)(uintptr_t)handler);
+}
+
 void idt_load(void)
 {
 	if (!idt[0].type) {
-		for (int v = 0; v < 32; v++) {
-			u64 a = (u64)(uintptr_t)(exc_stubs + 16 * v);
-			idt[v].off_lo = (u16)a;
-			idt[v].sel = SEL_CODE64;
-			idt[v].ist = 0;
-			idt[v].off_mid = (u16)(a >> 16);
-			idt[v].off_hi = (u32)(a >> 32);
-			idt[v].zero = 0;
-			__atomic_store_n(&idt[v].type, 0x8e, __ATOMIC_RELEASE);
-		}
+		for (u32 v = 0; v < 32; v++)
+			idt_set(v, (u64)(uintptr_t)(exc_stubs + 16 * v));
 	}
 	struct {
 		u16 limit;

@@ -109,6 +109,7 @@ void tsc_calibrate(struct tsc_info *out);
 bool cpu_has_gib_pages(void);
 u64 paging_init(const struct ram_map *ram, bool gib_pages);
 void idt_load(void);
+void idt_set_handler(u8 v, void (*handler)(void));
 u32 fw_count_cpus(u64 rsdp_paddr, const char **source);
 void smp_send_init_sipi(u64 tsc_khz);
 void reboot(void) __attribute__((noreturn));
@@ -143,6 +144,9 @@ struct config {
 	bool virtio;
 	bool blk_io;
 	bool userdev;
+	bool userdev_ack;	/* userdev_ack=1: take each device MSI, acknowledge it, count it */
+	bool userdev_rescan;	/* userdev=2: look for a hot-added device each interval */
+	bool edu;	/* edu=1: drive QEMU's edu device (edu.c) */
 	char unknown[128];
 	u32 unknown_len;
 };

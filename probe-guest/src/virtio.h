@@ -144,6 +144,7 @@ void blk_io_tick(u64 tsc_khz);
 /* userdev.c: the vfio-user test device (`userdev=1`). */
 void userdev_init(void);
 void userdev_tick(void);
+void userdev_poll(void);
 extern u64 blk_io_ok, blk_io_err;
 
 #endif

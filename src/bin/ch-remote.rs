@@ -53,6 +53,12 @@ enum Command {
         #[arg(long)]
         session: String,
     },
+    /// Add a vfio-user device: to the configuration before boot, or hot-added to the running
+    /// VM (prints its id and BDF; the guest finds it on a PCI rescan).
+    AddUserDevice {
+        /// `socket=<path>[,id=<id>][,persist=on|off]`.
+        device: String,
+    },
 }
 
 /// One REST call: method, endpoint and optional JSON body.
@@ -111,6 +117,14 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
             )?),
             ..Call::new("PUT", "vm.live-update")
         },
+        Command::AddUserDevice { device } => {
+            let device = vmm::config::parse_user_device(device)
+                .context("Invalid add-user-device argument")?;
+            Call {
+                body: Some(serde_json::to_vec(&device)?),
+                ..Call::new("PUT", "vm.add-user-device")
+            }
+        }
     })
 }
 
@@ -261,6 +275,74 @@ mod tests {
         let error = call_for(&cli.command).unwrap_err();
 
         assert!(format!("{error:#}").contains("/nonexistent.json"));
+    }
+
+    #[test]
+    fn add_user_device_sends_its_options_as_user_device_config() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "add-user-device",
+            "socket=/run/dev.sock,id=dev0,persist=on",
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        assert_eq!((call.method, call.endpoint), ("PUT", "vm.add-user-device"));
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"socket": "/run/dev.sock", "id": "dev0", "persist": true})
+        );
+    }
+
+    #[test]
+    fn add_user_device_without_id_sends_no_id() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "add-user-device",
+            "socket=/run/dev.sock",
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"socket": "/run/dev.sock", "persist": false})
+        );
+    }
+
+    #[test]
+    fn add_user_device_with_unknown_key_or_no_socket_is_refused_before_sending() {
+        let unknown = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "add-user-device",
+            "path=/x",
+        ]);
+        let no_socket = parse(&["ch-remote", "--api-socket", "s", "add-user-device", "id=a"]);
+
+        let unknown = format!("{:#}", call_for(&unknown.command).unwrap_err());
+        let no_socket = format!("{:#}", call_for(&no_socket.command).unwrap_err());
+
+        assert!(unknown.contains("Unknown key 'path'"), "{unknown}");
+        assert!(no_socket.contains("Missing key 'socket'"), "{no_socket}");
+    }
+
+    #[test]
+    fn add_user_device_without_argument_is_rejected() {
+        let error =
+            Cli::try_parse_from(["ch-remote", "--api-socket", "s", "add-user-device"]).unwrap_err();
+
+        assert_eq!(
+            error.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
     }
 
     #[test]

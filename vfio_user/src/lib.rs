@@ -6,6 +6,7 @@
 //!   KVM irqfd: the server's signal reaches the guest without passing through the VMM.
 //! - [`testdev`]: the reference device server (`vfio-user-testdev`), PCI 1234:5aa5.
 //! - [`proto`]: our client side of the protocol (checked replies, timeouts, adoptable stream).
+//! - [`state`]: what a live update saves of an attached device.
 //!
 //! The test device's server side is rust-vmm's `vfio_user` crate 0.1.7 (renamed
 //! `vfio_user_proto` here). Its `Client` is not used: it trusts the server's message sizes (a
@@ -15,42 +16,48 @@
 //! # Limits of this first slice
 //!
 //! BAR 0 only, accessed through messages (no mmapped sparse areas); one MSI vector (no MSI-X,
-//! no INTx); DMA regions are mapped once at attach (no unmap, no hot-added RAM); no hot-plug
-//! (`vm.add-user-device`). Each protocol call waits at most [`proto::CALL_TIMEOUT`] (a server
+//! no INTx); DMA regions are mapped once at attach (no unmap, no hot-added RAM); hot-add
+//! (`vm.add-user-device`) without a notification to the guest (no ACPI: it rescans PCI) and no
+//! removal. Each protocol call waits at most [`proto::CALL_TIMEOUT`] (a server
 //! that stops answering stalls the touching vCPU that long). A failed call (the server died,
 //! timed out or sent a malformed reply) is logged once; from then on the device's registers
 //! read all ones and writes are dropped, and the guest runs on.
 //!
 //! # Live update
 //!
-//! **What works (restart mode, tested in `tests/vfio_user.rs`)**: a device attached with
-//! `--user-device socket=PATH,persist=on` whose server keeps the device running across a
-//! reconnect (`vfio-user-testdev --persist`) is carried by a documented re-attach. The old
-//! VMM's participant `vfio-user/<n>` saves [`VfioUserDeviceState`] (BAR registers, MSI
-//! capability offset, DMA regions); the old VMM exits and its connection closes; the device
-//! keeps DMA-ing into the RAM memfds it still maps, and counts the interrupts that fall due.
-//! The new VMM, restoring, connects again *without* `DEVICE_RESET`
-//! ([`VfioUserPciDevice::reattach`]): the same memfds at the same addresses (`DMA_MAP` of an
-//! identical mapping is kept by the server), a new eventfd through `SET_IRQS` (the server
-//! raises the interrupts it missed as one), the BARs where the guest put them, and the MSI
-//! route from the interrupt state. The probe guest sees its counter continue and its MSI
-//! arrive, with no restart. Without `persist=on` the update is refused in prepare, before the
-//! pause, and the guest runs on. A fresh attach (boot, guest reboot) always resets the device.
+//! **Handing the connection over (restart mode, tested in `tests/vfio_user.rs`)**: the server
+//! never sees the VMM change. In prepare (guest running), participant `vfio-user/<n>` checks
+//! the server answers and attaches the connected socket and the MSI eventfd to its session as
+//! *restart-only attachments* (`liveupdate::participant::FileSink::attach`): the agent
+//! (`ch-luod --emulate`) holds copies, never gives them to a kernel, and moves them with the
+//! session. In pause it stops all traffic on the connection
+//! ([`VfioUserPciDevice::set_handed_over`]) and unregisters its KVM irqfd, so from then on the
+//! server's signals wait in the eventfd's counter instead of reaching a LAPIC whose state is
+//! being saved. Save writes [`VfioUserDeviceState`] (BAR registers and size, MSI capability
+//! offset, DMA regions, the attachment tokens). The old VMM exits: its descriptors close, the
+//! agent's and then the successor's copies keep the connection open, so the server reads no
+//! EOF and keeps DMA-ing into the RAM memfds it maps (the very memfds the successor maps).
+//! The successor takes the stream with [`proto::Connection::adopt`]
+//! ([`VfioUserPciDevice::adopt`]: no message, no `DMA_MAP`, no `SET_IRQS`) and claims the
+//! *same* eventfd for its MSI vector, registered as its irqfd only once the vCPUs and LAPICs
+//! are restored: KVM then injects what waited. No interrupt is lost; signals sent during the
+//! pause merge into one, as a pending MSI would (a driver that needs each one counted uses the
+//! test device's acknowledge mode, where the next interrupt waits for the acknowledgement).
+//! Any server works, `persist` or not. A cancelled update (a later participant fails) lets the
+//! old VMM talk again and re-registers its irqfd; the agent closes its copies.
 //!
-//! **Limits of the re-attach**: the server sees a disconnect and must be written to survive it
-//! (the vfio-user protocol has no such notion; it is our documented contract). If the
-//! successor connects while the old VMM is still attached, it waits for it, at most
-//! [`proto::CALL_TIMEOUT`]. Interrupts due in the gap merge into one.
+//! Kernel mode, or a session without an agent, refuses attachments
+//! (`SessionError::AttachmentsUnsupported`): the participant refuses the update in prepare,
+//! before the pause, and the guest runs on.
 //!
-//! **Handing the connection over instead** (for servers that must not see a disconnect), not
-//! implemented: the socket and eventfd cannot go into the LUO session, which carries memfds
-//! only (LUO's rule; the emulated holder in `liveupdate::emulated` enforces it too). They would
-//! need a restart-mode side channel: the agent already passes fds with `SCM_RIGHTS`, so it
-//! could hold per-session "restart-only attachments" (never handed to the kernel, dropped on
-//! finish or cancel). The new VMM would then take the stream with
-//! [`proto::Connection::adopt`] (no message sent) and register the *same* eventfd as its irqfd
-//! (`InterruptManager::msi_vectors_with_fds`), so that signals sent during the pause wait in
-//! the eventfd counter until KVM injects them.
+//! **Re-attach, for states from older VMMs** (version 1 of the state, no attachment tokens):
+//! the successor connects again *without* `DEVICE_RESET` ([`VfioUserPciDevice::reattach`]):
+//! the same memfds at the same addresses (`DMA_MAP` of an identical mapping is kept by the
+//! server), a new eventfd through `SET_IRQS` (the server raises the interrupts it missed as
+//! one), the BARs where the guest put them. It needs a server that keeps the device across a
+//! reconnect (`vfio-user-testdev --persist`): the server sees a disconnect, and the interrupt
+//! raised at `SET_IRQS` reaches the guest before its LAPIC is restored (lost, until the next).
+//! A fresh attach (boot, guest reboot, hot-add) always resets the device.
 //!
 //! **Kernel mode (kexec)**: the server process does not survive a kexec, and kernel LUO
 //! carries memfds (and, later, iommufd/VFIO), not sockets or eventfds. vfio-user updates are
@@ -62,11 +69,14 @@
 //! the device can be carried, pause and resume do nothing (the device keeps running), save
 //! writes the state, restore adopts the device "never reset, never re-map". To share it, move
 //! the participant behind a small backend trait (`carriable`, `state`, `adopt(state, fds)`)
-//! whose vfio-user backend re-attaches as above and whose VFIO backend takes the cdev and
-//! iommufd from the session (once the kernel preserves them) with the IOAS mappings in place.
+//! whose vfio-user backend adopts the handed-over connection as above and whose VFIO backend
+//! takes the cdev and iommufd from the session (preserved files in kernel mode, or the same
+//! attachments in restart mode) with the IOAS mappings in place.
 
 pub mod client;
 pub mod proto;
+pub mod state;
 pub mod testdev;
 
-pub use client::{DmaRegionState, UserDeviceError, VfioUserDeviceState, VfioUserPciDevice};
+pub use client::{UserDeviceError, VfioUserPciDevice};
+pub use state::{DmaRegionState, HandoverTokens, VfioUserDeviceState, VfioUserDeviceStateV1};

@@ -1,5 +1,9 @@
 //! The VMM control loop: one thread that owns the VM and serves API requests, vCPU events and
-//! terminal input in arrival order, so no two requests ever act on the VM at once.
+//! terminal input in arrival order, so no two requests ever act on the VM at once. What each
+//! API request does is in `dispatch`.
+
+mod dispatch;
+mod inherited;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
@@ -12,17 +16,15 @@ use log::{error, info, warn};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::api::{
-    ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, LiveUpdateConfig, start_http_server,
-};
+use crate::api::{ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server};
 use crate::config::{ConsoleMode, RestoreConfig, VmConfig};
 use crate::event_monitor::{EventMonitor, EventMonitorError};
-use crate::live_update::{self, LiveUpdateError, Restored};
+use crate::live_update::{self, IncomingFrom, Inherited, LiveUpdateError, Restored};
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{Vm, VmError};
 
 /// Process-level options of the VMM (not part of the VM configuration).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct VmmOptions {
     /// Where to serve the REST API (`--api-socket path=`).
     pub api_socket: Option<PathBuf>,
@@ -30,6 +32,9 @@ pub struct VmmOptions {
     pub event_monitor: Option<PathBuf>,
     /// Where the live-update session agent listens (`--liveupdate agent=`).
     pub liveupdate_agent: PathBuf,
+    /// The session passed by the service manager (`--liveupdate inherit=`), used instead of
+    /// the agent.
+    pub liveupdate_inherited: Option<Inherited>,
     /// Take over a live-updated VM (`--restore source_url=luo://NAME`).
     pub restore: Option<RestoreConfig>,
 }
@@ -106,7 +111,7 @@ impl ApiHandler for ChannelHandler {
 }
 
 /// Runs the VMM until it is shut down. With `vm`, the VM is created and booted at once.
-pub fn run(options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
+pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
     let monitor = options
         .event_monitor
         .as_deref()
@@ -117,6 +122,7 @@ pub fn run(options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
     let (events, receiver) = mpsc::channel();
     let mut vmm = Vmm::new(events.clone(), monitor, options.api_socket.is_some());
     vmm.agent = options.liveupdate_agent.clone();
+    vmm.inherited = options.liveupdate_inherited.take();
     vmm.emit("vmm", "starting");
     let _server: Option<HttpServer> = options
         .api_socket
@@ -152,6 +158,8 @@ struct Vmm {
     agent: PathBuf,
     /// The session being restored from, until the VM is taken over.
     restoring: Option<String>,
+    /// `--liveupdate inherit=`: the session passed by the service manager.
+    inherited: Option<Inherited>,
 }
 
 /// What the loop does after an event.
@@ -173,6 +181,7 @@ impl Vmm {
             pending_input: VecDeque::new(),
             agent: PathBuf::new(),
             restoring: None,
+            inherited: None,
         }
     }
 
@@ -206,7 +215,10 @@ impl Vmm {
             };
             let next = match event {
                 VmmEvent::Api(request, reply) => {
-                    let (answer, next) = self.handle_api(request);
+                    let (answer, next) = match self.inherited_api(request) {
+                        Ok(handled) => handled,
+                        Err(request) => self.handle_api(*request),
+                    };
                     if reply.send(answer).is_err() {
                         warn!("API client went away before its answer");
                     }
@@ -248,144 +260,12 @@ impl Vmm {
         self.pending_input.drain(..accepted);
     }
 
-    fn handle_api(&mut self, request: ApiRequest) -> (Result<ApiResponse, ApiError>, Next) {
-        match request {
-            ApiRequest::VmmPing => (Ok(ApiResponse::Json(ping_body())), Next::Continue),
-            ApiRequest::VmmShutdown => {
-                self.shutdown_vm();
-                (Ok(ApiResponse::Empty), Next::Exit)
-            }
-            ApiRequest::VmLiveUpdate(request) => match self.live_update(&request) {
-                // The guest now belongs to the session: this process is done.
-                Ok(body) => (Ok(ApiResponse::Json(body)), Next::Exit),
-                Err(error) => (Err(error), Next::Continue),
-            },
-            other => (self.handle_vm_request(other), Next::Continue),
-        }
-    }
-
-    fn handle_vm_request(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
-        if let Some(session) = &self.restoring {
-            return Err(ApiError::conflict(format!(
-                "The VM is being restored from live-update session {session}"
-            )));
-        }
-        if let ApiRequest::VmCreate(config) = request {
-            return self.create(*config);
-        }
-        let Some(config) = self.config.as_ref() else {
-            return Err(ApiError::not_found("VM is not created"));
-        };
-        match (request, self.state) {
-            (ApiRequest::VmInfo, state) => Ok(ApiResponse::Json(serde_json::json!({
-                "config": config,
-                "state": state,
-                "memory_actual_size": config.memory.size,
-            }))),
-            (ApiRequest::VmCounters, _) => {
-                let counters = self.vm.as_ref().map(Vm::counters).unwrap_or_default();
-                Ok(ApiResponse::Json(serde_json::json!(counters)))
-            }
-            (ApiRequest::VmBoot, VmState::Created | VmState::Shutdown) => {
-                self.boot().map_err(|e| ApiError::internal(&e))?;
-                Ok(ApiResponse::Empty)
-            }
-            (ApiRequest::VmPause, VmState::Running) => {
-                self.emit("vm", "pausing");
-                if let Some(vm) = self.vm.as_mut() {
-                    vm.pause();
-                }
-                self.state = VmState::Paused;
-                self.emit("vm", "paused");
-                Ok(ApiResponse::Empty)
-            }
-            (ApiRequest::VmResume, VmState::Paused) => {
-                self.emit("vm", "resuming");
-                if let Some(vm) = self.vm.as_mut() {
-                    vm.resume().map_err(|e| ApiError::internal(&e))?;
-                }
-                self.state = VmState::Running;
-                self.emit("vm", "resumed");
-                Ok(ApiResponse::Empty)
-            }
-            (ApiRequest::VmShutdown, VmState::Running | VmState::Paused) => {
-                self.shutdown_vm();
-                Ok(ApiResponse::Empty)
-            }
-            (ApiRequest::VmReboot, VmState::Running | VmState::Paused) => {
-                self.reboot().map_err(|e| ApiError::internal(&e))?;
-                Ok(ApiResponse::Empty)
-            }
-            (ApiRequest::VmDelete, _) => {
-                self.shutdown_vm();
-                self.config = None;
-                self.state = VmState::Created;
-                self.emit("vm", "deleted");
-                Ok(ApiResponse::Empty)
-            }
-            (request, state) => Err(ApiError::conflict(format!(
-                "Cannot {} a VM that is {state:?}",
-                verb(&request)
-            ))),
-        }
-    }
-
-    /// Runs a live update of the VM into `request.session` through the session agent. On
-    /// success the VM is gone from this process; on failure it runs on (or stays paused).
-    fn live_update(&mut self, request: &LiveUpdateConfig) -> Result<serde_json::Value, ApiError> {
-        let Some(config) = self.config.clone() else {
-            return Err(ApiError::not_found("VM is not created"));
-        };
-        let was_paused = match self.state {
-            VmState::Running => false,
-            VmState::Paused => true,
-            state => {
-                return Err(ApiError::conflict(format!(
-                    "Cannot live-update a VM that is {state:?}"
-                )));
-            }
-        };
-        self.emit("vm", "live-update-started");
-        let Some(vm) = self.vm.as_mut() else {
-            return Err(ApiError::conflict(
-                "Cannot live-update a VM that is not booted",
-            ));
-        };
-        match live_update::run_outgoing(vm, &config, &self.agent, &request.session) {
-            Ok(timings) => {
-                let properties: BTreeMap<String, String> = timings
-                    .steps
-                    .iter()
-                    .map(|(step, us)| (format!("{step}_us"), us.to_string()))
-                    .collect();
-                self.emit_with("vm", "live-update-handed-over", Some(&properties));
-                self.vm = None;
-                self.state = VmState::Shutdown;
-                let timings_us: serde_json::Map<String, serde_json::Value> = timings
-                    .steps
-                    .into_iter()
-                    .map(|(step, us)| (step, us.into()))
-                    .collect();
-                Ok(serde_json::json!({ "session": request.session, "timings_us": timings_us }))
-            }
-            Err(error) => {
-                if was_paused && let Some(vm) = self.vm.as_mut() {
-                    vm.pause();
-                }
-                let mut properties = BTreeMap::new();
-                properties.insert("error".to_string(), error.to_string());
-                self.emit_with("vm", "live-update-cancelled", Some(&properties));
-                Err(ApiError::from_error(error.status(), &error))
-            }
-        }
-    }
-
     /// Starts taking over the VM of a live-update session; the result arrives as an event.
     fn start_restore(&mut self, restore: RestoreConfig) {
         self.emit("vm", "restoring");
         self.restoring = Some(restore.session.clone());
         let events = self.events.clone();
-        let agent = self.agent.clone();
+        let from = IncomingFrom::new(&self.agent, self.inherited.as_mut(), &restore);
         let vcpu_events = self.events.clone();
         let on_vcpu_event = Arc::new(move |event| {
             let _ = vcpu_events.send(VmmEvent::Vcpu(event));
@@ -393,7 +273,7 @@ impl Vmm {
         let spawned = std::thread::Builder::new()
             .name("restore".into())
             .spawn(move || {
-                let result = live_update::run_incoming(&agent, &restore, on_vcpu_event);
+                let result = live_update::run_incoming_from(from, &restore, on_vcpu_event);
                 let _ = events.send(VmmEvent::Restored(restore, Box::new(result)));
             });
         if let Err(e) = spawned {
@@ -537,25 +417,5 @@ impl Vmm {
             Ok(_) => self.stdin_reader_started = true,
             Err(e) => warn!("Cannot read terminal input: {e}"),
         }
-    }
-}
-
-fn ping_body() -> serde_json::Value {
-    serde_json::json!({
-        "build_version": env!("CARGO_PKG_VERSION"),
-        "version": env!("CARGO_PKG_VERSION"),
-        "pid": std::process::id(),
-        "features": ["kvm"],
-    })
-}
-
-fn verb(request: &ApiRequest) -> &'static str {
-    match request {
-        ApiRequest::VmBoot => "boot",
-        ApiRequest::VmPause => "pause",
-        ApiRequest::VmResume => "resume",
-        ApiRequest::VmShutdown => "shut down",
-        ApiRequest::VmReboot => "reboot",
-        _ => "act on",
     }
 }

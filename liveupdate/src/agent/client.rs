@@ -2,6 +2,7 @@
 //! it behind the [`Session`]/[`SessionProvider`] traits, so VMM code uses a session the same way
 //! whether it is local or held by the agent.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -204,6 +205,54 @@ impl AgentClient {
         }
     }
 
+    /// Restart mode: attaches `fd` (any kind of file) to outgoing session `name` under `token`
+    /// (see [`Request::Attach`]). A kernel-mode agent refuses with `not_supported`.
+    pub fn attach(
+        &mut self,
+        name: &str,
+        fd: BorrowedFd<'_>,
+        token: Token,
+    ) -> Result<(), AgentError> {
+        let request = Request::Attach {
+            name: name.into(),
+            token,
+        };
+        match self.request(&request, Some(fd))? {
+            (Response::Ok, None) => Ok(()),
+            (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
+    /// The fd attached under `token` to retrieved session `name`.
+    pub fn retrieve_attachment(&mut self, name: &str, token: Token) -> Result<OwnedFd, AgentError> {
+        let request = Request::RetrieveAttachment {
+            name: name.into(),
+            token,
+        };
+        match self.request(&request, None)? {
+            (Response::Ok, Some(fd)) => Ok(fd),
+            (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
+    /// Every fd attached to retrieved session `name`, by token.
+    pub fn retrieve_attachments(
+        &mut self,
+        name: &str,
+    ) -> Result<BTreeMap<Token, OwnedFd>, AgentError> {
+        let tokens = self
+            .list()?
+            .into_iter()
+            .find(|info| info.name == name && info.direction == super::Direction::Incoming)
+            .map(|info| info.attachments)
+            .unwrap_or_default();
+        let mut fds = BTreeMap::new();
+        for token in tokens {
+            fds.insert(token, self.retrieve_attachment(name, token)?);
+        }
+        Ok(fds)
+    }
+
     /// Finishes retrieved session `name`.
     pub fn finish(&mut self, name: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::Finish { name: name.into() })
@@ -296,6 +345,21 @@ impl Session for AgentSession {
 
     fn finish(&mut self) -> Result<(), SessionError> {
         self.with_client(None, AgentClient::finish)
+    }
+
+    fn attach_fd(&mut self, fd: BorrowedFd<'_>, token: Token) -> Result<(), SessionError> {
+        let mut client = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        client
+            .attach(&self.name, fd, token)
+            .map_err(|e| match e.kind() {
+                // A kernel-mode agent: nothing but memfds crosses a kexec.
+                Some(ErrorKind::NotSupported) => SessionError::AttachmentsUnsupported,
+                _ => to_session_error(e, &self.name, Some(token)),
+            })
+    }
+
+    fn retrieve_attachments(&mut self) -> Result<BTreeMap<Token, OwnedFd>, SessionError> {
+        self.with_client(None, AgentClient::retrieve_attachments)
     }
 }
 

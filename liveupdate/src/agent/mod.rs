@@ -15,7 +15,8 @@
 //! `"op"`: `ping`, `create_session{name}`, `preserve{name,token}` + fd, `handover{name}`,
 //! `cancel{name}`, `kexec{kernel,initrd,cmdline,timeout_ms}` (kernel mode, see [`kexec`]),
 //! `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
-//! `finish{name}`, `list`. Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
+//! `finish{name}`, `list`, `attach{name,token}` + fd and `retrieve_attachment{name,token}` (see
+//! Attachments below). Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
 //! `sessions{sessions}`, `error{kind,message}` with a stable snake_case
 //! [`protocol::ErrorKind`]. A body that is not a valid request gets a `bad_request` reply and the
 //! connection goes on; a bad header, an oversized body or more than one fd gets a `bad_request`
@@ -27,6 +28,16 @@
 //! keeps them until FINISH: until then its owner may retrieve the session and any file again
 //! (the same open file), so a VMM that refuses the state leaves the session whole for a build
 //! that can read it. (The providers themselves hand each file out at most once.)
+//!
+//! # Attachments (restart mode)
+//! A VMM may attach fds of any kind (the connection to an outside device server, an interrupt
+//! eventfd) to its outgoing session under tokens of their own. The agent only holds them: they
+//! never reach a kernel, which is why kernel mode refuses them (`not_supported`) and a VMM
+//! learns in prepare, guest still running, that such a device cannot be carried. At the
+//! handover they move with the session; once the successor has retrieved the session it takes
+//! them (`list` shows their tokens, `retrieve_attachment` gives each, again and again, as for
+//! files); `cancel` and `finish` close the agent's copies. The other end of a socket sees
+//! nothing as long as one copy is open, so a device server never sees the VMM change.
 //!
 //! # Ownership
 //! Each connection's uid comes from `SO_PEERCRED`. A session remembers the uid that created it;
@@ -40,6 +51,7 @@
 //! still want to `cancel` it or look at it with `list`; dropping it silently would lose nothing
 //! but hide what happened). `cancel` is how the owner drops it.
 
+mod attachments;
 pub mod client;
 pub mod kexec;
 pub mod protocol;

@@ -141,6 +141,25 @@ pub enum Request {
     },
     /// Lists the sessions the agent holds.
     List,
+    /// Restart mode only: attaches the fd that comes with the request (any kind: a socket, an
+    /// eventfd) to outgoing session `name` under `token` (a key of its own, apart from the
+    /// preserved files' tokens). It is never given to a kernel: the agent holds it, it moves
+    /// with the session at the handover, and it is closed when the session is cancelled or
+    /// finished. At most [`MAX_ATTACHMENTS`] per session.
+    Attach {
+        /// Session name.
+        name: String,
+        /// The attachment's token.
+        token: Token,
+    },
+    /// The fd attached under `token` to retrieved session `name`; the reply carries it (a new
+    /// descriptor of the same open file: the agent keeps its own until FINISH).
+    RetrieveAttachment {
+        /// Session name.
+        name: String,
+        /// The attachment's token.
+        token: Token,
+    },
     /// Kernel mode, root only: loads `kernel` (and `initrd`) with `cmdline` through
     /// `kexec_file_load`, waits at most `timeout_ms` until every outgoing session is frozen,
     /// then reboots into it. Answered only on failure (see [`super::kexec`]).
@@ -163,9 +182,12 @@ pub enum Request {
 impl Request {
     /// Whether this request must carry exactly one fd.
     pub fn takes_fd(&self) -> bool {
-        matches!(self, Request::Preserve { .. })
+        matches!(self, Request::Preserve { .. } | Request::Attach { .. })
     }
 }
+
+/// Most fds attached to one session (each is an open file the agent holds).
+pub const MAX_ATTACHMENTS: usize = 64;
 
 /// Longest single `wait_handover` the agent grants.
 pub const MAX_WAIT_MS: u64 = 60_000;
@@ -195,6 +217,9 @@ pub struct SessionInfo {
     pub owner_uid: Option<u32>,
     /// Tokens preserved (outgoing) or retrieved so far (incoming).
     pub tokens: Vec<Token>,
+    /// Tokens of the fds attached (restart mode); absent from older agents' replies.
+    #[serde(default)]
+    pub attachments: Vec<Token>,
 }
 
 /// Stable, machine-readable error kinds.
@@ -261,6 +286,7 @@ impl ErrorKind {
             SessionError::AlreadyPreserved => Self::AlreadyPreserved,
             SessionError::WrongDirection { .. } => Self::WrongDirection,
             SessionError::NotFinishable => Self::NotFinishable,
+            SessionError::AttachmentsUnsupported => Self::NotSupported,
             SessionError::Os { .. } => Self::Os,
         }
     }
@@ -468,6 +494,14 @@ mod tests {
             },
             Request::Finish { name: "vm0".into() },
             Request::List,
+            Request::Attach {
+                name: "vm0".into(),
+                token: 2,
+            },
+            Request::RetrieveAttachment {
+                name: "vm0".into(),
+                token: 2,
+            },
         ];
         for request in requests {
             let frame = encode(&request).unwrap();
@@ -518,6 +552,34 @@ mod tests {
             response,
             Response::Error(WireError::new(ErrorKind::Unknown, "m"))
         );
+    }
+
+    #[test]
+    fn attach_takes_an_fd_and_retrieve_attachment_does_not() {
+        let attach = Request::Attach {
+            name: "vm0".into(),
+            token: 1,
+        };
+        let retrieve = Request::RetrieveAttachment {
+            name: "vm0".into(),
+            token: 1,
+        };
+
+        let json = String::from_utf8(encode(&attach).unwrap()[HEADER_LEN..].to_vec()).unwrap();
+
+        assert!(attach.takes_fd());
+        assert!(!retrieve.takes_fd());
+        assert_eq!(json, r#"{"op":"attach","name":"vm0","token":1}"#);
+    }
+
+    #[test]
+    fn session_info_from_an_older_agent_has_no_attachments() {
+        let json = br#"{"name":"a","direction":"outgoing","owner_uid":1,"tokens":[3]}"#;
+
+        let info: SessionInfo = decode_body(json).unwrap();
+
+        assert_eq!(info.tokens, [3]);
+        assert!(info.attachments.is_empty());
     }
 
     #[test]

@@ -818,4 +818,66 @@ mod tests {
         let sessions = operator.list().unwrap();
         assert!(sessions.iter().all(|s| s.direction == Direction::Outgoing));
     }
+
+    #[test]
+    fn socket_and_pipe_attachments_cross_the_handover_and_the_peer_sees_no_hangup() {
+        let agent = start_agent();
+        let (server_end, vmm_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (signals, mut signal) = std::io::pipe().unwrap();
+        let mut old_provider = AgentProvider::connect(&agent.path).unwrap();
+        let mut outgoing = old_provider.create_session("vm0").unwrap();
+        outgoing.attach_fd(vmm_end.as_fd(), 20).unwrap();
+        outgoing.attach_fd(signals.as_fd(), 21).unwrap();
+        AgentClient::connect(&agent.path)
+            .unwrap()
+            .handover("vm0")
+            .unwrap();
+        // The old VMM exits: its copies close; a signal sent meanwhile waits.
+        drop((outgoing, old_provider, vmm_end, signals));
+        signal.write_all(b"!").unwrap();
+
+        let mut provider = AgentProvider::connect(&agent.path).unwrap();
+        let mut incoming = provider.retrieve_session("vm0").unwrap();
+        let mut fds = incoming.retrieve_attachments().unwrap();
+        let stream = std::os::unix::net::UnixStream::from(fds.remove(&20).unwrap());
+        let waiting = File::from(fds.remove(&21).unwrap());
+        (&stream).write_all(b"hi").unwrap();
+        let mut greeting = [0u8; 2];
+        (&server_end).read_exact(&mut greeting).unwrap();
+        let mut pending = [0u8];
+        (&waiting).read_exact(&mut pending).unwrap();
+
+        assert_eq!(&greeting, b"hi");
+        assert_eq!(&pending, b"!", "the signal waited for the successor");
+        assert!(fds.is_empty());
+        incoming.finish().unwrap();
+        drop(stream);
+        server_end.set_nonblocking(true).unwrap();
+        let mut byte = [0u8];
+        assert_eq!(
+            (&server_end).read(&mut byte).unwrap(),
+            0,
+            "hang-up after the last copy"
+        );
+    }
+
+    #[test]
+    fn kernel_agent_refuses_attachments_as_restart_only() {
+        let fake = crate::agent::state::tests::FakeKexec::default();
+        let agent = kernel_agent(&fake);
+        let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut provider = AgentProvider::connect(&agent.path).unwrap();
+        let mut session = provider.create_session("vm0").unwrap();
+
+        let error = session.attach_fd(socket.as_fd(), 1).unwrap_err();
+
+        assert!(
+            matches!(error, SessionError::AttachmentsUnsupported),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains("only in restart mode"),
+            "{error}"
+        );
+    }
 }

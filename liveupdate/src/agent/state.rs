@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use log::{info, warn};
 
+use super::attachments::Attachments;
 use super::kexec::{KexecPhase, SharedKexecOps};
 use super::protocol::{Direction, ErrorKind, Request, Response, SessionInfo, VERSION, WireError};
 use crate::session::{Session, SessionError, SessionProvider, Token};
@@ -50,6 +51,16 @@ pub(super) struct Held {
     files: BTreeMap<Token, OwnedFd>,
     /// Kernel mode: why the kexec this frozen session waited for failed (answers `handover`).
     pub(super) verdict: Option<WireError>,
+    /// Restart mode: fds of any kind for the successor, never given to the provider.
+    attachments: Attachments,
+}
+
+/// A session handed over (restart mode) and not retrieved yet.
+#[derive(Debug)]
+struct HandedOver {
+    owner: u32,
+    tokens: Vec<Token>,
+    attachments: Attachments,
 }
 
 /// Everything the agent holds: the provider and the sessions, by side.
@@ -60,7 +71,7 @@ pub struct AgentState {
     pub(super) agent_uid: u32,
     pub(super) outgoing: BTreeMap<String, Held>,
     /// Restart mode: handed over, not yet retrieved (owner and tokens remembered).
-    handed_over: BTreeMap<String, (u32, Vec<Token>)>,
+    handed_over: BTreeMap<String, HandedOver>,
     /// Successors started ahead, by session name: false once one peeked, true once it is ready.
     successors: BTreeMap<String, bool>,
     incoming: BTreeMap<String, Held>,
@@ -243,6 +254,14 @@ impl AgentState {
                 ErrorKind::NoSuchSession,
                 format!("Session {name:?} has not been handed over"),
             )),
+            Request::Attach { name, token } => match fd {
+                Some(fd) => self.attach(&name, token, uid, fd).and(ok),
+                None => Err(WireError::new(ErrorKind::BadRequest, "Missing fd")),
+            },
+            Request::RetrieveAttachment { name, token } => {
+                let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
+                Ok((Response::Ok, Some(held.attachments.copy(token)?)))
+            }
             Request::RetrieveFd { name, token } => {
                 let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
                 if !held.files.contains_key(&token) {
@@ -284,8 +303,23 @@ impl AgentState {
                 frozen: false,
                 files: BTreeMap::new(),
                 verdict: None,
+                attachments: Attachments::default(),
             },
         );
+        Ok(())
+    }
+
+    fn attach(&mut self, name: &str, token: Token, uid: u32, fd: OwnedFd) -> Result<(), WireError> {
+        if !matches!(self.handover, HandoverMode::Restart(_)) {
+            return Err(WireError::new(
+                ErrorKind::NotSupported,
+                "fd attachments exist only in restart mode: across a kexec only what the kernel \
+                 preserves (memfds) survives",
+            ));
+        }
+        let held = owned(&mut self.outgoing, name, uid, "outgoing")?;
+        held.attachments.attach(token, fd)?;
+        info!("session {name:?}: fd attached under token {token:#x}");
         Ok(())
     }
 
@@ -332,8 +366,12 @@ impl AgentState {
                 }
                 // The holder moved the session; our outgoing handle is no longer needed.
                 if let Some(held) = self.outgoing.remove(name) {
-                    self.handed_over
-                        .insert(name.to_string(), (uid, held.tokens));
+                    let handed_over = HandedOver {
+                        owner: uid,
+                        tokens: held.tokens,
+                        attachments: held.attachments,
+                    };
+                    self.handed_over.insert(name.to_string(), handed_over);
                 }
                 info!("session {name:?} handed over");
                 Ok(())
@@ -352,7 +390,7 @@ impl AgentState {
     fn retrieve_session(&mut self, name: String, uid: u32) -> Result<(), WireError> {
         // The creator, if this agent saw the handover; otherwise (a session from before a kexec)
         // only root or the agent's own user, until owners are carried across the kexec.
-        let owner = self.handed_over.get(&name).map(|(owner, _)| *owner);
+        let owner = self.handed_over.get(&name).map(|handed| handed.owner);
         let allowed = match owner {
             Some(owner) => owner == uid,
             None => uid == 0 || uid == self.agent_uid,
@@ -374,7 +412,11 @@ impl AgentState {
             .provider
             .retrieve_session(&name)
             .map_err(|e| session_error(&e))?;
-        self.handed_over.remove(&name);
+        let attachments = self
+            .handed_over
+            .remove(&name)
+            .map(|handed| handed.attachments)
+            .unwrap_or_default();
         self.successors.remove(&name);
         info!("session {name:?} retrieved for uid {uid}");
         self.incoming.insert(
@@ -386,6 +428,7 @@ impl AgentState {
                 frozen: false,
                 files: BTreeMap::new(),
                 verdict: None,
+                attachments,
             },
         );
         Ok(())
@@ -399,6 +442,7 @@ impl AgentState {
                 direction: if held.frozen { Direction::Frozen } else { side },
                 owner_uid: held.owner,
                 tokens: held.tokens.clone(),
+                attachments: held.attachments.tokens(),
             }
         };
         let mut sessions: Vec<_> = self
@@ -406,16 +450,13 @@ impl AgentState {
             .iter()
             .map(held(Direction::Outgoing))
             .collect();
-        sessions.extend(
-            self.handed_over
-                .iter()
-                .map(|(name, (owner, tokens))| SessionInfo {
-                    name: name.clone(),
-                    direction: Direction::HandedOver,
-                    owner_uid: Some(*owner),
-                    tokens: tokens.clone(),
-                }),
-        );
+        sessions.extend(self.handed_over.iter().map(|(name, handed)| SessionInfo {
+            name: name.clone(),
+            direction: Direction::HandedOver,
+            owner_uid: Some(handed.owner),
+            tokens: handed.tokens.clone(),
+            attachments: handed.attachments.tokens(),
+        }));
         sessions.extend(self.incoming.iter().map(held(Direction::Incoming)));
         sessions
     }
@@ -440,10 +481,10 @@ pub(crate) mod tests {
     use crate::agent::kexec::{KexecImage, KexecOps};
     use crate::emulated::EmulatedProvider;
 
-    const OWNER: u32 = 1000;
-    const OTHER: u32 = 2000;
+    pub(crate) const OWNER: u32 = 1000;
+    pub(crate) const OTHER: u32 = 2000;
 
-    fn restart_state() -> (AgentState, EmulatedProvider) {
+    pub(crate) fn restart_state() -> (AgentState, EmulatedProvider) {
         let provider = EmulatedProvider::new();
         let holder = provider.clone();
         let handover = HandoverMode::Restart(Box::new(move |name: &str| holder.handover(name)));
@@ -459,16 +500,16 @@ pub(crate) mod tests {
         fd
     }
 
-    fn name(name: &str) -> String {
+    pub(crate) fn name(name: &str) -> String {
         name.to_string()
     }
 
-    fn ok(state: &mut AgentState, request: Request, uid: u32, fd: Option<OwnedFd>) {
+    pub(crate) fn ok(state: &mut AgentState, request: Request, uid: u32, fd: Option<OwnedFd>) {
         let (response, _) = state.handle(request, uid, fd);
         assert_eq!(response, Response::Ok);
     }
 
-    fn error_kind(
+    pub(crate) fn error_kind(
         state: &mut AgentState,
         request: Request,
         uid: u32,
@@ -745,7 +786,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn kernel_state(fake: &FakeKexec) -> AgentState {
+    pub(crate) fn kernel_state(fake: &FakeKexec) -> AgentState {
         let provider = EmulatedProvider::new();
         AgentState::new(
             Box::new(provider),
@@ -927,12 +968,14 @@ pub(crate) mod tests {
                 direction: Direction::Outgoing,
                 owner_uid: Some(OWNER),
                 tokens: vec![7],
+                attachments: vec![],
             },
             SessionInfo {
                 name: name("b"),
                 direction: Direction::HandedOver,
                 owner_uid: Some(OTHER),
                 tokens: vec![],
+                attachments: vec![],
             },
         ];
         assert_eq!(response, Response::Sessions { sessions: expected });

@@ -14,6 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
 pub mod kexec;
+pub mod listen;
 #[cfg(test)]
 pub(crate) mod mapping;
 

@@ -13,7 +13,8 @@ pub const MSI_CAP: usize = 0x40;
 pub mod reg {
     /// Read-only magic, [`super::DEVICE_MAGIC`].
     pub const ID: u64 = 0x00;
-    /// Bit 0: DMA enabled.
+    /// Bit 0: DMA enabled; bit 1: hold each interrupt until the driver writes [`IRQ_ACK`]
+    /// (so none merges with the next: the driver can count them one by one).
     pub const CONTROL: u64 = 0x04;
     /// Guest physical address of the DMA buffer, low half.
     pub const DMA_ADDR_LO: u64 = 0x08;
@@ -33,7 +34,17 @@ pub mod reg {
     pub const BATCH: u64 = 0x24;
     /// Bit 0: running; bit 1: the last DMA failed (buffer not in a shared region).
     pub const STATUS: u64 = 0x28;
+    /// Which client this is (read-only): 1 for the first, one more after each disconnect. A
+    /// VMM replaced with its connection handed over keeps the number.
+    pub const CLIENT_SEQ: u64 = 0x2c;
+    /// Write: the driver handled the last interrupt (see CONTROL bit 1).
+    pub const IRQ_ACK: u64 = 0x30;
 }
+
+/// CONTROL bit: DMA enabled.
+pub const CONTROL_ENABLE: u32 = 1;
+/// CONTROL bit: interrupts wait for [`reg::IRQ_ACK`].
+pub const CONTROL_ACK_IRQS: u32 = 2;
 
 /// Value of the ID register ("UDEV").
 pub const DEVICE_MAGIC: u32 = 0x5544_4556;
@@ -63,6 +74,14 @@ pub struct TestDevRegs {
     pub irq_count: u32,
     /// The last DMA write failed.
     pub dma_error: bool,
+    /// Interrupts wait for an acknowledgement (CONTROL bit 1).
+    pub ack_irqs: bool,
+    /// An interrupt was raised and not yet acknowledged.
+    pub awaiting_ack: bool,
+    /// An interrupt fell due while one awaited its acknowledgement.
+    pub irq_due: bool,
+    /// Which client this is (see [`reg::CLIENT_SEQ`]).
+    pub client_seq: u32,
 }
 
 fn set_low(value: u64, low: u32) -> u64 {
@@ -78,7 +97,10 @@ impl TestDevRegs {
     pub fn read(&self, offset: u64) -> u32 {
         match offset {
             reg::ID => DEVICE_MAGIC,
-            reg::CONTROL => u32::from(self.enabled),
+            reg::CONTROL => {
+                let ack = if self.ack_irqs { CONTROL_ACK_IRQS } else { 0 };
+                u32::from(self.enabled) | ack
+            }
             reg::DMA_ADDR_LO => self.dma_addr as u32,
             reg::DMA_ADDR_HI => (self.dma_addr >> 32) as u32,
             reg::DMA_LEN => self.dma_len,
@@ -87,6 +109,7 @@ impl TestDevRegs {
             reg::COUNTER_HI => (self.counter >> 32) as u32,
             reg::IRQ_COUNT => self.irq_count,
             reg::BATCH => self.batch,
+            reg::CLIENT_SEQ => self.client_seq,
             reg::STATUS => {
                 let mut status = 0;
                 if self.running() {
@@ -105,9 +128,11 @@ impl TestDevRegs {
     pub fn write(&mut self, offset: u64, value: u32) {
         match offset {
             reg::CONTROL => {
-                self.enabled = value & 1 != 0;
+                self.enabled = value & CONTROL_ENABLE != 0;
+                self.ack_irqs = value & CONTROL_ACK_IRQS != 0;
                 self.dma_error = false;
             }
+            reg::IRQ_ACK => self.awaiting_ack = false,
             reg::DMA_ADDR_LO => self.dma_addr = set_low(self.dma_addr, value),
             reg::DMA_ADDR_HI => self.dma_addr = set_high(self.dma_addr, value),
             reg::DMA_LEN => self.dma_len = value,
@@ -272,6 +297,21 @@ mod tests {
 
         assert_eq!(u64::from_le_bytes(record[..8].try_into().unwrap()), 0x0102);
         assert_eq!(u64::from_le_bytes(record[8..].try_into().unwrap()), 0x0a0b);
+    }
+
+    #[test]
+    fn control_keeps_the_ack_mode_and_ack_clears_the_wait() {
+        let mut regs = TestDevRegs {
+            awaiting_ack: true,
+            ..TestDevRegs::default()
+        };
+
+        regs.write(reg::CONTROL, CONTROL_ENABLE | CONTROL_ACK_IRQS);
+        regs.write(reg::IRQ_ACK, 1);
+
+        assert!(regs.ack_irqs && regs.enabled);
+        assert_eq!(regs.read(reg::CONTROL), 3);
+        assert!(!regs.awaiting_ack);
     }
 
     #[test]

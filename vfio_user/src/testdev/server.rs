@@ -20,7 +20,7 @@ use vm_memory::{
     GuestRegionMmap, MmapRegion,
 };
 
-use super::regs::{BAR0_SIZE, RECORD_LEN, TestDevConfig, TestDevRegs};
+use super::regs::{BAR0_SIZE, RECORD_LEN, TestDevConfig, TestDevRegs, reg};
 
 /// Errors of the test device server.
 #[derive(Debug, Error)]
@@ -33,6 +33,15 @@ pub enum TestDevError {
         /// Why.
         #[source]
         source: vfio_user_proto::Error,
+    },
+    /// The listening socket could not be moved to its path.
+    #[error("Cannot publish the socket at {path}")]
+    Publish {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
     },
     /// The connection failed.
     #[error("vfio-user connection failed")]
@@ -101,9 +110,28 @@ impl TestDev {
             return self.regs.period();
         }
         if self.regs.record_written() && self.config.msi_enabled() {
-            self.raise();
+            self.interrupt_due();
         }
         self.regs.period()
+    }
+
+    /// A batch is complete: raises its interrupt, unless (ack mode) one still awaits its
+    /// acknowledgement, in which case it is raised on the acknowledgement.
+    fn interrupt_due(&mut self) {
+        if self.regs.ack_irqs && self.regs.awaiting_ack {
+            self.regs.irq_due = true;
+            return;
+        }
+        self.raise();
+    }
+
+    /// Writes BAR 0 register `offset`; an acknowledgement raises the interrupt that waited.
+    pub fn write_reg(&mut self, offset: u64, value: u32) {
+        self.regs.write(offset, value);
+        if offset == reg::IRQ_ACK && self.regs.irq_due && self.config.msi_enabled() {
+            self.regs.irq_due = false;
+            self.raise();
+        }
     }
 
     /// Signals the MSI eventfd, or remembers the interrupt if there is none.
@@ -114,7 +142,10 @@ impl TestDev {
         };
         // An eventfd takes an 8-byte native-endian increment.
         match (&*msi).write_all(&1u64.to_ne_bytes()) {
-            Ok(()) => self.regs.irq_count = self.regs.irq_count.wrapping_add(1),
+            Ok(()) => {
+                self.regs.irq_count = self.regs.irq_count.wrapping_add(1);
+                self.regs.awaiting_ack = self.regs.ack_irqs;
+            }
             Err(e) => log::warn!("testdev: cannot signal the MSI eventfd: {e}"),
         }
     }
@@ -198,8 +229,7 @@ impl ServerBackend for Backend {
                 for (i, chunk) in data.chunks_exact(4).enumerate() {
                     let mut value = [0u8; 4];
                     value.copy_from_slice(chunk);
-                    dev.regs
-                        .write(offset + 4 * i as u64, u32::from_le_bytes(value));
+                    dev.write_reg(offset + 4 * i as u64, u32::from_le_bytes(value));
                 }
             }
             _ => log::debug!("testdev: ignored write to region {region} at {offset:#x}"),
@@ -228,7 +258,11 @@ impl ServerBackend for Backend {
 
     fn reset(&mut self) -> io::Result<()> {
         let mut dev = lock(&self.0);
-        dev.regs = power_on_regs(&dev.options);
+        let client_seq = dev.regs.client_seq;
+        dev.regs = TestDevRegs {
+            client_seq,
+            ..power_on_regs(&dev.options)
+        };
         dev.config = TestDevConfig::default();
         dev.missed_irqs = 0;
         Ok(())
@@ -329,11 +363,20 @@ fn power_on(options: &TestDevOptions) -> TestDev {
 /// previous client's DMA regions and eventfd when it leaves; with `persist`, it keeps running
 /// instead and the next client takes it over as it is.
 pub fn serve(path: &Path, options: &TestDevOptions) -> Result<(), TestDevError> {
+    // Bound and listening under a staging name, then renamed: whoever sees the socket at
+    // `path` can connect (a bound socket that does not listen yet refuses connections).
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.staging", std::process::id()));
+    let staging = PathBuf::from(staging);
     let server =
-        Server::new(path, true, irqs(), regions()).map_err(|source| TestDevError::Listen {
+        Server::new(&staging, true, irqs(), regions()).map_err(|source| TestDevError::Listen {
             path: path.to_path_buf(),
             source,
         })?;
+    std::fs::rename(&staging, path).map_err(|source| TestDevError::Publish {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let dev = Arc::new(Mutex::new(TestDev::default()));
     let engine = Arc::clone(&dev);
     thread::Builder::new()
@@ -346,12 +389,16 @@ pub fn serve(path: &Path, options: &TestDevOptions) -> Result<(), TestDevError> 
         })
         .map_err(TestDevError::Engine)?;
     let mut backend = Backend(dev);
-    let mut first = true;
+    let mut client_seq = 0u32;
     loop {
-        if first || !options.persist {
-            *lock(&backend.0) = power_on(options);
+        client_seq = client_seq.wrapping_add(1);
+        {
+            let mut dev = lock(&backend.0);
+            if client_seq == 1 || !options.persist {
+                *dev = power_on(options);
+            }
+            dev.regs.client_seq = client_seq;
         }
-        first = false;
         let result = server.run(&mut backend);
         if options.persist {
             // The memory stays mapped here, so DMA goes on safely while nobody is attached.
@@ -361,9 +408,9 @@ pub fn serve(path: &Path, options: &TestDevOptions) -> Result<(), TestDevError> 
             *lock(&backend.0) = TestDev::default();
         }
         match result {
-            Ok(()) => log::info!("testdev: client left"),
+            Ok(()) => log::info!("testdev: client {client_seq} left"),
             Err(e) => {
-                log::warn!("testdev: client dropped: {e}");
+                log::warn!("testdev: client {client_seq} dropped: {e}");
                 // Do not spin if accepting itself keeps failing.
                 thread::sleep(Duration::from_millis(100));
             }
@@ -374,7 +421,6 @@ pub fn serve(path: &Path, options: &TestDevOptions) -> Result<(), TestDevError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testdev::regs::reg;
 
     fn dev_with_ram(size: usize) -> TestDev {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
@@ -461,6 +507,32 @@ mod tests {
         assert_eq!(missed, 2);
         assert_eq!(signalled, 8, "exactly one merged interrupt");
         assert_eq!(lock(&backend.0).missed_irqs, 0);
+    }
+
+    #[test]
+    fn ack_mode_holds_the_next_interrupt_until_acknowledged() {
+        let mut dev = dev_with_ram(0x1000);
+        let path = std::env::temp_dir().join(format!("testdev-ack-{}", std::process::id()));
+        dev.msi = Some(File::create(&path).unwrap());
+        dev.config
+            .write(crate::testdev::regs::MSI_CAP as u64 + 2, &[1]);
+        dev.regs.write(reg::DMA_LEN, 16);
+        dev.write_reg(reg::CONTROL, 3);
+
+        dev.tick();
+        dev.tick();
+        dev.tick();
+        let held = (dev.regs.irq_count, dev.regs.irq_due);
+        dev.write_reg(reg::IRQ_ACK, 1);
+        let after_ack = dev.regs.irq_count;
+        dev.write_reg(reg::IRQ_ACK, 1);
+        let signalled = std::fs::metadata(&path).unwrap().len();
+        std::fs::remove_file(&path).unwrap();
+
+        assert_eq!(held, (1, true), "one raised, the rest held");
+        assert_eq!(after_ack, 2, "the held interrupt is raised on the ack");
+        assert_eq!(dev.regs.irq_count, 2, "nothing was due at the second ack");
+        assert_eq!(signalled, 16);
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod testing;
 
 use std::error::Error as StdError;
 
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, UserDeviceConfig, VmConfig};
 
 pub use http::{ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server};
 
@@ -47,6 +47,27 @@ pub enum ApiRequest {
     VmCounters,
     /// `PUT vm.live-update` with a `LiveUpdateConfig` body.
     VmLiveUpdate(LiveUpdateConfig),
+    /// `PUT vm.add-user-device` with a `UserDeviceConfig` body.
+    VmAddUserDevice(UserDeviceConfig),
+}
+
+/// Where a hot-added PCI device went: the reply of `vm.add-*` on a running VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciDeviceInfo {
+    /// The device id.
+    pub id: String,
+    /// Segment, bus, device and function, as `0000:00:05.0`.
+    pub bdf: String,
+}
+
+impl PciDeviceInfo {
+    /// The device `id` in `slot` of bus 0 of segment 0 (function 0: we have no other).
+    pub fn new(id: String, slot: u8) -> Self {
+        Self {
+            id,
+            bdf: format!("0000:00:{slot:02x}.0"),
+        }
+    }
 }
 
 /// The body of `vm.live-update`.
@@ -212,6 +233,19 @@ fn vm_live_update(body: &[u8]) -> Result<ApiRequest, String> {
     Ok(ApiRequest::VmLiveUpdate(config))
 }
 
+fn vm_add_user_device(body: &[u8]) -> Result<ApiRequest, String> {
+    // Unknown fields (cloud-hypervisor's `pci_segment`) are accepted and ignored, as in VmConfig.
+    let device: UserDeviceConfig =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid UserDeviceConfig JSON: {e}"))?;
+    if device.socket.as_os_str().is_empty() {
+        return Err("Invalid UserDeviceConfig: the socket path is empty".into());
+    }
+    if device.id.as_deref() == Some("") {
+        return Err("Invalid UserDeviceConfig: the id is empty".into());
+    }
+    Ok(ApiRequest::VmAddUserDevice(device))
+}
+
 /// Every endpoint the server serves (and `docs/openapi.yaml` documents).
 pub const ROUTES: &[Route] = &[
     empty("vmm.ping", Method::Get, || ApiRequest::VmmPing),
@@ -226,6 +260,7 @@ pub const ROUTES: &[Route] = &[
     empty("vm.delete", Method::Put, || ApiRequest::VmDelete),
     empty("vm.counters", Method::Get, || ApiRequest::VmCounters),
     json("vm.live-update", Method::Put, vm_live_update),
+    json("vm.add-user-device", Method::Put, vm_add_user_device),
 ];
 
 /// Maps a method, a path and a body to a request, with cloud-hypervisor's error statuses.
@@ -298,6 +333,55 @@ mod tests {
         assert_eq!(
             config.payload.kernel,
             Some(std::path::PathBuf::from("/vmlinux"))
+        );
+    }
+
+    #[test]
+    fn vm_add_user_device_parses_its_body_ignoring_cloud_hypervisor_extras() {
+        let body = br#"{"socket": "/run/dev.sock", "id": "dev0", "pci_segment": 0}"#;
+
+        let request = route_request("PUT", "/api/v1/vm.add-user-device", body);
+
+        assert_eq!(
+            request,
+            Ok(ApiRequest::VmAddUserDevice(UserDeviceConfig {
+                socket: std::path::PathBuf::from("/run/dev.sock"),
+                persist: false,
+                id: Some("dev0".to_string()),
+            }))
+        );
+    }
+
+    #[test]
+    fn vm_add_user_device_without_socket_or_with_empty_values_is_a_bad_request() {
+        let bodies: [&[u8]; 4] = [
+            br#"{"id": "dev0"}"#,
+            br#"{"socket": ""}"#,
+            br#"{"socket": "/s", "id": ""}"#,
+            b"[1, 2]",
+        ];
+
+        let statuses: Vec<u16> = bodies
+            .iter()
+            .map(|body| {
+                route_request("PUT", "/api/v1/vm.add-user-device", body)
+                    .unwrap_err()
+                    .status
+            })
+            .collect();
+
+        assert_eq!(statuses, [400, 400, 400, 400]);
+    }
+
+    #[test]
+    fn pci_device_info_names_slot_in_hex_on_bus_zero() {
+        let info = PciDeviceInfo::new("dev0".to_string(), 0x1a);
+
+        let json = serde_json::to_value(&info).unwrap();
+
+        assert_eq!(
+            json,
+            serde_json::json!({"id": "dev0", "bdf": "0000:00:1a.0"})
         );
     }
 

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use super::{
-    ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig,
-    RngConfig, UserDeviceConfig, VmConfig,
+    ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig,
+    PayloadConfig, RngConfig, UserDeviceConfig, VmConfig,
 };
 
 /// The VM-related flags as given on the command line, before parsing their values.
@@ -27,8 +27,10 @@ pub struct VmCliArgs {
     pub cmdline: Option<String>,
     /// `--disk path=P[,readonly=on|off][,id=X]`, one entry per disk.
     pub disks: Vec<String>,
-    /// `--user-device socket=P[,persist=on|off]`, one entry per vfio-user device.
+    /// `--user-device socket=P[,id=X][,persist=on|off]`, one entry per vfio-user device.
     pub user_devices: Vec<String>,
+    /// `--device path=/sys/bus/pci/devices/<BDF>[,id=X]`, one entry per VFIO device.
+    pub devices: Vec<String>,
     /// `--serial off|null|pty|tty|file=PATH`.
     pub serial: Option<String>,
     /// `--console off|null|pty|tty|file=PATH`.
@@ -64,6 +66,11 @@ impl VmCliArgs {
             .user_devices
             .iter()
             .map(|device| parse_user_device(device))
+            .collect::<Result<_, _>>()?;
+        config.devices = self
+            .devices
+            .iter()
+            .map(|device| parse_device(device))
             .collect::<Result<_, _>>()?;
         if let Some(serial) = &self.serial {
             config.serial = parse_console("serial", serial)?;
@@ -214,11 +221,31 @@ fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
     })
 }
 
-fn parse_user_device(input: &str) -> Result<UserDeviceConfig, ConfigError> {
-    let options = Options::parse("user-device", input, &["socket", "persist"])?;
+/// Parses `socket=PATH[,id=ID][,persist=on|off]` (`--user-device`, `ch-remote add-user-device`).
+pub fn parse_user_device(input: &str) -> Result<UserDeviceConfig, ConfigError> {
+    let options = Options::parse("user-device", input, &["socket", "persist", "id"])?;
+    let id = match options.get("id") {
+        Some("") => return Err(options.invalid("id", "", "expected a non-empty id")),
+        id => id.map(str::to_string),
+    };
     Ok(UserDeviceConfig {
         socket: options.required_path("socket")?,
         persist: options.bool("persist")?.unwrap_or(false),
+        id,
+    })
+}
+
+/// Parses `path=/sys/bus/pci/devices/<BDF>[,id=ID]` (`--device`). cloud-hypervisor's
+/// `iommu` and `pci_segment` keys are refused: we have no virtual IOMMU and one segment.
+fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
+    let options = Options::parse("device", input, &["path", "id"])?;
+    let id = match options.get("id") {
+        Some("") => return Err(options.invalid("id", "", "expected a non-empty id")),
+        id => id.map(str::to_string),
+    };
+    Ok(DeviceConfig {
+        path: options.required_path("path")?,
+        id,
     })
 }
 
@@ -268,10 +295,40 @@ pub fn parse_event_monitor(input: &str) -> Result<PathBuf, ConfigError> {
     parse_path_option("event-monitor", input, false)
 }
 
-/// Parses `--liveupdate agent=PATH`: where the session agent (`ch-luod`) listens.
-pub fn parse_liveupdate(input: &str) -> Result<PathBuf, ConfigError> {
-    let options = Options::parse("liveupdate", input, &["agent"])?;
-    options.required_path("agent")
+/// Where live-update sessions come from (`--liveupdate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveUpdateSource {
+    /// `agent=PATH`: the session agent (`ch-luod`) listening there.
+    Agent(PathBuf),
+    /// `inherit=NAME`: the session fd the service manager passed under this name
+    /// (`LISTEN_FDNAMES`; systemd's `LUOSession=`).
+    Inherit(String),
+}
+
+/// Parses `--liveupdate agent=PATH` or `--liveupdate inherit=NAME` (exactly one of the two).
+pub fn parse_liveupdate(input: &str) -> Result<LiveUpdateSource, ConfigError> {
+    let options = Options::parse("liveupdate", input, &["agent", "inherit"])?;
+    match (options.get("agent"), options.get("inherit")) {
+        (Some(_), Some(name)) => {
+            Err(options.invalid("inherit", name, "give either agent= or inherit=, not both"))
+        }
+        (Some(_), None) => Ok(LiveUpdateSource::Agent(options.required_path("agent")?)),
+        (None, Some(name)) => {
+            // A systemd fd name: at most 255 characters, no ':' (the names' separator).
+            if name.is_empty() || name.len() > 255 || name.contains(':') {
+                return Err(options.invalid(
+                    "inherit",
+                    name,
+                    "expected the fd name of the session (1 to 255 characters, no ':')",
+                ));
+            }
+            Ok(LiveUpdateSource::Inherit(name.to_string()))
+        }
+        (None, None) => Err(ConfigError::MissingKey {
+            flag: "liveupdate",
+            key: "agent or inherit",
+        }),
+    }
 }
 
 /// Parses `--restore source_url=luo://NAME[,resume=on|off]`: restore from a live-update session.
@@ -520,6 +577,30 @@ mod tests {
     }
 
     #[test]
+    fn user_device_with_id_and_persist_parses() {
+        let device = parse_user_device("socket=/a.sock,id=nic0,persist=on").unwrap();
+
+        assert_eq!(
+            device,
+            UserDeviceConfig {
+                socket: PathBuf::from("/a.sock"),
+                persist: true,
+                id: Some("nic0".to_string()),
+            }
+        );
+    }
+
+    #[test]
+    fn user_device_with_empty_id_is_rejected() {
+        let error = parse_user_device("socket=/a.sock,id=").unwrap_err();
+
+        assert!(
+            matches!(error, ConfigError::InvalidValue { key: "id", .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
     fn serial_and_console_modes_parse() {
         let args = VmCliArgs {
             serial: Some("tty".to_string()),
@@ -564,6 +645,51 @@ mod tests {
     }
 
     #[test]
+    fn liveupdate_takes_an_agent_socket_or_an_inherited_name() {
+        let agent = parse_liveupdate("agent=/run/ch-luod.sock").unwrap();
+        let inherit = parse_liveupdate("inherit=vm").unwrap();
+
+        assert_eq!(
+            agent,
+            LiveUpdateSource::Agent(PathBuf::from("/run/ch-luod.sock"))
+        );
+        assert_eq!(inherit, LiveUpdateSource::Inherit("vm".into()));
+    }
+
+    #[test]
+    fn liveupdate_needs_exactly_one_of_agent_and_inherit() {
+        let both = parse_liveupdate("agent=/s,inherit=vm").unwrap_err();
+        let neither = parse_liveupdate("").unwrap_err();
+
+        assert!(both.to_string().contains("not both"), "{both}");
+        assert!(matches!(
+            neither,
+            ConfigError::MissingKey {
+                flag: "liveupdate",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn liveupdate_inherit_refuses_empty_or_colon_names() {
+        for input in ["inherit=", "inherit=a:b", "agent="] {
+            let err = parse_liveupdate(input).unwrap_err();
+
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::InvalidValue {
+                        flag: "liveupdate",
+                        ..
+                    }
+                ),
+                "{input}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn api_socket_accepts_path_key_and_bare_path() {
         assert_eq!(
             parse_api_socket("path=/run/ch.sock"),
@@ -595,5 +721,46 @@ mod tests {
                 key: "/tmp/events".to_string()
             })
         );
+    }
+
+    #[test]
+    fn vfio_devices_keep_their_paths_and_ids_in_order() {
+        let args = VmCliArgs {
+            devices: vec![
+                "path=/sys/bus/pci/devices/0000:00:03.0".to_string(),
+                "path=/sys/bus/pci/devices/0000:00:04.0,id=edu".to_string(),
+            ],
+            ..VmCliArgs::default()
+        };
+
+        let config = args.to_vm_config().unwrap();
+
+        assert_eq!(
+            config.devices,
+            [
+                DeviceConfig {
+                    path: PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
+                    id: None,
+                },
+                DeviceConfig {
+                    path: PathBuf::from("/sys/bus/pci/devices/0000:00:04.0"),
+                    id: Some("edu".to_string()),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn vfio_device_without_path_or_with_iommu_is_rejected() {
+        for (input, key) in [("id=edu", "path"), ("path=/sys/x,iommu=on", "iommu")] {
+            let args = VmCliArgs {
+                devices: vec![input.to_string()],
+                ..VmCliArgs::default()
+            };
+
+            let error = args.to_vm_config().unwrap_err();
+
+            assert!(error.to_string().contains(key), "{input}: {error}");
+        }
     }
 }

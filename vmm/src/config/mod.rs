@@ -9,6 +9,7 @@
 //! because the kernel's live update cannot preserve hugetlb memfds.
 
 mod cli;
+mod user_device;
 
 use std::path::{Path, PathBuf};
 
@@ -16,9 +17,11 @@ use log::debug;
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
+pub use user_device::UserDeviceConfig;
+
 pub use cli::{
-    LUO_URL_SCHEME, RestoreConfig, VmCliArgs, parse_api_socket, parse_event_monitor,
-    parse_liveupdate, parse_restore, parse_size,
+    LUO_URL_SCHEME, LiveUpdateSource, RestoreConfig, VmCliArgs, parse_api_socket,
+    parse_event_monitor, parse_liveupdate, parse_restore, parse_size, parse_user_device,
 };
 
 /// Default guest RAM size, as cloud-hypervisor: 512 MiB.
@@ -108,6 +111,9 @@ pub enum ConfigError {
     /// Two disks share an id.
     #[error("Duplicate disk id '{0}'")]
     DuplicateDiskId(String),
+    /// Two devices of different kinds, or two vfio-user devices, share an id.
+    #[error("Duplicate device id '{0}'")]
+    DuplicateDeviceId(String),
 }
 
 /// The VM configuration, in cloud-hypervisor's JSON shape.
@@ -127,6 +133,9 @@ pub struct VmConfig {
     /// vfio-user devices, in order.
     #[serde(default, deserialize_with = "null_as_default")]
     pub user_devices: Vec<UserDeviceConfig>,
+    /// Kernel VFIO devices (`--device`), in order.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub devices: Vec<DeviceConfig>,
     /// The legacy 16550 serial port.
     #[serde(default = "ConsoleConfig::default_serial")]
     pub serial: ConsoleConfig,
@@ -193,15 +202,14 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
-/// One vfio-user device (`--user-device`).
+/// One host PCI device assigned through kernel VFIO (`--device`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserDeviceConfig {
-    /// The server's UNIX socket.
-    pub socket: PathBuf,
-    /// The server keeps the device running across a reconnect (e.g. `vfio-user-testdev
-    /// --persist`), so a live update can re-attach it instead of refusing.
-    #[serde(default)]
-    pub persist: bool,
+pub struct DeviceConfig {
+    /// The device's sysfs path, `/sys/bus/pci/devices/<BDF>`, bound to vfio-pci.
+    pub path: PathBuf,
+    /// Device id; `_vfio_device<N>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Where a serial port or console goes.
@@ -324,6 +332,7 @@ impl Default for VmConfig {
             payload: PayloadConfig::default(),
             disks: Vec::new(),
             user_devices: Vec::new(),
+            devices: Vec::new(),
             serial: ConsoleConfig::default_serial(),
             console: ConsoleConfig::default_console(),
             rng: RngConfig::default(),
@@ -381,9 +390,23 @@ impl VmConfig {
         for disk in &self.disks {
             check_exists("disk", &disk.path)?;
             if let Some(id) = &disk.id
-                && !ids.insert(id.as_str())
+                && !ids.insert(id.clone())
             {
                 return Err(ConfigError::DuplicateDiskId(id.clone()));
+            }
+        }
+        for index in 0..self.user_devices.len() {
+            let id = self.user_device_id(index);
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateDeviceId(id));
+            }
+        }
+        for device in &self.devices {
+            check_exists("VFIO device", &device.path)?;
+            if let Some(id) = &device.id
+                && !ids.insert(id.clone())
+            {
+                return Err(ConfigError::DuplicateDeviceId(id.clone()));
             }
         }
         self.serial.validate("serial")?;
@@ -401,7 +424,7 @@ mod tests {
     use super::*;
 
     /// A config whose files all exist (this source file stands in for kernel and disk).
-    fn valid_config() -> VmConfig {
+    pub(super) fn valid_config() -> VmConfig {
         let existing = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/config/mod.rs");
         VmConfig {
             payload: PayloadConfig {
@@ -636,6 +659,7 @@ mod tests {
             [UserDeviceConfig {
                 socket: PathBuf::from("/run/dev.sock"),
                 persist: false,
+                id: Some("u0".to_string()),
             }]
         );
     }
@@ -661,5 +685,44 @@ mod tests {
         let error = VmConfig::from_json(br#"{"payload": {}} x"#).unwrap_err();
 
         assert!(matches!(error, ConfigError::Json(_)));
+    }
+
+    #[test]
+    fn json_vfio_devices_as_cloud_hypervisor_writes_them_parse() {
+        let json = br#"{"payload": {"kernel": "/vmlinux"},
+            "devices": [{"path": "/sys/bus/pci/devices/0000:00:03.0", "iommu": false,
+                         "id": "edu", "pci_segment": 0}]}"#;
+
+        let config = VmConfig::from_json(json).unwrap();
+
+        assert_eq!(
+            config.devices,
+            [DeviceConfig {
+                path: PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
+                id: Some("edu".to_string()),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_vfio_device_that_does_not_exist_is_refused() {
+        let mut config = valid_config();
+        config.devices.push(DeviceConfig {
+            path: PathBuf::from("/sys/bus/pci/devices/no-such-device"),
+            id: None,
+        });
+
+        let result = config.validate();
+
+        assert!(
+            matches!(
+                result,
+                Err(ConfigError::MissingFile {
+                    what: "VFIO device",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
     }
 }

@@ -3,11 +3,15 @@
 //!
 //! `legacy` builds the port devices, `pci` the virtio-pci devices and their wiring, and
 //! `participants` turns each device into a live-update participant.
+//!
+//! `hotplug` places a device on the PCI bus of a running VM (`vm.add-user-device`).
 
+mod hotplug;
 mod legacy;
 mod participants;
 mod pci;
 mod user;
+mod vfio;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -17,6 +21,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 
 use devices::bus::{Bus, BusError, lock};
 use devices::legacy::{Cmos, Serial};
+use devices::pci::root::SharedPciDevice;
 use devices::pci::{BarAllocator, PciError, PciRoot, PciRootState};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::console::Console;
@@ -35,8 +40,9 @@ use crate::layout;
 use crate::vcpu_thread::{Buses, VcpuEvent};
 
 use legacy::{CMOS_STATE_VERSION, LegacyDevices, SERIAL_STATE_VERSION, add_legacy};
+pub(crate) use participants::HandedOverFds;
 use participants::{PCI_ROOT_STATE_VERSION, StateOnly, VirtioParticipant, envelope};
-use pci::{IoEvents, MmioRelocator, PciBuilder, VirtioEntry};
+use pci::{IoEvents, MmioRelocator, PciBuilder, PendingSlots, VirtioEntry};
 
 /// Errors from building the devices.
 #[derive(Debug, Error)]
@@ -109,6 +115,27 @@ pub enum DeviceError {
         #[source]
         source: vfio_user::UserDeviceError,
     },
+    /// The configuration has no vfio-user device at this index.
+    #[error("The configuration has no vfio-user device {index}")]
+    NoSuchUserDevice {
+        /// Index in `user_devices`.
+        index: usize,
+    },
+    /// A hot-add built no PCI device, or more than one.
+    #[error("A hot-add must place one PCI device, not {count}")]
+    HotAddCount {
+        /// How many it placed.
+        count: usize,
+    },
+    /// A kernel VFIO device could not be attached.
+    #[error("Cannot attach the VFIO device {}", path.display())]
+    Vfio {
+        /// Its sysfs path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ::vfio::VfioDeviceError,
+    },
     /// A queue worker thread could not start.
     #[error("Cannot start the queue worker of {id}")]
     Worker {
@@ -131,6 +158,12 @@ pub struct DeviceManager {
     console_is_tty: bool,
     virtio: Vec<VirtioEntry>,
     user_devices: Vec<user::UserDeviceEntry>,
+    vfio_devices: Vec<vfio::VfioDeviceEntry>,
+    /// What placing a device after boot needs: every PCI function (to find free BAR space),
+    /// the next free slot, and where queue notifications are registered.
+    pci_devices: Vec<SharedPciDevice>,
+    next_slot: u8,
+    ioevents: Arc<Mutex<IoEvents>>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -198,11 +231,12 @@ impl DeviceManager {
             mmio: mmio.clone(),
             ioevents: ioevents.clone(),
         };
+        let mut root = PciRoot::new(Some(Arc::new(relocator)));
         let mut pci = PciBuilder {
-            root: PciRoot::new(Some(Arc::new(relocator))),
+            root: PendingSlots::new(1),
             bars: BarAllocator::new(layout::PCI_MMIO_START, layout::PCI_MMIO_END),
             ctx,
-            ioevents,
+            ioevents: ioevents.clone(),
             mmio: mmio.clone(),
             restore,
             virtio: Vec::new(),
@@ -235,14 +269,24 @@ impl DeviceManager {
         for (index, device) in ctx.config.user_devices.iter().enumerate() {
             user_devices.push(pci.add_user_device(index, device)?);
         }
+        let mut vfio_devices = Vec::new();
+        for (index, device) in ctx.config.devices.iter().enumerate() {
+            vfio_devices.push(pci.add_vfio_device(index, device)?);
+        }
         if let Some(states) = pci.restore.as_deref_mut() {
             let state: PciRootState = states
                 .take(ids::PCI_ROOT, PCI_ROOT_STATE_VERSION)
                 .map_err(restore_error(ids::PCI_ROOT))?;
-            pci.root.set_state(&state);
+            root.set_state(&state);
         }
-        let virtio = std::mem::take(&mut pci.virtio);
-        let pci_root = Arc::new(Mutex::new(pci.root));
+        let PciBuilder {
+            root: slots,
+            virtio,
+            ..
+        } = pci;
+        let pci_devices = slots.added().iter().map(|(_, d)| d.clone()).collect();
+        let next_slot = slots.commit(&mut root).map_err(DeviceError::Pci)?;
+        let pci_root = Arc::new(Mutex::new(root));
         write_bus(&pio)
             .insert(
                 pci_root.clone(),
@@ -260,6 +304,10 @@ impl DeviceManager {
             console_is_tty: ctx.config.console.mode == ConsoleMode::Tty,
             virtio,
             user_devices,
+            vfio_devices,
+            pci_devices,
+            next_slot,
+            ioevents,
         })
     }
 
@@ -292,6 +340,9 @@ impl DeviceManager {
         }
         for entry in &self.user_devices {
             list.push(Box::new(user::UserDeviceParticipant { entry }));
+        }
+        for entry in &self.vfio_devices {
+            list.push(Box::new(vfio::VfioDeviceParticipant { entry }));
         }
         list
     }

@@ -1,6 +1,11 @@
-//! Each device as a live-update participant.
+//! Each device as a live-update participant, and the fds the previous VMM attached for them.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
+use liveupdate::session::Token;
 use liveupdate::state::Envelope;
 
 use super::ids;
@@ -18,6 +23,43 @@ pub(super) fn envelope<S: serde::Serialize>(
         id: id.to_string(),
         source: Box::new(e),
     })
+}
+
+/// Restart mode: the fds the previous VMM attached to the session (an outside device's
+/// connection, its interrupt eventfd), by token, while the devices are rebuilt from their
+/// states. Filled by the restore just before [`super::DeviceManager::build`] and emptied when
+/// the guard returned by [`HandedOverFds::receive`] drops, so it never outlives one restore.
+/// (A process-wide slot rather than a `DeviceContext` field, so the context and its users need
+/// no change; a VMM process restores one VM.)
+#[derive(Debug)]
+pub struct HandedOverFds(());
+
+static HANDED_OVER: Mutex<BTreeMap<Token, OwnedFd>> = Mutex::new(BTreeMap::new());
+
+fn handed_over() -> MutexGuard<'static, BTreeMap<Token, OwnedFd>> {
+    HANDED_OVER.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl HandedOverFds {
+    /// Makes `fds` available to the devices being restored until the guard drops.
+    pub fn receive(fds: BTreeMap<Token, OwnedFd>) -> Self {
+        *handed_over() = fds;
+        Self(())
+    }
+
+    /// Takes the fd attached under `token`, if the previous VMM attached one.
+    pub(super) fn take(token: Token) -> Option<OwnedFd> {
+        handed_over().remove(&token)
+    }
+}
+
+impl Drop for HandedOverFds {
+    fn drop(&mut self) {
+        let left: Vec<_> = std::mem::take(&mut *handed_over()).into_keys().collect();
+        if !left.is_empty() {
+            log::warn!("Attached fds no device claimed (closed): tokens {left:?}");
+        }
+    }
 }
 
 /// A device that only needs its state saved: it changes only when a vCPU touches it, and the

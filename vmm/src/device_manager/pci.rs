@@ -1,11 +1,17 @@
-//! virtio-pci devices: a PCI slot, a BAR on the MMIO bus, MSI-X vectors and ioeventfds each.
+//! PCI placement: virtio-pci devices (a slot, a BAR on the MMIO bus, MSI-X vectors and
+//! ioeventfds each), the slots a builder hands out, and [`PciBuilder::place`] for any PCI
+//! function built elsewhere (vfio-user, kernel VFIO).
+//!
+//! Slots reach the PCI root only in [`PendingSlots::commit`], once a device is fully wired, so
+//! the guest never finds a half-added function, at boot or on hot-add.
 
 use std::collections::BTreeMap;
 use std::io::{self};
 use std::sync::{Arc, Mutex, RwLock};
 
 use devices::bus::{Bus, lock};
-use devices::pci::{BarAllocator, BarRelocator, PciBarRegion, PciDevice, PciRoot};
+use devices::pci::root::SharedPciDevice;
+use devices::pci::{BarAllocator, BarRelocator, PciBarRegion, PciDevice, PciError, PciRoot};
 use devices::virtio::device::VirtioDevice;
 use devices::virtio::pci::{BAR_SIZE, QueueWorker, VirtioPciDevice, spawn_queue_worker};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -79,8 +85,55 @@ impl BarRelocator for MmioRelocator {
     }
 }
 
+/// Slots 1..32 of bus 0 (slot 0 is the host bridge).
+const PCI_SLOTS: u8 = 32;
+
+/// The slots a builder gave out, with their devices, not yet in the PCI root.
+pub(super) struct PendingSlots {
+    next: u8,
+    added: Vec<(u8, SharedPciDevice)>,
+}
+
+impl PendingSlots {
+    /// Hands out slots from `next` up (the manager never frees one, so all below are taken).
+    pub(super) fn new(next: u8) -> Self {
+        Self {
+            next,
+            added: Vec::new(),
+        }
+    }
+
+    /// Reserves the next free slot for `device`.
+    pub(super) fn add_device(&mut self, device: SharedPciDevice) -> Result<u8, PciError> {
+        if self.next >= PCI_SLOTS {
+            return Err(PciError::NoFreeSlot);
+        }
+        let slot = self.next;
+        self.added.push((slot, device));
+        self.next += 1;
+        Ok(slot)
+    }
+
+    /// The devices reserved so far, with their slots.
+    pub(super) fn added(&self) -> &[(u8, SharedPciDevice)] {
+        &self.added
+    }
+
+    /// Puts every reserved device into `root`, in order; returns the next free slot. Fails only
+    /// if a slot is taken (only the manager fills slots, so its count would be wrong); `root`
+    /// then holds the devices before that one. The PCI root has no removal, so a hot-add
+    /// reserves one device: on error the root holds nothing of it.
+    pub(super) fn commit(self, root: &mut PciRoot) -> Result<u8, PciError> {
+        for (slot, device) in self.added {
+            root.add_device_at(slot, device)?;
+        }
+        Ok(self.next)
+    }
+}
+
 pub(super) struct PciBuilder<'a, 'b, 's> {
-    pub(super) root: PciRoot,
+    /// The slots of the devices this builder adds (named for the root they go into).
+    pub(super) root: PendingSlots,
     pub(super) bars: BarAllocator,
     pub(super) ctx: &'a DeviceContext<'b>,
     pub(super) ioevents: Arc<Mutex<IoEvents>>,
@@ -153,5 +206,29 @@ impl PciBuilder<'_, '_, '_> {
             worker: None,
         });
         Ok(transport)
+    }
+
+    /// Places a built PCI function: each of its BARs on the MMIO bus, then a slot. Returns the
+    /// slot. On error nothing of it stays on the bus. The BARs must come from `self.bars`.
+    pub(super) fn place(&mut self, device: SharedPciDevice) -> Result<u8, DeviceError> {
+        let bars = lock(&device).bars();
+        let mut mmio = write_bus(&self.mmio);
+        for (placed, bar) in bars.iter().enumerate() {
+            let region = Arc::new(Mutex::new(PciBarRegion::new(device.clone(), bar.index)));
+            if let Err(e) = mmio.insert(region, bar.address, bar.size) {
+                for bar in &bars[..placed] {
+                    let _ = mmio.remove(bar.address);
+                }
+                return Err(DeviceError::Bus(e));
+            }
+        }
+        drop(mmio);
+        self.root.add_device(device).map_err(|e| {
+            let mut mmio = write_bus(&self.mmio);
+            for bar in &bars {
+                let _ = mmio.remove(bar.address);
+            }
+            DeviceError::Pci(e)
+        })
     }
 }

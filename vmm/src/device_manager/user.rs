@@ -1,37 +1,69 @@
 //! vfio-user devices: a remote PCI function in a slot, its BAR on the MMIO bus, its MSI vector
 //! an irqfd whose eventfd the server signals.
 //!
-//! Live update: a device whose server persists (`persist=on`) is re-attached by the new VMM
-//! without a reset (see the `vfio_user` crate docs); any other refuses the update in prepare.
+//! Live update (restart mode): the connection and the MSI eventfd are handed to the successor
+//! as session attachments, so the server never sees a disconnect and the device keeps running
+//! (see the `vfio_user` crate docs). A state from an older VMM, which could not hand them over,
+//! is taken over by a re-attach (`persist=on` servers only).
 
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::bus::lock;
 use devices::pci::PciBarRegion;
 use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
-use liveupdate::state::Envelope;
-use vfio_user::{VfioUserDeviceState, VfioUserPciDevice};
+use liveupdate::session::SessionError;
+use liveupdate::state::{Envelope, StateError, StateSet};
+use vfio_user::{HandoverTokens, VfioUserDeviceState, VfioUserDeviceStateV1, VfioUserPciDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::participants::envelope;
+use super::participants::{HandedOverFds, envelope};
 use super::pci::PciBuilder;
 use super::{DeviceError, ids, restore_error, write_bus};
 use crate::config::UserDeviceConfig;
-use crate::interrupts::InterruptError;
-
-/// Version of `VfioUserDeviceState` in the state blob.
-const USER_DEVICE_STATE_VERSION: u16 = 1;
+use crate::interrupts::{InterruptError, MsiGroup, borrow_eventfd, eventfd_from};
 
 /// An attached vfio-user device, as the manager keeps it.
 pub(super) struct UserDeviceEntry {
     id: String,
     device: Arc<Mutex<VfioUserPciDevice>>,
-    persist: bool,
+    /// Its MSI vector, disarmed while the guest is paused for a handover.
+    msi: Arc<MsiGroup>,
+    /// The tokens of the attachments made in prepare, until save records them.
+    handover: Mutex<Option<HandoverTokens>>,
+}
+
+/// How the device is brought up.
+enum Attach {
+    /// A fresh connection (boot, hot-add, guest reboot): the device is reset.
+    Connect,
+    /// Restore of a state whose connection was handed over: adopt it, nothing sent.
+    Adopt(VfioUserDeviceState, HandoverTokens),
+    /// Restore of an older state: connect again without a reset.
+    Reattach(VfioUserDeviceState),
+}
+
+/// The saved state of `id`, of either version.
+fn take_state(states: &mut StateSet, id: &str) -> Result<VfioUserDeviceState, StateError> {
+    match states.envelope(id).map(|envelope| envelope.version) {
+        Some(1) => states.take::<VfioUserDeviceStateV1>(id, 1).map(Into::into),
+        _ => states.take(id, VfioUserDeviceState::VERSION),
+    }
+}
+
+/// The fd attached under `token` by the previous VMM.
+fn handed_over(id: &str, token: u64, what: &str) -> Result<OwnedFd, DeviceError> {
+    HandedOverFds::take(token).ok_or_else(|| DeviceError::Restore {
+        id: id.to_string(),
+        source: format!("the session holds no {what} (attachment token {token:#x})").into(),
+    })
 }
 
 impl PciBuilder<'_, '_, '_> {
-    /// Connects to the device's server (fresh, or re-attaching from its saved state), plugs it
-    /// into a slot and its BAR 0 into the MMIO bus.
+    /// Connects to the device's server (fresh, adopting the handed-over connection, or
+    /// re-attaching from an older saved state), plugs it into a slot and its BAR 0 into the
+    /// MMIO bus.
     pub(super) fn add_user_device(
         &mut self,
         index: usize,
@@ -43,28 +75,56 @@ impl PciBuilder<'_, '_, '_> {
             source,
         };
         let eventfd_error = |e| DeviceError::Interrupt(InterruptError::EventFd(e));
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(eventfd_error)?;
-        let irq_for_kvm = irq.try_clone().map_err(eventfd_error)?;
-        let msi = self
-            .ctx
-            .interrupts
-            .msi_vectors_with_fds(vec![irq_for_kvm])
-            .map_err(DeviceError::Interrupt)?;
-        let device = match self.restore.as_deref_mut() {
+        let attach = match self.restore.as_deref_mut() {
             Some(states) => {
-                let state: VfioUserDeviceState = states
-                    .take(&id, USER_DEVICE_STATE_VERSION)
-                    .map_err(restore_error(&id))?;
-                VfioUserPciDevice::reattach(self.ctx.memory, msi, irq, &state)
+                let state = take_state(states, &id).map_err(restore_error(&id))?;
+                match state.handover {
+                    Some(tokens) => Attach::Adopt(state, tokens),
+                    None => Attach::Reattach(state),
+                }
             }
-            None => {
-                let bars = &mut self.bars;
-                VfioUserPciDevice::connect(&config.socket, self.ctx.memory, msi, irq, &mut |size| {
-                    bars.allocate(size)
-                })
+            None => Attach::Connect,
+        };
+        let (device, msi) = match attach {
+            Attach::Adopt(state, tokens) => {
+                let stream = UnixStream::from(handed_over(&id, tokens.socket, "connection")?);
+                let irq = eventfd_from(handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?);
+                // Armed once the vCPUs are restored: a signal that waited must find the LAPIC.
+                let msi = self
+                    .ctx
+                    .interrupts
+                    .msi_vectors_disarmed(vec![irq.try_clone().map_err(eventfd_error)?])
+                    .map_err(DeviceError::Interrupt)?;
+                let device =
+                    VfioUserPciDevice::adopt(stream, self.ctx.memory, msi.clone(), irq, &state);
+                (device, msi)
             }
-        }
-        .map_err(user_error)?;
+            attach => {
+                let irq = EventFd::new(EFD_NONBLOCK).map_err(eventfd_error)?;
+                let msi = self
+                    .ctx
+                    .interrupts
+                    .msi_vectors_with_fds(vec![irq.try_clone().map_err(eventfd_error)?])
+                    .map_err(DeviceError::Interrupt)?;
+                let device = match attach {
+                    Attach::Reattach(state) => {
+                        VfioUserPciDevice::reattach(self.ctx.memory, msi.clone(), irq, &state)
+                    }
+                    _ => {
+                        let bars = &mut self.bars;
+                        VfioUserPciDevice::connect(
+                            &config.socket,
+                            self.ctx.memory,
+                            msi.clone(),
+                            irq,
+                            &mut |size| bars.allocate(size),
+                        )
+                    }
+                };
+                (device, msi)
+            }
+        };
+        let device = device.map_err(user_error)?;
         let bar = devices::pci::PciDevice::bars(&device)
             .first()
             .copied()
@@ -83,48 +143,196 @@ impl PciBuilder<'_, '_, '_> {
         Ok(UserDeviceEntry {
             id,
             device,
-            persist: config.persist,
+            msi,
+            handover: Mutex::new(None),
         })
     }
 }
 
-/// A vfio-user device in a live update. With a persisting server it saves what the VMM knows
-/// (BAR registers, DMA regions) and the successor re-attaches; the device itself keeps running
-/// and DMA-ing through the pause. Otherwise the update is refused in prepare (before the pause):
-/// a server that resets on reconnect would hand the guest a device at power-on.
+/// A vfio-user device in a live update: its connection and MSI eventfd go to the successor as
+/// session attachments (restart mode only: elsewhere the update is refused in prepare, guest
+/// running). The device keeps running and DMA-ing through the pause; its interrupts wait in
+/// the eventfd. Nothing is sent to the server from the pause on.
 pub(super) struct UserDeviceParticipant<'a> {
     pub(super) entry: &'a UserDeviceEntry,
+}
+
+impl UserDeviceParticipant<'_> {
+    fn failed(&self, reason: String) -> ParticipantError {
+        ParticipantError::Failed {
+            id: self.entry.id.clone(),
+            reason,
+        }
+    }
 }
 
 impl AnyParticipant for UserDeviceParticipant<'_> {
     fn id(&self) -> String {
         self.entry.id.clone()
     }
-    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
-        if !self.entry.persist {
-            return Err(ParticipantError::Unsupported {
-                id: self.entry.id.clone(),
-                reason: "its server does not keep the device across a reconnect (persist=off)"
-                    .into(),
-            });
-        }
+    fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
         // The successor must find the server: refuse now, while the guest can run on here.
-        if !lock(&self.entry.device).is_alive() {
-            return Err(ParticipantError::Failed {
-                id: self.entry.id.clone(),
-                reason: "the vfio-user server does not answer".into(),
-            });
-        }
+        let connection = {
+            let mut device = lock(&self.entry.device);
+            if !device.is_alive() {
+                return Err(self.failed("the vfio-user server does not answer".into()));
+            }
+            // A copy, so that vCPUs need not wait for the agent to reach the device.
+            device
+                .connection_fd()
+                .try_clone_to_owned()
+                .map_err(|e| self.failed(format!("cannot duplicate the connection: {e}")))?
+        };
+        let unsupported = |source| match source {
+            ParticipantError::Session(error @ SessionError::AttachmentsUnsupported) => {
+                ParticipantError::Unsupported {
+                    id: self.entry.id.clone(),
+                    reason: format!("its connection cannot be handed over: {error}"),
+                }
+            }
+            other => other,
+        };
+        let socket = files.attach(connection.as_fd()).map_err(unsupported)?;
+        let eventfd = self
+            .entry
+            .msi
+            .eventfds()
+            .first()
+            .ok_or_else(|| self.failed("no MSI eventfd".into()))?;
+        let msi_eventfd = files.attach(borrow_eventfd(eventfd)).map_err(unsupported)?;
+        *self
+            .entry
+            .handover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(HandoverTokens {
+            socket,
+            msi_eventfd,
+        });
         Ok(())
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
-        Ok(())
+        // From here on the successor owns the conversation and the interrupts: signals wait
+        // in the eventfd instead of reaching this VM's LAPIC, whose state is about to be saved.
+        lock(&self.entry.device).set_handed_over(true);
+        self.entry.msi.disarm().map_err(|e| {
+            // A participant whose pause fails is not resumed: give the device back here.
+            lock(&self.entry.device).set_handed_over(false);
+            self.failed(format!("cannot detach the MSI irqfd: {e}"))
+        })
     }
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
-        let state = lock(&self.entry.device).state();
-        envelope(&self.entry.id, USER_DEVICE_STATE_VERSION, &state)
+        let mut state = lock(&self.entry.device).state();
+        state.handover = *self
+            .entry
+            .handover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if state.handover.is_none() {
+            return Err(self.failed("saved without a prepare".into()));
+        }
+        envelope(&self.entry.id, VfioUserDeviceState::VERSION, &state)
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
-        Ok(())
+        // Cancelled: talk to the server again, and let what waited in the eventfd through.
+        lock(&self.entry.device).set_handed_over(false);
+        self.entry
+            .msi
+            .arm()
+            .map_err(|e| self.failed(format!("cannot attach the MSI irqfd again: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use devices::pci::PciDevice;
+    use liveupdate::emulated::EmulatedProvider;
+    use liveupdate::session::SessionProvider;
+    use vfio_user::testdev::regs::{DEVICE_MAGIC, reg};
+    use vfio_user::testdev::{TestDevOptions, serve};
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+    use super::*;
+    use crate::cpu::test_util;
+    use crate::interrupts::InterruptManager;
+
+    /// A device served by the test server on a thread, attached to a VM with 1 MiB of RAM.
+    fn attached(name: &str) -> (UserDeviceEntry, InterruptManager) {
+        let dir = std::env::temp_dir().join(format!("user-dev-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("dev.sock");
+        let served = socket.clone();
+        std::thread::spawn(move || serve(&served, &TestDevOptions::default()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the test server did not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ram = crate::sys::memfd_create(c"user-dev-test").unwrap();
+        ram.set_len(1 << 20).unwrap();
+        let mapping = MmapRegion::from_file(FileOffset::new(ram, 0), 1 << 20).unwrap();
+        let region = GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap();
+        let memory = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        let kvm = test_util::kvm();
+        let interrupts = InterruptManager::new(Arc::new(test_util::vm(&kvm))).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let msi = interrupts
+            .msi_vectors_with_fds(vec![irq.try_clone().unwrap()])
+            .unwrap();
+        let device = VfioUserPciDevice::connect(&socket, &memory, msi.clone(), irq, &mut |_| {
+            Ok(0xc000_0000)
+        })
+        .unwrap();
+        let entry = UserDeviceEntry {
+            id: "vfio-user/0".into(),
+            device: Arc::new(Mutex::new(device)),
+            msi,
+            handover: Mutex::new(None),
+        };
+        (entry, interrupts)
+    }
+
+    fn id_register(entry: &UserDeviceEntry) -> u32 {
+        let mut data = [0u8; 4];
+        lock(&entry.device).bar_read(0, reg::ID, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    #[test]
+    fn prepare_refuses_an_update_whose_session_cannot_carry_the_connection() {
+        let (entry, _interrupts) = attached("no-attach");
+        let mut provider = EmulatedProvider::new();
+        let mut session = provider.create_session("vm").unwrap();
+        let mut files = FileSink::new(session.as_mut());
+
+        let result = UserDeviceParticipant { entry: &entry }.prepare(&mut files);
+
+        match result {
+            Err(ParticipantError::Unsupported { id, reason }) => {
+                assert_eq!(id, "vfio-user/0");
+                assert!(reason.contains("only in restart mode"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pause_silences_the_device_and_resume_gives_it_back() {
+        let (entry, _interrupts) = attached("pause");
+        let mut participant = UserDeviceParticipant { entry: &entry };
+
+        participant.pause().unwrap();
+        let paused = (id_register(&entry), entry.msi.is_armed());
+        participant.resume().unwrap();
+
+        assert_eq!(
+            paused,
+            (u32::MAX, false),
+            "no message and no irqfd while paused"
+        );
+        assert_eq!(id_register(&entry), DEVICE_MAGIC);
+        assert!(entry.msi.is_armed());
     }
 }

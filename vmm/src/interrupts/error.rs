@@ -55,6 +55,15 @@ pub enum InterruptError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM refused to unregister an irqfd.
+    #[error("KVM refused to release the irqfd of GSI {gsi}")]
+    IrqfdRelease {
+        /// The GSI.
+        gsi: u32,
+        /// The errno KVM returned.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// KVM refused the routing table.
     #[error("KVM refused the GSI routing table")]
     Routing(#[source] kvm_ioctls::Error),

@@ -92,6 +92,24 @@ impl InterruptManager {
         &self,
         eventfds: Vec<EventFd>,
     ) -> Result<Arc<MsiGroup>, InterruptError> {
+        self.claim_msi_group(eventfds, true)
+    }
+
+    /// Like [`Self::msi_vectors_with_fds`], but the eventfds are not registered as irqfds
+    /// until [`MsiGroup::arm`]: for eventfds handed over by the previous VMM whose pending
+    /// signals must reach the guest only once its vCPUs (and their LAPICs) are restored.
+    pub fn msi_vectors_disarmed(
+        &self,
+        eventfds: Vec<EventFd>,
+    ) -> Result<Arc<MsiGroup>, InterruptError> {
+        self.claim_msi_group(eventfds, false)
+    }
+
+    fn claim_msi_group(
+        &self,
+        eventfds: Vec<EventFd>,
+        armed: bool,
+    ) -> Result<Arc<MsiGroup>, InterruptError> {
         let count = eventfds.len();
         let mut table = self.shared.lock();
         let index = table.claimed;
@@ -106,18 +124,8 @@ impl InterruptManager {
             }
             None => next_free_gsi(&table.groups, count)?,
         };
-        let gsis = (first_gsi..).take(count);
-        let mut registered = Vec::with_capacity(count);
-        for (gsi, eventfd) in gsis.clone().zip(&eventfds) {
-            if let Err(source) = self.shared.vm.register_irqfd(eventfd, gsi) {
-                for (gsi, eventfd) in registered {
-                    if let Err(e) = self.shared.vm.unregister_irqfd(eventfd, gsi) {
-                        log::warn!("Cannot unregister the irqfd of GSI {gsi}: {e}");
-                    }
-                }
-                return Err(InterruptError::Irqfd { gsi, source });
-            }
-            registered.push((gsi, eventfd));
+        if armed {
+            register_irqfds(&self.shared.vm, first_gsi, &eventfds)?;
         }
         if index == table.groups.len() {
             table.groups.push(MsiGroupState {
@@ -126,12 +134,52 @@ impl InterruptManager {
             });
         }
         table.claimed += 1;
-        Ok(Arc::new(MsiGroup {
+        let group = Arc::new(MsiGroup {
             shared: Arc::clone(&self.shared),
             index,
             first_gsi,
             eventfds,
-        }))
+            armed: Mutex::new(armed),
+        });
+        if !armed {
+            table.disarmed.push(Arc::downgrade(&group));
+        }
+        Ok(group)
+    }
+
+    /// How many MSI groups this process has handed out (see [`Self::release_msi_groups_from`]).
+    pub fn msi_group_count(&self) -> usize {
+        self.shared.lock().claimed
+    }
+
+    /// Forgets the MSI groups handed out from `count` on, whose devices are gone (a failed
+    /// hot-add): the next group takes their GSIs again and a saved state does not list them.
+    /// Their irqfds go away with their eventfds: KVM drops an irqfd once the last holder of
+    /// its eventfd closes it (an outside server that got a dup closes it when it lets go).
+    pub fn release_msi_groups_from(&self, count: usize) -> Result<(), InterruptError> {
+        let mut table = self.shared.lock();
+        if count >= table.claimed {
+            return Ok(());
+        }
+        if table.claimed != table.groups.len() {
+            return Err(InterruptError::InvalidState {
+                reason: "restored MSI groups are not all claimed",
+            });
+        }
+        table.groups.truncate(count);
+        table.claimed = count;
+        self.shared.push_routes(&table)
+    }
+
+    /// Arms every group claimed with [`Self::msi_vectors_disarmed`] (a live update's restore
+    /// calls this once the vCPUs and their LAPICs are restored, so the signals that waited in
+    /// the handed-over eventfds reach the guest as it resumes).
+    pub fn arm_handed_over(&self) -> Result<(), InterruptError> {
+        let groups = std::mem::take(&mut self.shared.lock().disarmed);
+        for group in groups.iter().filter_map(std::sync::Weak::upgrade) {
+            group.arm()?;
+        }
+        Ok(())
     }
 
     fn register_line(
@@ -147,6 +195,32 @@ impl InterruptManager {
         let line = Arc::new(LegacyIrq { pin, eventfd });
         table.lines.insert(pin, Arc::clone(&line));
         Ok(line)
+    }
+}
+
+/// Registers `eventfds` as the irqfds of consecutive GSIs from `first_gsi`; all or none.
+pub(super) fn register_irqfds(
+    vm: &VmFd,
+    first_gsi: u32,
+    eventfds: &[EventFd],
+) -> Result<(), InterruptError> {
+    let mut registered = Vec::with_capacity(eventfds.len());
+    for (gsi, eventfd) in (first_gsi..).zip(eventfds) {
+        if let Err(source) = vm.register_irqfd(eventfd, gsi) {
+            unregister_irqfds(vm, registered);
+            return Err(InterruptError::Irqfd { gsi, source });
+        }
+        registered.push((gsi, eventfd));
+    }
+    Ok(())
+}
+
+/// Unregisters irqfds, logging (not failing on) any KVM refuses.
+fn unregister_irqfds<'a>(vm: &VmFd, irqfds: impl IntoIterator<Item = (u32, &'a EventFd)>) {
+    for (gsi, eventfd) in irqfds {
+        if let Err(e) = vm.unregister_irqfd(eventfd, gsi) {
+            log::warn!("Cannot unregister the irqfd of GSI {gsi}: {e}");
+        }
     }
 }
 
@@ -243,6 +317,53 @@ mod tests {
 
         assert!(!while_removed);
         assert!(delivered(&vcpu, 0x42));
+    }
+
+    #[test]
+    fn disarmed_group_keeps_the_signal_in_its_eventfd_until_armed() {
+        let (vm, vcpu) = vm_with_vcpu();
+        let manager = InterruptManager::new(vm).unwrap();
+        let group = manager.msi_vectors(1).unwrap();
+        group.configure(0, msi(0x43)).unwrap();
+
+        group.disarm().unwrap();
+        group.trigger(0).unwrap();
+        sleep(Duration::from_millis(100));
+        let while_disarmed = irr_has(&vcpu, 0x43);
+        group.arm().unwrap();
+
+        assert!(!while_disarmed);
+        assert!(group.is_armed());
+        assert!(
+            delivered(&vcpu, 0x43),
+            "the waiting signal was not injected"
+        );
+    }
+
+    #[test]
+    fn group_claimed_disarmed_delivers_a_pending_signal_once_armed() {
+        let (vm, vcpu) = vm_with_vcpu();
+        let saved = {
+            let manager = InterruptManager::new(Arc::clone(&vm)).unwrap();
+            let group = manager.msi_vectors(1).unwrap();
+            group.configure(0, msi(0x44)).unwrap();
+            manager.save()
+        };
+        let restored = InterruptManager::restore(vm, &saved).unwrap();
+        // Signalled by an outside device while no VMM listened.
+        let handed_over = EventFd::new(EFD_NONBLOCK).unwrap();
+        handed_over.write(1).unwrap();
+
+        let group = restored
+            .msi_vectors_disarmed(vec![handed_over.try_clone().unwrap()])
+            .unwrap();
+        sleep(Duration::from_millis(100));
+        let before_arm = irr_has(&vcpu, 0x44);
+        restored.arm_handed_over().unwrap();
+
+        assert!(!before_arm);
+        assert!(group.is_armed());
+        assert!(delivered(&vcpu, 0x44));
     }
 
     #[test]

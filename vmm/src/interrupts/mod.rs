@@ -7,16 +7,20 @@
 //!
 //! An irqfd whose GSI has no route delivers nothing (KVM consumes the eventfd count and finds
 //! no target; checked on the test machines), so disconnecting a vector only removes its route.
-//! Irqfds stay registered until the VM is closed.
+//! Irqfds stay registered until the VM is closed, except for groups a live update carries to
+//! another VMM ([`MsiGroup::disarm`], [`InterruptManager::msi_vectors_disarmed`]): there the
+//! eventfd itself crosses over, and between the two VMMs its signals wait in its counter.
 
 mod error;
 mod lines;
 mod manager;
 mod routing;
 mod state;
+mod sys;
 
 pub use error::InterruptError;
 pub use lines::{LegacyIrq, MsiGroup};
 pub use manager::InterruptManager;
 pub use routing::{IOAPIC_PINS, MSI_GSI_START};
 pub use state::{InterruptState, MsiGroupState};
+pub use sys::{borrow_eventfd, eventfd_from};

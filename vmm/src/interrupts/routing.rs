@@ -1,7 +1,7 @@
 //! The GSI routing table as KVM gets it.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use devices::interrupt::MsiMessage;
 use kvm_bindings::{
@@ -12,7 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 
 use super::error::InterruptError;
-use super::lines::LegacyIrq;
+use super::lines::{LegacyIrq, MsiGroup};
 use super::state::MsiGroupState;
 
 /// Number of IOAPIC pins; also the first GSI used for MSI.
@@ -40,6 +40,8 @@ pub(super) struct Table {
     pub(super) claimed: usize,
     /// The legacy line of each pin that has one.
     pub(super) lines: BTreeMap<u32, Arc<LegacyIrq>>,
+    /// Groups claimed disarmed, for [`super::InterruptManager::arm_handed_over`].
+    pub(super) disarmed: Vec<Weak<MsiGroup>>,
 }
 
 impl Shared {

@@ -1,4 +1,5 @@
-//! Live update of a running VM through the session agent (`ch-luod`).
+//! Live update of a running VM through the session agent (`ch-luod`), or through a session fd
+//! the service manager passed ([`inherited`], `--liveupdate inherit=NAME`).
 //!
 //! Outgoing ([`run_outgoing`], in the old VMM): create a session at the agent, run the state
 //! machine over the VM's participants (see [`participants`]), and hand the session over; on any
@@ -9,6 +10,7 @@
 //! memfd, resume, finish. A state this build cannot use is refused before anything runs and the
 //! session is left unfinished at the agent, so a build that can read it may take it.
 
+pub mod inherited;
 pub mod participants;
 
 use std::fs::File;
@@ -18,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use liveupdate::agent::{AgentClient, AgentError, AgentSession, ErrorKind};
+use liveupdate::kernel::KernelSession;
 use liveupdate::machine::{Incoming, MachineError, Timings};
+use liveupdate::session::{Session, SessionError};
 use log::{info, warn};
 use thiserror::Error;
 
@@ -26,6 +30,7 @@ use crate::config::{RestoreConfig, VmConfig};
 use crate::sys;
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{Prebuilt, Vm, VmError};
+pub use inherited::Inherited;
 use participants::RAM_TOKEN;
 
 /// How long a successor waits for its session to be handed over.
@@ -65,13 +70,39 @@ pub enum LiveUpdateError {
         /// The session.
         session: String,
     },
+    /// The request names a session other than the inherited one.
+    #[error(
+        "Session {asked:?} is not the inherited session: give {fd_name:?} (its kernel name is {kernel_name:?})"
+    )]
+    WrongSession {
+        /// The name asked for.
+        asked: String,
+        /// The name the session was passed under.
+        fd_name: String,
+        /// The kernel's name of it.
+        kernel_name: String,
+    },
+    /// The inherited session cannot take another update.
+    #[error("Inherited session {session:?} takes no further live update: {why}")]
+    SessionUsed {
+        /// The session's fd name.
+        session: String,
+        /// Why not.
+        why: &'static str,
+    },
+    /// An operation on the inherited session failed.
+    #[error("Inherited session operation failed")]
+    Session(#[source] SessionError),
 }
 
 impl LiveUpdateError {
-    /// The HTTP status for the API: 409 for a session name in use, 500 otherwise.
+    /// The HTTP status for the API: 400 for a session other than the inherited one, 409 for a
+    /// session name in use or an inherited session used already, 500 otherwise.
     pub fn status(&self) -> u16 {
         match self {
             Self::Agent { source, .. } if source.kind() == Some(ErrorKind::SessionExists) => 409,
+            Self::WrongSession { .. } => 400,
+            Self::SessionUsed { .. } => 409,
             _ => 500,
         }
     }
@@ -137,6 +168,48 @@ pub struct Restored {
     pub timings: Timings,
 }
 
+/// Where a restore takes its session from.
+#[derive(Debug)]
+pub enum IncomingFrom {
+    /// The session agent at this socket.
+    Agent(PathBuf),
+    /// The inherited session (or why it cannot be used).
+    Inherited(Result<KernelSession, LiveUpdateError>),
+}
+
+impl IncomingFrom {
+    /// The inherited session if there is one, else the agent at `agent`.
+    pub fn new(agent: &Path, inherited: Option<&mut Inherited>, restore: &RestoreConfig) -> Self {
+        match inherited {
+            Some(inherited) => Self::Inherited(inherited.incoming_session(&restore.session)),
+            None => Self::Agent(agent.to_path_buf()),
+        }
+    }
+}
+
+/// Takes over the VM of session `restore.session` from `from`.
+pub fn run_incoming_from(
+    from: IncomingFrom,
+    restore: &RestoreConfig,
+    on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+) -> Result<Restored, LiveUpdateError> {
+    match from {
+        IncomingFrom::Agent(agent) => run_incoming(&agent, restore, on_event),
+        IncomingFrom::Inherited(session) => {
+            // The service manager retrieved it before this process started.
+            let start = Instant::now();
+            let retrieved_at_ns = participants::realtime_ns();
+            let taken = TakeOver {
+                start,
+                retrieved: start,
+                retrieved_at_ns,
+                prebuilt: None,
+            };
+            take_over(Box::new(session?), taken, restore, on_event)
+        }
+    }
+}
+
 /// Takes over the VM of session `restore.session` from the agent at `agent`.
 pub fn run_incoming(
     agent: &Path,
@@ -151,23 +224,52 @@ pub fn run_incoming(
     let start = Instant::now();
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
     let prebuilt = wait_for_handover(&mut client, name)?;
-    let retrieved = Instant::now();
-    let retrieved_at_ns = participants::realtime_ns();
+    let taken = TakeOver {
+        start,
+        retrieved: Instant::now(),
+        retrieved_at_ns: participants::realtime_ns(),
+        prebuilt,
+    };
     let client = Arc::new(Mutex::new(client));
-    let session = AgentSession::new(client, name);
+    take_over(
+        Box::new(AgentSession::new(client, name)),
+        taken,
+        restore,
+        on_event,
+    )
+}
+
+/// How far a takeover got before reading the session's state.
+struct TakeOver {
+    start: Instant,
+    retrieved: Instant,
+    retrieved_at_ns: u64,
+    prebuilt: Option<Prebuilt>,
+}
+
+/// Reads the state of `session` (retrieved), rebuilds the VM, resumes it, finishes the session.
+fn take_over(
+    session: Box<dyn Session>,
+    taken: TakeOver,
+    restore: &RestoreConfig,
+    on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+) -> Result<Restored, LiveUpdateError> {
+    let name = restore.session.as_str();
     let mut incoming =
-        Incoming::restore(Box::new(session)).map_err(|(_session, e)| LiveUpdateError::State(e))?;
-    let (vm, config, paused_at_ns) = Vm::restore(&mut incoming, prebuilt, on_event, restore.resume)
-        .map_err(LiveUpdateError::Vm)?;
+        Incoming::restore(session).map_err(|(_session, e)| LiveUpdateError::State(e))?;
+    let (vm, config, paused_at_ns) =
+        Vm::restore(&mut incoming, taken.prebuilt, on_event, restore.resume)
+            .map_err(LiveUpdateError::Vm)?;
     let resumed_at_ns = participants::realtime_ns();
     let restored = Instant::now();
-    if let Err(e) = incoming.finish() {
-        // The VM runs; the agent keeps the session's resources until it is finished by hand.
-        warn!("Cannot finish session {name:?}: {e}");
+    match incoming.finish() {
+        Ok(()) => info!("Session {name:?} finished"),
+        // The VM runs; the session's resources stay held until it is finished by hand.
+        Err(e) => warn!("Cannot finish session {name:?}: {e}"),
     }
     let mut timings = std::mem::take(incoming.timings_mut());
-    timings.record("retrieve", retrieved.duration_since(start));
-    timings.record("restore", restored.duration_since(retrieved));
+    timings.record("retrieve", taken.retrieved.duration_since(taken.start));
+    timings.record("restore", restored.duration_since(taken.retrieved));
     if restore.resume {
         // As the host saw it: from the old VMM's vCPU pause to this resume, and the part of it
         // spent before this process had the session.
@@ -177,7 +279,7 @@ pub fn run_incoming(
             .push(("pause".into(), since_pause(resumed_at_ns)));
         timings
             .steps
-            .push(("until_retrieved".into(), since_pause(retrieved_at_ns)));
+            .push(("until_retrieved".into(), since_pause(taken.retrieved_at_ns)));
     }
     info!("VM restored from session {name:?}: {:?}", timings.steps);
     Ok(Restored {
@@ -185,6 +287,16 @@ pub fn run_incoming(
         config,
         timings,
     })
+}
+
+/// The API's answer to a live update: the session and each step's time in microseconds.
+pub fn timings_body(session: &str, timings: &Timings) -> serde_json::Value {
+    let timings_us: serde_json::Map<String, serde_json::Value> = timings
+        .steps
+        .iter()
+        .map(|(step, us)| (step.clone(), (*us).into()))
+        .collect();
+    serde_json::json!({ "session": session, "timings_us": timings_us })
 }
 
 /// Retrieves the session, waiting while it has not been handed over yet. Meanwhile (restart

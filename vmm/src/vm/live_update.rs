@@ -14,7 +14,7 @@ use liveupdate::state::{StateError, StateSet};
 
 use crate::config::VmConfig;
 use crate::cpu::{self, VcpuState};
-use crate::device_manager::{DeviceContext, DeviceManager};
+use crate::device_manager::{DeviceContext, DeviceManager, HandedOverFds};
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::live_update::participants::{
     ClockState, ConfigParticipant, ConfigState, FailureInjector, InterruptsParticipant,
@@ -135,8 +135,12 @@ impl Vm {
             interrupts: &interrupts,
             on_event: on_event.clone(),
         };
+        // Restart mode: outside devices' connections and eventfds, attached beside the session.
+        let handed_over =
+            HandedOverFds::receive(incoming.take_attachments().map_err(VmError::LiveUpdate)?);
         let states = incoming.states().ok_or(VmError::NoState)?;
         let devices = DeviceManager::build(&ctx, Some(states)).map_err(VmError::Devices)?;
+        drop(handed_over);
         // Everything saved must have found its owner before the guest runs again.
         let leftovers = states.remaining();
         if !leftovers.is_empty() {
@@ -169,6 +173,8 @@ impl Vm {
         platform.clock.clock = platform.clock.clock.saturating_add(elapsed_ns);
         // Last before running: the PIT and kvmclock start counting from here.
         platform.restore(&vm_fd).map_err(VmError::Platform)?;
+        // The LAPICs are in place: interrupts that waited in handed-over eventfds may come.
+        interrupts.arm_handed_over().map_err(VmError::Interrupts)?;
         lap(incoming, "platform", &mut step);
         let parts = Parts {
             kvm,
@@ -230,6 +236,8 @@ impl Vm {
         after_prepare();
         update.record("after_prepare", waited.elapsed());
         update.freeze(state_file).map_err(VmError::LiveUpdate)?;
+        // Logged now: across a kexec the handover never returns to report them.
+        log::info!("VM frozen: {:?}", update.timings().steps);
         update.handover(carrier).map_err(VmError::LiveUpdate)?;
         Ok(update.timings().clone())
     }

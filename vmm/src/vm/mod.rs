@@ -234,6 +234,23 @@ impl Vm {
         Ok(())
     }
 
+    /// Attaches the last vfio-user device of `config` (the VM's configuration with the device
+    /// appended) to the running VM and places it on the PCI bus; returns its slot. The guest
+    /// is not told (no ACPI hot-plug): it finds the device when it rescans its PCI bus. On
+    /// error the VM is as before.
+    pub fn add_user_device(&mut self, config: &VmConfig) -> Result<u8, DeviceError> {
+        let index = config.user_devices.len().saturating_sub(1);
+        let ctx = DeviceContext {
+            config,
+            memory: self.ram.memory(),
+            vm: &self.vm_fd,
+            interrupts: &self.interrupts,
+            // Only the legacy devices, built at boot, raise VM events.
+            on_event: Arc::new(|_| {}),
+        };
+        self.devices.hot_add_user_device(&ctx, index)
+    }
+
     /// Device counters by device id.
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
         self.devices.counters()

@@ -4,6 +4,11 @@
 //! BARs), every other configuration byte and every BAR access goes to the server. The MSI
 //! capability is forwarded too, and after each write to it the VMM reads it back and points its
 //! one MSI vector (a KVM irqfd whose eventfd the server signals) at the programmed message.
+//!
+//! `update` holds what a live update needs: the saved state, the hand-over and the two ways
+//! a successor takes the device (adopting the connection, or re-attaching).
+
+mod update;
 
 use std::fmt;
 use std::os::fd::AsRawFd;
@@ -11,11 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::proto::{Connection, ProtoError};
+use crate::state::DmaRegionState;
 use devices::interrupt::{MsiMessage, MsiVectors};
-use devices::pci::{
-    PciBarInfo, PciConfiguration, PciConfigurationState, PciDevice, PciError, PciIds,
-};
-use serde::{Deserialize, Serialize};
+use devices::pci::{PciBarInfo, PciConfiguration, PciDevice, PciError, PciIds};
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -71,37 +74,14 @@ pub enum UserDeviceError {
     Bar(#[source] PciError),
 }
 
-/// One guest RAM region shared with the server for DMA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DmaRegionState {
-    /// Guest physical address.
-    pub address: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Offset of the region in its RAM memfd.
-    pub file_offset: u64,
-}
-
-/// What the VMM side knows of an attached device; the device's own registers stay in the
-/// server. The start of the live-update state (see the crate docs): not yet saved anywhere.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VfioUserDeviceState {
-    /// The server's socket.
-    pub socket: PathBuf,
-    /// BAR registers as the guest programmed them.
-    pub bars: PciConfigurationState,
-    /// Offset of the MSI capability, if the device has one.
-    pub msi_cap: Option<usize>,
-    /// The DMA regions shared with the server.
-    pub dma: Vec<DmaRegionState>,
-}
-
 /// A PCI function served by a vfio-user server.
 pub struct VfioUserPciDevice {
     client: Connection,
     socket: PathBuf,
     /// A protocol call failed: the server is treated as gone, accesses read all ones.
     lost: bool,
+    /// The connection is being handed to another VMM: nothing may be sent on it.
+    handed_over: bool,
     dma: Vec<DmaRegionState>,
     /// Holds the BAR registers (sizing, guest moves).
     bars: PciConfiguration,
@@ -145,19 +125,20 @@ fn open(
         // DMA engine, still programmed, to a guest that has just booted.
         client.reset().map_err(protocol("DEVICE_RESET"))?;
     }
-    let mut dma = Vec::new();
-    for region in memory.iter() {
-        let address = region.start_addr().0;
+    let dma = dma_regions(memory)?;
+    for (region, shared) in memory.iter().zip(&dma) {
         let file = region
             .file_offset()
-            .ok_or(UserDeviceError::RamNotShareable { address })?;
-        dma.push(DmaRegionState {
-            address,
-            size: region.len(),
-            file_offset: file.start(),
-        });
+            .ok_or(UserDeviceError::RamNotShareable {
+                address: shared.address,
+            })?;
         client
-            .dma_map(file.start(), address, region.len(), file.file().as_raw_fd())
+            .dma_map(
+                shared.file_offset,
+                shared.address,
+                shared.size,
+                file.file().as_raw_fd(),
+            )
             .map_err(protocol("DMA map"))?;
     }
     client
@@ -172,10 +153,33 @@ fn open(
         .region_info(VFIO_PCI_BAR0_REGION_INDEX)
         .map_err(protocol("DEVICE_GET_REGION_INFO"))?
         .size;
+    Ok((client, dma, check_bar_size(size)?))
+}
+
+/// A BAR 0 size we can place: a power of two from 16 bytes to 2 GiB.
+fn check_bar_size(size: u64) -> Result<u64, UserDeviceError> {
     if !size.is_power_of_two() || !(16..=1 << 31).contains(&size) {
         return Err(UserDeviceError::NoBar);
     }
-    Ok((client, dma, size))
+    Ok(size)
+}
+
+/// Every region of `memory`, as shared with the server.
+fn dma_regions(memory: &GuestMemoryMmap) -> Result<Vec<DmaRegionState>, UserDeviceError> {
+    memory
+        .iter()
+        .map(|region| {
+            let address = region.start_addr().0;
+            let file = region
+                .file_offset()
+                .ok_or(UserDeviceError::RamNotShareable { address })?;
+            Ok(DmaRegionState {
+                address,
+                size: region.len(),
+                file_offset: file.start(),
+            })
+        })
+        .collect()
 }
 
 /// The VMM's copy of the BAR registers: one 32-bit memory BAR 0.
@@ -208,26 +212,6 @@ impl VfioUserPciDevice {
         Self::finish(client, path, dma, bars, msi, irq)
     }
 
-    /// Takes over a device that kept running while no VMM was attached (a server in persist
-    /// mode, after a VMM replacement): no reset, the same DMA regions mapped again, a new
-    /// eventfd, and the BAR registers from `state`. The guest RAM must be laid out as in
-    /// `state`.
-    pub fn reattach(
-        memory: &GuestMemoryMmap,
-        msi: Arc<dyn MsiVectors>,
-        irq: EventFd,
-        state: &VfioUserDeviceState,
-    ) -> Result<Self, UserDeviceError> {
-        let path = state.socket.as_path();
-        let (client, dma, size) = open(path, memory, &irq, false)?;
-        if dma != state.dma {
-            return Err(UserDeviceError::RamLayoutChanged);
-        }
-        let mut bars = bar_registers(0, size)?;
-        bars.set_state(&state.bars).map_err(UserDeviceError::Bar)?;
-        Self::finish(client, path, dma, bars, msi, irq)
-    }
-
     fn finish(
         client: Connection,
         path: &Path,
@@ -240,6 +224,7 @@ impl VfioUserPciDevice {
             client,
             socket: path.to_path_buf(),
             lost: false,
+            handed_over: false,
             dma,
             bars,
             msi_cap: None,
@@ -255,16 +240,6 @@ impl VfioUserPciDevice {
     pub fn is_alive(&mut self) -> bool {
         let mut ids = [0u8; 4];
         self.guest_call(|dev| dev.read_config(0, &mut ids))
-    }
-
-    /// The VMM-side state of the device.
-    pub fn state(&self) -> VfioUserDeviceState {
-        VfioUserDeviceState {
-            socket: self.socket.clone(),
-            bars: self.bars.state(),
-            msi_cap: self.msi_cap,
-            dma: self.dma.clone(),
-        }
     }
 
     fn read_config(&mut self, offset: usize, data: &mut [u8]) -> Result<(), UserDeviceError> {
@@ -322,7 +297,7 @@ impl VfioUserPciDevice {
     /// Runs one guest-triggered protocol call, unless the connection was already lost; the
     /// first failure is logged once and marks it lost (a dead server must not flood the log).
     fn guest_call(&mut self, call: impl FnOnce(&mut Self) -> Result<(), UserDeviceError>) -> bool {
-        if self.lost {
+        if self.lost || self.handed_over {
             return false;
         }
         match call(self) {
@@ -397,7 +372,7 @@ impl PciDevice for VfioUserPciDevice {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::fs::OpenOptions;
     use std::io;
     use std::sync::Mutex;
@@ -410,7 +385,7 @@ mod tests {
     use crate::testdev::{TestDevOptions, serve};
 
     #[derive(Default)]
-    struct RecordingMsi(Mutex<Vec<Option<MsiMessage>>>);
+    pub(super) struct RecordingMsi(Mutex<Vec<Option<MsiMessage>>>);
 
     impl MsiVectors for RecordingMsi {
         fn configure(&self, vector: u16, message: Option<MsiMessage>) -> io::Result<()> {
@@ -424,7 +399,7 @@ mod tests {
     }
 
     /// 1 MiB of file-backed "guest RAM", as the VMM's memfd would be.
-    fn file_backed_memory(dir: &Path) -> GuestMemoryMmap {
+    pub(super) fn file_backed_memory(dir: &Path) -> GuestMemoryMmap {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -439,7 +414,7 @@ mod tests {
     }
 
     /// A scratch directory and the socket of a test device served from it on a thread.
-    fn serving(name: &str, options: TestDevOptions) -> (PathBuf, PathBuf) {
+    pub(super) fn serving(name: &str, options: TestDevOptions) -> (PathBuf, PathBuf) {
         let dir = std::env::temp_dir().join(format!("vfio-user-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -454,7 +429,7 @@ mod tests {
         (dir, socket)
     }
 
-    fn connected(
+    pub(super) fn connected(
         name: &str,
     ) -> (
         VfioUserPciDevice,
@@ -481,7 +456,7 @@ mod tests {
         (device, memory, msi, irq)
     }
 
-    fn bar_reg(device: &mut VfioUserPciDevice, offset: u64) -> u32 {
+    pub(super) fn bar_reg(device: &mut VfioUserPciDevice, offset: u64) -> u32 {
         let mut data = [0u8; 4];
         device.bar_read(0, offset, &mut data);
         u32::from_le_bytes(data)
@@ -560,59 +535,6 @@ mod tests {
     }
 
     #[test]
-    fn persistent_device_keeps_running_across_a_reattach_without_reset() {
-        let options = TestDevOptions {
-            rate_hz: 1000,
-            persist: true,
-            ..TestDevOptions::default()
-        };
-        let (dir, socket) = serving("persist", options);
-        let memory = file_backed_memory(&dir);
-        let old_irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-        let mut old = VfioUserPciDevice::connect(
-            &socket,
-            &memory,
-            Arc::new(RecordingMsi::default()),
-            old_irq.try_clone().unwrap(),
-            &mut |_| Ok(0xc000_0000),
-        )
-        .unwrap();
-        old.config_write(0x10, &0xd000_0000u32.to_le_bytes());
-        old.config_write(MSI_CAP + 2, &[0x81]);
-        old.bar_write(0, reg::DMA_ADDR_LO, &0x8000u32.to_le_bytes());
-        old.bar_write(0, reg::DMA_LEN, &16u32.to_le_bytes());
-        old.bar_write(0, reg::CONTROL, &1u32.to_le_bytes());
-        std::thread::sleep(Duration::from_millis(50));
-        let at_detach = bar_reg(&mut old, reg::COUNTER_LO);
-        let state = old.state();
-
-        drop(old);
-        std::thread::sleep(Duration::from_millis(100));
-        let while_detached: u64 = memory.read_obj(GuestAddress(0x8000)).unwrap();
-        let new_irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-        let mut new = VfioUserPciDevice::reattach(
-            &memory,
-            Arc::new(RecordingMsi::default()),
-            new_irq.try_clone().unwrap(),
-            &state,
-        )
-        .unwrap();
-        let control = bar_reg(&mut new, reg::CONTROL);
-
-        assert!(at_detach > 0);
-        assert!(
-            while_detached > u64::from(at_detach) + 20,
-            "DMA stopped while detached: {at_detach} -> {while_detached}"
-        );
-        assert_eq!(control, 1, "the re-attach reset the device");
-        assert_eq!(new.bars()[0].address, 0xd000_0000);
-        assert!(
-            new_irq.read().unwrap() >= 1,
-            "no interrupt on the new eventfd"
-        );
-    }
-
-    #[test]
     fn fresh_connect_resets_a_device_left_running() {
         let options = TestDevOptions {
             persist: true,
@@ -638,25 +560,6 @@ mod tests {
         let mut second = attach();
 
         assert_eq!(bar_reg(&mut second, reg::CONTROL), 0);
-    }
-
-    #[test]
-    fn state_follows_a_guest_bar_move_and_lists_shared_ram() {
-        let (mut device, _memory, _msi, _irq) = connected("state");
-
-        device.config_write(0x10, &0xd000_0000u32.to_le_bytes());
-        let state = device.state();
-
-        assert_eq!(device.bars()[0].address, 0xd000_0000);
-        assert_eq!(state.msi_cap, Some(MSI_CAP));
-        assert_eq!(
-            state.dma,
-            [DmaRegionState {
-                address: 0,
-                size: 1 << 20,
-                file_offset: 0
-            }]
-        );
     }
 
     #[test]

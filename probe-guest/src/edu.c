@@ -1,0 +1,255 @@
+/*
+ * What `edu=1` does: drive QEMU's edu teaching device (PCI 1234:11e8), which
+ * the VMM passes through with kernel VFIO. Register layout from QEMU's
+ * docs/specs/edu.rst: 0x00 identification 0xRRrr00ed, 0x04 liveness (reads
+ * back the inverse of what was written), 0x24 interrupt status, 0x64
+ * interrupt acknowledge, 0x80/0x88/0x90 DMA source, destination, count, 0x98
+ * DMA command (bit 0 start/busy, bit 1 device-to-RAM, bit 2 raise interrupt
+ * 0x100 when done). The device's DMA buffer is at 0x40000 in its own address
+ * space; it only reaches 28-bit bus addresses, which our .bss is below.
+ *
+ * At boot: check the identification and liveness registers, program MSI, and
+ * run EDU_BOOT_ROUNDS round trips (RAM -> device buffer -> RAM, each with an
+ * interrupt). Each status interval: one more round trip, then the line
+ *   probe: edu id=0x.. live=ok|bad dma=N irqs=M errors=E
+ * dma counts transfers that completed (two per round trip, the data compared
+ * after the second), irqs the MSIs that arrived, errors everything else
+ * (timeouts, data mismatches, missing interrupts).
+ *
+ * Interrupts stay disabled in the probe, so a delivered MSI stays in the
+ * LAPIC's IRR and two MSIs on one vector would merge. Each transfer therefore
+ * gets a vector of its own: the MSI data is reprogrammed before it (which
+ * also exercises the VMM's route updates) and the transfer's interrupt counts
+ * once its vector is pending. When the vectors run out, transfers go on
+ * without interrupts.
+ */
+#include "edu.h"
+#include "virtio.h"
+
+#define EDU_VENDOR 0x1234
+#define EDU_DEVICE 0x11e8
+#define EDU_ID 0x00
+#define EDU_LIVENESS 0x04
+#define EDU_IRQ_STATUS 0x24
+#define EDU_IRQ_ACK 0x64
+#define EDU_DMA_SRC 0x80
+#define EDU_DMA_DST 0x88
+#define EDU_DMA_COUNT 0x90
+#define EDU_DMA_CMD 0x98
+#define EDU_CMD_START 0x1
+#define EDU_CMD_TO_RAM 0x2
+#define EDU_CMD_IRQ 0x4
+#define EDU_DEV_BUF 0x40000
+#define EDU_XFER 1024
+#define EDU_BOOT_ROUNDS 4
+#define EDU_TIMEOUT_MS 5000
+#define PCI_CAP_ID_MSI 0x05
+#define MSI_ADDRESS 0xfee00000U
+#define VECTOR_FIRST 0x50
+#define VECTOR_LAST 0xef
+#define MSR_APIC_BASE 0x1b
+#define X2APIC_MSR_BASE 0x800
+
+/* Source and destination of the round trips: .bss, inside the probe image. */
+static volatile u8 edu_src[EDU_XFER] __attribute__((aligned(4096)));
+static volatile u8 edu_dst[EDU_XFER] __attribute__((aligned(4096)));
+static volatile u8 *edu_regs;
+static u8 edu_slot;
+static u8 edu_msi_data;	/* offset of the MSI data register, 0 without MSI */
+static u32 edu_id;
+static bool edu_live;
+static u32 next_vector = VECTOR_FIRST;
+static u64 edu_khz;
+static u64 dma_done, irqs_seen, edu_errors, round_seq;
+
+static void say_edu(const char *what)
+{
+	struct line l;
+	line_start(&l, "edu ");
+	line_str(&l, what);
+	line_emit(&l);
+}
+
+static bool vector_pending(u32 vector)
+{
+	u64 base = rdmsr(MSR_APIC_BASE);
+	u32 word;
+	if (base & (1ULL << 10)) {
+		word = (u32)rdmsr(X2APIC_MSR_BASE + 0x20 + vector / 32);
+	} else {
+		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
+		word = apic[(0x200 + (vector / 32) * 0x10) / 4];
+	}
+	return word & (1U << (vector % 32));
+}
+
+/* Finds the MSI capability, points it at CPU 0 and enables one vector. */
+static bool edu_msi_enable(void)
+{
+	for (u8 cap = pci_cap_next(edu_slot, 0); cap; cap = pci_cap_next(edu_slot, cap)) {
+		if (pci_read8(edu_slot, cap) != PCI_CAP_ID_MSI)
+			continue;
+		u16 control = pci_read16(edu_slot, (u8)(cap + 2));
+		bool wide = control & 0x80;
+		pci_write16(edu_slot, (u8)(cap + 4), (u16)MSI_ADDRESS);
+		pci_write16(edu_slot, (u8)(cap + 6), (u16)(MSI_ADDRESS >> 16));
+		if (wide) {
+			pci_write16(edu_slot, (u8)(cap + 8), 0);
+			pci_write16(edu_slot, (u8)(cap + 10), 0);
+		}
+		edu_msi_data = (u8)(cap + (wide ? 12 : 8));
+		pci_write16(edu_slot, edu_msi_data, VECTOR_FIRST);
+		pci_write16(edu_slot, (u8)(cap + 2), (u16)((control & ~0x70) | 1));
+		return true;
+	}
+	return false;
+}
+
+static u64 ms_to_ticks(u64 ms)
+{
+	return ms * (edu_khz ? edu_khz : 2000000);
+}
+
+/* One transfer; returns false (and counts an error) on a timeout. */
+static bool edu_transfer(u64 src, u64 dst, u32 cmd)
+{
+	u32 vector = 0;
+	if (edu_msi_data && next_vector <= VECTOR_LAST) {
+		vector = next_vector++;
+		pci_write16(edu_slot, edu_msi_data, (u16)vector);
+		cmd |= EDU_CMD_IRQ;
+	}
+	mmio_wr32(edu_regs, EDU_DMA_SRC, (u32)src);
+	mmio_wr32(edu_regs, EDU_DMA_DST, (u32)dst);
+	mmio_wr32(edu_regs, EDU_DMA_COUNT, EDU_XFER);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	mmio_wr32(edu_regs, EDU_DMA_CMD, cmd | EDU_CMD_START);
+	u64 deadline = rdtsc() + ms_to_ticks(EDU_TIMEOUT_MS);
+	while (mmio_rd32(edu_regs, EDU_DMA_CMD) & EDU_CMD_START) {
+		if (rdtsc() > deadline) {
+			say_edu("error dma timeout");
+			edu_errors++;
+			return false;
+		}
+		/* Each poll is an exit to the VMM: poll every 100 us, not flat out. */
+		u64 next = rdtsc() + ms_to_ticks(1) / 10;
+		while (rdtsc() < next)
+			cpu_relax();
+	}
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	dma_done++;
+	if (!vector)
+		return true;
+	while (!vector_pending(vector)) {
+		if (rdtsc() > deadline) {
+			say_edu("error no interrupt");
+			edu_errors++;
+			break;
+		}
+		cpu_relax();
+	}
+	if (vector_pending(vector))
+		irqs_seen++;
+	u32 status = mmio_rd32(edu_regs, EDU_IRQ_STATUS);
+	if (status)
+		mmio_wr32(edu_regs, EDU_IRQ_ACK, status);
+	return true;
+}
+
+/* RAM -> device buffer -> RAM, then compare. */
+static void edu_round_trip(void)
+{
+	round_seq++;
+	for (u32 i = 0; i < EDU_XFER; i++) {
+		edu_src[i] = (u8)(i * 7 + round_seq * 13 + 1);
+		edu_dst[i] = 0;
+	}
+	u64 src = (u64)(uintptr_t)edu_src;
+	u64 dst = (u64)(uintptr_t)edu_dst;
+	if (!edu_transfer(src, EDU_DEV_BUF, 0))
+		return;
+	if (!edu_transfer(EDU_DEV_BUF, dst, EDU_CMD_TO_RAM))
+		return;
+	for (u32 i = 0; i < EDU_XFER; i++) {
+		if (edu_dst[i] != edu_src[i]) {
+			struct line l;
+			line_start(&l, "edu error dma mismatch");
+			line_kv_dec(&l, "offset", i);
+			line_kv_hex(&l, "got", edu_dst[i]);
+			line_kv_hex(&l, "want", edu_src[i]);
+			line_emit(&l);
+			edu_errors++;
+			return;
+		}
+	}
+}
+
+static void edu_report(void)
+{
+	struct line l;
+	line_start(&l, "edu");
+	line_kv_hex(&l, "id", edu_id);
+	line_kv_str(&l, "live", edu_live ? "ok" : "bad");
+	line_kv_dec(&l, "dma", dma_done);
+	line_kv_dec(&l, "irqs", irqs_seen);
+	line_kv_dec(&l, "errors", edu_errors);
+	line_emit(&l);
+}
+
+void edu_init(u64 tsc_khz)
+{
+	edu_khz = tsc_khz;
+	int slot = pci_find(EDU_VENDOR, EDU_DEVICE, EDU_DEVICE, 0);
+	if (slot < 0) {
+		say_edu("absent");
+		return;
+	}
+	edu_slot = (u8)slot;
+	u64 bar = pci_bar_address(edu_slot, 0);
+	if (!bar) {
+		say_edu("error no bar");
+		return;
+	}
+	pci_enable(edu_slot);
+	volatile u8 *regs = (volatile u8 *)(uintptr_t)bar;
+	edu_id = mmio_rd32(regs, EDU_ID);
+	if ((edu_id & 0xffff) != 0x00ed) {
+		struct line l;
+		line_start(&l, "edu error bad id");
+		line_kv_hex(&l, "id", edu_id);
+		line_emit(&l);
+		return;
+	}
+	edu_live = true;
+	static const u32 probes[] = { 0x12345678, 0xa5a5f00f, 0 };
+	for (u32 i = 0; i < sizeof(probes) / sizeof(probes[0]); i++) {
+		mmio_wr32(regs, EDU_LIVENESS, probes[i]);
+		if (mmio_rd32(regs, EDU_LIVENESS) != ~probes[i])
+			edu_live = false;
+	}
+	if (!edu_live)
+		edu_errors++;
+	if (!edu_msi_enable()) {
+		say_edu("error no msi");
+		edu_errors++;
+	}
+	edu_regs = regs;
+	struct line l;
+	line_start(&l, "edu started");
+	line_kv_dec(&l, "slot", edu_slot);
+	line_kv_hex(&l, "bar", bar);
+	line_kv_hex(&l, "src", (u64)(uintptr_t)edu_src);
+	line_kv_hex(&l, "dst", (u64)(uintptr_t)edu_dst);
+	line_emit(&l);
+	for (u32 i = 0; i < EDU_BOOT_ROUNDS; i++)
+		edu_round_trip();
+	edu_report();
+}
+
+void edu_tick(void)
+{
+	if (!edu_regs)
+		return;
+	edu_round_trip();
+	edu_report();
+}

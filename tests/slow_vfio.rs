@@ -1,0 +1,46 @@
+//! The slow group, kernel VFIO: `scripts/e2e-vfio` boots the QEMU test bed (TCG, nested KVM) with
+//! QEMU's edu device behind the emulated Intel IOMMU, binds it to vfio-pci, and runs our VMM with
+//! the probe guest and `--device path=/sys/bus/pci/devices/<BDF>`, once over the vfio cdev and
+//! iommufd and once over the group and container fallback. Ignored by default; run it with
+//! `cargo test --test slow_vfio -- --ignored`. It fails, never skips, when QEMU, the test kernel
+//! or any tool is missing (the script installs what it can and names the rest).
+// Integration tests are their own crate: no `cfg(test)` module to hold them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module
+)]
+
+mod slow;
+
+use slow::{release_bins, report, run_script};
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_vfio -- --ignored"]
+fn the_probe_guest_drives_a_passed_through_edu_device_with_dma_and_msi() {
+    let bins = release_bins();
+    let serial = slow::target_dir()
+        .join("slow-tests")
+        .join("e2e-vfio.serial.log");
+    let args = [bins.as_os_str(), "--log".as_ref(), serial.as_os_str()];
+
+    let run = run_script("e2e-vfio", &args, "e2e-vfio");
+
+    assert!(
+        run.output.contains("E2E-VFIO-PASS"),
+        "no E2E-VFIO-PASS in {}",
+        run.log.display()
+    );
+    for backend in ["iommufd", "container"] {
+        let result = run
+            .output
+            .lines()
+            .find(|l| l.contains(&format!("E2E-VFIO-RESULT {backend}:")));
+        assert!(
+            result.is_some_and(|l| l.contains("live=ok") && l.contains("errors=0")),
+            "no clean edu result over {backend} in {}",
+            run.log.display()
+        );
+    }
+    report(&run, "E2E-VFIO-RESULT");
+}

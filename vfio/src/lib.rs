@@ -1,0 +1,112 @@
+//! Kernel VFIO PCI passthrough: a host PCI function bound to vfio-pci, assigned to the guest.
+//!
+//! `--device path=/sys/bus/pci/devices/<BDF>` (cloud-hypervisor's flag) attaches the function
+//! as a [`VfioPciDevice`] on our PCI bus:
+//!
+//! - **IOMMU**: the vfio cdev (`/dev/vfio/devices/vfioN`, found in the sysfs path's
+//!   `vfio-dev/`) bound to an iommufd (`/dev/iommu`), guest RAM mapped into its IOAS with
+//!   `IOMMU_IOAS_MAP_FILE` on the RAM memfds, IOVA = guest physical address. Without a cdev or
+//!   `/dev/iommu` the group and container API (`/dev/vfio/<group>`, `/dev/vfio/vfio`) maps the
+//!   same RAM by host address.
+//! - **Configuration space**: through the VFIO config region, except the BAR registers (ours)
+//!   and the ROM BAR (reads as absent).
+//! - **BARs**: every memory BAR placed in the PCI window and trapped: MMIO exits go to the
+//!   region's pread/pwrite.
+//! - **Interrupts**: MSI, one vector: an eventfd registered as a KVM irqfd and handed to the
+//!   kernel with `VFIO_DEVICE_SET_IRQS` when the guest enables MSI.
+//!
+//! # Limits of this first slice
+//!
+//! No MSI-X, no INTx, no I/O BARs, no BAR mmap (every access exits to the VMM), one MSI vector,
+//! no hot-plug (`vm.add-device`), guest RAM mapped once at attach (no hot-added RAM), no
+//! PCIe extended configuration space.
+//!
+//! # Live update
+//!
+//! The state to carry is [`VfioDeviceState`] (same shape as the vfio-user device's: BAR
+//! registers, MSI capability, DMA regions). Nothing carries it yet, and the VMM's participant
+//! (`vmm::device_manager::vfio`) refuses every update in prepare, before the pause, so the guest
+//! runs on. It tells kernel mode apart by offering the session the MSI eventfd
+//! ([`VfioPciDevice::msi_eventfd`]) as an fd attachment, which only restart-mode sessions take:
+//! across a kexec the kernel would have to preserve the vfio cdev and the iommufd with its IOAS
+//! mappings, which mainline 7.2's LUO does not ("cannot be preserved across a kexec"). Restart
+//! mode (cdev, iommufd and eventfd attached for the successor, which adopts the device without
+//! a reset or a re-map) is not implemented yet.
+
+mod access;
+mod device;
+mod handover;
+mod open;
+mod state;
+mod sys;
+
+use std::path::PathBuf;
+
+use devices::pci::PciError;
+use thiserror::Error;
+
+pub use access::HandoverFds;
+pub use device::VfioPciDevice;
+pub use handover::AdoptedFds;
+pub use open::{DmaRegionState, VfioBackend};
+pub use state::{VfioBarState, VfioDeviceState, VfioHandoverTokens, VfioRegionState};
+
+/// Errors from attaching a VFIO device.
+#[derive(Debug, Error)]
+pub enum VfioDeviceError {
+    /// The device is not bound to a VFIO driver (or does not exist).
+    #[error("The device is not bound to vfio-pci (its driver: {})", driver.as_deref().unwrap_or("none"))]
+    NotBound {
+        /// The sysfs path.
+        path: PathBuf,
+        /// The driver it is bound to, if any.
+        driver: Option<String>,
+    },
+    /// A VFIO operation failed.
+    #[error("VFIO {what} failed")]
+    Vfio {
+        /// The operation.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// An iommufd operation failed.
+    #[error("iommufd {what} failed")]
+    Iommufd {
+        /// The operation.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: iommufd_ioctls::IommufdError,
+    },
+    /// A guest RAM region has no file behind it, so it cannot be mapped by file.
+    #[error("Guest RAM at {address:#x} is not file-backed")]
+    RamNotShareable {
+        /// Region start.
+        address: u64,
+    },
+    /// The device has no memory BAR.
+    #[error("The device has no memory BAR")]
+    NoBar,
+    /// A BAR whose size we cannot place.
+    #[error("BAR {index} has an unusable size {size:#x}")]
+    BarUnusable {
+        /// BAR index.
+        index: usize,
+        /// Its size.
+        size: u64,
+    },
+    /// A BAR could not be placed (or its saved registers do not fit).
+    #[error("Cannot place a BAR")]
+    Bar(#[source] PciError),
+    /// A saved device whose IOMMU side cannot be handed over.
+    #[error("A VFIO device on the {backend:?} backend cannot be handed over")]
+    NotCarried {
+        /// The backend it used.
+        backend: VfioBackend,
+    },
+    /// Guest RAM is not laid out as when the device's DMA mappings were made.
+    #[error("Guest RAM does not match the device's DMA mappings")]
+    RamLayoutChanged,
+}

@@ -1,0 +1,104 @@
+//! What the VMM saves of an attached device for a live update; the device's own registers stay
+//! in the server.
+
+use std::path::PathBuf;
+
+use devices::pci::PciConfigurationState;
+use serde::{Deserialize, Serialize};
+
+/// One guest RAM region shared with the server for DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmaRegionState {
+    /// Guest physical address.
+    pub address: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Offset of the region in its RAM memfd.
+    pub file_offset: u64,
+}
+
+/// Where the connection and the MSI eventfd wait for the successor: the tokens of the session
+/// attachments (restart mode) holding them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverTokens {
+    /// The connected socket to the server.
+    pub socket: u64,
+    /// The eventfd the server signals for MSI vector 0.
+    pub msi_eventfd: u64,
+}
+
+/// What the VMM side knows of an attached device (version 2 of the participant's state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfioUserDeviceState {
+    /// The server's socket.
+    pub socket: PathBuf,
+    /// BAR registers as the guest programmed them.
+    pub bars: PciConfigurationState,
+    /// Offset of the MSI capability, if the device has one.
+    pub msi_cap: Option<usize>,
+    /// The DMA regions shared with the server.
+    pub dma: Vec<DmaRegionState>,
+    /// Size of BAR 0 as the server reported it at attach.
+    pub bar_size: u64,
+    /// The handed-over connection; `None` when the successor must re-attach (a state saved by
+    /// a VMM that could not hand the connection over).
+    pub handover: Option<HandoverTokens>,
+}
+
+/// Version 1 of [`VfioUserDeviceState`] (no handover: the successor re-attaches).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfioUserDeviceStateV1 {
+    /// The server's socket.
+    pub socket: PathBuf,
+    /// BAR registers as the guest programmed them.
+    pub bars: PciConfigurationState,
+    /// Offset of the MSI capability, if the device has one.
+    pub msi_cap: Option<usize>,
+    /// The DMA regions shared with the server.
+    pub dma: Vec<DmaRegionState>,
+}
+
+impl VfioUserDeviceState {
+    /// Version of this layout in the state blob.
+    pub const VERSION: u16 = 2;
+}
+
+impl From<VfioUserDeviceStateV1> for VfioUserDeviceState {
+    fn from(old: VfioUserDeviceStateV1) -> Self {
+        Self {
+            socket: old.socket,
+            bars: old.bars,
+            msi_cap: old.msi_cap,
+            dma: old.dma,
+            // A re-attach asks the server again.
+            bar_size: 0,
+            handover: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_1_state_upgrades_to_a_re_attach() {
+        let old = VfioUserDeviceStateV1 {
+            socket: "/run/dev.sock".into(),
+            bars: PciConfigurationState::default(),
+            msi_cap: Some(0x40),
+            dma: vec![DmaRegionState {
+                address: 0,
+                size: 0x1000,
+                file_offset: 0,
+            }],
+        };
+
+        let state = VfioUserDeviceState::from(old.clone());
+
+        assert_eq!(state.socket, old.socket);
+        assert_eq!(state.msi_cap, old.msi_cap);
+        assert_eq!(state.dma, old.dma);
+        assert_eq!(state.handover, None);
+    }
+}

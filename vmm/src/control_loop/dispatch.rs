@@ -1,0 +1,217 @@
+//! Serves API requests on the control loop: each request acts on the VM in its current state,
+//! or is refused with cloud-hypervisor's status.
+
+use std::collections::BTreeMap;
+
+use crate::api::{ApiError, ApiRequest, ApiResponse, LiveUpdateConfig, PciDeviceInfo};
+use crate::config::UserDeviceConfig;
+use crate::device_manager::DeviceError;
+use crate::live_update;
+
+use super::{Next, Vm, VmState, Vmm};
+
+impl Vmm {
+    pub(super) fn handle_api(
+        &mut self,
+        request: ApiRequest,
+    ) -> (Result<ApiResponse, ApiError>, Next) {
+        match request {
+            ApiRequest::VmmPing => (Ok(ApiResponse::Json(ping_body())), Next::Continue),
+            ApiRequest::VmmShutdown => {
+                self.shutdown_vm();
+                (Ok(ApiResponse::Empty), Next::Exit)
+            }
+            ApiRequest::VmLiveUpdate(request) => match self.live_update(&request) {
+                // The guest now belongs to the session: this process is done.
+                Ok(body) => (Ok(ApiResponse::Json(body)), Next::Exit),
+                Err(error) => (Err(error), Next::Continue),
+            },
+            other => (self.handle_vm_request(other), Next::Continue),
+        }
+    }
+
+    fn handle_vm_request(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        if let Some(session) = &self.restoring {
+            return Err(ApiError::conflict(format!(
+                "The VM is being restored from live-update session {session}"
+            )));
+        }
+        if let ApiRequest::VmCreate(config) = request {
+            return self.create(*config);
+        }
+        let Some(config) = self.config.as_ref() else {
+            return Err(ApiError::not_found("VM is not created"));
+        };
+        match (request, self.state) {
+            (ApiRequest::VmInfo, state) => Ok(ApiResponse::Json(serde_json::json!({
+                "config": config,
+                "state": state,
+                "memory_actual_size": config.memory.size,
+            }))),
+            (ApiRequest::VmAddUserDevice(device), state) => self.add_user_device(device, state),
+            (ApiRequest::VmCounters, _) => {
+                let counters = self.vm.as_ref().map(Vm::counters).unwrap_or_default();
+                Ok(ApiResponse::Json(serde_json::json!(counters)))
+            }
+            (ApiRequest::VmBoot, VmState::Created | VmState::Shutdown) => {
+                self.boot().map_err(|e| ApiError::internal(&e))?;
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmPause, VmState::Running) => {
+                self.emit("vm", "pausing");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.pause();
+                }
+                self.state = VmState::Paused;
+                self.emit("vm", "paused");
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmResume, VmState::Paused) => {
+                self.emit("vm", "resuming");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.resume().map_err(|e| ApiError::internal(&e))?;
+                }
+                self.state = VmState::Running;
+                self.emit("vm", "resumed");
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmShutdown, VmState::Running | VmState::Paused) => {
+                self.shutdown_vm();
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmReboot, VmState::Running | VmState::Paused) => {
+                self.reboot().map_err(|e| ApiError::internal(&e))?;
+                Ok(ApiResponse::Empty)
+            }
+            (ApiRequest::VmDelete, _) => {
+                self.shutdown_vm();
+                self.config = None;
+                self.state = VmState::Created;
+                self.emit("vm", "deleted");
+                Ok(ApiResponse::Empty)
+            }
+            (request, state) => Err(ApiError::conflict(format!(
+                "Cannot {} a VM that is {state:?}",
+                verb(&request)
+            ))),
+        }
+    }
+
+    /// Runs a live update of the VM into `request.session` through the session agent. On
+    /// success the VM is gone from this process; on failure it runs on (or stays paused).
+    fn live_update(&mut self, request: &LiveUpdateConfig) -> Result<serde_json::Value, ApiError> {
+        let Some(config) = self.config.clone() else {
+            return Err(ApiError::not_found("VM is not created"));
+        };
+        let was_paused = match self.state {
+            VmState::Running => false,
+            VmState::Paused => true,
+            state => {
+                return Err(ApiError::conflict(format!(
+                    "Cannot live-update a VM that is {state:?}"
+                )));
+            }
+        };
+        self.emit("vm", "live-update-started");
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(ApiError::conflict(
+                "Cannot live-update a VM that is not booted",
+            ));
+        };
+        match live_update::run_outgoing(vm, &config, &self.agent, &request.session) {
+            Ok(timings) => {
+                let properties: BTreeMap<String, String> = timings
+                    .steps
+                    .iter()
+                    .map(|(step, us)| (format!("{step}_us"), us.to_string()))
+                    .collect();
+                self.emit_with("vm", "live-update-handed-over", Some(&properties));
+                self.vm = None;
+                self.state = VmState::Shutdown;
+                let timings_us: serde_json::Map<String, serde_json::Value> = timings
+                    .steps
+                    .into_iter()
+                    .map(|(step, us)| (step, us.into()))
+                    .collect();
+                Ok(serde_json::json!({ "session": request.session, "timings_us": timings_us }))
+            }
+            Err(error) => {
+                if was_paused && let Some(vm) = self.vm.as_mut() {
+                    vm.pause();
+                }
+                let mut properties = BTreeMap::new();
+                properties.insert("error".to_string(), error.to_string());
+                self.emit_with("vm", "live-update-cancelled", Some(&properties));
+                Err(ApiError::from_error(error.status(), &error))
+            }
+        }
+    }
+
+    /// `vm.add-user-device`: before boot (or after a shutdown) the device joins the
+    /// configuration and is attached at the next boot (204); on a booted VM it is attached
+    /// now and placed on the PCI bus (200 with its id and BDF). Either way it stays in the
+    /// configuration, so a reboot and a live update carry it. On error nothing changes.
+    fn add_user_device(
+        &mut self,
+        device: UserDeviceConfig,
+        state: VmState,
+    ) -> Result<ApiResponse, ApiError> {
+        let Some(config) = self.config.as_ref() else {
+            return Err(ApiError::not_found("VM is not created"));
+        };
+        device.check_socket()?;
+        let mut updated = config.clone();
+        let id = updated
+            .add_user_device(device)
+            .map_err(|e| ApiError::from_error(409, &e))?;
+        let vm = match (state, self.vm.as_mut()) {
+            (VmState::Running | VmState::Paused, Some(vm)) => vm,
+            _ => {
+                updated.validate()?;
+                self.config = Some(updated);
+                return Ok(ApiResponse::Empty);
+            }
+        };
+        let slot = vm
+            .add_user_device(&updated)
+            .map_err(|e| ApiError::from_error(hot_add_status(&e), &e))?;
+        self.config = Some(updated);
+        let info = PciDeviceInfo::new(id, slot);
+        let mut properties = BTreeMap::new();
+        properties.insert("id".to_string(), info.id.clone());
+        properties.insert("bdf".to_string(), info.bdf.clone());
+        self.emit_with("vm", "device-added", Some(&properties));
+        let body = serde_json::to_value(&info).map_err(|e| ApiError::internal(&e))?;
+        Ok(ApiResponse::Json(body))
+    }
+}
+
+/// A device the socket does not serve is the caller's error; a full bus is a conflict; the
+/// rest (KVM refusing a route) is ours.
+fn hot_add_status(error: &DeviceError) -> u16 {
+    match error {
+        DeviceError::UserDevice { .. } => 400,
+        DeviceError::Pci(_) | DeviceError::Bus(_) => 409,
+        _ => 500,
+    }
+}
+
+fn ping_body() -> serde_json::Value {
+    serde_json::json!({
+        "build_version": env!("CARGO_PKG_VERSION"),
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "features": ["kvm"],
+    })
+}
+
+fn verb(request: &ApiRequest) -> &'static str {
+    match request {
+        ApiRequest::VmBoot => "boot",
+        ApiRequest::VmPause => "pause",
+        ApiRequest::VmResume => "resume",
+        ApiRequest::VmShutdown => "shut down",
+        ApiRequest::VmReboot => "reboot",
+        _ => "act on",
+    }
+}

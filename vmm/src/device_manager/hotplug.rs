@@ -1,0 +1,386 @@
+//! Hot-add: placing a PCI device on the bus of a running VM.
+//!
+//! The manager keeps what boot's builder had (its PCI functions, the next free slot, the
+//! ioeventfd registry) and builds the device through the same [`PciBuilder`]. BAR space is
+//! taken above every BAR where it is now: the guest may have moved BARs, and a VM restored
+//! from a live update has its BARs where the old guest put them, not where an allocator
+//! would. The device reaches the PCI root only once it is fully wired; a failed add gives
+//! back its slot, its bus ranges and its MSI groups. The guest is not notified (no ACPI): it
+//! finds the device when it rescans its PCI bus.
+//!
+//! Hot-added devices come after every boot device in slots and MSI groups, and last in the
+//! configuration, so a reboot or a live update rebuilds them in the same places.
+
+use devices::bus::lock;
+use devices::pci::BarAllocator;
+use log::warn;
+
+use super::pci::{PciBuilder, PendingSlots};
+use super::{DeviceContext, DeviceError, DeviceManager, write_bus};
+use crate::layout;
+
+impl DeviceManager {
+    /// Hot-adds vfio-user device `index` of `ctx.config` (the configuration with the device
+    /// appended): attaches it, places it on the PCI bus, and makes it a live-update participant.
+    /// Returns its slot. On error the VM is as before.
+    pub(crate) fn hot_add_user_device(
+        &mut self,
+        ctx: &DeviceContext<'_>,
+        index: usize,
+    ) -> Result<u8, DeviceError> {
+        // Participant ids and MSI groups follow the configuration order.
+        let config = ctx
+            .config
+            .user_devices
+            .get(index)
+            .filter(|_| index == self.user_devices.len())
+            .ok_or(DeviceError::NoSuchUserDevice { index })?;
+        let (entry, slot) = self.hot_add(ctx, |pci| pci.add_user_device(index, config))?;
+        self.user_devices.push(entry);
+        Ok(slot)
+    }
+
+    /// BAR space for a new device: the PCI window above every BAR that reaches into it.
+    fn bar_allocator(&self) -> BarAllocator {
+        let floor = self
+            .pci_devices
+            .iter()
+            .flat_map(|device| lock(device).bars())
+            .filter(|bar| bar.address < layout::PCI_MMIO_END)
+            .map(|bar| bar.address.saturating_add(bar.size))
+            .fold(layout::PCI_MMIO_START, u64::max);
+        BarAllocator::new(floor, layout::PCI_MMIO_END)
+    }
+
+    /// Builds one PCI device with `build` on the running VM, then puts it into the PCI root.
+    /// Any kind of device goes through here (`build` wires it, e.g. with
+    /// [`PciBuilder::place`]). On error, the BAR space, slot, MSI groups and bus ranges it took
+    /// are given back and the device is dropped before the guest could see it. Not for virtio
+    /// devices yet: their ioeventfds would stay registered on error and their queue workers
+    /// would not start.
+    fn hot_add<T>(
+        &mut self,
+        ctx: &DeviceContext<'_>,
+        build: impl FnOnce(&mut PciBuilder<'_, '_, '_>) -> Result<T, DeviceError>,
+    ) -> Result<(T, u8), DeviceError> {
+        let msi_groups = ctx.interrupts.msi_group_count();
+        let mut pci = PciBuilder {
+            root: PendingSlots::new(self.next_slot),
+            bars: self.bar_allocator(),
+            ctx,
+            ioevents: self.ioevents.clone(),
+            mmio: self.buses.mmio.clone(),
+            restore: None,
+            virtio: Vec::new(),
+        };
+        let built = build(&mut pci);
+        let PciBuilder {
+            root: slots,
+            virtio,
+            ..
+        } = pci;
+        let result = built.and_then(|value| {
+            // A failed build leaves nothing on the bus (`place` and the attach functions undo
+            // their own inserts); from here on, undoing is ours.
+            let placed = slots.added().to_vec();
+            let unplace = || {
+                let mut mmio = write_bus(&self.buses.mmio);
+                for (_, device) in &placed {
+                    for bar in lock(device).bars() {
+                        let _ = mmio.remove(bar.address);
+                    }
+                }
+            };
+            let [(slot, _)] = placed.as_slice() else {
+                unplace();
+                return Err(DeviceError::HotAddCount {
+                    count: placed.len(),
+                });
+            };
+            let device = placed[0].1.clone();
+            match slots.commit(&mut lock(&self.pci_root)) {
+                Ok(next) => Ok((value, *slot, next, device)),
+                Err(e) => {
+                    unplace();
+                    Err(DeviceError::Pci(e))
+                }
+            }
+        });
+        match result {
+            Ok((value, slot, next, device)) => {
+                self.pci_devices.push(device);
+                self.next_slot = next;
+                self.virtio.extend(virtio);
+                Ok((value, slot))
+            }
+            Err(error) => {
+                // The device is dropped by now (with the MSI group it held): give the group
+                // back, so the next device and a saved state see no orphan.
+                drop(virtio);
+                if let Err(e) = ctx.interrupts.release_msi_groups_from(msi_groups) {
+                    warn!("Cannot release the MSI vectors of a failed hot-add: {e}");
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, RwLock};
+
+    use devices::bus::Bus;
+    use devices::pci::{PciBarInfo, PciDevice};
+
+    use super::*;
+    use crate::config::{ConsoleConfig, ConsoleMode, VmConfig};
+    use crate::cpu::test_util;
+    use crate::interrupts::InterruptManager;
+    use crate::layout;
+    use crate::memory::GuestRam;
+
+    /// A PCI function with vendor id 0x1234 and one 4 KiB BAR that reads as 0xab.
+    struct FakeDevice {
+        bar: u64,
+    }
+
+    impl PciDevice for FakeDevice {
+        fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+            let vendor = if offset == 0 { 0x1234u32 } else { 0 };
+            let bytes = vendor.to_le_bytes();
+            data.copy_from_slice(&bytes[..data.len()]);
+        }
+        fn config_write(&mut self, _offset: usize, _data: &[u8]) {}
+        fn bars(&self) -> Vec<PciBarInfo> {
+            vec![PciBarInfo {
+                index: 0,
+                address: self.bar,
+                size: 0x1000,
+                is_64bit: false,
+            }]
+        }
+        fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+            data.fill(0xab);
+        }
+        fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    }
+
+    /// A KVM VM with the devices of a minimal configuration: serial and virtio-rng (slot 1).
+    struct Fixture {
+        manager: DeviceManager,
+        interrupts: InterruptManager,
+        ram: GuestRam,
+        vm: Arc<kvm_ioctls::VmFd>,
+        config: VmConfig,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let kvm = test_util::kvm();
+            let vm = Arc::new(test_util::vm(&kvm));
+            let ram = GuestRam::new(64 << 20).unwrap();
+            let interrupts = InterruptManager::new(vm.clone()).unwrap();
+            let config = VmConfig {
+                console: ConsoleConfig {
+                    mode: ConsoleMode::Off,
+                    file: None,
+                },
+                ..VmConfig::default()
+            };
+            let manager = DeviceManager::build(
+                &DeviceContext {
+                    config: &config,
+                    memory: ram.memory(),
+                    vm: &vm,
+                    interrupts: &interrupts,
+                    on_event: Arc::new(|_| {}),
+                },
+                None,
+            )
+            .unwrap();
+            Self {
+                manager,
+                interrupts,
+                ram,
+                vm,
+                config,
+            }
+        }
+
+        fn hot_add<T>(
+            &mut self,
+            build: impl FnOnce(&mut PciBuilder<'_, '_, '_>) -> Result<T, DeviceError>,
+        ) -> Result<(T, u8), DeviceError> {
+            let ctx = DeviceContext {
+                config: &self.config,
+                memory: self.ram.memory(),
+                vm: &self.vm,
+                interrupts: &self.interrupts,
+                on_event: Arc::new(|_| {}),
+            };
+            self.manager.hot_add(&ctx, build)
+        }
+
+        fn mmio(&self) -> Arc<RwLock<Bus>> {
+            self.manager.buses().mmio.clone()
+        }
+
+        /// The vendor id of `slot`, read as the guest does (ports 0xcf8/0xcfc).
+        fn vendor_id(&self, slot: u8) -> u16 {
+            let pio = self.manager.buses().pio.clone();
+            let address = 0x8000_0000u32 | (u32::from(slot) << 11);
+            let bus = pio.read().unwrap();
+            assert!(bus.write(layout::PCI_CONFIG_PORT, &address.to_le_bytes()));
+            let mut data = [0u8; 2];
+            assert!(bus.read(layout::PCI_CONFIG_PORT + 4, &mut data));
+            u16::from_le_bytes(data)
+        }
+    }
+
+    fn read_byte(bus: &RwLock<Bus>, address: u64) -> Option<u8> {
+        let mut data = [0u8; 1];
+        bus.read()
+            .unwrap()
+            .read(address, &mut data)
+            .then_some(data[0])
+    }
+
+    #[test]
+    fn hot_added_device_takes_the_next_slot_with_its_bar_on_the_bus() {
+        let mut fixture = Fixture::new();
+
+        let (bar, slot) = fixture
+            .hot_add(|pci| {
+                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+                pci.place(Arc::new(Mutex::new(FakeDevice { bar })))?;
+                Ok(bar)
+            })
+            .unwrap();
+
+        assert_eq!(slot, 2);
+        assert_eq!(fixture.manager.next_slot, 3);
+        assert_eq!(fixture.vendor_id(2), 0x1234);
+        assert_eq!(read_byte(&fixture.mmio(), bar), Some(0xab));
+    }
+
+    #[test]
+    fn failed_hot_add_gives_back_msi_groups_bar_space_and_slot() {
+        let mut fixture = Fixture::new();
+        let interrupts_before = fixture.interrupts.save();
+        let bars_before = fixture.manager.bar_allocator();
+
+        let result = fixture.hot_add(|pci| {
+            let _msi = pci
+                .ctx
+                .interrupts
+                .msi_vectors(1)
+                .map_err(DeviceError::Interrupt)?;
+            pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+            Err::<(), _>(DeviceError::NoSuchUserDevice { index: 7 })
+        });
+
+        assert!(matches!(
+            result,
+            Err(DeviceError::NoSuchUserDevice { index: 7 })
+        ));
+        assert_eq!(fixture.interrupts.save(), interrupts_before);
+        assert_eq!(fixture.manager.bar_allocator(), bars_before);
+        assert_eq!(fixture.manager.next_slot, 2);
+        assert_eq!(fixture.vendor_id(2), 0xffff);
+    }
+
+    #[test]
+    fn bar_clashing_with_a_placed_bar_is_refused_and_leaves_the_bus_as_it_was() {
+        let mut fixture = Fixture::new();
+        let taken = fixture
+            .hot_add(|pci| {
+                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+                pci.place(Arc::new(Mutex::new(FakeDevice { bar })))?;
+                Ok(bar)
+            })
+            .unwrap()
+            .0;
+
+        // As if the guest had moved the first device's BAR where the allocator goes next.
+        let result =
+            fixture.hot_add(|pci| pci.place(Arc::new(Mutex::new(FakeDevice { bar: taken }))));
+
+        assert!(matches!(result, Err(DeviceError::Bus(_))), "{result:?}");
+        assert_eq!(read_byte(&fixture.mmio(), taken), Some(0xab));
+        assert_eq!(fixture.manager.next_slot, 3);
+        assert_eq!(fixture.vendor_id(3), 0xffff);
+    }
+
+    #[test]
+    fn hot_add_placing_two_devices_is_refused_and_takes_both_off_the_bus() {
+        let mut fixture = Fixture::new();
+        let mut bars = fixture.manager.bar_allocator();
+        let expected = [
+            bars.allocate(0x1000).unwrap(),
+            bars.allocate(0x1000).unwrap(),
+        ];
+
+        let result = fixture.hot_add(|pci| {
+            let first = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+            let second = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+            pci.place(Arc::new(Mutex::new(FakeDevice { bar: first })))?;
+            pci.place(Arc::new(Mutex::new(FakeDevice { bar: second })))?;
+            Ok([first, second])
+        });
+
+        assert!(
+            matches!(result, Err(DeviceError::HotAddCount { count: 2 })),
+            "{result:?}"
+        );
+        // Both BARs are off the bus (`expected` is where the same allocator put them).
+        assert_eq!(read_byte(&fixture.mmio(), expected[0]), None);
+        assert_eq!(read_byte(&fixture.mmio(), expected[1]), None);
+        assert_eq!(fixture.manager.next_slot, 2);
+        assert_eq!(fixture.vendor_id(2), 0xffff);
+    }
+
+    #[test]
+    fn bar_space_is_taken_above_a_bar_the_guest_moved_up() {
+        let mut fixture = Fixture::new();
+        let (first, _) = fixture
+            .hot_add(|pci| {
+                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+                let device = Arc::new(Mutex::new(FakeDevice { bar }));
+                pci.place(device.clone())?;
+                Ok(device)
+            })
+            .unwrap();
+        let moved = layout::PCI_MMIO_START + 0x100_0000;
+        first.lock().unwrap().bar = moved;
+
+        let (second, _) = fixture
+            .hot_add(|pci| {
+                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+                pci.place(Arc::new(Mutex::new(FakeDevice { bar })))?;
+                Ok(bar)
+            })
+            .unwrap();
+
+        assert_eq!(second, moved + 0x1000);
+    }
+
+    #[test]
+    fn hot_add_of_a_user_device_missing_from_the_config_is_refused() {
+        let mut fixture = Fixture::new();
+        let ctx = DeviceContext {
+            config: &fixture.config,
+            memory: fixture.ram.memory(),
+            vm: &fixture.vm,
+            interrupts: &fixture.interrupts,
+            on_event: Arc::new(|_| {}),
+        };
+
+        let result = fixture.manager.hot_add_user_device(&ctx, 0);
+
+        assert!(matches!(
+            result,
+            Err(DeviceError::NoSuchUserDevice { index: 0 })
+        ));
+    }
+}
