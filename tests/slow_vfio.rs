@@ -1,7 +1,8 @@
 //! The slow group, kernel VFIO: `scripts/e2e-vfio` boots the QEMU test bed (TCG, nested KVM) with
 //! QEMU's edu device behind the emulated Intel IOMMU, binds it to vfio-pci, and runs our VMM with
 //! the probe guest and `--device path=/sys/bus/pci/devices/<BDF>`, once over the vfio cdev and
-//! iommufd and once over the group and container fallback. Ignored by default; run it with
+//! iommufd and once over the group and container fallback, and through restart-mode live updates
+//! (`ch-luod --emulate`) that hand the device to a successor VMM. Ignored by default; run it with
 //! `cargo test --test slow_vfio -- --ignored`. It fails, never skips, when QEMU, the test kernel
 //! or any tool is missing (the script installs what it can and names the rest).
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
@@ -22,7 +23,13 @@ fn the_probe_guest_drives_a_passed_through_edu_device_with_dma_and_msi() {
     let serial = slow::target_dir()
         .join("slow-tests")
         .join("e2e-vfio.serial.log");
-    let args = [bins.as_os_str(), "--log".as_ref(), serial.as_os_str()];
+    let args = [
+        bins.as_os_str(),
+        "--log".as_ref(),
+        serial.as_os_str(),
+        "--backends".as_ref(),
+        "iommufd,container".as_ref(),
+    ];
 
     let run = run_script("e2e-vfio", &args, "e2e-vfio");
 
@@ -43,4 +50,68 @@ fn the_probe_guest_drives_a_passed_through_edu_device_with_dma_and_msi() {
         );
     }
     report(&run, "E2E-VFIO-RESULT");
+}
+
+/// The value of ` name=` in `line`.
+fn field(line: &str, name: &str) -> Option<u64> {
+    let value = line.split(&format!(" {name}=")).nth(1)?;
+    value.split(' ').next()?.parse().ok()
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_vfio -- --ignored"]
+fn restart_mode_update_hands_the_device_over_without_a_reset_or_a_lost_interrupt() {
+    let bins = release_bins();
+    let serial = slow::target_dir()
+        .join("slow-tests")
+        .join("e2e-vfio-restart.serial.log");
+    let args = [
+        bins.as_os_str(),
+        "--log".as_ref(),
+        serial.as_os_str(),
+        "--backends".as_ref(),
+        "restart".as_ref(),
+    ];
+
+    let run = run_script("e2e-vfio", &args, "e2e-vfio-restart");
+
+    // The stage checks each update (adopted, not attached; dma and irqs rising, one MSI per
+    // transfer, errors=0, liveness mark and command register kept) and fails otherwise.
+    assert!(
+        run.output.contains("E2E-VFIO-PASS"),
+        "no E2E-VFIO-PASS in {}",
+        run.log.display()
+    );
+    let updates: Vec<&str> = run
+        .output
+        .lines()
+        .filter(|l| l.contains("E2E-VFIO-RESTART "))
+        .collect();
+    assert!(!updates.is_empty(), "no update in {}", run.log.display());
+    for update in &updates {
+        assert!(
+            update.contains("errors=0") && update.contains("mark=ok"),
+            "{update}"
+        );
+    }
+    let result = run
+        .output
+        .lines()
+        .find(|l| l.contains("E2E-VFIO-RESULT restart:"))
+        .unwrap_or_else(|| panic!("no restart result in {}", run.log.display()));
+    assert_eq!(field(result, "errors"), Some(0), "{result}");
+    assert_eq!(field(result, "irqs"), field(result, "dma"), "{result}");
+    assert!(
+        run.output.contains("E2E-VFIO-BASELINE "),
+        "no baseline pause in {}",
+        run.log.display()
+    );
+    // A cancelled update (fault injected in save) gave the device back to the old VMM.
+    let cancelled = run
+        .output
+        .lines()
+        .find(|l| l.contains("E2E-VFIO-CANCELLED "))
+        .unwrap_or_else(|| panic!("no cancelled update in {}", run.log.display()));
+    assert!(cancelled.contains("errors=0"), "{cancelled}");
+    report(&run, "E2E-VFIO-");
 }

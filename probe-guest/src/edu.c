@@ -8,20 +8,32 @@
  * 0x100 when done). The device's DMA buffer is at 0x40000 in its own address
  * space; it only reaches 28-bit bus addresses, which our .bss is below.
  *
- * At boot: check the identification and liveness registers, program MSI, and
- * run EDU_BOOT_ROUNDS round trips (RAM -> device buffer -> RAM, each with an
- * interrupt). Each status interval: one more round trip, then the line
+ * At boot: check the identification and liveness registers, leave a mark in
+ * the liveness register, program MSI, and run EDU_BOOT_ROUNDS round trips
+ * (RAM -> device buffer -> RAM, each transfer with an interrupt). Each status
+ * interval: one more round trip, then the line
  *   probe: edu id=0x.. live=ok|bad dma=N irqs=M errors=E
- * dma counts transfers that completed (two per round trip, the data compared
- * after the second), irqs the MSIs that arrived, errors everything else
- * (timeouts, data mismatches, missing interrupts).
+ * with, before errors, mark=ok|lost (the liveness register still holds the
+ * mark), cmd=0x.. (the PCI command register: a device reset would clear its
+ * memory and bus-master bits, and MSI with it), pause_dma=P pause_irqs=Q
+ * pause_gap_us=G pause_irq_wait_us=W. dma counts transfers that completed (two per round trip,
+ * the data compared after the second), irqs the MSIs taken, errors everything
+ * else (timeouts, data mismatches, missing interrupts, a lost mark).
  *
- * Interrupts stay disabled in the probe, so a delivered MSI stays in the
- * LAPIC's IRR and two MSIs on one vector would merge. Each transfer therefore
- * gets a vector of its own: the MSI data is reprogrammed before it (which
- * also exercises the VMM's route updates) and the transfer's interrupt counts
- * once its vector is pending. When the vectors run out, transfers go on
- * without interrupts.
+ * A transfer is polled every 100 us. When the poll that sees it done comes
+ * more than EDU_PAUSE_MS after the poll that saw it busy, the vCPU did not run
+ * in between (a live update's pause): the device finished the transfer, and
+ * raised its MSI, while the guest was paused (or in the 100 us before).
+ * pause_dma counts those transfers, pause_irqs their MSIs taken afterwards,
+ * pause_gap_us is the last such gap and pause_irq_wait_us how long after the
+ * done poll its MSI was pending (KVM injects a signal that waited in the
+ * eventfd from a work queue once the irqfd is registered again).
+ *
+ * Interrupts stay disabled in the probe except for a short window per
+ * transfer: once the transfer's vector is pending in the IRR, the probe lets
+ * it in (edu_msi_entry counts it), sends the EOI and acknowledges the
+ * device, so one vector serves every transfer and none can merge with the
+ * next.
  */
 #include "edu.h"
 #include "virtio.h"
@@ -30,6 +42,10 @@
 #define EDU_DEVICE 0x11e8
 #define EDU_ID 0x00
 #define EDU_LIVENESS 0x04
+#define EDU_MARK 0x5eedcafeU
+#define EDU_PAUSE_MS 50
+#define PCI_COMMAND 0x04
+#define LAPIC_EOI 0xb0
 #define EDU_IRQ_STATUS 0x24
 #define EDU_IRQ_ACK 0x64
 #define EDU_DMA_SRC 0x80
@@ -45,8 +61,7 @@
 #define EDU_TIMEOUT_MS 5000
 #define PCI_CAP_ID_MSI 0x05
 #define MSI_ADDRESS 0xfee00000U
-#define VECTOR_FIRST 0x50
-#define VECTOR_LAST 0xef
+#define EDU_VECTOR 0x51
 #define MSR_APIC_BASE 0x1b
 #define X2APIC_MSR_BASE 0x800
 
@@ -57,10 +72,18 @@ static volatile u8 *edu_regs;
 static u8 edu_slot;
 static u8 edu_msi_data;	/* offset of the MSI data register, 0 without MSI */
 static u32 edu_id;
-static bool edu_live;
-static u32 next_vector = VECTOR_FIRST;
+static bool edu_live, edu_mark_lost;
 static u64 edu_khz;
 static u64 dma_done, irqs_seen, edu_errors, round_seq;
+static u64 pause_dma, pause_irqs, pause_gap, pause_irq_wait;
+/* MSIs taken by edu_msi_entry. */
+volatile u64 edu_msis;
+void edu_msi_entry(void);
+__asm__(".text\n"
+	".globl edu_msi_entry\n"
+	"edu_msi_entry:\n"
+	"	lock incq edu_msis(%rip)\n"
+	"	iretq\n");
 
 static void say_edu(const char *what)
 {
@@ -83,6 +106,31 @@ static bool vector_pending(u32 vector)
 	return word & (1U << (vector % 32));
 }
 
+static void lapic_eoi(void)
+{
+	u64 base = rdmsr(MSR_APIC_BASE);
+	if (base & (1ULL << 10)) {
+		wrmsr(X2APIC_MSR_BASE + LAPIC_EOI / 0x10, 0);
+	} else {
+		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
+		apic[LAPIC_EOI / 4] = 0;
+	}
+}
+
+/* Lets the pending vector in (a few exits: KVM injects at an entry); true if taken. */
+static bool edu_take_msi(void)
+{
+	u64 before = edu_msis;
+	__asm__ volatile("sti" : : : "memory");
+	for (int i = 0; i < 100 && edu_msis == before; i++)
+		(void)vector_pending(EDU_VECTOR);
+	__asm__ volatile("cli" : : : "memory");
+	if (edu_msis == before)
+		return false;
+	lapic_eoi();
+	return true;
+}
+
 /* Finds the MSI capability, points it at CPU 0 and enables one vector. */
 static bool edu_msi_enable(void)
 {
@@ -98,7 +146,7 @@ static bool edu_msi_enable(void)
 			pci_write16(edu_slot, (u8)(cap + 10), 0);
 		}
 		edu_msi_data = (u8)(cap + (wide ? 12 : 8));
-		pci_write16(edu_slot, edu_msi_data, VECTOR_FIRST);
+		pci_write16(edu_slot, edu_msi_data, EDU_VECTOR);
 		pci_write16(edu_slot, (u8)(cap + 2), (u16)((control & ~0x70) | 1));
 		return true;
 	}
@@ -113,20 +161,36 @@ static u64 ms_to_ticks(u64 ms)
 /* One transfer; returns false (and counts an error) on a timeout. */
 static bool edu_transfer(u64 src, u64 dst, u32 cmd)
 {
-	u32 vector = 0;
-	if (edu_msi_data && next_vector <= VECTOR_LAST) {
-		vector = next_vector++;
-		pci_write16(edu_slot, edu_msi_data, (u16)vector);
+	bool msi = edu_msi_data != 0;
+	if (msi)
 		cmd |= EDU_CMD_IRQ;
-	}
 	mmio_wr32(edu_regs, EDU_DMA_SRC, (u32)src);
 	mmio_wr32(edu_regs, EDU_DMA_DST, (u32)dst);
 	mmio_wr32(edu_regs, EDU_DMA_COUNT, EDU_XFER);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	mmio_wr32(edu_regs, EDU_DMA_CMD, cmd | EDU_CMD_START);
 	u64 deadline = rdtsc() + ms_to_ticks(EDU_TIMEOUT_MS);
-	while (mmio_rd32(edu_regs, EDU_DMA_CMD) & EDU_CMD_START) {
-		if (rdtsc() > deadline) {
+	u64 pause = ms_to_ticks(EDU_PAUSE_MS);
+	/*
+	 * The VMM samples the register while handling the read's exit, before it
+	 * may pause the vCPU: a read that took no pause saw the device after any
+	 * pause before it, and the busy read before it saw the device before.
+	 */
+	u64 busy_at = rdtsc(), gap = 0;
+	for (;;) {
+		u64 start = rdtsc();
+		bool busy = mmio_rd32(edu_regs, EDU_DMA_CMD) & EDU_CMD_START;
+		u64 end = rdtsc();
+		if (!busy) {
+			if (end - start < pause)
+				gap = start - busy_at;
+			break;
+		}
+		/* A pause is not the device's time. */
+		if (end - busy_at > pause)
+			deadline += end - busy_at;
+		busy_at = start;
+		if (end > deadline) {
 			say_edu("error dma timeout");
 			edu_errors++;
 			return false;
@@ -138,9 +202,16 @@ static bool edu_transfer(u64 src, u64 dst, u32 cmd)
 	}
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	dma_done++;
-	if (!vector)
+	bool in_pause = gap > pause;
+	if (in_pause) {
+		pause_dma++;
+		pause_gap = gap;
+	}
+	if (!msi)
 		return true;
-	while (!vector_pending(vector)) {
+	u64 done_at = rdtsc();
+	deadline = done_at + ms_to_ticks(EDU_TIMEOUT_MS);
+	while (!vector_pending(EDU_VECTOR)) {
 		if (rdtsc() > deadline) {
 			say_edu("error no interrupt");
 			edu_errors++;
@@ -148,8 +219,18 @@ static bool edu_transfer(u64 src, u64 dst, u32 cmd)
 		}
 		cpu_relax();
 	}
-	if (vector_pending(vector))
-		irqs_seen++;
+	if (vector_pending(EDU_VECTOR)) {
+		if (in_pause)
+			pause_irq_wait = rdtsc() - done_at;
+		if (edu_take_msi()) {
+			irqs_seen++;
+			if (in_pause)
+				pause_irqs++;
+		} else {
+			say_edu("error msi pending but not taken");
+			edu_errors++;
+		}
+	}
 	u32 status = mmio_rd32(edu_regs, EDU_IRQ_STATUS);
 	if (status)
 		mmio_wr32(edu_regs, EDU_IRQ_ACK, status);
@@ -192,6 +273,12 @@ static void edu_report(void)
 	line_kv_str(&l, "live", edu_live ? "ok" : "bad");
 	line_kv_dec(&l, "dma", dma_done);
 	line_kv_dec(&l, "irqs", irqs_seen);
+	line_kv_str(&l, "mark", edu_mark_lost ? "lost" : "ok");
+	line_kv_hex(&l, "cmd", pci_read16(edu_slot, PCI_COMMAND));
+	line_kv_dec(&l, "pause_dma", pause_dma);
+	line_kv_dec(&l, "pause_irqs", pause_irqs);
+	line_kv_dec(&l, "pause_gap_us", edu_khz ? pause_gap * 1000 / edu_khz : 0);
+	line_kv_dec(&l, "pause_irq_wait_us", edu_khz ? pause_irq_wait * 1000 / edu_khz : 0);
 	line_kv_dec(&l, "errors", edu_errors);
 	line_emit(&l);
 }
@@ -229,6 +316,15 @@ void edu_init(u64 tsc_khz)
 	}
 	if (!edu_live)
 		edu_errors++;
+	/* Stays until the device is reset or the guest writes again: checked every tick. */
+	mmio_wr32(regs, EDU_LIVENESS, EDU_MARK);
+	idt_set_handler(EDU_VECTOR, edu_msi_entry);
+	/*
+	 * The MSI window opens interrupts: mask the 8259s, whose timer IRQ would
+	 * otherwise come in as vector 0 through LINT0 (the PIC is never set up).
+	 */
+	outb(0x21, 0xff);
+	outb(0xa1, 0xff);
 	if (!edu_msi_enable()) {
 		say_edu("error no msi");
 		edu_errors++;
@@ -250,6 +346,11 @@ void edu_tick(void)
 {
 	if (!edu_regs)
 		return;
+	if (!edu_mark_lost && mmio_rd32(edu_regs, EDU_LIVENESS) != ~EDU_MARK) {
+		say_edu("error liveness mark lost");
+		edu_mark_lost = true;
+		edu_errors++;
+	}
 	edu_round_trip();
 	edu_report();
 }

@@ -611,6 +611,46 @@ mod tests {
     }
 
     #[test]
+    fn a_handed_over_device_leaves_the_kernel_objects_to_the_successor() {
+        let fake = Fake::edu();
+        let handed_over = attach(&fake, Arc::default());
+        let kept = attach(&fake, Arc::default());
+        let mut handed_over = handed_over;
+        handed_over.set_handed_over(true);
+
+        drop(handed_over);
+        let after_handover = Arc::strong_count(&fake.0);
+        drop(kept);
+
+        // The fake's clones: ours, the leaked one; the normally dropped one is gone.
+        assert_eq!(after_handover, 3);
+        assert_eq!(Arc::strong_count(&fake.0), 2);
+    }
+
+    #[test]
+    fn state_carries_the_bar_layout_and_the_guest_msi_enable() {
+        let fake = Fake::edu();
+        fake.0.lock().unwrap().drop_msi_enable = true;
+        fake.0.lock().unwrap().fail_msi = true;
+        let mut device = attach(&fake, Arc::default());
+
+        device.config_write(MSI_AT + 2, &0x0081u16.to_le_bytes());
+        let state = device.state();
+
+        assert_eq!(
+            state.bar_layout,
+            [VfioBarState {
+                index: 0,
+                size: 1 << 20,
+                is_64bit: false
+            }]
+        );
+        assert!(state.msi_guest_enable);
+        assert!(!state.msi_enabled);
+        assert_eq!(state.handover, None);
+    }
+
+    #[test]
     fn a_device_without_memory_bars_is_refused() {
         #[derive(Clone)]
         struct NoBars(Fake);

@@ -23,15 +23,33 @@
 //!
 //! # Live update
 //!
-//! The state to carry is [`VfioDeviceState`] (same shape as the vfio-user device's: BAR
-//! registers, MSI capability, DMA regions). Nothing carries it yet, and the VMM's participant
-//! (`vmm::device_manager::vfio`) refuses every update in prepare, before the pause, so the guest
-//! runs on. It tells kernel mode apart by offering the session the MSI eventfd
-//! ([`VfioPciDevice::msi_eventfd`]) as an fd attachment, which only restart-mode sessions take:
-//! across a kexec the kernel would have to preserve the vfio cdev and the iommufd with its IOAS
-//! mappings, which mainline 7.2's LUO does not ("cannot be preserved across a kexec"). Restart
-//! mode (cdev, iommufd and eventfd attached for the successor, which adopts the device without
-//! a reset or a re-map) is not implemented yet.
+//! **Restart mode** (a new VMM binary on the same kernel, through the session agent
+//! `ch-luod --emulate`): the device never notices. In prepare (guest running) the VMM's
+//! participant (`vmm::device_manager::vfio`) attaches to the session the vfio cdev (bound to
+//! the iommufd, attached to the IOAS), the iommufd (the IOAS and its `IOMMU_IOAS_MAP_FILE`
+//! mappings of the RAM memfds live in it) and the MSI eventfd ([`VfioPciDevice::handover_fds`],
+//! [`VfioPciDevice::msi_eventfd`]). In pause it stops touching the device
+//! ([`VfioPciDevice::set_handed_over`]: configuration and BAR reads return all ones, writes are
+//! dropped) and unregisters its irqfd, so the kernel's signals wait in the eventfd. The device
+//! keeps running: a DMA under way lands in guest RAM (the memfd pages both VMMs map), its MSI
+//! waits in the eventfd. Save writes [`VfioDeviceState`]: the BAR layout and registers as the
+//! guest programmed them, the device fd's regions, the MSI capability state, the DMA mappings
+//! and IOAS id (as a record only) and the attachment tokens. The old VMM exits without running
+//! vfio-ioctls' drop (which would detach the device from the IOAS): the agent's copies keep
+//! every kernel object alive. The successor adopts the fds ([`VfioPciDevice::adopt`]): no open,
+//! no bind, no IOAS allocation, no map, no `VFIO_DEVICE_RESET`, no write to the device; region
+//! accesses are `pread`/`pwrite` on the handed-over fd at the recorded offsets, and a later MSI
+//! enable or disable by the guest is a `VFIO_DEVICE_SET_IRQS` on it. The same eventfd becomes its
+//! irqfd once the LAPICs are restored, and KVM injects what waited. The adopted device can be
+//! handed on again. A cancelled update gives the device back to the old VMM and re-registers its
+//! irqfd.
+//!
+//! Only the iommufd backend is handed over: vfio-ioctls does not expose the group and container
+//! fds of the fallback, so its update is refused in prepare, guest running.
+//!
+//! **Kernel mode (kexec)** is refused in prepare, before the pause, and the guest runs on: the
+//! session refuses fd attachments, and mainline 7.2's LUO cannot preserve the vfio cdev nor the
+//! iommufd with its mappings ("cannot be preserved across a kexec").
 
 mod access;
 mod device;

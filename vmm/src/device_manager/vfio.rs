@@ -2,30 +2,43 @@
 //! slot, its memory BARs on the MMIO bus (trapped), its MSI vector an irqfd whose eventfd the
 //! kernel signals.
 //!
-//! Live update: refused in prepare, before the pause, and the guest runs on. Kernel mode is
-//! told apart by the session refusing an fd attachment (only restart-mode sessions take them):
-//! across a kexec the kernel would have to preserve the vfio cdev and the iommufd with its
-//! mappings, which mainline 7.2's LUO does not. Restart mode (the cdev, iommufd and eventfd
-//! attached for the successor, which adopts the device without a reset) is not implemented
-//! yet.
+//! Live update, restart mode: the vfio cdev (bound to the iommufd, attached to the IOAS that
+//! maps the RAM memfds), the iommufd and the MSI eventfd are attached to the session in
+//! prepare, so they stay open across the VMM replacement. From the pause this VMM no longer
+//! touches the device and its irqfd is unregistered, so the device's interrupts wait in the
+//! eventfd; the device itself keeps running and DMA-ing. The successor adopts the fds: no open,
+//! no bind, no IOAS, no map, no reset, no re-programming; the same eventfd becomes its irqfd
+//! once the LAPICs are restored. A successor without the attachments refuses the restore (it
+//! never re-opens, which would reset the device). The group and container fallback is refused
+//! in prepare, guest running.
+//!
+//! Kernel mode (kexec) is refused in prepare: the session refuses fd attachments, and mainline
+//! 7.2's LUO cannot preserve the vfio cdev nor the iommufd with its mappings.
 
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use devices::bus::lock;
 use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
 use liveupdate::session::SessionError;
 use liveupdate::state::Envelope;
-use vfio::VfioPciDevice;
+use vfio::{AdoptedFds, VfioDeviceState, VfioHandoverTokens, VfioPciDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::DeviceError;
+use super::participants::{HandedOverFds, envelope};
 use super::pci::PciBuilder;
+use super::{DeviceError, restore_error};
 use crate::config::DeviceConfig;
-use crate::interrupts::InterruptError;
+use crate::interrupts::{InterruptError, MsiGroup, borrow_eventfd, eventfd_from};
 
 /// A kernel VFIO device, as the manager keeps it.
 pub(super) struct VfioDeviceEntry {
     id: String,
     device: Arc<Mutex<VfioPciDevice>>,
+    /// Its MSI vector, disarmed while the guest is paused for a handover.
+    msi: Arc<MsiGroup>,
+    /// The tokens of the attachments made in prepare, until save records them.
+    handover: Mutex<Option<VfioHandoverTokens>>,
 }
 
 /// The participant id of VFIO device `index` of the configuration.
@@ -33,9 +46,22 @@ pub(super) fn participant_id(index: usize) -> String {
     format!("vfio/{index}")
 }
 
+/// The fd attached under `token` by the previous VMM.
+fn handed_over(id: &str, token: u64, what: &str) -> Result<OwnedFd, DeviceError> {
+    HandedOverFds::take(token).ok_or_else(|| DeviceError::Restore {
+        id: id.to_string(),
+        source: format!(
+            "the session holds no {what} (attachment token {token:#x}); the device is not \
+             opened afresh, which would reset it under the guest"
+        )
+        .into(),
+    })
+}
+
 impl PciBuilder<'_, '_, '_> {
     /// Opens the host device (resetting it), maps guest RAM for its DMA, plugs it into a slot
-    /// and its BARs into the MMIO bus.
+    /// and its BARs into the MMIO bus; on a restore, adopts the device the previous VMM handed
+    /// over instead.
     pub(super) fn add_vfio_device(
         &mut self,
         index: usize,
@@ -46,36 +72,91 @@ impl PciBuilder<'_, '_, '_> {
             path: config.path.clone(),
             source,
         };
-        if self.restore.is_some() {
-            // Prepare refuses updates of VMs with VFIO devices, so no saved state holds one;
-            // attaching afresh would reset a device the guest is using.
-            return Err(DeviceError::Restore {
-                id,
-                source: "a VFIO device cannot be taken over from a live-update session".into(),
-            });
-        }
         let eventfd_error = |e| DeviceError::Interrupt(InterruptError::EventFd(e));
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(eventfd_error)?;
-        let irq_for_kvm = irq.try_clone().map_err(eventfd_error)?;
-        let msi = self
-            .ctx
-            .interrupts
-            .msi_vectors_with_fds(vec![irq_for_kvm])
-            .map_err(DeviceError::Interrupt)?;
-        let bars = &mut self.bars;
-        let device = VfioPciDevice::attach(&config.path, self.ctx.memory, msi, irq, &mut |size| {
-            bars.allocate(size)
-        })
-        .map_err(vfio_error)?;
+        let (device, msi) = if let Some(states) = self.restore.as_deref_mut() {
+            let state: VfioDeviceState = states
+                .take(&id, VfioDeviceState::VERSION)
+                .map_err(restore_error(&id))?;
+            if state.path != config.path {
+                return Err(DeviceError::Restore {
+                    id,
+                    source: format!(
+                        "the saved VFIO device is {}, the configuration names {}",
+                        state.path.display(),
+                        config.path.display()
+                    )
+                    .into(),
+                });
+            }
+            let Some(tokens) = state.handover else {
+                return Err(DeviceError::Restore {
+                    id,
+                    source: "the saved VFIO device was not handed over".into(),
+                });
+            };
+            let fds = AdoptedFds {
+                device: handed_over(&id, tokens.device, "VFIO device fd")?,
+                iommufd: handed_over(&id, tokens.iommufd, "iommufd")?,
+            };
+            let irq = eventfd_from(handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?);
+            // Armed once the vCPUs are restored: a signal that waited must find the LAPIC.
+            let msi = self
+                .ctx
+                .interrupts
+                .msi_vectors_disarmed(vec![irq.try_clone().map_err(eventfd_error)?])
+                .map_err(DeviceError::Interrupt)?;
+            let device = VfioPciDevice::adopt(&state, fds, self.ctx.memory, msi.clone(), irq)
+                .map_err(vfio_error)?;
+            (device, msi)
+        } else {
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(eventfd_error)?;
+            let msi = self
+                .ctx
+                .interrupts
+                .msi_vectors_with_fds(vec![irq.try_clone().map_err(eventfd_error)?])
+                .map_err(DeviceError::Interrupt)?;
+            let bars = &mut self.bars;
+            let device = VfioPciDevice::attach(
+                &config.path,
+                self.ctx.memory,
+                msi.clone(),
+                irq,
+                &mut |size| bars.allocate(size),
+            )
+            .map_err(vfio_error)?;
+            (device, msi)
+        };
         let device = Arc::new(Mutex::new(device));
         self.place(device.clone())?;
-        Ok(VfioDeviceEntry { id, device })
+        Ok(VfioDeviceEntry {
+            id,
+            device,
+            msi,
+            handover: Mutex::new(None),
+        })
     }
 }
 
-/// A kernel VFIO device in a live update: refused in prepare, so the guest never pauses.
+/// A kernel VFIO device in a live update: handed to the successor in restart mode, refused
+/// in prepare (guest running) in kernel mode and on the container fallback.
 pub(super) struct VfioDeviceParticipant<'a> {
     pub(super) entry: &'a VfioDeviceEntry,
+}
+
+impl VfioDeviceParticipant<'_> {
+    fn failed(&self, reason: String) -> ParticipantError {
+        ParticipantError::Failed {
+            id: self.entry.id.clone(),
+            reason,
+        }
+    }
+
+    fn unsupported(&self, reason: String) -> ParticipantError {
+        ParticipantError::Unsupported {
+            id: self.entry.id.clone(),
+            reason,
+        }
+    }
 }
 
 impl AnyParticipant for VfioDeviceParticipant<'_> {
@@ -83,36 +164,295 @@ impl AnyParticipant for VfioDeviceParticipant<'_> {
         self.entry.id.clone()
     }
     fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
-        let device = devices::bus::lock(&self.entry.device);
-        let path = device.path().display().to_string();
-        // Only a restart-mode session takes fd attachments: a refusal means the device would
-        // have to cross a kexec. (In restart mode the attachment goes when the update is
-        // cancelled, which the refusal below causes.)
-        let reason = match files.attach(device.msi_eventfd()) {
-            Err(ParticipantError::Session(SessionError::AttachmentsUnsupported)) => format!(
-                "VFIO device {path} cannot be preserved across a kexec: the kernel has no \
-                 VFIO/iommufd preservation"
-            ),
-            Err(e) => return Err(e),
-            Ok(_) => format!(
-                "VFIO device {path}: handing VFIO devices to a restarted VMM is not implemented yet"
-            ),
+        // Copies, so that vCPUs need not wait for the agent to reach the device.
+        let (path, fds) = {
+            let device = lock(&self.entry.device);
+            let path = device.path().display().to_string();
+            let copy = |fd: BorrowedFd<'_>, what: &str| {
+                fd.try_clone_to_owned()
+                    .map_err(|e| self.failed(format!("cannot duplicate the {what}: {e}")))
+            };
+            let fds = match device.handover_fds() {
+                Some(fds) => Some((
+                    copy(fds.device, "device fd")?,
+                    copy(fds.iommufd, "iommufd")?,
+                )),
+                None => None,
+            };
+            (path, fds)
         };
-        Err(ParticipantError::Unsupported {
-            id: self.entry.id.clone(),
-            reason,
-        })
+        let eventfd = self
+            .entry
+            .msi
+            .eventfds()
+            .first()
+            .ok_or_else(|| self.failed("no MSI eventfd".into()))?;
+        // Only a restart-mode session takes fd attachments: a refusal means the device would
+        // have to cross a kexec. (Attachments made before a refusal go with the cancel.)
+        let msi_eventfd = match files.attach(borrow_eventfd(eventfd)) {
+            Err(ParticipantError::Session(SessionError::AttachmentsUnsupported)) => {
+                return Err(self.unsupported(format!(
+                    "VFIO device {path} cannot be preserved across a kexec: the kernel has no \
+                     VFIO/iommufd preservation"
+                )));
+            }
+            other => other?,
+        };
+        let Some((device, iommufd)) = fds else {
+            return Err(self.unsupported(format!(
+                "VFIO device {path} uses the group and container fallback, which cannot be \
+                 handed over (it needs the vfio cdev and /dev/iommu)"
+            )));
+        };
+        let device = files.attach(device.as_fd())?;
+        let iommufd = files.attach(iommufd.as_fd())?;
+        *self
+            .entry
+            .handover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(VfioHandoverTokens {
+            device,
+            iommufd,
+            msi_eventfd,
+        });
+        Ok(())
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
-        Ok(())
-    }
-    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
-        Err(ParticipantError::Unsupported {
-            id: self.entry.id.clone(),
-            reason: "VFIO devices are not carried by live updates".into(),
+        // From here on the successor owns the device and its interrupts: no more config or BAR
+        // access, and the kernel's signals wait in the eventfd instead of reaching this VM's
+        // LAPIC, whose state is about to be saved. The device keeps running.
+        lock(&self.entry.device).set_handed_over(true);
+        self.entry.msi.disarm().map_err(|e| {
+            // A participant whose pause fails is not resumed: give the device back here.
+            lock(&self.entry.device).set_handed_over(false);
+            self.failed(format!("cannot detach the MSI irqfd: {e}"))
         })
     }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
+        let mut state = lock(&self.entry.device).state();
+        state.handover = *self
+            .entry
+            .handover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if state.handover.is_none() {
+            return Err(self.failed("saved without a prepare".into()));
+        }
+        envelope(&self.entry.id, VfioDeviceState::VERSION, &state)
+    }
     fn resume(&mut self) -> Result<(), ParticipantError> {
-        Ok(())
+        // Cancelled: use the device again, and let what waited in the eventfd through.
+        *self
+            .entry
+            .handover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        lock(&self.entry.device).set_handed_over(false);
+        self.entry
+            .msi
+            .arm()
+            .map_err(|e| self.failed(format!("cannot attach the MSI irqfd again: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::fs::File;
+    use std::os::unix::fs::MetadataExt;
+
+    use devices::pci::{PciConfigurationState, PciDevice};
+    use liveupdate::emulated::EmulatedProvider;
+    use liveupdate::session::{Session, SessionProvider, Token};
+    use vfio::{DmaRegionState, VfioBackend, VfioBarState, VfioRegionState};
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+    use crate::cpu::test_util;
+    use crate::interrupts::InterruptManager;
+
+    /// A restart-mode session that keeps what is attached.
+    #[derive(Debug, Default)]
+    struct Attaching(BTreeMap<Token, OwnedFd>);
+
+    impl Session for Attaching {
+        fn name(&self) -> Result<String, SessionError> {
+            Ok("test".into())
+        }
+        fn preserve_fd(&mut self, _fd: BorrowedFd<'_>, _token: Token) -> Result<(), SessionError> {
+            Ok(())
+        }
+        fn retrieve_fd(&mut self, _token: Token) -> Result<OwnedFd, SessionError> {
+            Err(SessionError::AttachmentsUnsupported)
+        }
+        fn finish(&mut self) -> Result<(), SessionError> {
+            Ok(())
+        }
+        fn attach_fd(&mut self, fd: BorrowedFd<'_>, token: Token) -> Result<(), SessionError> {
+            self.0.insert(token, fd.try_clone_to_owned().unwrap());
+            Ok(())
+        }
+    }
+
+    struct Fixture {
+        entry: VfioDeviceEntry,
+        device_file: File,
+        _interrupts: InterruptManager,
+    }
+
+    /// A device adopted over plain files (no host device needed) in a VM with 1 MiB of RAM.
+    fn adopted() -> Fixture {
+        let ram = crate::sys::memfd_create(c"vfio-dev-test").unwrap();
+        ram.set_len(1 << 20).unwrap();
+        let mapping = MmapRegion::from_file(FileOffset::new(ram, 0), 1 << 20).unwrap();
+        let region = GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap();
+        let memory = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        let device_file = TempFile::new().unwrap().into_file();
+        device_file.set_len(0x2000).unwrap();
+        let mut bar_addresses = vec![None; 6];
+        bar_addresses[0] = Some(0xc000_0000);
+        let state = VfioDeviceState {
+            path: "/sys/bus/pci/devices/0000:00:03.0".into(),
+            backend: VfioBackend::Iommufd,
+            bar_layout: vec![VfioBarState {
+                index: 0,
+                size: 1 << 20,
+                is_64bit: false,
+            }],
+            bars: PciConfigurationState {
+                command: 6,
+                cache_line_size: 0,
+                interrupt_line: 0,
+                bar_addresses,
+            },
+            regions: vec![VfioRegionState {
+                index: 0,
+                offset: 0,
+                size: 0x1000,
+                flags: 3,
+            }],
+            msi_cap: None,
+            msi_guest_enable: false,
+            msi_enabled: false,
+            dma: vec![DmaRegionState {
+                address: 0,
+                size: 1 << 20,
+                file_offset: 0,
+            }],
+            ioas_id: Some(1),
+            handover: None,
+        };
+        let kvm = test_util::kvm();
+        let interrupts = InterruptManager::new(Arc::new(test_util::vm(&kvm))).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let msi = interrupts
+            .msi_vectors_with_fds(vec![irq.try_clone().unwrap()])
+            .unwrap();
+        let fds = AdoptedFds {
+            device: device_file.try_clone().unwrap().into(),
+            iommufd: TempFile::new().unwrap().into_file().into(),
+        };
+        let device = VfioPciDevice::adopt(&state, fds, &memory, msi.clone(), irq).unwrap();
+        let entry = VfioDeviceEntry {
+            id: "vfio/0".into(),
+            device: Arc::new(Mutex::new(device)),
+            msi,
+            handover: Mutex::new(None),
+        };
+        Fixture {
+            entry,
+            device_file,
+            _interrupts: interrupts,
+        }
+    }
+
+    fn same_file(a: &File, b: &OwnedFd) -> bool {
+        let b = File::from(b.try_clone().unwrap());
+        let (a, b) = (a.metadata().unwrap(), b.metadata().unwrap());
+        (a.dev(), a.ino()) == (b.dev(), b.ino())
+    }
+
+    #[test]
+    fn kernel_mode_prepare_refuses_because_the_device_cannot_cross_a_kexec() {
+        let fixture = adopted();
+        let mut provider = EmulatedProvider::new();
+        let mut session = provider.create_session("vm").unwrap();
+        let mut files = FileSink::new(session.as_mut());
+
+        let result = VfioDeviceParticipant {
+            entry: &fixture.entry,
+        }
+        .prepare(&mut files);
+
+        match result {
+            Err(ParticipantError::Unsupported { id, reason }) => {
+                assert_eq!(id, "vfio/0");
+                assert!(
+                    reason.contains("cannot be preserved across a kexec"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn restart_mode_hands_over_the_device_fd_iommufd_and_eventfd() {
+        let fixture = adopted();
+        let mut session = Attaching::default();
+        let mut participant = VfioDeviceParticipant {
+            entry: &fixture.entry,
+        };
+
+        participant
+            .prepare(&mut FileSink::new(&mut session))
+            .unwrap();
+        participant.pause().unwrap();
+        let envelope = participant.save(&mut FileSink::new(&mut session)).unwrap();
+
+        let state: VfioDeviceState = postcard::from_bytes(&envelope.state).unwrap();
+        let tokens = state.handover.unwrap();
+        assert_eq!(session.0.len(), 3);
+        assert!(same_file(&fixture.device_file, &session.0[&tokens.device]));
+        assert!(session.0.contains_key(&tokens.iommufd));
+        assert!(session.0.contains_key(&tokens.msi_eventfd));
+        assert_eq!(state.ioas_id, Some(1));
+    }
+
+    #[test]
+    fn pause_silences_the_device_and_its_irqfd_and_resume_gives_them_back() {
+        let fixture = adopted();
+        let mut participant = VfioDeviceParticipant {
+            entry: &fixture.entry,
+        };
+        let read = || {
+            let mut data = [0u8; 4];
+            lock(&fixture.entry.device).bar_read(0, 0, &mut data);
+            data
+        };
+
+        participant.pause().unwrap();
+        let paused = (read(), fixture.entry.msi.is_armed());
+        participant.resume().unwrap();
+
+        assert_eq!(paused, ([0xff; 4], false));
+        assert_eq!(read(), [0; 4]);
+        assert!(fixture.entry.msi.is_armed());
+    }
+
+    #[test]
+    fn a_restore_without_the_attachments_fails_instead_of_opening_the_device() {
+        let result = handed_over("vfio/0", 0x77, "VFIO device fd");
+
+        match result {
+            Err(DeviceError::Restore { id, source }) => {
+                assert_eq!(id, "vfio/0");
+                let message = source.to_string();
+                assert!(message.contains("holds no VFIO device fd"), "{message}");
+                assert!(message.contains("reset"), "{message}");
+            }
+            other => panic!("expected a restore error, got {other:?}"),
+        }
     }
 }
