@@ -27,6 +27,8 @@ const LINE: Duration = Duration::from_secs(10);
 /// A successor restores well within this (most of it is process start and KVM set-up).
 const TAKEOVER: Duration = Duration::from_secs(20);
 const EXIT: Duration = Duration::from_secs(10);
+/// How long an event may lag behind the guest line it follows.
+const EVENT_WAIT: Duration = Duration::from_secs(10);
 const CMDLINE: &str = "fill=1 status_ms=100 blk_io=1";
 /// The state blob's token and guest RAM's token in every session.
 const STATE_TOKEN: u64 = 0;
@@ -724,7 +726,7 @@ fn event_monitors_of_both_vmms_carry_the_update_with_step_timings() {
             "API and event disagree: {timings}"
         );
     }
-    let new_list = common::read_events(&new_events);
+    let new_list = common::read_events_until(&new_events, ("vm", "restored"), EVENT_WAIT);
     common::assert_events_in_order(&new_list, &[("vm", "restoring"), ("vm", "restored")]);
     let restored = event_properties(&new_events, "restored");
     for step in ["retrieve_us", "restore_us", "pause_us"] {

@@ -277,6 +277,23 @@ pub fn read_events(path: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The events of `path` once `(source, event)` is among them, or after `timeout` as they are
+/// (a VMM writes some events after the guest already runs again).
+pub fn read_events_until(
+    path: &Path,
+    (source, event): (&str, &str),
+    timeout: Duration,
+) -> Vec<(String, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = read_events(path);
+        if Instant::now() >= deadline || events.iter().any(|(s, e)| s == source && e == event) {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Asserts that `expected` occur in `events` in this order (others may come between).
 pub fn assert_events_in_order(events: &[(String, String)], expected: &[(&str, &str)]) {
     let mut rest = events.iter();
