@@ -2,9 +2,11 @@
 //! QEMU's edu device behind the emulated Intel IOMMU, binds it to vfio-pci, and runs our VMM with
 //! the probe guest and `--device path=/sys/bus/pci/devices/<BDF>`, once over the vfio cdev and
 //! iommufd and once over the group and container fallback, and through restart-mode live updates
-//! (`ch-luod --emulate`) that hand the device to a successor VMM. Ignored by default; run it with
-//! `cargo test --test slow_vfio -- --ignored`. It fails, never skips, when QEMU, the test kernel
-//! or any tool is missing (the script installs what it can and names the rest).
+//! (`ch-luod --emulate`) that hand the device to a successor VMM; and added over the API
+//! (`ch-remote add-device`, cold before boot and hot to a running guest, then handed over and
+//! rebooted). Ignored by default; run it with `cargo test --test slow_vfio -- --ignored`. It
+//! fails, never skips, when QEMU, the test kernel or any tool is missing (the script installs
+//! what it can and names the rest).
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
 #![allow(
     clippy::unwrap_used,
@@ -113,5 +115,57 @@ fn restart_mode_update_hands_the_device_over_without_a_reset_or_a_lost_interrupt
         .find(|l| l.contains("E2E-VFIO-CANCELLED "))
         .unwrap_or_else(|| panic!("no cancelled update in {}", run.log.display()));
     assert!(cancelled.contains("errors=0"), "{cancelled}");
+    report(&run, "E2E-VFIO-");
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_vfio -- --ignored"]
+fn api_added_device_is_driven_after_a_cold_add_and_after_a_hot_add_and_handover() {
+    let bins = release_bins();
+    let serial = slow::target_dir()
+        .join("slow-tests")
+        .join("e2e-vfio-add-device.serial.log");
+    let args = [
+        bins.as_os_str(),
+        "--log".as_ref(),
+        serial.as_os_str(),
+        "--backends".as_ref(),
+        "add-device".as_ref(),
+    ];
+
+    let run = run_script("e2e-vfio", &args, "e2e-vfio-add-device");
+
+    // The stage checks each step (cold add prints nothing; hot-add reply; the successor
+    // adopted the hot-added device) and fails otherwise.
+    assert!(
+        run.output.contains("E2E-VFIO-PASS"),
+        "no E2E-VFIO-PASS in {}",
+        run.log.display()
+    );
+    for case in ["add-device cold:", "add-device hot+reboot:"] {
+        let result = run
+            .output
+            .lines()
+            .find(|l| l.contains(&format!("E2E-VFIO-RESULT {case}")))
+            .unwrap_or_else(|| panic!("no {case} result in {}", run.log.display()));
+        assert!(result.contains("live=ok"), "{result}");
+        assert_eq!(field(result, "errors"), Some(0), "{result}");
+        assert_eq!(field(result, "irqs"), field(result, "dma"), "{result}");
+        assert!(
+            field(result, "dma").is_some_and(|dma| dma >= 10),
+            "{result}"
+        );
+    }
+    let reply = run
+        .output
+        .lines()
+        .find(|l| l.contains("E2E-VFIO-HOTADD {"))
+        .unwrap_or_else(|| panic!("no hot-add reply in {}", run.log.display()));
+    assert!(reply.contains(r#""id":"_vfio_device0""#), "{reply}");
+    assert!(
+        run.output.contains("E2E-VFIO-HOTADD handed over:"),
+        "no handover of the hot-added device in {}",
+        run.log.display()
+    );
     report(&run, "E2E-VFIO-");
 }

@@ -6,7 +6,7 @@
 # identity, live=ok, at least $min_dma transfers and one MSI per transfer.
 #
 # Runs the VMM once per case named by e2e_vfio_backends= on the kernel command line
-# (default "iommufd container restart"): iommufd (vfio cdev + /dev/iommu, RAM mapped by
+# (default "iommufd container restart"; "add-device" adds the vm.add-device case below): iommufd (vfio cdev + /dev/iommu, RAM mapped by
 # memfd), and container (the same with /dev/iommu removed, so the VMM falls back to the group
 # and container API). The iommufd run also asks for a live update with ch-luod in kernel mode
 # (/dev/liveupdate): the VMM must refuse it, saying the device cannot cross a kexec, and the
@@ -23,7 +23,7 @@
 # pause (CHV_TEST_LIVE_UPDATE_FAIL_AT=save) must leave the VMM driving the device as before.
 # Markers: E2E-VFIO-BOUND, E2E-VFIO-RESULT <backend>: <edu line>, E2E-VFIO-REFUSED <answer>,
 # E2E-VFIO-BASELINE <status line>, E2E-VFIO-RESTART <n>: <figures>, E2E-VFIO-CANCELLED
-# <figures>, E2E-VFIO-PASS or
+# <figures>, E2E-VFIO-HOTADD <reply> | handed over: <status line>, E2E-VFIO-PASS or
 # E2E-VFIO-FAIL: why.
 
 work=/tmp/vfio
@@ -41,7 +41,7 @@ backends=$(arg e2e_vfio_backends "iommufd container restart")
 
 fail() {
     {
-        for f in "$work/vmm.log" "$work/serial.log" "$work/luod.log" "$work/emu.log"; do
+        for f in "$work/vmm.log" "$work"/vmm-*.log "$work/serial.log" "$work/luod.log" "$work/emu.log"; do
             [ -s "$f" ] || continue
             echo "----- last lines of $f"
             tail -n 30 "$f" | tr -d '\r'
@@ -289,7 +289,99 @@ run_cancelled() {
         fail "$backend: not one MSI per transfer after the cancelled update: $line"
 }
 
+# `vm.add-device` (iommufd backend): a VMM started with only --api-socket, a probe config
+# created with ch-remote, the device cold-added with `ch-remote add-device`, then booted: the
+# probe must drive edu. Then hot-add: a probe guest booted without the device, the device
+# added to the running VM (200 with id and BDF, opened by the VMM, the guest running on),
+# handed to a successor by a restart-mode live update (adopted, not opened again), and a
+# reboot of the successor, after which the guest finds the device at boot and drives it.
+run_add_device() {
+    backend=add-device
+    rm -f "$work/serial.log" "$work/vmm.log" "$api_socket"
+    cat >"$work/vm.json" <<JSON
+{"payload": {"kernel": "/guest/probe-guest.elf", "cmdline": "edu=1 fill=1 status_ms=500"},
+ "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 67108864},
+ "serial": {"mode": "File", "file": "$work/serial.log"}, "console": {"mode": "Off"}}
+JSON
+    cloud-hypervisor -v --api-socket "path=$api_socket" >"$work/vmm.log" 2>&1 &
+    vmm=$!
+    t=$(now)
+    until ch-remote --api-socket "$api_socket" ping >/dev/null 2>&1; do
+        elapsed_over "$t" 10 && { kill "$vmm"; fail "$backend: the API did not answer within 10 s"; }
+        sleep 0.1
+    done
+    out=$(ch-remote --api-socket "$api_socket" create "$work/vm.json" 2>&1) ||
+        { kill "$vmm"; fail "$backend: create failed: $out"; }
+    out=$(ch-remote --api-socket "$api_socket" add-device "path=$dev,id=edu0" 2>&1) ||
+        { kill "$vmm"; fail "$backend: cold add-device failed: $out"; }
+    [ -z "$out" ] || { kill "$vmm"; fail "$backend: a cold add printed '$out' (expected 204)"; }
+    out=$(ch-remote --api-socket "$api_socket" boot 2>&1) ||
+        { kill "$vmm"; fail "$backend: boot failed: $out"; }
+    wait_dma "$min_dma"
+    kill "$vmm"
+    wait "$vmm" 2>/dev/null
+    echo "E2E-VFIO-RESULT add-device cold: $line"
+    check_edu_line "$backend cold"
+
+    start_emulated_agent
+    rm -f "$work/serial.log" "$work/vmm.log" "$work/api"*.sock
+    api_socket=$work/api.sock
+    cloud-hypervisor -v --kernel /guest/probe-guest.elf --cmdline "edu=1 fill=1 status_ms=500" \
+        --memory size=64M --cpus boot=1 --serial "file=$work/serial.log" --console off \
+        --api-socket "path=$api_socket" --liveupdate "agent=$emu_socket" >"$work/vmm.log" 2>&1 &
+    vmm=$!
+    t=$(now)
+    until tr -d '\r' 2>/dev/null <"$work/serial.log" | grep -q 'probe: edu absent'; do
+        kill -0 "$vmm" 2>/dev/null || fail "$backend: the VMM exited before the guest ran"
+        elapsed_over "$t" 120 && { kill "$vmm"; fail "$backend: the guest did not report edu absent"; }
+        sleep 0.2
+    done
+    out=$(ch-remote --api-socket "$api_socket" add-device "path=$dev" 2>&1) ||
+        { kill "$vmm"; fail "$backend: hot add-device failed: $out"; }
+    echo "E2E-VFIO-HOTADD $(echo "$out" | tr -d ' \n')"
+    reply=$(echo "$out" | tr -d ' \n')
+    case "$reply" in *'"id":"_vfio_device0"'*) ;; *) kill "$vmm"; fail "$backend: unexpected hot-add reply: $out" ;; esac
+    case "$reply" in *'"bdf":"0000:00:0'?'.0"'*) ;; *) kill "$vmm"; fail "$backend: unexpected hot-add reply: $out" ;; esac
+    grep -q "VFIO device .* attached" "$work/vmm.log" ||
+        { kill "$vmm"; fail "$backend: the VMM log shows no attach after the hot-add"; }
+    seq=$(last_seq)
+    t=$(now)
+    until [ "$(last_seq)" -ge $((seq + 2)) ] 2>/dev/null; do
+        kill -0 "$vmm" 2>/dev/null || fail "$backend: the VMM exited after the hot-add"
+        elapsed_over "$t" 60 && { kill "$vmm"; fail "$backend: the guest stopped after the hot-add"; }
+        sleep 0.2
+    done
+    # The hot-added device is a live-update participant like a boot-time one: handed over.
+    restart_update addhot
+    grep -q "VFIO device .* adopted" "$work/vmm-addhot.log" ||
+        { kill "$vmm"; fail "$backend: the successor did not adopt the hot-added device"; }
+    echo "E2E-VFIO-HOTADD handed over: $after"
+    # The guest scanned PCI before the device came: it drives it from the next boot.
+    : >"$work/serial.log"
+    out=$(ch-remote --api-socket "$api_socket" reboot 2>&1) ||
+        { kill "$vmm"; fail "$backend: reboot failed: $out"; }
+    wait_dma "$min_dma"
+    kill "$vmm"
+    wait "$vmm" 2>/dev/null
+    echo "E2E-VFIO-RESULT add-device hot+reboot: $line"
+    check_edu_line "$backend hot"
+}
+
+# The last edu line ($line) shows edu's identity, liveness, one MSI per transfer, no error.
+check_edu_line() {
+    id=$(field "$line" id)
+    case "$id" in 0x*00ed) ;; *) fail "$1: bad edu id $id" ;; esac
+    echo "$line" | grep -q ' live=ok' || fail "$1: liveness check failed: $line"
+    [ "$(field "$line" errors)" = 0 ] || fail "$1: errors: $line"
+    [ "$(field "$line" irqs)" = "$(field "$line" dma)" ] || fail "$1: not one MSI per transfer: $line"
+}
+
 for backend in $backends; do
+    if [ "$backend" = add-device ]; then
+        [ -c /dev/iommu ] || fail "/dev/iommu is missing (the add-device case uses iommufd)"
+        run_add_device
+        continue
+    fi
     if [ "$backend" = restart ]; then
         [ -c /dev/iommu ] || fail "/dev/iommu is missing (the restart case needs the iommufd backend)"
         run_restart

@@ -59,6 +59,13 @@ enum Command {
         /// `socket=<path>[,id=<id>][,persist=on|off]`.
         device: String,
     },
+    /// Add a kernel VFIO device (a host PCI function bound to vfio-pci): to the configuration
+    /// before boot, or hot-added to the running VM (prints its id and BDF; the guest finds it
+    /// on a PCI rescan).
+    AddDevice {
+        /// `path=/sys/bus/pci/devices/<BDF>[,id=<id>]`.
+        device: String,
+    },
 }
 
 /// One REST call: method, endpoint and optional JSON body.
@@ -123,6 +130,14 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
             Call {
                 body: Some(serde_json::to_vec(&device)?),
                 ..Call::new("PUT", "vm.add-user-device")
+            }
+        }
+        Command::AddDevice { device } => {
+            let device =
+                vmm::config::parse_device(device).context("Invalid add-device argument")?;
+            Call {
+                body: Some(serde_json::to_vec(&device)?),
+                ..Call::new("PUT", "vm.add-device")
             }
         }
     })
@@ -338,6 +353,85 @@ mod tests {
     fn add_user_device_without_argument_is_rejected() {
         let error =
             Cli::try_parse_from(["ch-remote", "--api-socket", "s", "add-user-device"]).unwrap_err();
+
+        assert_eq!(
+            error.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn add_device_sends_its_options_as_device_config() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "add-device",
+            "path=/sys/bus/pci/devices/0000:00:03.0,id=edu",
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        assert_eq!((call.method, call.endpoint), ("PUT", "vm.add-device"));
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"path": "/sys/bus/pci/devices/0000:00:03.0", "id": "edu"})
+        );
+    }
+
+    #[test]
+    fn add_device_without_id_sends_only_the_path() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "add-device",
+            "path=/sys/bus/pci/devices/0000:00:03.0",
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"path": "/sys/bus/pci/devices/0000:00:03.0"})
+        );
+    }
+
+    #[test]
+    fn add_device_with_unknown_key_no_path_or_empty_id_is_refused_before_sending() {
+        let arguments = [
+            "socket=/x",
+            "id=a",
+            "path=/sys/x,id=",
+            "path=/sys/x,iommu=on",
+        ];
+
+        let errors: Vec<String> = arguments
+            .iter()
+            .map(|argument| {
+                let cli = parse(&["ch-remote", "--api-socket", "s", "add-device", argument]);
+                format!("{:#}", call_for(&cli.command).unwrap_err())
+            })
+            .collect();
+
+        assert!(errors[0].contains("Unknown key 'socket'"), "{}", errors[0]);
+        assert!(errors[1].contains("Missing key 'path'"), "{}", errors[1]);
+        assert!(errors[2].contains("non-empty id"), "{}", errors[2]);
+        assert!(errors[3].contains("Unknown key 'iommu'"), "{}", errors[3]);
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.contains("Invalid add-device argument")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn add_device_without_argument_is_rejected() {
+        let error =
+            Cli::try_parse_from(["ch-remote", "--api-socket", "s", "add-device"]).unwrap_err();
 
         assert_eq!(
             error.kind(),

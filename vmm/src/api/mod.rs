@@ -13,7 +13,7 @@ mod testing;
 
 use std::error::Error as StdError;
 
-use crate::config::{ConfigError, UserDeviceConfig, VmConfig};
+use crate::config::{ConfigError, DeviceConfig, UserDeviceConfig, VmConfig};
 
 pub use http::{ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server};
 
@@ -49,6 +49,8 @@ pub enum ApiRequest {
     VmLiveUpdate(LiveUpdateConfig),
     /// `PUT vm.add-user-device` with a `UserDeviceConfig` body.
     VmAddUserDevice(UserDeviceConfig),
+    /// `PUT vm.add-device` with a `DeviceConfig` body (a kernel VFIO device).
+    VmAddDevice(DeviceConfig),
 }
 
 /// Where a hot-added PCI device went: the reply of `vm.add-*` on a running VM.
@@ -246,6 +248,19 @@ fn vm_add_user_device(body: &[u8]) -> Result<ApiRequest, String> {
     Ok(ApiRequest::VmAddUserDevice(device))
 }
 
+fn vm_add_device(body: &[u8]) -> Result<ApiRequest, String> {
+    // Unknown fields (cloud-hypervisor's `iommu`, `pci_segment`) are accepted and ignored.
+    let device: DeviceConfig =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid DeviceConfig JSON: {e}"))?;
+    if device.path.as_os_str().is_empty() {
+        return Err("Invalid DeviceConfig: the path is empty".into());
+    }
+    if device.id.as_deref() == Some("") {
+        return Err("Invalid DeviceConfig: the id is empty".into());
+    }
+    Ok(ApiRequest::VmAddDevice(device))
+}
+
 /// Every endpoint the server serves (and `docs/openapi.yaml` documents).
 pub const ROUTES: &[Route] = &[
     empty("vmm.ping", Method::Get, || ApiRequest::VmmPing),
@@ -261,6 +276,7 @@ pub const ROUTES: &[Route] = &[
     empty("vm.counters", Method::Get, || ApiRequest::VmCounters),
     json("vm.live-update", Method::Put, vm_live_update),
     json("vm.add-user-device", Method::Put, vm_add_user_device),
+    json("vm.add-device", Method::Put, vm_add_device),
 ];
 
 /// Maps a method, a path and a body to a request, with cloud-hypervisor's error statuses.
@@ -371,6 +387,74 @@ mod tests {
             .collect();
 
         assert_eq!(statuses, [400, 400, 400, 400]);
+    }
+
+    #[test]
+    fn vm_add_device_parses_its_body_ignoring_cloud_hypervisor_extras() {
+        let body = br#"{"path": "/sys/bus/pci/devices/0000:00:03.0", "id": "edu",
+            "iommu": false, "pci_segment": 0}"#;
+
+        let request = route_request("PUT", "/api/v1/vm.add-device", body);
+
+        assert_eq!(
+            request,
+            Ok(ApiRequest::VmAddDevice(DeviceConfig {
+                path: std::path::PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
+                id: Some("edu".to_string()),
+            }))
+        );
+    }
+
+    #[test]
+    fn vm_add_device_without_id_leaves_it_to_the_vmm() {
+        let body = br#"{"path": "/sys/bus/pci/devices/0000:00:03.0"}"#;
+
+        let request = route_request("PUT", "/api/v1/vm.add-device", body);
+
+        assert!(
+            matches!(
+                request,
+                Ok(ApiRequest::VmAddDevice(DeviceConfig { id: None, .. }))
+            ),
+            "{request:?}"
+        );
+    }
+
+    #[test]
+    fn vm_add_device_without_path_or_with_empty_values_or_no_body_is_a_bad_request() {
+        let bodies: [&[u8]; 6] = [
+            br#"{"id": "dev0"}"#,
+            br#"{"path": ""}"#,
+            br#"{"path": "/sys/x", "id": ""}"#,
+            br#"{"path": 7}"#,
+            b"{path",
+            b"",
+        ];
+
+        let errors: Vec<ApiError> = bodies
+            .iter()
+            .map(|body| route_request("PUT", "/api/v1/vm.add-device", body).unwrap_err())
+            .collect();
+
+        let statuses: Vec<u16> = errors.iter().map(|e| e.status).collect();
+        assert_eq!(statuses, [400; 6]);
+        assert!(
+            errors[0].messages[0].contains("Invalid DeviceConfig JSON"),
+            "{:?}",
+            errors[0]
+        );
+        assert!(
+            errors[1].messages[0].contains("path is empty"),
+            "{:?}",
+            errors[1]
+        );
+    }
+
+    #[test]
+    fn vm_add_device_with_get_is_method_not_allowed() {
+        let error = route_request("GET", "/api/v1/vm.add-device", b"").unwrap_err();
+
+        assert_eq!(error.status, 405);
     }
 
     #[test]

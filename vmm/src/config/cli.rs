@@ -235,9 +235,10 @@ pub fn parse_user_device(input: &str) -> Result<UserDeviceConfig, ConfigError> {
     })
 }
 
-/// Parses `path=/sys/bus/pci/devices/<BDF>[,id=ID]` (`--device`). cloud-hypervisor's
-/// `iommu` and `pci_segment` keys are refused: we have no virtual IOMMU and one segment.
-fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
+/// Parses `path=/sys/bus/pci/devices/<BDF>[,id=ID]` (`--device`, `ch-remote add-device`).
+/// cloud-hypervisor's `iommu` and `pci_segment` keys are refused: we have no virtual IOMMU and
+/// one segment.
+pub fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
     let options = Options::parse("device", input, &["path", "id"])?;
     let id = match options.get("id") {
         Some("") => return Err(options.invalid("id", "", "expected a non-empty id")),

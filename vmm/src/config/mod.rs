@@ -9,6 +9,7 @@
 //! because the kernel's live update cannot preserve hugetlb memfds.
 
 mod cli;
+mod device;
 mod user_device;
 
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use thiserror::Error;
 pub use user_device::UserDeviceConfig;
 
 pub use cli::{
-    LUO_URL_SCHEME, LiveUpdateSource, RestoreConfig, VmCliArgs, parse_api_socket,
+    LUO_URL_SCHEME, LiveUpdateSource, RestoreConfig, VmCliArgs, parse_api_socket, parse_device,
     parse_event_monitor, parse_liveupdate, parse_restore, parse_size, parse_user_device,
 };
 
@@ -111,9 +112,12 @@ pub enum ConfigError {
     /// Two disks share an id.
     #[error("Duplicate disk id '{0}'")]
     DuplicateDiskId(String),
-    /// Two devices of different kinds, or two vfio-user devices, share an id.
+    /// Two devices (of any kinds) share an id.
     #[error("Duplicate device id '{0}'")]
     DuplicateDeviceId(String),
+    /// Two VFIO devices name the same host device.
+    #[error("Duplicate VFIO device path '{}'", .0.display())]
+    DuplicateDevicePath(PathBuf),
 }
 
 /// The VM configuration, in cloud-hypervisor's JSON shape.
@@ -207,7 +211,7 @@ pub struct DiskConfig {
 pub struct DeviceConfig {
     /// The device's sysfs path, `/sys/bus/pci/devices/<BDF>`, bound to vfio-pci.
     pub path: PathBuf,
-    /// Device id; `_vfio_device<N>` when absent.
+    /// Device id (for the API); `vm.add-device` fills in `_vfio_device<N>` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
 }
@@ -401,12 +405,17 @@ impl VmConfig {
                 return Err(ConfigError::DuplicateDeviceId(id));
             }
         }
-        for device in &self.devices {
-            check_exists("VFIO device", &device.path)?;
-            if let Some(id) = &device.id
-                && !ids.insert(id.clone())
+        for (index, device) in self.devices.iter().enumerate() {
+            device.check_path()?;
+            let id = self.vfio_device_id(index);
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateDeviceId(id));
+            }
+            if self.devices[..index]
+                .iter()
+                .any(|other| other.is_same_host_device(device))
             {
-                return Err(ConfigError::DuplicateDeviceId(id.clone()));
+                return Err(ConfigError::DuplicateDevicePath(device.path.clone()));
             }
         }
         self.serial.validate("serial")?;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::api::{ApiError, ApiRequest, ApiResponse, LiveUpdateConfig, PciDeviceInfo};
-use crate::config::UserDeviceConfig;
+use crate::config::{ConfigError, DeviceConfig, UserDeviceConfig, VmConfig};
 use crate::device_manager::DeviceError;
 use crate::live_update;
 
@@ -49,6 +49,7 @@ impl Vmm {
                 "memory_actual_size": config.memory.size,
             }))),
             (ApiRequest::VmAddUserDevice(device), state) => self.add_user_device(device, state),
+            (ApiRequest::VmAddDevice(device), state) => self.add_vfio_device(device, state),
             (ApiRequest::VmCounters, _) => {
                 let counters = self.vm.as_ref().map(Vm::counters).unwrap_or_default();
                 Ok(ApiResponse::Json(serde_json::json!(counters)))
@@ -156,14 +157,44 @@ impl Vmm {
         device: UserDeviceConfig,
         state: VmState,
     ) -> Result<ApiResponse, ApiError> {
+        device.check_socket()?;
+        self.add_pci_device(
+            state,
+            |config| config.add_user_device(device),
+            Vm::add_user_device,
+        )
+    }
+
+    /// `vm.add-device`: as `vm.add-user-device`, for a kernel VFIO device (a host PCI
+    /// function bound to vfio-pci, opened and reset on attach).
+    fn add_vfio_device(
+        &mut self,
+        device: DeviceConfig,
+        state: VmState,
+    ) -> Result<ApiResponse, ApiError> {
+        device.check_path()?;
+        self.add_pci_device(
+            state,
+            |config| config.add_vfio_device(device),
+            Vm::add_vfio_device,
+        )
+    }
+
+    /// Adds a PCI device: `append` puts it last in a copy of the configuration (409 on a
+    /// taken id), then it is either kept for the next boot (204) or `attach`ed to the booted
+    /// VM (200 with its id and BDF, event vm/device-added). The configuration changes only
+    /// once everything succeeded.
+    fn add_pci_device(
+        &mut self,
+        state: VmState,
+        append: impl FnOnce(&mut VmConfig) -> Result<String, ConfigError>,
+        attach: impl FnOnce(&mut Vm, &VmConfig) -> Result<u8, DeviceError>,
+    ) -> Result<ApiResponse, ApiError> {
         let Some(config) = self.config.as_ref() else {
             return Err(ApiError::not_found("VM is not created"));
         };
-        device.check_socket()?;
         let mut updated = config.clone();
-        let id = updated
-            .add_user_device(device)
-            .map_err(|e| ApiError::from_error(409, &e))?;
+        let id = append(&mut updated).map_err(|e| ApiError::from_error(409, &e))?;
         let vm = match (state, self.vm.as_mut()) {
             (VmState::Running | VmState::Paused, Some(vm)) => vm,
             _ => {
@@ -172,9 +203,8 @@ impl Vmm {
                 return Ok(ApiResponse::Empty);
             }
         };
-        let slot = vm
-            .add_user_device(&updated)
-            .map_err(|e| ApiError::from_error(hot_add_status(&e), &e))?;
+        let slot =
+            attach(vm, &updated).map_err(|e| ApiError::from_error(hot_add_status(&e), &e))?;
         self.config = Some(updated);
         let info = PciDeviceInfo::new(id, slot);
         let mut properties = BTreeMap::new();
@@ -186,12 +216,13 @@ impl Vmm {
     }
 }
 
-/// A device the socket does not serve is the caller's error; a full bus is a conflict; the
-/// rest (KVM refusing a route) is ours.
+/// A device the socket does not serve, or a host device VFIO cannot open (e.g. not bound to
+/// vfio-pci), is the caller's error; a full bus is a conflict; the rest (KVM refusing a
+/// route) is ours.
 fn hot_add_status(error: &DeviceError) -> u16 {
     match error {
-        DeviceError::UserDevice { .. } => 400,
-        DeviceError::Pci(_) | DeviceError::Bus(_) => 409,
+        DeviceError::UserDevice { .. } | DeviceError::Vfio { .. } => 400,
+        DeviceError::Pci(_) | DeviceError::Bus(_) | DeviceError::UserDeviceAfterVfio => 409,
         _ => 500,
     }
 }

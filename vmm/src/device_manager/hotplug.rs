@@ -9,7 +9,9 @@
 //! finds the device when it rescans its PCI bus.
 //!
 //! Hot-added devices come after every boot device in slots and MSI groups, and last in the
-//! configuration, so a reboot or a live update rebuilds them in the same places.
+//! configuration, so a reboot or a live update rebuilds them in the same places. A rebuild
+//! places vfio-user devices before VFIO devices, so a vfio-user device cannot be hot-added
+//! once the VM has a VFIO device (it can be added before boot).
 
 use devices::bus::lock;
 use devices::pci::BarAllocator;
@@ -35,8 +37,32 @@ impl DeviceManager {
             .get(index)
             .filter(|_| index == self.user_devices.len())
             .ok_or(DeviceError::NoSuchUserDevice { index })?;
+        // A rebuild places every vfio-user device before every VFIO device.
+        if !self.vfio_devices.is_empty() {
+            return Err(DeviceError::UserDeviceAfterVfio);
+        }
         let (entry, slot) = self.hot_add(ctx, |pci| pci.add_user_device(index, config))?;
         self.user_devices.push(entry);
+        Ok(slot)
+    }
+
+    /// Hot-adds kernel VFIO device `index` of `ctx.config` (the configuration with the device
+    /// appended): opens it (resetting it), maps guest RAM for its DMA, places it on the PCI
+    /// bus, and makes it a live-update participant. Returns its slot. On error the VM is as
+    /// before (the device is closed again).
+    pub(crate) fn hot_add_vfio_device(
+        &mut self,
+        ctx: &DeviceContext<'_>,
+        index: usize,
+    ) -> Result<u8, DeviceError> {
+        let config = ctx
+            .config
+            .devices
+            .get(index)
+            .filter(|_| index == self.vfio_devices.len())
+            .ok_or(DeviceError::NoSuchVfioDevice { index })?;
+        let (entry, slot) = self.hot_add(ctx, |pci| pci.add_vfio_device(index, config))?;
+        self.vfio_devices.push(entry);
         Ok(slot)
     }
 
@@ -134,7 +160,7 @@ mod tests {
     use devices::pci::{PciBarInfo, PciDevice};
 
     use super::*;
-    use crate::config::{ConsoleConfig, ConsoleMode, VmConfig};
+    use crate::config::{ConsoleConfig, ConsoleMode, DeviceConfig, VmConfig};
     use crate::cpu::test_util;
     use crate::interrupts::InterruptManager;
     use crate::layout;
@@ -363,6 +389,60 @@ mod tests {
             .unwrap();
 
         assert_eq!(second, moved + 0x1000);
+    }
+
+    #[test]
+    fn hot_add_of_a_vfio_device_not_bound_to_vfio_pci_is_refused_naming_its_driver() {
+        let mut fixture = Fixture::new();
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        std::os::unix::fs::symlink(
+            "../../../bus/pci/drivers/e1000e",
+            dir.as_path().join("driver"),
+        )
+        .unwrap();
+        fixture.config.devices.push(DeviceConfig {
+            path: dir.as_path().to_path_buf(),
+            id: Some("nic".into()),
+        });
+        let interrupts_before = fixture.interrupts.save();
+        let ctx = DeviceContext {
+            config: &fixture.config,
+            memory: fixture.ram.memory(),
+            vm: &fixture.vm,
+            interrupts: &fixture.interrupts,
+            on_event: Arc::new(|_| {}),
+        };
+
+        let result = fixture.manager.hot_add_vfio_device(&ctx, 0);
+
+        let Err(error @ DeviceError::Vfio { .. }) = result else {
+            panic!("expected a VFIO error, got {result:?}");
+        };
+        let source = std::error::Error::source(&error).unwrap().to_string();
+        assert!(source.contains("e1000e"), "{source}");
+        assert!(fixture.manager.vfio_devices.is_empty());
+        assert_eq!(fixture.interrupts.save(), interrupts_before);
+        assert_eq!(fixture.manager.next_slot, 2);
+        assert_eq!(fixture.vendor_id(2), 0xffff);
+    }
+
+    #[test]
+    fn hot_add_of_a_vfio_device_missing_from_the_config_is_refused() {
+        let mut fixture = Fixture::new();
+        let ctx = DeviceContext {
+            config: &fixture.config,
+            memory: fixture.ram.memory(),
+            vm: &fixture.vm,
+            interrupts: &fixture.interrupts,
+            on_event: Arc::new(|_| {}),
+        };
+
+        let result = fixture.manager.hot_add_vfio_device(&ctx, 0);
+
+        assert!(matches!(
+            result,
+            Err(DeviceError::NoSuchVfioDevice { index: 0 })
+        ));
     }
 
     #[test]

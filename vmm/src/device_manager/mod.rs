@@ -121,6 +121,16 @@ pub enum DeviceError {
         /// Index in `user_devices`.
         index: usize,
     },
+    /// The configuration has no VFIO device at this index.
+    #[error("The configuration has no VFIO device {index}")]
+    NoSuchVfioDevice {
+        /// Index in `devices`.
+        index: usize,
+    },
+    /// A vfio-user device hot-added after a VFIO device would be rebuilt before it (in
+    /// another slot and MSI group) by a live update.
+    #[error("A vfio-user device cannot be hot-added to a VM with VFIO devices; add it before boot")]
+    UserDeviceAfterVfio,
     /// A hot-add built no PCI device, or more than one.
     #[error("A hot-add must place one PCI device, not {count}")]
     HotAddCount {

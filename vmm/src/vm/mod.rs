@@ -251,6 +251,22 @@ impl Vm {
         self.devices.hot_add_user_device(&ctx, index)
     }
 
+    /// Attaches the last kernel VFIO device of `config` (the VM's configuration with the
+    /// device appended) to the running VM and places it on the PCI bus; returns its slot. As
+    /// [`Self::add_user_device`], the guest finds it on a PCI rescan; on error the VM is as
+    /// before.
+    pub fn add_vfio_device(&mut self, config: &VmConfig) -> Result<u8, DeviceError> {
+        let index = config.devices.len().saturating_sub(1);
+        let ctx = DeviceContext {
+            config,
+            memory: self.ram.memory(),
+            vm: &self.vm_fd,
+            interrupts: &self.interrupts,
+            on_event: Arc::new(|_| {}),
+        };
+        self.devices.hot_add_vfio_device(&ctx, index)
+    }
+
     /// Device counters by device id.
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
         self.devices.counters()
