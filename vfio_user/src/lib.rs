@@ -63,15 +63,13 @@
 //! carries memfds (and, later, iommufd/VFIO), not sockets or eventfds. vfio-user updates are
 //! restart-mode only; across a kexec the device to keep running is kernel VFIO (issue 6).
 //!
-//! **One participant for both** (issue 6): the participant here has the shape to share: its
-//! state holds the common part (PCI BAR registers, DMA regions as guest address + size + memfd
-//! offset; MSI routes live in the interrupt state) and the phases are the same: prepare checks
-//! the device can be carried, pause and resume do nothing (the device keeps running), save
-//! writes the state, restore adopts the device "never reset, never re-map". To share it, move
-//! the participant behind a small backend trait (`carriable`, `state`, `adopt(state, fds)`)
-//! whose vfio-user backend adopts the handed-over connection as above and whose VFIO backend
-//! takes the cdev and iommufd from the session (preserved files in kernel mode, or the same
-//! attachments in restart mode) with the IOAS mappings in place.
+//! **One participant for both**: the VMM carries this device and a kernel VFIO device with the
+//! same participant (`vmm/src/device_manager/handover.rs`, `CarriedDeviceParticipant`): the
+//! MSI eventfd is attached first (a refusal means a kexec is coming), then the device's own fds
+//! (here the connection; for VFIO the cdev and the iommufd), pause stops the VMM's traffic and
+//! disarms the irqfd, save writes the device's state with the tokens, resume gives it back
+//! after a cancel. Each device only says which fds to carry, how its tokens are laid out and
+//! why it cannot cross a kexec.
 
 pub mod client;
 pub mod proto;

@@ -6,6 +6,7 @@
 //!
 //! `hotplug` places a device on the PCI bus of a running VM (`vm.add-user-device`).
 
+mod handover;
 mod hotplug;
 mod legacy;
 mod participants;
@@ -39,6 +40,7 @@ use crate::interrupts::{InterruptError, InterruptManager};
 use crate::layout;
 use crate::vcpu_thread::{Buses, VcpuEvent};
 
+use handover::CarriedDeviceParticipant;
 use legacy::{CMOS_STATE_VERSION, LegacyDevices, SERIAL_STATE_VERSION, add_legacy};
 pub(crate) use participants::HandedOverFds;
 use participants::{PCI_ROOT_STATE_VERSION, StateOnly, VirtioParticipant, envelope};
@@ -349,10 +351,10 @@ impl DeviceManager {
             list.push(Box::new(VirtioParticipant { entry }));
         }
         for entry in &self.user_devices {
-            list.push(Box::new(user::UserDeviceParticipant { entry }));
+            list.push(Box::new(CarriedDeviceParticipant { entry }));
         }
         for entry in &self.vfio_devices {
-            list.push(Box::new(vfio::VfioDeviceParticipant { entry }));
+            list.push(Box::new(CarriedDeviceParticipant { entry }));
         }
         list
     }

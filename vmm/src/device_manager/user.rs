@@ -6,33 +6,25 @@
 //! (see the `vfio_user` crate docs). A state from an older VMM, which could not hand them over,
 //! is taken over by a re-attach (`persist=on` servers only).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
-use devices::bus::lock;
 use devices::pci::PciBarRegion;
-use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
-use liveupdate::session::SessionError;
-use liveupdate::state::{Envelope, StateError, StateSet};
+use liveupdate::session::{SessionError, Token};
+use liveupdate::state::{StateError, StateSet};
 use vfio_user::{HandoverTokens, VfioUserDeviceState, VfioUserDeviceStateV1, VfioUserPciDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::participants::{HandedOverFds, envelope};
+use super::handover::{CarriedDevice, CarriedEntry, Refusal};
+use super::participants::HandedOverFds;
 use super::pci::PciBuilder;
 use super::{DeviceError, ids, restore_error, write_bus};
 use crate::config::UserDeviceConfig;
-use crate::interrupts::{InterruptError, MsiGroup, borrow_eventfd, eventfd_from};
+use crate::interrupts::{InterruptError, eventfd_from};
 
 /// An attached vfio-user device, as the manager keeps it.
-pub(super) struct UserDeviceEntry {
-    id: String,
-    device: Arc<Mutex<VfioUserPciDevice>>,
-    /// Its MSI vector, disarmed while the guest is paused for a handover.
-    msi: Arc<MsiGroup>,
-    /// The tokens of the attachments made in prepare, until save records them.
-    handover: Mutex<Option<HandoverTokens>>,
-}
+pub(super) type UserDeviceEntry = CarriedEntry<VfioUserPciDevice>;
 
 /// How the device is brought up.
 enum Attach {
@@ -140,105 +132,54 @@ impl PciBuilder<'_, '_, '_> {
                 bar.size,
             )
             .map_err(DeviceError::Bus)?;
-        Ok(UserDeviceEntry {
-            id,
-            device,
-            msi,
-            handover: Mutex::new(None),
-        })
+        Ok(UserDeviceEntry::new(id, device, msi))
     }
 }
 
-/// A vfio-user device in a live update: its connection and MSI eventfd go to the successor as
-/// session attachments (restart mode only: elsewhere the update is refused in prepare, guest
-/// running). The device keeps running and DMA-ing through the pause; its interrupts wait in
-/// the eventfd. Nothing is sent to the server from the pause on.
-pub(super) struct UserDeviceParticipant<'a> {
-    pub(super) entry: &'a UserDeviceEntry,
-}
+/// A vfio-user device carried by a live update: its connection and MSI eventfd go to the
+/// successor (restart mode only), so the server never sees a disconnect. Nothing is sent to
+/// the server from the pause on.
+impl CarriedDevice for VfioUserPciDevice {
+    type State = VfioUserDeviceState;
+    type Tokens = HandoverTokens;
+    const VERSION: u16 = VfioUserDeviceState::VERSION;
 
-impl UserDeviceParticipant<'_> {
-    fn failed(&self, reason: String) -> ParticipantError {
-        ParticipantError::Failed {
-            id: self.entry.id.clone(),
-            reason,
-        }
-    }
-}
-
-impl AnyParticipant for UserDeviceParticipant<'_> {
-    fn id(&self) -> String {
-        self.entry.id.clone()
-    }
-    fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+    fn fds_to_carry(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, Refusal> {
         // The successor must find the server: refuse now, while the guest can run on here.
-        let connection = {
-            let mut device = lock(&self.entry.device);
-            if !device.is_alive() {
-                return Err(self.failed("the vfio-user server does not answer".into()));
-            }
-            // A copy, so that vCPUs need not wait for the agent to reach the device.
-            device
-                .connection_fd()
-                .try_clone_to_owned()
-                .map_err(|e| self.failed(format!("cannot duplicate the connection: {e}")))?
-        };
-        let unsupported = |source| match source {
-            ParticipantError::Session(error @ SessionError::AttachmentsUnsupported) => {
-                ParticipantError::Unsupported {
-                    id: self.entry.id.clone(),
-                    reason: format!("its connection cannot be handed over: {error}"),
-                }
-            }
-            other => other,
-        };
-        let socket = files.attach(connection.as_fd()).map_err(unsupported)?;
-        let eventfd = self
-            .entry
-            .msi
-            .eventfds()
-            .first()
-            .ok_or_else(|| self.failed("no MSI eventfd".into()))?;
-        let msi_eventfd = files.attach(borrow_eventfd(eventfd)).map_err(unsupported)?;
-        *self
-            .entry
-            .handover
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(HandoverTokens {
-            socket,
-            msi_eventfd,
-        });
-        Ok(())
-    }
-    fn pause(&mut self) -> Result<(), ParticipantError> {
-        // From here on the successor owns the conversation and the interrupts: signals wait
-        // in the eventfd instead of reaching this VM's LAPIC, whose state is about to be saved.
-        lock(&self.entry.device).set_handed_over(true);
-        self.entry.msi.disarm().map_err(|e| {
-            // A participant whose pause fails is not resumed: give the device back here.
-            lock(&self.entry.device).set_handed_over(false);
-            self.failed(format!("cannot detach the MSI irqfd: {e}"))
-        })
-    }
-    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
-        let mut state = lock(&self.entry.device).state();
-        state.handover = *self
-            .entry
-            .handover
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if state.handover.is_none() {
-            return Err(self.failed("saved without a prepare".into()));
+        if !self.is_alive() {
+            return Err(Refusal::Failed(
+                "the vfio-user server does not answer".into(),
+            ));
         }
-        envelope(&self.entry.id, VfioUserDeviceState::VERSION, &state)
+        let connection = self
+            .connection_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Refusal::Failed(format!("cannot duplicate the connection: {e}")))?;
+        Ok(vec![("connection", connection)])
     }
-    fn resume(&mut self) -> Result<(), ParticipantError> {
-        // Cancelled: talk to the server again, and let what waited in the eventfd through.
-        lock(&self.entry.device).set_handed_over(false);
-        self.entry
-            .msi
-            .arm()
-            .map_err(|e| self.failed(format!("cannot attach the MSI irqfd again: {e}")))
+
+    fn tokens(msi_eventfd: Token, fds: &[Token]) -> Option<HandoverTokens> {
+        match fds {
+            [socket] => Some(HandoverTokens {
+                socket: *socket,
+                msi_eventfd,
+            }),
+            _ => None,
+        }
+    }
+
+    fn kexec_refusal(&self, error: &SessionError) -> String {
+        format!("its connection cannot be handed over: {error}")
+    }
+
+    fn set_handed_over(&mut self, handed_over: bool) {
+        VfioUserPciDevice::set_handed_over(self, handed_over);
+    }
+
+    fn carried_state(&self, tokens: HandoverTokens) -> VfioUserDeviceState {
+        let mut state = self.state();
+        state.handover = Some(tokens);
+        state
     }
 }
 
@@ -253,8 +194,12 @@ mod tests {
     use vfio_user::testdev::{TestDevOptions, serve};
     use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+    use devices::bus::lock;
+    use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
+
     use super::*;
     use crate::cpu::test_util;
+    use crate::device_manager::handover::CarriedDeviceParticipant;
     use crate::interrupts::InterruptManager;
 
     /// A device served by the test server on a thread, attached to a VM with 1 MiB of RAM.
@@ -285,12 +230,7 @@ mod tests {
             Ok(0xc000_0000)
         })
         .unwrap();
-        let entry = UserDeviceEntry {
-            id: "vfio-user/0".into(),
-            device: Arc::new(Mutex::new(device)),
-            msi,
-            handover: Mutex::new(None),
-        };
+        let entry = UserDeviceEntry::new("vfio-user/0".into(), Arc::new(Mutex::new(device)), msi);
         (entry, interrupts)
     }
 
@@ -307,7 +247,7 @@ mod tests {
         let mut session = provider.create_session("vm").unwrap();
         let mut files = FileSink::new(session.as_mut());
 
-        let result = UserDeviceParticipant { entry: &entry }.prepare(&mut files);
+        let result = CarriedDeviceParticipant { entry: &entry }.prepare(&mut files);
 
         match result {
             Err(ParticipantError::Unsupported { id, reason }) => {
@@ -321,7 +261,7 @@ mod tests {
     #[test]
     fn pause_silences_the_device_and_resume_gives_it_back() {
         let (entry, _interrupts) = attached("pause");
-        let mut participant = UserDeviceParticipant { entry: &entry };
+        let mut participant = CarriedDeviceParticipant { entry: &entry };
 
         participant.pause().unwrap();
         let paused = (id_register(&entry), entry.msi.is_armed());

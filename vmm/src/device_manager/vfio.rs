@@ -15,31 +15,22 @@
 //! Kernel mode (kexec) is refused in prepare: the session refuses fd attachments, and mainline
 //! 7.2's LUO cannot preserve the vfio cdev nor the iommufd with its mappings.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
-use devices::bus::lock;
-use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
-use liveupdate::session::SessionError;
-use liveupdate::state::Envelope;
+use liveupdate::session::{SessionError, Token};
 use vfio::{AdoptedFds, VfioDeviceState, VfioHandoverTokens, VfioPciDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::participants::{HandedOverFds, envelope};
+use super::handover::{CarriedDevice, CarriedEntry, Refusal};
+use super::participants::HandedOverFds;
 use super::pci::PciBuilder;
 use super::{DeviceError, restore_error};
 use crate::config::DeviceConfig;
-use crate::interrupts::{InterruptError, MsiGroup, borrow_eventfd, eventfd_from};
+use crate::interrupts::{InterruptError, eventfd_from};
 
 /// A kernel VFIO device, as the manager keeps it.
-pub(super) struct VfioDeviceEntry {
-    id: String,
-    device: Arc<Mutex<VfioPciDevice>>,
-    /// Its MSI vector, disarmed while the guest is paused for a handover.
-    msi: Arc<MsiGroup>,
-    /// The tokens of the attachments made in prepare, until save records them.
-    handover: Mutex<Option<VfioHandoverTokens>>,
-}
+pub(super) type VfioDeviceEntry = CarriedEntry<VfioPciDevice>;
 
 /// The participant id of VFIO device `index` of the configuration.
 pub(super) fn participant_id(index: usize) -> String {
@@ -128,130 +119,64 @@ impl PciBuilder<'_, '_, '_> {
         };
         let device = Arc::new(Mutex::new(device));
         self.place(device.clone())?;
-        Ok(VfioDeviceEntry {
-            id,
-            device,
-            msi,
-            handover: Mutex::new(None),
-        })
+        Ok(VfioDeviceEntry::new(id, device, msi))
     }
 }
 
-/// A kernel VFIO device in a live update: handed to the successor in restart mode, refused
-/// in prepare (guest running) in kernel mode and on the container fallback.
-pub(super) struct VfioDeviceParticipant<'a> {
-    pub(super) entry: &'a VfioDeviceEntry,
-}
+/// A kernel VFIO device carried by a live update: its vfio cdev, iommufd and MSI eventfd go
+/// to the successor (restart mode only), which adopts them without a reset. Refused in
+/// prepare (guest running) in kernel mode and on the container fallback.
+impl CarriedDevice for VfioPciDevice {
+    type State = VfioDeviceState;
+    type Tokens = VfioHandoverTokens;
+    const VERSION: u16 = VfioDeviceState::VERSION;
 
-impl VfioDeviceParticipant<'_> {
-    fn failed(&self, reason: String) -> ParticipantError {
-        ParticipantError::Failed {
-            id: self.entry.id.clone(),
-            reason,
-        }
-    }
-
-    fn unsupported(&self, reason: String) -> ParticipantError {
-        ParticipantError::Unsupported {
-            id: self.entry.id.clone(),
-            reason,
-        }
-    }
-}
-
-impl AnyParticipant for VfioDeviceParticipant<'_> {
-    fn id(&self) -> String {
-        self.entry.id.clone()
-    }
-    fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
-        // Copies, so that vCPUs need not wait for the agent to reach the device.
-        let (path, fds) = {
-            let device = lock(&self.entry.device);
-            let path = device.path().display().to_string();
-            let copy = |fd: BorrowedFd<'_>, what: &str| {
-                fd.try_clone_to_owned()
-                    .map_err(|e| self.failed(format!("cannot duplicate the {what}: {e}")))
-            };
-            let fds = match device.handover_fds() {
-                Some(fds) => Some((
-                    copy(fds.device, "device fd")?,
-                    copy(fds.iommufd, "iommufd")?,
-                )),
-                None => None,
-            };
-            (path, fds)
-        };
-        let eventfd = self
-            .entry
-            .msi
-            .eventfds()
-            .first()
-            .ok_or_else(|| self.failed("no MSI eventfd".into()))?;
-        // Only a restart-mode session takes fd attachments: a refusal means the device would
-        // have to cross a kexec. (Attachments made before a refusal go with the cancel.)
-        let msi_eventfd = match files.attach(borrow_eventfd(eventfd)) {
-            Err(ParticipantError::Session(SessionError::AttachmentsUnsupported)) => {
-                return Err(self.unsupported(format!(
-                    "VFIO device {path} cannot be preserved across a kexec: the kernel has no \
-                     VFIO/iommufd preservation"
-                )));
-            }
-            other => other?,
-        };
-        let Some((device, iommufd)) = fds else {
-            return Err(self.unsupported(format!(
-                "VFIO device {path} uses the group and container fallback, which cannot be \
-                 handed over (it needs the vfio cdev and /dev/iommu)"
+    fn fds_to_carry(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, Refusal> {
+        let Some(fds) = self.handover_fds() else {
+            return Err(Refusal::Unsupported(format!(
+                "VFIO device {} uses the group and container fallback, which cannot be \
+                 handed over (it needs the vfio cdev and /dev/iommu)",
+                self.path().display()
             )));
         };
-        let device = files.attach(device.as_fd())?;
-        let iommufd = files.attach(iommufd.as_fd())?;
-        *self
-            .entry
-            .handover
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(VfioHandoverTokens {
-            device,
-            iommufd,
-            msi_eventfd,
-        });
-        Ok(())
+        let copy = |fd: BorrowedFd<'_>, what: &'static str| {
+            fd.try_clone_to_owned()
+                .map(|fd| (what, fd))
+                .map_err(|e| Refusal::Failed(format!("cannot duplicate the {what}: {e}")))
+        };
+        Ok(vec![
+            copy(fds.device, "device fd")?,
+            copy(fds.iommufd, "iommufd")?,
+        ])
     }
-    fn pause(&mut self) -> Result<(), ParticipantError> {
-        // From here on the successor owns the device and its interrupts: no more config or BAR
-        // access, and the kernel's signals wait in the eventfd instead of reaching this VM's
-        // LAPIC, whose state is about to be saved. The device keeps running.
-        lock(&self.entry.device).set_handed_over(true);
-        self.entry.msi.disarm().map_err(|e| {
-            // A participant whose pause fails is not resumed: give the device back here.
-            lock(&self.entry.device).set_handed_over(false);
-            self.failed(format!("cannot detach the MSI irqfd: {e}"))
-        })
-    }
-    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
-        let mut state = lock(&self.entry.device).state();
-        state.handover = *self
-            .entry
-            .handover
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if state.handover.is_none() {
-            return Err(self.failed("saved without a prepare".into()));
+
+    fn tokens(msi_eventfd: Token, fds: &[Token]) -> Option<VfioHandoverTokens> {
+        match fds {
+            [device, iommufd] => Some(VfioHandoverTokens {
+                device: *device,
+                iommufd: *iommufd,
+                msi_eventfd,
+            }),
+            _ => None,
         }
-        envelope(&self.entry.id, VfioDeviceState::VERSION, &state)
     }
-    fn resume(&mut self) -> Result<(), ParticipantError> {
-        // Cancelled: use the device again, and let what waited in the eventfd through.
-        *self
-            .entry
-            .handover
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
-        lock(&self.entry.device).set_handed_over(false);
-        self.entry
-            .msi
-            .arm()
-            .map_err(|e| self.failed(format!("cannot attach the MSI irqfd again: {e}")))
+
+    fn kexec_refusal(&self, _error: &SessionError) -> String {
+        format!(
+            "VFIO device {} cannot be preserved across a kexec: the kernel has no \
+             VFIO/iommufd preservation",
+            self.path().display()
+        )
+    }
+
+    fn set_handed_over(&mut self, handed_over: bool) {
+        VfioPciDevice::set_handed_over(self, handed_over);
+    }
+
+    fn carried_state(&self, tokens: VfioHandoverTokens) -> VfioDeviceState {
+        let mut state = self.state();
+        state.handover = Some(tokens);
+        state
     }
 }
 
@@ -268,8 +193,12 @@ mod tests {
     use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
     use vmm_sys_util::tempfile::TempFile;
 
+    use devices::bus::lock;
+    use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
+
     use super::*;
     use crate::cpu::test_util;
+    use crate::device_manager::handover::CarriedDeviceParticipant;
     use crate::interrupts::InterruptManager;
 
     /// A restart-mode session that keeps what is attached.
@@ -354,12 +283,7 @@ mod tests {
             iommufd: TempFile::new().unwrap().into_file().into(),
         };
         let device = VfioPciDevice::adopt(&state, fds, &memory, msi.clone(), irq).unwrap();
-        let entry = VfioDeviceEntry {
-            id: "vfio/0".into(),
-            device: Arc::new(Mutex::new(device)),
-            msi,
-            handover: Mutex::new(None),
-        };
+        let entry = VfioDeviceEntry::new("vfio/0".into(), Arc::new(Mutex::new(device)), msi);
         Fixture {
             entry,
             device_file,
@@ -380,7 +304,7 @@ mod tests {
         let mut session = provider.create_session("vm").unwrap();
         let mut files = FileSink::new(session.as_mut());
 
-        let result = VfioDeviceParticipant {
+        let result = CarriedDeviceParticipant {
             entry: &fixture.entry,
         }
         .prepare(&mut files);
@@ -401,7 +325,7 @@ mod tests {
     fn restart_mode_hands_over_the_device_fd_iommufd_and_eventfd() {
         let fixture = adopted();
         let mut session = Attaching::default();
-        let mut participant = VfioDeviceParticipant {
+        let mut participant = CarriedDeviceParticipant {
             entry: &fixture.entry,
         };
 
@@ -423,7 +347,7 @@ mod tests {
     #[test]
     fn pause_silences_the_device_and_its_irqfd_and_resume_gives_them_back() {
         let fixture = adopted();
-        let mut participant = VfioDeviceParticipant {
+        let mut participant = CarriedDeviceParticipant {
             entry: &fixture.entry,
         };
         let read = || {

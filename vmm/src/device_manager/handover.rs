@@ -1,0 +1,177 @@
+//! One live-update participant for every PCI device that keeps running while the VMM is
+//! replaced (vfio-user, kernel VFIO): the device's fds and its MSI eventfd go to the successor
+//! as session attachments, so the device never sees the VMM change.
+//!
+//! - **prepare** (guest running): the MSI eventfd is attached first: only a restart-mode
+//!   session takes fd attachments, so a refusal means a kexec is coming, and the device says
+//!   why it cannot cross one. Then the device's own fds (a connection, or a vfio cdev and its
+//!   iommufd), or the device's reason why it cannot be carried. Attachments made before a
+//!   refusal go with the cancel.
+//! - **pause**: the VMM stops touching the device and unregisters its irqfd, so interrupts
+//!   that fall due wait in the eventfd; the device goes on with its DMA.
+//! - **save**: the device's state with the attachment tokens.
+//! - **resume** (the update was cancelled): the device is used again and the irqfd comes back,
+//!   delivering what waited.
+//!
+//! The successor finds the fds by the tokens (`HandedOverFds`) and arms the same eventfd once
+//! its LAPICs are restored.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use devices::bus::lock;
+use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
+use liveupdate::session::{SessionError, Token};
+use liveupdate::state::Envelope;
+use serde::Serialize;
+
+use super::participants::envelope;
+use crate::interrupts::{MsiGroup, borrow_eventfd};
+
+/// Why a device cannot be carried by this update (the guest runs on).
+pub(super) enum Refusal {
+    /// It never can be, this way (e.g. a backend whose fds cannot be handed over).
+    Unsupported(String),
+    /// Not now (e.g. its server does not answer).
+    Failed(String),
+}
+
+/// A device the participant can carry.
+pub(super) trait CarriedDevice: Send {
+    /// Its saved state, tokens included.
+    type State: Serialize;
+    /// The attachment tokens its state records.
+    type Tokens: Copy + Send;
+    /// The version of [`Self::State`].
+    const VERSION: u16;
+
+    /// Copies of the fds the successor takes over besides the MSI eventfd, each with what it
+    /// is; or why the device cannot be carried.
+    fn fds_to_carry(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, Refusal>;
+    /// The tokens from the MSI eventfd's and those of [`Self::fds_to_carry`], in its order.
+    fn tokens(msi_eventfd: Token, fds: &[Token]) -> Option<Self::Tokens>;
+    /// Why the device cannot cross a kexec (`error`: the session refused the attachment).
+    fn kexec_refusal(&self, error: &SessionError) -> String;
+    /// From the pause on (true) the VMM must not touch the device; false gives it back.
+    fn set_handed_over(&mut self, handed_over: bool);
+    /// The state to save, with `tokens`.
+    fn carried_state(&self, tokens: Self::Tokens) -> Self::State;
+}
+
+/// A carried device, as the device manager keeps it.
+pub(super) struct CarriedEntry<D: CarriedDevice> {
+    /// Participant id, e.g. `vfio/0`.
+    pub(super) id: String,
+    pub(super) device: Arc<Mutex<D>>,
+    /// Its MSI vector, disarmed while the guest is paused for a handover.
+    pub(super) msi: Arc<MsiGroup>,
+    /// The tokens of the attachments made in prepare, until save records them.
+    handover: Mutex<Option<D::Tokens>>,
+}
+
+impl<D: CarriedDevice> CarriedEntry<D> {
+    pub(super) fn new(id: String, device: Arc<Mutex<D>>, msi: Arc<MsiGroup>) -> Self {
+        Self {
+            id,
+            device,
+            msi,
+            handover: Mutex::new(None),
+        }
+    }
+
+    fn set_tokens(&self, tokens: Option<D::Tokens>) {
+        *self.handover.lock().unwrap_or_else(PoisonError::into_inner) = tokens;
+    }
+
+    fn tokens(&self) -> Option<D::Tokens> {
+        *self.handover.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The participant of one carried device.
+pub(super) struct CarriedDeviceParticipant<'a, D: CarriedDevice> {
+    pub(super) entry: &'a CarriedEntry<D>,
+}
+
+impl<D: CarriedDevice> CarriedDeviceParticipant<'_, D> {
+    fn failed(&self, reason: String) -> ParticipantError {
+        ParticipantError::Failed {
+            id: self.entry.id.clone(),
+            reason,
+        }
+    }
+
+    fn unsupported(&self, reason: String) -> ParticipantError {
+        ParticipantError::Unsupported {
+            id: self.entry.id.clone(),
+            reason,
+        }
+    }
+}
+
+impl<D: CarriedDevice> AnyParticipant for CarriedDeviceParticipant<'_, D> {
+    fn id(&self) -> String {
+        self.entry.id.clone()
+    }
+
+    fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        let eventfd = self
+            .entry
+            .msi
+            .eventfds()
+            .first()
+            .ok_or_else(|| self.failed("no MSI eventfd".into()))?;
+        let msi_eventfd = match files.attach(borrow_eventfd(eventfd)) {
+            Err(ParticipantError::Session(error @ SessionError::AttachmentsUnsupported)) => {
+                let reason = lock(&self.entry.device).kexec_refusal(&error);
+                return Err(self.unsupported(reason));
+            }
+            other => other?,
+        };
+        // Copies, so that vCPUs need not wait for the agent to reach the device.
+        let fds = lock(&self.entry.device)
+            .fds_to_carry()
+            .map_err(|refusal| match refusal {
+                Refusal::Unsupported(reason) => self.unsupported(reason),
+                Refusal::Failed(reason) => self.failed(reason),
+            })?;
+        let mut tokens = Vec::with_capacity(fds.len());
+        for (_, fd) in &fds {
+            tokens.push(files.attach(fd.as_fd())?);
+        }
+        let tokens = D::tokens(msi_eventfd, &tokens)
+            .ok_or_else(|| self.failed("the device's fds do not match its tokens".into()))?;
+        self.entry.set_tokens(Some(tokens));
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        // From here on the successor owns the device and its interrupts: signals wait in the
+        // eventfd instead of reaching this VM's LAPIC, whose state is about to be saved.
+        lock(&self.entry.device).set_handed_over(true);
+        self.entry.msi.disarm().map_err(|e| {
+            // A participant whose pause fails is not resumed: give the device back here.
+            lock(&self.entry.device).set_handed_over(false);
+            self.failed(format!("cannot detach the MSI irqfd: {e}"))
+        })
+    }
+
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
+        let tokens = self
+            .entry
+            .tokens()
+            .ok_or_else(|| self.failed("saved without a prepare".into()))?;
+        let state = lock(&self.entry.device).carried_state(tokens);
+        envelope(&self.entry.id, D::VERSION, &state)
+    }
+
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        // Cancelled: use the device again, and let what waited in the eventfd through.
+        self.entry.set_tokens(None);
+        lock(&self.entry.device).set_handed_over(false);
+        self.entry
+            .msi
+            .arm()
+            .map_err(|e| self.failed(format!("cannot attach the MSI irqfd again: {e}")))
+    }
+}
