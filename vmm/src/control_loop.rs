@@ -298,12 +298,7 @@ impl Vmm {
         } else {
             VmState::Paused
         };
-        let properties: BTreeMap<String, String> = restored
-            .timings
-            .steps
-            .iter()
-            .map(|(step, us)| (format!("{step}_us"), us.to_string()))
-            .collect();
+        let properties = live_update::timings_properties(&restored.timings);
         self.emit_with("vm", "restored", Some(&properties));
     }
 

@@ -121,20 +121,11 @@ impl Vmm {
         };
         match live_update::run_outgoing(vm, &config, &self.agent, &request.session) {
             Ok(timings) => {
-                let properties: BTreeMap<String, String> = timings
-                    .steps
-                    .iter()
-                    .map(|(step, us)| (format!("{step}_us"), us.to_string()))
-                    .collect();
+                let properties = live_update::timings_properties(&timings);
                 self.emit_with("vm", "live-update-handed-over", Some(&properties));
                 self.vm = None;
                 self.state = VmState::Shutdown;
-                let timings_us: serde_json::Map<String, serde_json::Value> = timings
-                    .steps
-                    .into_iter()
-                    .map(|(step, us)| (step, us.into()))
-                    .collect();
-                Ok(serde_json::json!({ "session": request.session, "timings_us": timings_us }))
+                Ok(live_update::timings_body(&request.session, &timings))
             }
             Err(error) => {
                 if was_paused && let Some(vm) = self.vm.as_mut() {

@@ -62,11 +62,7 @@ impl Vmm {
         };
         match inherited.run_outgoing(vm, &config, session) {
             Ok(timings) => {
-                let properties: BTreeMap<String, String> = timings
-                    .steps
-                    .iter()
-                    .map(|(step, us)| (format!("{step}_us"), us.to_string()))
-                    .collect();
+                let properties = live_update::timings_properties(&timings);
                 self.emit_with("vm", "live-update-handed-over", Some(&properties));
                 self.state = VmState::Paused;
                 Ok(ApiResponse::Json(live_update::timings_body(

@@ -13,6 +13,7 @@
 pub mod inherited;
 pub mod participants;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -287,6 +288,15 @@ fn take_over(
         config,
         timings,
     })
+}
+
+/// The step timings as event properties: `<step>_us` = microseconds.
+pub fn timings_properties(timings: &Timings) -> BTreeMap<String, String> {
+    timings
+        .steps
+        .iter()
+        .map(|(step, us)| (format!("{step}_us"), us.to_string()))
+        .collect()
 }
 
 /// The API's answer to a live update: the session and each step's time in microseconds.
