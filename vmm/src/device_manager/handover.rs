@@ -25,8 +25,11 @@ use liveupdate::session::{SessionError, Token};
 use liveupdate::state::Envelope;
 use serde::Serialize;
 
-use super::participants::envelope;
-use crate::interrupts::{MsiGroup, borrow_eventfd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::DeviceError;
+use super::participants::{HandedOverFds, envelope};
+use crate::interrupts::{InterruptError, InterruptManager, MsiGroup, borrow_eventfd, eventfd_from};
 
 /// Why a device cannot be carried by this update (the guest runs on).
 pub(super) enum Refusal {
@@ -56,6 +59,41 @@ pub(super) trait CarriedDevice: Send {
     fn set_handed_over(&mut self, handed_over: bool);
     /// The state to save, with `tokens`.
     fn carried_state(&self, tokens: Self::Tokens) -> Self::State;
+}
+
+/// The fd the previous VMM attached under `token` (`what` names it in the error). Without it
+/// the restore fails: attaching the device afresh would reset it under the guest.
+pub(super) fn handed_over(id: &str, token: Token, what: &str) -> Result<OwnedFd, DeviceError> {
+    HandedOverFds::take(token).ok_or_else(|| DeviceError::Restore {
+        id: id.to_string(),
+        source: format!(
+            "the session holds no {what} (attachment token {token:#x}); the device is not \
+             attached afresh, which would reset it under the guest"
+        )
+        .into(),
+    })
+}
+
+/// A carried device's MSI vector and the eventfd its device signals: the eventfd handed over
+/// by the previous VMM (armed only once the LAPICs are restored, so a signal that waited finds
+/// them), or a fresh one, armed at once.
+pub(super) fn msi_vector(
+    interrupts: &InterruptManager,
+    handed_over: Option<OwnedFd>,
+) -> Result<(Arc<MsiGroup>, EventFd), DeviceError> {
+    let eventfd_error = |e| DeviceError::Interrupt(InterruptError::EventFd(e));
+    let (irq, armed) = match handed_over {
+        Some(fd) => (eventfd_from(fd), false),
+        None => (EventFd::new(EFD_NONBLOCK).map_err(eventfd_error)?, true),
+    };
+    let vector = irq.try_clone().map_err(eventfd_error)?;
+    let msi = if armed {
+        interrupts.msi_vectors_with_fds(vec![vector])
+    } else {
+        interrupts.msi_vectors_disarmed(vec![vector])
+    }
+    .map_err(DeviceError::Interrupt)?;
+    Ok((msi, irq))
 }
 
 /// A carried device, as the device manager keeps it.

@@ -14,14 +14,11 @@ use devices::pci::PciBarRegion;
 use liveupdate::session::{SessionError, Token};
 use liveupdate::state::{StateError, StateSet};
 use vfio_user::{HandoverTokens, VfioUserDeviceState, VfioUserDeviceStateV1, VfioUserPciDevice};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::handover::{CarriedDevice, CarriedEntry, Refusal};
-use super::participants::HandedOverFds;
+use super::handover::{CarriedDevice, CarriedEntry, Refusal, handed_over, msi_vector};
 use super::pci::PciBuilder;
 use super::{DeviceError, ids, restore_error, write_bus};
 use crate::config::UserDeviceConfig;
-use crate::interrupts::{InterruptError, eventfd_from};
 
 /// An attached vfio-user device, as the manager keeps it.
 pub(super) type UserDeviceEntry = CarriedEntry<VfioUserPciDevice>;
@@ -44,14 +41,6 @@ fn take_state(states: &mut StateSet, id: &str) -> Result<VfioUserDeviceState, St
     }
 }
 
-/// The fd attached under `token` by the previous VMM.
-fn handed_over(id: &str, token: u64, what: &str) -> Result<OwnedFd, DeviceError> {
-    HandedOverFds::take(token).ok_or_else(|| DeviceError::Restore {
-        id: id.to_string(),
-        source: format!("the session holds no {what} (attachment token {token:#x})").into(),
-    })
-}
-
 impl PciBuilder<'_, '_, '_> {
     /// Connects to the device's server (fresh, adopting the handed-over connection, or
     /// re-attaching from an older saved state), plugs it into a slot and its BAR 0 into the
@@ -66,7 +55,6 @@ impl PciBuilder<'_, '_, '_> {
             socket: config.socket.clone(),
             source,
         };
-        let eventfd_error = |e| DeviceError::Interrupt(InterruptError::EventFd(e));
         let attach = match self.restore.as_deref_mut() {
             Some(states) => {
                 let state = take_state(states, &id).map_err(restore_error(&id))?;
@@ -80,39 +68,27 @@ impl PciBuilder<'_, '_, '_> {
         let (device, msi) = match attach {
             Attach::Adopt(state, tokens) => {
                 let stream = UnixStream::from(handed_over(&id, tokens.socket, "connection")?);
-                let irq = eventfd_from(handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?);
-                // Armed once the vCPUs are restored: a signal that waited must find the LAPIC.
-                let msi = self
-                    .ctx
-                    .interrupts
-                    .msi_vectors_disarmed(vec![irq.try_clone().map_err(eventfd_error)?])
-                    .map_err(DeviceError::Interrupt)?;
+                let irq = handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?;
+                let (msi, irq) = msi_vector(self.ctx.interrupts, Some(irq))?;
                 let device =
                     VfioUserPciDevice::adopt(stream, self.ctx.memory, msi.clone(), irq, &state);
                 (device, msi)
             }
-            attach => {
-                let irq = EventFd::new(EFD_NONBLOCK).map_err(eventfd_error)?;
-                let msi = self
-                    .ctx
-                    .interrupts
-                    .msi_vectors_with_fds(vec![irq.try_clone().map_err(eventfd_error)?])
-                    .map_err(DeviceError::Interrupt)?;
-                let device = match attach {
-                    Attach::Reattach(state) => {
-                        VfioUserPciDevice::reattach(self.ctx.memory, msi.clone(), irq, &state)
-                    }
-                    _ => {
-                        let bars = &mut self.bars;
-                        VfioUserPciDevice::connect(
-                            &config.socket,
-                            self.ctx.memory,
-                            msi.clone(),
-                            irq,
-                            &mut |size| bars.allocate(size),
-                        )
-                    }
-                };
+            Attach::Reattach(state) => {
+                let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
+                let device = VfioUserPciDevice::reattach(self.ctx.memory, msi.clone(), irq, &state);
+                (device, msi)
+            }
+            Attach::Connect => {
+                let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
+                let bars = &mut self.bars;
+                let device = VfioUserPciDevice::connect(
+                    &config.socket,
+                    self.ctx.memory,
+                    msi.clone(),
+                    irq,
+                    &mut |size| bars.allocate(size),
+                );
                 (device, msi)
             }
         };
@@ -196,6 +172,8 @@ mod tests {
 
     use devices::bus::lock;
     use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
+
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     use super::*;
     use crate::cpu::test_util;

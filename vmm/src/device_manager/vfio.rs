@@ -20,14 +20,11 @@ use std::sync::{Arc, Mutex};
 
 use liveupdate::session::{SessionError, Token};
 use vfio::{AdoptedFds, VfioDeviceState, VfioHandoverTokens, VfioPciDevice};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::handover::{CarriedDevice, CarriedEntry, Refusal};
-use super::participants::HandedOverFds;
+use super::handover::{CarriedDevice, CarriedEntry, Refusal, handed_over, msi_vector};
 use super::pci::PciBuilder;
 use super::{DeviceError, restore_error};
 use crate::config::DeviceConfig;
-use crate::interrupts::{InterruptError, eventfd_from};
 
 /// A kernel VFIO device, as the manager keeps it.
 pub(super) type VfioDeviceEntry = CarriedEntry<VfioPciDevice>;
@@ -35,18 +32,6 @@ pub(super) type VfioDeviceEntry = CarriedEntry<VfioPciDevice>;
 /// The participant id of VFIO device `index` of the configuration.
 pub(super) fn participant_id(index: usize) -> String {
     format!("vfio/{index}")
-}
-
-/// The fd attached under `token` by the previous VMM.
-fn handed_over(id: &str, token: u64, what: &str) -> Result<OwnedFd, DeviceError> {
-    HandedOverFds::take(token).ok_or_else(|| DeviceError::Restore {
-        id: id.to_string(),
-        source: format!(
-            "the session holds no {what} (attachment token {token:#x}); the device is not \
-             opened afresh, which would reset it under the guest"
-        )
-        .into(),
-    })
 }
 
 impl PciBuilder<'_, '_, '_> {
@@ -63,7 +48,6 @@ impl PciBuilder<'_, '_, '_> {
             path: config.path.clone(),
             source,
         };
-        let eventfd_error = |e| DeviceError::Interrupt(InterruptError::EventFd(e));
         let (device, msi) = if let Some(states) = self.restore.as_deref_mut() {
             let state: VfioDeviceState = states
                 .take(&id, VfioDeviceState::VERSION)
@@ -89,23 +73,13 @@ impl PciBuilder<'_, '_, '_> {
                 device: handed_over(&id, tokens.device, "VFIO device fd")?,
                 iommufd: handed_over(&id, tokens.iommufd, "iommufd")?,
             };
-            let irq = eventfd_from(handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?);
-            // Armed once the vCPUs are restored: a signal that waited must find the LAPIC.
-            let msi = self
-                .ctx
-                .interrupts
-                .msi_vectors_disarmed(vec![irq.try_clone().map_err(eventfd_error)?])
-                .map_err(DeviceError::Interrupt)?;
+            let irq = handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?;
+            let (msi, irq) = msi_vector(self.ctx.interrupts, Some(irq))?;
             let device = VfioPciDevice::adopt(&state, fds, self.ctx.memory, msi.clone(), irq)
                 .map_err(vfio_error)?;
             (device, msi)
         } else {
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(eventfd_error)?;
-            let msi = self
-                .ctx
-                .interrupts
-                .msi_vectors_with_fds(vec![irq.try_clone().map_err(eventfd_error)?])
-                .map_err(DeviceError::Interrupt)?;
+            let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
             let bars = &mut self.bars;
             let device = VfioPciDevice::attach(
                 &config.path,
@@ -195,6 +169,8 @@ mod tests {
 
     use devices::bus::lock;
     use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
+
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     use super::*;
     use crate::cpu::test_util;

@@ -240,15 +240,9 @@ impl Vm {
     /// error the VM is as before.
     pub fn add_user_device(&mut self, config: &VmConfig) -> Result<u8, DeviceError> {
         let index = config.user_devices.len().saturating_sub(1);
-        let ctx = DeviceContext {
-            config,
-            memory: self.ram.memory(),
-            vm: &self.vm_fd,
-            interrupts: &self.interrupts,
-            // Only the legacy devices, built at boot, raise VM events.
-            on_event: Arc::new(|_| {}),
-        };
-        self.devices.hot_add_user_device(&ctx, index)
+        self.hot_add(config, |devices, ctx| {
+            devices.hot_add_user_device(ctx, index)
+        })
     }
 
     /// Attaches the last kernel VFIO device of `config` (the VM's configuration with the
@@ -257,14 +251,26 @@ impl Vm {
     /// before.
     pub fn add_vfio_device(&mut self, config: &VmConfig) -> Result<u8, DeviceError> {
         let index = config.devices.len().saturating_sub(1);
+        self.hot_add(config, |devices, ctx| {
+            devices.hot_add_vfio_device(ctx, index)
+        })
+    }
+
+    /// Runs `add` on the device manager with this running VM's device context.
+    fn hot_add(
+        &mut self,
+        config: &VmConfig,
+        add: impl FnOnce(&mut DeviceManager, &DeviceContext<'_>) -> Result<u8, DeviceError>,
+    ) -> Result<u8, DeviceError> {
         let ctx = DeviceContext {
             config,
             memory: self.ram.memory(),
             vm: &self.vm_fd,
             interrupts: &self.interrupts,
+            // Only the legacy devices, built at boot, raise VM events.
             on_event: Arc::new(|_| {}),
         };
-        self.devices.hot_add_vfio_device(&ctx, index)
+        add(&mut self.devices, &ctx)
     }
 
     /// Device counters by device id.
