@@ -22,7 +22,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::VfioDeviceError;
 use crate::access::{DeviceAccess, Released};
-use crate::open::{DmaRegionState, Opened, VfioBackend, open};
+use devices::pci::DmaRegionState;
+
+use crate::open::{Opened, VfioBackend, open};
 use crate::state::{VfioBarState, VfioDeviceState, VfioRegionState};
 
 /// The BAR registers in configuration space.

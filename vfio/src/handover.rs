@@ -14,7 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::VfioDeviceError;
 use crate::access::{Adopted, HandoverFds};
 use crate::device::VfioPciDevice;
-use crate::open::{VfioBackend, dma_regions};
+use devices::pci::dma_regions;
+
+use crate::open::VfioBackend;
 use crate::state::VfioDeviceState;
 
 /// The fds a previous VMM attached for a device, taken from the session.

@@ -65,8 +65,9 @@ use thiserror::Error;
 
 pub use access::HandoverFds;
 pub use device::VfioPciDevice;
+pub use devices::pci::DmaRegionState;
 pub use handover::AdoptedFds;
-pub use open::{DmaRegionState, VfioBackend};
+pub use open::VfioBackend;
 pub use state::{VfioBarState, VfioDeviceState, VfioHandoverTokens, VfioRegionState};
 
 /// Errors from attaching a VFIO device.
@@ -127,4 +128,12 @@ pub enum VfioDeviceError {
     /// Guest RAM is not laid out as when the device's DMA mappings were made.
     #[error("Guest RAM does not match the device's DMA mappings")]
     RamLayoutChanged,
+}
+
+impl From<devices::pci::NotFileBacked> for VfioDeviceError {
+    fn from(error: devices::pci::NotFileBacked) -> Self {
+        Self::RamNotShareable {
+            address: error.address,
+        }
+    }
 }

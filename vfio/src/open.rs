@@ -5,6 +5,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
+use devices::pci::{DmaRegionState, dma_regions};
 use iommufd_ioctls::IommuFd;
 use serde::{Deserialize, Serialize};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
@@ -23,17 +24,6 @@ pub enum VfioBackend {
     Iommufd,
     /// `/dev/vfio/<group>` in a `/dev/vfio/vfio` container; RAM mapped by host address.
     Container,
-}
-
-/// One guest RAM region mapped for the device's DMA (IOVA = guest physical address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DmaRegionState {
-    /// Guest physical address, also the IOVA.
-    pub address: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Offset of the region in its RAM memfd.
-    pub file_offset: u64,
 }
 
 /// What keeps the IOMMU side open (the device holds it too; we need it to map).
@@ -131,26 +121,6 @@ pub(crate) fn open(sysfs: &Path, memory: &GuestMemoryMmap) -> Result<Opened, Vfi
     })
 }
 
-/// The guest RAM regions as DMA mappings; every one must be file-backed (the RAM memfds).
-pub(crate) fn dma_regions(
-    memory: &GuestMemoryMmap,
-) -> Result<Vec<DmaRegionState>, VfioDeviceError> {
-    memory
-        .iter()
-        .map(|region| {
-            let address = region.start_addr().0;
-            let file = region
-                .file_offset()
-                .ok_or(VfioDeviceError::RamNotShareable { address })?;
-            Ok(DmaRegionState {
-                address,
-                size: region.len(),
-                file_offset: file.start(),
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,7 +144,7 @@ mod tests {
     fn anonymous_ram_cannot_be_mapped_for_dma() {
         let memory = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 4096)]).unwrap();
 
-        let result = dma_regions(&memory);
+        let result = dma_regions(&memory).map_err(VfioDeviceError::from);
 
         assert!(matches!(
             result,

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use devices::pci::PciConfigurationState;
 use serde::{Deserialize, Serialize};
 
-use crate::open::{DmaRegionState, VfioBackend};
+use devices::pci::DmaRegionState;
+
+use crate::open::VfioBackend;
 
 /// What the VMM knows of an attached VFIO device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

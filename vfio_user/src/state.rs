@@ -3,19 +3,9 @@
 
 use std::path::PathBuf;
 
+pub use devices::pci::DmaRegionState;
 use devices::pci::PciConfigurationState;
 use serde::{Deserialize, Serialize};
-
-/// One guest RAM region shared with the server for DMA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DmaRegionState {
-    /// Guest physical address.
-    pub address: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Offset of the region in its RAM memfd.
-    pub file_offset: u64,
-}
 
 /// Where the connection and the MSI eventfd wait for the successor: the tokens of the session
 /// attachments (restart mode) holding them.

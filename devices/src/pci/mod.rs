@@ -6,6 +6,7 @@
 //! told through [`BarRelocator`] when the guest moves one.
 
 pub mod config;
+pub mod dma;
 pub mod msix;
 pub mod root;
 
@@ -14,6 +15,7 @@ use std::io;
 use thiserror::Error;
 
 pub use config::{PciConfiguration, PciConfigurationState, PciIds};
+pub use dma::{DmaRegionState, NotFileBacked, dma_regions};
 pub use msix::{MsixConfig, MsixState};
 pub use root::{BarAllocator, PciBarRegion, PciRoot, PciRootState};
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::proto::{Connection, ProtoError};
 use crate::state::DmaRegionState;
 use devices::interrupt::{MsiMessage, MsiVectors};
+use devices::pci::dma_regions;
 use devices::pci::{PciBarInfo, PciConfiguration, PciDevice, PciError, PciIds};
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
@@ -72,6 +73,14 @@ pub enum UserDeviceError {
     /// The BAR could not be placed.
     #[error("Cannot place BAR 0")]
     Bar(#[source] PciError),
+}
+
+impl From<devices::pci::NotFileBacked> for UserDeviceError {
+    fn from(error: devices::pci::NotFileBacked) -> Self {
+        Self::RamNotShareable {
+            address: error.address,
+        }
+    }
 }
 
 /// A PCI function served by a vfio-user server.
@@ -162,24 +171,6 @@ fn check_bar_size(size: u64) -> Result<u64, UserDeviceError> {
         return Err(UserDeviceError::NoBar);
     }
     Ok(size)
-}
-
-/// Every region of `memory`, as shared with the server.
-fn dma_regions(memory: &GuestMemoryMmap) -> Result<Vec<DmaRegionState>, UserDeviceError> {
-    memory
-        .iter()
-        .map(|region| {
-            let address = region.start_addr().0;
-            let file = region
-                .file_offset()
-                .ok_or(UserDeviceError::RamNotShareable { address })?;
-            Ok(DmaRegionState {
-                address,
-                size: region.len(),
-                file_offset: file.start(),
-            })
-        })
-        .collect()
 }
 
 /// The VMM's copy of the BAR registers: one 32-bit memory BAR 0.

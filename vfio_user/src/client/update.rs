@@ -6,10 +6,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use devices::interrupt::MsiVectors;
+use devices::pci::dma_regions;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{UserDeviceError, VfioUserPciDevice, bar_registers, check_bar_size, dma_regions, open};
+use super::{UserDeviceError, VfioUserPciDevice, bar_registers, check_bar_size, open};
 use crate::proto::Connection;
 use crate::state::VfioUserDeviceState;
 
