@@ -14,11 +14,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Response, VmmProcess, probe_fields, probe_guest, scratch_dir};
+use common::{Response, TestDev, VmmProcess, probe_fields, probe_guest, scratch_dir};
 
 const BOOT: Duration = Duration::from_secs(30);
 const LINE: Duration = Duration::from_secs(10);
@@ -62,44 +60,6 @@ fn device_not_bound_to_vfio(dir: &Path) -> (PathBuf, String) {
         std::fs::create_dir_all(&fake).unwrap();
         (fake, "none".to_string())
     })
-}
-
-/// A running `vfio-user-testdev`, killed on drop: a device that does attach here, to show
-/// that a refused `vm.add-device` left its slot free.
-struct TestDev {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl TestDev {
-    fn start(dir: &Path) -> Self {
-        let socket = dir.join("dev.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vfio-user-testdev"))
-            .arg("--socket")
-            .arg(&socket)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "vfio-user-testdev did not listen"
-            );
-            sleep(Duration::from_millis(20));
-        }
-        Self { child, socket }
-    }
-
-    fn body(&self, id: &str) -> String {
-        serde_json::json!({ "socket": self.socket, "id": id }).to_string()
-    }
-}
-
-impl Drop for TestDev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn add(vmm: &VmmProcess, body: &str) -> Response {
@@ -193,7 +153,7 @@ fn device_not_bound_to_vfio_pci_is_refused_naming_its_driver_and_leaves_its_slot
     let dir = scratch_dir("vfiodev-unbound");
     let (vmm, next) = running_probe(&dir);
     let (path, driver) = device_not_bound_to_vfio(&dir);
-    let dev = TestDev::start(&dir);
+    let dev = TestDev::start(&dir, "dev", &[]);
 
     let refused = add(&vmm, &path_body(&path, Some("pt0")));
     let devices_after_refusal = vfio_devices(&vmm);
@@ -244,7 +204,7 @@ fn duplicate_id_is_a_conflict_and_the_first_device_keeps_running() {
     require_kvm();
     let dir = scratch_dir("vfiodev-dup");
     let (vmm, next) = running_probe(&dir);
-    let dev = TestDev::start(&dir);
+    let dev = TestDev::start(&dir, "dev", &[]);
     let added = vmm.api("PUT", "vm.add-user-device", Some(&dev.body("dev")));
     assert_eq!(added.status, 200, "{}", messages(&added));
     let (next, _) = next_started(&vmm, next);

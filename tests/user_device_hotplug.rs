@@ -13,13 +13,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    Agent, Response, VmmProcess, assert_events_in_order, probe_fields, probe_guest, read_events,
-    scratch_dir,
+    Agent, Response, TestDev, VmmProcess, assert_events_in_order, probe_fields, probe_guest,
+    read_events, scratch_dir,
 };
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -35,45 +33,6 @@ fn require_kvm() {
         Path::new("/dev/kvm").exists(),
         "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
     );
-}
-
-/// A running `vfio-user-testdev`, killed on drop.
-struct TestDev {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl TestDev {
-    /// Starts the device on `dir/<name>.sock` with extra arguments and waits for its socket.
-    fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
-        let socket = dir.join(format!("{name}.sock"));
-        let child = Command::new(env!("CARGO_BIN_EXE_vfio-user-testdev"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "vfio-user-testdev did not listen"
-            );
-            sleep(Duration::from_millis(20));
-        }
-        Self { child, socket }
-    }
-
-    fn body(&self, id: &str) -> String {
-        serde_json::json!({ "socket": self.socket, "id": id }).to_string()
-    }
-}
-
-impl Drop for TestDev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A UNIX socket that accepts connections and closes them at once: not a vfio-user server.

@@ -15,11 +15,10 @@ mod common;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::thread::sleep;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Agent, VmmProcess, probe_fields, scratch_dir};
+use common::{Agent, TestDev, VmmProcess, probe_fields, scratch_dir};
 
 const BOOT: Duration = Duration::from_secs(30);
 const LINE: Duration = Duration::from_secs(10);
@@ -36,60 +35,18 @@ fn require_kvm() {
     );
 }
 
-/// A running `vfio-user-testdev`, killed on drop.
-struct TestDev {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl TestDev {
-    /// Starts the device with DMA enabled at `DMA_ADDR` and waits for its socket.
-    fn start(dir: &Path, rate: u32) -> Self {
-        Self::start_with(
-            dir,
-            &[
-                "--rate",
-                &rate.to_string(),
-                "--enable",
-                &format!("{DMA_ADDR:#x},16"),
-            ],
-        )
-    }
-
-    /// Starts the device with extra arguments and waits for its socket.
-    fn start_with(dir: &Path, args: &[&str]) -> Self {
-        let socket = dir.join("testdev.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vfio-user-testdev"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "vfio-user-testdev did not listen"
-            );
-            sleep(Duration::from_millis(20));
-        }
-        Self { child, socket }
-    }
-
-    fn arg(&self) -> String {
-        format!("socket={}", self.socket.display())
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for TestDev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The test device with DMA enabled at `DMA_ADDR` at `rate` records a second.
+fn dma_testdev(dir: &Path, rate: u32) -> TestDev {
+    TestDev::start(
+        dir,
+        "testdev",
+        &[
+            "--rate",
+            &rate.to_string(),
+            "--enable",
+            &format!("{DMA_ADDR:#x},16"),
+        ],
+    )
 }
 
 /// The VMM's guest RAM memfd (offset = guest physical address below 3 GiB).
@@ -131,7 +88,7 @@ fn now_ns() -> u64 {
 fn attached_testdev_dma_advances_counter_in_guest_ram_while_guest_runs() {
     require_kvm();
     let dir = scratch_dir("vfio-user-dma");
-    let dev = TestDev::start(&dir, 1000);
+    let dev = dma_testdev(&dir, 1000);
     let vmm = VmmProcess::probe(1, "128M", QUICK, &dir, &["--user-device", &dev.arg()]);
     let (next, _banner) = vmm.next_banner(0, BOOT);
     let ram = guest_ram(vmm.pid());
@@ -192,7 +149,7 @@ fn field(fields: &std::collections::BTreeMap<String, String>, key: &str) -> u64 
 fn probe_guest_drives_testdev_dma_and_receives_its_msi() {
     require_kvm();
     let dir = scratch_dir("vfio-user-guest");
-    let dev = TestDev::start_with(&dir, &[]);
+    let dev = TestDev::start(&dir, "testdev", &[]);
     let cmdline = format!("{QUICK} userdev=1");
     let vmm = VmmProcess::probe(1, "128M", &cmdline, &dir, &["--user-device", &dev.arg()]);
     let (next, _banner) = vmm.next_banner(0, BOOT);
@@ -219,14 +176,13 @@ fn probe_guest_drives_testdev_dma_and_receives_its_msi() {
 fn killed_server_leaves_the_guest_running() {
     require_kvm();
     let dir = scratch_dir("vfio-user-killed");
-    let mut dev = TestDev::start_with(&dir, &[]);
+    let mut dev = TestDev::start(&dir, "testdev", &[]);
     let cmdline = format!("{QUICK} userdev=1");
     let mut vmm = VmmProcess::probe(1, "128M", &cmdline, &dir, &["--user-device", &dev.arg()]);
     let (next, _banner) = vmm.next_banner(0, BOOT);
     let (next, before) = next_userdev(&vmm, next);
 
-    dev.child.kill().unwrap();
-    dev.child.wait().unwrap();
+    dev.kill();
     let (next, _) = next_userdev(&vmm, next);
     let (next, stopped) = next_userdev(&vmm, next);
     let (next, still) = next_userdev(&vmm, next);
@@ -246,7 +202,7 @@ fn killed_server_leaves_the_guest_running() {
 fn guest_reboot_reconnects_and_dma_starts_again() {
     require_kvm();
     let dir = scratch_dir("vfio-user-reboot");
-    let dev = TestDev::start_with(&dir, &[]);
+    let dev = TestDev::start(&dir, "testdev", &[]);
     let cmdline = format!("{QUICK} userdev=1 reboot_after=2");
     let mut vmm = VmmProcess::probe(1, "128M", &cmdline, &dir, &["--user-device", &dev.arg()]);
     let (next, _banner) = vmm.next_banner(0, BOOT);
@@ -342,7 +298,7 @@ fn restart_live_update_hands_the_connection_over_without_a_disconnect_or_a_lost_
     let dir = scratch_dir("vfio-user-handover");
     let agent = Agent::start(&dir);
     // Not --persist: a reconnect would reset the device and stop its DMA.
-    let mut dev = TestDev::start_with(&dir, &[]);
+    let mut dev = TestDev::start(&dir, "testdev", &[]);
     let old = counting_vmm(&agent, &dev, &dir.join("old"), &[]);
     let (next, _) = old.next_banner(0, BOOT);
     let (_, warmup) = counted_lines(&old, next, 3);
@@ -403,7 +359,7 @@ fn cancelled_update_gives_the_device_back_to_the_old_vmm() {
     require_kvm();
     let dir = scratch_dir("vfio-user-cancel");
     let agent = Agent::start(&dir);
-    let dev = TestDev::start_with(&dir, &[]);
+    let dev = TestDev::start(&dir, "testdev", &[]);
     let env = [("CHV_TEST_LIVE_UPDATE_FAIL_AT", "save")];
     let vmm = counting_vmm(&agent, &dev, &dir, &env);
     let (next, _) = vmm.next_banner(0, BOOT);
@@ -432,15 +388,14 @@ fn live_update_after_the_server_died_is_refused_and_the_guest_runs_on() {
     require_kvm();
     let dir = scratch_dir("vfio-user-dead");
     let agent = Agent::start(&dir);
-    let mut dev = TestDev::start_with(&dir, &["--persist"]);
+    let mut dev = TestDev::start(&dir, "testdev", &["--persist"]);
     let liveupdate = agent.arg();
     let device = format!("{},persist=on", dev.arg());
     let extra = ["--liveupdate", &liveupdate, "--user-device", &device];
     let vmm = VmmProcess::probe(1, "128M", QUICK, &dir, &extra);
     let (_, _banner) = vmm.next_banner(0, BOOT);
 
-    dev.child.kill().unwrap();
-    dev.child.wait().unwrap();
+    dev.kill();
     let refused = vmm.try_live_update("dead");
     let after = vmm.lines().len();
     let (next, first) = vmm.next_status(after, LINE);

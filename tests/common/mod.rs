@@ -512,3 +512,61 @@ impl VmmProcess {
         serde_json::from_slice(&response.body).unwrap()
     }
 }
+
+/// A running `vfio-user-testdev` serving `<dir>/<name>.sock`, killed on drop.
+pub struct TestDev {
+    child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+}
+
+impl TestDev {
+    /// Starts the device with extra arguments and waits for its socket (the server publishes
+    /// it once it listens).
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let socket = dir.join(format!("{name}.sock"));
+        let child = Command::new(env!("CARGO_BIN_EXE_vfio-user-testdev"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "vfio-user-testdev did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+
+    /// `socket=PATH`, as `--user-device` takes it.
+    pub fn arg(&self) -> String {
+        format!("socket={}", self.socket.display())
+    }
+
+    /// A `vm.add-user-device` body naming the device `id`.
+    pub fn body(&self, id: &str) -> String {
+        serde_json::json!({ "socket": self.socket, "id": id }).to_string()
+    }
+
+    /// Whether the server still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Kills the server and waits for it.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for TestDev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
