@@ -143,6 +143,8 @@ void config_parse(void)
 			cfg.userdev_ack = v;
 		else if (key_is(tok, klen, "edu") && has_val && v <= 1)
 			cfg.edu = v;
+		else if (key_is(tok, klen, "hotplug") && has_val && v <= 1)
+			cfg.hotplug = v;
 		else
 			note_unknown(tok, len);	/* unknown key or bad value */
 	}

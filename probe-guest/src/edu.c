@@ -34,8 +34,15 @@
  * it in (edu_msi_entry counts it), sends the EOI and acknowledges the
  * device, so one vector serves every transfer and none can merge with the
  * next.
+ *
+ * With hotplug=1 (hotplug.c) the device can go and come back: edu_release
+ * waits for the transfer in flight, turns MSI, memory decoding and bus
+ * mastering off and marks it absent; edu_insert starts it again as at boot.
+ * dma, irqs and errors carry on across; the line gains present=0|1,
+ * unplugs=N and plugs=N, and is still printed (frozen) while it is absent.
  */
 #include "edu.h"
+#include "hotplug.h"
 #include "virtio.h"
 
 #define EDU_VENDOR 0x1234
@@ -71,6 +78,10 @@ static volatile u8 edu_dst[EDU_XFER] __attribute__((aligned(4096)));
 static volatile u8 *edu_regs;
 static u8 edu_slot;
 static u8 edu_msi_data;	/* offset of the MSI data register, 0 without MSI */
+static u8 edu_msi_cap;	/* offset of the MSI capability, 0 without MSI */
+static bool edu_seen;	/* started at least once: the line is printed while it is absent */
+static u16 edu_cmd_absent;	/* the command register as left at the last release */
+static u64 edu_unplugs, edu_plugs;
 static u32 edu_id;
 static bool edu_live, edu_mark_lost;
 static u64 edu_khz;
@@ -145,6 +156,7 @@ static bool edu_msi_enable(void)
 			pci_write16(edu_slot, (u8)(cap + 8), 0);
 			pci_write16(edu_slot, (u8)(cap + 10), 0);
 		}
+		edu_msi_cap = cap;
 		edu_msi_data = (u8)(cap + (wide ? 12 : 8));
 		pci_write16(edu_slot, edu_msi_data, EDU_VECTOR);
 		pci_write16(edu_slot, (u8)(cap + 2), (u16)((control & ~0x70) | 1));
@@ -274,28 +286,34 @@ static void edu_report(void)
 	line_kv_dec(&l, "dma", dma_done);
 	line_kv_dec(&l, "irqs", irqs_seen);
 	line_kv_str(&l, "mark", edu_mark_lost ? "lost" : "ok");
-	line_kv_hex(&l, "cmd", pci_read16(edu_slot, PCI_COMMAND));
+	line_kv_hex(&l, "cmd", edu_regs ? pci_read16(edu_slot, PCI_COMMAND) : edu_cmd_absent);
 	line_kv_dec(&l, "pause_dma", pause_dma);
 	line_kv_dec(&l, "pause_irqs", pause_irqs);
 	line_kv_dec(&l, "pause_gap_us", edu_khz ? pause_gap * 1000 / edu_khz : 0);
 	line_kv_dec(&l, "pause_irq_wait_us", edu_khz ? pause_irq_wait * 1000 / edu_khz : 0);
 	line_kv_dec(&l, "errors", edu_errors);
+	if (cfg.hotplug) {
+		line_kv_dec(&l, "present", edu_regs != NULL);
+		line_kv_dec(&l, "unplugs", edu_unplugs);
+		line_kv_dec(&l, "plugs", edu_plugs);
+	}
 	line_emit(&l);
 }
 
-void edu_init(u64 tsc_khz)
+static bool is_edu(u8 slot)
 {
-	edu_khz = tsc_khz;
-	int slot = pci_find(EDU_VENDOR, EDU_DEVICE, EDU_DEVICE, 0);
-	if (slot < 0) {
-		say_edu("absent");
-		return;
-	}
-	edu_slot = (u8)slot;
+	u32 ids = pci_read32(slot, 0);
+	return (u16)ids == EDU_VENDOR && (u16)(ids >> 16) == EDU_DEVICE;
+}
+
+/* Checks and starts the edu in `slot` (BAR, identification, liveness, MSI); false if unusable. */
+static bool edu_start(u8 slot)
+{
+	edu_slot = slot;
 	u64 bar = pci_bar_address(edu_slot, 0);
 	if (!bar) {
 		say_edu("error no bar");
-		return;
+		return false;
 	}
 	pci_enable(edu_slot);
 	volatile u8 *regs = (volatile u8 *)(uintptr_t)bar;
@@ -305,7 +323,7 @@ void edu_init(u64 tsc_khz)
 		line_start(&l, "edu error bad id");
 		line_kv_hex(&l, "id", edu_id);
 		line_emit(&l);
-		return;
+		return false;
 	}
 	edu_live = true;
 	static const u32 probes[] = { 0x12345678, 0xa5a5f00f, 0 };
@@ -325,11 +343,14 @@ void edu_init(u64 tsc_khz)
 	 */
 	outb(0x21, 0xff);
 	outb(0xa1, 0xff);
+	edu_msi_cap = 0;
+	edu_msi_data = 0;
 	if (!edu_msi_enable()) {
 		say_edu("error no msi");
 		edu_errors++;
 	}
 	edu_regs = regs;
+	edu_seen = true;
 	struct line l;
 	line_start(&l, "edu started");
 	line_kv_dec(&l, "slot", edu_slot);
@@ -337,15 +358,78 @@ void edu_init(u64 tsc_khz)
 	line_kv_hex(&l, "src", (u64)(uintptr_t)edu_src);
 	line_kv_hex(&l, "dst", (u64)(uintptr_t)edu_dst);
 	line_emit(&l);
+	return true;
+}
+
+void edu_init(u64 tsc_khz)
+{
+	edu_khz = tsc_khz;
+	int slot = pci_find(EDU_VENDOR, EDU_DEVICE, EDU_DEVICE, 0);
+	if (slot < 0) {
+		say_edu("absent");
+		return;
+	}
+	if (!edu_start((u8)slot))
+		return;
 	for (u32 i = 0; i < EDU_BOOT_ROUNDS; i++)
 		edu_round_trip();
 	edu_report();
 }
 
-void edu_tick(void)
+int edu_driven_slot(void)
+{
+	return edu_regs ? edu_slot : -1;
+}
+
+void edu_release(void)
 {
 	if (!edu_regs)
 		return;
+	/* Transfers run to completion inside a tick; one that timed out may still be busy. */
+	u64 deadline = rdtsc() + ms_to_ticks(EDU_TIMEOUT_MS);
+	while (mmio_rd32(edu_regs, EDU_DMA_CMD) & EDU_CMD_START) {
+		if (rdtsc() > deadline) {
+			say_edu("error dma busy at release");
+			edu_errors++;
+			break;
+		}
+		u64 next = rdtsc() + ms_to_ticks(1) / 10;
+		while (rdtsc() < next)
+			cpu_relax();
+	}
+	/* A late MSI (of a transfer that timed out) must not count for the next device's first. */
+	if (edu_msi_data && vector_pending(EDU_VECTOR))
+		(void)edu_take_msi();
+	u32 status = mmio_rd32(edu_regs, EDU_IRQ_STATUS);
+	if (status)
+		mmio_wr32(edu_regs, EDU_IRQ_ACK, status);
+	edu_cmd_absent = hotplug_pci_quiesce(edu_slot, edu_msi_cap);
+	edu_regs = NULL;
+	edu_msi_cap = 0;
+	edu_msi_data = 0;
+	edu_unplugs++;
+}
+
+enum hp_insert edu_insert(u8 slot)
+{
+	if (!is_edu(slot))
+		return HP_NOT_MINE;
+	if (edu_regs)
+		return slot == edu_slot ? HP_RUNNING : HP_NOT_MINE;	/* one edu at a time */
+	if (!edu_start(slot))
+		return HP_FAILED;
+	edu_plugs++;
+	return HP_STARTED;
+}
+
+void edu_tick(void)
+{
+	if (!edu_regs) {
+		/* Absent after an unplug: the counters as they were, nothing touched. */
+		if (cfg.hotplug && edu_seen)
+			edu_report();
+		return;
+	}
 	if (!edu_mark_lost && mmio_rd32(edu_regs, EDU_LIVENESS) != ~EDU_MARK) {
 		say_edu("error liveness mark lost");
 		edu_mark_lost = true;

@@ -15,4 +15,7 @@
 #define TRAMPOLINE_PADDR 0x8000
 #define SIPI_VECTOR (TRAMPOLINE_PADDR >> 12)
 
+/* The VMM's PCI hot-plug controller: one 4 KiB page of 32-bit registers (hotplug.c). */
+#define PCI_HOTPLUG_PADDR 0xfeb00000
+
 #endif

@@ -2,6 +2,7 @@
 #include "probe.h"
 #include "virtio.h"
 #include "edu.h"
+#include "hotplug.h"
 
 #define INPUT_POLL_US 10000
 #define SMP_QUIET_MS 200
@@ -94,6 +95,10 @@ static void print_status(u64 seq, u64 now)
 	if (cfg.blk_io) {
 		line_kv_dec(&l, "blk_ok", blk_io_ok);
 		line_kv_dec(&l, "blk_err", blk_io_err);
+	}
+	if (cfg.hotplug) {
+		line_kv_dec(&l, "hotplug_removes", hotplug_removes);
+		line_kv_dec(&l, "hotplug_inserts", hotplug_inserts);
 	}
 	line_emit(&l);
 }
@@ -211,6 +216,8 @@ void probe_main(u32 start_info)
 		userdev_init();
 	if (cfg.edu)
 		edu_init(tsc.khz);
+	if (cfg.hotplug)
+		hotplug_init();
 
 	struct worker w;
 	worker_init(&w, 0);
@@ -225,6 +232,8 @@ void probe_main(u32 start_info)
 			poll_input();
 			if (cfg.userdev)
 				userdev_poll();
+			if (cfg.hotplug)
+				hotplug_poll();
 			next_poll = now + poll_ticks;
 		}
 		if (now >= next_status) {

@@ -147,6 +147,7 @@ struct config {
 	bool userdev_ack;	/* userdev_ack=1: take each device MSI, acknowledge it, count it */
 	bool userdev_rescan;	/* userdev=2: look for a hot-added device each interval */
 	bool edu;	/* edu=1: drive QEMU's edu device (edu.c) */
+	bool hotplug;	/* hotplug=1: poll the VMM's PCI hot-plug controller (hotplug.c) */
 	char unknown[128];
 	u32 unknown_len;
 };

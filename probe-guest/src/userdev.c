@@ -21,8 +21,17 @@
  * `userdev=2` also rescans the PCI bus before each status line while the
  * device is absent (the VMM has no ACPI to announce a hot-added device), and
  * starts it when it appears.
+ *
+ * With hotplug=1 (hotplug.c) the device can go and come back: userdev_release
+ * stops its DMA engine, turns MSI, memory decoding and bus mastering off and
+ * marks it absent; userdev_insert starts it again as at boot (the buffer
+ * keeps the last record; counter and irqs are the device's own, so a device
+ * that starts over counts from 0 again). The line gains present=0|1,
+ * unplugs=N and plugs=N, and is still printed, with the values last read,
+ * while the device is absent. A rescan skips a slot ejected but not yet gone.
  */
 #include "virtio.h"
+#include "hotplug.h"
 
 #define USERDEV_VENDOR 0x1234
 #define USERDEV_DEVICE 0x5aa5
@@ -35,10 +44,13 @@
 #define REG_RATE_HZ 0x14
 #define REG_IRQ_COUNT 0x20
 #define REG_BATCH 0x24
+#define REG_STATUS 0x28
 #define REG_CLIENT_SEQ 0x2c
 #define REG_IRQ_ACK 0x30
 #define CONTROL_ENABLE 1
 #define CONTROL_ACK_IRQS 2
+#define STATUS_RUNNING 1
+#define USERDEV_STOP_POLLS 1000
 #define LAPIC_EOI 0xb0
 #define PCI_CAP_ID_MSI 0x05
 #define MSI_VECTOR 0x41
@@ -64,6 +76,13 @@ __asm__(".text\n"
 	"	iretq\n");
 /* Found but unusable: do not rescan (and complain) again. */
 static bool userdev_broken;
+static u8 userdev_slot, userdev_msi_cap;
+/* Started at least once: the line is printed while it is absent. */
+static bool userdev_seen;
+/* The device's registers as last read before a release, shown while it is absent. */
+static u64 absent_counter;
+static u32 absent_irqs, absent_client;
+static u64 userdev_unplugs, userdev_plugs;
 
 static void say_userdev(const char *what)
 {
@@ -79,6 +98,7 @@ static bool msi_setup(u8 slot)
 	for (u8 cap = pci_cap_next(slot, 0); cap; cap = pci_cap_next(slot, cap)) {
 		if (pci_read8(slot, cap) != PCI_CAP_ID_MSI)
 			continue;
+		userdev_msi_cap = cap;
 		u16 control = pci_read16(slot, (u8)(cap + 2));
 		bool is_64bit = control & 0x80;
 		pci_write16(slot, (u8)(cap + 4), (u16)MSI_ADDRESS);
@@ -96,31 +116,38 @@ static bool msi_setup(u8 slot)
 	return false;
 }
 
-/* Finds and starts the device; false if it is not on the bus. */
-static bool userdev_start(void)
+static bool is_userdev(u8 slot)
 {
-	int slot = pci_find(USERDEV_VENDOR, USERDEV_DEVICE, USERDEV_DEVICE, 0);
-	if (slot < 0)
-		return false;
+	u32 ids = pci_read32(slot, 0);
+	return (u16)ids == USERDEV_VENDOR && (u16)(ids >> 16) == USERDEV_DEVICE;
+}
+
+/* Starts the device in `slot`; false (and userdev_broken) if it is unusable. */
+static bool userdev_start_at(u8 slot)
+{
 	userdev_broken = true;
-	u64 bar = pci_bar_address((u8)slot, 0);
+	userdev_msi_cap = 0;
+	u64 bar = pci_bar_address(slot, 0);
 	if (!bar) {
 		say_userdev("error no bar");
 		return true;
 	}
-	pci_enable((u8)slot);
+	pci_enable(slot);
 	volatile u8 *regs = (volatile u8 *)(uintptr_t)bar;
 	if (mmio_rd32(regs, REG_ID) != USERDEV_MAGIC) {
 		say_userdev("error bad id");
 		return true;
 	}
-	if (!msi_setup((u8)slot)) {
+	if (!msi_setup(slot)) {
 		say_userdev("error no msi");
 		return true;
 	}
 	u64 buf = (u64)(uintptr_t)userdev_buf;
-	userdev_buf[0] = 0;
-	userdev_buf[1] = 0;
+	/* After an unplug the last record stays until the device writes the next. */
+	if (!userdev_seen) {
+		userdev_buf[0] = 0;
+		userdev_buf[1] = 0;
+	}
 	mmio_wr32(regs, REG_DMA_ADDR_LO, (u32)buf);
 	mmio_wr32(regs, REG_DMA_ADDR_HI, (u32)(buf >> 32));
 	mmio_wr32(regs, REG_DMA_LEN, sizeof(userdev_buf));
@@ -135,6 +162,8 @@ static bool userdev_start(void)
 	mmio_wr32(regs, REG_CONTROL,
 		  CONTROL_ENABLE | (cfg.userdev_ack ? CONTROL_ACK_IRQS : 0));
 	userdev_bar = regs;
+	userdev_slot = slot;
+	userdev_seen = true;
 	struct line l;
 	line_start(&l, "userdev started");
 	line_kv_dec(&l, "slot", (u64)slot);
@@ -143,6 +172,21 @@ static bool userdev_start(void)
 	line_emit(&l);
 	userdev_broken = false;
 	return true;
+}
+
+/* Finds and starts the device; false if it is not on the bus. */
+static bool userdev_start(void)
+{
+	for (u8 slot = 0; slot < PCI_SLOTS; slot++) {
+		if (!is_userdev(slot) || hotplug_slot_leaving(slot))
+			continue;
+		/* A rescan that finds it again after an unplug is a plug as well. */
+		bool again = userdev_seen;
+		if (userdev_start_at(slot) && again)
+			userdev_plugs++;
+		return true;
+	}
+	return false;
 }
 
 void userdev_init(void)
@@ -204,24 +248,67 @@ void userdev_poll(void)
 		userdev_take_msi();
 }
 
+int userdev_driven_slot(void)
+{
+	return userdev_bar ? userdev_slot : -1;
+}
+
+void userdev_release(void)
+{
+	if (!userdev_bar)
+		return;
+	if (cfg.userdev_ack)
+		userdev_take_msi();
+	/* No new records: the write is answered after any record in progress. */
+	mmio_wr32(userdev_bar, REG_CONTROL, 0);
+	for (u32 i = 0; i < USERDEV_STOP_POLLS; i++)
+		if (!(mmio_rd32(userdev_bar, REG_STATUS) & STATUS_RUNNING))
+			break;
+	absent_counter = userdev_buf[0];
+	absent_irqs = mmio_rd32(userdev_bar, REG_IRQ_COUNT);
+	absent_client = mmio_rd32(userdev_bar, REG_CLIENT_SEQ);
+	(void)hotplug_pci_quiesce(userdev_slot, userdev_msi_cap);
+	userdev_bar = NULL;
+	userdev_unplugs++;
+}
+
+enum hp_insert userdev_insert(u8 slot)
+{
+	if (!is_userdev(slot))
+		return HP_NOT_MINE;
+	if (userdev_bar)
+		return slot == userdev_slot ? HP_RUNNING : HP_NOT_MINE;	/* one at a time */
+	if (!userdev_start_at(slot))
+		return HP_FAILED;
+	userdev_plugs++;
+	return HP_STARTED;
+}
+
 void userdev_tick(void)
 {
-	if (!userdev_bar) {
-		if (cfg.userdev_rescan && !userdev_broken)
-			userdev_start();
-		return;
+	bool present = userdev_bar != NULL;
+	if (!present) {
+		if (cfg.userdev_rescan && !userdev_broken && userdev_start())
+			return;
+		if (!cfg.hotplug || !userdev_seen)
+			return;
 	}
-	if (cfg.userdev_ack)
+	if (present && cfg.userdev_ack)
 		userdev_take_msi();
 	/* Our count before the device's: the device's is never behind it. */
 	u64 msis = userdev_msis;
 	struct line l;
 	line_start(&l, "userdev");
-	line_kv_dec(&l, "counter", userdev_buf[0]);
-	line_kv_dec(&l, "irqs", mmio_rd32(userdev_bar, REG_IRQ_COUNT));
+	line_kv_dec(&l, "counter", present ? userdev_buf[0] : absent_counter);
+	line_kv_dec(&l, "irqs", present ? mmio_rd32(userdev_bar, REG_IRQ_COUNT) : absent_irqs);
 	line_kv_dec(&l, "msi_pending", irr_pending(MSI_VECTOR));
 	if (cfg.userdev_ack)
 		line_kv_dec(&l, "msis", msis);
-	line_kv_dec(&l, "client", mmio_rd32(userdev_bar, REG_CLIENT_SEQ));
+	line_kv_dec(&l, "client", present ? mmio_rd32(userdev_bar, REG_CLIENT_SEQ) : absent_client);
+	if (cfg.hotplug) {
+		line_kv_dec(&l, "present", present);
+		line_kv_dec(&l, "unplugs", userdev_unplugs);
+		line_kv_dec(&l, "plugs", userdev_plugs);
+	}
 	line_emit(&l);
 }
