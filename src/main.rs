@@ -43,7 +43,8 @@ struct Cli {
     /// vfio-user devices: socket=<path>[,persist=on|off] (repeatable).
     #[arg(long, value_name = "socket=<path>", action = ArgAction::Append)]
     user_device: Vec<String>,
-    /// Kernel VFIO devices: path=/sys/bus/pci/devices/<BDF>[,id=<id>] (repeatable).
+    /// Kernel VFIO devices: path=/sys/bus/pci/devices/<BDF>[,id=<id>][,kexec=refuse|detach]
+    /// (repeatable; kexec: what a kexec-mode live update does with it, see docs/vfio.md).
     #[arg(long, value_name = "path=<sysfs path>", action = ArgAction::Append)]
     device: Vec<String>,
     /// Serial port: off|null|pty|tty|file=<path>.

@@ -4,7 +4,8 @@
 //! iommufd and once over the group and container fallback, and through restart-mode live updates
 //! (`ch-luod --emulate`) that hand the device to a successor VMM; and added over the API
 //! (`ch-remote add-device`, cold before boot and hot to a running guest, then handed over and
-//! rebooted). Ignored by default; run it with `cargo test --test slow_vfio -- --ignored`. It
+//! rebooted); and through a kexec-mode live update with `kexec=detach` (a hot-unplug before the
+//! kexec, a hot-plug on the new kernel). Ignored by default; run it with `cargo test --test slow_vfio -- --ignored`. It
 //! fails, never skips, when QEMU, the test kernel or any tool is missing (the script installs
 //! what it can and names the rest).
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
@@ -116,6 +117,48 @@ fn restart_mode_update_hands_the_device_over_without_a_reset_or_a_lost_interrupt
         .unwrap_or_else(|| panic!("no cancelled update in {}", run.log.display()));
     assert!(cancelled.contains("errors=0"), "{cancelled}");
     report(&run, "E2E-VFIO-");
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_vfio -- --ignored"]
+fn kexec_mode_update_with_the_detach_policy_unplugs_and_plugs_the_device_back() {
+    let bins = release_bins();
+    let serial = slow::target_dir()
+        .join("slow-tests")
+        .join("e2e-vfio-detach.serial.log");
+    let args = [
+        bins.as_os_str(),
+        "--log".as_ref(),
+        serial.as_os_str(),
+        "--backends".as_ref(),
+        "kexec-detach".as_ref(),
+    ];
+
+    let run = run_script("e2e-vfio", &args, "e2e-vfio-detach");
+
+    // The stage checks that the guest saw one unplug and one plug (its edu line's counters),
+    // that the restored VMM opened the device afresh (not adopted) and that DMA and MSIs went
+    // on with errors=0.
+    assert!(
+        run.output.contains("E2E-VFIO-PASS"),
+        "no E2E-VFIO-PASS in {}",
+        run.log.display()
+    );
+    assert!(
+        run.output.contains("E2E-VFIO-DETACH-STAGE2"),
+        "no second kernel in {}",
+        run.log.display()
+    );
+    let after = run
+        .output
+        .lines()
+        .find(|l| l.contains("E2E-VFIO-DETACH after: "))
+        .unwrap_or_else(|| panic!("no edu line after the kexec in {}", run.log.display()));
+    assert_eq!(field(after, "unplugs"), Some(1), "{after}");
+    assert_eq!(field(after, "plugs"), Some(1), "{after}");
+    assert_eq!(field(after, "errors"), Some(0), "{after}");
+    assert_eq!(field(after, "irqs"), field(after, "dma"), "{after}");
+    report(&run, "E2E-VFIO-DETACH");
 }
 
 #[test]

@@ -54,16 +54,16 @@ enum Command {
         session: String,
     },
     /// Add a vfio-user device: to the configuration before boot, or hot-added to the running
-    /// VM (prints its id and BDF; the guest finds it on a PCI rescan).
+    /// VM (prints its id and BDF; the guest is told through ACPI).
     AddUserDevice {
         /// `socket=<path>[,id=<id>][,persist=on|off]`.
         device: String,
     },
     /// Add a kernel VFIO device (a host PCI function bound to vfio-pci): to the configuration
-    /// before boot, or hot-added to the running VM (prints its id and BDF; the guest finds it
-    /// on a PCI rescan).
+    /// before boot, or hot-added to the running VM (prints its id and BDF; the guest is told
+    /// through ACPI).
     AddDevice {
-        /// `path=/sys/bus/pci/devices/<BDF>[,id=<id>]`.
+        /// `path=/sys/bus/pci/devices/<BDF>[,id=<id>][,kexec=refuse|detach]`.
         device: String,
     },
 }
@@ -367,7 +367,7 @@ mod tests {
             "--api-socket",
             "s",
             "add-device",
-            "path=/sys/bus/pci/devices/0000:00:03.0,id=edu",
+            "path=/sys/bus/pci/devices/0000:00:03.0,id=edu,kexec=detach",
         ]);
 
         let call = call_for(&cli.command).unwrap();
@@ -376,7 +376,11 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
         assert_eq!(
             body,
-            serde_json::json!({"path": "/sys/bus/pci/devices/0000:00:03.0", "id": "edu"})
+            serde_json::json!({
+                "path": "/sys/bus/pci/devices/0000:00:03.0",
+                "id": "edu",
+                "kexec": "detach"
+            })
         );
     }
 

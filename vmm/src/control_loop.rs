@@ -4,6 +4,7 @@
 
 mod dispatch;
 mod inherited;
+mod unplug;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
@@ -300,6 +301,9 @@ impl Vmm {
         };
         let properties = live_update::timings_properties(&restored.timings);
         self.emit_with("vm", "restored", Some(&properties));
+        // An eject the old VMM had not acted on yet, then the devices it detached.
+        self.take_ejected_devices();
+        self.reattach_after_update();
     }
 
     fn create(&mut self, config: VmConfig) -> Result<ApiResponse, ApiError> {
@@ -361,6 +365,10 @@ impl Vmm {
                         return Err(VmmError::Boot(e));
                     }
                 }
+                Ok(Next::Continue)
+            }
+            VcpuEvent::DeviceEjected => {
+                self.take_ejected_devices();
                 Ok(Next::Continue)
             }
             VcpuEvent::Shutdown => {

@@ -6,7 +6,9 @@
 //!                         info, command line, MP table at the top)
 //!   0x9fc00 .. 0x100000   reported as reserved in the memory map (EBDA, VGA, BIOS area)
 //!   0x100000 ..           kernel, then the initramfs near the end of low RAM
-//! 3 GiB                 32-bit MMIO hole: PCI BARs, then IOAPIC and LAPIC
+//!   0xe0000 .. 0x100000   ACPI tables (RSDP first, where a guest scanning for it looks)
+//! 3 GiB                 32-bit MMIO hole: PCI BARs, the PCI hot-plug controller, then IOAPIC
+//!                       and LAPIC
 //! 4 GiB                 RAM (high part), when the guest has more than 3 GiB
 //! ```
 
@@ -24,8 +26,17 @@ pub const MMIO_HOLE_SIZE: u64 = 0x4000_0000;
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 /// First address for PCI BARs (inside the MMIO hole).
 pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
-/// End (exclusive) of the PCI BAR window, below the IOAPIC.
-pub const PCI_MMIO_END: u64 = IOAPIC_START;
+/// End (exclusive) of the PCI BAR window, below the PCI hot-plug controller.
+pub const PCI_MMIO_END: u64 = PCI_HOTPLUG_START;
+/// The PCI hot-plug controller's registers (see `devices::pci::hotplug`), which the DSDT's
+/// slot methods use.
+pub const PCI_HOTPLUG_START: u64 = 0xfeb0_0000;
+/// Size of the PCI hot-plug controller's register page.
+pub const PCI_HOTPLUG_SIZE: u64 = 0x1000;
+/// Where the ACPI tables are written: the RSDP, then XSDT, FADT, MADT and DSDT.
+pub const ACPI_TABLES_START: u64 = 0xe_0000;
+/// End (exclusive) of the ACPI table area (the legacy BIOS area ends at 1 MiB).
+pub const ACPI_TABLES_END: u64 = HIGH_MEMORY_START;
 /// The IOAPIC's MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APIC's MMIO base.
@@ -33,6 +44,9 @@ pub const LAPIC_START: u64 = 0xfee0_0000;
 
 /// Legacy IRQ (IOAPIC pin) of COM1.
 pub const COM1_IRQ: u32 = 4;
+/// Legacy IRQ (IOAPIC pin, edge-triggered) of the PCI hot-plug controller: the ACPI Generic
+/// Event Device's interrupt.
+pub const PCI_HOTPLUG_IRQ: u32 = 5;
 /// Port base of COM1.
 pub const COM1_PORT: u64 = 0x3f8;
 /// Port base of the i8042 controller (0x60..0x64 is covered with one range).

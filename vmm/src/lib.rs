@@ -4,6 +4,7 @@
 //! and PIT, the devices of the `devices` crate, the REST API on a UNIX socket and the control
 //! loop that serves it. It targets KVM on x86-64 only.
 
+mod acpi;
 pub mod api;
 pub mod boot;
 pub mod config;

@@ -23,6 +23,8 @@ pub enum VcpuEvent {
     Reset,
     /// The guest asked to power off.
     Shutdown,
+    /// The guest released (ejected) PCI devices: the VMM takes them off the bus.
+    DeviceEjected,
     /// `KVM_RUN` failed or the guest hit an exit we cannot handle; the vCPU has stopped.
     Failed {
         /// Index of the vCPU.

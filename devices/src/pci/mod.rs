@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod dma;
+pub mod hotplug;
 pub mod msix;
 pub mod root;
 
@@ -16,6 +17,7 @@ use thiserror::Error;
 
 pub use config::{PciConfiguration, PciConfigurationState, PciIds};
 pub use dma::{DmaRegionState, NotFileBacked, dma_regions};
+pub use hotplug::{PciHotplugController, PciHotplugState};
 pub use msix::{MsixConfig, MsixState};
 pub use root::{BarAllocator, PciBarRegion, PciRoot, PciRootState};
 

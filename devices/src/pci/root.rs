@@ -84,6 +84,15 @@ impl PciRoot {
         Ok(())
     }
 
+    /// Takes the device out of `slot` (a hot-unplug); `None` if the slot was empty.
+    pub fn remove_device(&mut self, slot: u8) -> Option<SharedPciDevice> {
+        let index = usize::from(slot);
+        if index == 0 {
+            return None;
+        }
+        self.slots.get_mut(index)?.take()
+    }
+
     /// The state to save.
     pub fn state(&self) -> PciRootState {
         PciRootState {

@@ -401,6 +401,7 @@ mod tests {
             Ok(ApiRequest::VmAddDevice(DeviceConfig {
                 path: std::path::PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
                 id: Some("edu".to_string()),
+                kexec: crate::config::KexecPolicy::Refuse,
             }))
         );
     }

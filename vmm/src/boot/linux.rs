@@ -28,12 +28,14 @@ const ZERO_PAGE_ADDR: u64 = BOOT_INFO_ADDR;
 /// Alignment of the initramfs floor above the kernel.
 const PAGE_SIZE: u64 = 0x1000;
 
-/// Loads a bzImage, fills the zero page and returns the 64-bit entry.
+/// Loads a bzImage, fills the zero page (with the ACPI RSDP at `rsdp`) and returns the 64-bit
+/// entry.
 pub(super) fn load(
     mem: &GuestMemoryMmap,
     kernel: &mut File,
     config: &BootConfig,
     low_end: u64,
+    rsdp: GuestAddress,
 ) -> Result<BootEntry, BootError> {
     let path = config.kernel;
     let read_error = |source| BootError::ReadKernel {
@@ -71,6 +73,7 @@ pub(super) fn load(
         ..Default::default()
     };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    params.acpi_rsdp_addr = rsdp.0;
 
     let cmdline_capacity = usize::try_from(header.cmdline_size)
         .unwrap_or(usize::MAX)
@@ -152,6 +155,9 @@ mod tests {
     use super::super::test_images::{BzImageSpec, guest_memory, synthetic_bzimage, temp_file};
     use super::*;
 
+    /// An RSDP address the zero page must carry.
+    const TEST_RSDP: GuestAddress = GuestAddress(0xe_0000);
+
     fn boot(
         mem: &GuestMemoryMmap,
         spec: &BzImageSpec,
@@ -166,7 +172,7 @@ mod tests {
         };
         let mut file = File::open(kernel.as_path()).unwrap();
         let low_end = e820::low_ram_end(mem).unwrap();
-        load(mem, &mut file, &config, low_end)
+        load(mem, &mut file, &config, low_end, TEST_RSDP)
     }
 
     fn zero_page(mem: &GuestMemoryMmap) -> boot_params {
@@ -225,6 +231,7 @@ mod tests {
         assert_eq!({ hdr.code32_start }, 0x10_0000);
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
         assert_eq!({ hdr.ramdisk_size }, 0);
+        assert_eq!({ params.acpi_rsdp_addr }, TEST_RSDP.0);
         let mut buf = [0u8; 64];
         mem.read_slice(&mut buf, GuestAddress(CMDLINE_ADDR))
             .unwrap();

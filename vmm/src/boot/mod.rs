@@ -6,11 +6,12 @@
 //! - a Linux bzImage, entered at its 64-bit entry point (boot protocol 2.12+) with the zero page
 //!   in RSI.
 //!
-//! Both paths write an Intel MP table so the guest finds its CPUs and the IOAPIC without ACPI.
+//! Both paths write an Intel MP table so the guest finds its CPUs and the IOAPIC without ACPI,
+//! and the ACPI tables (see `crate::acpi`), whose RSDP address they pass to the kernel.
 //! The 64-bit ELF entry point (without PVH note) is not supported.
 //!
 //! Boot data addresses (all inside `layout::BOOT_DATA_START..layout::EBDA_START`, except the MP
-//! table which sits in the reserved EBDA):
+//! table, which sits in the reserved EBDA, and the ACPI tables in the reserved BIOS area):
 //!
 //! ```text
 //! 0x500     GDT
@@ -18,6 +19,7 @@
 //! 0x7000    zero page (bzImage) or hvm_start_info, module list and memory map (PVH)
 //! 0x20000   command line (up to 64 KiB)
 //! 0x9fc00   MP floating pointer, then the MP configuration table
+//! 0xe0000   ACPI tables, RSDP first
 //! ```
 
 mod e820;
@@ -67,7 +69,7 @@ pub struct BootConfig<'a> {
     pub initramfs: Option<&'a Path>,
     /// Kernel command line.
     pub cmdline: &'a str,
-    /// Number of vCPUs, for the MP table.
+    /// Number of vCPUs, for the MP table and the MADT.
     pub vcpus: u8,
 }
 
@@ -201,6 +203,9 @@ pub enum BootError {
     /// linux-loader could not write the boot parameters.
     #[error("Cannot write boot parameters")]
     Configure(#[source] linux_loader::configurator::Error),
+    /// The ACPI tables could not be written.
+    #[error("Cannot write the ACPI tables")]
+    Acpi(#[source] crate::acpi::AcpiError),
     /// A vCPU register ioctl failed.
     #[error("Cannot set vCPU {what}")]
     SetRegisters {
@@ -234,8 +239,8 @@ pub(crate) fn loader_reason(error: &linux_loader::loader::Error) -> String {
     root.to_string()
 }
 
-/// Loads the kernel (and initramfs) into `mem`, writes the boot structures and MP table, and
-/// returns where the boot vCPU starts.
+/// Loads the kernel (and initramfs) into `mem`, writes the boot structures, the MP table and
+/// the ACPI tables, and returns where the boot vCPU starts.
 pub fn load_kernel(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootEntry, BootError> {
     let path = config.kernel;
     let read_error = |source| BootError::ReadKernel {
@@ -245,9 +250,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootEnt
     let mut kernel = File::open(path).map_err(read_error)?;
     let format = detect_format(&mut kernel, path)?;
     let low_end = e820::low_ram_end(mem)?;
+    let rsdp = crate::acpi::write_tables(mem, config.vcpus).map_err(BootError::Acpi)?;
     let entry = match format {
-        KernelFormat::Elf => pvh::load(mem, &mut kernel, config, low_end)?,
-        KernelFormat::BzImage => linux::load(mem, &mut kernel, config, low_end)?,
+        KernelFormat::Elf => pvh::load(mem, &mut kernel, config, low_end, rsdp)?,
+        KernelFormat::BzImage => linux::load(mem, &mut kernel, config, low_end, rsdp)?,
     };
     regs::write_gdt(mem, &entry)?;
     if matches!(entry, BootEntry::Linux64 { .. }) {
@@ -448,6 +454,22 @@ mod tests {
 
         let signature: [u8; 4] = mem.read_obj(GuestAddress(layout::EBDA_START)).unwrap();
         assert_eq!(&signature, b"_MP_");
+    }
+
+    #[test]
+    fn load_writes_acpi_rsdp_where_the_zero_page_points() {
+        let mem = guest_memory(64 << 20);
+        let kernel = temp_file(&synthetic_bzimage(&BzImageSpec::default()));
+
+        load_kernel(&mem, &config(kernel.as_path())).unwrap();
+
+        let params: linux_loader::loader::bootparam::boot_params =
+            mem.read_obj(GuestAddress(BOOT_INFO_ADDR)).unwrap();
+        assert_eq!({ params.acpi_rsdp_addr }, layout::ACPI_TABLES_START);
+        let signature: [u8; 8] = mem
+            .read_obj(GuestAddress(layout::ACPI_TABLES_START))
+            .unwrap();
+        assert_eq!(&signature, b"RSD PTR ");
     }
 
     #[test]

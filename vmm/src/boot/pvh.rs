@@ -28,12 +28,14 @@ const MEMMAP_ADDR: u64 = BOOT_INFO_ADDR + 0x80;
 /// Alignment of the first address after the kernel where the initramfs may go.
 const PAGE_SIZE: u64 = 0x1000;
 
-/// Loads an ELF kernel that must carry a PVH note and writes `hvm_start_info`.
+/// Loads an ELF kernel that must carry a PVH note and writes `hvm_start_info` (with the ACPI
+/// RSDP at `rsdp`).
 pub(super) fn load(
     mem: &GuestMemoryMmap,
     kernel: &mut File,
     config: &BootConfig,
     low_end: u64,
+    rsdp: GuestAddress,
 ) -> Result<BootEntry, BootError> {
     let path = config.kernel;
     let loaded = Elf::load(
@@ -66,6 +68,7 @@ pub(super) fn load(
         version: HVM_START_VERSION,
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: MEMMAP_ADDR,
+        rsdp_paddr: rsdp.0,
         ..Default::default()
     };
     let memmap: Vec<hvm_memmap_table_entry> = e820::memory_map(mem)?
@@ -116,6 +119,9 @@ mod tests {
     use super::super::test_images::{PVH_ENTRY, guest_memory, pvh_elf, temp_file};
     use super::*;
 
+    /// An RSDP address `hvm_start_info` must carry.
+    const TEST_RSDP: GuestAddress = GuestAddress(0xe_0000);
+
     fn boot(mem: &GuestMemoryMmap, initramfs: Option<&std::path::Path>) -> BootEntry {
         let kernel = temp_file(&pvh_elf(&[0xf4]));
         let config = BootConfig {
@@ -126,7 +132,7 @@ mod tests {
         };
         let mut file = File::open(kernel.as_path()).unwrap();
         let low_end = e820::low_ram_end(mem).unwrap();
-        load(mem, &mut file, &config, low_end).unwrap()
+        load(mem, &mut file, &config, low_end, TEST_RSDP).unwrap()
     }
 
     fn memmap(mem: &GuestMemoryMmap, info: &hvm_start_info) -> Vec<(u64, u64, u32)> {
@@ -157,6 +163,7 @@ mod tests {
         assert_eq!(info.magic, HVM_START_MAGIC);
         assert_eq!(info.version, 1);
         assert_eq!(info.nr_modules, 0);
+        assert_eq!(info.rsdp_paddr, TEST_RSDP.0);
         assert_eq!(
             memmap(&mem, &info),
             vec![

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use super::{
-    ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig,
-    PayloadConfig, RngConfig, UserDeviceConfig, VmConfig,
+    ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DeviceConfig, DiskConfig, KexecPolicy,
+    MemoryConfig, PayloadConfig, RngConfig, UserDeviceConfig, VmConfig,
 };
 
 /// The VM-related flags as given on the command line, before parsing their values.
@@ -29,7 +29,8 @@ pub struct VmCliArgs {
     pub disks: Vec<String>,
     /// `--user-device socket=P[,id=X][,persist=on|off]`, one entry per vfio-user device.
     pub user_devices: Vec<String>,
-    /// `--device path=/sys/bus/pci/devices/<BDF>[,id=X]`, one entry per VFIO device.
+    /// `--device path=/sys/bus/pci/devices/<BDF>[,id=X][,kexec=refuse|detach]`, one entry per
+    /// VFIO device.
     pub devices: Vec<String>,
     /// `--serial off|null|pty|tty|file=PATH`.
     pub serial: Option<String>,
@@ -235,18 +236,24 @@ pub fn parse_user_device(input: &str) -> Result<UserDeviceConfig, ConfigError> {
     })
 }
 
-/// Parses `path=/sys/bus/pci/devices/<BDF>[,id=ID]` (`--device`, `ch-remote add-device`).
-/// cloud-hypervisor's `iommu` and `pci_segment` keys are refused: we have no virtual IOMMU and
-/// one segment.
+/// Parses `path=/sys/bus/pci/devices/<BDF>[,id=ID][,kexec=refuse|detach]` (`--device`,
+/// `ch-remote add-device`). cloud-hypervisor's `iommu` and `pci_segment` keys are refused: we
+/// have no virtual IOMMU and one segment.
 pub fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
-    let options = Options::parse("device", input, &["path", "id"])?;
+    let options = Options::parse("device", input, &["path", "id", "kexec"])?;
     let id = match options.get("id") {
         Some("") => return Err(options.invalid("id", "", "expected a non-empty id")),
         id => id.map(str::to_string),
     };
+    let kexec = match options.get("kexec") {
+        None | Some("refuse") => KexecPolicy::Refuse,
+        Some("detach") => KexecPolicy::Detach,
+        Some(other) => return Err(options.invalid("kexec", other, "expected refuse or detach")),
+    };
     Ok(DeviceConfig {
         path: options.required_path("path")?,
         id,
+        kexec,
     })
 }
 
@@ -729,7 +736,7 @@ mod tests {
         let args = VmCliArgs {
             devices: vec![
                 "path=/sys/bus/pci/devices/0000:00:03.0".to_string(),
-                "path=/sys/bus/pci/devices/0000:00:04.0,id=edu".to_string(),
+                "path=/sys/bus/pci/devices/0000:00:04.0,id=edu,kexec=detach".to_string(),
             ],
             ..VmCliArgs::default()
         };
@@ -742,18 +749,24 @@ mod tests {
                 DeviceConfig {
                     path: PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
                     id: None,
+                    kexec: KexecPolicy::Refuse,
                 },
                 DeviceConfig {
                     path: PathBuf::from("/sys/bus/pci/devices/0000:00:04.0"),
                     id: Some("edu".to_string()),
+                    kexec: KexecPolicy::Detach,
                 },
             ]
         );
     }
 
     #[test]
-    fn vfio_device_without_path_or_with_iommu_is_rejected() {
-        for (input, key) in [("id=edu", "path"), ("path=/sys/x,iommu=on", "iommu")] {
+    fn vfio_device_without_path_with_iommu_or_a_bad_kexec_policy_is_rejected() {
+        for (input, key) in [
+            ("id=edu", "path"),
+            ("path=/sys/x,iommu=on", "iommu"),
+            ("path=/sys/x,kexec=keep", "kexec"),
+        ] {
             let args = VmCliArgs {
                 devices: vec![input.to_string()],
                 ..VmCliArgs::default()

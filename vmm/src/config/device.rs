@@ -64,6 +64,7 @@ mod tests {
         DeviceConfig {
             path: PathBuf::from(path),
             id: id.map(str::to_string),
+            kexec: crate::config::KexecPolicy::Refuse,
         }
     }
 

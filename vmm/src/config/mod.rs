@@ -214,6 +214,30 @@ pub struct DeviceConfig {
     /// Device id (for the API); `vm.add-device` fills in `_vfio_device<N>` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// What a kexec-mode live update does with the device (restart mode always hands it over).
+    /// Left out of the JSON when it is the default, as cloud-hypervisor has no such field.
+    #[serde(default, skip_serializing_if = "KexecPolicy::is_default")]
+    pub kexec: KexecPolicy,
+}
+
+/// What a kexec-mode live update does with a VFIO device, which no kernel can carry across a
+/// kexec today (`--device ...,kexec=refuse|detach`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KexecPolicy {
+    /// The update is refused in prepare, the guest untouched.
+    #[default]
+    Refuse,
+    /// The guest is asked to release the device (a hot-unplug) before the update, and it is
+    /// added again (a hot-plug) once the VM runs on the new kernel.
+    Detach,
+}
+
+impl KexecPolicy {
+    /// Whether this is the default, [`KexecPolicy::Refuse`].
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Where a serial port or console goes.
@@ -709,6 +733,7 @@ mod tests {
             [DeviceConfig {
                 path: PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
                 id: Some("edu".to_string()),
+                kexec: KexecPolicy::Refuse,
             }]
         );
     }
@@ -719,6 +744,7 @@ mod tests {
         config.devices.push(DeviceConfig {
             path: PathBuf::from("/sys/bus/pci/devices/no-such-device"),
             id: None,
+            kexec: KexecPolicy::Refuse,
         });
 
         let result = config.validate();

@@ -113,7 +113,18 @@ impl Vmm {
                 )));
             }
         };
+        if self.vm.is_none() {
+            return Err(ApiError::conflict(
+                "Cannot live-update a VM that is not booted",
+            ));
+        }
         self.emit("vm", "live-update-started");
+        // Kexec mode: devices with kexec=detach leave the guest first (guest running).
+        let detached = self.detach_for_kexec(&config).inspect_err(|error| {
+            let mut properties = BTreeMap::new();
+            properties.insert("error".to_string(), error.messages.join(": "));
+            self.emit_with("vm", "live-update-cancelled", Some(&properties));
+        })?;
         let Some(vm) = self.vm.as_mut() else {
             return Err(ApiError::conflict(
                 "Cannot live-update a VM that is not booted",
@@ -131,6 +142,7 @@ impl Vmm {
                 if was_paused && let Some(vm) = self.vm.as_mut() {
                     vm.pause();
                 }
+                self.reattach(&config, &detached);
                 let mut properties = BTreeMap::new();
                 properties.insert("error".to_string(), error.to_string());
                 self.emit_with("vm", "live-update-cancelled", Some(&properties));

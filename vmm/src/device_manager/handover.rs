@@ -100,6 +100,8 @@ pub(super) fn msi_vector(
 pub(super) struct CarriedEntry<D: CarriedDevice> {
     /// Participant id, e.g. `vfio/0`.
     pub(super) id: String,
+    /// Its PCI slot on bus 0.
+    pub(super) slot: u8,
     pub(super) device: Arc<Mutex<D>>,
     /// Its MSI vector, disarmed while the guest is paused for a handover.
     pub(super) msi: Arc<MsiGroup>,
@@ -108,9 +110,10 @@ pub(super) struct CarriedEntry<D: CarriedDevice> {
 }
 
 impl<D: CarriedDevice> CarriedEntry<D> {
-    pub(super) fn new(id: String, device: Arc<Mutex<D>>, msi: Arc<MsiGroup>) -> Self {
+    pub(super) fn new(id: String, slot: u8, device: Arc<Mutex<D>>, msi: Arc<MsiGroup>) -> Self {
         Self {
             id,
+            slot,
             device,
             msi,
             handover: Mutex::new(None),

@@ -5,8 +5,9 @@
 //! taken above every BAR where it is now: the guest may have moved BARs, and a VM restored
 //! from a live update has its BARs where the old guest put them, not where an allocator
 //! would. The device reaches the PCI root only once it is fully wired; a failed add gives
-//! back its slot, its bus ranges and its MSI groups. The guest is not notified (no ACPI): it
-//! finds the device when it rescans its PCI bus.
+//! back its slot, its bus ranges and its MSI groups. The guest is told through the PCI hot-plug
+//! controller (an ACPI device check on the slot); a guest without ACPI finds the device when it
+//! rescans its PCI bus.
 //!
 //! Hot-added devices come after every boot device in slots and MSI groups, and last in the
 //! configuration, so a reboot or a live update rebuilds them in the same places. A rebuild
@@ -78,20 +79,32 @@ impl DeviceManager {
         BarAllocator::new(floor, layout::PCI_MMIO_END)
     }
 
-    /// Builds one PCI device with `build` on the running VM, then puts it into the PCI root.
+    /// Builds one PCI device with `build` on the running VM, puts it into the PCI root and
+    /// tells the guest.
     /// Any kind of device goes through here (`build` wires it, e.g. with
     /// [`PciBuilder::place`]). On error, the BAR space, slot, MSI groups and bus ranges it took
     /// are given back and the device is dropped before the guest could see it. Not for virtio
     /// devices yet: their ioeventfds would stay registered on error and their queue workers
     /// would not start.
-    fn hot_add<T>(
+    pub(super) fn hot_add<T>(
         &mut self,
         ctx: &DeviceContext<'_>,
         build: impl FnOnce(&mut PciBuilder<'_, '_, '_>) -> Result<T, DeviceError>,
     ) -> Result<(T, u8), DeviceError> {
+        self.hot_add_at(ctx, self.next_slot, build)
+    }
+
+    /// As [`Self::hot_add`], in slot `first_slot` (a free slot: the next one, or a detached
+    /// device's).
+    pub(super) fn hot_add_at<T>(
+        &mut self,
+        ctx: &DeviceContext<'_>,
+        first_slot: u8,
+        build: impl FnOnce(&mut PciBuilder<'_, '_, '_>) -> Result<T, DeviceError>,
+    ) -> Result<(T, u8), DeviceError> {
         let msi_groups = ctx.interrupts.msi_group_count();
         let mut pci = PciBuilder {
-            root: PendingSlots::new(self.next_slot),
+            root: PendingSlots::new(first_slot),
             bars: self.bar_allocator(),
             ctx,
             ioevents: self.ioevents.clone(),
@@ -135,8 +148,11 @@ impl DeviceManager {
         match result {
             Ok((value, slot, next, device)) => {
                 self.pci_devices.push(device);
-                self.next_slot = next;
+                self.next_slot = self.next_slot.max(next);
                 self.virtio.extend(virtio);
+                if let Err(e) = lock(&self.hotplug).notify_inserted(slot) {
+                    warn!("Cannot tell the guest about the device in slot {slot}: {e}");
+                }
                 Ok((value, slot))
             }
             Err(error) => {
@@ -156,113 +172,11 @@ impl DeviceManager {
 mod tests {
     use std::sync::{Arc, Mutex, RwLock};
 
-    use devices::bus::Bus;
-    use devices::pci::{PciBarInfo, PciDevice};
-
     use super::*;
-    use crate::config::{ConsoleConfig, ConsoleMode, DeviceConfig, VmConfig};
-    use crate::cpu::test_util;
-    use crate::interrupts::InterruptManager;
+    use crate::config::DeviceConfig;
+    use crate::device_manager::test_fixture::{FakeDevice, Fixture, hotplug_register};
     use crate::layout;
-    use crate::memory::GuestRam;
-
-    /// A PCI function with vendor id 0x1234 and one 4 KiB BAR that reads as 0xab.
-    struct FakeDevice {
-        bar: u64,
-    }
-
-    impl PciDevice for FakeDevice {
-        fn config_read(&mut self, offset: usize, data: &mut [u8]) {
-            let vendor = if offset == 0 { 0x1234u32 } else { 0 };
-            let bytes = vendor.to_le_bytes();
-            data.copy_from_slice(&bytes[..data.len()]);
-        }
-        fn config_write(&mut self, _offset: usize, _data: &[u8]) {}
-        fn bars(&self) -> Vec<PciBarInfo> {
-            vec![PciBarInfo {
-                index: 0,
-                address: self.bar,
-                size: 0x1000,
-                is_64bit: false,
-            }]
-        }
-        fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
-            data.fill(0xab);
-        }
-        fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
-    }
-
-    /// A KVM VM with the devices of a minimal configuration: serial and virtio-rng (slot 1).
-    struct Fixture {
-        manager: DeviceManager,
-        interrupts: InterruptManager,
-        ram: GuestRam,
-        vm: Arc<kvm_ioctls::VmFd>,
-        config: VmConfig,
-    }
-
-    impl Fixture {
-        fn new() -> Self {
-            let kvm = test_util::kvm();
-            let vm = Arc::new(test_util::vm(&kvm));
-            let ram = GuestRam::new(64 << 20).unwrap();
-            let interrupts = InterruptManager::new(vm.clone()).unwrap();
-            let config = VmConfig {
-                console: ConsoleConfig {
-                    mode: ConsoleMode::Off,
-                    file: None,
-                },
-                ..VmConfig::default()
-            };
-            let manager = DeviceManager::build(
-                &DeviceContext {
-                    config: &config,
-                    memory: ram.memory(),
-                    vm: &vm,
-                    interrupts: &interrupts,
-                    on_event: Arc::new(|_| {}),
-                },
-                None,
-            )
-            .unwrap();
-            Self {
-                manager,
-                interrupts,
-                ram,
-                vm,
-                config,
-            }
-        }
-
-        fn hot_add<T>(
-            &mut self,
-            build: impl FnOnce(&mut PciBuilder<'_, '_, '_>) -> Result<T, DeviceError>,
-        ) -> Result<(T, u8), DeviceError> {
-            let ctx = DeviceContext {
-                config: &self.config,
-                memory: self.ram.memory(),
-                vm: &self.vm,
-                interrupts: &self.interrupts,
-                on_event: Arc::new(|_| {}),
-            };
-            self.manager.hot_add(&ctx, build)
-        }
-
-        fn mmio(&self) -> Arc<RwLock<Bus>> {
-            self.manager.buses().mmio.clone()
-        }
-
-        /// The vendor id of `slot`, read as the guest does (ports 0xcf8/0xcfc).
-        fn vendor_id(&self, slot: u8) -> u16 {
-            let pio = self.manager.buses().pio.clone();
-            let address = 0x8000_0000u32 | (u32::from(slot) << 11);
-            let bus = pio.read().unwrap();
-            assert!(bus.write(layout::PCI_CONFIG_PORT, &address.to_le_bytes()));
-            let mut data = [0u8; 2];
-            assert!(bus.read(layout::PCI_CONFIG_PORT + 4, &mut data));
-            u16::from_le_bytes(data)
-        }
-    }
+    use devices::bus::Bus;
 
     fn read_byte(bus: &RwLock<Bus>, address: u64) -> Option<u8> {
         let mut data = [0u8; 1];
@@ -270,6 +184,43 @@ mod tests {
             .unwrap()
             .read(address, &mut data)
             .then_some(data[0])
+    }
+
+    #[test]
+    fn hotplug_controller_shows_the_boot_devices_present_and_nothing_inserted() {
+        let fixture = Fixture::new();
+
+        let present = hotplug_register(&fixture, devices::pci::hotplug::PRESENT);
+        let inserted = hotplug_register(&fixture, devices::pci::hotplug::INSERTED);
+
+        assert_eq!(present, 1 << 1, "virtio-rng in slot 1");
+        assert_eq!(inserted, 0);
+    }
+
+    #[test]
+    fn hot_added_device_is_announced_to_the_guest_once() {
+        let mut fixture = Fixture::new();
+
+        let ((), slot) = fixture
+            .hot_add(|pci| {
+                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+                pci.place(Arc::new(Mutex::new(FakeDevice { bar })))?;
+                Ok(())
+            })
+            .unwrap();
+
+        assert_eq!(
+            hotplug_register(&fixture, devices::pci::hotplug::INSERTED),
+            1 << slot
+        );
+        assert_eq!(
+            hotplug_register(&fixture, devices::pci::hotplug::INSERTED),
+            0
+        );
+        assert_eq!(
+            hotplug_register(&fixture, devices::pci::hotplug::PRESENT),
+            (1 << 1) | (1 << slot)
+        );
     }
 
     #[test]
@@ -403,6 +354,7 @@ mod tests {
         fixture.config.devices.push(DeviceConfig {
             path: dir.as_path().to_path_buf(),
             id: Some("nic".into()),
+            kexec: crate::config::KexecPolicy::Refuse,
         });
         let interrupts_before = fixture.interrupts.save();
         let ctx = DeviceContext {

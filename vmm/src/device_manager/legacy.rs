@@ -1,5 +1,6 @@
 //! The port devices: COM1, the i8042 (reset) and the CMOS RTC.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use devices::bus::Bus;
@@ -51,8 +52,13 @@ pub(super) fn add_legacy(
         serial = Some(device);
     }
     let on_event = ctx.on_event.clone();
+    // Linux writes the reset command up to ten times before the VMM has torn the VM down:
+    // one reboot per VM, not ten.
+    let requested = AtomicBool::new(false);
     let i8042 = I8042::new(Box::new(move || {
-        on_event(VcpuEvent::Reset);
+        if !requested.swap(true, Ordering::SeqCst) {
+            on_event(VcpuEvent::Reset);
+        }
         Ok(())
     }));
     pio.insert(
@@ -87,4 +93,27 @@ pub(super) fn add_legacy(
 pub(super) struct LegacyDevices {
     pub(super) serial: Option<Arc<Mutex<Serial>>>,
     pub(super) cmos: Arc<Mutex<Cmos>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use crate::device_manager::test_fixture::Fixture;
+    use crate::layout;
+    use crate::vcpu_thread::VcpuEvent;
+
+    #[test]
+    fn repeated_reset_commands_ask_for_one_reboot() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let fixture = Fixture::with_events(Arc::new(move |e| sink.lock().unwrap().push(e)));
+        let pio = fixture.manager.buses().pio.clone();
+
+        for _ in 0..10 {
+            assert!(pio.read().unwrap().write(layout::I8042_PORT + 4, &[0xfe]));
+        }
+
+        assert_eq!(*events.lock().unwrap(), vec![VcpuEvent::Reset]);
+    }
 }

@@ -4,13 +4,17 @@
 //! `legacy` builds the port devices, `pci` the virtio-pci devices and their wiring, and
 //! `participants` turns each device into a live-update participant.
 //!
-//! `hotplug` places a device on the PCI bus of a running VM (`vm.add-user-device`).
+//! `hotplug` places a device on the PCI bus of a running VM (`vm.add-user-device`), and
+//! `unplug` takes one off when the guest has released it (and puts a detached one back).
 
 mod handover;
 mod hotplug;
 mod legacy;
 mod participants;
 mod pci;
+#[cfg(test)]
+mod test_fixture;
+mod unplug;
 mod user;
 mod vfio;
 
@@ -23,7 +27,9 @@ use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 use devices::bus::{Bus, BusError, lock};
 use devices::legacy::{Cmos, Serial};
 use devices::pci::root::SharedPciDevice;
-use devices::pci::{BarAllocator, PciError, PciRoot, PciRootState};
+use devices::pci::{
+    BarAllocator, PciError, PciHotplugController, PciHotplugState, PciRoot, PciRootState,
+};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::console::Console;
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciError};
@@ -170,7 +176,9 @@ pub struct DeviceManager {
     console_is_tty: bool,
     virtio: Vec<VirtioEntry>,
     user_devices: Vec<user::UserDeviceEntry>,
-    vfio_devices: Vec<vfio::VfioDeviceEntry>,
+    vfio_devices: Vec<vfio::VfioSlot>,
+    /// Tells the guest about devices added and devices to release; hears its ejects.
+    hotplug: Arc<Mutex<PciHotplugController>>,
     /// What placing a device after boot needs: every PCI function (to find free BAR space),
     /// the next free slot, and where queue notifications are registered.
     pci_devices: Vec<SharedPciDevice>,
@@ -209,6 +217,8 @@ pub mod ids {
     pub const CMOS: &str = "cmos";
     /// The PCI root (host bridge and config address register).
     pub const PCI_ROOT: &str = "pci/root";
+    /// The PCI hot-plug controller.
+    pub const PCI_HOTPLUG: &str = "pci/hotplug";
     /// A vfio-user device, by its position on the command line.
     pub fn user_device(index: usize) -> String {
         format!("vfio-user/{index}")
@@ -285,11 +295,19 @@ impl DeviceManager {
         for (index, device) in ctx.config.devices.iter().enumerate() {
             vfio_devices.push(pci.add_vfio_device(index, device)?);
         }
+        let mut hotplug_state = None;
         if let Some(states) = pci.restore.as_deref_mut() {
             let state: PciRootState = states
                 .take(ids::PCI_ROOT, PCI_ROOT_STATE_VERSION)
                 .map_err(restore_error(ids::PCI_ROOT))?;
             root.set_state(&state);
+            // States saved before the controller existed have none.
+            if states.envelope(ids::PCI_HOTPLUG).is_some() {
+                let state: PciHotplugState = states
+                    .take(ids::PCI_HOTPLUG, PCI_HOTPLUG_STATE_VERSION)
+                    .map_err(restore_error(ids::PCI_HOTPLUG))?;
+                hotplug_state = Some(state);
+            }
         }
         let PciBuilder {
             root: slots,
@@ -297,6 +315,7 @@ impl DeviceManager {
             ..
         } = pci;
         let pci_devices = slots.added().iter().map(|(_, d)| d.clone()).collect();
+        let hotplug = add_hotplug_controller(ctx, &mmio, hotplug_state, slots.added())?;
         let next_slot = slots.commit(&mut root).map_err(DeviceError::Pci)?;
         let pci_root = Arc::new(Mutex::new(root));
         write_bus(&pio)
@@ -317,6 +336,7 @@ impl DeviceManager {
             virtio,
             user_devices,
             vfio_devices,
+            hotplug,
             pci_devices,
             next_slot,
             ioevents,
@@ -329,7 +349,7 @@ impl DeviceManager {
         let mut list: Vec<Box<dyn AnyParticipant + '_>> = Vec::new();
         if let Some(serial) = &self.serial {
             list.push(Box::new(StateOnly {
-                id: ids::SERIAL,
+                id: ids::SERIAL.into(),
                 save: Box::new(move || {
                     envelope(ids::SERIAL, SERIAL_STATE_VERSION, &lock(serial).state())
                 }),
@@ -337,14 +357,25 @@ impl DeviceManager {
         }
         let cmos = &self.cmos;
         list.push(Box::new(StateOnly {
-            id: ids::CMOS,
+            id: ids::CMOS.into(),
             save: Box::new(move || envelope(ids::CMOS, CMOS_STATE_VERSION, &lock(cmos).state())),
         }));
         let root = &self.pci_root;
         list.push(Box::new(StateOnly {
-            id: ids::PCI_ROOT,
+            id: ids::PCI_ROOT.into(),
             save: Box::new(move || {
                 envelope(ids::PCI_ROOT, PCI_ROOT_STATE_VERSION, &lock(root).state())
+            }),
+        }));
+        let hotplug = &self.hotplug;
+        list.push(Box::new(StateOnly {
+            id: ids::PCI_HOTPLUG.into(),
+            save: Box::new(move || {
+                envelope(
+                    ids::PCI_HOTPLUG,
+                    PCI_HOTPLUG_STATE_VERSION,
+                    &lock(hotplug).state(),
+                )
             }),
         }));
         for entry in &mut self.virtio {
@@ -353,8 +384,25 @@ impl DeviceManager {
         for entry in &self.user_devices {
             list.push(Box::new(CarriedDeviceParticipant { entry }));
         }
-        for entry in &self.vfio_devices {
-            list.push(Box::new(CarriedDeviceParticipant { entry }));
+        for slot in &self.vfio_devices {
+            match slot {
+                vfio::VfioSlot::Attached(entry) => {
+                    list.push(Box::new(CarriedDeviceParticipant { entry }));
+                }
+                vfio::VfioSlot::Detached(detached) => {
+                    let state = vfio::DetachedVfioState {
+                        slot: detached.slot,
+                        reattach_after_update: detached.reattach_after_update,
+                    };
+                    let id = detached.id.clone();
+                    list.push(Box::new(StateOnly {
+                        id: id.clone(),
+                        save: Box::new(move || {
+                            envelope(&id, vfio::DetachedVfioState::VERSION, &state)
+                        }),
+                    }));
+                }
+            }
         }
         list
     }
@@ -443,6 +491,46 @@ impl Drop for DeviceManager {
     fn drop(&mut self) {
         self.stop_workers();
     }
+}
+
+/// Version of `PciHotplugState` in the state blob.
+const PCI_HOTPLUG_STATE_VERSION: u16 = 1;
+
+/// The PCI hot-plug controller on the MMIO bus, with `state` on a restore; at boot it knows
+/// the devices in `placed` as present.
+fn add_hotplug_controller(
+    ctx: &DeviceContext<'_>,
+    mmio: &RwLock<Bus>,
+    state: Option<PciHotplugState>,
+    placed: &[(u8, SharedPciDevice)],
+) -> Result<Arc<Mutex<PciHotplugController>>, DeviceError> {
+    let irq = ctx
+        .interrupts
+        .legacy_line(layout::PCI_HOTPLUG_IRQ)
+        .map_err(DeviceError::Interrupt)?;
+    let on_event = ctx.on_event.clone();
+    let mut controller = PciHotplugController::new(
+        state.unwrap_or_default(),
+        irq,
+        Box::new(move || {
+            on_event(VcpuEvent::DeviceEjected);
+            Ok(())
+        }),
+    );
+    if state.is_none() {
+        for (slot, _) in placed {
+            controller.set_present(*slot, true);
+        }
+    }
+    let controller = Arc::new(Mutex::new(controller));
+    write_bus(mmio)
+        .insert(
+            controller.clone(),
+            layout::PCI_HOTPLUG_START,
+            layout::PCI_HOTPLUG_SIZE,
+        )
+        .map_err(DeviceError::Bus)?;
+    Ok(controller)
 }
 
 /// Takes a bus for writing; a poisoned lock still holds a consistent bus (inserts are atomic).

@@ -65,13 +65,13 @@ impl Drop for HandedOverFds {
 /// A device that only needs its state saved: it changes only when a vCPU touches it, and the
 /// vCPUs are paused before any device saves.
 pub(super) struct StateOnly<'a> {
-    pub(super) id: &'static str,
+    pub(super) id: String,
     pub(super) save: Box<dyn Fn() -> Result<Envelope, ParticipantError> + 'a>,
 }
 
 impl AnyParticipant for StateOnly<'_> {
     fn id(&self) -> String {
-        self.id.to_string()
+        self.id.clone()
     }
     fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
         Ok(())

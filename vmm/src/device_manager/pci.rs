@@ -115,6 +115,15 @@ impl PendingSlots {
     }
 
     /// The devices reserved so far, with their slots.
+    /// Keeps the next slot free (for a detached device that will come back to it).
+    pub(super) fn reserve(&mut self) -> Result<u8, PciError> {
+        if self.next >= PCI_SLOTS {
+            return Err(PciError::NoFreeSlot);
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
     pub(super) fn added(&self) -> &[(u8, SharedPciDevice)] {
         &self.added
     }

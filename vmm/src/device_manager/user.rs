@@ -98,7 +98,8 @@ impl PciBuilder<'_, '_, '_> {
             .copied()
             .ok_or_else(|| user_error(vfio_user::UserDeviceError::NoBar))?;
         let device = Arc::new(Mutex::new(device));
-        self.root
+        let slot = self
+            .root
             .add_device(device.clone())
             .map_err(DeviceError::Pci)?;
         write_bus(&self.mmio)
@@ -108,7 +109,7 @@ impl PciBuilder<'_, '_, '_> {
                 bar.size,
             )
             .map_err(DeviceError::Bus)?;
-        Ok(UserDeviceEntry::new(id, device, msi))
+        Ok(UserDeviceEntry::new(id, slot, device, msi))
     }
 }
 
@@ -208,7 +209,8 @@ mod tests {
             Ok(0xc000_0000)
         })
         .unwrap();
-        let entry = UserDeviceEntry::new("vfio-user/0".into(), Arc::new(Mutex::new(device)), msi);
+        let entry =
+            UserDeviceEntry::new("vfio-user/0".into(), 1, Arc::new(Mutex::new(device)), msi);
         (entry, interrupts)
     }
 

@@ -19,36 +19,100 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use liveupdate::session::{SessionError, Token};
+use serde::{Deserialize, Serialize};
 use vfio::{AdoptedFds, VfioDeviceState, VfioHandoverTokens, VfioPciDevice};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::handover::{CarriedDevice, CarriedEntry, Refusal, handed_over, msi_vector};
 use super::pci::PciBuilder;
 use super::{DeviceError, restore_error};
 use crate::config::DeviceConfig;
+use crate::interrupts::MsiGroup;
 
 /// A kernel VFIO device, as the manager keeps it.
 pub(super) type VfioDeviceEntry = CarriedEntry<VfioPciDevice>;
+
+/// A VFIO device of the configuration: attached, or detached (hot-unplugged: the guest
+/// released it and the host device is closed) with its slot and MSI vector kept, so that a
+/// rebuild by a live update places every device where it was, and the device can come back
+/// in place.
+pub(super) enum VfioSlot {
+    /// On the bus.
+    Attached(VfioDeviceEntry),
+    /// Not on the bus.
+    Detached(DetachedVfio),
+}
+
+/// What a detached VFIO device keeps.
+pub(super) struct DetachedVfio {
+    /// Participant id of its saved [`DetachedVfioState`].
+    pub(super) id: String,
+    pub(super) slot: u8,
+    pub(super) msi: Arc<MsiGroup>,
+    /// Detached for a kexec-mode live update (`kexec=detach`): the VMM that restores the VM
+    /// attaches it again.
+    pub(super) reattach_after_update: bool,
+}
+
+/// A detached VFIO device in a live update's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct DetachedVfioState {
+    /// Its PCI slot, kept free for it.
+    pub slot: u8,
+    /// See [`DetachedVfio::reattach_after_update`].
+    pub reattach_after_update: bool,
+}
+
+impl DetachedVfioState {
+    /// Version in the state blob.
+    pub(super) const VERSION: u16 = 1;
+}
 
 /// The participant id of VFIO device `index` of the configuration.
 pub(super) fn participant_id(index: usize) -> String {
     format!("vfio/{index}")
 }
 
+/// The participant id of VFIO device `index` while it is detached.
+pub(super) fn detached_participant_id(index: usize) -> String {
+    format!("vfio/{index}/detached")
+}
+
 impl PciBuilder<'_, '_, '_> {
     /// Opens the host device (resetting it), maps guest RAM for its DMA, plugs it into a slot
     /// and its BARs into the MMIO bus; on a restore, adopts the device the previous VMM handed
-    /// over instead.
+    /// over instead, or keeps its slot and vector free if it was detached.
     pub(super) fn add_vfio_device(
         &mut self,
         index: usize,
         config: &DeviceConfig,
-    ) -> Result<VfioDeviceEntry, DeviceError> {
+    ) -> Result<VfioSlot, DeviceError> {
         let id = participant_id(index);
-        let vfio_error = |source| DeviceError::Vfio {
-            path: config.path.clone(),
-            source,
-        };
-        let (device, msi) = if let Some(states) = self.restore.as_deref_mut() {
+        if let Some(states) = self.restore.as_deref_mut() {
+            let detached_id = detached_participant_id(index);
+            if states.envelope(&detached_id).is_some() {
+                let state: DetachedVfioState = states
+                    .take(&detached_id, DetachedVfioState::VERSION)
+                    .map_err(restore_error(&detached_id))?;
+                let slot = self.root.reserve().map_err(DeviceError::Pci)?;
+                if slot != state.slot {
+                    return Err(DeviceError::Restore {
+                        id: detached_id,
+                        source: format!(
+                            "the detached device had slot {}, the rebuild reaches slot {slot}",
+                            state.slot
+                        )
+                        .into(),
+                    });
+                }
+                let (msi, _irq) = msi_vector(self.ctx.interrupts, None)?;
+                return Ok(VfioSlot::Detached(DetachedVfio {
+                    id: detached_id,
+                    slot,
+                    msi,
+                    reattach_after_update: state.reattach_after_update,
+                }));
+            }
             let state: VfioDeviceState = states
                 .take(&id, VfioDeviceState::VERSION)
                 .map_err(restore_error(&id))?;
@@ -76,24 +140,50 @@ impl PciBuilder<'_, '_, '_> {
             let irq = handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?;
             let (msi, irq) = msi_vector(self.ctx.interrupts, Some(irq))?;
             let device = VfioPciDevice::adopt(&state, fds, self.ctx.memory, msi.clone(), irq)
-                .map_err(vfio_error)?;
-            (device, msi)
-        } else {
-            let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
-            let bars = &mut self.bars;
-            let device = VfioPciDevice::attach(
-                &config.path,
-                self.ctx.memory,
-                msi.clone(),
-                irq,
-                &mut |size| bars.allocate(size),
-            )
-            .map_err(vfio_error)?;
-            (device, msi)
-        };
+                .map_err(|source| DeviceError::Vfio {
+                    path: config.path.clone(),
+                    source,
+                })?;
+            let device = Arc::new(Mutex::new(device));
+            let slot = self.place(device.clone())?;
+            return Ok(VfioSlot::Attached(VfioDeviceEntry::new(
+                id, slot, device, msi,
+            )));
+        }
+        let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
+        self.attach_vfio_device(index, config, msi, irq)
+            .map(VfioSlot::Attached)
+    }
+
+    /// Opens the host device afresh (resetting it) with the MSI vector `msi` (whose eventfd
+    /// `irq` is) and places it: at boot, on a hot-add, or when a detached device comes back.
+    pub(super) fn attach_vfio_device(
+        &mut self,
+        index: usize,
+        config: &DeviceConfig,
+        msi: Arc<MsiGroup>,
+        irq: EventFd,
+    ) -> Result<VfioDeviceEntry, DeviceError> {
+        let bars = &mut self.bars;
+        let device = VfioPciDevice::attach(
+            &config.path,
+            self.ctx.memory,
+            msi.clone(),
+            irq,
+            &mut |size| bars.allocate(size),
+        )
+        .map_err(|source| DeviceError::Vfio {
+            path: config.path.clone(),
+            source,
+        })?;
         let device = Arc::new(Mutex::new(device));
-        self.place(device.clone())?;
-        Ok(VfioDeviceEntry::new(id, device, msi))
+        let slot = self.place(device.clone())?;
+        Ok(VfioDeviceEntry::new(
+            participant_id(index),
+            slot,
+            device,
+            msi,
+        ))
     }
 }
 
@@ -160,21 +250,18 @@ mod tests {
     use std::fs::File;
     use std::os::unix::fs::MetadataExt;
 
-    use devices::pci::{PciConfigurationState, PciDevice};
+    use devices::pci::PciDevice;
     use liveupdate::emulated::EmulatedProvider;
     use liveupdate::session::{Session, SessionProvider, Token};
-    use vfio::{DmaRegionState, VfioBackend, VfioBarState, VfioRegionState};
     use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
-    use vmm_sys_util::tempfile::TempFile;
 
     use devices::bus::lock;
     use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
 
-    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
     use super::*;
     use crate::cpu::test_util;
     use crate::device_manager::handover::CarriedDeviceParticipant;
+    use crate::device_manager::test_fixture::adopted_vfio;
     use crate::interrupts::InterruptManager;
 
     /// A restart-mode session that keeps what is attached.
@@ -213,56 +300,18 @@ mod tests {
         let mapping = MmapRegion::from_file(FileOffset::new(ram, 0), 1 << 20).unwrap();
         let region = GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap();
         let memory = GuestMemoryMmap::from_regions(vec![region]).unwrap();
-        let device_file = TempFile::new().unwrap().into_file();
-        device_file.set_len(0x2000).unwrap();
-        let mut bar_addresses = vec![None; 6];
-        bar_addresses[0] = Some(0xc000_0000);
-        let state = VfioDeviceState {
-            path: "/sys/bus/pci/devices/0000:00:03.0".into(),
-            backend: VfioBackend::Iommufd,
-            bar_layout: vec![VfioBarState {
-                index: 0,
-                size: 1 << 20,
-                is_64bit: false,
-            }],
-            bars: PciConfigurationState {
-                command: 6,
-                cache_line_size: 0,
-                interrupt_line: 0,
-                bar_addresses,
-            },
-            regions: vec![VfioRegionState {
-                index: 0,
-                offset: 0,
-                size: 0x1000,
-                flags: 3,
-            }],
-            msi_cap: None,
-            msi_guest_enable: false,
-            msi_enabled: false,
-            dma: vec![DmaRegionState {
-                address: 0,
-                size: 1 << 20,
-                file_offset: 0,
-            }],
-            ioas_id: Some(1),
-            handover: None,
-        };
         let kvm = test_util::kvm();
         let interrupts = InterruptManager::new(Arc::new(test_util::vm(&kvm))).unwrap();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let msi = interrupts
-            .msi_vectors_with_fds(vec![irq.try_clone().unwrap()])
-            .unwrap();
-        let fds = AdoptedFds {
-            device: device_file.try_clone().unwrap().into(),
-            iommufd: TempFile::new().unwrap().into_file().into(),
-        };
-        let device = VfioPciDevice::adopt(&state, fds, &memory, msi.clone(), irq).unwrap();
-        let entry = VfioDeviceEntry::new("vfio/0".into(), Arc::new(Mutex::new(device)), msi);
+        let adopted = adopted_vfio(&memory, &interrupts, 0xc000_0000);
+        let entry = VfioDeviceEntry::new(
+            "vfio/0".into(),
+            1,
+            Arc::new(Mutex::new(adopted.device)),
+            adopted.msi,
+        );
         Fixture {
             entry,
-            device_file,
+            device_file: adopted.device_file,
             _interrupts: interrupts,
         }
     }

@@ -109,6 +109,19 @@ impl LiveUpdateError {
     }
 }
 
+/// Whether the agent at `agent` runs kexec-mode updates (it owns `/dev/liveupdate`), rather
+/// than restart-mode ones.
+pub fn agent_runs_kexec(agent: &Path) -> Result<bool, LiveUpdateError> {
+    let agent_error = |source| LiveUpdateError::Agent {
+        path: agent.to_path_buf(),
+        source,
+    };
+    let mode = AgentClient::connect(agent)
+        .and_then(|mut client| client.ping())
+        .map_err(agent_error)?;
+    Ok(mode == "kernel")
+}
+
 /// Runs the live update of `vm` into session `name`, held by the agent at `agent`. On success
 /// the session is handed over and `vm` must not run again; on failure it runs on.
 pub fn run_outgoing(

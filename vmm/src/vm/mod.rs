@@ -235,9 +235,8 @@ impl Vm {
     }
 
     /// Attaches the last vfio-user device of `config` (the VM's configuration with the device
-    /// appended) to the running VM and places it on the PCI bus; returns its slot. The guest
-    /// is not told (no ACPI hot-plug): it finds the device when it rescans its PCI bus. On
-    /// error the VM is as before.
+    /// appended) to the running VM, places it on the PCI bus and tells the guest (the PCI
+    /// hot-plug controller); returns its slot. On error the VM is as before.
     pub fn add_user_device(&mut self, config: &VmConfig) -> Result<u8, DeviceError> {
         let index = config.user_devices.len().saturating_sub(1);
         self.hot_add(config, |devices, ctx| {
@@ -247,12 +246,49 @@ impl Vm {
 
     /// Attaches the last kernel VFIO device of `config` (the VM's configuration with the
     /// device appended) to the running VM and places it on the PCI bus; returns its slot. As
-    /// [`Self::add_user_device`], the guest finds it on a PCI rescan; on error the VM is as
-    /// before.
+    /// [`Self::add_user_device`], the guest is told; on error the VM is as before.
     pub fn add_vfio_device(&mut self, config: &VmConfig) -> Result<u8, DeviceError> {
         let index = config.devices.len().saturating_sub(1);
         self.hot_add(config, |devices, ctx| {
             devices.hot_add_vfio_device(ctx, index)
+        })
+    }
+
+    /// The PCI slot of VFIO device `index` while it is attached.
+    pub fn attached_vfio_slot(&self, index: usize) -> Option<u8> {
+        self.devices.attached_vfio_slot(index)
+    }
+
+    /// Detached VFIO devices by index, each with whether a live update detached it.
+    pub fn detached_vfio_devices(&self) -> Vec<(usize, bool)> {
+        self.devices.detached_vfio_devices()
+    }
+
+    /// Asks the guest to release the device in `slot` (an ACPI eject request).
+    pub fn request_removal(&self, slot: u8) -> Result<(), DeviceError> {
+        self.devices.request_removal(slot)
+    }
+
+    /// Withdraws a removal request the guest has not acted on.
+    pub fn withdraw_removal(&self, slot: u8) {
+        self.devices.withdraw_removal(slot);
+    }
+
+    /// Takes the devices the guest ejected off the bus (`for_update`: VFIO indices a live
+    /// update detaches). Returns the VFIO indices detached.
+    pub fn detach_ejected(&mut self, for_update: &[usize]) -> Vec<usize> {
+        self.devices.detach_ejected(for_update)
+    }
+
+    /// Attaches detached VFIO device `index` of `config` again, in its slot, and tells the
+    /// guest; returns the slot.
+    pub fn reattach_vfio_device(
+        &mut self,
+        config: &VmConfig,
+        index: usize,
+    ) -> Result<u8, DeviceError> {
+        self.hot_add(config, |devices, ctx| {
+            devices.reattach_vfio_device(ctx, index)
         })
     }
 

@@ -1,0 +1,157 @@
+//! Hot-unplug on the control loop: devices the guest ejected leave the VM, and the opt-in
+//! `kexec=detach` policy: before a kexec-mode live update the guest is asked to release each
+//! such VFIO device (which no kernel can carry across a kexec), and the VMM that restores the
+//! VM on the new kernel attaches them again. A cancelled update attaches them again at once.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+
+use crate::api::{ApiError, PciDeviceInfo};
+use crate::config::{KexecPolicy, VmConfig};
+use crate::live_update;
+
+use super::Vmm;
+
+/// How long the guest has to release the devices before a kexec-mode update is refused.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the VMM looks for the guest's ejects meanwhile.
+const RELEASE_POLL: Duration = Duration::from_millis(5);
+
+impl Vmm {
+    /// The guest ejected devices: they leave the bus (event vm/device-unplugged each).
+    pub(super) fn take_ejected_devices(&mut self) {
+        let (Some(vm), Some(config)) = (self.vm.as_mut(), self.config.as_ref()) else {
+            return;
+        };
+        let ids: Vec<String> = vm
+            .detach_ejected(&[])
+            .into_iter()
+            .map(|index| config.vfio_device_id(index))
+            .collect();
+        for id in ids {
+            self.emit_device("device-unplugged", &id, None);
+        }
+    }
+
+    /// Before a live update: in kexec mode, has the guest release every attached VFIO device
+    /// with `kexec=detach`, and returns their indices (empty in restart mode, which carries
+    /// them running). If the guest does not release them all in time, the update is refused
+    /// and those it released come back.
+    pub(super) fn detach_for_kexec(&mut self, config: &VmConfig) -> Result<Vec<usize>, ApiError> {
+        let Some(vm) = self.vm.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let wanted: Vec<(usize, u8)> = (config.devices.iter().enumerate())
+            .filter(|(_, device)| device.kexec == KexecPolicy::Detach)
+            .filter_map(|(index, _)| vm.attached_vfio_slot(index).map(|slot| (index, slot)))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let kexec = live_update::agent_runs_kexec(&self.agent)
+            .map_err(|e| ApiError::from_error(e.status(), &e))?;
+        if !kexec {
+            return Ok(Vec::new());
+        }
+        let indices: Vec<usize> = wanted.iter().map(|(index, _)| *index).collect();
+        for (index, slot) in &wanted {
+            info!("Asking the guest to release VFIO device {index} (slot {slot}) for a kexec");
+            vm.request_removal(*slot)
+                .map_err(|e| ApiError::from_error(500, &e))?;
+        }
+        let deadline = Instant::now() + RELEASE_TIMEOUT;
+        let mut released = Vec::new();
+        loop {
+            released.extend(vm.detach_ejected(&indices));
+            let pending: Vec<&(usize, u8)> = (wanted.iter())
+                .filter(|(index, _)| !released.contains(index))
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for (_, slot) in &pending {
+                    vm.withdraw_removal(*slot);
+                }
+                let names: Vec<String> = (pending.iter())
+                    .map(|(index, _)| config.vfio_device_id(*index))
+                    .collect();
+                let kept: Vec<usize> = released
+                    .into_iter()
+                    .filter(|i| indices.contains(i))
+                    .collect();
+                self.reattach(config, &kept);
+                return Err(ApiError::new(
+                    500,
+                    format!(
+                        "The guest did not release VFIO device(s) {} within {RELEASE_TIMEOUT:?} \
+                         (kexec=detach); the update is not started and the VM runs on",
+                        names.join(", ")
+                    ),
+                ));
+            }
+            std::thread::sleep(RELEASE_POLL);
+        }
+        for index in &released {
+            let id = config.vfio_device_id(*index);
+            self.emit_device("device-unplugged", &id, None);
+        }
+        Ok(released
+            .into_iter()
+            .filter(|i| indices.contains(i))
+            .collect())
+    }
+
+    /// Attaches detached VFIO devices `indices` again (event vm/device-added each, or
+    /// vm/device-reattach-failed: the VM runs on without it).
+    pub(super) fn reattach(&mut self, config: &VmConfig, indices: &[usize]) {
+        for index in indices {
+            let Some(vm) = self.vm.as_mut() else {
+                return;
+            };
+            let id = config.vfio_device_id(*index);
+            match vm.reattach_vfio_device(config, *index) {
+                Ok(slot) => {
+                    let info = PciDeviceInfo::new(id.clone(), slot);
+                    self.emit_device("device-added", &id, Some(info.bdf));
+                }
+                Err(e) => {
+                    error!("Cannot attach VFIO device {id} again: {e}; the VM runs without it");
+                    let mut properties = BTreeMap::new();
+                    properties.insert("id".to_string(), id);
+                    properties.insert("error".to_string(), format!("{e}"));
+                    self.emit_with("vm", "device-reattach-failed", Some(&properties));
+                }
+            }
+        }
+    }
+
+    /// After a restore: attaches again the devices the previous VMM detached for the update.
+    pub(super) fn reattach_after_update(&mut self) {
+        let (Some(vm), Some(config)) = (self.vm.as_ref(), self.config.clone()) else {
+            return;
+        };
+        let indices: Vec<usize> = (vm.detached_vfio_devices().into_iter())
+            .filter_map(|(index, for_update)| for_update.then_some(index))
+            .collect();
+        let ejected_before = vm.detached_vfio_devices().len() > indices.len();
+        if ejected_before {
+            warn!("The VM has VFIO devices the guest ejected; they stay detached");
+        }
+        if !indices.is_empty() {
+            info!("Attaching again the VFIO devices detached for the update: {indices:?}");
+            self.reattach(&config, &indices);
+        }
+    }
+
+    fn emit_device(&self, event: &str, id: &str, bdf: Option<String>) {
+        let mut properties = BTreeMap::new();
+        properties.insert("id".to_string(), id.to_string());
+        if let Some(bdf) = bdf {
+            properties.insert("bdf".to_string(), bdf);
+        }
+        self.emit_with("vm", event, Some(&properties));
+    }
+}
