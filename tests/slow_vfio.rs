@@ -5,7 +5,8 @@
 //! (`ch-luod --emulate`) that hand the device to a successor VMM; and added over the API
 //! (`ch-remote add-device`, cold before boot and hot to a running guest, then handed over and
 //! rebooted); and through a kexec-mode live update with `kexec=detach` (a hot-unplug before the
-//! kexec, a hot-plug on the new kernel). Ignored by default; run it with `cargo test --test slow_vfio -- --ignored`. It
+//! kexec, a hot-plug on the new kernel), once with the probe guest and once with a Linux guest
+//! that takes both through ACPI (acpiphp). Ignored by default; run it with `cargo test --test slow_vfio -- --ignored`. It
 //! fails, never skips, when QEMU, the test kernel or any tool is missing (the script installs
 //! what it can and names the rest).
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
@@ -149,6 +150,12 @@ fn kexec_mode_update_with_the_detach_policy_unplugs_and_plugs_the_device_back() 
         "no second kernel in {}",
         run.log.display()
     );
+    // First a guest that never releases the device: the update is refused, the guest runs on.
+    assert!(
+        run.output.contains("E2E-VFIO-DETACH refused after"),
+        "no refused update in {}",
+        run.log.display()
+    );
     let after = run
         .output
         .lines()
@@ -159,6 +166,67 @@ fn kexec_mode_update_with_the_detach_policy_unplugs_and_plugs_the_device_back() 
     assert_eq!(field(after, "errors"), Some(0), "{after}");
     assert_eq!(field(after, "irqs"), field(after, "dma"), "{after}");
     report(&run, "E2E-VFIO-DETACH");
+}
+
+/// The text after `marker` on the first line of `output` holding it, without a trailing CR.
+fn after_marker<'a>(output: &'a str, marker: &str) -> Option<&'a str> {
+    output.lines().find_map(|l| {
+        l.split_once(marker)
+            .map(|(_, rest)| rest.trim_end_matches('\r'))
+    })
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_vfio -- --ignored"]
+fn linux_guest_finds_the_hot_added_device_lets_it_go_for_a_kexec_and_finds_it_again() {
+    let bins = release_bins();
+    let serial = slow::target_dir()
+        .join("slow-tests")
+        .join("e2e-vfio-detach-linux.serial.log");
+    let args = [
+        bins.as_os_str(),
+        "--log".as_ref(),
+        serial.as_os_str(),
+        "--backends".as_ref(),
+        "kexec-detach-linux".as_ref(),
+    ];
+
+    let run = run_script("e2e-vfio", &args, "e2e-vfio-detach-linux");
+
+    assert!(
+        run.output.contains("E2E-VFIO-PASS"),
+        "no E2E-VFIO-PASS in {}",
+        run.log.display()
+    );
+    assert!(
+        run.output.contains("E2E-VFIO-LINUX-STAGE2"),
+        "no second kernel in {}",
+        run.log.display()
+    );
+    // Found by the guest through ACPI after the hot-add: "<bdf> <vendor>/<device>/".
+    let added = after_marker(&run.output, "E2E-VFIO-LINUX seen after hot-add: ")
+        .unwrap_or_else(|| panic!("no guest view after the hot-add in {}", run.log.display()));
+    let (bdf, identity) = added.split_once(' ').unwrap_or((added, ""));
+    assert_eq!(identity, "0x1234/0x11e8/", "{added}");
+    // Released by the guest's eject before the kexec.
+    assert!(
+        run.output
+            .contains("Asking the guest to release VFIO device 0")
+            && run.output.contains("VFIO device 0 unplugged from slot"),
+        "no release of the device before the kexec in {}",
+        run.log.display()
+    );
+    // Found again at the same address on the new kernel, after a fresh enumeration.
+    let again = after_marker(&run.output, "E2E-VFIO-LINUX seen again after the kexec: ")
+        .unwrap_or_else(|| panic!("no guest view after the kexec in {}", run.log.display()));
+    assert_eq!(again, format!("{bdf} 0x1234/0x11e8/"));
+    let enumerations = after_marker(&run.output, "E2E-VFIO-LINUX enumerations of edu")
+        .unwrap_or_else(|| panic!("no enumeration count in {}", run.log.display()));
+    assert!(
+        enumerations.ends_with(": 1 before the kexec, 2 after"),
+        "{enumerations}"
+    );
+    report(&run, "E2E-VFIO-LINUX");
 }
 
 #[test]

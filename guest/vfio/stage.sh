@@ -26,18 +26,12 @@
 # <figures>, E2E-VFIO-HOTADD <reply> | handed over: <status line>, E2E-VFIO-PASS or
 # E2E-VFIO-FAIL: why.
 
+# shellcheck source=guest/vfio/lib.sh
+. /lib/vfio-stage.sh
 work=/tmp/vfio
-cmdline=$(cat /proc/cmdline)
 min_dma=10
 max_updates=3
-
-arg() {
-    for word in $cmdline; do
-        case "$word" in "$1"=*) echo "${word#*=}" | tr , ' '; return ;; esac
-    done
-    echo "$2"
-}
-backends=$(arg e2e_vfio_backends "iommufd container restart")
+backends=$(arg e2e_vfio_backends "iommufd container restart" | tr , ' ')
 
 fail() {
     {
@@ -53,48 +47,23 @@ fail() {
     reboot -f
     exit 1
 }
-now() { cut -d' ' -f1 /proc/uptime; }
-elapsed_over() { awk -v a="$1" -v b="$(now)" -v t="$2" 'BEGIN { exit !(b - a > t) }'; }
-
-for f in /bin/cloud-hypervisor /bin/ch-remote /bin/ch-luod /guest/probe-guest.elf; do
+for f in /lib/vfio-stage.sh /bin/cloud-hypervisor /bin/ch-remote /bin/ch-luod /guest/probe-guest.elf; do
     [ -e "$f" ] || fail "$f is missing from the initramfs"
 done
 mkdir -p "$work" || fail "cannot create $work"
 
-dev=""
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ] && dev="$d" && break
-done
-[ -n "$dev" ] || fail "no edu device (QEMU needs -device edu)"
-bdf=${dev##*/}
-[ -e "$dev/iommu_group" ] || fail "edu $bdf has no IOMMU group (intel-iommu and intel_iommu=on?)"
-if [ -e "$dev/driver" ]; then
-    echo "$bdf" >"$dev/driver/unbind" || fail "cannot unbind $bdf from its driver"
-fi
-echo vfio-pci >"$dev/driver_override" || fail "cannot set driver_override of $bdf"
-echo "$bdf" >/sys/bus/pci/drivers_probe
-driver=$(basename "$(readlink "$dev/driver" 2>/dev/null)")
-[ "$driver" = vfio-pci ] || fail "edu $bdf is bound to '${driver:-nothing}', not vfio-pci"
+bind_edu
 group=$(basename "$(readlink "$dev/iommu_group")")
 echo "E2E-VFIO-BOUND $bdf group=$group cdev=$(ls "$dev/vfio-dev" 2>/dev/null) iommu=$([ -c /dev/iommu ] && echo yes || echo no)"
 
 # The probe's last complete edu line.
-edu_line() { tr -d '\r' 2>/dev/null <"$work/serial.log" | grep -o 'probe: edu id=.* errors=[0-9]*$' | tail -n1; }
+edu_line() { tr -d '\r' 2>/dev/null <"$work/serial.log" | sed '$d' | grep -o 'probe: edu id=.* errors=[0-9]*$' | tail -n1; }
 field() { echo "$1" | grep -o " $2=[0-9a-z]*" | cut -d= -f2; }
 
 agent_socket=$work/luod.sock
 api_socket=$work/api.sock
 
-start_agent() {
-    ch-luod -v --socket "$agent_socket" >"$work/luod.log" 2>&1 &
-    t=$(now)
-    while ! ch-luod --socket "$agent_socket" ping >/dev/null 2>&1; do
-        elapsed_over "$t" 10 && fail "ch-luod did not answer within 10 s"
-        sleep 0.1
-    done
-    mode=$(ch-luod --socket "$agent_socket" ping)
-    [ "$mode" = kernel ] || fail "ch-luod runs in mode '$mode', not kernel"
-}
+start_agent() { start_kernel_agent "$agent_socket" "$work/luod.log"; }
 
 # Waits until the probe has done $1 transfers or more; the last edu line is in $line.
 wait_dma() {

@@ -120,11 +120,11 @@ impl Vmm {
         }
         self.emit("vm", "live-update-started");
         // Kexec mode: devices with kexec=detach leave the guest first (guest running).
-        let detached = self.detach_for_kexec(&config).inspect_err(|error| {
-            let mut properties = BTreeMap::new();
-            properties.insert("error".to_string(), error.messages.join(": "));
-            self.emit_with("vm", "live-update-cancelled", Some(&properties));
-        })?;
+        let agent = self.agent.clone();
+        let runs_kexec = || {
+            live_update::agent_runs_kexec(&agent).map_err(|e| ApiError::from_error(e.status(), &e))
+        };
+        let detached = self.detach_for_kexec(&config, runs_kexec)?;
         let Some(vm) = self.vm.as_mut() else {
             return Err(ApiError::conflict(
                 "Cannot live-update a VM that is not booted",

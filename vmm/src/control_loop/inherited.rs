@@ -55,6 +55,8 @@ impl Vmm {
             }
         };
         self.emit("vm", "live-update-started");
+        // An inherited session is always a kernel (kexec) session.
+        let detached = self.detach_for_kexec(&config, || Ok(true))?;
         let (Some(inherited), Some(vm)) = (self.inherited.as_mut(), self.vm.as_mut()) else {
             return Err(ApiError::conflict(
                 "Cannot live-update a VM that is not booted",
@@ -73,6 +75,7 @@ impl Vmm {
                 if was_paused {
                     vm.pause();
                 }
+                self.reattach(&config, &detached);
                 let mut properties = BTreeMap::new();
                 properties.insert("error".to_string(), error.to_string());
                 self.emit_with("vm", "live-update-cancelled", Some(&properties));

@@ -10,7 +10,6 @@ use log::{error, info, warn};
 
 use crate::api::{ApiError, PciDeviceInfo};
 use crate::config::{KexecPolicy, VmConfig};
-use crate::live_update;
 
 use super::Vmm;
 
@@ -35,11 +34,29 @@ impl Vmm {
         }
     }
 
-    /// Before a live update: in kexec mode, has the guest release every attached VFIO device
-    /// with `kexec=detach`, and returns their indices (empty in restart mode, which carries
-    /// them running). If the guest does not release them all in time, the update is refused
-    /// and those it released come back.
-    pub(super) fn detach_for_kexec(&mut self, config: &VmConfig) -> Result<Vec<usize>, ApiError> {
+    /// Before a live update: in kexec mode (`runs_kexec` tells, asked only when there is a
+    /// device to detach), has the guest release every attached VFIO device with
+    /// `kexec=detach`, and returns their indices (empty in restart mode, which carries them
+    /// running). If the guest does not release them all in time, the update is refused
+    /// (event vm/live-update-cancelled) and those it released come back.
+    pub(super) fn detach_for_kexec(
+        &mut self,
+        config: &VmConfig,
+        runs_kexec: impl FnOnce() -> Result<bool, ApiError>,
+    ) -> Result<Vec<usize>, ApiError> {
+        self.release_for_kexec(config, runs_kexec)
+            .inspect_err(|error| {
+                let mut properties = BTreeMap::new();
+                properties.insert("error".to_string(), error.messages.join(": "));
+                self.emit_with("vm", "live-update-cancelled", Some(&properties));
+            })
+    }
+
+    fn release_for_kexec(
+        &mut self,
+        config: &VmConfig,
+        runs_kexec: impl FnOnce() -> Result<bool, ApiError>,
+    ) -> Result<Vec<usize>, ApiError> {
         let Some(vm) = self.vm.as_mut() else {
             return Ok(Vec::new());
         };
@@ -50,9 +67,7 @@ impl Vmm {
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
-        let kexec = live_update::agent_runs_kexec(&self.agent)
-            .map_err(|e| ApiError::from_error(e.status(), &e))?;
-        if !kexec {
+        if !runs_kexec()? {
             return Ok(Vec::new());
         }
         let indices: Vec<usize> = wanted.iter().map(|(index, _)| *index).collect();

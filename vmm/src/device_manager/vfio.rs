@@ -68,6 +68,14 @@ impl DetachedVfioState {
     pub(super) const VERSION: u16 = 1;
 }
 
+/// The error for the VFIO device `config` names.
+fn vfio_error(config: &DeviceConfig) -> impl FnOnce(::vfio::VfioDeviceError) -> DeviceError + '_ {
+    move |source| DeviceError::Vfio {
+        path: config.path.clone(),
+        source,
+    }
+}
+
 /// The participant id of VFIO device `index` of the configuration.
 pub(super) fn participant_id(index: usize) -> String {
     format!("vfio/{index}")
@@ -140,15 +148,8 @@ impl PciBuilder<'_, '_, '_> {
             let irq = handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?;
             let (msi, irq) = msi_vector(self.ctx.interrupts, Some(irq))?;
             let device = VfioPciDevice::adopt(&state, fds, self.ctx.memory, msi.clone(), irq)
-                .map_err(|source| DeviceError::Vfio {
-                    path: config.path.clone(),
-                    source,
-                })?;
-            let device = Arc::new(Mutex::new(device));
-            let slot = self.place(device.clone())?;
-            return Ok(VfioSlot::Attached(VfioDeviceEntry::new(
-                id, slot, device, msi,
-            )));
+                .map_err(vfio_error(config))?;
+            return self.place_vfio(index, device, msi).map(VfioSlot::Attached);
         }
         let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
         self.attach_vfio_device(index, config, msi, irq)
@@ -172,10 +173,17 @@ impl PciBuilder<'_, '_, '_> {
             irq,
             &mut |size| bars.allocate(size),
         )
-        .map_err(|source| DeviceError::Vfio {
-            path: config.path.clone(),
-            source,
-        })?;
+        .map_err(vfio_error(config))?;
+        self.place_vfio(index, device, msi)
+    }
+
+    /// Puts VFIO device `index` on the bus and in a slot.
+    fn place_vfio(
+        &mut self,
+        index: usize,
+        device: VfioPciDevice,
+        msi: Arc<MsiGroup>,
+    ) -> Result<VfioDeviceEntry, DeviceError> {
         let device = Arc::new(Mutex::new(device));
         let slot = self.place(device.clone())?;
         Ok(VfioDeviceEntry::new(

@@ -1,0 +1,97 @@
+# Shared by the test-bed stages of scripts/e2e-vfio (sourced from /lib/vfio-stage.sh, which
+# scripts/e2e-vfio adds to every image). The stage defines fail() (prints its logs, then
+# E2E-VFIO-FAIL: why) before it calls anything here.
+# shellcheck shell=sh
+
+now() { cut -d' ' -f1 /proc/uptime; }
+elapsed_over() { awk -v a="$1" -v b="$(now)" -v t="$2" 'BEGIN { exit !(b - a > t) }'; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# The value of key $1 on the kernel command line, else $2.
+arg() {
+    for word in $(cat /proc/cmdline); do
+        case "$word" in "$1"=*) echo "${word#*=}"; return ;; esac
+    done
+    echo "$2"
+}
+
+# Binds QEMU's edu device (PCI 1234:11e8) to vfio-pci; sets $dev (its sysfs path) and $bdf.
+bind_edu() {
+    dev=""
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ] && dev="$d" && break
+    done
+    [ -n "$dev" ] || fail "no edu device (QEMU needs -device edu)"
+    bdf=${dev##*/}
+    [ -e "$dev/iommu_group" ] || fail "edu $bdf has no IOMMU group (intel-iommu and intel_iommu=on?)"
+    if [ -e "$dev/driver" ]; then
+        echo "$bdf" >"$dev/driver/unbind" || fail "cannot unbind $bdf from its driver"
+    fi
+    echo vfio-pci >"$dev/driver_override" || fail "cannot set driver_override of $bdf"
+    echo "$bdf" >/sys/bus/pci/drivers_probe
+    driver=$(basename "$(readlink "$dev/driver" 2>/dev/null)")
+    [ "$driver" = vfio-pci ] || fail "edu $bdf is bound to '${driver:-nothing}', not vfio-pci"
+}
+
+# Starts ch-luod in kernel mode (/dev/liveupdate) on socket $1, its log in $2.
+start_kernel_agent() {
+    ch-luod -v --socket "$1" >"$2" 2>&1 &
+    ka_start=$(now)
+    while ! ch-luod --socket "$1" ping >/dev/null 2>&1; do
+        elapsed_over "$ka_start" 10 && fail "ch-luod did not answer within 10 s"
+        sleep 0.1
+    done
+    ka_mode=$(ch-luod --socket "$1" ping)
+    [ "$ka_mode" = kernel ] || fail "ch-luod runs in mode '$ka_mode', not kernel"
+}
+
+# Has the agent at $1 (log $2) load /kexec/bzImage and /kexec/initrd.cpio.gz with command line
+# $4, to boot once session $3 is frozen; returns when the image is loaded, with ch-luod kexec's
+# pid in $kexec_pid and its output in $work/kexec.log.
+load_next_kernel() {
+    ch-luod --socket "$1" kexec --kernel /kexec/bzImage --initrd /kexec/initrd.cpio.gz \
+        --cmdline "$4" --timeout 120 --session "$3" >"$work/kexec.log" 2>&1 &
+    kexec_pid=$!
+    nk_start=$(now)
+    until grep -q 'loaded; waiting' "$2"; do
+        kill -0 "$kexec_pid" 2>/dev/null || fail "ch-luod kexec exited before the image was loaded"
+        elapsed_over "$nk_start" 60 && fail "the kexec image was not loaded within 60 s"
+        sleep 0.05
+    done
+}
+
+# Copies the lines of log $1 that match one of the shell patterns after $3 to the kernel log as
+# "$2 log: <line>", until the machine kexecs. The kernel log's console output is synchronous;
+# busybox tail -f polls once a second and tty output can be lost at a kexec. Run it in the
+# background.
+watch_log() {
+    wl_log=$1 wl_prefix=$2
+    shift 2
+    wl_seen=$(wc -l <"$wl_log")
+    while :; do
+        wl_now=$(wc -l <"$wl_log")
+        if [ "$wl_now" -gt "$wl_seen" ]; then
+            tail -n "+$((wl_seen + 1))" "$wl_log" | head -n "$((wl_now - wl_seen))" | tr -d '\r' |
+                while IFS= read -r l; do
+                    for pattern in "$@"; do
+                        # shellcheck disable=SC2254 # the patterns are patterns
+                        case "$l" in $pattern) echo "$wl_prefix log: $l" >/dev/kmsg; break ;; esac
+                    done
+                done
+            wl_seen=$wl_now
+        fi
+        sleep 0.05
+    done
+}
+
+# Waits for the VMM ($vmm, log $1) that restores the VM to attach the detached edu again.
+wait_attached_again() {
+    aa_start=$(now)
+    until grep -q 'attached again' "$1" 2>/dev/null; do
+        kill -0 "$vmm" 2>/dev/null || fail "the restoring VMM exited"
+        grep -q 'Cannot attach VFIO device' "$1" && fail "the VMM could not attach edu again"
+        elapsed_over "$aa_start" 120 && fail "edu was not attached again within 120 s of the restore"
+        sleep 0.2
+    done
+    grep -q 'VFIO device .* adopted' "$1" && fail "the restored VMM claims to have adopted the device"
+}
