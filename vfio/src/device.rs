@@ -160,7 +160,8 @@ impl VfioPciDevice {
         if bars.bars().is_empty() {
             return Err(VfioDeviceError::NoBar);
         }
-        let msi_cap = find_msi_cap(access.as_ref());
+        // A device whose interrupts would go nowhere is refused, not attached silently dead.
+        let msi_cap = Some(find_msi_cap(access.as_ref()).ok_or(VfioDeviceError::NoMsi)?);
         Ok(Self {
             access,
             path: PathBuf::new(),
@@ -682,5 +683,29 @@ mod tests {
         );
 
         assert!(matches!(result, Err(VfioDeviceError::NoBar)));
+    }
+
+    #[test]
+    fn device_without_msi_is_refused_rather_than_left_without_interrupts() {
+        let fake = Fake::edu();
+        // An MSI-X capability (id 0x11) where edu has its MSI one.
+        fake.0.lock().unwrap().config[MSI_AT] = 0x11;
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+
+        let result = VfioPciDevice::with_access(
+            Box::new(fake),
+            &memory,
+            Arc::new(RecordingMsi::default()),
+            irq,
+            &mut |_| Ok(0xc000_0000),
+        );
+
+        match result {
+            Err(error @ VfioDeviceError::NoMsi) => {
+                assert!(error.to_string().contains("MSI-X"), "{error}");
+            }
+            other => panic!("expected NoMsi, got {:?}", other.map(|d| d.msi_cap)),
+        }
     }
 }

@@ -108,6 +108,12 @@ pub enum VfioDeviceError {
     /// The device has no memory BAR.
     #[error("The device has no memory BAR")]
     NoBar,
+    /// The device has no MSI capability, the only interrupt we pass through.
+    #[error(
+        "The device has no MSI capability; its interrupts could not reach the guest (MSI-X and \
+         INTx are not supported yet)"
+    )]
+    NoMsi,
     /// A BAR whose size we cannot place.
     #[error("BAR {index} has an unusable size {size:#x}")]
     BarUnusable {
