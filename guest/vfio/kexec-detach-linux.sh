@@ -37,11 +37,7 @@ stage=$(arg e2e_stage 1)
 
 fail() {
     {
-        for f in "$vmm_log" "$console_log" "$work/luod.log" "$work/kexec.log" "$work/remote.log"; do
-            [ -s "$f" ] || continue
-            echo "----- last lines of $f"
-            tail -n 40 "$f" | tr -d '\r'
-        done
+        dump_logs 40 "$vmm_log" "$console_log" "$work/luod.log" "$work/kexec.log" "$work/remote.log"
         sleep 2
         echo "E2E-VFIO-FAIL: kexec-detach-linux stage $stage: $*"
     } >&2

@@ -28,11 +28,7 @@ stage=$(arg e2e_stage 1)
 
 fail() {
     {
-        for f in "$work/vmm.log" "$work/serial.log" "$work/luod.log" "$work/kexec.log" "$work/remote.log"; do
-            [ -s "$f" ] || continue
-            echo "----- last lines of $f"
-            tail -n 30 "$f" | tr -d '\r'
-        done
+        dump_logs 30 "$work/vmm.log" "$work/serial.log" "$work/luod.log" "$work/kexec.log" "$work/remote.log"
         sleep 2
         echo "E2E-VFIO-FAIL: kexec-detach stage $stage: $*"
     }
@@ -71,14 +67,19 @@ wait_dma() {
     [ "$(field "$line" irqs)" = "$(field "$line" dma)" ] || fail "not one MSI per transfer: $line"
 }
 
-if [ "$stage" = 1 ]; then
-    # A guest that never releases the device (hotplug=0: the probe ignores the controller):
-    # the update must be refused after the VMM's wait, and the guest go on with the device.
+# Starts the VMM ($vmm) with the probe guest (command line $1) and edu with kexec=detach.
+start_vm() {
     cloud-hypervisor -v --api-socket "path=$api_socket" --liveupdate "agent=$agent_socket" \
-        --kernel /guest/probe-guest.elf --cmdline "edu=1 fill=1 status_ms=200" \
+        --kernel /guest/probe-guest.elf --cmdline "$1" \
         --memory size=64M --cpus boot=1 --serial "file=$work/serial.log" --console off \
         --device "path=$dev,kexec=detach" >"$work/vmm.log" 2>&1 &
     vmm=$!
+}
+
+if [ "$stage" = 1 ]; then
+    # A guest that never releases the device (hotplug=0: the probe ignores the controller):
+    # the update must be refused after the VMM's wait, and the guest go on with the device.
+    start_vm "edu=1 fill=1 status_ms=200"
     wait_dma 3
     t=$(now)
     out=$(ch-remote --api-socket "$api_socket" live-update --session "$session" 2>&1) &&
@@ -92,11 +93,7 @@ if [ "$stage" = 1 ]; then
     wait "$vmm" 2>/dev/null
     rm -f "$work/serial.log" "$api_socket"
 
-    cloud-hypervisor -v --api-socket "path=$api_socket" --liveupdate "agent=$agent_socket" \
-        --kernel /guest/probe-guest.elf --cmdline "edu=1 hotplug=1 fill=1 status_ms=200" \
-        --memory size=64M --cpus boot=1 --serial "file=$work/serial.log" --console off \
-        --device "path=$dev,kexec=detach" >"$work/vmm.log" 2>&1 &
-    vmm=$!
+    start_vm "edu=1 hotplug=1 fill=1 status_ms=200"
     wait_dma 6
     echo "E2E-VFIO-DETACH before: $line"
     next="$(echo "$cmdline" | sed 's/ *e2e_stage=[^ ]*//') e2e_stage=2 e2e_dma_before=$(field "$line" dma)"

@@ -1,15 +1,27 @@
 # Shared by the test-bed stages of scripts/e2e-vfio (sourced from /lib/vfio-stage.sh, which
 # scripts/e2e-vfio adds to every image). The stage defines fail() (prints its logs, then
 # E2E-VFIO-FAIL: why) before it calls anything here.
-# shellcheck shell=sh
+# shellcheck shell=sh disable=SC2154 # $work and $vmm are the stage's
 
 now() { cut -d' ' -f1 /proc/uptime; }
 elapsed_over() { awk -v a="$1" -v b="$(now)" -v t="$2" 'BEGIN { exit !(b - a > t) }'; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
+# The last $1 lines of each non-empty file after it (for a stage's fail()).
+dump_logs() {
+    dl_lines=$1
+    shift
+    for f in "$@"; do
+        [ -s "$f" ] || continue
+        echo "----- last lines of $f"
+        tail -n "$dl_lines" "$f" | tr -d '\r'
+    done
+}
+
 # The value of key $1 on the kernel command line, else $2.
 arg() {
-    for word in $(cat /proc/cmdline); do
+    read -r arg_cmdline </proc/cmdline
+    for word in $arg_cmdline; do
         case "$word" in "$1"=*) echo "${word#*=}"; return ;; esac
     done
     echo "$2"

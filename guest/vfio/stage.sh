@@ -35,11 +35,7 @@ backends=$(arg e2e_vfio_backends "iommufd container restart" | tr , ' ')
 
 fail() {
     {
-        for f in "$work/vmm.log" "$work"/vmm-*.log "$work/serial.log" "$work/luod.log" "$work/emu.log"; do
-            [ -s "$f" ] || continue
-            echo "----- last lines of $f"
-            tail -n 30 "$f" | tr -d '\r'
-        done
+        dump_logs 30 "$work/vmm.log" "$work"/vmm-*.log "$work/serial.log" "$work/luod.log" "$work/emu.log"
         # The host stops reading at the marker: let the lines above reach it first.
         sleep 2
         echo "E2E-VFIO-FAIL: $*"
