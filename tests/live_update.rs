@@ -18,7 +18,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Agent, ProbeStatus, VmmProcess, scratch_dir};
+use common::{Agent, ProbeStatus, ProbeVm, VmmProcess, scratch_dir};
 use liveupdate::agent::Direction;
 use liveupdate::state::{FORMAT_VERSION, MAGIC};
 
@@ -62,30 +62,20 @@ fn boot_old(
     env: &[(&str, &str)],
 ) -> (VmmProcess, usize) {
     std::fs::create_dir_all(dir).unwrap();
-    let kernel = common::probe_guest();
-    let socket = dir.join("api.sock");
-    let cpus = format!("boot={cpus}");
     let agent = agent.arg();
-    let mut args = vec![
-        "--api-socket",
-        socket.to_str().unwrap(),
-        "--liveupdate",
-        &agent,
-        "--cpus",
-        &cpus,
-        "--memory",
-        "size=1G",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-    ];
+    let mut args = vec!["--liveupdate", agent.as_str()];
     args.extend_from_slice(extra);
-    let vmm = VmmProcess::spawn_with_env(&args, dir, env);
+    let vmm = VmmProcess::probe_with(
+        dir,
+        &ProbeVm {
+            cpus,
+            memory: "1G",
+            cmdline,
+            extra: &args,
+            env,
+            ..ProbeVm::default()
+        },
+    );
     let (next, _) = vmm.next_banner(0, BOOT);
     let (next, _) = vmm.next_status(next, LINE);
     (vmm, next)

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{ProbeStatus, VmmProcess, probe_guest, scratch_dir};
+use common::{ProbeStatus, ProbeVm, VmmProcess, scratch_dir};
 
 /// Bound on every wait for a guest line (boot included).
 const LINE: Duration = Duration::from_secs(30);
@@ -52,26 +52,15 @@ fn hex(bytes: &[u8]) -> String {
 /// Boots the probe with 1 vCPU, 64 MiB, an API socket, `console` and `extra` arguments.
 fn boot(dir: &Path, cmdline: &str, console: &str, extra: &[&str]) -> VmmProcess {
     require_kvm();
-    let kernel = probe_guest();
-    let socket = dir.join("api.sock");
-    let mut args = vec![
-        "--api-socket",
-        socket.to_str().unwrap(),
-        "--cpus",
-        "boot=1",
-        "--memory",
-        "size=64M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-        "--serial",
-        "tty",
-        "--console",
-        console,
-    ];
-    args.extend_from_slice(extra);
-    VmmProcess::spawn(&args, dir)
+    VmmProcess::probe_with(
+        dir,
+        &ProbeVm {
+            cmdline,
+            console,
+            extra,
+            ..ProbeVm::default()
+        },
+    )
 }
 
 /// Waits for the line `probe: <text>` (nothing after it; firmware text may precede it).

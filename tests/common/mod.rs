@@ -11,6 +11,35 @@ use std::time::{Duration, Instant};
 
 pub use vmm::api::client::{Response, request};
 
+/// How [`VmmProcess::probe_with`] boots the probe guest.
+pub struct ProbeVm<'a> {
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest RAM, e.g. "64M".
+    pub memory: &'a str,
+    /// The probe's command line.
+    pub cmdline: &'a str,
+    /// The `--console` mode.
+    pub console: &'a str,
+    /// More VMM arguments.
+    pub extra: &'a [&'a str],
+    /// More environment for the VMM process.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl Default for ProbeVm<'_> {
+    fn default() -> Self {
+        Self {
+            cpus: 1,
+            memory: "64M",
+            cmdline: "",
+            console: "off",
+            extra: &[],
+            env: &[],
+        }
+    }
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -68,10 +97,24 @@ impl VmmProcess {
 
     /// Boots the probe guest with `cpus` vCPUs, `memory` (e.g. "256M") and a probe command line.
     pub fn probe(cpus: u8, memory: &str, cmdline: &str, dir: &Path, extra: &[&str]) -> Self {
+        Self::probe_with(
+            dir,
+            &ProbeVm {
+                cpus,
+                memory,
+                cmdline,
+                extra,
+                ..ProbeVm::default()
+            },
+        )
+    }
+
+    /// Boots the probe guest as `vm` says, with its API socket in `dir`.
+    pub fn probe_with(dir: &Path, vm: &ProbeVm<'_>) -> Self {
         let kernel = probe_guest();
         let socket = dir.join("api.sock");
-        let cpus = format!("boot={cpus}");
-        let memory = format!("size={memory}");
+        let cpus = format!("boot={}", vm.cpus);
+        let memory = format!("size={}", vm.memory);
         let mut args = vec![
             "--api-socket",
             socket.to_str().unwrap(),
@@ -82,14 +125,14 @@ impl VmmProcess {
             "--kernel",
             kernel.to_str().unwrap(),
             "--cmdline",
-            cmdline,
+            vm.cmdline,
             "--serial",
             "tty",
             "--console",
-            "off",
+            vm.console,
         ];
-        args.extend_from_slice(extra);
-        Self::spawn(&args, dir)
+        args.extend_from_slice(vm.extra);
+        Self::spawn_with_env(&args, dir, vm.env)
     }
 
     pub fn pid(&self) -> u32 {
