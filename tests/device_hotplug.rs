@@ -1,8 +1,9 @@
-//! `vm.add-device` (kernel VFIO) on real KVM, for what needs no device bound to vfio-pci:
-//! each refusal (missing path, a host device bound to another driver, a taken id, no VM, a bad
-//! body) leaves a running probe guest undisturbed and nothing half-registered; a cold-add
-//! joins the configuration, and the boot that then cannot open the device fails naming it
-//! while the VMM stays up. A real hot-add and boot are in `slow_vfio.rs` (QEMU test bed).
+//! `vm.add-device` and `vm.remove-device` (kernel VFIO) on real KVM, for what needs no device
+//! bound to vfio-pci: each refusal (missing path, a host device bound to another driver, a
+//! taken id, no VM, a bad body) leaves a running probe guest undisturbed and nothing
+//! half-registered; a cold-add joins the configuration, and the boot that then cannot open the
+//! device fails naming it while the VMM stays up; a removal before boot takes the device out of
+//! the configuration. A real hot-add, boot and hot-unplug are in `slow_vfio.rs` (QEMU test bed).
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
 #![allow(
     clippy::unwrap_used,
@@ -330,4 +331,59 @@ fn cold_added_device_joins_the_config_and_a_boot_that_cannot_open_it_fails_namin
     assert_eq!(ping.status, 200);
     assert!(vmm.is_running());
     assert_eq!(state, "Created");
+}
+
+#[test]
+fn removed_device_leaves_the_config_before_boot_and_others_keep_their_ids() {
+    require_kvm();
+    let dir = scratch_dir("vfiodev-remove");
+    let socket = dir.join("api.sock");
+    let mut vmm = VmmProcess::spawn(&["--api-socket", socket.to_str().unwrap()], &dir);
+    vmm.wait_for_api(Duration::from_secs(10));
+    let no_vm = vmm.api("PUT", "vm.remove-device", Some(r#"{"id": "pt0"}"#));
+    let config = serde_json::json!({
+        "payload": {"kernel": probe_guest(), "cmdline": "fill=1"},
+        "memory": {"size": 64u64 << 20},
+        "disks": [{"path": probe_guest(), "readonly": true, "id": "disk0"}],
+    });
+    let created = vmm.api("PUT", "vm.create", Some(&config.to_string()));
+    assert_eq!(created.status, 204, "{}", messages(&created));
+    let [first, second] = ["first-device", "second-device"].map(|name| dir.join(name));
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::create_dir_all(&second).unwrap();
+    for path in [&first, &second] {
+        let added = add(&vmm, &path_body(path, None));
+        assert_eq!(added.status, 204, "{}", messages(&added));
+    }
+
+    let removed = vmm.ch_remote(&["remove-device", "_vfio_device0"]);
+    let unknown = vmm.api("PUT", "vm.remove-device", Some(r#"{"id": "nothing"}"#));
+    let disk = vmm.api("PUT", "vm.remove-device", Some(r#"{"id": "disk0"}"#));
+    let again = vmm.api(
+        "PUT",
+        "vm.remove-device",
+        Some(r#"{"id": "_vfio_device0"}"#),
+    );
+    let readded = add(&vmm, &path_body(&first, None));
+
+    assert_eq!(no_vm.status, 404, "{}", messages(&no_vm));
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert_eq!(unknown.status, 404, "{}", messages(&unknown));
+    assert!(messages(&unknown).contains("No device with id nothing"));
+    assert_eq!(disk.status, 400, "{}", messages(&disk));
+    assert!(messages(&disk).contains("only kernel VFIO devices"));
+    assert_eq!(again.status, 404, "removed once: {}", messages(&again));
+    assert_eq!(readded.status, 204, "{}", messages(&readded));
+    // The second device keeps the id it had; the first came back as a new device, last.
+    assert_eq!(
+        vfio_devices(&vmm),
+        [
+            (second.display().to_string(), "_vfio_device1".to_string()),
+            (first.display().to_string(), "_vfio_device2".to_string()),
+        ]
+    );
 }

@@ -122,7 +122,7 @@ fn restart_mode_update_hands_the_device_over_without_a_reset_or_a_lost_interrupt
 
 #[test]
 #[ignore = "slow group: run with cargo test --test slow_vfio -- --ignored"]
-fn kexec_mode_update_with_the_detach_policy_unplugs_and_plugs_the_device_back() {
+fn kexec_detach_unplugs_the_device_and_plugs_it_back_and_remove_device_unplugs_it() {
     let bins = release_bins();
     let serial = slow::target_dir()
         .join("slow-tests")
@@ -165,6 +165,21 @@ fn kexec_mode_update_with_the_detach_policy_unplugs_and_plugs_the_device_back() 
     assert_eq!(field(after, "plugs"), Some(1), "{after}");
     assert_eq!(field(after, "errors"), Some(0), "{after}");
     assert_eq!(field(after, "irqs"), field(after, "dma"), "{after}");
+    // Then vm.remove-device: released by the guest, gone from vm.info; and added back.
+    let removed = run
+        .output
+        .lines()
+        .find(|l| l.contains("E2E-VFIO-DETACH removed: "))
+        .unwrap_or_else(|| panic!("no removal in {}", run.log.display()));
+    assert_eq!(field(removed, "present"), Some(0), "{removed}");
+    let readded = run
+        .output
+        .lines()
+        .find(|l| l.contains("E2E-VFIO-DETACH after add-device: "))
+        .unwrap_or_else(|| panic!("no add-device after the removal in {}", run.log.display()));
+    assert_eq!(field(readded, "plugs"), Some(2), "{readded}");
+    assert_eq!(field(readded, "errors"), Some(0), "{readded}");
+    assert_eq!(field(readded, "irqs"), field(readded, "dma"), "{readded}");
     report(&run, "E2E-VFIO-DETACH");
 }
 

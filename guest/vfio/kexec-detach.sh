@@ -14,7 +14,9 @@
 # Stage 2: edu bound to vfio-pci again in the new kernel, a fresh ch-luod, and
 #   `cloud-hypervisor --restore source_url=luo://edu`: the VM resumes without edu, then the VMM
 #   attaches it again in its slot and tells the guest (a hot-plug); the guest re-initialises
-#   it and its DMA and MSIs go on from where they were (counters carried), errors=0.
+#   it and its DMA and MSIs go on from where they were (counters carried), errors=0. Then
+#   `ch-remote remove-device` (the guest releases edu, which leaves vm.info) and `add-device`
+#   again (the guest takes it up again).
 # Markers: E2E-VFIO-DETACH-STAGE1/2, E2E-VFIO-DETACH <what>, E2E-VFIO-PASS or E2E-VFIO-FAIL.
 
 # shellcheck source=guest/vfio/lib.sh
@@ -129,5 +131,23 @@ echo "E2E-VFIO-DETACH after: $line"
 echo "$line" | grep -q ' live=ok' || fail "liveness check failed after the hot-plug: $line"
 pause=$(grep -o '("pause", [0-9]*)' "$work/vmm.log" | head -n1 | grep -o '[0-9]*')
 echo "E2E-VFIO-DETACH pause_us=$pause dma=$dma_before->$(field "$line" dma) irqs=$(field "$line" irqs) errors=$(field "$line" errors)"
+
+# vm.remove-device on the running VM: the guest releases edu, which leaves the VM and vm.info;
+# vm.add-device brings it back as a new device, and the guest takes it up again.
+out=$(ch-remote --api-socket "$api_socket" remove-device _vfio_device0 2>&1) || fail "remove-device failed: $out"
+t=$(now)
+until [ "$(field "$(edu_line)" unplugs)" = 2 ] && grep -q 'device 0 unplugged' "$work/vmm.log"; do
+    kill -0 "$vmm" 2>/dev/null || fail "the VMM exited after remove-device"
+    elapsed_over "$t" 30 && fail "edu was not unplugged within 30 s of remove-device: $(edu_line)"
+    sleep 0.2
+done
+ch-remote --api-socket "$api_socket" info | grep -q "$dev" && fail "vm.info still lists the removed device"
+echo "E2E-VFIO-DETACH removed: $(edu_line)"
+reply=$(ch-remote --api-socket "$api_socket" add-device "path=$dev" 2>&1) || fail "add-device after the removal failed: $reply"
+echo "E2E-VFIO-DETACH added again: $(echo "$reply" | tr -d ' \n')"
+dma_removed=$(field "$(edu_line)" dma)
+wait_dma $((dma_removed + 3))
+[ "$(field "$line" plugs)" = 2 ] || fail "the guest did not take up the added device: $line"
+echo "E2E-VFIO-DETACH after add-device: $line"
 echo "E2E-VFIO-PASS"
 reboot -f

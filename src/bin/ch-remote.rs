@@ -66,6 +66,12 @@ enum Command {
         /// `path=/sys/bus/pci/devices/<BDF>[,id=<id>][,kexec=refuse|detach]`.
         device: String,
     },
+    /// Remove a kernel VFIO device: from the configuration before boot, or from the running VM
+    /// (the guest is asked to release it; it leaves when the guest ejects it).
+    RemoveDevice {
+        /// The device's id.
+        id: String,
+    },
 }
 
 /// One REST call: method, endpoint and optional JSON body.
@@ -132,6 +138,10 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
                 ..Call::new("PUT", "vm.add-user-device")
             }
         }
+        Command::RemoveDevice { id } => Call {
+            body: Some(serde_json::to_vec(&serde_json::json!({ "id": id }))?),
+            ..Call::new("PUT", "vm.remove-device")
+        },
         Command::AddDevice { device } => {
             let device =
                 vmm::config::parse_device(device).context("Invalid add-device argument")?;
@@ -382,6 +392,17 @@ mod tests {
                 "kexec": "detach"
             })
         );
+    }
+
+    #[test]
+    fn remove_device_sends_the_id() {
+        let cli = parse(&["ch-remote", "--api-socket", "s", "remove-device", "edu"]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        assert_eq!((call.method, call.endpoint), ("PUT", "vm.remove-device"));
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(body, serde_json::json!({"id": "edu"}));
     }
 
     #[test]

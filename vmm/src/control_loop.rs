@@ -319,9 +319,12 @@ impl Vmm {
     }
 
     fn boot(&mut self) -> Result<(), VmError> {
-        let Some(config) = self.config.clone() else {
+        let Some(config) = self.config.as_mut() else {
             return Ok(());
         };
+        // Slots and MSI vectors are handed out afresh: removed devices need no place now.
+        config.drop_removed_devices();
+        let config = config.clone();
         self.emit("vm", "booting");
         self.start_stdin_reader(&config);
         let events = self.events.clone();

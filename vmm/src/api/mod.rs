@@ -51,6 +51,8 @@ pub enum ApiRequest {
     VmAddUserDevice(UserDeviceConfig),
     /// `PUT vm.add-device` with a `DeviceConfig` body (a kernel VFIO device).
     VmAddDevice(DeviceConfig),
+    /// `PUT vm.remove-device` with a `{"id"}` body: the device's id.
+    VmRemoveDevice(String),
 }
 
 /// Where a hot-added PCI device went: the reply of `vm.add-*` on a running VM.
@@ -261,6 +263,19 @@ fn vm_add_device(body: &[u8]) -> Result<ApiRequest, String> {
     Ok(ApiRequest::VmAddDevice(device))
 }
 
+fn vm_remove_device(body: &[u8]) -> Result<ApiRequest, String> {
+    #[derive(serde::Deserialize)]
+    struct VmRemoveDeviceData {
+        id: String,
+    }
+    let data: VmRemoveDeviceData = serde_json::from_slice(body)
+        .map_err(|e| format!("Invalid VmRemoveDeviceData JSON: {e}"))?;
+    if data.id.is_empty() {
+        return Err("Invalid VmRemoveDeviceData: the id is empty".into());
+    }
+    Ok(ApiRequest::VmRemoveDevice(data.id))
+}
+
 /// Every endpoint the server serves (and `docs/openapi.yaml` documents).
 pub const ROUTES: &[Route] = &[
     empty("vmm.ping", Method::Get, || ApiRequest::VmmPing),
@@ -277,6 +292,7 @@ pub const ROUTES: &[Route] = &[
     json("vm.live-update", Method::Put, vm_live_update),
     json("vm.add-user-device", Method::Put, vm_add_user_device),
     json("vm.add-device", Method::Put, vm_add_device),
+    json("vm.remove-device", Method::Put, vm_remove_device),
 ];
 
 /// Maps a method, a path and a body to a request, with cloud-hypervisor's error statuses.
@@ -402,7 +418,24 @@ mod tests {
                 path: std::path::PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
                 id: Some("edu".to_string()),
                 kexec: crate::config::KexecPolicy::Refuse,
+                removed: false,
             }))
+        );
+    }
+
+    #[test]
+    fn vm_remove_device_takes_the_id_and_refuses_an_empty_one() {
+        let request = route_request("PUT", "/api/v1/vm.remove-device", br#"{"id": "edu"}"#);
+        let empty = route_request("PUT", "/api/v1/vm.remove-device", br#"{"id": ""}"#);
+        let missing = route_request("PUT", "/api/v1/vm.remove-device", b"{}");
+
+        assert_eq!(request, Ok(ApiRequest::VmRemoveDevice("edu".into())));
+        assert!(
+            empty.is_err_and(|e| e.status == 400 && e.messages.join(" ").contains("id is empty"))
+        );
+        assert!(
+            missing
+                .is_err_and(|e| e.status == 400 && e.messages.join(" ").contains("missing field"))
         );
     }
 

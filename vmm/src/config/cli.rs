@@ -254,6 +254,7 @@ pub fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
         path: options.required_path("path")?,
         id,
         kexec,
+        removed: false,
     })
 }
 
@@ -750,11 +751,13 @@ mod tests {
                     path: PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
                     id: None,
                     kexec: KexecPolicy::Refuse,
+                    removed: false,
                 },
                 DeviceConfig {
                     path: PathBuf::from("/sys/bus/pci/devices/0000:00:04.0"),
                     id: Some("edu".to_string()),
                     kexec: KexecPolicy::Detach,
+                    removed: false,
                 },
             ]
         );

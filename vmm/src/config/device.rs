@@ -19,6 +19,38 @@ impl DeviceConfig {
 }
 
 impl VmConfig {
+    /// The index of the VFIO device with API id `id`, unless it was removed.
+    pub fn vfio_device_index(&self, id: &str) -> Option<usize> {
+        (0..self.devices.len())
+            .find(|index| !self.devices[*index].removed && self.vfio_device_id(*index) == id)
+    }
+
+    /// Gives every VFIO device its API id for good, so that ids do not change when a device
+    /// before it leaves the list.
+    fn pin_vfio_device_ids(&mut self) {
+        for index in 0..self.devices.len() {
+            let id = self.vfio_device_id(index);
+            self.devices[index].id = Some(id);
+        }
+    }
+
+    /// Takes VFIO device `index` out of the configuration of a VM that is not running.
+    pub fn remove_vfio_device(&mut self, index: usize) {
+        if index < self.devices.len() {
+            self.pin_vfio_device_ids();
+            self.devices.remove(index);
+        }
+    }
+
+    /// Drops the devices removed from the running VM: at boot, slots and vectors are handed
+    /// out afresh.
+    pub fn drop_removed_devices(&mut self) {
+        if self.devices.iter().any(|device| device.removed) {
+            self.pin_vfio_device_ids();
+            self.devices.retain(|device| !device.removed);
+        }
+    }
+
     /// The API id of VFIO device `index`: its own, or `_vfio_device<index>`.
     pub fn vfio_device_id(&self, index: usize) -> String {
         self.devices
@@ -34,7 +66,7 @@ impl VmConfig {
         if self
             .devices
             .iter()
-            .any(|other| other.is_same_host_device(&device))
+            .any(|other| !other.removed && other.is_same_host_device(&device))
         {
             return Err(ConfigError::DuplicateDevicePath(device.path));
         }
@@ -65,7 +97,44 @@ mod tests {
             path: PathBuf::from(path),
             id: id.map(str::to_string),
             kexec: crate::config::KexecPolicy::Refuse,
+            removed: false,
         }
+    }
+
+    #[test]
+    fn removed_device_frees_its_id_and_path_and_is_dropped_at_boot_keeping_the_other_ids() {
+        let mut config = valid_config();
+        config.devices.push(device("/a", None));
+        config.devices.push(device("/b", None));
+        config.devices[0].removed = true;
+
+        let index_of_removed = config.vfio_device_index("_vfio_device0");
+        let index_of_other = config.vfio_device_index("_vfio_device1");
+        let id_free = !config.has_device_id("_vfio_device0");
+        let readded = config.add_vfio_device(device("/a", Some("a")));
+        config.drop_removed_devices();
+
+        assert_eq!(index_of_removed, None);
+        assert_eq!(index_of_other, Some(1));
+        assert!(id_free);
+        assert_eq!(readded, Ok("a".to_string()));
+        let left: Vec<_> = config.devices.iter().map(|d| d.id.clone()).collect();
+        assert_eq!(
+            left,
+            [Some("_vfio_device1".to_string()), Some("a".to_string())]
+        );
+    }
+
+    #[test]
+    fn removal_before_boot_keeps_the_generated_ids_of_the_devices_after_it() {
+        let mut config = valid_config();
+        config.devices.push(device("/a", None));
+        config.devices.push(device("/b", None));
+
+        config.remove_vfio_device(0);
+
+        assert_eq!(config.devices.len(), 1);
+        assert_eq!(config.vfio_device_index("_vfio_device1"), Some(0));
     }
 
     #[test]

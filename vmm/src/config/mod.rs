@@ -218,6 +218,10 @@ pub struct DeviceConfig {
     /// Left out of the JSON when it is the default, as cloud-hypervisor has no such field.
     #[serde(default, skip_serializing_if = "KexecPolicy::is_default")]
     pub kexec: KexecPolicy,
+    /// Removed from the running VM (`vm.remove-device`, or the guest ejected it). It keeps its
+    /// place, and so the slots and MSI vectors of the devices after it, until the next boot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 /// What a kexec-mode live update does with a VFIO device, which no kernel can carry across a
@@ -734,6 +738,7 @@ mod tests {
                 path: PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
                 id: Some("edu".to_string()),
                 kexec: KexecPolicy::Refuse,
+                removed: false,
             }]
         );
     }
@@ -745,6 +750,7 @@ mod tests {
             path: PathBuf::from("/sys/bus/pci/devices/no-such-device"),
             id: None,
             kexec: KexecPolicy::Refuse,
+            removed: false,
         });
 
         let result = config.validate();

@@ -45,7 +45,7 @@ impl VmConfig {
                 disk.id.clone().unwrap_or_else(|| format!("_disk{index}")) == id
             });
         disk || (0..self.user_devices.len()).any(|index| self.user_device_id(index) == id)
-            || (0..self.devices.len()).any(|index| self.vfio_device_id(index) == id)
+            || self.vfio_device_index(id).is_some()
     }
 
     /// Appends a vfio-user device, giving it the first free `_user_device<N>` id when it has

@@ -43,13 +43,19 @@ impl Vmm {
             return Err(ApiError::not_found("VM is not created"));
         };
         match (request, self.state) {
-            (ApiRequest::VmInfo, state) => Ok(ApiResponse::Json(serde_json::json!({
-                "config": config,
-                "state": state,
-                "memory_actual_size": config.memory.size,
-            }))),
+            (ApiRequest::VmInfo, state) => {
+                // Removed devices keep their place until the next boot, out of sight.
+                let mut config = config.clone();
+                config.drop_removed_devices();
+                Ok(ApiResponse::Json(serde_json::json!({
+                    "config": config,
+                    "state": state,
+                    "memory_actual_size": config.memory.size,
+                })))
+            }
             (ApiRequest::VmAddUserDevice(device), state) => self.add_user_device(device, state),
             (ApiRequest::VmAddDevice(device), state) => self.add_vfio_device(device, state),
+            (ApiRequest::VmRemoveDevice(id), state) => self.remove_device(&id, state),
             (ApiRequest::VmCounters, _) => {
                 let counters = self.vm.as_ref().map(Vm::counters).unwrap_or_default();
                 Ok(ApiResponse::Json(serde_json::json!(counters)))
@@ -125,6 +131,8 @@ impl Vmm {
             live_update::agent_runs_kexec(&agent).map_err(|e| ApiError::from_error(e.status(), &e))
         };
         let detached = self.detach_for_kexec(&config, runs_kexec)?;
+        // A device the guest ejected on its own meanwhile is now marked removed.
+        let config = self.config.clone().unwrap_or(config);
         let Some(vm) = self.vm.as_mut() else {
             return Err(ApiError::conflict(
                 "Cannot live-update a VM that is not booted",

@@ -57,6 +57,8 @@ impl Vmm {
         self.emit("vm", "live-update-started");
         // An inherited session is always a kernel (kexec) session.
         let detached = self.detach_for_kexec(&config, || Ok(true))?;
+        // A device the guest ejected on its own meanwhile is now marked removed.
+        let config = self.config.clone().unwrap_or(config);
         let (Some(inherited), Some(vm)) = (self.inherited.as_mut(), self.vm.as_mut()) else {
             return Err(ApiError::conflict(
                 "Cannot live-update a VM that is not booted",

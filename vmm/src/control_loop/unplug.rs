@@ -1,4 +1,5 @@
-//! Hot-unplug on the control loop: devices the guest ejected leave the VM, and the opt-in
+//! Hot-unplug on the control loop: `vm.remove-device`, devices the guest ejected leave the VM
+//! (and its configuration, keeping their place until the next boot), and the opt-in
 //! `kexec=detach` policy: before a kexec-mode live update the guest is asked to release each
 //! such VFIO device (which no kernel can carry across a kexec), and the VMM that restores the
 //! VM on the new kernel attaches them again. A cancelled update attaches them again at once.
@@ -8,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
-use crate::api::{ApiError, PciDeviceInfo};
+use crate::api::{ApiError, ApiResponse, PciDeviceInfo};
 use crate::config::{KexecPolicy, VmConfig};
 
-use super::Vmm;
+use super::{VmState, Vmm};
 
 /// How long the guest has to release the devices before a kexec-mode update is refused.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,16 +20,65 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 const RELEASE_POLL: Duration = Duration::from_millis(5);
 
 impl Vmm {
-    /// The guest ejected devices: they leave the bus (event vm/device-unplugged each).
+    /// `vm.remove-device`: before boot the device leaves the configuration; on a running VM
+    /// the guest is asked to release it, and it leaves when the guest ejects it. Only kernel
+    /// VFIO devices, for now.
+    pub(super) fn remove_device(
+        &mut self,
+        id: &str,
+        state: VmState,
+    ) -> Result<ApiResponse, ApiError> {
+        let Some(config) = self.config.as_mut() else {
+            return Err(ApiError::not_found("VM is not created"));
+        };
+        let Some(index) = config.vfio_device_index(id) else {
+            return Err(if config.has_device_id(id) {
+                ApiError::bad_request(format!(
+                    "Device {id} cannot be removed: only kernel VFIO devices can be, for now"
+                ))
+            } else {
+                ApiError::not_found(format!("No device with id {id}"))
+            });
+        };
+        let vm = match (state, self.vm.as_ref()) {
+            (VmState::Running | VmState::Paused, Some(vm)) => vm,
+            _ => {
+                config.remove_vfio_device(index);
+                return Ok(ApiResponse::Empty);
+            }
+        };
+        let slot = vm
+            .attached_vfio_slot(index)
+            .ok_or_else(|| ApiError::conflict(format!("Device {id} is not attached now")))?;
+        info!("Asking the guest to release VFIO device {index} (slot {slot}): vm.remove-device");
+        vm.request_removal(slot)
+            .map_err(|e| ApiError::from_error(500, &e))?;
+        Ok(ApiResponse::Empty)
+    }
+
+    /// The guest ejected devices: they leave the bus and the configuration (event
+    /// vm/device-unplugged each).
     pub(super) fn take_ejected_devices(&mut self) {
-        let (Some(vm), Some(config)) = (self.vm.as_mut(), self.config.as_ref()) else {
+        let Some(vm) = self.vm.as_mut() else {
             return;
         };
-        let ids: Vec<String> = vm
-            .detach_ejected(&[])
-            .into_iter()
-            .map(|index| config.vfio_device_id(index))
-            .collect();
+        let removed = vm.detach_ejected(&[]);
+        self.note_removed(&removed);
+    }
+
+    /// VFIO devices `indices` left the VM for good: they are marked removed in the
+    /// configuration (keeping their place until the next boot).
+    fn note_removed(&mut self, indices: &[usize]) {
+        let Some(config) = self.config.as_mut() else {
+            return;
+        };
+        let mut ids = Vec::new();
+        for index in indices {
+            if let Some(device) = config.devices.get_mut(*index) {
+                device.removed = true;
+            }
+            ids.push(config.vfio_device_id(*index));
+        }
         for id in ids {
             self.emit_device("device-unplugged", &id, None);
         }
@@ -93,10 +143,9 @@ impl Vmm {
                 let names: Vec<String> = (pending.iter())
                     .map(|(index, _)| config.vfio_device_id(*index))
                     .collect();
-                let kept: Vec<usize> = released
-                    .into_iter()
-                    .filter(|i| indices.contains(i))
-                    .collect();
+                let (kept, on_its_own): (Vec<usize>, Vec<usize>) =
+                    released.into_iter().partition(|i| indices.contains(i));
+                self.note_removed(&on_its_own);
                 self.reattach(config, &kept);
                 return Err(ApiError::new(
                     500,
@@ -109,14 +158,14 @@ impl Vmm {
             }
             std::thread::sleep(RELEASE_POLL);
         }
-        for index in &released {
+        let (for_update, on_its_own): (Vec<usize>, Vec<usize>) =
+            released.into_iter().partition(|i| indices.contains(i));
+        for index in &for_update {
             let id = config.vfio_device_id(*index);
             self.emit_device("device-unplugged", &id, None);
         }
-        Ok(released
-            .into_iter()
-            .filter(|i| indices.contains(i))
-            .collect())
+        self.note_removed(&on_its_own);
+        Ok(for_update)
     }
 
     /// Attaches detached VFIO devices `indices` again (event vm/device-added each, or

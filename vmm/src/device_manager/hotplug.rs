@@ -355,6 +355,7 @@ mod tests {
             path: dir.as_path().to_path_buf(),
             id: Some("nic".into()),
             kexec: crate::config::KexecPolicy::Refuse,
+            removed: false,
         });
         let interrupts_before = fixture.interrupts.save();
         let ctx = DeviceContext {
