@@ -358,15 +358,7 @@ mod tests {
             removed: false,
         });
         let interrupts_before = fixture.interrupts.save();
-        let ctx = DeviceContext {
-            config: &fixture.config,
-            memory: fixture.ram.memory(),
-            vm: &fixture.vm,
-            interrupts: &fixture.interrupts,
-            on_event: Arc::new(|_| {}),
-        };
-
-        let result = fixture.manager.hot_add_vfio_device(&ctx, 0);
+        let result = fixture.with_context(|manager, ctx| manager.hot_add_vfio_device(ctx, 0));
 
         let Err(error @ DeviceError::Vfio { .. }) = result else {
             panic!("expected a VFIO error, got {result:?}");
@@ -382,15 +374,7 @@ mod tests {
     #[test]
     fn hot_add_of_a_vfio_device_missing_from_the_config_is_refused() {
         let mut fixture = Fixture::new();
-        let ctx = DeviceContext {
-            config: &fixture.config,
-            memory: fixture.ram.memory(),
-            vm: &fixture.vm,
-            interrupts: &fixture.interrupts,
-            on_event: Arc::new(|_| {}),
-        };
-
-        let result = fixture.manager.hot_add_vfio_device(&ctx, 0);
+        let result = fixture.with_context(|manager, ctx| manager.hot_add_vfio_device(ctx, 0));
 
         assert!(matches!(
             result,
@@ -401,15 +385,7 @@ mod tests {
     #[test]
     fn hot_add_of_a_user_device_missing_from_the_config_is_refused() {
         let mut fixture = Fixture::new();
-        let ctx = DeviceContext {
-            config: &fixture.config,
-            memory: fixture.ram.memory(),
-            vm: &fixture.vm,
-            interrupts: &fixture.interrupts,
-            on_event: Arc::new(|_| {}),
-        };
-
-        let result = fixture.manager.hot_add_user_device(&ctx, 0);
+        let result = fixture.with_context(|manager, ctx| manager.hot_add_user_device(ctx, 0));
 
         assert!(matches!(
             result,

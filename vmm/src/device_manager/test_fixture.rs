@@ -95,10 +95,11 @@ impl Fixture {
         }
     }
 
-    pub(super) fn hot_add<T>(
+    /// Runs `act` on the manager with this VM's device context, as a running VM's hot-add does.
+    pub(super) fn with_context<T>(
         &mut self,
-        build: impl FnOnce(&mut PciBuilder<'_, '_, '_>) -> Result<T, DeviceError>,
-    ) -> Result<(T, u8), DeviceError> {
+        act: impl FnOnce(&mut DeviceManager, &DeviceContext<'_>) -> T,
+    ) -> T {
         let ctx = DeviceContext {
             config: &self.config,
             memory: self.ram.memory(),
@@ -106,7 +107,14 @@ impl Fixture {
             interrupts: &self.interrupts,
             on_event: Arc::new(|_| {}),
         };
-        self.manager.hot_add(&ctx, build)
+        act(&mut self.manager, &ctx)
+    }
+
+    pub(super) fn hot_add<T>(
+        &mut self,
+        build: impl FnOnce(&mut PciBuilder<'_, '_, '_>) -> Result<T, DeviceError>,
+    ) -> Result<(T, u8), DeviceError> {
+        self.with_context(|manager, ctx| manager.hot_add(ctx, build))
     }
 
     pub(super) fn mmio(&self) -> Arc<RwLock<Bus>> {
