@@ -64,7 +64,8 @@ mod tests {
     use super::*;
     use crate::agent::protocol::{Request, Response};
     use crate::agent::state::tests::{
-        FakeKexec, OTHER, OWNER, error_kind, kernel_state, name, ok, restart_state,
+        FakeKexec, OTHER, OWNER, create, error_kind, handover, kernel_state, name, ok,
+        restart_state, retrieve,
     };
 
     fn socket() -> OwnedFd {
@@ -154,26 +155,11 @@ mod tests {
     fn attachment_moves_with_the_session_to_the_successor() {
         let (mut state, _) = restart_state();
         let (fd, peer) = socket_pair();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
         ok(&mut state, attach("vm", 3), OWNER, Some(fd));
-        ok(
-            &mut state,
-            Request::Handover { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, handover("vm"), OWNER, None);
         let handed_over = state.list()[0].attachments.clone();
-        ok(
-            &mut state,
-            Request::RetrieveSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, retrieve("vm"), OWNER, None);
 
         let (response, first) = state.handle(retrieve_attachment("vm", 3), OWNER, None);
         let (_, second) = state.handle(retrieve_attachment("vm", 3), OWNER, None);
@@ -194,25 +180,10 @@ mod tests {
     fn finish_closes_the_attachments() {
         let (mut state, _) = restart_state();
         let (fd, peer) = socket_pair();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
         ok(&mut state, attach("vm", 1), OWNER, Some(fd));
-        ok(
-            &mut state,
-            Request::Handover { name: name("vm") },
-            OWNER,
-            None,
-        );
-        ok(
-            &mut state,
-            Request::RetrieveSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, handover("vm"), OWNER, None);
+        ok(&mut state, retrieve("vm"), OWNER, None);
 
         ok(
             &mut state,
@@ -228,12 +199,7 @@ mod tests {
     fn cancel_closes_the_attachments() {
         let (mut state, _) = restart_state();
         let (fd, peer) = socket_pair();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
         ok(&mut state, attach("vm", 1), OWNER, Some(fd));
 
         ok(
@@ -249,12 +215,7 @@ mod tests {
     #[test]
     fn attach_is_for_the_owner_of_an_outgoing_session_and_needs_an_fd() {
         let (mut state, _) = restart_state();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
 
         let other = error_kind(&mut state, attach("vm", 1), OTHER, Some(socket_pair().0));
         let no_session = error_kind(&mut state, attach("nope", 1), OWNER, Some(socket_pair().0));
@@ -272,12 +233,7 @@ mod tests {
     fn attach_in_kernel_mode_is_refused_as_restart_only() {
         let fake = FakeKexec::default();
         let mut state = kernel_state(&fake);
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
 
         let (response, _) = state.handle(attach("vm", 1), OWNER, Some(socket_pair().0));
 

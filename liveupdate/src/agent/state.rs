@@ -504,6 +504,21 @@ pub(crate) mod tests {
         name.to_string()
     }
 
+    /// `CreateSession` of `name`.
+    pub(crate) fn create(name: &str) -> Request {
+        Request::CreateSession { name: name.into() }
+    }
+
+    /// `Handover` of `name`.
+    pub(crate) fn handover(name: &str) -> Request {
+        Request::Handover { name: name.into() }
+    }
+
+    /// `RetrieveSession` of `name`.
+    pub(crate) fn retrieve(name: &str) -> Request {
+        Request::RetrieveSession { name: name.into() }
+    }
+
     pub(crate) fn ok(state: &mut AgentState, request: Request, uid: u32, fd: Option<OwnedFd>) {
         let (response, _) = state.handle(request, uid, fd);
         assert_eq!(response, Response::Ok);
@@ -524,24 +539,14 @@ pub(crate) mod tests {
     #[test]
     fn only_the_creating_uid_may_use_an_outgoing_session() {
         let (mut state, _) = restart_state();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
 
         let preserve = Request::Preserve {
             name: name("vm"),
             token: 1,
         };
         let preserve_kind = error_kind(&mut state, preserve, OTHER, Some(memfd()));
-        let handover_kind = error_kind(
-            &mut state,
-            Request::Handover { name: name("vm") },
-            OTHER,
-            None,
-        );
+        let handover_kind = error_kind(&mut state, handover("vm"), OTHER, None);
         let cancel_kind = error_kind(
             &mut state,
             Request::Cancel { name: name("vm") },
@@ -558,36 +563,16 @@ pub(crate) mod tests {
     #[test]
     fn only_the_creating_uid_may_retrieve_and_finish_after_handover() {
         let (mut state, _) = restart_state();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
         let preserve = Request::Preserve {
             name: name("vm"),
             token: 1,
         };
         ok(&mut state, preserve, OWNER, Some(memfd()));
-        ok(
-            &mut state,
-            Request::Handover { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, handover("vm"), OWNER, None);
 
-        let retrieve_kind = error_kind(
-            &mut state,
-            Request::RetrieveSession { name: name("vm") },
-            OTHER,
-            None,
-        );
-        ok(
-            &mut state,
-            Request::RetrieveSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        let retrieve_kind = error_kind(&mut state, retrieve("vm"), OTHER, None);
+        ok(&mut state, retrieve("vm"), OWNER, None);
         let fd_kind = error_kind(
             &mut state,
             Request::RetrieveFd {
@@ -624,31 +609,16 @@ pub(crate) mod tests {
         provider.handover("old").unwrap();
         drop(session);
 
-        let kind = error_kind(
-            &mut state,
-            Request::RetrieveSession { name: name("old") },
-            OWNER,
-            None,
-        );
+        let kind = error_kind(&mut state, retrieve("old"), OWNER, None);
 
         assert_eq!(kind, ErrorKind::PermissionDenied);
-        ok(
-            &mut state,
-            Request::RetrieveSession { name: name("old") },
-            0,
-            None,
-        );
+        ok(&mut state, retrieve("old"), 0, None);
     }
 
     #[test]
     fn preserve_needs_exactly_one_fd_and_other_requests_none() {
         let (mut state, _) = restart_state();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
 
         let missing = error_kind(
             &mut state,
@@ -668,20 +638,10 @@ pub(crate) mod tests {
     #[test]
     fn session_errors_keep_their_kind() {
         let (mut state, _) = restart_state();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
         let null = OwnedFd::from(File::open("/dev/null").unwrap());
 
-        let exists = error_kind(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        let exists = error_kind(&mut state, create("vm"), OWNER, None);
         let invalid = error_kind(
             &mut state,
             Request::CreateSession {
@@ -716,12 +676,7 @@ pub(crate) mod tests {
     fn cancel_drops_the_session_and_unpreserves_its_files() {
         let (mut state, provider) = restart_state();
         let file = memfd();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
         let preserve = Request::Preserve {
             name: name("vm"),
             token: 1,
@@ -742,12 +697,7 @@ pub(crate) mod tests {
 
         assert!(state.list().is_empty());
         assert!(provider.sessions().is_empty());
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
         ok(&mut state, preserve, OWNER, Some(file));
     }
 
@@ -799,19 +749,9 @@ pub(crate) mod tests {
     fn kernel_mode_handover_freezes_and_waits_for_a_verdict() {
         let fake = FakeKexec::default();
         let mut state = kernel_state(&fake);
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
 
-        ok(
-            &mut state,
-            Request::Handover { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, handover("vm"), OWNER, None);
         let preserve = error_kind(
             &mut state,
             Request::Preserve {
@@ -846,18 +786,8 @@ pub(crate) mod tests {
         let fake = FakeKexec::default();
         let mut state = kernel_state(&fake);
         for vm in ["a", "b"] {
-            ok(
-                &mut state,
-                Request::CreateSession { name: name(vm) },
-                OWNER,
-                None,
-            );
-            ok(
-                &mut state,
-                Request::Handover { name: name(vm) },
-                OWNER,
-                None,
-            );
+            ok(&mut state, create(vm), OWNER, None);
+            ok(&mut state, handover(vm), OWNER, None);
         }
         state.start_kexec(0, &image()).unwrap();
 
@@ -883,18 +813,8 @@ pub(crate) mod tests {
             ..FakeKexec::default()
         };
         let mut state = kernel_state(&fake);
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("vm") },
-            OWNER,
-            None,
-        );
-        ok(
-            &mut state,
-            Request::Handover { name: name("vm") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("vm"), OWNER, None);
+        ok(&mut state, handover("vm"), OWNER, None);
 
         let error = state.start_kexec(0, &image()).unwrap_err();
 
@@ -914,12 +834,7 @@ pub(crate) mod tests {
         let denied = state.start_kexec(OWNER, &image()).unwrap_err();
         let restart_mode = restart.start_kexec(0, &image()).unwrap_err();
         state.start_kexec(0, &image()).unwrap();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("late") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("late"), OWNER, None);
         let again = state.start_kexec(0, &image()).unwrap_err();
 
         assert_eq!(denied.kind, ErrorKind::PermissionDenied);
@@ -932,12 +847,7 @@ pub(crate) mod tests {
     #[test]
     fn list_shows_direction_owner_and_tokens() {
         let (mut state, _) = restart_state();
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("a") },
-            OWNER,
-            None,
-        );
+        ok(&mut state, create("a"), OWNER, None);
         ok(
             &mut state,
             Request::Preserve {
@@ -947,18 +857,8 @@ pub(crate) mod tests {
             OWNER,
             Some(memfd()),
         );
-        ok(
-            &mut state,
-            Request::CreateSession { name: name("b") },
-            OTHER,
-            None,
-        );
-        ok(
-            &mut state,
-            Request::Handover { name: name("b") },
-            OTHER,
-            None,
-        );
+        ok(&mut state, create("b"), OTHER, None);
+        ok(&mut state, handover("b"), OTHER, None);
 
         let (response, _) = state.handle(Request::List, OWNER, None);
 
@@ -985,24 +885,9 @@ pub(crate) mod tests {
     fn handover_over_an_unfinished_retrieved_session_of_the_same_name_replaces_it() {
         let (mut state, _) = restart_state();
         for _ in 0..2 {
-            ok(
-                &mut state,
-                Request::CreateSession { name: name("vm") },
-                OWNER,
-                None,
-            );
-            ok(
-                &mut state,
-                Request::Handover { name: name("vm") },
-                OWNER,
-                None,
-            );
-            ok(
-                &mut state,
-                Request::RetrieveSession { name: name("vm") },
-                OWNER,
-                None,
-            );
+            ok(&mut state, create("vm"), OWNER, None);
+            ok(&mut state, handover("vm"), OWNER, None);
+            ok(&mut state, retrieve("vm"), OWNER, None);
         }
 
         let sessions = state.list();
