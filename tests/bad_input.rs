@@ -17,18 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{VmmProcess, probe_guest, scratch_dir};
+use common::{VmmProcess, probe_guest, require_kvm, scratch_dir};
 
 const EXIT: Duration = Duration::from_secs(10);
 const BOOT: Duration = Duration::from_secs(30);
 const LINE: Duration = Duration::from_secs(10);
-
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
-    );
-}
 
 /// Runs the VMM to its exit; returns (exit code, stderr).
 fn run_to_exit(args: &[&str], dir: &Path) -> (Option<i32>, String) {

@@ -13,11 +13,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Response, TestDev, VmmProcess, probe_fields, probe_guest, scratch_dir};
+use common::{
+    Response, TestDev, VmmProcess, assert_guest_runs_on, messages, next_started, probe_guest,
+    require_kvm, scratch_dir,
+};
 
 const BOOT: Duration = Duration::from_secs(30);
 const LINE: Duration = Duration::from_secs(10);
@@ -25,14 +27,6 @@ const LINE: Duration = Duration::from_secs(10);
 const RESCAN: &str = "fill=1 status_ms=200 userdev=2";
 /// Slot of the first added device: slot 1 is the virtio-rng (no disk, console off).
 const FIRST_FREE_BDF: &str = "0000:00:02.0";
-
-/// Requires /dev/kvm; fails (never skips) without it.
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
-    );
-}
 
 /// A host PCI function bound to a driver other than vfio*, with that driver's name ("none"
 /// for no driver). On a host without one, a directory that is no PCI device at all: VFIO
@@ -75,11 +69,6 @@ fn path_body(path: &Path, id: Option<&str>) -> String {
     .to_string()
 }
 
-/// The error chain of a failed call, joined.
-fn messages(response: &Response) -> String {
-    response.error_messages().join(" / ")
-}
-
 /// The configured VFIO devices (`config.devices` of `vm.info`), as (path, id).
 fn vfio_devices(vmm: &VmmProcess) -> Vec<(String, String)> {
     let info = vmm.vm_info();
@@ -108,24 +97,6 @@ fn running_probe(dir: &Path) -> (VmmProcess, usize) {
         line.contains("probe: userdev absent").then_some(())
     });
     (vmm, index)
-}
-
-/// Asserts the guest runs on: two more status lines, the second later, no memory errors.
-fn assert_guest_runs_on(vmm: &VmmProcess, skip: usize) {
-    let (next, first) = vmm.next_status(skip, LINE);
-    let (_, second) = vmm.next_status(next, LINE);
-    assert!(second.get("seq") > first.get("seq"), "{first:?} {second:?}");
-    assert_eq!(second.get("errors"), 0, "{second:?}");
-}
-
-/// The next `probe: userdev started ...` line after line `skip`, and the index after it.
-fn next_started(vmm: &VmmProcess, skip: usize) -> (usize, BTreeMap<String, String>) {
-    let mut index = skip;
-    let fields = vmm.wait_for(skip, LINE, |line| {
-        index += 1;
-        probe_fields(line, "userdev started")
-    });
-    (index, fields)
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Agent, ProbeStatus, ProbeVm, VmmProcess, scratch_dir};
+use common::{Agent, ProbeStatus, ProbeVm, VmmProcess, require_kvm, scratch_dir};
 use liveupdate::agent::Direction;
 use liveupdate::state::{FORMAT_VERSION, MAGIC};
 
@@ -33,14 +33,6 @@ const CMDLINE: &str = "fill=1 status_ms=100 blk_io=1";
 /// The state blob's token and guest RAM's token in every session.
 const STATE_TOKEN: u64 = 0;
 const RAM_TOKEN: u64 = 1;
-
-/// Requires /dev/kvm; fails (never skips) without it.
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
-    );
-}
 
 /// A 1 MiB disk image with a marker in sector 0.
 fn disk_image(dir: &Path) -> String {

@@ -17,21 +17,13 @@ use std::time::{Duration, Instant};
 
 use common::{
     ProbeStatus, VmmProcess, assert_events_in_order, parse_probe_number, pattern_ranges,
-    probe_fields, read_events, scratch_dir,
+    probe_fields, read_events, require_kvm, scratch_dir,
 };
 
 const BOOT: Duration = Duration::from_secs(30);
 const LINE: Duration = Duration::from_secs(10);
 /// Small RAM and pattern: guest memory work is slow on this host's paravirtualised KVM.
 const QUICK: &str = "fill=1 status_ms=300";
-
-/// Requires /dev/kvm; fails (never skips) without it.
-fn require_kvm() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
-    );
-}
 
 /// Boots `cpus` vCPUs and asserts the banner and three advancing, error-free status lines.
 fn assert_boots_and_advances(name: &str, cpus: u8) {

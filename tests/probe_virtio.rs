@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{ProbeStatus, ProbeVm, VmmProcess, scratch_dir};
+use common::{ProbeStatus, ProbeVm, VmmProcess, require_kvm, scratch_dir};
 
 /// Bound on every wait for a guest line (boot included).
 const LINE: Duration = Duration::from_secs(30);
@@ -26,14 +26,6 @@ const IMAGE_SECTORS: u64 = 2048;
 /// The first 16 bytes of sector 0 of every test image.
 const SECTOR0_HEAD: &[u8; 16] = b"PROBE-DISK-\x00\x01\xfe\xff\x7f";
 const HELLO: &str = "probe: hello from virtio-console\n";
-
-/// Requires /dev/kvm; fails (never skips) without it.
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
-    );
-}
 
 /// A raw image with [`SECTOR0_HEAD`] at the start, the rest of sector 0 0xaa, the rest zero.
 fn write_image(dir: &Path) -> PathBuf {

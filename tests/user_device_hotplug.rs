@@ -10,14 +10,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    Agent, Response, TestDev, VmmProcess, assert_events_in_order, probe_fields, probe_guest,
-    read_events, scratch_dir,
+    Agent, Response, TestDev, VmmProcess, assert_events_in_order, assert_guest_runs_on, field,
+    messages, next_started, next_userdev, probe_guest, read_events, require_kvm, scratch_dir,
 };
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -26,14 +25,6 @@ const LINE: Duration = Duration::from_secs(10);
 const RESCAN: &str = "fill=1 status_ms=200 userdev=2";
 /// Slot of the first added device: slot 1 is the virtio-rng (no disk, console off).
 const FIRST_FREE_BDF: &str = "0000:00:02.0";
-
-/// Requires /dev/kvm; fails (never skips) without it.
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
-    );
-}
 
 /// A UNIX socket that accepts connections and closes them at once: not a vfio-user server.
 struct NotVfioUser {
@@ -66,11 +57,6 @@ fn json(response: &Response) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&response.body)))
 }
 
-/// The error chain of a failed call, joined.
-fn messages(response: &Response) -> String {
-    response.error_messages().join(" / ")
-}
-
 /// The ids of the configured vfio-user devices, from `vm.info`.
 fn user_device_ids(vmm: &VmmProcess) -> Vec<String> {
     let info = vmm.vm_info();
@@ -85,32 +71,6 @@ fn user_device_ids(vmm: &VmmProcess) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The next `probe: userdev started ...` line after line `skip`, and the index after it.
-fn next_started(vmm: &VmmProcess, skip: usize) -> (usize, BTreeMap<String, String>) {
-    let mut index = skip;
-    let fields = vmm.wait_for(skip, LINE, |line| {
-        index += 1;
-        probe_fields(line, "userdev started")
-    });
-    (index, fields)
-}
-
-/// The next `probe: userdev counter=...` line after line `skip`, and the index after it.
-fn next_userdev(vmm: &VmmProcess, skip: usize) -> (usize, BTreeMap<String, String>) {
-    let mut index = skip;
-    let fields = vmm.wait_for(skip, LINE, |line| {
-        index += 1;
-        probe_fields(line, "userdev").filter(|f| f.contains_key("counter"))
-    });
-    (index, fields)
-}
-
-fn field(fields: &BTreeMap<String, String>, key: &str) -> u64 {
-    fields[key]
-        .parse()
-        .unwrap_or_else(|e| panic!("{key} in {fields:?}: {e}"))
-}
-
 /// Boots the probe guest with `RESCAN` and waits until it reported the device absent.
 fn running_probe(dir: &Path, extra: &[&str]) -> (VmmProcess, usize) {
     let vmm = VmmProcess::probe(1, "128M", RESCAN, dir, extra);
@@ -121,14 +81,6 @@ fn running_probe(dir: &Path, extra: &[&str]) -> (VmmProcess, usize) {
         line.contains("probe: userdev absent").then_some(())
     });
     (vmm, index)
-}
-
-/// Asserts the guest runs on: two more status lines, the second later, no memory errors.
-fn assert_guest_runs_on(vmm: &VmmProcess, skip: usize) {
-    let (next, first) = vmm.next_status(skip, LINE);
-    let (_, second) = vmm.next_status(next, LINE);
-    assert!(second.get("seq") > first.get("seq"), "{first:?} {second:?}");
-    assert_eq!(second.get("errors"), 0, "{second:?}");
 }
 
 #[test]

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Agent, TestDev, VmmProcess, probe_fields, scratch_dir};
+use common::{
+    Agent, TestDev, VmmProcess, field, next_userdev, probe_fields, require_kvm, scratch_dir,
+};
 
 const BOOT: Duration = Duration::from_secs(30);
 const LINE: Duration = Duration::from_secs(10);
@@ -26,14 +28,6 @@ const QUICK: &str = "fill=1 status_ms=300";
 /// Where the test device DMAs: above the probe's pattern area (fill=1 keeps it small) and clear
 /// of the boot data in low memory.
 const DMA_ADDR: u64 = 0x300_0000;
-
-/// Requires /dev/kvm; fails (never skips) without it.
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
-    );
-}
 
 /// The test device with DMA enabled at `DMA_ADDR` at `rate` records a second.
 fn dma_testdev(dir: &Path, rate: u32) -> TestDev {
@@ -124,25 +118,6 @@ fn missing_server_is_a_clear_startup_error() {
         stderr.contains("Cannot attach the vfio-user device"),
         "{stderr}"
     );
-}
-
-/// The next `probe: userdev counter=...` line after line `skip`, and the index after it.
-fn next_userdev(
-    vmm: &VmmProcess,
-    skip: usize,
-) -> (usize, std::collections::BTreeMap<String, String>) {
-    let mut index = skip;
-    let fields = vmm.wait_for(skip, LINE, |line| {
-        index += 1;
-        probe_fields(line, "userdev").filter(|f| f.contains_key("counter"))
-    });
-    (index, fields)
-}
-
-fn field(fields: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {
-    fields[key]
-        .parse()
-        .unwrap_or_else(|e| panic!("{key} in {fields:?}: {e}"))
 }
 
 #[test]

@@ -40,6 +40,51 @@ impl Default for ProbeVm<'_> {
     }
 }
 
+/// Fails (never skips) without /dev/kvm, saying what to do.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm: run on a host with KVM (modprobe kvm_intel or kvm_amd)"
+    );
+}
+
+/// The error chain of a failed API call, joined.
+pub fn messages(response: &Response) -> String {
+    response.error_messages().join(" / ")
+}
+
+/// How long the device-test helpers below wait for one probe line.
+const PROBE_LINE: Duration = Duration::from_secs(10);
+
+/// Asserts the guest runs on: two more status lines after line `skip`, the second later, no
+/// memory errors.
+pub fn assert_guest_runs_on(vmm: &VmmProcess, skip: usize) {
+    let (next, first) = vmm.next_status(skip, PROBE_LINE);
+    let (_, second) = vmm.next_status(next, PROBE_LINE);
+    assert!(second.get("seq") > first.get("seq"), "{first:?} {second:?}");
+    assert_eq!(second.get("errors"), 0, "{second:?}");
+}
+
+/// The next `probe: userdev started ...` line after line `skip`, and the index after it.
+pub fn next_started(vmm: &VmmProcess, skip: usize) -> (usize, BTreeMap<String, String>) {
+    vmm.next_probe_line(skip, PROBE_LINE, "userdev started", |_| true)
+}
+
+/// The next `probe: userdev ...` line with the device's counter after line `skip`, and the
+/// index after it.
+pub fn next_userdev(vmm: &VmmProcess, skip: usize) -> (usize, BTreeMap<String, String>) {
+    vmm.next_probe_line(skip, PROBE_LINE, "userdev", |fields| {
+        fields.contains_key("counter")
+    })
+}
+
+/// Field `key` of a probe line, as a decimal number.
+pub fn field(fields: &BTreeMap<String, String>, key: &str) -> u64 {
+    fields[key]
+        .parse()
+        .unwrap_or_else(|e| panic!("{key} in {fields:?}: {e}"))
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -189,6 +234,23 @@ impl VmmProcess {
             index += 1;
             ProbeStatus::parse(line).map(|s| (index, s))
         })
+    }
+
+    /// Waits for the next `probe: <kind> ...` line after line `skip` whose fields `accept`;
+    /// returns the index after it and its fields.
+    pub fn next_probe_line(
+        &self,
+        skip: usize,
+        timeout: Duration,
+        kind: &str,
+        accept: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> (usize, BTreeMap<String, String>) {
+        let mut index = skip;
+        let fields = self.wait_for(skip, timeout, |line| {
+            index += 1;
+            probe_fields(line, kind).filter(|fields| accept(fields))
+        });
+        (index, fields)
     }
 
     /// Types `bytes` into the guest's terminal.
