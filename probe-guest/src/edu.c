@@ -52,7 +52,6 @@
 #define EDU_MARK 0x5eedcafeU
 #define EDU_PAUSE_MS 50
 #define PCI_COMMAND 0x04
-#define LAPIC_EOI 0xb0
 #define EDU_IRQ_STATUS 0x24
 #define EDU_IRQ_ACK 0x64
 #define EDU_DMA_SRC 0x80
@@ -69,8 +68,6 @@
 #define PCI_CAP_ID_MSI 0x05
 #define MSI_ADDRESS 0xfee00000U
 #define EDU_VECTOR 0x51
-#define MSR_APIC_BASE 0x1b
-#define X2APIC_MSR_BASE 0x800
 
 /* Source and destination of the round trips: .bss, inside the probe image. */
 static volatile u8 edu_src[EDU_XFER] __attribute__((aligned(4096)));
@@ -104,37 +101,13 @@ static void say_edu(const char *what)
 	line_emit(&l);
 }
 
-static bool vector_pending(u32 vector)
-{
-	u64 base = rdmsr(MSR_APIC_BASE);
-	u32 word;
-	if (base & (1ULL << 10)) {
-		word = (u32)rdmsr(X2APIC_MSR_BASE + 0x20 + vector / 32);
-	} else {
-		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
-		word = apic[(0x200 + (vector / 32) * 0x10) / 4];
-	}
-	return word & (1U << (vector % 32));
-}
-
-static void lapic_eoi(void)
-{
-	u64 base = rdmsr(MSR_APIC_BASE);
-	if (base & (1ULL << 10)) {
-		wrmsr(X2APIC_MSR_BASE + LAPIC_EOI / 0x10, 0);
-	} else {
-		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
-		apic[LAPIC_EOI / 4] = 0;
-	}
-}
-
 /* Lets the pending vector in (a few exits: KVM injects at an entry); true if taken. */
 static bool edu_take_msi(void)
 {
 	u64 before = edu_msis;
 	__asm__ volatile("sti" : : : "memory");
 	for (int i = 0; i < 100 && edu_msis == before; i++)
-		(void)vector_pending(EDU_VECTOR);
+		(void)lapic_irr_pending(EDU_VECTOR);
 	__asm__ volatile("cli" : : : "memory");
 	if (edu_msis == before)
 		return false;
@@ -223,7 +196,7 @@ static bool edu_transfer(u64 src, u64 dst, u32 cmd)
 		return true;
 	u64 done_at = rdtsc();
 	deadline = done_at + ms_to_ticks(EDU_TIMEOUT_MS);
-	while (!vector_pending(EDU_VECTOR)) {
+	while (!lapic_irr_pending(EDU_VECTOR)) {
 		if (rdtsc() > deadline) {
 			say_edu("error no interrupt");
 			edu_errors++;
@@ -231,7 +204,7 @@ static bool edu_transfer(u64 src, u64 dst, u32 cmd)
 		}
 		cpu_relax();
 	}
-	if (vector_pending(EDU_VECTOR)) {
+	if (lapic_irr_pending(EDU_VECTOR)) {
 		if (in_pause)
 			pause_irq_wait = rdtsc() - done_at;
 		if (edu_take_msi()) {
@@ -398,7 +371,7 @@ void edu_release(void)
 			cpu_relax();
 	}
 	/* A late MSI (of a transfer that timed out) must not count for the next device's first. */
-	if (edu_msi_data && vector_pending(EDU_VECTOR))
+	if (edu_msi_data && lapic_irr_pending(EDU_VECTOR))
 		(void)edu_take_msi();
 	u32 status = mmio_rd32(edu_regs, EDU_IRQ_STATUS);
 	if (status)

@@ -405,6 +405,37 @@ u32 fw_count_cpus(u64 rsdp, const char **source)
 	return n;
 }
 
+#define MSR_APIC_BASE 0x1b
+#define X2APIC_MSR_BASE 0x800
+#define LAPIC_IRR 0x200
+#define LAPIC_EOI 0xb0
+
+/* Whether this CPU's LAPIC has `vector` pending in its IRR (xAPIC MMIO or x2APIC MSRs). */
+bool lapic_irr_pending(u32 vector)
+{
+	u64 base = rdmsr(MSR_APIC_BASE);
+	u32 word;
+	if (base & (1ULL << 10)) {
+		word = (u32)rdmsr(X2APIC_MSR_BASE + LAPIC_IRR / 0x10 + vector / 32);
+	} else {
+		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
+		word = apic[(LAPIC_IRR + (vector / 32) * 0x10) / 4];
+	}
+	return word & (1U << (vector % 32));
+}
+
+/* Writes this CPU's LAPIC EOI register (xAPIC MMIO or x2APIC MSR). */
+void lapic_eoi(void)
+{
+	u64 base = rdmsr(MSR_APIC_BASE);
+	if (base & (1ULL << 10)) {
+		wrmsr(X2APIC_MSR_BASE + LAPIC_EOI / 0x10, 0);
+	} else {
+		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
+		apic[LAPIC_EOI / 4] = 0;
+	}
+}
+
 /* Broadcast INIT, SIPI, SIPI to all but self (xAPIC MMIO, or x2APIC MSRs). */
 void smp_send_init_sipi(u64 tsc_khz)
 {

@@ -112,6 +112,8 @@ void idt_load(void);
 void idt_set_handler(u8 v, void (*handler)(void));
 u32 fw_count_cpus(u64 rsdp_paddr, const char **source);
 void smp_send_init_sipi(u64 tsc_khz);
+bool lapic_irr_pending(u32 vector);
+void lapic_eoi(void);
 void reboot(void) __attribute__((noreturn));
 void delay_us(u64 us, u64 tsc_khz);
 

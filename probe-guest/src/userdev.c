@@ -51,7 +51,6 @@
 #define CONTROL_ACK_IRQS 2
 #define STATUS_RUNNING 1
 #define USERDEV_STOP_POLLS 1000
-#define LAPIC_EOI 0xb0
 #define PCI_CAP_ID_MSI 0x05
 #define MSI_VECTOR 0x41
 #define MSI_ADDRESS 0xfee00000U
@@ -59,8 +58,6 @@
 #define USERDEV_BATCH 10
 /* userdev_ack=1: one MSI per 100 ms, and the probe takes each within 10 ms. */
 #define USERDEV_ACK_BATCH 100
-#define MSR_APIC_BASE 0x1b
-#define X2APIC_MSR_BASE 0x800
 
 /* The DMA buffer lives in .bss: inside the image, below the pattern. */
 static volatile u64 userdev_buf[2] __attribute__((aligned(64)));
@@ -195,37 +192,11 @@ void userdev_init(void)
 		say_userdev("absent");
 }
 
-/* Whether the LAPIC's IRR holds `vector` (xAPIC MMIO or x2APIC MSRs). */
-static bool irr_pending(u32 vector)
-{
-	u64 base = rdmsr(MSR_APIC_BASE);
-	u32 word;
-	if (base & (1ULL << 10)) {
-		word = (u32)rdmsr(X2APIC_MSR_BASE + 0x20 + vector / 32);
-	} else {
-		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
-		word = apic[(0x200 + (vector / 32) * 0x10) / 4];
-	}
-	return word & (1U << (vector % 32));
-}
-
-/* Writes the LAPIC's EOI register (xAPIC MMIO or x2APIC MSR). */
-static void lapic_eoi(void)
-{
-	u64 base = rdmsr(MSR_APIC_BASE);
-	if (base & (1ULL << 10)) {
-		wrmsr(X2APIC_MSR_BASE + (LAPIC_EOI >> 4), 0);
-	} else {
-		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
-		apic[LAPIC_EOI / 4] = 0;
-	}
-}
-
 /* Lets a pending MSI in for one instruction; if it came, EOI and acknowledge. */
 static void userdev_take_msi(void)
 {
 	u64 before = userdev_msis;
-	if (!irr_pending(MSI_VECTOR))
+	if (!lapic_irr_pending(MSI_VECTOR))
 		return;
 	/*
 	 * KVM injects at a VM entry: each IRR read in the window is an exit, so
@@ -233,7 +204,7 @@ static void userdev_take_msi(void)
 	 */
 	__asm__ volatile("sti" : : : "memory");
 	for (int i = 0; i < 100 && userdev_msis == before; i++)
-		(void)irr_pending(MSI_VECTOR);
+		(void)lapic_irr_pending(MSI_VECTOR);
 	__asm__ volatile("cli" : : : "memory");
 	if (userdev_msis == before)
 		return;
@@ -301,7 +272,7 @@ void userdev_tick(void)
 	line_start(&l, "userdev");
 	line_kv_dec(&l, "counter", present ? userdev_buf[0] : absent_counter);
 	line_kv_dec(&l, "irqs", present ? mmio_rd32(userdev_bar, REG_IRQ_COUNT) : absent_irqs);
-	line_kv_dec(&l, "msi_pending", irr_pending(MSI_VECTOR));
+	line_kv_dec(&l, "msi_pending", lapic_irr_pending(MSI_VECTOR));
 	if (cfg.userdev_ack)
 		line_kv_dec(&l, "msis", msis);
 	line_kv_dec(&l, "client", present ? mmio_rd32(userdev_bar, REG_CLIENT_SEQ) : absent_client);
