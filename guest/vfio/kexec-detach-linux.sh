@@ -141,14 +141,7 @@ if [ "$stage" = 1 ]; then
     # synchronous (busybox tail -f polls once a second, and tty output can be lost at a kexec).
     watch_log "$vmm_log" E2E-VFIO-LINUX '*the guest to release*' '*unplugged*' '*handed over*' &
     echo "E2E-VFIO-LINUX live-update at $(now)"
-    ch-remote --api-socket "$api_socket" live-update --session "$session" >"$work/remote.log" 2>&1 &
-    remote=$!
-    wait "$kexec_pid"
-    rc=$?
-    sleep 2
-    kill -0 "$remote" 2>/dev/null && fail "ch-luod kexec exited $rc and the live-update call still waits"
-    kill -0 "$vmm" 2>/dev/null || fail "ch-luod kexec exited $rc and the VMM is gone"
-    fail "ch-luod kexec exited $rc: $(cat "$work/kexec.log") / live-update: $(cat "$work/remote.log")"
+    live_update_across_kexec "$api_socket" "$session"
 fi
 
 bdf=$(arg e2e_guest_bdf "")

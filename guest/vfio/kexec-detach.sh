@@ -105,14 +105,7 @@ if [ "$stage" = 1 ]; then
     watch_log "$work/vmm.log" E2E-VFIO-DETACH '*the guest to release*' '*unplugged*' '*frozen*' &
     watch_log "$work/serial.log" E2E-VFIO-DETACH '*hotplug*' &
     echo "E2E-VFIO-DETACH live-update"
-    ch-remote --api-socket "$api_socket" live-update --session "$session" >"$work/remote.log" 2>&1 &
-    remote=$!
-    wait "$kexec_pid"
-    rc=$?
-    sleep 2
-    kill -0 "$remote" 2>/dev/null && fail "ch-luod kexec exited $rc and the live-update call still waits"
-    kill -0 "$vmm" 2>/dev/null || fail "ch-luod kexec exited $rc and the VMM is gone"
-    fail "ch-luod kexec exited $rc: $(cat "$work/kexec.log") / live-update: $(cat "$work/remote.log")"
+    live_update_across_kexec "$api_socket" "$session"
 fi
 
 echo "E2E-VFIO-DETACH restore"

@@ -72,6 +72,20 @@ load_next_kernel() {
     done
 }
 
+# Live-updates the VM of API socket $1 into session $2 while the kernel loaded by
+# load_next_kernel waits for it; the machine then kexecs, so this returns only by failing,
+# saying why the kexec did not happen.
+live_update_across_kexec() {
+    ch-remote --api-socket "$1" live-update --session "$2" >"$work/remote.log" 2>&1 &
+    lu_remote=$!
+    wait "$kexec_pid"
+    lu_rc=$?
+    sleep 2
+    kill -0 "$lu_remote" 2>/dev/null && fail "ch-luod kexec exited $lu_rc and the live-update call still waits"
+    kill -0 "$vmm" 2>/dev/null || fail "ch-luod kexec exited $lu_rc and the VMM is gone"
+    fail "ch-luod kexec exited $lu_rc: $(cat "$work/kexec.log") / live-update: $(cat "$work/remote.log")"
+}
+
 # Copies the lines of log $1 that match one of the shell patterns after $3 to the kernel log as
 # "$2 log: <line>", until the machine kexecs. The kernel log's console output is synchronous;
 # busybox tail -f polls once a second and tty output can be lost at a kexec. Run it in the
