@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{error, info};
 
 use crate::api::{ApiError, ApiResponse, PciDeviceInfo};
 use crate::config::{KexecPolicy, VmConfig};
@@ -197,13 +197,10 @@ impl Vmm {
         let (Some(vm), Some(config)) = (self.vm.as_ref(), self.config.clone()) else {
             return;
         };
+        // The others were removed (vm.remove-device or the guest's own eject) and stay out.
         let indices: Vec<usize> = (vm.detached_vfio_devices().into_iter())
             .filter_map(|(index, for_update)| for_update.then_some(index))
             .collect();
-        let ejected_before = vm.detached_vfio_devices().len() > indices.len();
-        if ejected_before {
-            warn!("The VM has VFIO devices the guest ejected; they stay detached");
-        }
         if !indices.is_empty() {
             info!("Attaching again the VFIO devices detached for the update: {indices:?}");
             self.reattach(&config, &indices);
