@@ -40,6 +40,11 @@ struct Cli {
     /// Disks: path=<image>[,readonly=on|off][,id=<id>] (repeatable, several per flag).
     #[arg(long, value_name = "path=<image>", num_args = 1.., action = ArgAction::Append)]
     disk: Vec<String>,
+    /// Network cards: tap=<name>|fd=[<fd>,...][,mac=][,ip=][,mask=][,host_mac=][,mtu=]
+    /// [,num_queues=][,queue_size=][,id=][,offload_tso|ufo|csum=on|off]
+    /// [,kexec=recreate|fds|refuse] (repeatable, several per flag).
+    #[arg(long, value_name = "tap=<name>", num_args = 1.., action = ArgAction::Append)]
+    net: Vec<String>,
     /// vfio-user devices: socket=<path>[,persist=on|off] (repeatable).
     #[arg(long, value_name = "socket=<path>", action = ArgAction::Append)]
     user_device: Vec<String>,
@@ -84,6 +89,7 @@ impl Cli {
             initramfs: self.initramfs.clone(),
             cmdline: self.cmdline.clone(),
             disks: self.disk.clone(),
+            net: self.net.clone(),
             user_devices: self.user_device.clone(),
             devices: self.device.clone(),
             serial: self.serial.clone(),
@@ -97,6 +103,10 @@ fn try_main(cli: &Cli) -> anyhow::Result<()> {
     let vm_args = cli.vm_args();
     let has_payload = vm_args.kernel.is_some() || vm_args.firmware.is_some();
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
+    for (id, fds) in restore.iter().flat_map(|r| &r.net_fds) {
+        vmm::device_manager::adopt_inherited_fds_for(id, fds)
+            .context("Invalid --restore net_fds")?;
+    }
     if restore.is_some() && vm_args != VmCliArgs::default() {
         bail!(
             "--restore takes the VM configuration from the live-update session: drop the VM options"
@@ -105,6 +115,8 @@ fn try_main(cli: &Cli) -> anyhow::Result<()> {
     let vm = if has_payload {
         let config = vm_args.to_vm_config().context("Invalid VM configuration")?;
         config.validate().context("Invalid VM configuration")?;
+        vmm::device_manager::adopt_inherited_tap_fds(&config)
+            .context("Invalid VM configuration")?;
         Some(config)
     } else if vm_args != VmCliArgs::default() {
         bail!("VM options need a payload: give --kernel (or --firmware)");

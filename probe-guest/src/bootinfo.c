@@ -84,6 +84,29 @@ static bool parse_u64(const char *s, u32 n, u64 *out)
 	return true;
 }
 
+/* A dotted quad, four decimal numbers 0-255. */
+static bool parse_ipv4(const char *s, u32 n, u8 out[4])
+{
+	u32 part = 0, digits = 0, v = 0;
+	for (u32 i = 0; i <= n; i++) {
+		if (i == n || s[i] == '.') {
+			if (!digits || part > 3 || (i == n) != (part == 3))
+				return false;
+			out[part++] = (u8)v;
+			v = 0;
+			digits = 0;
+		} else if (s[i] >= '0' && s[i] <= '9' && digits < 3) {
+			v = v * 10 + (u32)(s[i] - '0');
+			digits++;
+			if (v > 255)
+				return false;
+		} else {
+			return false;
+		}
+	}
+	return true;
+}
+
 static bool key_is(const char *k, u32 klen, const char *name)
 {
 	return strlen(name) == klen && !__builtin_memcmp(k, name, klen);
@@ -105,6 +128,7 @@ void config_parse(void)
 {
 	cfg.fill = 50;
 	cfg.status_ms = 1000;
+	cfg.net_udp_port = 7;
 	const char *p = cmdline;
 	while (*p) {
 		while (*p == ' ' || *p == '\t' || *p == '\n')
@@ -121,6 +145,7 @@ void config_parse(void)
 		const char *val = tok + klen + 1;
 		u32 vlen = klen < len ? len - klen - 1 : 0;
 		u64 v = 0;
+		u8 ip[4];
 		bool has_val = klen < len && parse_u64(val, vlen, &v);
 		if (key_is(tok, klen, "fill") && has_val && v <= 100)
 			cfg.fill = v;
@@ -145,6 +170,14 @@ void config_parse(void)
 			cfg.edu = v;
 		else if (key_is(tok, klen, "hotplug") && has_val && v <= 1)
 			cfg.hotplug = v;
+		else if (key_is(tok, klen, "net") && has_val && v <= 1)
+			cfg.net = v;
+		else if (key_is(tok, klen, "net_ip") && klen < len && parse_ipv4(val, vlen, ip)) {
+			memcpy(cfg.net_ip, ip, 4);
+			cfg.net_ip_set = true;
+		}
+		else if (key_is(tok, klen, "net_udp_port") && has_val && v >= 1 && v <= 65535)
+			cfg.net_udp_port = v;
 		else
 			note_unknown(tok, len);	/* unknown key or bad value */
 	}

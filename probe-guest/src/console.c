@@ -6,6 +6,8 @@
 #define LSR_THR_EMPTY 0x20
 #define THR_SPIN_LIMIT 200000
 #define LOCK_SPIN_LIMIT 100000000ULL
+/* Characters between two calls of io_poll_hook: each one is a VM exit, a line hundreds. */
+#define POLL_EVERY_CHARS 16
 
 /* Once a wait for THR-empty times out we stop waiting: no hang without a UART. */
 static bool uart_no_wait;
@@ -118,8 +120,11 @@ void line_emit(struct line *l)
 			break;
 		cpu_relax();
 	}
-	for (u32 i = 0; i < l->len; i++)
+	for (u32 i = 0; i < l->len; i++) {
 		serial_putc(l->buf[i]);
+		if (io_poll_hook && i % POLL_EVERY_CHARS == POLL_EVERY_CHARS - 1)
+			io_poll_hook();
+	}
 	__atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
 	l->len = 0;
 }

@@ -3,6 +3,7 @@
 #include "virtio.h"
 #include "edu.h"
 #include "hotplug.h"
+#include "net.h"
 
 #define INPUT_POLL_US 10000
 #define SMP_QUIET_MS 200
@@ -13,6 +14,7 @@ static u32 cpus_working;
 static u32 go;
 static u64 boot_tsc;
 static struct tsc_info tsc;
+void (*volatile io_poll_hook)(void);
 
 void ap_main(u32 cpu);
 void ap_main(u32 cpu)
@@ -100,6 +102,8 @@ static void print_status(u64 seq, u64 now)
 		line_kv_dec(&l, "hotplug_removes", hotplug_removes);
 		line_kv_dec(&l, "hotplug_inserts", hotplug_inserts);
 	}
+	if (cfg.net && net_ready())
+		net_status(&l);
 	line_emit(&l);
 }
 
@@ -218,6 +222,8 @@ void probe_main(u32 start_info)
 		edu_init(tsc.khz);
 	if (cfg.hotplug)
 		hotplug_init();
+	if (cfg.net)
+		net_init(mapped, tsc.khz);
 
 	struct worker w;
 	worker_init(&w, 0);
@@ -228,6 +234,9 @@ void probe_main(u32 start_info)
 	u64 seq = 0;
 	for (;;) {
 		u64 now = worker_step(&w);
+		/* Between pages too (an empty slice has no chunks): echo latency is measured. */
+		if (io_poll_hook)
+			io_poll_hook();
 		if (now >= next_poll) {
 			poll_input();
 			if (cfg.userdev)

@@ -115,6 +115,13 @@ void smp_send_init_sipi(u64 tsc_khz);
 bool lapic_irr_pending(u32 vector);
 void lapic_eoi(void);
 void reboot(void) __attribute__((noreturn));
+/*
+ * Work that must not wait for the status loop (net=1: the virtio-net rings).
+ * NULL unless set; called by the BSP between chunks of its page work, and by
+ * any CPU while it prints or waits for a virtqueue. Cheap when idle, and safe
+ * on any CPU at any time (it takes its own try-lock).
+ */
+extern void (*volatile io_poll_hook)(void);
 void delay_us(u64 us, u64 tsc_khz);
 
 extern u32 final_cr3;
@@ -150,6 +157,10 @@ struct config {
 	bool userdev_rescan;	/* userdev=2: look for a hot-added device each interval */
 	bool edu;	/* edu=1: drive QEMU's edu device (edu.c) */
 	bool hotplug;	/* hotplug=1: poll the VMM's PCI hot-plug controller (hotplug.c) */
+	bool net;	/* net=1: answer ARP, ping and UDP echo on the virtio-net device (net.c) */
+	bool net_ip_set;
+	u8 net_ip[4];	/* net_ip=A.B.C.D */
+	u64 net_udp_port;	/* net_udp_port=<n>, default 7 */
 	char unknown[128];
 	u32 unknown_len;
 };

@@ -21,6 +21,7 @@
 #define CC_GFSELECT 0x08
 #define CC_GF 0x0c
 #define CC_STATUS 0x14
+#define CC_CFG_GENERATION 0x15
 #define CC_Q_SELECT 0x16
 #define CC_Q_SIZE 0x18
 #define CC_Q_MSIX 0x1a
@@ -44,7 +45,7 @@
 #define AVAIL_F_NO_INTERRUPT 1
 #define RESET_TIMEOUT_MS 1000
 
-/* Ring layout inside the queue's page (VQ_SIZE descriptors at most). */
+/* Ring layout inside the queue's page (VQ_SIZE descriptors at most); bigger queues are packed. */
 #define RING_DESC_OFF 0
 #define RING_AVAIL_OFF 0x400
 #define RING_USED_OFF 0x800
@@ -119,6 +120,8 @@ static bool reset_and_wait(struct vdev *d, u64 tsc_khz)
 static u16 transitional_id(u32 type)
 {
 	switch (type) {
+	case VIRTIO_ID_NET:
+		return 0x1000;
 	case VIRTIO_ID_BLOCK:
 		return 0x1001;
 	case VIRTIO_ID_CONSOLE:
@@ -132,6 +135,14 @@ static u16 transitional_id(u32 type)
 
 int virtio_open(struct vdev *d, u32 type, u64 mapped_end, u64 tsc_khz, const char **why)
 {
+	u32 got;
+	return virtio_open_features(d, type, 0, &got, mapped_end, tsc_khz, why);
+}
+
+int virtio_open_features(struct vdev *d, u32 type, u32 want, u32 *got, u64 mapped_end, u64 tsc_khz,
+			 const char **why)
+{
+	*got = 0;
 	memset(d, 0, sizeof(*d));
 	int slot = pci_find(VIRTIO_VENDOR, (u16)(VIRTIO_MODERN_BASE + type),
 			    transitional_id(type), 0);
@@ -174,9 +185,11 @@ int virtio_open(struct vdev *d, u32 type, u64 mapped_end, u64 tsc_khz, const cha
 		*why = "no_version_1";
 		return -1;
 	}
-	/* VERSION_1 (bit 32) and nothing else. */
+	/* VERSION_1 (bit 32), and of the low 32 bits those the caller wants and the device offers. */
+	mmio_wr32(d->common, CC_DFSELECT, 0);
+	u32 low = mmio_rd32(d->common, CC_DF) & want;
 	mmio_wr32(d->common, CC_GFSELECT, 0);
-	mmio_wr32(d->common, CC_GF, 0);
+	mmio_wr32(d->common, CC_GF, low);
 	mmio_wr32(d->common, CC_GFSELECT, 1);
 	mmio_wr32(d->common, CC_GF, 1);
 	set_status(d, S_FEATURES_OK);
@@ -185,7 +198,20 @@ int virtio_open(struct vdev *d, u32 type, u64 mapped_end, u64 tsc_khz, const cha
 		*why = "features_refused";
 		return -1;
 	}
+	*got = low;
 	return 1;
+}
+
+void virtio_cfg_read(struct vdev *d, u32 off, u8 *out, u32 n)
+{
+	/* Retry while the generation moves: a multi-byte field may change under us. */
+	for (u32 tries = 0; tries < 100; tries++) {
+		u8 gen = mmio_rd8(d->common, CC_CFG_GENERATION);
+		for (u32 i = 0; i < n; i++)
+			out[i] = mmio_rd8(d->devcfg, off + i);
+		if (mmio_rd8(d->common, CC_CFG_GENERATION) == gen)
+			return;
+	}
 }
 
 static void wr64(volatile u8 *base, u32 off, u64 v)
@@ -194,7 +220,14 @@ static void wr64(volatile u8 *base, u32 off, u64 v)
 	mmio_wr32(base, off + 4, (u32)(v >> 32));
 }
 
-bool virtio_queue_setup(struct vdev *d, u16 index, void *ring, const char **why)
+/*
+ * Sets up queue `index` with at most `want` entries (a power of two) in `ring`
+ * (`ring_bytes`, page aligned). The 8-entry queues keep the fixed layout the
+ * README documents; bigger ones are packed: descriptors, available ring, used
+ * ring (4-byte aligned).
+ */
+static bool queue_setup(struct vdev *d, u16 index, void *ring, u32 ring_bytes, u16 want,
+			const char **why)
 {
 	if (index >= VQ_MAX) {
 		*why = "queue_index";
@@ -210,17 +243,26 @@ bool virtio_queue_setup(struct vdev *d, u16 index, void *ring, const char **why)
 		*why = "queue_already_enabled";
 		return false;
 	}
-	u16 size = VQ_SIZE;
+	u16 size = want;
 	while (size > max)
 		size >>= 1;
+	u32 desc_off = RING_DESC_OFF, avail_off = RING_AVAIL_OFF, used_off = RING_USED_OFF;
+	if (want > VQ_SIZE) {
+		avail_off = 16U * size;
+		used_off = (avail_off + 6 + 2U * size + 3) & ~3U;
+	}
+	if (used_off + 6 + 8U * size > ring_bytes) {
+		*why = "queue_too_big";
+		return false;
+	}
 	struct virtq *q = &d->q[index];
-	memset(ring, 0, (size_t)PAGE_SIZE);
+	memset(ring, 0, ring_bytes);
 	u8 *base = ring;
 	q->index = index;
 	q->size = size;
-	q->desc = base + RING_DESC_OFF;
-	q->avail = base + RING_AVAIL_OFF;
-	q->used = base + RING_USED_OFF;
+	q->desc = base + desc_off;
+	q->avail = base + avail_off;
+	q->used = base + used_off;
 	q->avail_idx = 0;
 	q->used_seen = 0;
 	q->in_flight = 0;
@@ -237,6 +279,17 @@ bool virtio_queue_setup(struct vdev *d, u16 index, void *ring, const char **why)
 	mmio_wr16(d->common, CC_Q_ENABLE, 1);
 	q->ready = true;
 	return true;
+}
+
+bool virtio_queue_setup(struct vdev *d, u16 index, void *ring, const char **why)
+{
+	return queue_setup(d, index, ring, (u32)PAGE_SIZE, VQ_SIZE, why);
+}
+
+bool virtio_queue_setup_sized(struct vdev *d, u16 index, void *ring, u32 ring_bytes, u16 want,
+			      const char **why)
+{
+	return queue_setup(d, index, ring, ring_bytes, want, why);
 }
 
 bool virtio_driver_ok(struct vdev *d, const char **why)
@@ -301,7 +354,61 @@ bool vq_wait(struct virtq *q, u32 *used_len, u64 timeout_ms, u64 tsc_khz)
 	while (!vq_poll(q, used_len)) {
 		if (rdtsc() - start > timeout_ms * tsc_khz)
 			return false;
+		if (io_poll_hook)
+			io_poll_hook();	/* e.g. blk_io's 50 ms wait must not starve the net device */
 		cpu_relax();
 	}
+	return true;
+}
+
+/*
+ * Many requests in flight (virtio-net): the caller owns the descriptors, one
+ * per buffer, and hands heads to the device in any order.
+ */
+void vq_set_desc(struct virtq *q, u16 id, u64 addr, u32 len, bool device_writes)
+{
+	volatile u8 *desc = q->desc + 16 * (u32)id;
+	*(volatile u64 *)(desc + 0) = addr;
+	*(volatile u32 *)(desc + 8) = len;
+	*(volatile u16 *)(desc + 12) = device_writes ? DESC_F_WRITE : 0;
+	*(volatile u16 *)(desc + 14) = 0;
+}
+
+void vq_publish(struct virtq *q, u16 id)
+{
+	u16 slot = (u16)(q->avail_idx & (q->size - 1));
+	*(volatile u16 *)(q->avail + 4 + 2 * slot) = id;
+	barrier();	/* the entry before the index that publishes it */
+	q->avail_idx++;
+	*(volatile u16 *)(q->avail + 2) = q->avail_idx;
+	q->in_flight++;
+}
+
+/* The device is busy on the queue, or serves it on another trigger: no notify needed. */
+#define VRING_USED_F_NO_NOTIFY 1
+
+void vq_notify(struct virtq *q)
+{
+	/*
+	 * A full fence between publishing the avail index and reading the used ring's flags
+	 * (virtio 1.x, 2.7.13): the device may be clearing VRING_USED_F_NO_NOTIFY right now.
+	 */
+	__asm__ volatile("mfence" ::: "memory");
+	if (*(volatile u16 *)q->used & VRING_USED_F_NO_NOTIFY)
+		return;
+	*q->notify = q->index;
+}
+
+bool vq_take(struct virtq *q, u32 *id, u32 *used_len)
+{
+	if (!q->ready || !vq_used_pending(q))
+		return false;
+	barrier();	/* the index before the element it covers */
+	u16 slot = (u16)(q->used_seen & (q->size - 1));
+	*id = *(volatile u32 *)(q->used + 4 + 8 * slot);
+	*used_len = *(volatile u32 *)(q->used + 4 + 8 * slot + 4);
+	q->used_seen++;
+	if (q->in_flight)
+		q->in_flight--;
 	return true;
 }

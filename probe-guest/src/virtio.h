@@ -78,6 +78,7 @@ u8 pci_cap_next(u8 slot, u8 prev);
 void pci_enable(u8 slot);
 
 /* virtio.c: transport (virtio 1.x over PCI, modern interface) and split virtqueues. */
+#define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_RNG 4
@@ -123,8 +124,19 @@ struct vdev {
  * -1 on error with *why set.
  */
 int virtio_open(struct vdev *d, u32 type, u64 mapped_end, u64 tsc_khz, const char **why);
-/* Sets up queue `index` in `ring` (one 4 KiB page the probe owns). */
+/*
+ * The same, also accepting those of feature bits 0-31 in `want` that the
+ * device offers; *got = the ones accepted.
+ */
+int virtio_open_features(struct vdev *d, u32 type, u32 want, u32 *got, u64 mapped_end, u64 tsc_khz,
+			 const char **why);
+/* Reads `n` bytes of the device config at `off` (byte accesses, config generation checked). */
+void virtio_cfg_read(struct vdev *d, u32 off, u8 *out, u32 n);
+/* Sets up queue `index` (VQ_SIZE entries at most) in `ring` (one 4 KiB page the probe owns). */
 bool virtio_queue_setup(struct vdev *d, u16 index, void *ring, const char **why);
+/* The same with up to `want` entries (a power of two) in `ring_bytes` of page-aligned memory. */
+bool virtio_queue_setup_sized(struct vdev *d, u16 index, void *ring, u32 ring_bytes, u16 want,
+			      const char **why);
 /* Sets DRIVER_OK and checks the device did not ask for a reset. */
 bool virtio_driver_ok(struct vdev *d, const char **why);
 /* Resets the device (status 0), e.g. after a failure. */
@@ -133,8 +145,25 @@ void virtio_reset(struct vdev *d);
 bool vq_submit(struct virtq *q, const struct vbuf *bufs, u32 n);
 /* Takes one completion if there is one; returns whether it did. */
 bool vq_poll(struct virtq *q, u32 *used_len);
-/* Polls until a completion arrives or `timeout_ms` pass. */
+/* Polls until a completion arrives or `timeout_ms` pass (calling io_poll_hook meanwhile). */
 bool vq_wait(struct virtq *q, u32 *used_len, u64 timeout_ms, u64 tsc_khz);
+
+/*
+ * Many requests in flight (net.c): one descriptor per buffer, descriptor ids
+ * chosen by the caller, no chains. vq_publish makes a head available without
+ * notifying; vq_notify tells the device; vq_take returns the next used
+ * element's head id and length.
+ */
+void vq_set_desc(struct virtq *q, u16 id, u64 addr, u32 len, bool device_writes);
+void vq_publish(struct virtq *q, u16 id);
+void vq_notify(struct virtq *q);
+bool vq_take(struct virtq *q, u32 *id, u32 *used_len);
+
+/* Whether the device has used buffers not yet taken: the cheap check of a poll. */
+static inline bool vq_used_pending(const struct virtq *q)
+{
+	return *(volatile u16 *)(q->used + 2) != q->used_seen;
+}
 
 /* vdev.c: what `virtio=1` and `blk_io=1` do with the devices. */
 void virtio_selftest(u64 mapped_end, u64 tsc_khz);

@@ -95,20 +95,34 @@ static void record_mismatch(u64 addr, u64 got, u64 want)
 	__atomic_store_n(&mismatch_lock, 0, __ATOMIC_RELEASE);
 }
 
-/* Verify the page against gen (unless gen is 0), then rewrite it with gen + 1. */
-static void process_page(u64 addr, u64 gen)
+/*
+ * Words between two calls of io_poll_hook on the BSP: a page takes microseconds
+ * under KVM and TCG, but far longer where guest writes are slow, and the net
+ * device must be polled at least every ~100 us.
+ */
+#define POLL_CHUNK_WORDS 64
+
+/*
+ * Verify the page against gen (unless gen is 0), then rewrite it with gen + 1;
+ * `poll` (if set) runs between chunks.
+ */
+static void process_page(u64 addr, u64 gen, void (*poll)(void))
 {
 	u64 *p = (u64 *)(uintptr_t)addr;
 	u64 bad = 0;
-	for (u32 i = 0; i < PAGE_SIZE / 8; i++) {
-		u64 a = addr + 8ULL * i;
-		u64 v = __atomic_load_n(&p[i], __ATOMIC_RELAXED);
-		if (gen && v != pattern(a, gen)) {
-			if (!bad)
-				record_mismatch(a, v, pattern(a, gen));
-			bad++;
+	for (u32 c = 0; c < PAGE_SIZE / 8; c += POLL_CHUNK_WORDS) {
+		for (u32 i = c; i < c + POLL_CHUNK_WORDS; i++) {
+			u64 a = addr + 8ULL * i;
+			u64 v = __atomic_load_n(&p[i], __ATOMIC_RELAXED);
+			if (gen && v != pattern(a, gen)) {
+				if (!bad)
+					record_mismatch(a, v, pattern(a, gen));
+				bad++;
+			}
+			__atomic_store_n(&p[i], pattern(a, gen + 1), __ATOMIC_RELAXED);
 		}
-		__atomic_store_n(&p[i], pattern(a, gen + 1), __ATOMIC_RELAXED);
+		if (poll)
+			poll();
 	}
 	if (bad)
 		__atomic_fetch_add(&errors, bad, __ATOMIC_RELAXED);
@@ -142,14 +156,17 @@ static void stall_sample(struct worker *w, u64 now)
 		store_relaxed(&st->stall_boot_max, gap);
 }
 
-/* Do one page of this CPU's slice (or nothing if empty); returns the timestamp. */
+/*
+ * Do one page of this CPU's slice (or nothing if empty); returns the timestamp.
+ * The BSP's caller also runs io_poll_hook after each step.
+ */
 u64 worker_step(struct worker *w)
 {
 	const struct slice *sl = &slices[w->cpu];
 	struct cpu_stats *st = &stats[w->cpu];
 	if (sl->pages) {
 		u64 addr = extents[w->ext].start + w->off;
-		process_page(addr, w->gen);
+		process_page(addr, w->gen, w->cpu == 0 ? io_poll_hook : NULL);
 		if (cfg.corrupt && addr == (cfg.corrupt_at & ~(PAGE_SIZE - 1)))
 			w->owns_corrupt = true;
 		store_relaxed(&st->pages, st->pages + 1);

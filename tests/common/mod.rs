@@ -9,6 +9,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 pub use vmm::api::client::{Response, request};
 
 /// How [`VmmProcess::probe_with`] boots the probe guest.

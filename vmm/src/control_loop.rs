@@ -282,6 +282,7 @@ impl Vmm {
                 RestoreConfig {
                     session: String::new(),
                     resume: false,
+                    net_fds: Vec::new(),
                 },
                 Box::new(Err(LiveUpdateError::Thread(e))),
             ));
@@ -293,6 +294,7 @@ impl Vmm {
         self.restoring = None;
         self.start_stdin_reader(&restored.config);
         self.config = Some(restored.config);
+        let recreated_taps = restored.vm.recreated_taps();
         self.vm = Some(restored.vm);
         self.state = if restore.resume {
             VmState::Running
@@ -301,6 +303,11 @@ impl Vmm {
         };
         let properties = live_update::timings_properties(&restored.timings);
         self.emit_with("vm", "restored", Some(&properties));
+        // The host's network stack attaches these again (bridge, routes).
+        for tap in recreated_taps {
+            let properties = BTreeMap::from([("tap".to_string(), tap)]);
+            self.emit_with("vm", "net-recreated", Some(&properties));
+        }
         // An eject the old VMM had not acted on yet, then the devices it detached.
         self.take_ejected_devices();
         self.reattach_after_update();

@@ -266,6 +266,14 @@ impl VirtioDevice for Console {
         Ok(())
     }
 
+    fn ready_fds(&self) -> Vec<(std::os::fd::RawFd, u16)> {
+        Vec::new()
+    }
+
+    fn needs_notification(&self, _index: u16) -> bool {
+        true
+    }
+
     fn process_queue(
         &mut self,
         index: u16,

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::os::fd::RawFd;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -61,6 +62,16 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK having accepted `acked_features`.
     fn activate(&mut self, acked_features: u64) -> Result<(), VirtioError>;
+    /// Host fds whose readiness means a queue may have work although the driver did not notify
+    /// it (a tap with frames for the receive queue), each with that queue's index. The queue
+    /// worker watches them edge-triggered, so the device must consume until `WouldBlock` or
+    /// until the queue has no buffers left (the driver's next notification resumes it).
+    fn ready_fds(&self) -> Vec<(RawFd, u16)>;
+    /// Whether the driver must notify queue `index` when it adds buffers, asked each time the
+    /// device has done with the queue. False suits a queue the device serves on another
+    /// trigger while it still has buffers (a receive queue filled whenever its tap has
+    /// frames): each notification is a VM exit the guest pays for.
+    fn needs_notification(&self, index: u16) -> bool;
     /// Handles the available buffers of queue `index`. Returns true when used buffers were
     /// added, so that the transport interrupts the guest if the driver wants it.
     fn process_queue(

@@ -3,6 +3,7 @@
 pub mod block;
 pub mod console;
 pub mod device;
+pub mod net;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]

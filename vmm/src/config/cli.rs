@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::{
     ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DeviceConfig, DiskConfig, KexecPolicy,
-    MemoryConfig, PayloadConfig, RngConfig, UserDeviceConfig, VmConfig,
+    MemoryConfig, NetConfig, NetKexecPolicy, PayloadConfig, RngConfig, UserDeviceConfig, VmConfig,
 };
 
 /// The VM-related flags as given on the command line, before parsing their values.
@@ -27,6 +27,8 @@ pub struct VmCliArgs {
     pub cmdline: Option<String>,
     /// `--disk path=P[,readonly=on|off][,id=X]`, one entry per disk.
     pub disks: Vec<String>,
+    /// `--net tap=NAME,mac=...,fd=[...]...`, one entry per network card.
+    pub net: Vec<String>,
     /// `--user-device socket=P[,id=X][,persist=on|off]`, one entry per vfio-user device.
     pub user_devices: Vec<String>,
     /// `--device path=/sys/bus/pci/devices/<BDF>[,id=X][,kexec=refuse|detach]`, one entry per
@@ -63,6 +65,11 @@ impl VmCliArgs {
             .iter()
             .map(|disk| parse_disk(disk))
             .collect::<Result<_, _>>()?;
+        config.net = self
+            .net
+            .iter()
+            .map(|net| parse_net(net))
+            .collect::<Result<_, _>>()?;
         config.user_devices = self
             .user_devices
             .iter()
@@ -95,7 +102,7 @@ struct Options<'a> {
 impl<'a> Options<'a> {
     fn parse(flag: &'static str, input: &'a str, known: &[&str]) -> Result<Self, ConfigError> {
         let mut pairs = Vec::new();
-        for item in input.split(',').filter(|item| !item.is_empty()) {
+        for item in split_options(input).filter(|item| !item.is_empty()) {
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
             if !known.contains(&key) {
                 return Err(ConfigError::UnknownKey {
@@ -170,6 +177,26 @@ impl<'a> Options<'a> {
             key,
         })
     }
+}
+
+/// Splits `key=value` items at the commas outside brackets, so `fd=[3,4]` stays one item.
+fn split_options(input: &str) -> impl Iterator<Item = &str> {
+    let mut depth = 0usize;
+    let mut start = 0;
+    let mut items = Vec::new();
+    for (at, c) in input.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                items.push(&input[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&input[start..]);
+    items.into_iter()
 }
 
 const SIZE_SYNTAX: &str = "expected bytes with an optional K, M or G suffix";
@@ -258,6 +285,149 @@ pub fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
     })
 }
 
+/// The `--net` keys of cloud-hypervisor that we refuse by name, with why.
+const NET_REFUSED_KEYS: &[(&str, &str)] = &[
+    ("vhost_user", "vhost-user is not supported"),
+    ("socket", "vhost-user is not supported"),
+    ("vhost_mode", "vhost-user is not supported"),
+    ("iommu", "a virtual IOMMU is not supported"),
+    ("pci_device_id", "choosing the PCI slot is not supported"),
+    ("bw_size", "rate limiting is not supported"),
+    ("bw_one_time_burst", "rate limiting is not supported"),
+    ("bw_refill_time", "rate limiting is not supported"),
+    ("ops_size", "rate limiting is not supported"),
+    ("ops_one_time_burst", "rate limiting is not supported"),
+    ("ops_refill_time", "rate limiting is not supported"),
+];
+
+/// Parses cloud-hypervisor's `--net` value (`ch-remote add-net` too):
+/// `tap=NAME,ip=,mask=,mac=,host_mac=,mtu=,num_queues=,queue_size=,id=,fd=[FD,...],
+/// offload_tso=,offload_ufo=,offload_csum=,pci_segment=0`, plus ours, `kexec=recreate|fds|refuse`.
+pub fn parse_net(input: &str) -> Result<NetConfig, ConfigError> {
+    const KNOWN: &[&str] = &[
+        "tap",
+        "ip",
+        "mask",
+        "mac",
+        "host_mac",
+        "mtu",
+        "num_queues",
+        "queue_size",
+        "id",
+        "fd",
+        "offload_tso",
+        "offload_ufo",
+        "offload_csum",
+        "pci_segment",
+        "kexec",
+    ];
+    let refused: Vec<&str> = NET_REFUSED_KEYS.iter().map(|(key, _)| *key).collect();
+    let known: Vec<&str> = KNOWN.iter().chain(&refused).copied().collect();
+    let options = Options::parse("net", input, &known)?;
+    for (key, reason) in NET_REFUSED_KEYS {
+        if let Some(value) = options.get(key) {
+            return Err(options.invalid(key, value, reason));
+        }
+    }
+    let number = |key: &'static str| -> Result<Option<u64>, ConfigError> {
+        options
+            .get(key)
+            .map(|value| {
+                value
+                    .parse()
+                    .map_err(|_| options.invalid(key, value, "expected a number"))
+            })
+            .transpose()
+    };
+    let narrow = |key: &'static str, value: u64| -> Result<u16, ConfigError> {
+        u16::try_from(value).map_err(|_| options.invalid(key, &value.to_string(), "too large"))
+    };
+    let address = |key: &'static str| -> Result<Option<std::net::Ipv4Addr>, ConfigError> {
+        options
+            .get(key)
+            .map(|value| {
+                value
+                    .parse()
+                    .map_err(|_| options.invalid(key, value, "expected an IPv4 address"))
+            })
+            .transpose()
+    };
+    let mac = |key: &'static str| -> Result<Option<tap::MacAddr>, ConfigError> {
+        options
+            .get(key)
+            .map(|value| {
+                value.parse().map_err(|_| {
+                    options.invalid(key, value, "expected a MAC like 12:34:56:78:9a:bc")
+                })
+            })
+            .transpose()
+    };
+    let fds = options
+        .get("fd")
+        .map(|value| {
+            let inner = value
+                .strip_prefix('[')
+                .and_then(|v| v.strip_suffix(']'))
+                .unwrap_or(value);
+            inner
+                .split(',')
+                .filter(|fd| !fd.is_empty())
+                .map(|fd| {
+                    fd.parse::<i32>()
+                        .ok()
+                        .filter(|fd| *fd >= 0)
+                        .ok_or_else(|| options.invalid("fd", value, "expected fd=[N,...]"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let defaults = NetConfig::default();
+    let num_queues = match (number("num_queues")?, &fds) {
+        (Some(n), _) => usize::try_from(n).unwrap_or(usize::MAX),
+        // cloud-hypervisor's rule: fds given without num_queues mean one pair per fd.
+        (None, Some(fds)) if !fds.is_empty() => 2 * fds.len(),
+        (None, _) => defaults.num_queues,
+    };
+    let kexec = match options.get("kexec") {
+        None | Some("recreate") => NetKexecPolicy::Recreate,
+        Some("fds") => NetKexecPolicy::Fds,
+        Some("refuse") => NetKexecPolicy::Refuse,
+        Some(other) => {
+            return Err(options.invalid("kexec", other, "expected recreate, fds or refuse"));
+        }
+    };
+    let id = match options.get("id") {
+        Some("") => return Err(options.invalid("id", "", "expected a non-empty id")),
+        id => id.map(str::to_string),
+    };
+    let net = NetConfig {
+        tap: options.get("tap").map(str::to_string),
+        ip: address("ip")?,
+        mask: address("mask")?,
+        mac: mac("mac")?.unwrap_or(defaults.mac),
+        host_mac: mac("host_mac")?,
+        mtu: number("mtu")?.map(|v| narrow("mtu", v)).transpose()?,
+        num_queues,
+        queue_size: number("queue_size")?
+            .map(|v| narrow("queue_size", v))
+            .transpose()?
+            .unwrap_or(defaults.queue_size),
+        id,
+        fds,
+        pci_segment: number("pci_segment")?
+            .map(|v| narrow("pci_segment", v))
+            .transpose()?
+            .unwrap_or(0),
+        offload_tso: options.bool("offload_tso")?.unwrap_or(true),
+        offload_ufo: options.bool("offload_ufo")?.unwrap_or(true),
+        offload_csum: options.bool("offload_csum")?.unwrap_or(true),
+        kexec,
+        ..defaults
+    };
+    net.validate()?;
+    Ok(net)
+}
+
 fn parse_console(flag: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
     let mode = match input {
         "off" => ConsoleMode::Off,
@@ -292,6 +462,8 @@ pub struct RestoreConfig {
     pub session: String,
     /// Resume the guest once restored (the default for a live update).
     pub resume: bool,
+    /// New tap fds for network cards with `kexec=fds`, by card id (`net_fds=[id@[fd,...]]`).
+    pub net_fds: Vec<(String, Vec<i32>)>,
 }
 
 /// Parses `--api-socket path=PATH` or a bare `--api-socket PATH`.
@@ -340,9 +512,10 @@ pub fn parse_liveupdate(input: &str) -> Result<LiveUpdateSource, ConfigError> {
     }
 }
 
-/// Parses `--restore source_url=luo://NAME[,resume=on|off]`: restore from a live-update session.
+/// Parses `--restore source_url=luo://NAME[,resume=on|off][,net_fds=[id@[fd,...],...]]`: restore
+/// from a live-update session.
 pub fn parse_restore(input: &str) -> Result<RestoreConfig, ConfigError> {
-    let options = Options::parse("restore", input, &["source_url", "resume"])?;
+    let options = Options::parse("restore", input, &["source_url", "resume", "net_fds"])?;
     let url = options.get("source_url").ok_or(ConfigError::MissingKey {
         flag: "restore",
         key: "source_url",
@@ -361,10 +534,33 @@ pub fn parse_restore(input: &str) -> Result<RestoreConfig, ConfigError> {
             "the session name must have 1 to 63 bytes",
         ));
     }
+    let net_fds = match options.get("net_fds") {
+        Some(value) => parse_net_fds(value)
+            .ok_or_else(|| options.invalid("net_fds", value, "expected [id@[fd,...],...]"))?,
+        None => Vec::new(),
+    };
     Ok(RestoreConfig {
         session: session.to_string(),
         resume: options.bool("resume")?.unwrap_or(true),
+        net_fds,
     })
+}
+
+/// Parses `[id@[3,4],id2@[5]]` (cloud-hypervisor's `net_fds`).
+fn parse_net_fds(value: &str) -> Option<Vec<(String, Vec<i32>)>> {
+    let inner = value.strip_prefix('[')?.strip_suffix(']')?;
+    split_options(inner)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (id, fds) = item.split_once('@')?;
+            let fds = fds.strip_prefix('[')?.strip_suffix(']')?;
+            let fds = fds
+                .split(',')
+                .map(|fd| fd.parse::<i32>().ok().filter(|fd| *fd >= 0))
+                .collect::<Option<Vec<_>>>()?;
+            (!id.is_empty() && !fds.is_empty()).then(|| (id.to_string(), fds))
+        })
+        .collect()
 }
 
 fn parse_path_option(
@@ -779,5 +975,62 @@ mod tests {
 
             assert!(error.to_string().contains(key), "{input}: {error}");
         }
+    }
+
+    #[test]
+    fn net_flag_keeps_an_fd_list_together_and_counts_one_pair_per_fd() {
+        let net = parse_net("fd=[3,4],mac=12:34:56:78:9a:bc,id=n0").unwrap();
+
+        assert_eq!(net.fds, Some(vec![3, 4]));
+        assert_eq!(net.num_queues, 4);
+        assert_eq!(net.mac.to_string(), "12:34:56:78:9a:bc");
+        assert_eq!(net.id.as_deref(), Some("n0"));
+    }
+
+    #[test]
+    fn net_flag_parses_host_side_and_offloads() {
+        let net = parse_net(
+            "tap=t0,ip=192.0.2.1,mask=255.255.255.0,mtu=9000,queue_size=512,offload_tso=off",
+        )
+        .unwrap();
+
+        assert_eq!(net.tap_name(), Some("t0"));
+        assert_eq!(net.ip, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(net.mtu, Some(9000));
+        assert_eq!(net.queue_size, 512);
+        assert!(!net.offload_tso && net.offload_csum);
+    }
+
+    #[test]
+    fn net_rate_limiting_is_refused_by_name() {
+        let error = parse_net("tap=t0,bw_size=1000").unwrap_err();
+
+        assert!(
+            matches!(error, ConfigError::InvalidValue { key: "bw_size", .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn restore_takes_net_fds_by_card_id() {
+        let restore = parse_restore("source_url=luo://s,net_fds=[net0@[3,4],net1@[5]]").unwrap();
+
+        assert_eq!(
+            restore.net_fds,
+            vec![
+                ("net0".to_string(), vec![3, 4]),
+                ("net1".to_string(), vec![5])
+            ]
+        );
+    }
+
+    #[test]
+    fn restore_with_malformed_net_fds_is_refused() {
+        let error = parse_restore("source_url=luo://s,net_fds=[net0@3]").unwrap_err();
+
+        assert!(
+            matches!(error, ConfigError::InvalidValue { key: "net_fds", .. }),
+            "{error:?}"
+        );
     }
 }

@@ -10,6 +10,7 @@
 
 mod cli;
 mod device;
+mod net;
 mod user_device;
 
 use std::path::{Path, PathBuf};
@@ -18,11 +19,12 @@ use log::debug;
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
+pub use net::{NetConfig, NetKexecPolicy};
 pub use user_device::UserDeviceConfig;
 
 pub use cli::{
     LUO_URL_SCHEME, LiveUpdateSource, RestoreConfig, VmCliArgs, parse_api_socket, parse_device,
-    parse_event_monitor, parse_liveupdate, parse_restore, parse_size, parse_user_device,
+    parse_event_monitor, parse_liveupdate, parse_net, parse_restore, parse_size, parse_user_device,
 };
 
 /// Default guest RAM size, as cloud-hypervisor: 512 MiB.
@@ -134,6 +136,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in order.
     #[serde(default, deserialize_with = "null_as_default")]
     pub disks: Vec<DiskConfig>,
+    /// Network cards, in order.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub net: Vec<NetConfig>,
     /// vfio-user devices, in order.
     #[serde(default, deserialize_with = "null_as_default")]
     pub user_devices: Vec<UserDeviceConfig>,
@@ -363,6 +368,7 @@ impl Default for VmConfig {
             memory: MemoryConfig::default(),
             payload: PayloadConfig::default(),
             disks: Vec::new(),
+            net: Vec::new(),
             user_devices: Vec::new(),
             devices: Vec::new(),
             serial: ConsoleConfig::default_serial(),
@@ -425,6 +431,13 @@ impl VmConfig {
                 && !ids.insert(id.clone())
             {
                 return Err(ConfigError::DuplicateDiskId(id.clone()));
+            }
+        }
+        for (index, net) in self.net.iter().enumerate() {
+            net.validate()?;
+            let id = self.net_id(index);
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateDeviceId(id));
             }
         }
         for index in 0..self.user_devices.len() {

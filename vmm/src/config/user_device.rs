@@ -38,13 +38,15 @@ impl VmConfig {
             .unwrap_or_else(|| format!("_user_device{index}"))
     }
 
-    /// Whether a disk, a vfio-user device or a VFIO device already has the id `id`.
+    /// Whether a disk, a network card, a vfio-user device or a VFIO device already has the id
+    /// `id`.
     pub fn has_device_id(&self, id: &str) -> bool {
         let disk =
             self.disks.iter().enumerate().any(|(index, disk)| {
                 disk.id.clone().unwrap_or_else(|| format!("_disk{index}")) == id
             });
         disk || (0..self.user_devices.len()).any(|index| self.user_device_id(index) == id)
+            || self.net_index(id).is_some()
             || self.vfio_device_index(id).is_some()
     }
 

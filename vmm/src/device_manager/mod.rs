@@ -10,6 +10,7 @@
 mod handover;
 mod hotplug;
 mod legacy;
+mod net;
 mod participants;
 mod pci;
 #[cfg(test)]
@@ -48,6 +49,7 @@ use crate::vcpu_thread::{Buses, VcpuEvent};
 
 use handover::CarriedDeviceParticipant;
 use legacy::{CMOS_STATE_VERSION, LegacyDevices, SERIAL_STATE_VERSION, add_legacy};
+pub use net::{adopt_inherited_fds_for, adopt_inherited_tap_fds, give_tap_fds};
 pub(crate) use participants::HandedOverFds;
 use participants::{PCI_ROOT_STATE_VERSION, StateOnly, VirtioParticipant, envelope};
 use pci::{IoEvents, MmioRelocator, PciBuilder, PendingSlots, VirtioEntry};
@@ -129,6 +131,21 @@ pub enum DeviceError {
         /// Index in `user_devices`.
         index: usize,
     },
+    /// A network card could not be set up.
+    #[error("Cannot set up network card {id}")]
+    Net {
+        /// Card id.
+        id: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The configuration has no network card at this index.
+    #[error("The configuration has no network card {index}")]
+    NoSuchNet {
+        /// Index in `net`.
+        index: usize,
+    },
     /// The configuration has no VFIO device at this index.
     #[error("The configuration has no VFIO device {index}")]
     NoSuchVfioDevice {
@@ -175,6 +192,7 @@ pub struct DeviceManager {
     console: Option<Arc<Mutex<VirtioPciDevice<Console>>>>,
     console_is_tty: bool,
     virtio: Vec<VirtioEntry>,
+    nets: Vec<net::NetEntry>,
     user_devices: Vec<user::UserDeviceEntry>,
     vfio_devices: Vec<vfio::VfioSlot>,
     /// Tells the guest about devices added and devices to release; hears its ejects.
@@ -226,6 +244,10 @@ pub mod ids {
     /// A virtio-pci device, by device id.
     pub fn virtio(id: &str) -> String {
         format!("virtio/{id}")
+    }
+    /// The taps of a network card, by card id.
+    pub fn net_tap(id: &str) -> String {
+        format!("net/{id}")
     }
 }
 
@@ -286,6 +308,10 @@ impl DeviceManager {
         })
         .map_err(DeviceError::Rng)?;
         pci.add(rng, "_rng")?;
+        let mut nets = Vec::new();
+        for index in 0..ctx.config.net.len() {
+            nets.push(pci.add_net(index)?);
+        }
         // After the virtio devices, so their MSI groups keep their order in saved states.
         let mut user_devices = Vec::new();
         for (index, device) in ctx.config.user_devices.iter().enumerate() {
@@ -334,6 +360,7 @@ impl DeviceManager {
             console,
             console_is_tty: ctx.config.console.mode == ConsoleMode::Tty,
             virtio,
+            nets,
             user_devices,
             vfio_devices,
             hotplug,
@@ -381,6 +408,9 @@ impl DeviceManager {
         for entry in &mut self.virtio {
             list.push(Box::new(VirtioParticipant { entry }));
         }
+        for entry in &self.nets {
+            list.push(Box::new(net::NetTapParticipant { entry }));
+        }
         for entry in &self.user_devices {
             list.push(Box::new(CarriedDeviceParticipant { entry }));
         }
@@ -405,6 +435,15 @@ impl DeviceManager {
             }
         }
         list
+    }
+
+    /// The taps this VMM created again after a kexec (the host must attach them again).
+    pub fn recreated_taps(&self) -> Vec<String> {
+        self.nets
+            .iter()
+            .filter(|entry| entry.recreated)
+            .map(|entry| entry.tap_name().to_string())
+            .collect()
     }
 
     /// The buses the vCPUs route their exits to.

@@ -43,3 +43,16 @@ pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), kvm
     }
     Ok(())
 }
+
+/// A close-on-exec copy of `fd`, an fd this process inherited by number (e.g. `--net fd=[3]`).
+/// The number itself stays open and unowned: nothing here claims it, so nothing closes it twice.
+pub fn dup_inherited_fd(fd: std::os::fd::RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor table; an fd that is not open gives
+    // EBADF, which is checked.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `copy` was just created by fcntl, so this process owns it alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}

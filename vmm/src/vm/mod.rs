@@ -314,6 +314,11 @@ impl Vm {
         self.devices.counters()
     }
 
+    /// The taps this VMM created again after a kexec.
+    pub fn recreated_taps(&self) -> Vec<String> {
+        self.devices.recreated_taps()
+    }
+
     /// Terminal input; returns how many bytes the guest's device took.
     pub fn push_input(&mut self, bytes: &[u8]) -> usize {
         self.devices.push_input(bytes)

@@ -393,6 +393,10 @@ fn run_queue<D: VirtioDevice>(
             }
             Err(e) => return Err(e),
         }
+        if !device.needs_notification(index) {
+            // Served on another trigger: the driver's notifications stay off.
+            return Ok(used);
+        }
         let more = queue.enable_notification(mem).map_err(queue_error)?;
         if !more || queue.next_avail() == before {
             return Ok(used);

@@ -46,18 +46,24 @@ impl Drop for QueueWorker {
     }
 }
 
-/// Starts a thread that processes queue `i` whenever its eventfd fires. On start it also
+/// Starts a thread that processes queue `i` whenever its eventfd fires, or whenever one of the
+/// device's ready fds for it becomes readable (a tap with frames to receive). On start it also
 /// processes every queue once, so buffers the driver queued while no worker ran (paused, or
-/// notified on the previous VMM's eventfds before a live update) are not forgotten.
+/// notified on the previous VMM's eventfds before a live update) are not forgotten, and input
+/// that arrived meanwhile (frames waiting in a tap) is taken.
 pub fn spawn_queue_worker<D: VirtioDevice + 'static>(
     dev: Arc<Mutex<VirtioPciDevice<D>>>,
 ) -> io::Result<QueueWorker> {
     let stop = EventFd::new(EFD_NONBLOCK)?;
-    let queue_evts = lock(&dev)
-        .queue_evts
-        .iter()
-        .map(EventFd::try_clone)
-        .collect::<io::Result<Vec<_>>>()?;
+    let (queue_evts, ready_fds) = {
+        let dev = lock(&dev);
+        let evts = dev
+            .queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()?;
+        (evts, dev.device.ready_fds())
+    };
     let epoll = Epoll::new()?;
     let stop_token = queue_evts.len() as u64;
     for (token, evt) in queue_evts.iter().enumerate() {
@@ -67,6 +73,19 @@ pub fn spawn_queue_worker<D: VirtioDevice + 'static>(
             EpollEvent::new(EventSet::IN, token as u64),
         )?;
     }
+    // The device owns these fds and outlives the worker (the worker holds the device). Their
+    // tokens follow the stop token; each names its queue.
+    for (i, (fd, _)) in ready_fds.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            *fd,
+            EpollEvent::new(
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                stop_token + 1 + i as u64,
+            ),
+        )?;
+    }
+    let ready_queues: Vec<u16> = ready_fds.iter().map(|(_, queue)| *queue).collect();
     epoll.ctl(
         ControlOperation::Add,
         stop.as_raw_fd(),
@@ -75,7 +94,7 @@ pub fn spawn_queue_worker<D: VirtioDevice + 'static>(
     let worker_stop = stop.try_clone()?;
     let handle = thread::Builder::new()
         .name("virtio-queues".to_string())
-        .spawn(move || run(&dev, &epoll, &queue_evts, &worker_stop))?;
+        .spawn(move || run(&dev, &epoll, &queue_evts, &ready_queues, &worker_stop))?;
     Ok(QueueWorker {
         stop,
         handle: Some(handle),
@@ -86,6 +105,7 @@ fn run<D: VirtioDevice>(
     dev: &Mutex<VirtioPciDevice<D>>,
     epoll: &Epoll,
     queue_evts: &[EventFd],
+    ready_queues: &[u16],
     stop: &EventFd,
 ) {
     {
@@ -95,7 +115,7 @@ fn run<D: VirtioDevice>(
         }
     }
     let stop_token = queue_evts.len() as u64;
-    let mut events = vec![EpollEvent::default(); queue_evts.len() + 1];
+    let mut events = vec![EpollEvent::default(); queue_evts.len() + 1 + ready_queues.len()];
     loop {
         let count = match epoll.wait(-1, &mut events) {
             Ok(count) => count,
@@ -111,6 +131,13 @@ fn run<D: VirtioDevice>(
                 // Consume the stop so a later worker on a clone would not see it.
                 let _ = stop.read();
                 return;
+            }
+            if token > stop_token {
+                let ready = usize::try_from(token - stop_token - 1).ok();
+                if let Some(&queue) = ready.and_then(|i| ready_queues.get(i)) {
+                    lock(dev).process_queue(queue);
+                }
+                continue;
             }
             let Some(evt) = usize::try_from(token).ok().and_then(|t| queue_evts.get(t)) else {
                 continue;
