@@ -70,14 +70,7 @@ impl VmConfig {
         {
             return Err(ConfigError::DuplicateDevicePath(device.path));
         }
-        let id = match device.id.take() {
-            Some(id) if self.has_device_id(&id) => return Err(ConfigError::DuplicateDeviceId(id)),
-            Some(id) => id,
-            None => (self.devices.len()..)
-                .map(|n| format!("_vfio_device{n}"))
-                .find(|id| !self.has_device_id(id))
-                .unwrap_or_default(),
-        };
+        let id = self.new_device_id(device.id.take(), "_vfio_device", self.devices.len())?;
         device.id = Some(id.clone());
         self.devices.push(device);
         Ok(id)

@@ -308,14 +308,7 @@ impl VmConfig {
     /// returns its id. A taken id is refused and the configuration left as it was.
     pub fn add_net(&mut self, mut net: NetConfig) -> Result<String, ConfigError> {
         net.validate()?;
-        let id = match net.id.take() {
-            Some(id) if self.has_device_id(&id) => return Err(ConfigError::DuplicateDeviceId(id)),
-            Some(id) => id,
-            None => (self.net.len()..)
-                .map(|n| format!("_net{n}"))
-                .find(|id| !self.has_device_id(id))
-                .unwrap_or_default(),
-        };
+        let id = self.new_device_id(net.id.take(), "_net", self.net.len())?;
         net.id = Some(id.clone());
         self.net.push(net);
         Ok(id)

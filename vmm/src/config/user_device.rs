@@ -50,17 +50,28 @@ impl VmConfig {
             || self.vfio_device_index(id).is_some()
     }
 
+    /// The id a device being added gets: `given`, unless another device has it, or else the
+    /// first free `<prefix><N>` from `N = first` on.
+    pub(super) fn new_device_id(
+        &self,
+        given: Option<String>,
+        prefix: &str,
+        first: usize,
+    ) -> Result<String, ConfigError> {
+        match given {
+            Some(id) if self.has_device_id(&id) => Err(ConfigError::DuplicateDeviceId(id)),
+            Some(id) => Ok(id),
+            None => Ok((first..)
+                .map(|n| format!("{prefix}{n}"))
+                .find(|id| !self.has_device_id(id))
+                .unwrap_or_default()),
+        }
+    }
+
     /// Appends a vfio-user device, giving it the first free `_user_device<N>` id when it has
     /// none, and returns its id. A taken id is refused and the configuration left as it was.
     pub fn add_user_device(&mut self, mut device: UserDeviceConfig) -> Result<String, ConfigError> {
-        let id = match device.id.take() {
-            Some(id) if self.has_device_id(&id) => return Err(ConfigError::DuplicateDeviceId(id)),
-            Some(id) => id,
-            None => (self.user_devices.len()..)
-                .map(|n| format!("_user_device{n}"))
-                .find(|id| !self.has_device_id(id))
-                .unwrap_or_default(),
-        };
+        let id = self.new_device_id(device.id.take(), "_user_device", self.user_devices.len())?;
         device.id = Some(id.clone());
         self.user_devices.push(device);
         Ok(id)
