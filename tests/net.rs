@@ -283,7 +283,7 @@ fn udp_stream_through_restart_mode_updates(
     name: &str,
     updates: usize,
     rate: u32,
-) -> (StreamReport, Vec<Duration>) {
+) -> (StreamReport, Vec<Duration>, ProbeStatus) {
     let ns = NetNs::create(name);
     let dir = scratch_dir(name);
     let agent = Agent::start(&dir);
@@ -331,6 +331,19 @@ fn udp_stream_through_restart_mode_updates(
         .windows(2)
         .map(|window| report.longest_gap(window[0], window[1]))
         .collect();
+    (report, gaps, status)
+}
+
+/// The rate of the streams the tests send. The probe guest answers each datagram with
+/// uncached-slow memory on this host's paravirtualised KVM and tops out near 1000 echoes/s
+/// alone, less beside other tests; `scripts/bench-net` measures at 1000/s.
+const TEST_RATE: u32 = 250;
+
+#[test]
+fn a_udp_stream_loses_nothing_across_20_restart_mode_updates() {
+    require_kvm();
+    let (report, mut gaps, status) =
+        udp_stream_through_restart_mode_updates("net-lu20", 20, TEST_RATE);
 
     assert_eq!(
         report.lost(),
@@ -347,18 +360,6 @@ fn udp_stream_through_restart_mode_updates(
         "guest saw reordering: {status:?}"
     );
     assert_eq!(status.get("errors"), 0, "{status:?}");
-    (report, gaps)
-}
-
-/// The rate of the streams the tests send. The probe guest answers each datagram with
-/// uncached-slow memory on this host's paravirtualised KVM and tops out near 1000 echoes/s
-/// alone, less beside other tests; `scripts/bench-net` measures at 1000/s.
-const TEST_RATE: u32 = 250;
-
-#[test]
-fn a_udp_stream_loses_nothing_across_20_restart_mode_updates() {
-    require_kvm();
-    let (report, mut gaps) = udp_stream_through_restart_mode_updates("net-lu20", 20, TEST_RATE);
 
     gaps.sort();
     eprintln!(
@@ -395,7 +396,8 @@ fn bench_net() {
     let flood = flood.finish();
     drop(vmm);
     drop(ns);
-    let (updates, mut gaps) = udp_stream_through_restart_mode_updates("net-bench-lu", 20, 1000);
+    let (updates, mut gaps, status) =
+        udp_stream_through_restart_mode_updates("net-bench-lu", 20, 1000);
     gaps.sort();
 
     println!("bench-net: probe guest on KVM, one queue pair, 64-byte UDP echoes");
@@ -409,8 +411,11 @@ fn bench_net() {
         flood.echoed as f64 / 3.0
     );
     println!(
-        "  20 restart-mode updates at 1000/s: lost {}, echo gap median {} ms, max {} ms",
+        "  20 restart-mode updates at 1000/s: sent {}, lost {} (guest saw {} missing), echo gap \
+         median {} ms, max {} ms",
+        updates.sent,
         updates.lost(),
+        status.get("udp_lost"),
         percentile(&gaps, 50).as_millis(),
         percentile(&gaps, 100).as_millis()
     );
@@ -473,4 +478,204 @@ fn a_tap_another_vmm_holds_is_refused_as_in_use_and_the_first_vm_runs_on() {
     assert!(stderr.contains("in use"), "{stderr}");
     common::assert_guest_runs_on(&vmm, next);
     ping(&ns, 2);
+}
+
+/// The number of fds the process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// `PUT vm.add-net` with `body`, `fds` passed as SCM_RIGHTS.
+fn add_net(vmm: &VmmProcess, body: &str, fds: &[std::os::fd::RawFd]) -> common::Response {
+    vmm::api::client::request_with_fds(
+        vmm.api_socket.as_ref().unwrap(),
+        "PUT",
+        "vm.add-net",
+        Some(body.as_bytes()),
+        fds,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_card_hot_added_on_a_passed_tap_fd_appears_and_leaves_when_removed() {
+    use std::os::fd::AsRawFd;
+    require_kvm();
+    let ns = NetNs::create("hotadd");
+    let dir = scratch_dir("net-hotadd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let events = dir.join("events.json");
+    let monitor = format!("path={}", events.display());
+    let vmm = ns.run(|| {
+        VmmProcess::probe_with(
+            &dir,
+            &ProbeVm {
+                cmdline: "fill=1 status_ms=500 hotplug=1",
+                extra: &["--event-monitor", &monitor],
+                ..ProbeVm::default()
+            },
+        )
+    });
+    let (next, _) = vmm.next_probe_line(0, BOOT, "hotplug", |_| true);
+    let taps = ns.run(|| tap::Tap::open("chvfd0", 1).unwrap());
+
+    let response = add_net(
+        &vmm,
+        r#"{"id": "hot0", "mac": "12:34:56:78:9a:bd", "fds": [99]}"#,
+        &[taps[0].as_raw_fd()],
+    );
+    drop(taps);
+
+    assert_eq!(response.status, 200, "{:?}", response.error_messages());
+    let info: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+    assert_eq!(info["id"], "hot0");
+    let slot = u64::from_str_radix(&info["bdf"].as_str().unwrap()[8..10], 16).unwrap();
+    let (next, insert) = vmm.next_probe_line(next, LINE, "hotplug", |f| f.contains_key("slot"));
+    assert_eq!(
+        common::parse_probe_number(&insert["slot"]),
+        slot,
+        "{insert:?}"
+    );
+    let config = vmm.vm_info()["config"].clone();
+    assert_eq!(config["net"][0]["id"], "hot0", "{config}");
+    // The tap stays up while the VMM holds it, though the test closed its own fd.
+    let link = ns
+        .command("ip")
+        .args(["link", "show", "chvfd0"])
+        .output()
+        .unwrap();
+    assert!(link.status.success());
+
+    let removed = vmm.api("PUT", "vm.remove-device", Some(r#"{"id": "hot0"}"#));
+    assert_eq!(removed.status, 204, "{:?}", removed.error_messages());
+    vmm.next_probe_line(next, LINE, "hotplug", |f| f.contains_key("slot"));
+    let deadline = Instant::now() + LINE;
+    while vmm.vm_info()["config"]["net"]
+        .as_array()
+        .is_some_and(|n| !n.is_empty())
+    {
+        assert!(Instant::now() < deadline, "{}", vmm.vm_info());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let events = common::read_events(&events);
+    assert!(
+        events.iter().any(|(_, event)| event == "device-unplugged"),
+        "{events:?}"
+    );
+    // The VMM let go of the tap: a tap nobody holds and that is not persistent is gone.
+    let deadline = Instant::now() + LINE;
+    while ns
+        .command("ip")
+        .args(["link", "show", "chvfd0"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the tap outlived its card");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_hundred_refused_add_net_calls_leak_no_fd_and_leave_the_vm_running() {
+    use std::os::fd::AsRawFd;
+    require_kvm();
+    let ns = NetNs::create("leak");
+    let dir = scratch_dir("net-leak");
+    let (vmm, next) = boot(&ns, &dir, &[]);
+    let (pipe_read, _pipe_write) = std::io::pipe().unwrap();
+    let before = open_fds(vmm.pid());
+
+    for _ in 0..100 {
+        let response = add_net(&vmm, r#"{"id": "bad"}"#, &[pipe_read.as_raw_fd()]);
+        assert_eq!(response.status, 400, "{:?}", response.error_messages());
+        assert!(
+            common::messages(&response).contains("not a tap"),
+            "{}",
+            common::messages(&response)
+        );
+    }
+    let busy = add_net(&vmm, &format!(r#"{{"tap": "{TAP}"}}"#), &[]);
+    let long = add_net(&vmm, r#"{"tap": "a-name-of-16-byt"}"#, &[]);
+    let odd = add_net(&vmm, r#"{"tap": "t1", "num_queues": 3}"#, &[]);
+    let after = open_fds(vmm.pid());
+
+    assert_eq!(busy.status, 400, "{:?}", busy.error_messages());
+    assert!(
+        common::messages(&busy).contains("in use"),
+        "{}",
+        common::messages(&busy)
+    );
+    assert_eq!(long.status, 400, "{:?}", long.error_messages());
+    assert_eq!(odd.status, 400, "{:?}", odd.error_messages());
+    assert_eq!(after, before, "fds open before {before}, after {after}");
+    common::assert_guest_runs_on(&vmm, next);
+    ping(&ns, 2);
+}
+
+#[test]
+fn hot_added_and_removed_cards_keep_their_places_through_restart_mode_updates() {
+    require_kvm();
+    let ns = NetNs::create("hotlu");
+    let dir = scratch_dir("net-hotlu");
+    let agent = Agent::start(&dir);
+    let agent_arg = agent.arg();
+    std::fs::create_dir_all(dir.join("gen0")).unwrap();
+    let net = net_arg();
+    let cmdline = format!("fill=1 status_ms=500 net=1 net_ip={GUEST_IP} hotplug=1");
+    let mut vmm = ns.run(|| {
+        VmmProcess::probe_with(
+            &dir.join("gen0"),
+            &ProbeVm {
+                cmdline: &cmdline,
+                extra: &["--net", &net, "--liveupdate", &agent_arg],
+                ..ProbeVm::default()
+            },
+        )
+    });
+    vmm.next_probe_line(0, BOOT, "net", |f| f.contains_key("mac"));
+    let added = add_net(&vmm, r#"{"tap": "chvtap1", "id": "net1"}"#, &[]);
+    assert_eq!(added.status, 200, "{:?}", added.error_messages());
+    let mut generation = 0;
+    let mut update = |vmm: VmmProcess| -> VmmProcess {
+        generation += 1;
+        let session = format!("hotlu-{generation}");
+        let successor_dir = dir.join(format!("gen{generation}"));
+        let mut old = vmm;
+        let successor = ns.run(|| VmmProcess::successor(&agent, &session, &successor_dir, &[]));
+        old.live_update(&session);
+        assert_eq!(old.wait_exit(EXIT), Some(0), "{}", old.stderr());
+        successor.next_status(0, TAKEOVER);
+        successor
+    };
+
+    vmm = update(vmm);
+    ping(&ns, 2);
+    let nets = vmm.vm_info()["config"]["net"].clone();
+    assert_eq!(nets.as_array().unwrap().len(), 2, "{nets}");
+    let removed = vmm.api("PUT", "vm.remove-device", Some(r#"{"id": "net1"}"#));
+    assert_eq!(removed.status, 204, "{:?}", removed.error_messages());
+    let deadline = Instant::now() + LINE;
+    while vmm.vm_info()["config"]["net"].as_array().unwrap().len() != 1 {
+        assert!(Instant::now() < deadline, "{}", vmm.vm_info());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vmm = update(vmm);
+
+    ping(&ns, 2);
+    let counters: serde_json::Value =
+        serde_json::from_slice(&vmm.api("GET", "vm.counters", None).body).unwrap();
+    assert!(
+        counters["net0"]["rx_frames"].as_u64().unwrap() > 0,
+        "{counters}"
+    );
+    assert!(counters.get("net1").is_none(), "{counters}");
+    let again = add_net(&vmm, r#"{"tap": "chvtap2", "id": "net2"}"#, &[]);
+    assert_eq!(again.status, 200, "{:?}", again.error_messages());
+    vmm = update(vmm);
+    ping(&ns, 2);
+    assert_eq!(vmm.vm_info()["config"]["net"].as_array().unwrap().len(), 2);
 }

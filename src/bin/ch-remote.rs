@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use vmm::api::client::request;
+use vmm::api::client::request_with_fds;
 
 /// Remote control for a cloud-hypervisor-compatible VMM.
 #[derive(Debug, Parser)]
@@ -66,20 +66,30 @@ enum Command {
         /// `path=/sys/bus/pci/devices/<BDF>[,id=<id>][,kexec=refuse|detach]`.
         device: String,
     },
-    /// Remove a kernel VFIO device: from the configuration before boot, or from the running VM
-    /// (the guest is asked to release it; it leaves when the guest ejects it).
+    /// Add a network card: to the configuration before boot, or hot-added to the running VM
+    /// (prints its id and BDF; the guest is told through ACPI). `fd=[...]` names tap fds this
+    /// process holds; they are sent with the request (SCM_RIGHTS).
+    AddNet {
+        /// `tap=<name>|fd=[<fd>,...][,mac=][,ip=][,mask=][,host_mac=][,mtu=][,num_queues=]
+        /// [,queue_size=][,id=][,offload_tso|ufo|csum=on|off][,kexec=recreate|fds|refuse]`.
+        net: String,
+    },
+    /// Remove a kernel VFIO device or a network card: from the configuration before boot, or
+    /// from the running VM (the guest is asked to release it; it leaves when the guest ejects
+    /// it).
     RemoveDevice {
         /// The device's id.
         id: String,
     },
 }
 
-/// One REST call: method, endpoint and optional JSON body.
+/// One REST call: method, endpoint, optional JSON body and fds to send with it.
 #[derive(Debug, PartialEq, Eq)]
 struct Call {
     method: &'static str,
     endpoint: &'static str,
     body: Option<Vec<u8>>,
+    fds: Vec<i32>,
 }
 
 impl Call {
@@ -88,6 +98,7 @@ impl Call {
             method,
             endpoint,
             body: None,
+            fds: Vec::new(),
         }
     }
 }
@@ -142,6 +153,14 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
             body: Some(serde_json::to_vec(&serde_json::json!({ "id": id }))?),
             ..Call::new("PUT", "vm.remove-device")
         },
+        Command::AddNet { net } => {
+            let net = vmm::config::parse_net(net).context("Invalid add-net argument")?;
+            Call {
+                body: Some(serde_json::to_vec(&net)?),
+                fds: net.fds.clone().unwrap_or_default(),
+                ..Call::new("PUT", "vm.add-net")
+            }
+        }
         Command::AddDevice { device } => {
             let device =
                 vmm::config::parse_device(device).context("Invalid add-device argument")?;
@@ -155,11 +174,12 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
 
 fn try_main(cli: &Cli) -> anyhow::Result<bool> {
     let call = call_for(&cli.command)?;
-    let response = request(
+    let response = request_with_fds(
         &cli.api_socket,
         call.method,
         call.endpoint,
         call.body.as_deref(),
+        &call.fds,
     )?;
     if response.is_success() {
         if !response.body.is_empty() {
@@ -450,6 +470,38 @@ mod tests {
                 .iter()
                 .all(|e| e.contains("Invalid add-device argument")),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn add_net_sends_its_config_and_names_the_fds_to_pass() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "add-net",
+            "fd=[3,4],mac=12:34:56:78:9a:bc,id=n1",
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        assert_eq!((call.method, call.endpoint), ("PUT", "vm.add-net"));
+        assert_eq!(call.fds, vec![3, 4]);
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(body["mac"], "12:34:56:78:9a:bc");
+        assert_eq!(body["num_queues"], 4);
+        assert_eq!(body["id"], "n1");
+    }
+
+    #[test]
+    fn add_net_with_a_bad_mac_is_refused_before_sending() {
+        let cli = parse(&["ch-remote", "--api-socket", "s", "add-net", "tap=t0,mac=zz"]);
+
+        let error = call_for(&cli.command).unwrap_err();
+
+        assert!(
+            format!("{error:#}").contains("Invalid add-net argument"),
+            "{error:#}"
         );
     }
 

@@ -449,7 +449,7 @@ pub fn recv(
     stream.set_read_timeout(None).map_err(read_error)?;
     let mut header = [0u8; HEADER_LEN];
     // Room for more fds than allowed, so that one too many is seen rather than silently lost.
-    let (got, mut fds) = match super::sys::recv_with_fds(stream, &mut header, MAX_FDS + 3) {
+    let (got, mut fds) = match crate::sys::recv_with_fds(stream, &mut header, MAX_FDS + 3) {
         Ok(received) => received,
         Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Err(ProtocolError::TooManyFds),
         Err(e) => return Err(read_error(e)),

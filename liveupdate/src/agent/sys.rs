@@ -2,11 +2,10 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::signal::create_sigset;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// The uid of the process at the other end of a connected UNIX socket (`SO_PEERCRED`).
 pub(crate) fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
@@ -47,32 +46,6 @@ pub(crate) fn wait_for_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int
         return Err(io::Error::from_raw_os_error(ret));
     }
     Ok(signal)
-}
-
-/// Receives into `buf` with up to `max_fds` descriptors; more are closed and reported as
-/// `ENOBUFS` (by vmm-sys-util, when the control data was truncated).
-pub(crate) fn recv_with_fds(
-    stream: &UnixStream,
-    buf: &mut [u8],
-    max_fds: usize,
-) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut raw_fds: Vec<RawFd> = vec![-1; max_fds];
-    let mut iovecs = [libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }];
-    // SAFETY: the iovec covers `buf`, which is mutably borrowed for the call, so the kernel may
-    // write any bytes into it.
-    let received = unsafe { stream.recv_with_fds(&mut iovecs, &mut raw_fds) };
-    let (count, fd_count) = received.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    let fds = raw_fds[..fd_count]
-        .iter()
-        .map(|&raw| {
-            // SAFETY: recv_with_fds returned `fd_count` new descriptors that nothing else owns.
-            unsafe { OwnedFd::from_raw_fd(raw) }
-        })
-        .collect();
-    Ok((count, fds))
 }
 
 /// The effective uid of this process.

@@ -9,9 +9,11 @@
 use std::ffi::CString;
 use std::io;
 use std::mem::{MaybeUninit, offset_of, size_of};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 pub mod kexec;
 pub mod listen;
@@ -248,6 +250,32 @@ pub fn fs_magic(fd: impl AsFd) -> io::Result<i64> {
     // `f_type` is i64 on x86-64 and arm64 but narrower on some other targets.
     #[allow(clippy::useless_conversion)]
     Ok(i64::from(stat.f_type))
+}
+
+/// Receives into `buf` with up to `max_fds` descriptors; more are closed and reported as
+/// `ENOBUFS` (by vmm-sys-util, when the control data was truncated).
+pub fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut raw_fds: Vec<RawFd> = vec![-1; max_fds];
+    let mut iovecs = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec covers `buf`, which is mutably borrowed for the call, so the kernel may
+    // write any bytes into it.
+    let received = unsafe { stream.recv_with_fds(&mut iovecs, &mut raw_fds) };
+    let (count, fd_count) = received.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let fds = raw_fds[..fd_count]
+        .iter()
+        .map(|&raw| {
+            // SAFETY: recv_with_fds returned `fd_count` new descriptors that nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        })
+        .collect();
+    Ok((count, fds))
 }
 
 #[cfg(test)]

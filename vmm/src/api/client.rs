@@ -1,10 +1,12 @@
 //! A tiny HTTP/1.1 client for the API socket: one request per connection, as `ch-remote` does.
 
 use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::API_ROOT;
 
@@ -77,6 +79,18 @@ pub fn request(
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<Response, ClientError> {
+    request_with_fds(socket, method, path, body, &[])
+}
+
+/// As [`request`], sending `fds` with the request as `SCM_RIGHTS` (cloud-hypervisor's way of
+/// passing tap fds to `vm.add-net`).
+pub fn request_with_fds(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    fds: &[RawFd],
+) -> Result<Response, ClientError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         path: socket.to_path_buf(),
         source,
@@ -92,7 +106,14 @@ pub fn request(
     message.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     let mut bytes = message.into_bytes();
     bytes.extend_from_slice(body);
-    stream.write_all(&bytes).map_err(ClientError::Io)?;
+    let mut sent = 0;
+    if !fds.is_empty() {
+        // The fds go with the first bytes; a stream socket may take only part of them.
+        sent = stream
+            .send_with_fds(&[bytes.as_slice()], fds)
+            .map_err(|e| ClientError::Io(io::Error::from_raw_os_error(e.errno())))?;
+    }
+    stream.write_all(&bytes[sent..]).map_err(ClientError::Io)?;
     stream.flush().map_err(ClientError::Io)?;
     read_response(&mut stream)
 }

@@ -2,7 +2,8 @@
 //! connection, each on its own thread.
 
 use std::fs::{self, File};
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use thiserror::Error;
 
-use super::{API_ROOT, ApiError, ApiHandler, ApiResponse, ROUTES, route_request, socket};
+use super::{API_ROOT, ApiError, ApiHandler, ApiResponse, ROUTES, route_request_with_fds, socket};
 
 /// Largest accepted request body, as cloud-hypervisor: 4 MiB.
 pub const MAX_BODY_SIZE: usize = 4 << 20;
@@ -166,9 +167,10 @@ fn serve_connection(mut stream: UnixStream, handler: &dyn ApiHandler, in_flight:
             // Counted from dispatch until the answer is written, so stop() can wait for it.
             in_flight.fetch_add(1, Ordering::AcqRel);
             dispatched = true;
-            let (status, body) = respond(&request, handler);
+            let path = request.path.clone();
+            let (status, body) = respond(request, handler);
             let allow = if status == 405 {
-                allowed_method(&request.path)
+                allowed_method(&path)
             } else {
                 None
             };
@@ -192,8 +194,8 @@ fn serve_connection(mut stream: UnixStream, handler: &dyn ApiHandler, in_flight:
     }
 }
 
-fn respond(request: &HttpRequest, handler: &dyn ApiHandler) -> (u16, Option<Vec<u8>>) {
-    let result = route_request(&request.method, &request.path, &request.body)
+fn respond(request: HttpRequest, handler: &dyn ApiHandler) -> (u16, Option<Vec<u8>>) {
+    let result = route_request_with_fds(&request.method, &request.path, &request.body, request.fds)
         .and_then(|api_request| handler.handle(api_request));
     match result {
         Ok(ApiResponse::Empty) => (204, None),
@@ -226,7 +228,12 @@ struct HttpRequest {
     method: String,
     path: String,
     body: Vec<u8>,
+    /// Descriptors sent with the request (`SCM_RIGHTS`).
+    fds: Vec<OwnedFd>,
 }
+
+/// Most descriptors one request may carry (one tap fd per queue pair of a card).
+const MAX_REQUEST_FDS: usize = 16;
 
 enum RequestError {
     /// The peer went away or timed out: nothing to answer.
@@ -240,6 +247,7 @@ fn read_before(
     stream: &mut UnixStream,
     buffer: &mut [u8],
     deadline: Instant,
+    fds: &mut Vec<OwnedFd>,
 ) -> Result<usize, RequestError> {
     let remaining = deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
@@ -248,7 +256,12 @@ fn read_before(
     stream
         .set_read_timeout(Some(remaining))
         .map_err(RequestError::Io)?;
-    match stream.read(buffer).map_err(RequestError::Io)? {
+    // Descriptors may come with any part of the request; more than the limit drop it.
+    let room = MAX_REQUEST_FDS.saturating_sub(fds.len());
+    let (read, received) =
+        liveupdate::sys::recv_with_fds(stream, buffer, room).map_err(RequestError::Io)?;
+    fds.extend(received);
+    match read {
         0 => Err(RequestError::Io(ErrorKind::UnexpectedEof.into())),
         read => Ok(read),
     }
@@ -259,12 +272,14 @@ fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, RequestError> {
     let deadline = Instant::now() + READ_TIMEOUT;
     let mut buffer = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    let mut fds = Vec::new();
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
         match parsed.parse(&buffer) {
             Ok(httparse::Status::Complete(head_len)) => {
-                return finish_request(stream, &parsed, buffer[head_len..].to_vec(), deadline);
+                let body = buffer[head_len..].to_vec();
+                return finish_request(stream, &parsed, body, deadline, fds);
             }
             Ok(httparse::Status::Partial) => {}
             Err(e) => {
@@ -278,7 +293,7 @@ fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, RequestError> {
                 "HTTP request head too large",
             )));
         }
-        let read = read_before(stream, &mut chunk, deadline)?;
+        let read = read_before(stream, &mut chunk, deadline, &mut fds)?;
         buffer.extend_from_slice(&chunk[..read]);
     }
 }
@@ -288,6 +303,7 @@ fn finish_request(
     parsed: &httparse::Request<'_, '_>,
     mut body: Vec<u8>,
     deadline: Instant,
+    mut fds: Vec<OwnedFd>,
 ) -> Result<HttpRequest, RequestError> {
     let bad = |message: &str| RequestError::Api(ApiError::bad_request(message));
     let header = |name: &str| {
@@ -327,12 +343,13 @@ fn finish_request(
     let mut filled = body.len();
     body.resize(length, 0);
     while filled < length {
-        filled += read_before(stream, &mut body[filled..], deadline)?;
+        filled += read_before(stream, &mut body[filled..], deadline, &mut fds)?;
     }
     Ok(HttpRequest {
         method: parsed.method.unwrap_or_default().to_string(),
         path: parsed.path.unwrap_or_default().to_string(),
         body,
+        fds,
     })
 }
 

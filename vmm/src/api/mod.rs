@@ -12,8 +12,11 @@ mod socket;
 mod testing;
 
 use std::error::Error as StdError;
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::config::{ConfigError, DeviceConfig, UserDeviceConfig, VmConfig};
+use crate::config::{ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig};
 
 pub use http::{ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server};
 
@@ -53,7 +56,51 @@ pub enum ApiRequest {
     VmAddDevice(DeviceConfig),
     /// `PUT vm.remove-device` with a `{"id"}` body: the device's id.
     VmRemoveDevice(String),
+    /// `PUT vm.add-net` with a `NetConfig` body and the tap fds that came with it.
+    VmAddNet(Box<NetConfig>, PassedFds),
 }
+
+/// File descriptors that came with a request as `SCM_RIGHTS` (cloud-hypervisor's clients send
+/// tap fds that way). Shared so the request stays `Clone`; the endpoint takes them once.
+#[derive(Clone, Default)]
+pub struct PassedFds(Arc<Mutex<Vec<OwnedFd>>>);
+
+impl PassedFds {
+    /// Wraps `fds`.
+    pub fn new(fds: Vec<OwnedFd>) -> Self {
+        Self(Arc::new(Mutex::new(fds)))
+    }
+
+    /// Takes the fds (later calls get none).
+    pub fn take(&self) -> Vec<OwnedFd> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// How many are left.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether none are left.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for PassedFds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PassedFds({})", self.len())
+    }
+}
+
+/// Two requests are alike whatever fds they carry: fds have no value to compare.
+impl PartialEq for PassedFds {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len()
+    }
+}
+
+impl Eq for PassedFds {}
 
 /// Where a hot-added PCI device went: the reply of `vm.add-*` on a running VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -191,6 +238,8 @@ pub enum RouteBody {
     None(fn() -> ApiRequest),
     /// A required JSON body, parsed by the function (its error gives 400).
     Json(fn(&[u8]) -> Result<ApiRequest, String>),
+    /// A required JSON body and any fds sent with it (`SCM_RIGHTS`).
+    JsonWithFds(fn(&[u8], PassedFds) -> Result<ApiRequest, String>),
 }
 
 /// One endpoint: `method /api/v1/name`.
@@ -263,6 +312,22 @@ fn vm_add_device(body: &[u8]) -> Result<ApiRequest, String> {
     Ok(ApiRequest::VmAddDevice(device))
 }
 
+fn vm_add_net(body: &[u8], fds: PassedFds) -> Result<ApiRequest, String> {
+    let mut net: NetConfig =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid NetConfig JSON: {e}"))?;
+    if net.id.as_deref() == Some("") {
+        return Err("Invalid NetConfig: the id is empty".into());
+    }
+    // As cloud-hypervisor: fd numbers in the JSON mean nothing here; only passed fds count.
+    net.fds = (!fds.is_empty()).then(|| vec![-1; fds.len()]);
+    if net.fds.is_some() && net.num_queues == crate::config::DEFAULT_NET_QUEUES {
+        net.num_queues = 2 * fds.len();
+    }
+    net.validate()
+        .map_err(|e| format!("Invalid NetConfig: {e}"))?;
+    Ok(ApiRequest::VmAddNet(Box::new(net), fds))
+}
+
 fn vm_remove_device(body: &[u8]) -> Result<ApiRequest, String> {
     #[derive(serde::Deserialize)]
     struct VmRemoveDeviceData {
@@ -293,10 +358,26 @@ pub const ROUTES: &[Route] = &[
     json("vm.add-user-device", Method::Put, vm_add_user_device),
     json("vm.add-device", Method::Put, vm_add_device),
     json("vm.remove-device", Method::Put, vm_remove_device),
+    Route {
+        name: "vm.add-net",
+        method: Method::Put,
+        body: RouteBody::JsonWithFds(vm_add_net),
+    },
 ];
 
 /// Maps a method, a path and a body to a request, with cloud-hypervisor's error statuses.
 pub fn route_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    route_request_with_fds(method, path, body, Vec::new())
+}
+
+/// As [`route_request`], with the fds that came with the request: only endpoints that take
+/// fds accept any (the fds of a refused request are closed).
+pub fn route_request_with_fds(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<ApiRequest, ApiError> {
     let path = path.split_once('?').map_or(path, |(path, _query)| path);
     let route = path
         .strip_prefix(API_ROOT)
@@ -308,6 +389,12 @@ pub fn route_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             route.method.as_str()
         )));
     }
+    if !fds.is_empty() && !matches!(route.body, RouteBody::JsonWithFds(_)) {
+        return Err(ApiError::bad_request(format!(
+            "{path} takes no file descriptors ({} sent)",
+            fds.len()
+        )));
+    }
     match route.body {
         RouteBody::None(request) if body.is_empty() => Ok(request()),
         RouteBody::None(_) => Err(ApiError::bad_request(format!(
@@ -317,6 +404,12 @@ pub fn route_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             "{path} needs a request body"
         ))),
         RouteBody::Json(parse) => parse(body).map_err(ApiError::bad_request),
+        RouteBody::JsonWithFds(_) if body.is_empty() => Err(ApiError::bad_request(format!(
+            "{path} needs a request body"
+        ))),
+        RouteBody::JsonWithFds(parse) => {
+            parse(body, PassedFds::new(fds)).map_err(ApiError::bad_request)
+        }
     }
 }
 

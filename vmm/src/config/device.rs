@@ -49,6 +49,10 @@ impl VmConfig {
             self.pin_vfio_device_ids();
             self.devices.retain(|device| !device.removed);
         }
+        if self.net.iter().any(|net| net.removed) {
+            self.pin_net_ids();
+            self.net.retain(|net| !net.removed);
+        }
     }
 
     /// The API id of VFIO device `index`: its own, or `_vfio_device<index>`.

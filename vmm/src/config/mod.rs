@@ -19,7 +19,7 @@ use log::debug;
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
-pub use net::{NetConfig, NetKexecPolicy};
+pub use net::{DEFAULT_NET_QUEUES, NetConfig, NetKexecPolicy};
 pub use user_device::UserDeviceConfig;
 
 pub use cli::{

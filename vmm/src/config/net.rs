@@ -304,6 +304,28 @@ impl VmConfig {
         (0..self.net.len()).find(|&index| self.net_id(index) == id)
     }
 
+    /// The index of the network card with API id `id` that is not removed.
+    pub fn present_net_index(&self, id: &str) -> Option<usize> {
+        self.net_index(id).filter(|&index| !self.net[index].removed)
+    }
+
+    /// Takes network card `index` out of the configuration of a VM that is not running; the
+    /// cards after it keep their ids.
+    pub fn remove_net(&mut self, index: usize) {
+        if index < self.net.len() {
+            self.pin_net_ids();
+            self.net.remove(index);
+        }
+    }
+
+    /// Gives every card its API id for good, so ids do not move when a card before it goes.
+    pub(super) fn pin_net_ids(&mut self) {
+        for index in 0..self.net.len() {
+            let id = self.net_id(index);
+            self.net[index].id = Some(id);
+        }
+    }
+
     /// Appends a network card, giving it the first free `_net<N>` id when it has none, and
     /// returns its id. A taken id is refused and the configuration left as it was.
     pub fn add_net(&mut self, mut net: NetConfig) -> Result<String, ConfigError> {

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{ApiError, ApiRequest, ApiResponse, LiveUpdateConfig, PciDeviceInfo};
-use crate::config::{ConfigError, DeviceConfig, UserDeviceConfig, VmConfig};
-use crate::device_manager::DeviceError;
+use crate::api::{ApiError, ApiRequest, ApiResponse, LiveUpdateConfig, PassedFds, PciDeviceInfo};
+use crate::config::{ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig};
+use crate::device_manager::{DeviceError, forget_tap_fds, give_tap_fds};
 use crate::live_update;
 
 use super::{Next, Vm, VmState, Vmm};
@@ -56,6 +56,7 @@ impl Vmm {
             (ApiRequest::VmAddUserDevice(device), state) => self.add_user_device(device, state),
             (ApiRequest::VmAddDevice(device), state) => self.add_vfio_device(device, state),
             (ApiRequest::VmRemoveDevice(id), state) => self.remove_device(&id, state),
+            (ApiRequest::VmAddNet(net, fds), state) => self.add_net(*net, &fds, state),
             (ApiRequest::VmCounters, _) => {
                 let counters = self.vm.as_ref().map(Vm::counters).unwrap_or_default();
                 Ok(ApiResponse::Json(serde_json::json!(counters)))
@@ -191,6 +192,41 @@ impl Vmm {
         )
     }
 
+    /// `vm.add-net`: as `vm.add-user-device`, for a network card, on taps opened by name or
+    /// passed with the request (`SCM_RIGHTS`). Passed fds are checked to be taps before
+    /// anything changes; a refused card closes them.
+    fn add_net(
+        &mut self,
+        net: NetConfig,
+        fds: &PassedFds,
+        state: VmState,
+    ) -> Result<ApiResponse, ApiError> {
+        let fds = fds.take();
+        for fd in &fds {
+            let copy = fd.try_clone().map_err(|e| ApiError::internal(&e))?;
+            tap::Tap::from_fd(copy).map_err(|e| ApiError::from_error(400, &e))?;
+        }
+        let mut added = None;
+        let result = self.add_pci_device(
+            state,
+            |config| {
+                let id = config.add_net(net)?;
+                if !fds.is_empty() {
+                    give_tap_fds(&id, fds);
+                }
+                added = Some(id.clone());
+                Ok(id)
+            },
+            Vm::add_net,
+        );
+        if result.is_err()
+            && let Some(id) = added
+        {
+            forget_tap_fds(&id);
+        }
+        result
+    }
+
     /// Adds a PCI device: `append` puts it last in a copy of the configuration (409 on a
     /// taken id), then it is either kept for the next boot (204) or `attach`ed to the booted
     /// VM (200 with its id and BDF, event vm/device-added). The configuration changes only
@@ -233,7 +269,11 @@ impl Vmm {
 fn hot_add_status(error: &DeviceError) -> u16 {
     match error {
         DeviceError::UserDevice { .. } | DeviceError::Vfio { .. } => 400,
-        DeviceError::Pci(_) | DeviceError::Bus(_) | DeviceError::UserDeviceAfterVfio => 409,
+        DeviceError::Net { .. } => 400,
+        DeviceError::Pci(_)
+        | DeviceError::Bus(_)
+        | DeviceError::UserDeviceAfterVfio
+        | DeviceError::NetAfterPassthrough => 409,
         _ => 500,
     }
 }

@@ -31,10 +31,28 @@ impl Vmm {
         let Some(config) = self.config.as_mut() else {
             return Err(ApiError::not_found("VM is not created"));
         };
+        if let Some(index) = config.present_net_index(id) {
+            let vm = match (state, self.vm.as_ref()) {
+                (VmState::Running | VmState::Paused, Some(vm)) => vm,
+                _ => {
+                    config.remove_net(index);
+                    crate::device_manager::forget_tap_fds(id);
+                    return Ok(ApiResponse::Empty);
+                }
+            };
+            let slot = vm
+                .attached_net_slot(index)
+                .ok_or_else(|| ApiError::conflict(format!("Device {id} is not attached now")))?;
+            info!("Asking the guest to release network card {id} (slot {slot}): vm.remove-device");
+            vm.request_removal(slot)
+                .map_err(|e| ApiError::from_error(500, &e))?;
+            return Ok(ApiResponse::Empty);
+        }
         let Some(index) = config.vfio_device_index(id) else {
             return Err(if config.has_device_id(id) {
                 ApiError::bad_request(format!(
-                    "Device {id} cannot be removed: only kernel VFIO devices can be, for now"
+                    "Device {id} cannot be removed: only kernel VFIO devices and network cards \
+                     can be, for now"
                 ))
             } else {
                 ApiError::not_found(format!("No device with id {id}"))
@@ -63,7 +81,27 @@ impl Vmm {
             return;
         };
         let removed = vm.detach_ejected(&[]);
+        let nets = vm.take_unplugged_nets();
         self.note_removed(&removed);
+        self.note_removed_nets(&nets);
+    }
+
+    /// Network cards `indices` left the VM for good: marked removed in the configuration
+    /// (keeping their place until the next boot), event vm/device-unplugged each.
+    fn note_removed_nets(&mut self, indices: &[usize]) {
+        let Some(config) = self.config.as_mut() else {
+            return;
+        };
+        let mut ids = Vec::new();
+        for index in indices {
+            if let Some(net) = config.net.get_mut(*index) {
+                net.removed = true;
+            }
+            ids.push(config.net_id(*index));
+        }
+        for id in ids {
+            self.emit_device("device-unplugged", &id, None);
+        }
     }
 
     /// VFIO devices `indices` left the VM for good: they are marked removed in the

@@ -67,6 +67,28 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Hot-adds network card `index` of `ctx.config` (the configuration with the card
+    /// appended): opens its taps, places the virtio-net device on the PCI bus, starts its
+    /// queue worker and makes its taps a live-update participant. Returns its slot. On error
+    /// the VM is as before.
+    pub(crate) fn hot_add_net(
+        &mut self,
+        ctx: &DeviceContext<'_>,
+        index: usize,
+    ) -> Result<u8, DeviceError> {
+        if index != self.nets.len() || index >= ctx.config.net.len() {
+            return Err(DeviceError::NoSuchNet { index });
+        }
+        // A rebuild places every card before every vfio-user and VFIO device.
+        if !self.user_devices.is_empty() || !self.vfio_devices.is_empty() {
+            return Err(DeviceError::NetAfterPassthrough);
+        }
+        let (slot, placed) = self.hot_add(ctx, |pci| pci.add_net(index))?;
+        self.nets.push(slot);
+        self.start_workers()?;
+        Ok(placed)
+    }
+
     /// BAR space for a new device: the PCI window above every BAR that reaches into it.
     fn bar_allocator(&self) -> BarAllocator {
         let floor = self
@@ -83,9 +105,9 @@ impl DeviceManager {
     /// tells the guest.
     /// Any kind of device goes through here (`build` wires it, e.g. with
     /// [`PciBuilder::place`]). On error, the BAR space, slot, MSI groups and bus ranges it took
-    /// are given back and the device is dropped before the guest could see it. Not for virtio
-    /// devices yet: their ioeventfds would stay registered on error and their queue workers
-    /// would not start.
+    /// are given back and the device is dropped before the guest could see it. A virtio device
+    /// (a network card) gets its queue worker from the caller; should KVM refuse one of its
+    /// queue notifications midway, those registered before stay (not undone).
     pub(super) fn hot_add<T>(
         &mut self,
         ctx: &DeviceContext<'_>,

@@ -49,7 +49,7 @@ use crate::vcpu_thread::{Buses, VcpuEvent};
 
 use handover::CarriedDeviceParticipant;
 use legacy::{CMOS_STATE_VERSION, LegacyDevices, SERIAL_STATE_VERSION, add_legacy};
-pub use net::{adopt_inherited_fds_for, adopt_inherited_tap_fds, give_tap_fds};
+pub use net::{adopt_inherited_fds_for, adopt_inherited_tap_fds, forget_tap_fds, give_tap_fds};
 pub(crate) use participants::HandedOverFds;
 use participants::{PCI_ROOT_STATE_VERSION, StateOnly, VirtioParticipant, envelope};
 use pci::{IoEvents, MmioRelocator, PciBuilder, PendingSlots, VirtioEntry};
@@ -146,6 +146,13 @@ pub enum DeviceError {
         /// Index in `net`.
         index: usize,
     },
+    /// A card hot-added after a vfio-user or VFIO device would be rebuilt before it (in
+    /// another slot and MSI group) by a live update.
+    #[error(
+        "A network card cannot be hot-added to a VM with vfio-user or VFIO devices; add it \
+         before boot"
+    )]
+    NetAfterPassthrough,
     /// The configuration has no VFIO device at this index.
     #[error("The configuration has no VFIO device {index}")]
     NoSuchVfioDevice {
@@ -192,7 +199,9 @@ pub struct DeviceManager {
     console: Option<Arc<Mutex<VirtioPciDevice<Console>>>>,
     console_is_tty: bool,
     virtio: Vec<VirtioEntry>,
-    nets: Vec<net::NetEntry>,
+    nets: Vec<net::NetSlot>,
+    /// Network cards the guest ejected, until the control loop takes note.
+    unplugged_nets: Vec<usize>,
     user_devices: Vec<user::UserDeviceEntry>,
     vfio_devices: Vec<vfio::VfioSlot>,
     /// Tells the guest about devices added and devices to release; hears its ejects.
@@ -361,6 +370,7 @@ impl DeviceManager {
             console_is_tty: ctx.config.console.mode == ConsoleMode::Tty,
             virtio,
             nets,
+            unplugged_nets: Vec::new(),
             user_devices,
             vfio_devices,
             hotplug,
@@ -408,8 +418,10 @@ impl DeviceManager {
         for entry in &mut self.virtio {
             list.push(Box::new(VirtioParticipant { entry }));
         }
-        for entry in &self.nets {
-            list.push(Box::new(net::NetTapParticipant { entry }));
+        for slot in &self.nets {
+            if let net::NetSlot::Attached(entry) = slot {
+                list.push(Box::new(net::NetTapParticipant { entry }));
+            }
         }
         for entry in &self.user_devices {
             list.push(Box::new(CarriedDeviceParticipant { entry }));
@@ -441,8 +453,12 @@ impl DeviceManager {
     pub fn recreated_taps(&self) -> Vec<String> {
         self.nets
             .iter()
-            .filter(|entry| entry.recreated)
-            .map(|entry| entry.tap_name().to_string())
+            .filter_map(|slot| match slot {
+                net::NetSlot::Attached(entry) if entry.recreated => {
+                    Some(entry.tap_name().to_string())
+                }
+                _ => None,
+            })
             .collect()
     }
 

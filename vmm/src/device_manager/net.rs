@@ -111,6 +111,11 @@ pub fn adopt_inherited_fds_for(id: &str, numbers: &[i32]) -> Result<(), DeviceEr
     Ok(())
 }
 
+/// Forgets the fds card `id` was given (closing them): it is gone, or its hot-add failed.
+pub fn forget_tap_fds(id: &str) {
+    given_tap_fds().remove(id);
+}
+
 /// Copies of the fds card `id` was given.
 fn copies_of_given(id: &str) -> Result<Vec<OwnedFd>, DeviceError> {
     let fds = given_tap_fds();
@@ -171,10 +176,29 @@ fn adopt(id: &str, fds: Vec<OwnedFd>) -> Result<Vec<Tap>, DeviceError> {
         .collect()
 }
 
+/// A card's place on the bus: attached, or removed from the running VM (it keeps its slot
+/// and MSI vectors, which the devices after it rely on, until the next boot).
+pub(super) enum NetSlot {
+    /// In use by the guest.
+    Attached(NetEntry),
+    /// Gone; its slot stays taken.
+    Removed,
+}
+
+/// MSI vectors of a card's transport: one per queue (two per pair, a control queue with more
+/// than one pair) and one for configuration changes.
+fn msi_vectors_of(config: &NetConfig) -> u16 {
+    let pairs = config.queue_pairs();
+    let queues = 2 * pairs + usize::from(pairs > 1);
+    u16::try_from(queues + 1).unwrap_or(u16::MAX)
+}
+
 /// A card as the device manager keeps it.
 pub(super) struct NetEntry {
     /// API id.
     pub(super) id: String,
+    /// Its PCI slot on bus 0.
+    pub(super) slot: u8,
     taps: Vec<Arc<Tap>>,
     by_name: bool,
     kexec: NetKexecPolicy,
@@ -193,14 +217,25 @@ impl NetEntry {
 
 impl PciBuilder<'_, '_, '_> {
     /// Builds network card `index` of the configuration: its taps (from the saved handover on
-    /// a restore), the virtio-net device and its PCI placement.
-    pub(super) fn add_net(&mut self, index: usize) -> Result<NetEntry, DeviceError> {
+    /// a restore), the virtio-net device and its PCI placement. A card removed from the
+    /// running VM only takes its slot and vectors again (a live update's rebuild).
+    pub(super) fn add_net(&mut self, index: usize) -> Result<NetSlot, DeviceError> {
         let config = self
             .ctx
             .config
             .net
             .get(index)
             .ok_or(DeviceError::NoSuchNet { index })?;
+        if config.removed {
+            let slot = self.root.reserve().map_err(DeviceError::Pci)?;
+            // The group stays claimed in the interrupt table; its eventfds go with this Arc.
+            self.ctx
+                .interrupts
+                .msi_vectors(msi_vectors_of(config))
+                .map_err(DeviceError::Interrupt)?;
+            log::debug!("Network card {index} was removed: slot {slot} stays free");
+            return Ok(NetSlot::Removed);
+        }
         let id = self.ctx.config.net_id(index);
         let key = ids::net_tap(&id);
         let mut recreated = false;
@@ -268,14 +303,16 @@ impl PciBuilder<'_, '_, '_> {
             source: Box::new(e),
         })?;
         self.add(device, &id)?;
-        Ok(NetEntry {
+        let slot = self.root.added().last().map_or(0, |(slot, _)| *slot);
+        Ok(NetSlot::Attached(NetEntry {
             id,
+            slot,
             taps,
             by_name: !config.uses_fds(),
             kexec: config.kexec,
             handover: Mutex::new(None),
             recreated,
-        })
+        }))
     }
 }
 

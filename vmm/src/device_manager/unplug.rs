@@ -12,6 +12,9 @@ use devices::bus::lock;
 use devices::pci::PciDevice;
 use log::{info, warn};
 
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+
+use super::net::{NetSlot, forget_tap_fds};
 use super::vfio::{DetachedVfio, VfioSlot, detached_participant_id};
 use super::{DeviceContext, DeviceError, DeviceManager, write_bus};
 use crate::interrupts::InterruptError;
@@ -51,11 +54,21 @@ impl DeviceManager {
     }
 
     /// Takes every device the guest ejected off the bus; `for_update` marks VFIO devices to be
-    /// attached again after a live update. Returns the VFIO indices detached.
-    pub(crate) fn detach_ejected(&mut self, for_update: &[usize]) -> Vec<usize> {
+    /// attached again after a live update. Returns the VFIO indices detached; network cards
+    /// taken off wait in [`Self::take_unplugged_nets`].
+    pub(crate) fn detach_ejected(&mut self, vm: &VmFd, for_update: &[usize]) -> Vec<usize> {
         let ejected = lock(&self.hotplug).take_ejected();
         let mut detached = Vec::new();
         for slot in ejected {
+            let net = self
+                .nets
+                .iter()
+                .position(|entry| matches!(entry, NetSlot::Attached(e) if e.slot == slot));
+            if let Some(index) = net {
+                self.detach_net(vm, index);
+                self.unplugged_nets.push(index);
+                continue;
+            }
             let found = self
                 .vfio_devices
                 .iter()
@@ -67,11 +80,60 @@ impl DeviceManager {
                 }
                 None => warn!(
                     "The guest ejected the device in slot {slot}, which cannot be unplugged \
-                     (only VFIO devices can): it stays"
+                     (only VFIO devices and network cards can): it stays"
                 ),
             }
         }
         detached
+    }
+
+    /// The network cards taken off the bus since the last call, by index.
+    pub(crate) fn take_unplugged_nets(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.unplugged_nets)
+    }
+
+    /// The PCI slot of network card `index` while it is attached.
+    pub(crate) fn attached_net_slot(&self, index: usize) -> Option<u8> {
+        match self.nets.get(index)? {
+            NetSlot::Attached(entry) => Some(entry.slot),
+            NetSlot::Removed => None,
+        }
+    }
+
+    /// Takes network card `index` off the bus: its queue worker stops, its BAR and queue
+    /// notifications go, its taps close. Slot and MSI vectors stay claimed (see `NetSlot`).
+    fn detach_net(&mut self, vm: &VmFd, index: usize) {
+        let Some(NetSlot::Attached(entry)) = self.nets.get(index) else {
+            return;
+        };
+        let (slot, id) = (entry.slot, entry.id.clone());
+        if let Some(position) = self.virtio.iter().position(|v| v.id == id) {
+            let mut virtio = self.virtio.remove(position);
+            if let Some(worker) = virtio.worker.take() {
+                worker.stop();
+            }
+        }
+        if let Some(device) = lock(&self.pci_root).remove_device(slot) {
+            for bar in lock(&device).bars() {
+                if let Err(e) = write_bus(&self.buses.mmio).remove(bar.address) {
+                    warn!("Unplugging slot {slot}: BAR at {:#x}: {e}", bar.address);
+                }
+                let events = lock(&self.ioevents).by_bar.remove(&bar.address);
+                for (offset, evt) in events.into_iter().flatten() {
+                    let address = IoEventAddress::Mmio(bar.address + offset);
+                    if let Err(e) = vm.unregister_ioevent(&evt, &address, NoDatamatch) {
+                        warn!("Unplugging slot {slot}: queue notification: {e}");
+                    }
+                }
+            }
+            self.pci_devices
+                .retain(|other| !std::sync::Arc::ptr_eq(other, &device));
+        }
+        lock(&self.hotplug).set_present(slot, false);
+        forget_tap_fds(&id);
+        // Dropping the entry closes the taps (a tap the VMM created goes with them).
+        self.nets[index] = NetSlot::Removed;
+        info!("Network card {id} unplugged from slot {slot}");
     }
 
     fn detach_vfio(&mut self, index: usize, reattach_after_update: bool) {
@@ -187,7 +249,7 @@ mod tests {
         fixture.manager.request_removal(slot).unwrap();
         let requested = hotplug_register(&fixture, REMOVE_REQUESTED);
         guest_ejects(&fixture, slot);
-        let detached = fixture.manager.detach_ejected(&[0]);
+        let detached = fixture.manager.detach_ejected(&fixture.vm.clone(), &[0]);
 
         assert_eq!(requested, 1 << slot);
         assert_eq!(detached, vec![0]);
@@ -215,7 +277,7 @@ mod tests {
         let vendor = fixture.vendor_id(1);
 
         guest_ejects(&fixture, 1);
-        let detached = fixture.manager.detach_ejected(&[]);
+        let detached = fixture.manager.detach_ejected(&fixture.vm.clone(), &[]);
 
         assert!(detached.is_empty());
         assert_eq!(fixture.vendor_id(1), vendor);
@@ -228,7 +290,7 @@ mod tests {
         let (slot, _) = with_vfio_device(&mut fixture);
 
         guest_ejects(&fixture, slot);
-        let detached = fixture.manager.detach_ejected(&[]);
+        let detached = fixture.manager.detach_ejected(&fixture.vm.clone(), &[]);
 
         assert_eq!(detached, vec![0]);
         assert_eq!(fixture.manager.detached_vfio_devices(), vec![(0, false)]);

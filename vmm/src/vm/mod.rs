@@ -254,6 +254,13 @@ impl Vm {
         })
     }
 
+    /// Attaches the last network card of `config` (the VM's configuration with the card
+    /// appended) to the running VM; returns its slot. On error the VM is as before.
+    pub fn add_net(&mut self, config: &VmConfig) -> Result<u8, DeviceError> {
+        let index = config.net.len().saturating_sub(1);
+        self.hot_add(config, |devices, ctx| devices.hot_add_net(ctx, index))
+    }
+
     /// The PCI slot of VFIO device `index` while it is attached.
     pub fn attached_vfio_slot(&self, index: usize) -> Option<u8> {
         self.devices.attached_vfio_slot(index)
@@ -277,7 +284,17 @@ impl Vm {
     /// Takes the devices the guest ejected off the bus (`for_update`: VFIO indices a live
     /// update detaches). Returns the VFIO indices detached.
     pub fn detach_ejected(&mut self, for_update: &[usize]) -> Vec<usize> {
-        self.devices.detach_ejected(for_update)
+        self.devices.detach_ejected(&self.vm_fd, for_update)
+    }
+
+    /// The network cards the guest ejected since the last call, by index.
+    pub fn take_unplugged_nets(&mut self) -> Vec<usize> {
+        self.devices.take_unplugged_nets()
+    }
+
+    /// The PCI slot of network card `index` while it is attached.
+    pub fn attached_net_slot(&self, index: usize) -> Option<u8> {
+        self.devices.attached_net_slot(index)
     }
 
     /// Attaches detached VFIO device `index` of `config` again, in its slot, and tells the
