@@ -316,6 +316,11 @@ impl PciBuilder<'_, '_, '_> {
     }
 }
 
+/// Environment variable that makes cards hand their taps over as across a kexec even in
+/// restart mode (set to `1`): a test hook, so the re-creation of taps is proved on a host
+/// without a kexec. The old VMM's taps then close when it exits, as a kexec would close them.
+pub const TAPS_AS_ACROSS_KEXEC_ENV: &str = "CHV_TEST_NET_TAPS_AS_ACROSS_KEXEC";
+
 /// The participant carrying one card's taps (`net/<id>`).
 pub(super) struct NetTapParticipant<'a> {
     pub(super) entry: &'a NetEntry,
@@ -336,25 +341,34 @@ impl NetTapParticipant<'_> {
 
     /// What a kexec does with the card, or why it cannot cross one.
     fn across_kexec(&self) -> Result<TapHandover, ParticipantError> {
-        let refuse = |reason: String| ParticipantError::Unsupported {
-            id: self.id(),
-            reason,
-        };
-        let name = self.entry.tap_name();
-        match (self.entry.kexec, self.entry.by_name) {
-            (NetKexecPolicy::Refuse, _) => Err(refuse(format!(
-                "tap {name}: the kernel cannot carry a tap across a kexec and the card has \
-                 kexec=refuse"
-            ))),
-            (NetKexecPolicy::Recreate, true) => Ok(TapHandover::Recreate),
-            (NetKexecPolicy::Recreate, false) => Err(refuse(format!(
-                "tap {name} was given as fds, which the kernel cannot carry across a kexec and \
-                 this VMM cannot create again; set kexec=fds on the card and pass new tap fds \
-                 to the restoring VMM (--restore ...,net_fds=[{}@[fd,...]])",
-                self.entry.id
-            ))),
-            (NetKexecPolicy::Fds, _) => Ok(TapHandover::OperatorFds),
-        }
+        let entry = self.entry;
+        kexec_handover(entry.kexec, entry.by_name, entry.tap_name(), &entry.id).map_err(|reason| {
+            ParticipantError::Unsupported {
+                id: self.id(),
+                reason,
+            }
+        })
+    }
+}
+
+/// How card `id` on tap `tap` crosses a kexec under `policy`, or why it cannot.
+fn kexec_handover(
+    policy: NetKexecPolicy,
+    by_name: bool,
+    tap: &str,
+    id: &str,
+) -> Result<TapHandover, String> {
+    match (policy, by_name) {
+        (NetKexecPolicy::Refuse, _) => Err(format!(
+            "tap {tap}: the kernel cannot carry a tap across a kexec and the card has kexec=refuse"
+        )),
+        (NetKexecPolicy::Recreate, true) => Ok(TapHandover::Recreate),
+        (NetKexecPolicy::Recreate, false) => Err(format!(
+            "tap {tap} was given as fds, which the kernel cannot carry across a kexec and this \
+             VMM cannot create again; set kexec=fds on the card and pass new tap fds to the \
+             restoring VMM (--restore ...,net_fds=[{id}@[fd,...]])"
+        )),
+        (NetKexecPolicy::Fds, _) => Ok(TapHandover::OperatorFds),
     }
 }
 
@@ -364,6 +378,11 @@ impl AnyParticipant for NetTapParticipant<'_> {
     }
 
     fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        if std::env::var(TAPS_AS_ACROSS_KEXEC_ENV).is_ok_and(|v| v == "1") {
+            let handover = self.across_kexec()?;
+            self.set_handover(Some(handover));
+            return Ok(());
+        }
         let mut tokens = Vec::with_capacity(self.entry.taps.len());
         for tap in &self.entry.taps {
             match files.attach(tap.as_fd()) {
@@ -409,5 +428,55 @@ impl AnyParticipant for NetTapParticipant<'_> {
     fn resume(&mut self) -> Result<(), ParticipantError> {
         self.set_handover(None);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tap_opened_by_name_is_created_again_after_a_kexec() {
+        let handover = kexec_handover(NetKexecPolicy::Recreate, true, "vmtap0", "net0");
+
+        assert_eq!(handover, Ok(TapHandover::Recreate));
+    }
+
+    #[test]
+    fn a_card_on_fds_refuses_a_kexec_naming_the_option_that_allows_it() {
+        let handover = kexec_handover(NetKexecPolicy::Recreate, false, "kata0", "net0");
+
+        let reason = handover.unwrap_err();
+        assert!(reason.contains("kexec=fds"), "{reason}");
+        assert!(reason.contains("net_fds=[net0@"), "{reason}");
+    }
+
+    #[test]
+    fn a_card_with_kexec_fds_waits_for_the_operators_fds() {
+        let handover = kexec_handover(NetKexecPolicy::Fds, false, "kata0", "net0");
+
+        assert_eq!(handover, Ok(TapHandover::OperatorFds));
+    }
+
+    #[test]
+    fn kexec_refuse_refuses_even_a_tap_opened_by_name() {
+        let handover = kexec_handover(NetKexecPolicy::Refuse, true, "vmtap0", "net0");
+
+        assert!(handover.unwrap_err().contains("kexec=refuse"));
+    }
+
+    #[test]
+    fn tap_state_round_trips_through_its_envelope() {
+        let state = NetTapState {
+            tap: "vmtap0".into(),
+            handover: TapHandover::Attached(vec![16, 17]),
+        };
+
+        let envelope = Envelope::wrap("net/net0", NetTapState::VERSION, &state).unwrap();
+        let mut states =
+            liveupdate::state::decode(&liveupdate::state::encode(vec![envelope]).unwrap()).unwrap();
+        let back: NetTapState = states.take("net/net0", NetTapState::VERSION).unwrap();
+
+        assert_eq!(back, state);
     }
 }
