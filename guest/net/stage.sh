@@ -254,13 +254,17 @@ multiqueue() {
 
 # ---------------------------------------------------------------------------------------------
 # Into a network namespace of our own: the taps, the VMMs and every host-side peer live there.
+# A mount namespace too, for a sysfs of our own: /sys/class/net shows the network namespace
+# of the process that mounted sysfs.
 if [ -z "${NET_STAGE_NS:-}" ]; then
     export NET_STAGE_NS=1
-    unshare -n true 2>/dev/null || fail "unshare -n failed: the test kernel needs CONFIG_NET_NS"
-    exec unshare -n sh "$0" "$@"
+    unshare -n -m true 2>/dev/null || fail "unshare -n -m failed: the test kernel needs CONFIG_NET_NS"
+    exec unshare -n -m sh "$0" "$@"
 fi
 [ "$(readlink /proc/self/ns/net)" != "$(readlink /proc/1/ns/net)" ] || fail "not in a network namespace of our own"
+mount -t sysfs sysfs /sys || fail "cannot mount sysfs in the new namespaces"
 ip link set lo up
+[ -e /sys/class/net/lo ] || fail "/sys/class/net does not show the new network namespace"
 echo "NET-E2E-STAGE$stage netns $(readlink /proc/self/ns/net)"
 for f in /lib/vfio-stage.sh /bin/cloud-hypervisor /bin/ch-remote /bin/ch-luod /guest/bzImage /guest/initramfs.cpio.gz; do
     [ -e "$f" ] || fail "$f is missing from the initramfs"
@@ -304,12 +308,15 @@ if [ "$stage" = 1 ]; then
     queues=$(ask '$(ls /sys/class/net/eth0/queues | tr "\n" " ")' QUEUES 60)
     say "guest eth0 queues: $queues"
     [ "$queues" = "rx-0 rx-1 tx-0 tx-1 " ] || fail "the guest's eth0 has queues '$queues', expected 2 pairs"
-    gmac=$(ask '$(cat /sys/class/net/eth0/address)' GMAC 60)
+    gmac=$(ask '$(tr : - </sys/class/net/eth0/address)' GMAC 60 | tr - :)
     [ "$gmac" = "$guest_mac" ] || fail "the guest's eth0 has MAC $gmac, expected $guest_mac"
     ip -4 addr show dev "$tap" | grep -q "inet $host_ip/24" || fail "tap $tap has no $host_ip/24: $(ip addr show dev "$tap" 2>&1)"
     tap_mac=$(cat "/sys/class/net/$tap/address")
     tap_ifindex=$(cat "/sys/class/net/$tap/ifindex")
-    say "tap $tap: ifindex $tap_ifindex, MAC $tap_mac, queues $(ls "/sys/class/net/$tap/queues" | tr '\n' ' ')"
+    tap_queues=$(ls "/sys/class/net/$tap/queues" | tr '\n' ' ')
+    [ -n "$tap_mac" ] && [ -n "$tap_ifindex" ] || fail "no /sys/class/net/$tap"
+    [ "$tap_queues" = "rx-0 rx-1 tx-0 tx-1 " ] || fail "tap $tap has queues '$tap_queues', expected 2 (multiqueue)"
+    say "tap $tap: ifindex $tap_ifindex, MAC $tap_mac, queues $tap_queues"
     t=$(now)
     ping -c 3 -i 0.2 -w 30 "$guest_ip" >"$work/ping.log" 2>&1 || fail "no ping answer from the guest: $(cat "$work/ping.log")"
     say "ping: $(grep -o '[0-9]* packets received' "$work/ping.log"), $(grep -o 'min/avg/max = [0-9./]* ms' "$work/ping.log")"
@@ -389,7 +396,7 @@ if [ "$stage" = 1 ]; then
         elapsed_over "$t" 30 && fail "K: the guest did not receive 64 KiB on the held connection"
         sleep 0.2
     done
-    say "K: before the kexec, guest TCP sockets: $(ask '$(netstat -tn | grep -E ":500[23] " | tr -s " " | tr "\n" ";")' NETSTAT 30)"
+    say "K: before the kexec, guest TCP sockets: $(ask '$(netstat -tan | grep -E ":500[23] " | tr -s " " | tr ":\n" ".;")' NETSTAT 30)"
     check_vmm_log "$work/b.log"
     ln -sfn luod.sock "$work/agent.sock"
     [ "$(ch-luod --socket "$work/agent.sock" ping)" = kernel ] || fail "the agent symlink does not lead to the kernel-mode agent"
@@ -429,9 +436,11 @@ ip link show dev "$tap" | grep -q ',UP' || fail "K: tap $tap is not up after the
 tap_queues=$(ls "/sys/class/net/$tap/queues" | tr '\n' ' ')
 new_mac=$(cat "/sys/class/net/$tap/address")
 say "K: tap $tap again: $(ip -4 addr show dev "$tap" | grep -o "inet [0-9./]*"), MAC $new_mac (was $(arg net_tap_mac "")), queues $tap_queues"
-case "$tap_queues" in *tx-1*) ;; *) fail "K: tap $tap has queues '$tap_queues', expected 2 (multiqueue)" ;; esac
+[ "$tap_queues" = "rx-0 rx-1 tx-0 tx-1 " ] || fail "K: tap $tap has queues '$tap_queues', expected 2 (multiqueue)"
+mac_problem=""
 [ "$new_mac" = "$(arg net_tap_mac "")" ] ||
-    fail "K: the re-created tap has MAC $new_mac, the tap had $(arg net_tap_mac "") before the kexec (the guest's ARP entry points at the old one)"
+    mac_problem="K: the re-created tap has MAC $new_mac, the tap had $(arg net_tap_mac "") before the kexec (the guest's ARP entry points at the old one)"
+say "K: guest's neighbour entry for the host: $(ask '$(ip neigh show 10.99.0.1 | tr ":" -)' NEIGH 30)"
 # Ping at once: the first answer.
 t=$(now)
 until ping -c 1 -W 1 "$guest_ip" >/dev/null 2>&1; do
@@ -474,5 +483,6 @@ check_vmm_log "$work/c.log"
 grep -F '<WARN>' "$work/c.log" | sed 's/^/NET-E2E restored VMM warned: /'
 sessions=$(ch-luod --socket "$work/luod.sock" list)
 [ -z "$sessions" ] || fail "the agent still holds sessions after the restore: $sessions"
+[ -z "$mac_problem" ] || fail "$mac_problem"
 echo "NET-E2E-PASS"
 reboot -f

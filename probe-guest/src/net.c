@@ -86,9 +86,8 @@ static void wr16(u8 *p, u16 v)
 
 static u64 rd64le(const u8 *p)
 {
-	u64 v = 0;
-	for (int i = 7; i >= 0; i--)
-		v = v << 8 | p[i];
+	u64 v;
+	memcpy(&v, p, sizeof(v));	/* x86 is little-endian */
 	return v;
 }
 

@@ -27,6 +27,8 @@ pub struct ProbeVm<'a> {
     pub extra: &'a [&'a str],
     /// More environment for the VMM process.
     pub env: &'a [(&'a str, &'a str)],
+    /// Fds the VMM process inherits, each at the number given (e.g. a tap for `--net fd=[3]`).
+    pub fds: &'a [(std::os::fd::BorrowedFd<'a>, std::os::fd::RawFd)],
 }
 
 impl Default for ProbeVm<'_> {
@@ -38,6 +40,7 @@ impl Default for ProbeVm<'_> {
             console: "off",
             extra: &[],
             env: &[],
+            fds: &[],
         }
     }
 }
@@ -179,7 +182,7 @@ impl VmmProcess {
             vm.console,
         ];
         args.extend_from_slice(vm.extra);
-        Self::spawn_with_env(&args, dir, vm.env)
+        Self::spawn_with_fds(&args, dir, vm.env, vm.fds)
     }
 
     pub fn pid(&self) -> u32 {
@@ -528,9 +531,23 @@ impl Drop for Agent {
 impl VmmProcess {
     /// Like [`VmmProcess::spawn`], with extra environment variables for the VMM.
     pub fn spawn_with_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_fds(args, dir, env, &[])
+    }
+
+    /// Like [`VmmProcess::spawn_with_env`], with `fds` inherited at the numbers given.
+    pub fn spawn_with_fds(
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &str)],
+        fds: &[(std::os::fd::BorrowedFd<'_>, std::os::fd::RawFd)],
+    ) -> Self {
         let stderr_path = dir.join("vmm.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"));
+        for (fd, target) in fds {
+            liveupdate::sys::listen::pass_fd_at(&mut command, *fd, *target);
+        }
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
