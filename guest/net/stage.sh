@@ -51,6 +51,9 @@ host_ip=10.99.0.1
 guest_ip=10.99.0.2
 guest_mac=12:34:56:78:9a:bc
 net_arg="tap=$tap,ip=$host_ip,mask=255.255.255.0,mac=$guest_mac,num_queues=4,id=net0"
+# net_host_mac= on the command line (scripts/test-nested-net --host-mac) fixes the tap's MAC.
+host_mac=$(arg net_host_mac "")
+[ -z "$host_mac" ] || net_arg="$net_arg,host_mac=$host_mac"
 session_restart=net-restart
 session_kexec=net-kexec
 payload=$work/payload
@@ -81,7 +84,8 @@ lines() { wc -l <"$console"; }
 type_line() { printf '%s\n' "$1" >"$console_in"; }
 
 # Print the first match of the extended regex $1 in the console log after line $2 (CRs
-# removed), waiting up to $3 seconds; fail when it does not come or the VMM exits first.
+# removed), waiting up to $3 seconds; fail when it does not come (return 1 instead when $4 is
+# "soft") or the VMM exits first.
 wait_match() {
     wm_start=$(now)
     while :; do
@@ -92,7 +96,10 @@ wait_match() {
         fi
         grep -qF "Kernel panic" "$console" && fail "guest kernel panic"
         kill -0 "$vmm" 2>/dev/null || fail "the VMM exited before /$1/ appeared on the guest console"
-        elapsed_over "$wm_start" "$3" && fail "no /$1/ on the guest console within $3 s"
+        if elapsed_over "$wm_start" "$3"; then
+            [ "${4:-}" = soft ] && return 1
+            fail "no /$1/ on the guest console within $3 s"
+        fi
         sleep 0.1
     done
 }
@@ -125,8 +132,12 @@ wait_gone() {
     wait "$1"
 }
 
-# The result line "<tag>=<bytes>,<md5>:END" the guest printed for port $2 (tag $1), within $3 s.
-guest_result() { wait_match "$1$2=[0-9]+,[0-9a-f]{32}:END" 0 "$3" | sed "s/^$1$2=//; s/:END\$//"; }
+# The result line "<tag>=<bytes>,<md5>:END" the guest printed for port $2 (tag $1), within $3 s
+# ($4: soft, see wait_match).
+guest_result() {
+    gr_hit=$(wait_match "$1$2=[0-9]+,[0-9a-f]{32}:END" 0 "$3" "${4:-}") || return 1
+    echo "$gr_hit" | sed "s/^$1$2=//; s/:END\$//"
+}
 
 # Shell functions for the guest, typed once into its shell (which lives through every update):
 #   rx PORT           listen, store what comes, print RX<port>=<bytes>,<md5>. Its stdin is a
@@ -437,10 +448,20 @@ tap_queues=$(ls "/sys/class/net/$tap/queues" | tr '\n' ' ')
 new_mac=$(cat "/sys/class/net/$tap/address")
 say "K: tap $tap again: $(ip -4 addr show dev "$tap" | grep -o "inet [0-9./]*"), MAC $new_mac (was $(arg net_tap_mac "")), queues $tap_queues"
 [ "$tap_queues" = "rx-0 rx-1 tx-0 tx-1 " ] || fail "K: tap $tap has queues '$tap_queues', expected 2 (multiqueue)"
-mac_problem=""
+problems=""
 [ "$new_mac" = "$(arg net_tap_mac "")" ] ||
-    mac_problem="K: the re-created tap has MAC $new_mac, the tap had $(arg net_tap_mac "") before the kexec (the guest's ARP entry points at the old one)"
-say "K: guest's neighbour entry for the host: $(ask '$(ip neigh show 10.99.0.1 | tr ":" -)' NEIGH 30)"
+    problems="the re-created tap has MAC $new_mac, the tap had $(arg net_tap_mac "") before the kexec; "
+
+# The guest's own traffic first, before the host sends it anything: the held connection's next
+# tick (one a second) must reach the new kernel, which has no socket for it and resets it. It
+# goes to the MAC the guest's ARP entry for the host holds, the tap's before the kexec.
+hold_md5=$(head -c 65536 "$payload" | md5sum | cut -c1-32)
+if h=$(guest_result HOLD 5003 10 soft); then
+    say "K: the connection of before the kexec was reset by the new kernel $(secs "$restored") s after vm/restored (the guest's own traffic, before any from the host), having received $h"
+else
+    say "K: guest's neighbour entry for the host 10 s after vm/restored: $(ask '$(ip neigh show 10.99.0.1 | tr ":" -)' NEIGH 30)"
+    problems="${problems}the guest's own traffic did not reach the host within 10 s of vm/restored (no reset of the connection of before the kexec); "
+fi
 # Ping at once: the first answer.
 t=$(now)
 until ping -c 1 -W 1 "$guest_ip" >/dev/null 2>&1; do
@@ -448,6 +469,9 @@ until ping -c 1 -W 1 "$guest_ip" >/dev/null 2>&1; do
 done
 say "K: first ping answer $(secs "$restored") s after vm/restored"
 ping -c 3 -i 0.2 -w 30 "$guest_ip" >"$work/ping.log" 2>&1 || fail "K: ping fails after the kexec: $(cat "$work/ping.log")"
+# With the host's ARP request the guest learns the tap's MAC again, so this comes now at the latest.
+[ -n "${h:-}" ] || h=$(guest_result HOLD 5003 60)
+[ "$h" = "65536,$hold_md5" ] || fail "K: the held connection received $h, the host sent 64 KiB ($hold_md5)"
 
 # A NEW host connection to the guest's listener of before the kexec, at full speed.
 k_t=$(now)
@@ -457,10 +481,6 @@ r=$(guest_result RX 5002 120)
 say "K: new host->guest connection: the guest received $r of $payload_size,$payload_md5 in $k_s s ($(mbps "$payload_size" "$k_s") MB/s)"
 [ "$r" = "$payload_size,$payload_md5" ] || fail "K: the guest got $r on its listener of before the kexec, the host sent $payload_size,$payload_md5"
 
-# The connection of before the kexec: its host end is gone, so the guest's next tick is reset.
-h=$(guest_result HOLD 5003 60)
-say "K: the connection of before the kexec ended on the guest side after $(secs "$restored") s, having received $h"
-[ "$h" = "65536,$(head -c 65536 "$payload" | md5sum | cut -c1-32)" ] || fail "K: the held connection received $h, the host sent 64 KiB"
 sockets=$(ask '$(netstat -tn | grep -cE ":500[23] .*ESTABLISHED")' NETSTAT 30)
 [ "$sockets" = 0 ] || fail "K: the guest still has $sockets established connections on 5002/5003"
 
@@ -483,6 +503,6 @@ check_vmm_log "$work/c.log"
 grep -F '<WARN>' "$work/c.log" | sed 's/^/NET-E2E restored VMM warned: /'
 sessions=$(ch-luod --socket "$work/luod.sock" list)
 [ -z "$sessions" ] || fail "the agent still holds sessions after the restore: $sessions"
-[ -z "$mac_problem" ] || fail "$mac_problem"
+[ -z "$problems" ] || fail "K: $problems"
 echo "NET-E2E-PASS"
 reboot -f

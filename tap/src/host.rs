@@ -80,6 +80,21 @@ pub fn mtu(name: &str) -> Result<u32, TapError> {
     u32::try_from(req.int()).map_err(|_| unexpected(name, "SIOCGIFMTU", "negative MTU"))
 }
 
+/// Sets how many frames interface `name` queues (`SIOCSIFTXQLEN`). For a tap this is the
+/// queue of frames waiting for its reader (the VMM), 500 by default.
+pub fn set_tx_queue_len(name: &str, len: u32) -> Result<(), TapError> {
+    let mut req = request(name)?;
+    req.set_int(i32::try_from(len).unwrap_or(i32::MAX));
+    if_ioctl(name, "SIOCSIFTXQLEN", libc::SIOCSIFTXQLEN, &mut req)
+}
+
+/// How many frames interface `name` queues (`SIOCGIFTXQLEN`).
+pub fn tx_queue_len(name: &str) -> Result<u32, TapError> {
+    let mut req = request(name)?;
+    if_ioctl(name, "SIOCGIFTXQLEN", libc::SIOCGIFTXQLEN, &mut req)?;
+    u32::try_from(req.int()).map_err(|_| unexpected(name, "SIOCGIFTXQLEN", "negative length"))
+}
+
 /// Gives interface `name` the IPv4 address `addr` with netmask `mask` (`SIOCSIFADDR`, then
 /// `SIOCSIFNETMASK`, which also moves the broadcast address), replacing its primary address.
 pub fn set_ipv4(name: &str, addr: Ipv4Addr, mask: Ipv4Addr) -> Result<(), TapError> {
@@ -215,5 +230,16 @@ mod tests {
         let err = mtu("much-too-long-name").unwrap_err();
 
         assert!(matches!(err, TapError::InvalidName { .. }));
+    }
+
+    #[test]
+    fn set_tx_queue_len_then_tx_queue_len_round_trips() {
+        let got = in_netns(|| {
+            let _tap = Tap::open("vm0", 1).unwrap();
+            set_tx_queue_len("vm0", 4096).unwrap();
+            tx_queue_len("vm0").unwrap()
+        });
+
+        assert_eq!(got, 4096);
     }
 }

@@ -27,6 +27,8 @@ mod tap;
 mod testutil;
 
 pub use error::TapError;
-pub use host::{ipv4, is_up, mac, mtu, set_ipv4, set_mac, set_mtu, set_up};
+pub use host::{
+    ipv4, is_up, mac, mtu, set_ipv4, set_mac, set_mtu, set_tx_queue_len, set_up, tx_queue_len,
+};
 pub use mac::MacAddr;
 pub use tap::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO, Tap, VNET_HDR_LEN};

@@ -146,6 +146,10 @@ fn tap_error(id: &str) -> impl FnOnce(tap::TapError) -> DeviceError + '_ {
     }
 }
 
+/// Frames a tap the VMM opens queues for the guest at least: room for what arrives during a
+/// live update's pause at moderate rates (the kernel's default is 1000).
+const TAP_QUEUE_FRAMES: u32 = 4096;
+
 /// Opens (or creates) the card's tap by name, one queue per pair, and sets up its host side
 /// as configured.
 fn open_by_name(id: &str, config: &NetConfig, name: &str) -> Result<Vec<Tap>, DeviceError> {
@@ -154,6 +158,9 @@ fn open_by_name(id: &str, config: &NetConfig, name: &str) -> Result<Vec<Tap>, De
         .first()
         .map(|t| t.name().to_string())
         .unwrap_or_default();
+    if tap::tx_queue_len(&name).map_err(tap_error(id))? < TAP_QUEUE_FRAMES {
+        tap::set_tx_queue_len(&name, TAP_QUEUE_FRAMES).map_err(tap_error(id))?;
+    }
     if let Some(mac) = config.host_mac {
         tap::set_mac(&name, mac).map_err(tap_error(id))?;
     }

@@ -1,0 +1,89 @@
+//! The slow group, networking: `scripts/test-nested-net` boots the QEMU test bed (TCG, nested KVM)
+//! once and runs the small Linux guest under our VMM with a virtio-net card on a multiqueue tap
+//! (`num_queues=4`, 2 vCPUs), everything in a network namespace of the stage's own
+//! (`guest/net/stage.sh`). One guest boot covers, in order:
+//!
+//! - a TCP stream from the test-bed host into the guest (4 MiB, md5 checked by the guest) that
+//!   runs while the VMM is live-updated in restart mode: the same connection delivers every
+//!   byte, the successor adopts the same tap (same ifindex, no `vm/net-recreated`);
+//! - 8 parallel host->guest and 2 guest->host connections (one pinned to each vCPU): every
+//!   checksum matches and the guest's per-queue interrupts (`virtio0-input.0/.1`,
+//!   `virtio0-output.0/.1`) all rise, so both queue pairs carry traffic;
+//! - a kexec-mode live update (a real kexec of the test kernel): the restoring VMM emits
+//!   `vm/net-recreated` with the tap's name, the tap is back with its address, its 2 queues and
+//!   its MAC, and the guest's own traffic reaches the host before the host sends anything.
+//!
+//! What a kexec can and cannot keep: no host process or host socket survives it, so a TCP
+//! connection with a host end cannot go on. The test proves the guest's side instead: a
+//! connection open from a host process before the kexec is reset on the guest's next send (the
+//! new kernel has no socket for it) after carrying its 64 KiB intact; the guest's listening
+//! socket of before the kexec takes a NEW host connection at once and receives 4 MiB intact; a
+//! NEW guest->host connection delivers the guest's payload intact; ping answers right after the
+//! restore; and both queue pairs carry traffic again on the re-created tap.
+//!
+//! Ignored by default; `scripts/test --slow` runs it (`cargo test --test slow_net -- --ignored`).
+//! It fails, never skips, when QEMU, a kernel or any tool is missing (the script installs what
+//! it can and names the rest). It prints the pauses, transfers, throughput and interrupt counts.
+// Integration tests are their own crate: no `cfg(test)` module to hold them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module
+)]
+
+mod slow;
+
+use slow::{release_bins, report, run_script};
+
+/// The lines of `output` holding `needle`.
+fn lines_with<'a>(output: &'a str, needle: &str) -> Vec<&'a str> {
+    output.lines().filter(|l| l.contains(needle)).collect()
+}
+
+#[test]
+#[ignore = "slow group: run with scripts/test --slow"]
+fn tcp_into_a_linux_guest_survives_a_restart_mode_update_and_comes_back_after_a_kexec() {
+    // Arrange
+    let bins = release_bins();
+    let serial = slow::target_dir()
+        .join("slow-tests")
+        .join("test-nested-net.serial.log");
+    let args = [bins.as_os_str(), "--log".as_ref(), serial.as_os_str()];
+
+    // Act
+    let run = run_script("test-nested-net", &args, "test-nested-net");
+
+    // Assert: the stage checks every transfer, event and counter and fails otherwise; these
+    // make sure each part ran.
+    assert!(
+        run.output.contains("NET-E2E-PASS"),
+        "no NET-E2E-PASS in {}",
+        run.log.display()
+    );
+    for needle in [
+        "NET-E2E R: the guest received",
+        "NET-E2E R: pause_us=",
+        "NET-E2E MQ after the restart-mode update: transfers:",
+        "NET-E2E MQ after the kexec: transfers:",
+        "NET-E2E K: vm/net-recreated tap=chvnet0",
+        "NET-E2E K: the connection of before the kexec was reset",
+        "NET-E2E K: first ping answer",
+        "NET-E2E K: new host->guest connection",
+        "NET-E2E K: new guest->host connection",
+    ] {
+        assert!(
+            !lines_with(&run.output, needle).is_empty(),
+            "no '{needle}' in {}",
+            run.log.display()
+        );
+    }
+    for queue in ["input.0", "input.1", "output.0", "output.1"] {
+        assert_eq!(
+            lines_with(&run.output, &format!("virtio0-{queue}: ")).len(),
+            2,
+            "virtio0-{queue} not measured twice in {}",
+            run.log.display()
+        );
+    }
+    report(&run, "NET-E2E ");
+}
