@@ -77,6 +77,8 @@ secs() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 # Megabytes per second of $1 bytes in $2 seconds.
 mbps() { awk -v n="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.2f", n / s / 1e6; else print "inf" }'; }
 md5() { md5sum <"$1" | cut -c1-32; }
+# The tap's queues as sysfs lists them ("rx-0 rx-1 tx-0 tx-1 ").
+tap_queues() { for q in "/sys/class/net/$tap/queues/"*; do printf '%s ' "${q##*/}"; done; }
 
 # The VMM whose serial console is current: its console log, its stdin FIFO and its pid.
 console="" console_in="" vmm=""
@@ -324,8 +326,8 @@ if [ "$stage" = 1 ]; then
     ip -4 addr show dev "$tap" | grep -q "inet $host_ip/24" || fail "tap $tap has no $host_ip/24: $(ip addr show dev "$tap" 2>&1)"
     tap_mac=$(cat "/sys/class/net/$tap/address")
     tap_ifindex=$(cat "/sys/class/net/$tap/ifindex")
-    tap_queues=$(ls "/sys/class/net/$tap/queues" | tr '\n' ' ')
-    [ -n "$tap_mac" ] && [ -n "$tap_ifindex" ] || fail "no /sys/class/net/$tap"
+    tap_queues=$(tap_queues)
+    if [ -z "$tap_mac" ] || [ -z "$tap_ifindex" ]; then fail "no /sys/class/net/$tap"; fi
     [ "$tap_queues" = "rx-0 rx-1 tx-0 tx-1 " ] || fail "tap $tap has queues '$tap_queues', expected 2 (multiqueue)"
     say "tap $tap: ifindex $tap_ifindex, MAC $tap_mac, queues $tap_queues"
     t=$(now)
@@ -444,7 +446,7 @@ say "K: vm/net-recreated tap=$recreated"
 [ "$recreated" = "$tap" ] || fail "K: vm/net-recreated names tap '$recreated', expected $tap"
 ip -4 addr show dev "$tap" | grep -q "inet $host_ip/24" || fail "K: tap $tap has no $host_ip/24 after the kexec: $(ip addr show dev "$tap" 2>&1)"
 ip link show dev "$tap" | grep -q ',UP' || fail "K: tap $tap is not up after the kexec: $(ip link show dev "$tap")"
-tap_queues=$(ls "/sys/class/net/$tap/queues" | tr '\n' ' ')
+tap_queues=$(tap_queues)
 new_mac=$(cat "/sys/class/net/$tap/address")
 say "K: tap $tap again: $(ip -4 addr show dev "$tap" | grep -o "inet [0-9./]*"), MAC $new_mac (was $(arg net_tap_mac "")), queues $tap_queues"
 [ "$tap_queues" = "rx-0 rx-1 tx-0 tx-1 " ] || fail "K: tap $tap has queues '$tap_queues', expected 2 (multiqueue)"

@@ -30,7 +30,7 @@
 #define NET_BUF_SIZE 2048	/* >= 12 + 1514; a power of two, so no buffer straddles a page */
 #define NET_HDR_LEN 12	/* struct virtio_net_hdr_v1, with num_buffers */
 #define NET_F_MAC (1U << 5)
-#define NET_TX_FULL_WAIT_US 1000
+#define NET_TX_FULL_WAIT_US 50000	/* a busy host may take tens of ms to complete them */
 #define ETH_ALEN 6
 #define ETH_HLEN 14
 #define ETH_MIN_FRAME 60	/* without FCS: short replies are padded with zeros */
