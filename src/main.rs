@@ -45,6 +45,10 @@ struct Cli {
     /// [,kexec=recreate|fds|refuse] (repeatable, several per flag).
     #[arg(long, value_name = "tap=<name>", num_args = 1.., action = ArgAction::Append)]
     net: Vec<String>,
+    /// The vsock device: cid=<cid>,socket=<path>[,id=<id>] (host processes connect to the socket
+    /// and write "CONNECT <port>"; guest connections to host port P go to <path>_P).
+    #[arg(long, value_name = "cid=<cid>,socket=<path>")]
+    vsock: Option<String>,
     /// vfio-user devices: socket=<path>[,persist=on|off] (repeatable).
     #[arg(long, value_name = "socket=<path>", action = ArgAction::Append)]
     user_device: Vec<String>,
@@ -90,6 +94,7 @@ impl Cli {
             cmdline: self.cmdline.clone(),
             disks: self.disk.clone(),
             net: self.net.clone(),
+            vsock: self.vsock.clone(),
             user_devices: self.user_device.clone(),
             devices: self.device.clone(),
             serial: self.serial.clone(),

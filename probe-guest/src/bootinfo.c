@@ -129,6 +129,7 @@ void config_parse(void)
 	cfg.fill = 50;
 	cfg.status_ms = 1000;
 	cfg.net_udp_port = 7;
+	cfg.vsock_port = 1234;
 	const char *p = cmdline;
 	while (*p) {
 		while (*p == ' ' || *p == '\t' || *p == '\n')
@@ -178,6 +179,15 @@ void config_parse(void)
 		}
 		else if (key_is(tok, klen, "net_udp_port") && has_val && v >= 1 && v <= 65535)
 			cfg.net_udp_port = v;
+		else if (key_is(tok, klen, "vsock") && has_val && v <= 1)
+			cfg.vsock = v;
+		/* vsock ports are 32-bit; 0xffffffff is VMADDR_PORT_ANY. */
+		else if (key_is(tok, klen, "vsock_port") && has_val && v >= 1 && v < 0xffffffffULL)
+			cfg.vsock_port = v;
+		else if (key_is(tok, klen, "vsock_connect") && has_val && v < 0xffffffffULL)
+			cfg.vsock_connect = v;
+		else if (key_is(tok, klen, "vsock_bytes") && has_val)
+			cfg.vsock_bytes = v;
 		else
 			note_unknown(tok, len);	/* unknown key or bad value */
 	}

@@ -4,6 +4,7 @@
 #include "edu.h"
 #include "hotplug.h"
 #include "net.h"
+#include "vsock.h"
 
 #define INPUT_POLL_US 10000
 #define SMP_QUIET_MS 200
@@ -15,6 +16,28 @@ static u32 go;
 static u64 boot_tsc;
 static struct tsc_info tsc;
 void (*volatile io_poll_hook)(void);
+
+/* The pollers behind io_poll_hook; one is called directly, several through io_poll_all. */
+#define IO_POLL_MAX 4
+static void (*io_poll_fns[IO_POLL_MAX])(void);
+static u32 io_poll_n;
+
+static void io_poll_all(void)
+{
+	u32 n = __atomic_load_n(&io_poll_n, __ATOMIC_ACQUIRE);
+	for (u32 i = 0; i < n; i++)
+		io_poll_fns[i]();
+}
+
+void io_poll_add(void (*fn)(void))
+{
+	u32 n = io_poll_n;
+	if (n >= IO_POLL_MAX)
+		return;
+	io_poll_fns[n] = fn;
+	__atomic_store_n(&io_poll_n, n + 1, __ATOMIC_RELEASE);
+	io_poll_hook = n ? io_poll_all : fn;
+}
 
 void ap_main(u32 cpu);
 void ap_main(u32 cpu)
@@ -104,6 +127,8 @@ static void print_status(u64 seq, u64 now)
 	}
 	if (cfg.net && net_ready())
 		net_status(&l);
+	if (cfg.vsock && vsock_ready())
+		vsock_status(&l);
 	line_emit(&l);
 }
 
@@ -224,6 +249,8 @@ void probe_main(u32 start_info)
 		hotplug_init();
 	if (cfg.net)
 		net_init(mapped, tsc.khz);
+	if (cfg.vsock)
+		vsock_init(mapped, tsc.khz);
 
 	struct worker w;
 	worker_init(&w, 0);
@@ -253,6 +280,8 @@ void probe_main(u32 start_info)
 				userdev_tick();
 			if (cfg.edu)
 				edu_tick();
+			if (cfg.vsock)
+				vsock_tick();
 			print_status(++seq, now);
 			next_status += status_ticks;
 			if (next_status <= now)

@@ -421,7 +421,7 @@ void net_init(u64 mapped_end, u64 tsc_khz)
 	line_kv_dec(&l, "txq", dev.q[NET_TXQ].size);
 	line_emit(&l);
 	up = true;
-	io_poll_hook = net_poll;
+	io_poll_add(net_poll);
 }
 
 void net_status(struct line *l)

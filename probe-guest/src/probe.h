@@ -122,6 +122,8 @@ void reboot(void) __attribute__((noreturn));
  * on any CPU at any time (it takes its own try-lock).
  */
 extern void (*volatile io_poll_hook)(void);
+/* main.c: adds a poller to io_poll_hook (net.c, vsock.c; at most 4, at boot on the BSP). */
+void io_poll_add(void (*fn)(void));
 void delay_us(u64 us, u64 tsc_khz);
 
 extern u32 final_cr3;
@@ -161,6 +163,10 @@ struct config {
 	bool net_ip_set;
 	u8 net_ip[4];	/* net_ip=A.B.C.D */
 	u64 net_udp_port;	/* net_udp_port=<n>, default 7 */
+	bool vsock;	/* vsock=1: drive the virtio-vsock device (vsock.c) */
+	u64 vsock_port;	/* vsock_port=<n>: the echo listener's port, default 1234 */
+	u64 vsock_connect;	/* vsock_connect=<n>: host port the pattern client connects to; 0 = off */
+	u64 vsock_bytes;	/* vsock_bytes=<n>: bytes per client stream; 0 = unlimited */
 	char unknown[128];
 	u32 unknown_len;
 };

@@ -214,6 +214,19 @@ void virtio_cfg_read(struct vdev *d, u32 off, u8 *out, u32 n)
 	}
 }
 
+u64 virtio_cfg_read64(struct vdev *d, u32 off)
+{
+	/* 32-bit accesses for 32- and 64-bit fields (virtio 1.x, 4.1.3.1), low half first. */
+	u64 v = 0;
+	for (u32 tries = 0; tries < 100; tries++) {
+		u8 gen = mmio_rd8(d->common, CC_CFG_GENERATION);
+		v = mmio_rd32(d->devcfg, off) | (u64)mmio_rd32(d->devcfg, off + 4) << 32;
+		if (mmio_rd8(d->common, CC_CFG_GENERATION) == gen)
+			break;
+	}
+	return v;
+}
+
 static void wr64(volatile u8 *base, u32 off, u64 v)
 {
 	mmio_wr32(base, off, (u32)v);

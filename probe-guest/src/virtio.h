@@ -82,10 +82,11 @@ void pci_enable(u8 slot);
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_VSOCK 19
 /* Queue size the probe uses; one request in flight per queue is all it needs. */
 #define VQ_SIZE 8
 #define VQ_MAX_BUFS 4
-#define VQ_MAX 2
+#define VQ_MAX 3	/* virtio-vsock has three queues */
 
 struct virtq {
 	u16 index;
@@ -132,6 +133,8 @@ int virtio_open_features(struct vdev *d, u32 type, u32 want, u32 *got, u64 mappe
 			 const char **why);
 /* Reads `n` bytes of the device config at `off` (byte accesses, config generation checked). */
 void virtio_cfg_read(struct vdev *d, u32 off, u8 *out, u32 n);
+/* Reads a 64-bit device config field at `off` as two aligned 32-bit reads (generation checked). */
+u64 virtio_cfg_read64(struct vdev *d, u32 off);
 /* Sets up queue `index` (VQ_SIZE entries at most) in `ring` (one 4 KiB page the probe owns). */
 bool virtio_queue_setup(struct vdev *d, u16 index, void *ring, const char **why);
 /* The same with up to `want` entries (a power of two) in `ring_bytes` of page-aligned memory. */

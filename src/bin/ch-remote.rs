@@ -74,7 +74,13 @@ enum Command {
         /// [,queue_size=][,id=][,offload_tso|ufo|csum=on|off][,kexec=recreate|fds|refuse]`.
         net: String,
     },
-    /// Remove a kernel VFIO device or a network card: from the configuration before boot, or
+    /// Add the vsock device: to the configuration before boot, or hot-added to the running VM
+    /// (prints its id and BDF).
+    AddVsock {
+        /// `cid=<cid>,socket=<path>[,id=<id>]`.
+        vsock: String,
+    },
+    /// Remove a kernel VFIO device, a network card or the vsock device: from the configuration before boot, or
     /// from the running VM (the guest is asked to release it; it leaves when the guest ejects
     /// it).
     RemoveDevice {
@@ -159,6 +165,13 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
                 body: Some(serde_json::to_vec(&net)?),
                 fds: net.fds.clone().unwrap_or_default(),
                 ..Call::new("PUT", "vm.add-net")
+            }
+        }
+        Command::AddVsock { vsock } => {
+            let vsock = vmm::config::parse_vsock(vsock).context("Invalid add-vsock argument")?;
+            Call {
+                body: Some(serde_json::to_vec(&vsock)?),
+                ..Call::new("PUT", "vm.add-vsock")
             }
         }
         Command::AddDevice { device } => {

@@ -6,6 +6,6 @@ pub mod device;
 pub mod net;
 pub mod pci;
 pub mod rng;
-pub mod vsock;
 #[cfg(test)]
 pub(crate) mod test_driver;
+pub mod vsock;

@@ -16,7 +16,9 @@ use std::fmt;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::config::{ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig};
+use crate::config::{
+    ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig, VsockConfig,
+};
 
 pub use http::{ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server};
 
@@ -58,6 +60,8 @@ pub enum ApiRequest {
     VmRemoveDevice(String),
     /// `PUT vm.add-net` with a `NetConfig` body and the tap fds that came with it.
     VmAddNet(Box<NetConfig>, PassedFds),
+    /// `PUT vm.add-vsock` with a `VsockConfig` body.
+    VmAddVsock(VsockConfig),
 }
 
 /// File descriptors that came with a request as `SCM_RIGHTS` (cloud-hypervisor's clients send
@@ -328,6 +332,18 @@ fn vm_add_net(body: &[u8], fds: PassedFds) -> Result<ApiRequest, String> {
     Ok(ApiRequest::VmAddNet(Box::new(net), fds))
 }
 
+fn vm_add_vsock(body: &[u8]) -> Result<ApiRequest, String> {
+    let vsock: VsockConfig =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid VsockConfig JSON: {e}"))?;
+    if vsock.id.as_deref() == Some("") {
+        return Err("Invalid VsockConfig: the id is empty".into());
+    }
+    vsock
+        .validate()
+        .map_err(|e| format!("Invalid VsockConfig: {e}"))?;
+    Ok(ApiRequest::VmAddVsock(vsock))
+}
+
 fn vm_remove_device(body: &[u8]) -> Result<ApiRequest, String> {
     #[derive(serde::Deserialize)]
     struct VmRemoveDeviceData {
@@ -358,6 +374,7 @@ pub const ROUTES: &[Route] = &[
     json("vm.add-user-device", Method::Put, vm_add_user_device),
     json("vm.add-device", Method::Put, vm_add_device),
     json("vm.remove-device", Method::Put, vm_remove_device),
+    json("vm.add-vsock", Method::Put, vm_add_vsock),
     Route {
         name: "vm.add-net",
         method: Method::Put,

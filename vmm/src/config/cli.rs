@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use super::{
     ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DeviceConfig, DiskConfig, KexecPolicy,
     MemoryConfig, NetConfig, NetKexecPolicy, PayloadConfig, RngConfig, UserDeviceConfig, VmConfig,
+    VsockConfig,
 };
 
 /// The VM-related flags as given on the command line, before parsing their values.
@@ -29,6 +30,8 @@ pub struct VmCliArgs {
     pub disks: Vec<String>,
     /// `--net tap=NAME,mac=...,fd=[...]...`, one entry per network card.
     pub net: Vec<String>,
+    /// `--vsock cid=N,socket=PATH[,id=X]`.
+    pub vsock: Option<String>,
     /// `--user-device socket=P[,id=X][,persist=on|off]`, one entry per vfio-user device.
     pub user_devices: Vec<String>,
     /// `--device path=/sys/bus/pci/devices/<BDF>[,id=X][,kexec=refuse|detach]`, one entry per
@@ -70,6 +73,9 @@ impl VmCliArgs {
             .iter()
             .map(|net| parse_net(net))
             .collect::<Result<_, _>>()?;
+        if let Some(vsock) = &self.vsock {
+            config.vsock = Some(parse_vsock(vsock)?);
+        }
         config.user_devices = self
             .user_devices
             .iter()
@@ -426,6 +432,43 @@ pub fn parse_net(input: &str) -> Result<NetConfig, ConfigError> {
     };
     net.validate()?;
     Ok(net)
+}
+
+/// Parses cloud-hypervisor's `--vsock cid=N,socket=PATH[,id=ID][,iommu=off][,pci_segment=0]`
+/// (`ch-remote add-vsock` too).
+pub fn parse_vsock(input: &str) -> Result<VsockConfig, ConfigError> {
+    let options = Options::parse(
+        "vsock",
+        input,
+        &["cid", "socket", "id", "iommu", "pci_segment"],
+    )?;
+    let cid = options.get("cid").ok_or(ConfigError::MissingKey {
+        flag: "vsock",
+        key: "cid",
+    })?;
+    let cid = cid
+        .parse()
+        .map_err(|_| options.invalid("cid", cid, "expected a number"))?;
+    let id = match options.get("id") {
+        Some("") => return Err(options.invalid("id", "", "expected a non-empty id")),
+        id => id.map(str::to_string),
+    };
+    let pci_segment = match options.get("pci_segment") {
+        Some(value) => value
+            .parse()
+            .map_err(|_| options.invalid("pci_segment", value, "expected a number"))?,
+        None => 0,
+    };
+    let vsock = VsockConfig {
+        cid,
+        socket: options.required_path("socket")?,
+        iommu: options.bool("iommu")?.unwrap_or(false),
+        id,
+        pci_segment,
+        removed: false,
+    };
+    vsock.validate()?;
+    Ok(vsock)
 }
 
 fn parse_console(flag: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {

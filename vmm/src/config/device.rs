@@ -53,6 +53,9 @@ impl VmConfig {
             self.pin_net_ids();
             self.net.retain(|net| !net.removed);
         }
+        if self.vsock.as_ref().is_some_and(|vsock| vsock.removed) {
+            self.vsock = None;
+        }
     }
 
     /// The API id of VFIO device `index`: its own, or `_vfio_device<index>`.

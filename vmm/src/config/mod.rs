@@ -12,6 +12,7 @@ mod cli;
 mod device;
 mod net;
 mod user_device;
+mod vsock;
 
 use std::path::{Path, PathBuf};
 
@@ -21,10 +22,12 @@ use thiserror::Error;
 
 pub use net::{DEFAULT_NET_QUEUES, NetConfig, NetKexecPolicy};
 pub use user_device::UserDeviceConfig;
+pub use vsock::VsockConfig;
 
 pub use cli::{
     LUO_URL_SCHEME, LiveUpdateSource, RestoreConfig, VmCliArgs, parse_api_socket, parse_device,
     parse_event_monitor, parse_liveupdate, parse_net, parse_restore, parse_size, parse_user_device,
+    parse_vsock,
 };
 
 /// Default guest RAM size, as cloud-hypervisor: 512 MiB.
@@ -142,6 +145,9 @@ pub struct VmConfig {
     /// vfio-user devices, in order.
     #[serde(default, deserialize_with = "null_as_default")]
     pub user_devices: Vec<UserDeviceConfig>,
+    /// The vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Kernel VFIO devices (`--device`), in order.
     #[serde(default, deserialize_with = "null_as_default")]
     pub devices: Vec<DeviceConfig>,
@@ -370,6 +376,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             net: Vec::new(),
             user_devices: Vec::new(),
+            vsock: None,
             devices: Vec::new(),
             serial: ConsoleConfig::default_serial(),
             console: ConsoleConfig::default_console(),
@@ -436,6 +443,12 @@ impl VmConfig {
         for (index, net) in self.net.iter().enumerate() {
             net.validate()?;
             let id = self.net_id(index);
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateDeviceId(id));
+            }
+        }
+        if let (Some(vsock), Some(id)) = (&self.vsock, self.vsock_id()) {
+            vsock.validate()?;
             if !ids.insert(id.clone()) {
                 return Err(ConfigError::DuplicateDeviceId(id));
             }

@@ -47,6 +47,7 @@ impl VmConfig {
             });
         disk || (0..self.user_devices.len()).any(|index| self.user_device_id(index) == id)
             || self.net_index(id).is_some()
+            || self.vsock_id().as_deref() == Some(id)
             || self.vfio_device_index(id).is_some()
     }
 

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use crate::api::{ApiError, ApiRequest, ApiResponse, LiveUpdateConfig, PassedFds, PciDeviceInfo};
-use crate::config::{ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig};
+use crate::config::{
+    ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig, VsockConfig,
+};
 use crate::device_manager::{DeviceError, forget_tap_fds, give_tap_fds};
 use crate::live_update;
 
@@ -57,6 +59,7 @@ impl Vmm {
             (ApiRequest::VmAddDevice(device), state) => self.add_vfio_device(device, state),
             (ApiRequest::VmRemoveDevice(id), state) => self.remove_device(&id, state),
             (ApiRequest::VmAddNet(net, fds), state) => self.add_net(*net, &fds, state),
+            (ApiRequest::VmAddVsock(vsock), state) => self.add_vsock(vsock, state),
             (ApiRequest::VmCounters, _) => {
                 let counters = self.vm.as_ref().map(Vm::counters).unwrap_or_default();
                 Ok(ApiResponse::Json(serde_json::json!(counters)))
@@ -227,6 +230,13 @@ impl Vmm {
         result
     }
 
+    /// `vm.add-vsock`: as `vm.add-user-device`, for the VM's one vsock device. Its socket path
+    /// must be free (checked now, and again when it is bound).
+    fn add_vsock(&mut self, vsock: VsockConfig, state: VmState) -> Result<ApiResponse, ApiError> {
+        vsock.check_socket()?;
+        self.add_pci_device(state, |config| config.add_vsock(vsock), Vm::add_vsock)
+    }
+
     /// Adds a PCI device: `append` puts it last in a copy of the configuration (409 on a
     /// taken id), then it is either kept for the next boot (204) or `attach`ed to the booted
     /// VM (200 with its id and BDF, event vm/device-added). The configuration changes only
@@ -269,7 +279,7 @@ impl Vmm {
 fn hot_add_status(error: &DeviceError) -> u16 {
     match error {
         DeviceError::UserDevice { .. } | DeviceError::Vfio { .. } => 400,
-        DeviceError::Net { .. } => 400,
+        DeviceError::Net { .. } | DeviceError::Vsock { .. } | DeviceError::VsockConfig(_) => 400,
         DeviceError::Pci(_)
         | DeviceError::Bus(_)
         | DeviceError::UserDeviceAfterVfio

@@ -31,6 +31,24 @@ impl Vmm {
         let Some(config) = self.config.as_mut() else {
             return Err(ApiError::not_found("VM is not created"));
         };
+        if config.vsock_id().as_deref() == Some(id)
+            && config.vsock.as_ref().is_some_and(|vsock| !vsock.removed)
+        {
+            let vm = match (state, self.vm.as_ref()) {
+                (VmState::Running | VmState::Paused, Some(vm)) => vm,
+                _ => {
+                    config.vsock = None;
+                    return Ok(ApiResponse::Empty);
+                }
+            };
+            let slot = vm
+                .attached_vsock_slot()
+                .ok_or_else(|| ApiError::conflict(format!("Device {id} is not attached now")))?;
+            info!("Asking the guest to release vsock device {id} (slot {slot}): vm.remove-device");
+            vm.request_removal(slot)
+                .map_err(|e| ApiError::from_error(500, &e))?;
+            return Ok(ApiResponse::Empty);
+        }
         if let Some(index) = config.present_net_index(id) {
             let vm = match (state, self.vm.as_ref()) {
                 (VmState::Running | VmState::Paused, Some(vm)) => vm,
@@ -51,8 +69,8 @@ impl Vmm {
         let Some(index) = config.vfio_device_index(id) else {
             return Err(if config.has_device_id(id) {
                 ApiError::bad_request(format!(
-                    "Device {id} cannot be removed: only kernel VFIO devices and network cards \
-                     can be, for now"
+                    "Device {id} cannot be removed: only kernel VFIO devices, network cards and \
+                     the vsock device can be, for now"
                 ))
             } else {
                 ApiError::not_found(format!("No device with id {id}"))
@@ -82,8 +100,17 @@ impl Vmm {
         };
         let removed = vm.detach_ejected(&[]);
         let nets = vm.take_unplugged_nets();
+        let vsock = vm.take_unplugged_vsock();
         self.note_removed(&removed);
         self.note_removed_nets(&nets);
+        if vsock
+            && let Some(config) = self.config.as_mut()
+            && let Some(device) = config.vsock.as_mut()
+        {
+            device.removed = true;
+            let id = config.vsock_id().unwrap_or_default();
+            self.emit_device("device-unplugged", &id, None);
+        }
     }
 
     /// Network cards `indices` left the VM for good: marked removed in the configuration

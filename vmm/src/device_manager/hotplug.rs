@@ -79,12 +79,38 @@ impl DeviceManager {
         if index != self.nets.len() || index >= ctx.config.net.len() {
             return Err(DeviceError::NoSuchNet { index });
         }
-        // A rebuild places every card before every vfio-user and VFIO device.
-        if !self.user_devices.is_empty() || !self.vfio_devices.is_empty() {
+        // A rebuild places every card (and the vsock device) before every vfio-user and VFIO
+        // device, and cards before the vsock device.
+        if !self.user_devices.is_empty() || !self.vfio_devices.is_empty() || self.vsock.is_some() {
             return Err(DeviceError::NetAfterPassthrough);
         }
         let (slot, placed) = self.hot_add(ctx, |pci| pci.add_net(index))?;
         self.nets.push(slot);
+        self.start_workers()?;
+        Ok(placed)
+    }
+
+    /// Hot-adds the vsock device of `ctx.config`: binds its socket, places it on the PCI bus,
+    /// starts its queue worker and makes its sockets a live-update participant. Returns its
+    /// slot. On error the VM is as before.
+    pub(crate) fn hot_add_vsock(&mut self, ctx: &DeviceContext<'_>) -> Result<u8, DeviceError> {
+        if self.vsock.is_some() {
+            return Err(DeviceError::Vsock {
+                id: ctx.config.vsock_id().unwrap_or_default(),
+                source: "the VM has a vsock device already".into(),
+            });
+        }
+        // A rebuild places the vsock device before every vfio-user and VFIO device.
+        if !self.user_devices.is_empty() || !self.vfio_devices.is_empty() {
+            return Err(DeviceError::NetAfterPassthrough);
+        }
+        let (slot, placed) = self.hot_add(ctx, |pci| {
+            pci.add_vsock()?.ok_or_else(|| DeviceError::Vsock {
+                id: String::new(),
+                source: "the configuration has no vsock device".into(),
+            })
+        })?;
+        self.vsock = Some(slot);
         self.start_workers()?;
         Ok(placed)
     }

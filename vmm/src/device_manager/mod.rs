@@ -18,6 +18,7 @@ mod test_fixture;
 mod unplug;
 mod user;
 mod vfio;
+mod vsock;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -140,17 +141,29 @@ pub enum DeviceError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The vsock device could not be set up.
+    #[error("Cannot set up vsock device {id}")]
+    Vsock {
+        /// Device id.
+        id: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Its configuration is not usable (e.g. the socket path exists).
+    #[error("Invalid vsock configuration")]
+    VsockConfig(#[source] crate::config::ConfigError),
     /// The configuration has no network card at this index.
     #[error("The configuration has no network card {index}")]
     NoSuchNet {
         /// Index in `net`.
         index: usize,
     },
-    /// A card hot-added after a vfio-user or VFIO device would be rebuilt before it (in
-    /// another slot and MSI group) by a live update.
+    /// A card or vsock device hot-added after a device a rebuild places after it (vfio-user,
+    /// VFIO; for a card, also the vsock device) would be rebuilt elsewhere by a live update.
     #[error(
-        "A network card cannot be hot-added to a VM with vfio-user or VFIO devices; add it \
-         before boot"
+        "This device cannot be hot-added after the VM's vfio-user, VFIO or (for a network card) \
+         vsock devices: a live update rebuilds it before them; add it before boot"
     )]
     NetAfterPassthrough,
     /// The configuration has no VFIO device at this index.
@@ -202,6 +215,9 @@ pub struct DeviceManager {
     nets: Vec<net::NetSlot>,
     /// Network cards the guest ejected, until the control loop takes note.
     unplugged_nets: Vec<usize>,
+    vsock: Option<vsock::VsockSlot>,
+    /// The guest ejected the vsock device, until the control loop takes note.
+    unplugged_vsock: bool,
     user_devices: Vec<user::UserDeviceEntry>,
     vfio_devices: Vec<vfio::VfioSlot>,
     /// Tells the guest about devices added and devices to release; hears its ejects.
@@ -257,6 +273,10 @@ pub mod ids {
     /// The taps of a network card, by card id.
     pub fn net_tap(id: &str) -> String {
         format!("net/{id}")
+    }
+    /// The host sockets of the vsock device, by device id.
+    pub fn vsock_sockets(id: &str) -> String {
+        format!("vsock/{id}")
     }
 }
 
@@ -321,6 +341,7 @@ impl DeviceManager {
         for index in 0..ctx.config.net.len() {
             nets.push(pci.add_net(index)?);
         }
+        let vsock = pci.add_vsock()?;
         // After the virtio devices, so their MSI groups keep their order in saved states.
         let mut user_devices = Vec::new();
         for (index, device) in ctx.config.user_devices.iter().enumerate() {
@@ -371,6 +392,8 @@ impl DeviceManager {
             virtio,
             nets,
             unplugged_nets: Vec::new(),
+            vsock,
+            unplugged_vsock: false,
             user_devices,
             vfio_devices,
             hotplug,
@@ -422,6 +445,9 @@ impl DeviceManager {
             if let net::NetSlot::Attached(entry) = slot {
                 list.push(Box::new(net::NetTapParticipant { entry }));
             }
+        }
+        if let Some(vsock::VsockSlot::Attached(entry)) = &self.vsock {
+            list.push(Box::new(vsock::VsockSocketsParticipant { entry }));
         }
         for entry in &self.user_devices {
             list.push(Box::new(CarriedDeviceParticipant { entry }));

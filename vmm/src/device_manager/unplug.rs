@@ -16,6 +16,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 
 use super::net::{NetSlot, forget_tap_fds};
 use super::vfio::{DetachedVfio, VfioSlot, detached_participant_id};
+use super::vsock::VsockSlot;
 use super::{DeviceContext, DeviceError, DeviceManager, write_bus};
 use crate::interrupts::InterruptError;
 
@@ -69,6 +70,11 @@ impl DeviceManager {
                 self.unplugged_nets.push(index);
                 continue;
             }
+            if self.attached_vsock_slot() == Some(slot) {
+                self.detach_vsock(vm);
+                self.unplugged_vsock = true;
+                continue;
+            }
             let found = self
                 .vfio_devices
                 .iter()
@@ -80,7 +86,7 @@ impl DeviceManager {
                 }
                 None => warn!(
                     "The guest ejected the device in slot {slot}, which cannot be unplugged \
-                     (only VFIO devices and network cards can): it stays"
+                     (only VFIO devices, network cards and the vsock device can): it stays"
                 ),
             }
         }
@@ -100,13 +106,47 @@ impl DeviceManager {
         }
     }
 
-    /// Takes network card `index` off the bus: its queue worker stops, its BAR and queue
-    /// notifications go, its taps close. Slot and MSI vectors stay claimed (see `NetSlot`).
+    /// Whether the guest ejected the vsock device since the last call.
+    pub(crate) fn take_unplugged_vsock(&mut self) -> bool {
+        std::mem::take(&mut self.unplugged_vsock)
+    }
+
+    /// The PCI slot of the vsock device while it is attached.
+    pub(crate) fn attached_vsock_slot(&self) -> Option<u8> {
+        match self.vsock.as_ref()? {
+            VsockSlot::Attached(entry) => Some(entry.slot),
+            VsockSlot::Removed => None,
+        }
+    }
+
+    /// Takes network card `index` off the bus; its taps close. Slot and MSI vectors stay
+    /// claimed (see `NetSlot`).
     fn detach_net(&mut self, vm: &VmFd, index: usize) {
         let Some(NetSlot::Attached(entry)) = self.nets.get(index) else {
             return;
         };
         let (slot, id) = (entry.slot, entry.id.clone());
+        self.unplug_virtio(vm, slot, &id);
+        forget_tap_fds(&id);
+        // Dropping the entry closes the taps (a tap the VMM created goes with them).
+        self.nets[index] = NetSlot::Removed;
+        info!("Network card {id} unplugged from slot {slot}");
+    }
+
+    /// Takes the vsock device off the bus: its connections close, its socket goes.
+    fn detach_vsock(&mut self, vm: &VmFd) {
+        let Some(VsockSlot::Attached(entry)) = &self.vsock else {
+            return;
+        };
+        let (slot, id) = (entry.slot, entry.id.clone());
+        self.unplug_virtio(vm, slot, &id);
+        self.vsock = Some(VsockSlot::Removed);
+        info!("vsock device {id} unplugged from slot {slot}");
+    }
+
+    /// Takes virtio device `id` in `slot` off the bus: its queue worker stops, its BAR and
+    /// queue notifications go.
+    fn unplug_virtio(&mut self, vm: &VmFd, slot: u8, id: &str) {
         if let Some(position) = self.virtio.iter().position(|v| v.id == id) {
             let mut virtio = self.virtio.remove(position);
             if let Some(worker) = virtio.worker.take() {
@@ -130,10 +170,6 @@ impl DeviceManager {
                 .retain(|other| !std::sync::Arc::ptr_eq(other, &device));
         }
         lock(&self.hotplug).set_present(slot, false);
-        forget_tap_fds(&id);
-        // Dropping the entry closes the taps (a tap the VMM created goes with them).
-        self.nets[index] = NetSlot::Removed;
-        info!("Network card {id} unplugged from slot {slot}");
     }
 
     fn detach_vfio(&mut self, index: usize, reattach_after_update: bool) {

@@ -292,6 +292,22 @@ impl Vm {
         self.devices.take_unplugged_nets()
     }
 
+    /// Attaches the vsock device of `config` (the VM's configuration with it added) to the
+    /// running VM; returns its slot. On error the VM is as before.
+    pub fn add_vsock(&mut self, config: &VmConfig) -> Result<u8, DeviceError> {
+        self.hot_add(config, |devices, ctx| devices.hot_add_vsock(ctx))
+    }
+
+    /// Whether the guest ejected the vsock device since the last call.
+    pub fn take_unplugged_vsock(&mut self) -> bool {
+        self.devices.take_unplugged_vsock()
+    }
+
+    /// The PCI slot of the vsock device while it is attached.
+    pub fn attached_vsock_slot(&self) -> Option<u8> {
+        self.devices.attached_vsock_slot()
+    }
+
     /// The PCI slot of network card `index` while it is attached.
     pub fn attached_net_slot(&self, index: usize) -> Option<u8> {
         self.devices.attached_net_slot(index)

@@ -127,7 +127,7 @@ impl Connection {
     }
 
     /// Handles a packet of the guest on this connection (payload for RW).
-    pub fn from_guest(&mut self, header: &Header, payload: &[u8]) -> Outcome {
+    pub fn handle_guest_packet(&mut self, header: &Header, payload: &[u8]) -> Outcome {
         self.state.peer_buf_alloc = header.buf_alloc;
         self.state.peer_fwd_cnt = header.fwd_cnt;
         match (header.op, self.state.phase) {
@@ -143,9 +143,7 @@ impl Connection {
             (Op::Rw, Phase::Established) => {
                 let guest_bytes = self.state.to_host.len() - self.state.own_bytes;
                 let pending = u32::try_from(guest_bytes).unwrap_or(u32::MAX);
-                if self.state.guest_done_sending
-                    || pending.saturating_add(header.len) > BUF_ALLOC
-                {
+                if self.state.guest_done_sending || pending.saturating_add(header.len) > BUF_ALLOC {
                     // The guest overran the credit we gave it, or sends after its shutdown.
                     return Outcome::Reset;
                 }
@@ -236,7 +234,7 @@ mod tests {
     fn guest_bytes_reach_the_host_socket_and_count_as_consumed() {
         let (mut conn, mut host) = connection();
 
-        let outcome = conn.from_guest(&rw(5, 4096, 0), b"hello");
+        let outcome = conn.handle_guest_packet(&rw(5, 4096, 0), b"hello");
         let flushed = conn.flush_to_host();
         let mut got = [0u8; 5];
         host.read_exact(&mut got).unwrap();
@@ -252,7 +250,7 @@ mod tests {
         let (mut conn, _host) = connection();
         conn.state.to_host = vec![0; BUF_ALLOC as usize - 2];
 
-        let outcome = conn.from_guest(&rw(3, 4096, 0), b"abc");
+        let outcome = conn.handle_guest_packet(&rw(3, 4096, 0), b"abc");
 
         assert_eq!(outcome, Outcome::Reset);
     }
@@ -260,7 +258,7 @@ mod tests {
     #[test]
     fn reads_from_the_host_stop_at_the_guests_credit() {
         let (mut conn, mut host) = connection();
-        conn.from_guest(&rw(0, 4, 0), b"");
+        conn.handle_guest_packet(&rw(0, 4, 0), b"");
         host.write_all(b"abcdef").unwrap();
         let mut buf = [0u8; 16];
 
@@ -275,14 +273,14 @@ mod tests {
     #[test]
     fn the_guests_credit_update_frees_room_again() {
         let (mut conn, mut host) = connection();
-        conn.from_guest(&rw(0, 4, 0), b"");
+        conn.handle_guest_packet(&rw(0, 4, 0), b"");
         host.write_all(b"abcdef").unwrap();
         let mut buf = [0u8; 16];
         conn.read_from_host(&mut buf).unwrap();
 
         let mut update = rw(0, 4, 4);
         update.op = Op::CreditUpdate;
-        conn.from_guest(&update, b"");
+        conn.handle_guest_packet(&update, b"");
 
         assert_eq!(conn.peer_credit(), 4);
         assert_eq!(conn.read_from_host(&mut buf).unwrap(), 2);
@@ -296,7 +294,7 @@ mod tests {
         let mut response = rw(0, 4096, 0);
         response.op = Op::Response;
 
-        conn.from_guest(&response, b"");
+        conn.handle_guest_packet(&response, b"");
         conn.flush_to_host();
         let mut line = [0u8; 8];
         host.read_exact(&mut line).unwrap();
@@ -313,7 +311,7 @@ mod tests {
         request.op = Op::CreditRequest;
 
         assert_eq!(
-            conn.from_guest(&request, b""),
+            conn.handle_guest_packet(&request, b""),
             Outcome::Reply(Op::CreditUpdate)
         );
     }

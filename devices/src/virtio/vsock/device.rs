@@ -423,7 +423,7 @@ impl Vsock {
     }
 
     /// A packet of the guest.
-    fn from_guest(&mut self, header: &Header, payload: &[u8]) {
+    fn handle_guest_packet(&mut self, header: &Header, payload: &[u8]) {
         if header.src_cid != self.params.cid || header.dst_cid != HOST_CID {
             self.counters.bad_packets += 1;
             return;
@@ -439,7 +439,7 @@ impl Vsock {
             return;
         };
         let cid = self.params.cid;
-        match conn.from_guest(header, payload) {
+        match conn.handle_guest_packet(header, payload) {
             Outcome::Done => self.flush(key),
             Outcome::Reply(op) => {
                 let reply = conn.header(cid, op, 0, 0);
@@ -457,11 +457,8 @@ impl Vsock {
     /// The guest connects to host port `dst_port`: the UNIX socket `<path>_<port>`.
     fn connect_to_host(&mut self, request: &Header) {
         let path = format!("{}_{}", self.params.socket.display(), request.dst_port);
-        let mut state = Connection::fresh_state(
-            request.dst_port,
-            request.src_port,
-            Phase::Established,
-        );
+        let mut state =
+            Connection::fresh_state(request.dst_port, request.src_port, Phase::Established);
         state.peer_buf_alloc = request.buf_alloc;
         state.peer_fwd_cnt = request.fwd_cnt;
         let conn = UnixStream::connect(&path).and_then(|stream| Connection::new(stream, state));
@@ -610,7 +607,7 @@ impl Vsock {
             };
             let end = (HEADER_LEN + header.len as usize).min(len);
             let payload = self.scratch[HEADER_LEN..end].to_vec();
-            self.from_guest(&header, &payload);
+            self.handle_guest_packet(&header, &payload);
         }
         // Replies and newly possible data go out on the receive queue.
         if !self.control.is_empty() || !self.readable.is_empty() {
@@ -631,7 +628,10 @@ impl Vsock {
             return Ok(false);
         };
         let head = chain.head_index();
-        let Some(desc) = chain.into_iter().find(|d| d.is_write_only() && d.len() >= 4) else {
+        let Some(desc) = chain
+            .into_iter()
+            .find(|d| d.is_write_only() && d.len() >= 4)
+        else {
             return Err(VirtioError::MalformedChain {
                 queue: EVENT,
                 reason: "event buffer shorter than an event".into(),

@@ -93,7 +93,9 @@ impl Harness {
 
     /// Runs the receive queue and returns the packets the guest got.
     fn receive(&mut self) -> Vec<(Header, Vec<u8>)> {
-        self.vsock.process_queue(RX, &mut self.rx, &self.mem).unwrap();
+        self.vsock
+            .process_queue(RX, &mut self.rx, &self.mem)
+            .unwrap();
         let mut packets = Vec::new();
         while self.rx_seen != self.rxq.used_idx(&self.mem) {
             let (head, len) = self.rxq.used_entry(&self.mem, self.rx_seen);
@@ -139,7 +141,9 @@ impl Harness {
         self.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
         self.txq
             .add_chain(&self.mem, &[Desc::readable(addr, bytes.len() as u32)]);
-        self.vsock.process_queue(TX, &mut self.tx, &self.mem).unwrap();
+        self.vsock
+            .process_queue(TX, &mut self.tx, &self.mem)
+            .unwrap();
     }
 }
 
@@ -302,10 +306,7 @@ fn connections_whose_sockets_did_not_come_across_end_in_a_transport_reset() {
     successor.set_state(state).unwrap();
     let mut h = Harness::with(TempDir::new().unwrap(), successor);
     h.evq.add_chain(&h.mem, &[Desc::writable(0x9000, 8)]);
-    let delivered = h
-        .vsock
-        .process_queue(EVENT, &mut h.ev, &h.mem)
-        .unwrap();
+    let delivered = h.vsock.process_queue(EVENT, &mut h.ev, &h.mem).unwrap();
 
     assert!(delivered);
     assert_eq!(h.evq.used_entry(&h.mem, 0).1, 4);
