@@ -733,6 +733,20 @@ fn a_tap_opened_by_name_is_created_again_when_it_cannot_be_handed_over() {
     let events = successor_dir.join("events.json");
     let monitor = format!("path={}", events.display());
 
+    let tap_mac = |ns: &NetNs| {
+        let link = ns
+            .command("ip")
+            .args(["-br", "link", "show", TAP])
+            .output()
+            .unwrap();
+        let link = String::from_utf8_lossy(&link.stdout).to_string();
+        link.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mac_before = tap_mac(&ns);
+
     vmm.live_update("recreate-1");
     assert_eq!(vmm.wait_exit(EXIT), Some(0), "{}", vmm.stderr());
     let successor = ns.run(|| {
@@ -768,6 +782,8 @@ fn a_tap_opened_by_name_is_created_again_when_it_cannot_be_handed_over() {
         .filter(|l| l.contains("probe: start") || l.contains("probe: net ready"))
         .count();
     assert_eq!(restarted, 0, "the guest or its card restarted");
+    // The guest's neighbour entry for the host stays right: the same MAC.
+    assert_eq!(tap_mac(&ns), mac_before);
 }
 
 #[test]

@@ -1,5 +1,5 @@
-# Shared by the test-bed stages of scripts/e2e-vfio (sourced from /lib/vfio-stage.sh, which
-# scripts/e2e-vfio adds to every image). The stage defines fail() (prints its logs, then
+# Shared by the test-bed stages of scripts/e2e-vfio and scripts/test-nested-net (sourced from
+# /lib/vfio-stage.sh, which those scripts add to every image). The stage defines fail() (prints its logs, then
 # E2E-VFIO-FAIL: why) before it calls anything here.
 # shellcheck shell=sh disable=SC2154 # $work and $vmm are the stage's
 

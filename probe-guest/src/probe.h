@@ -116,7 +116,7 @@ bool lapic_irr_pending(u32 vector);
 void lapic_eoi(void);
 void reboot(void) __attribute__((noreturn));
 /*
- * Work that must not wait for the status loop (net=1: the virtio-net rings).
+ * Work that must not wait for the status loop (net=1, vsock=1: their virtqueues).
  * NULL unless set; called by the BSP between chunks of its page work, and by
  * any CPU while it prints or waits for a virtqueue. Cheap when idle, and safe
  * on any CPU at any time (it takes its own try-lock).

@@ -120,6 +120,9 @@ pub enum ConfigError {
     /// Two devices (of any kinds) share an id.
     #[error("Duplicate device id '{0}'")]
     DuplicateDeviceId(String),
+    /// A VM has one vsock device.
+    #[error("The VM has a vsock device already")]
+    VsockExists,
     /// Two VFIO devices name the same host device.
     #[error("Duplicate VFIO device path '{}'", .0.display())]
     DuplicateDevicePath(PathBuf),

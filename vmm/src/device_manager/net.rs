@@ -21,7 +21,7 @@ use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
 use liveupdate::session::{SessionError, Token};
 use liveupdate::state::Envelope;
 use serde::{Deserialize, Serialize};
-use tap::Tap;
+use tap::{MacAddr, Tap};
 
 use super::handover::handed_over;
 use super::participants::envelope;
@@ -47,6 +47,11 @@ pub struct NetTapState {
     pub tap: String,
     /// How the taps come back.
     pub handover: TapHandover,
+    /// The tap's host-side MAC when saved: a tap created again keeps it, so the guest's
+    /// neighbour entry for its gateway stays right (the kernel would pick a random one).
+    pub host_mac: Option<MacAddr>,
+    /// The tap's MTU when saved, for the same reason.
+    pub mtu: Option<u32>,
 }
 
 impl NetTapState {
@@ -177,6 +182,22 @@ fn open_by_name(id: &str, config: &NetConfig, name: &str) -> Result<Vec<Tap>, De
     Ok(taps)
 }
 
+/// Gives a tap created again the host-side MAC and MTU it had (unless the configuration
+/// sets them, which `open_by_name` applied).
+fn restore_host_side(id: &str, config: &NetConfig, saved: &NetTapState) -> Result<(), DeviceError> {
+    if config.host_mac.is_none()
+        && let Some(mac) = saved.host_mac
+    {
+        tap::set_mac(&saved.tap, mac).map_err(tap_error(id))?;
+    }
+    if config.mtu.is_none()
+        && let Some(mtu) = saved.mtu.and_then(|mtu| u16::try_from(mtu).ok())
+    {
+        tap::set_mtu(&saved.tap, mtu).map_err(tap_error(id))?;
+    }
+    Ok(())
+}
+
 fn adopt(id: &str, fds: Vec<OwnedFd>) -> Result<Vec<Tap>, DeviceError> {
     fds.into_iter()
         .map(|fd| Tap::from_fd(fd).map_err(tap_error(id)))
@@ -274,7 +295,9 @@ impl PciBuilder<'_, '_, '_> {
                     }
                     TapHandover::Recreate => {
                         recreated = true;
-                        open_by_name(&id, config, &state.tap)?
+                        let taps = open_by_name(&id, config, &state.tap)?;
+                        restore_host_side(&id, config, &state)?;
+                        taps
                     }
                     TapHandover::OperatorFds => adopt(&id, copies_of_given(&id)?)?,
                 }
@@ -425,9 +448,13 @@ impl AnyParticipant for NetTapParticipant<'_> {
                 id: self.id(),
                 reason: "saved without a prepare".into(),
             })?;
+        // What the host side looks like now, for a tap created again (informative otherwise).
+        let name = self.entry.tap_name();
         let state = NetTapState {
-            tap: self.entry.tap_name().to_string(),
+            tap: name.to_string(),
             handover,
+            host_mac: tap::mac(name).ok(),
+            mtu: tap::mtu(name).ok(),
         };
         envelope(&self.id(), NetTapState::VERSION, &state)
     }
@@ -477,6 +504,8 @@ mod tests {
         let state = NetTapState {
             tap: "vmtap0".into(),
             handover: TapHandover::Attached(vec![16, 17]),
+            host_mac: Some("12:34:56:78:9a:bc".parse().unwrap()),
+            mtu: Some(1500),
         };
 
         let envelope = Envelope::wrap("net/net0", NetTapState::VERSION, &state).unwrap();
