@@ -721,7 +721,7 @@ fn a_tap_opened_by_name_is_created_again_when_it_cannot_be_handed_over() {
             &ProbeVm {
                 cmdline: &cmdline,
                 extra: &["--net", &net, "--liveupdate", &agent_arg],
-                env: &[("CHV_TEST_NET_TAPS_AS_ACROSS_KEXEC", "1")],
+                env: &[("CHV_TEST_AS_ACROSS_KEXEC", "1")],
                 ..ProbeVm::default()
             },
         )
@@ -854,7 +854,7 @@ fn a_card_on_operator_fds_crosses_a_kexec_only_with_fds_given_to_the_restoring_v
     ] {
         assert!(ns.command("ip").args(&args).status().unwrap().success());
     }
-    let hook = [("CHV_TEST_NET_TAPS_AS_ACROSS_KEXEC", "1")];
+    let hook = [("CHV_TEST_AS_ACROSS_KEXEC", "1")];
     let cmdline = format!("fill=1 status_ms=500 net=1 net_ip={GUEST_IP}");
     let boot_on_fd = |generation: &str, kexec: &str| {
         let gen_dir = dir.join(generation);

@@ -75,6 +75,7 @@
 #define CREDIT_REQUEST_MS 1000	/* data waiting, no credit: CREDIT_REQUEST this often */
 #define IDLE_SERVICE_MS 50	/* the event queue is looked at least this often */
 #define POLL_BUDGET 16384	/* payload bytes copied per poll, at least one packet */
+#define PACKET_COST 1024	/* what sending a packet counts against the budget besides copies */
 
 /* Connection states. */
 #define C_FREE 0
@@ -382,6 +383,7 @@ static bool send_rw(struct conn *c, u16 id, u32 n, u32 consumed)
 	tx_publish(id, HDR_LEN + n);
 	c->tx_cnt += n;
 	n_tx += n;
+	budget -= min32(budget, PACKET_COST);
 	return true;
 }
 

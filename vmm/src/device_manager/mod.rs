@@ -574,6 +574,16 @@ impl Drop for DeviceManager {
     }
 }
 
+/// Environment variable that makes devices whose host side no kernel can carry (taps, vsock
+/// sockets) hand it over as across a kexec even in restart mode (set to `1`): a test hook, so
+/// what the VMM restoring after a kexec does is proved on a host without a kexec. The old
+/// VMM's taps and sockets then close when it exits, as a kexec would close them.
+pub const AS_ACROSS_KEXEC_ENV: &str = "CHV_TEST_AS_ACROSS_KEXEC";
+
+fn as_across_kexec() -> bool {
+    std::env::var(AS_ACROSS_KEXEC_ENV).is_ok_and(|v| v == "1")
+}
+
 /// Version of `PciHotplugState` in the state blob.
 const PCI_HOTPLUG_STATE_VERSION: u16 = 1;
 

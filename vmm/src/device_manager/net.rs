@@ -346,11 +346,6 @@ impl PciBuilder<'_, '_, '_> {
     }
 }
 
-/// Environment variable that makes cards hand their taps over as across a kexec even in
-/// restart mode (set to `1`): a test hook, so the re-creation of taps is proved on a host
-/// without a kexec. The old VMM's taps then close when it exits, as a kexec would close them.
-pub const TAPS_AS_ACROSS_KEXEC_ENV: &str = "CHV_TEST_NET_TAPS_AS_ACROSS_KEXEC";
-
 /// The participant carrying one card's taps (`net/<id>`).
 pub(super) struct NetTapParticipant<'a> {
     pub(super) entry: &'a NetEntry,
@@ -408,7 +403,7 @@ impl AnyParticipant for NetTapParticipant<'_> {
     }
 
     fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
-        if std::env::var(TAPS_AS_ACROSS_KEXEC_ENV).is_ok_and(|v| v == "1") {
+        if super::as_across_kexec() {
             let handover = self.across_kexec()?;
             self.set_handover(Some(handover));
             return Ok(());

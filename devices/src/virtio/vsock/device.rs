@@ -19,6 +19,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::conn::{Connection, Outcome, Phase};
 use super::packet::{HEADER_LEN, HOST_CID, Header, Op, SHUTDOWN_SEND};
@@ -40,6 +41,7 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_KICK: u64 = 1;
+const TOKEN_TIMER: u64 = 2;
 const FIRST_SOCKET_TOKEN: u64 = 16;
 
 const RX: u16 = 0;
@@ -84,6 +86,8 @@ pub struct Vsock {
     listener: UnixListener,
     epoll: Epoll,
     kick: EventFd,
+    /// Ticks while host connections wait for their line, so a silent one is dropped in time.
+    timer: TimerFd,
     conns: BTreeMap<Key, Connection>,
     pending: BTreeMap<u64, PendingConnect>,
     /// epoll token of each connection.
@@ -124,9 +128,12 @@ impl Vsock {
         listener.set_nonblocking(true).map_err(epoll_error)?;
         let epoll = Epoll::new().map_err(epoll_error)?;
         let kick = EventFd::new(EFD_NONBLOCK).map_err(epoll_error)?;
+        let timer = TimerFd::new()
+            .map_err(|e| VirtioError::Backend(io::Error::from_raw_os_error(e.errno())))?;
         for (fd, token) in [
             (listener.as_raw_fd(), TOKEN_LISTENER),
             (kick.as_raw_fd(), TOKEN_KICK),
+            (timer.as_raw_fd(), TOKEN_TIMER),
         ] {
             epoll
                 .ctl(
@@ -141,6 +148,7 @@ impl Vsock {
             listener,
             epoll,
             kick,
+            timer,
             conns: BTreeMap::new(),
             pending: BTreeMap::new(),
             tokens: BTreeMap::new(),
@@ -279,6 +287,10 @@ impl Vsock {
             match event.data() {
                 TOKEN_LISTENER => self.accept_all(),
                 TOKEN_KICK => {}
+                TOKEN_TIMER => {
+                    // Readable means it expired: take the expiry count so it stops being so.
+                    let _ = self.timer.wait();
+                }
                 token if self.pending.contains_key(&token) => self.read_connect_line(token),
                 token => {
                     let Some(&key) = self.tokens.get(&token) else {
@@ -345,6 +357,8 @@ impl Vsock {
         }
     }
 
+    /// Drops host connections whose line is overdue, and keeps the timer ticking while any
+    /// wait.
     fn expire_pending(&mut self) {
         let stale: Vec<u64> = self
             .pending
@@ -354,6 +368,14 @@ impl Vsock {
             .collect();
         for token in stale {
             self.close_pending(token);
+        }
+        let tick = (!self.pending.is_empty()).then_some(Duration::from_secs(1));
+        let armed = match tick {
+            Some(period) => self.timer.reset(period, Some(period)),
+            None => self.timer.clear(),
+        };
+        if let Err(e) = armed {
+            log::warn!("vsock: cannot set the connect-line timer: {e}");
         }
     }
 
