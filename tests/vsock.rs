@@ -210,6 +210,8 @@ struct HostStream {
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
     writer: std::thread::JoinHandle<()>,
     reader: std::thread::JoinHandle<(u64, Option<String>)>,
+    /// When each echo read returned.
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
 }
 
 /// Byte `i` of the host's payload.
@@ -218,8 +220,13 @@ fn host_byte(i: u64) -> u8 {
 }
 
 impl HostStream {
-    /// Connects through `socket` to the guest's port `port` and starts streaming.
+    /// Connects through `socket` to the guest's port `port` and starts streaming, 4 KiB each
+    /// `pace` (as fast as the guest takes it without one).
     fn start(socket: &Path, port: u32) -> Self {
+        Self::paced(socket, port, Some(Duration::from_millis(10)))
+    }
+
+    fn paced(socket: &Path, port: u32, pace: Option<Duration>) -> Self {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let mut stream = UnixStream::connect(socket).unwrap();
@@ -251,13 +258,15 @@ impl HostStream {
                     }
                     at += 4096;
                     sent.store(at, Ordering::Relaxed);
-                    // Well within what the probe echoes on this host.
-                    std::thread::sleep(Duration::from_millis(10));
+                    if let Some(pace) = pace {
+                        std::thread::sleep(pace);
+                    }
                 }
             })
         };
+        let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
         let reader = {
-            let (stop, sent) = (stop.clone(), sent.clone());
+            let (stop, sent, arrivals) = (stop.clone(), sent.clone(), arrivals.clone());
             std::thread::spawn(move || {
                 let mut at = 0u64;
                 let mut buf = vec![0u8; 65536];
@@ -267,7 +276,10 @@ impl HostStream {
                     }
                     let read = match stream.read(&mut buf) {
                         Ok(0) => return (at, Some("the connection closed".into())),
-                        Ok(read) => read,
+                        Ok(read) => {
+                            arrivals.lock().unwrap().push(std::time::Instant::now());
+                            read
+                        }
                         Err(e) => return (at, Some(format!("read failed: {e}"))),
                     };
                     for &byte in &buf[..read] {
@@ -284,7 +296,20 @@ impl HostStream {
             sent,
             writer,
             reader,
+            arrivals,
         }
+    }
+
+    /// The longest time without an echo that ended in `[from, to)`.
+    fn longest_gap(&self, from: std::time::Instant, to: std::time::Instant) -> Duration {
+        self.arrivals
+            .lock()
+            .unwrap()
+            .windows(2)
+            .filter(|pair| pair[1] >= from && pair[1] < to)
+            .map(|pair| pair[1] - pair[0])
+            .max()
+            .unwrap_or_default()
     }
 
     /// Stops sending and waits for the last echo: (bytes sent, bytes echoed, error).
@@ -447,4 +472,95 @@ fn across_a_kexec_connections_reset_cleanly_and_new_ones_work_at_once() {
     assert_eq!(error, None, "after {echoed} of {sent} bytes");
     assert_eq!(echoed, sent);
     assert!(sent > 0);
+}
+
+/// `scripts/bench-vsock`: throughput and round-trip time of a host-guest stream, and the
+/// longest stall of an echo stream across each of 20 restart-mode updates.
+#[test]
+#[ignore = "benchmark: run through scripts/bench-vsock"]
+fn bench_vsock() {
+    require_kvm();
+    let dir = scratch_dir("vsock-bench");
+    std::fs::create_dir_all(dir.join("gen0")).unwrap();
+    let socket = dir.join("v.sock");
+    let agent = common::Agent::start(&dir);
+    let agent_arg = agent.arg();
+    let vsock = format!("cid=3,socket={}", socket.display());
+    let mut vmm = VmmProcess::probe_with(
+        &dir.join("gen0"),
+        &ProbeVm {
+            cmdline: "fill=1 status_ms=1000 vsock=1 vsock_port=1234",
+            extra: &["--vsock", &vsock, "--liveupdate", &agent_arg],
+            ..ProbeVm::default()
+        },
+    );
+    vmm.next_probe_line(0, BOOT, "vsock", |f| f.contains_key("cid"));
+
+    // Round trips of 64 bytes on one connection.
+    let mut ping = UnixStream::connect(&socket).unwrap();
+    ping.write_all(b"CONNECT 1234\n").unwrap();
+    let mut ok = [0u8; 1];
+    while ok[0] != b'\n' {
+        ping.read_exact(&mut ok).unwrap();
+    }
+    let mut rtts = Vec::new();
+    let message = [7u8; 64];
+    let mut echo = [0u8; 64];
+    for _ in 0..200 {
+        let start = std::time::Instant::now();
+        ping.write_all(&message).unwrap();
+        ping.read_exact(&mut echo).unwrap();
+        rtts.push(start.elapsed());
+    }
+    drop(ping);
+    rtts.sort();
+
+    // Echo throughput, as fast as the guest takes it.
+    let flood = HostStream::paced(&socket, 1234, None);
+    std::thread::sleep(Duration::from_secs(5));
+    let (sent, echoed, error) = flood.finish();
+    assert_eq!(error, None);
+
+    // The longest stall of a paced echo stream across 20 restart-mode updates.
+    let stream = HostStream::start(&socket, 1234);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut starts = Vec::new();
+    for update in 1..=20 {
+        let session = format!("vsock-bench-{update}");
+        let successor =
+            VmmProcess::successor(&agent, &session, &dir.join(format!("gen{update}")), &[]);
+        starts.push(std::time::Instant::now());
+        vmm.live_update(&session);
+        vmm.wait_exit(EXIT);
+        successor.next_status(0, Duration::from_secs(20));
+        vmm = successor;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    starts.push(std::time::Instant::now());
+    let mut gaps: Vec<Duration> = starts
+        .windows(2)
+        .map(|w| stream.longest_gap(w[0], w[1]))
+        .collect();
+    let (paced_sent, paced_echoed, paced_error) = stream.finish();
+    assert_eq!(paced_error, None);
+    gaps.sort();
+
+    let at = |sorted: &[Duration], p: usize| sorted[(sorted.len() - 1) * p / 100];
+    println!("bench-vsock: probe guest on KVM, hybrid vsock (CONNECT through the UNIX socket)");
+    println!(
+        "  64-byte round trip: p50 {} us, p99 {} us, max {} us (200 round trips)",
+        at(&rtts, 50).as_micros(),
+        at(&rtts, 99).as_micros(),
+        at(&rtts, 100).as_micros()
+    );
+    println!(
+        "  echo throughput: {:.2} MB/s each way ({echoed} of {sent} bytes back in 5 s)",
+        echoed as f64 / 5.0 / 1e6
+    );
+    println!(
+        "  20 restart-mode updates under a 400 KB/s echo stream: {paced_echoed} of {paced_sent} \
+         bytes back intact; longest stall per update: median {} ms, max {} ms",
+        at(&gaps, 50).as_millis(),
+        at(&gaps, 100).as_millis()
+    );
 }
