@@ -36,6 +36,8 @@ const MAX_CONNECT_LINE: usize = 32;
 const CONNECT_LINE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Host connections waiting for their line, at most (the oldest goes first).
 const MAX_PENDING_CONNECTS: usize = 64;
+/// Packets for the guest that may wait for its receive buffers.
+const MAX_QUEUED_PACKETS: usize = 1024;
 /// Event of the event queue: every connection is gone (virtio 1.x, 5.10.6.6).
 const EVENT_TRANSPORT_RESET: u32 = 0;
 
@@ -216,7 +218,7 @@ impl Vsock {
         if let Some(mut conn) = self.conns.remove(&key) {
             if tell_guest {
                 let header = conn.header(self.params.cid, Op::Rst, 0, 0);
-                self.control.push_back(header);
+                self.queue_control(header);
             }
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
@@ -229,6 +231,17 @@ impl Vsock {
             self.tokens.remove(&token);
         }
         self.readable.remove(&key);
+    }
+
+    /// Queues a packet for the guest. A guest that sends and never takes its replies (no
+    /// receive buffers) cannot make the queue grow without bound: past a limit, new packets
+    /// are dropped and counted.
+    fn queue_control(&mut self, header: Header) {
+        if self.control.len() >= MAX_QUEUED_PACKETS {
+            self.counters.bad_packets += 1;
+            return;
+        }
+        self.control.push_back(header);
     }
 
     /// Watches a connection's socket for writability only while bytes wait for it.
@@ -419,7 +432,7 @@ impl Vsock {
                     log::warn!("vsock: cannot watch a host connection: {e}");
                     return;
                 }
-                self.control.push_back(request);
+                self.queue_control(request);
             }
             Err(e) => log::warn!("vsock: host connection refused: {e}"),
         }
@@ -440,7 +453,7 @@ impl Vsock {
             && conn.owes_credit_update()
         {
             let update = conn.header(cid, Op::CreditUpdate, 0, 0);
-            self.control.push_back(update);
+            self.queue_control(update);
         }
     }
 
@@ -456,7 +469,7 @@ impl Vsock {
             match header.op {
                 Op::Request => self.connect_to_host(header),
                 Op::Rst => {}
-                _ => self.control.push_back(self.reset_reply(header)),
+                _ => self.queue_control(self.reset_reply(header)),
             }
             return;
         };
@@ -465,7 +478,7 @@ impl Vsock {
             Outcome::Done => self.flush(key),
             Outcome::Reply(op) => {
                 let reply = conn.header(cid, op, 0, 0);
-                self.control.push_back(reply);
+                self.queue_control(reply);
             }
             Outcome::Reset => self.drop_connection(key, true),
             Outcome::Closed => self.drop_connection(key, false),
@@ -488,14 +501,14 @@ impl Vsock {
             Ok(mut conn) => {
                 let response = conn.header(self.params.cid, Op::Response, 0, 0);
                 match self.add_connection(conn) {
-                    Ok(()) => self.control.push_back(response),
-                    Err(_) => self.control.push_back(self.reset_reply(request)),
+                    Ok(()) => self.queue_control(response),
+                    Err(_) => self.queue_control(self.reset_reply(request)),
                 }
             }
             Err(e) => {
                 log::debug!("vsock: guest connection to {path} refused: {e}");
                 self.counters.refused_connects += 1;
-                self.control.push_back(self.reset_reply(request));
+                self.queue_control(self.reset_reply(request));
             }
         }
     }
@@ -575,7 +588,7 @@ impl Vsock {
             Ok(0) => {
                 conn.state.host_done_sending = true;
                 let shutdown = conn.header(cid, Op::Shutdown, 0, SHUTDOWN_SEND);
-                self.control.push_back(shutdown);
+                self.queue_control(shutdown);
                 self.readable.remove(&key);
                 None
             }
