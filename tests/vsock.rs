@@ -564,3 +564,44 @@ fn bench_vsock() {
         at(&gaps, 100).as_millis()
     );
 }
+
+#[test]
+fn a_hot_added_vsock_device_appears_and_leaves_with_its_socket_when_removed() {
+    require_kvm();
+    let dir = scratch_dir("vsock-hotplug");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("v.sock");
+    let vmm = VmmProcess::probe_with(
+        &dir,
+        &ProbeVm {
+            cmdline: "fill=1 status_ms=500 hotplug=1",
+            ..ProbeVm::default()
+        },
+    );
+    let (next, _) = vmm.next_probe_line(0, BOOT, "hotplug", |_| true);
+
+    let body = serde_json::json!({"cid": 7, "socket": socket, "id": "vs0"}).to_string();
+    let added = vmm.api("PUT", "vm.add-vsock", Some(&body));
+    assert_eq!(added.status, 200, "{:?}", added.error_messages());
+    let (next, _) = vmm.next_probe_line(next, EXIT, "hotplug", |f| f.contains_key("slot"));
+    assert!(socket.exists());
+    assert_eq!(vmm.vm_info()["config"]["vsock"]["cid"], 7);
+
+    let removed = vmm.api("PUT", "vm.remove-device", Some(r#"{"id": "vs0"}"#));
+    assert_eq!(removed.status, 204, "{:?}", removed.error_messages());
+    vmm.next_probe_line(next, EXIT, "hotplug", |f| f.contains_key("slot"));
+    let deadline = std::time::Instant::now() + EXIT;
+    while !vmm.vm_info()["config"]["vsock"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "{}", vmm.vm_info());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    assert!(!socket.exists(), "the socket outlived its device");
+    let again = vmm.api("PUT", "vm.add-vsock", Some(&body));
+    assert_eq!(
+        again.status,
+        409,
+        "a removed device keeps its id until the next boot: {:?}",
+        again.error_messages()
+    );
+}
