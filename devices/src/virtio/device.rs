@@ -89,3 +89,16 @@ pub trait VirtioDevice: Send {
     /// Puts back a state captured by [`VirtioDevice::state`].
     fn set_state(&mut self, state: Self::State) -> Result<(), VirtioError>;
 }
+
+/// Copies the bytes of a device configuration space `config` at `offset` into `data`; bytes past
+/// its end read as zero (a driver may read any width anywhere in the region).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = start
+            .checked_add(i)
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}

@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::state::{NetCounters, NetState};
 use super::{VIRTIO_ID_NET, VNET_HDR_LEN, tun_offload};
-use crate::virtio::device::{VirtioDevice, VirtioError};
+use crate::virtio::device::{VirtioDevice, VirtioError, read_config_bytes};
 
 /// Largest frame with its header: a 64 KiB GSO frame plus Ethernet and VLAN headers.
 const MAX_FRAME: usize = VNET_HDR_LEN + 65_536 + 64;
@@ -358,15 +358,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .checked_add(i)
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -9,7 +9,7 @@
 //! resets, credit updates) queue up and go out first.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -24,7 +24,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::conn::{Connection, Outcome, Phase};
 use super::packet::{HEADER_LEN, HOST_CID, Header, Op, SHUTDOWN_SEND};
 use super::state::{PendingConnectState, VsockCounters, VsockState};
-use crate::virtio::device::{VirtioDevice, VirtioError};
+use crate::virtio::device::{VirtioDevice, VirtioError, read_config_bytes};
 
 /// Virtio device type of a socket device.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -285,159 +285,6 @@ impl Vsock {
         }
     }
 
-    /// Takes new host connections, `CONNECT` lines, and socket readiness.
-    fn poll_host(&mut self) {
-        let _ = self.kick.read();
-        let mut events = vec![EpollEvent::default(); 64];
-        let count = match self.epoll.wait(0, &mut events) {
-            Ok(count) => count,
-            Err(e) => {
-                log::warn!("vsock: epoll failed: {e}");
-                return;
-            }
-        };
-        for event in &events[..count] {
-            match event.data() {
-                TOKEN_LISTENER => self.accept_all(),
-                TOKEN_KICK => {}
-                TOKEN_TIMER => {
-                    // Readable means it expired: take the expiry count so it stops being so.
-                    let _ = self.timer.wait();
-                }
-                token if self.pending.contains_key(&token) => self.read_connect_line(token),
-                token => {
-                    let Some(&key) = self.tokens.get(&token) else {
-                        continue;
-                    };
-                    let set = event.event_set();
-                    if set.contains(EventSet::OUT) {
-                        self.flush(key);
-                    }
-                    if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                        self.readable.insert(key);
-                    }
-                }
-            }
-        }
-        self.expire_pending();
-    }
-
-    fn accept_all(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if let Err(e) = stream.set_nonblocking(true) {
-                        log::warn!("vsock: host connection refused: {e}");
-                        continue;
-                    }
-                    if self.pending.len() >= MAX_PENDING_CONNECTS
-                        && let Some(oldest) = self.pending.keys().next().copied()
-                    {
-                        self.close_pending(oldest);
-                    }
-                    match self.watch(stream.as_raw_fd(), EventSet::IN) {
-                        Ok(token) => {
-                            self.pending.insert(
-                                token,
-                                PendingConnect {
-                                    stream,
-                                    line: Vec::new(),
-                                    since: Instant::now(),
-                                },
-                            );
-                        }
-                        Err(e) => log::warn!("vsock: cannot watch a host connection: {e}"),
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::warn!("vsock: accept failed: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn close_pending(&mut self, token: u64) {
-        if let Some(pending) = self.pending.remove(&token) {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                pending.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
-            self.counters.refused_connects += 1;
-        }
-    }
-
-    /// Drops host connections whose line is overdue, and keeps the timer ticking while any
-    /// wait.
-    fn expire_pending(&mut self) {
-        let stale: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.since.elapsed() > CONNECT_LINE_TIMEOUT)
-            .map(|(token, _)| *token)
-            .collect();
-        for token in stale {
-            self.close_pending(token);
-        }
-        let tick = (!self.pending.is_empty()).then_some(Duration::from_secs(1));
-        let armed = match tick {
-            Some(period) => self.timer.reset(period, Some(period)),
-            None => self.timer.clear(),
-        };
-        if let Err(e) = armed {
-            log::warn!("vsock: cannot set the connect-line timer: {e}");
-        }
-    }
-
-    /// Reads a host process's `CONNECT <port>\n` one byte at a time (what follows the line is
-    /// stream data, not ours to take), then asks the guest.
-    fn read_connect_line(&mut self, token: u64) {
-        let Some(pending) = self.pending.get_mut(&token) else {
-            return;
-        };
-        let mut byte = [0u8; 1];
-        let done = loop {
-            match pending.stream.read(&mut byte) {
-                Ok(0) => break Err(()),
-                Ok(_) if byte[0] == b'\n' => break Ok(()),
-                Ok(_) if pending.line.len() >= MAX_CONNECT_LINE => break Err(()),
-                Ok(_) => pending.line.push(byte[0]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break Err(()),
-            }
-        };
-        let port = done.ok().and_then(|()| parse_connect_line(&pending.line));
-        let Some(port) = port else {
-            self.close_pending(token);
-            return;
-        };
-        let Some(pending) = self.pending.remove(&token) else {
-            return;
-        };
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            pending.stream.as_raw_fd(),
-            EpollEvent::default(),
-        );
-        let local = self.free_local_port();
-        let state = Connection::fresh_state(local, port, Phase::Connecting);
-        match Connection::new(pending.stream, state) {
-            Ok(mut conn) => {
-                let request = conn.header(self.params.cid, Op::Request, 0, 0);
-                if let Err(e) = self.add_connection(conn) {
-                    log::warn!("vsock: cannot watch a host connection: {e}");
-                    return;
-                }
-                self.queue_control(request);
-            }
-            Err(e) => log::warn!("vsock: host connection refused: {e}"),
-        }
-    }
-
     fn flush(&mut self, key: Key) {
         let alive = match self.conns.get_mut(&key) {
             Some(conn) => conn.flush_to_host(),
@@ -685,16 +532,6 @@ impl Vsock {
     }
 }
 
-/// The port of a `CONNECT <port>` line (without its newline), if it is one.
-fn parse_connect_line(line: &[u8]) -> Option<u32> {
-    let line = std::str::from_utf8(line).ok()?;
-    let port = line.strip_prefix("CONNECT ")?.trim_end_matches('\r');
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    port.parse().ok()
-}
-
 fn write_scattered(
     mem: &GuestMemoryMmap,
     buffers: &[(GuestAddress, usize)],
@@ -729,15 +566,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.params.cid.to_le_bytes();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .checked_add(i)
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.params.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -865,5 +694,6 @@ impl VirtioDevice for Vsock {
     }
 }
 
+mod host;
 #[cfg(test)]
 mod tests;

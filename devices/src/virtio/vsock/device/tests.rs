@@ -313,13 +313,3 @@ fn connections_whose_sockets_did_not_come_across_end_in_a_transport_reset() {
     assert_eq!(h.mem.read_obj::<u32>(GuestAddress(0x9000)).unwrap(), 0);
     assert_eq!(h.vsock.connection_count(), 0);
 }
-
-#[test]
-fn connect_line_parser_takes_only_connect_and_a_port() {
-    assert_eq!(parse_connect_line(b"CONNECT 1234"), Some(1234));
-    assert_eq!(parse_connect_line(b"CONNECT 1234\r"), Some(1234));
-    assert_eq!(parse_connect_line(b"CONNECT -1"), None);
-    assert_eq!(parse_connect_line(b"CONNECT "), None);
-    assert_eq!(parse_connect_line(b"connect 1"), None);
-    assert_eq!(parse_connect_line(b"CONNECT 4294967296"), None);
-}
