@@ -501,13 +501,6 @@ fn a_tap_another_vmm_holds_is_refused_as_in_use_and_the_first_vm_runs_on() {
     ping(&ns, 2);
 }
 
-/// The number of fds the process `pid` has open.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 /// `PUT vm.add-net` with `body`, `fds` passed as SCM_RIGHTS.
 fn add_net(vmm: &VmmProcess, body: &str, fds: &[std::os::fd::RawFd]) -> common::Response {
     vmm::api::client::request_with_fds(
@@ -608,7 +601,7 @@ fn a_hundred_refused_add_net_calls_leak_no_fd_and_leave_the_vm_running() {
     let dir = scratch_dir("net-leak");
     let (vmm, next) = boot(&ns, &dir, &[]);
     let (pipe_read, _pipe_write) = std::io::pipe().unwrap();
-    let before = open_fds(vmm.pid());
+    let before = common::open_fds(vmm.pid());
 
     for _ in 0..100 {
         let response = add_net(&vmm, r#"{"id": "bad"}"#, &[pipe_read.as_raw_fd()]);
@@ -622,7 +615,7 @@ fn a_hundred_refused_add_net_calls_leak_no_fd_and_leave_the_vm_running() {
     let busy = add_net(&vmm, &format!(r#"{{"tap": "{TAP}"}}"#), &[]);
     let long = add_net(&vmm, r#"{"tap": "a-name-of-16-byt"}"#, &[]);
     let odd = add_net(&vmm, r#"{"tap": "t1", "num_queues": 3}"#, &[]);
-    let after = open_fds(vmm.pid());
+    let after = common::open_fds_settled(vmm.pid(), before);
 
     assert_eq!(busy.status, 400, "{:?}", busy.error_messages());
     assert!(

@@ -50,12 +50,6 @@ fn refused(dir: &Path, vsock: &str) -> String {
     vmm.stderr()
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 #[test]
 fn bad_vsock_options_are_refused_with_a_clear_error() {
     require_kvm();
@@ -130,7 +124,7 @@ fn a_thousand_bad_host_clients_are_closed_and_leak_nothing() {
         "fill=1 vsock=1",
     );
     vmm.next_probe_line(0, BOOT, "vsock", |f| f.contains_key("cid"));
-    let before = open_fds(vmm.pid());
+    let before = common::open_fds(vmm.pid());
     let garbage = vec![b'x'; 100 * 1024];
     let lines: [&[u8]; 5] = [
         b"CONNECT\n",
@@ -168,7 +162,7 @@ fn a_thousand_bad_host_clients_are_closed_and_leak_nothing() {
     let read = silent.read(&mut byte);
     drop(silent);
     std::thread::sleep(Duration::from_millis(200));
-    let after = open_fds(vmm.pid());
+    let after = common::open_fds_settled(vmm.pid(), before);
 
     assert!(
         matches!(read, Ok(0) | Err(_)),

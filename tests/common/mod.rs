@@ -45,6 +45,26 @@ impl Default for ProbeVm<'_> {
     }
 }
 
+/// The number of fds process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// The number of fds `pid` has open once it settles at `expected` (an API connection's thread
+/// may still be closing its socket when the client has its answer), or after 2 s.
+pub fn open_fds_settled(pid: u32, expected: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let count = open_fds(pid);
+        if count == expected || Instant::now() >= deadline {
+            return count;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Fails (never skips) without /dev/kvm, saying what to do.
 pub fn require_kvm() {
     assert!(
