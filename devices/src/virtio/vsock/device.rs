@@ -225,7 +225,7 @@ impl Vsock {
                 conn.stream.as_raw_fd(),
                 EpollEvent::default(),
             );
-            self.counters.resets += 1;
+            self.counters.closed_connections += 1;
         }
         if let Some(token) = self.token_of(key) {
             self.tokens.remove(&token);
@@ -620,7 +620,7 @@ impl VirtioDevice for Vsock {
             ("rx_bytes", c.rx_bytes),
             ("connections", c.connections),
             ("open_connections", self.conns.len() as u64),
-            ("resets", c.resets),
+            ("closed_connections", c.closed_connections),
             ("refused_connects", c.refused_connects),
             ("bad_packets", c.bad_packets),
         ]
@@ -655,7 +655,7 @@ impl VirtioDevice for Vsock {
             // The sockets did not come across (a kexec): every connection is gone, which the
             // guest learns from a transport reset; its listeners stay.
             if !state.conns.is_empty() {
-                self.counters.resets += state.conns.len() as u64;
+                self.counters.closed_connections += state.conns.len() as u64;
                 self.reset_event = true;
             }
             return Ok(());

@@ -15,8 +15,9 @@ pub struct VsockCounters {
     pub rx_bytes: u64,
     /// Connections opened so far, either way.
     pub connections: u64,
-    /// Connections reset (by either side, or lost across a kexec).
-    pub resets: u64,
+    /// Connections that ended, either way (a vsock stream always ends with a reset), or were
+    /// lost across a kexec.
+    pub closed_connections: u64,
     /// Connections refused: nothing listens on a guest's host port, or a host process sent no
     /// valid `CONNECT` line in time.
     pub refused_connects: u64,
