@@ -75,7 +75,13 @@ type_line() { printf '%s\n' "$1" >"$console_in"; }
 wait_match() {
     wm_start=$(now)
     while :; do
-        wm_hit=$(tail -n "+$(($2 + 1))" "$console" | tr -d '\r' | grep -oE -- "$1" | head -n1)
+        # A snapshot, without its last line while the guest is still printing it (a result
+        # line read half-written would be taken for the whole line).
+        cat "$console" >"$work/console.snap"
+        if [ -n "$(tail -c 1 "$work/console.snap")" ]; then
+            sed -i '$d' "$work/console.snap"
+        fi
+        wm_hit=$(tail -n "+$(($2 + 1))" "$work/console.snap" | tr -d '\r' | grep -oE -- "$1" | head -n1)
         if [ -n "$wm_hit" ]; then
             printf '%s\n' "$wm_hit"
             return 0
