@@ -187,6 +187,11 @@ impl ApiError {
         Self::new(405, message)
     }
 
+    /// 501: one of cloud-hypervisor's endpoints this VMM does not implement.
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        Self::new(501, message)
+    }
+
     /// 409: a conflict (VM already created, duplicate id).
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(409, message)
@@ -382,6 +387,26 @@ pub const ROUTES: &[Route] = &[
     },
 ];
 
+/// cloud-hypervisor's endpoints this VMM does not implement: they answer 501 "not supported by
+/// this VMM" (with any method), so a client can tell them from a VM that does not exist (404).
+pub const NOT_SUPPORTED: &[&str] = &[
+    "vm.power-button",
+    "vm.nmi",
+    "vm.resize",
+    "vm.resize-disk",
+    "vm.resize-zone",
+    "vm.add-disk",
+    "vm.add-fs",
+    "vm.add-pmem",
+    "vm.add-vdpa",
+    "vm.add-generic-vhost-user",
+    "vm.snapshot",
+    "vm.restore",
+    "vm.coredump",
+    "vm.send-migration",
+    "vm.receive-migration",
+];
+
 /// Maps a method, a path and a body to a request, with cloud-hypervisor's error statuses.
 pub fn route_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
     route_request_with_fds(method, path, body, Vec::new())
@@ -396,6 +421,14 @@ pub fn route_request_with_fds(
     fds: Vec<OwnedFd>,
 ) -> Result<ApiRequest, ApiError> {
     let path = path.split_once('?').map_or(path, |(path, _query)| path);
+    if let Some(name) = path
+        .strip_prefix(API_ROOT)
+        .filter(|name| NOT_SUPPORTED.contains(name))
+    {
+        return Err(ApiError::not_implemented(format!(
+            "{name} is not supported by this VMM"
+        )));
+    }
     let route = path
         .strip_prefix(API_ROOT)
         .and_then(|name| ROUTES.iter().find(|route| route.name == name))
@@ -721,5 +754,20 @@ mod tests {
 
         let path = url.strip_prefix("http://localhost").unwrap();
         assert_eq!(format!("{path}/"), API_ROOT);
+    }
+
+    #[test]
+    fn endpoints_we_do_not_implement_answer_501_not_404() {
+        let snapshot = route_request("PUT", "/api/v1/vm.snapshot", b"{}").unwrap_err();
+        let resize = route_request("GET", "/api/v1/vm.resize", b"").unwrap_err();
+        let unknown = route_request("PUT", "/api/v1/vm.frobnicate", b"").unwrap_err();
+
+        assert_eq!(snapshot.status, 501);
+        assert_eq!(
+            snapshot.messages,
+            ["vm.snapshot is not supported by this VMM"]
+        );
+        assert_eq!(resize.status, 501);
+        assert_eq!(unknown.status, 404);
     }
 }
