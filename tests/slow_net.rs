@@ -61,6 +61,9 @@ fn tcp_into_a_linux_guest_survives_a_restart_mode_update_and_comes_back_after_a_
         run.log.display()
     );
     for needle in [
+        // Both stages (before and after the kexec) ran in a network namespace of their own.
+        "NET-E2E-STAGE1 netns",
+        "NET-E2E-STAGE2 netns",
         "NET-E2E R: the guest received",
         "NET-E2E R: pause_us=",
         "NET-E2E MQ after the restart-mode update: transfers:",

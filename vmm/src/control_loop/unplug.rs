@@ -19,10 +19,18 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the VMM looks for the guest's ejects meanwhile.
 const RELEASE_POLL: Duration = Duration::from_millis(5);
 
+/// A device `vm.remove-device` can take out, by kind and index in the configuration.
+#[derive(Clone, Copy)]
+enum Removable {
+    Vsock,
+    Net(usize),
+    Vfio(usize),
+}
+
 impl Vmm {
     /// `vm.remove-device`: before boot the device leaves the configuration; on a running VM
-    /// the guest is asked to release it, and it leaves when the guest ejects it. Only kernel
-    /// VFIO devices, for now.
+    /// the guest is asked to release it, and it leaves when the guest ejects it. Kernel VFIO
+    /// devices, network cards and the vsock device, for now.
     pub(super) fn remove_device(
         &mut self,
         id: &str,
@@ -31,42 +39,15 @@ impl Vmm {
         let Some(config) = self.config.as_mut() else {
             return Err(ApiError::not_found("VM is not created"));
         };
-        if config.vsock_id().as_deref() == Some(id)
+        let removable = if config.vsock_id().as_deref() == Some(id)
             && config.vsock.as_ref().is_some_and(|vsock| !vsock.removed)
         {
-            let vm = match (state, self.vm.as_ref()) {
-                (VmState::Running | VmState::Paused, Some(vm)) => vm,
-                _ => {
-                    config.vsock = None;
-                    return Ok(ApiResponse::Empty);
-                }
-            };
-            let slot = vm
-                .attached_vsock_slot()
-                .ok_or_else(|| ApiError::conflict(format!("Device {id} is not attached now")))?;
-            info!("Asking the guest to release vsock device {id} (slot {slot}): vm.remove-device");
-            vm.request_removal(slot)
-                .map_err(|e| ApiError::from_error(500, &e))?;
-            return Ok(ApiResponse::Empty);
-        }
-        if let Some(index) = config.present_net_index(id) {
-            let vm = match (state, self.vm.as_ref()) {
-                (VmState::Running | VmState::Paused, Some(vm)) => vm,
-                _ => {
-                    config.remove_net(index);
-                    crate::device_manager::forget_tap_fds(id);
-                    return Ok(ApiResponse::Empty);
-                }
-            };
-            let slot = vm
-                .attached_net_slot(index)
-                .ok_or_else(|| ApiError::conflict(format!("Device {id} is not attached now")))?;
-            info!("Asking the guest to release network card {id} (slot {slot}): vm.remove-device");
-            vm.request_removal(slot)
-                .map_err(|e| ApiError::from_error(500, &e))?;
-            return Ok(ApiResponse::Empty);
-        }
-        let Some(index) = config.vfio_device_index(id) else {
+            Removable::Vsock
+        } else if let Some(index) = config.present_net_index(id) {
+            Removable::Net(index)
+        } else if let Some(index) = config.vfio_device_index(id) {
+            Removable::Vfio(index)
+        } else {
             return Err(if config.has_device_id(id) {
                 ApiError::bad_request(format!(
                     "Device {id} cannot be removed: only kernel VFIO devices, network cards and \
@@ -79,14 +60,24 @@ impl Vmm {
         let vm = match (state, self.vm.as_ref()) {
             (VmState::Running | VmState::Paused, Some(vm)) => vm,
             _ => {
-                config.remove_vfio_device(index);
+                match removable {
+                    Removable::Vsock => config.vsock = None,
+                    Removable::Net(index) => {
+                        config.remove_net(index);
+                        crate::device_manager::forget_tap_fds(id);
+                    }
+                    Removable::Vfio(index) => config.remove_vfio_device(index),
+                }
                 return Ok(ApiResponse::Empty);
             }
         };
-        let slot = vm
-            .attached_vfio_slot(index)
-            .ok_or_else(|| ApiError::conflict(format!("Device {id} is not attached now")))?;
-        info!("Asking the guest to release VFIO device {index} (slot {slot}): vm.remove-device");
+        let slot = match removable {
+            Removable::Vsock => vm.attached_vsock_slot(),
+            Removable::Net(index) => vm.attached_net_slot(index),
+            Removable::Vfio(index) => vm.attached_vfio_slot(index),
+        }
+        .ok_or_else(|| ApiError::conflict(format!("Device {id} is not attached now")))?;
+        info!("Asking the guest to release device {id} (slot {slot}): vm.remove-device");
         vm.request_removal(slot)
             .map_err(|e| ApiError::from_error(500, &e))?;
         Ok(ApiResponse::Empty)

@@ -131,6 +131,11 @@ fn copies_of_given(id: &str) -> Result<Vec<OwnedFd>, DeviceError> {
              travel as SCM_RIGHTS; on a restore after a kexec, with --restore net_fds=)",
         ));
     };
+    copies(id, fds)
+}
+
+/// Copies of `fds`, tap fds of card `id`.
+fn copies(id: &str, fds: &[OwnedFd]) -> Result<Vec<OwnedFd>, DeviceError> {
     fds.iter()
         .map(|fd| fd.try_clone())
         .collect::<io::Result<_>>()
@@ -278,20 +283,11 @@ impl PciBuilder<'_, '_, '_> {
                             .iter()
                             .map(|token| handed_over(&key, *token, "tap fd"))
                             .collect::<Result<Vec<_>, _>>()?;
-                        if !config.uses_fds() {
-                            adopt(&id, fds)?
-                        } else {
+                        if config.uses_fds() {
                             // Kept for a reboot of the restored VM, as at boot.
-                            let copies = fds
-                                .iter()
-                                .map(|fd| fd.try_clone())
-                                .collect::<io::Result<Vec<_>>>()
-                                .map_err(|e| {
-                                    net_error(&id, &format!("cannot copy a tap fd: {e}"))
-                                })?;
-                            give_tap_fds(&id, copies);
-                            adopt(&id, fds)?
+                            give_tap_fds(&id, copies(&id, &fds)?);
                         }
+                        adopt(&id, fds)?
                     }
                     TapHandover::Recreate => {
                         recreated = true;

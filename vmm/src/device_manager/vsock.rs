@@ -235,9 +235,8 @@ impl AnyParticipant for VsockSocketsParticipant<'_> {
         }
         let listener = lock(&self.entry.device)
             .device()
-            .host_sockets()
-            .map_err(|e| self.failed(format!("cannot copy the listening socket: {e}")))?
-            .listener;
+            .listener_copy()
+            .map_err(|e| self.failed(format!("cannot copy the listening socket: {e}")))?;
         match files.attach(listener.as_fd()) {
             Ok(token) => self.set_prepared(Some(Some(token))),
             // Only a restart-mode session takes attachments: a kexec is coming.

@@ -167,10 +167,15 @@ impl Vsock {
         })
     }
 
+    /// A copy of the listening socket.
+    pub fn listener_copy(&self) -> io::Result<UnixListener> {
+        self.listener.try_clone()
+    }
+
     /// The sockets to hand to a successor (copies), in the order [`Self::state`] lists them.
     pub fn host_sockets(&self) -> io::Result<HostSockets> {
         Ok(HostSockets {
-            listener: self.listener.try_clone()?,
+            listener: self.listener_copy()?,
             conns: self
                 .conns
                 .values()
