@@ -13,10 +13,13 @@
 //!   `vm/net-recreated` with the tap's name, the tap is back with its address, its 2 queues and
 //!   its MAC, and the guest's own traffic reaches the host before the host sends anything.
 //!
-//! What a kexec can and cannot keep: no host process or host socket survives it, so a TCP
-//! connection with a host end cannot go on. The test proves the guest's side instead: a
-//! connection open from a host process before the kexec is reset on the guest's next send (the
-//! new kernel has no socket for it) after carrying its 64 KiB intact; the guest's listening
+//! What a kexec can and cannot keep: no process or socket of the test-bed kernel survives it,
+//! so a connection open from a test-bed process before the kexec is reset on the guest's next
+//! send (the new kernel has no socket for it) after carrying its 64 KiB intact. A connection
+//! whose other end is outside the test bed goes on: a peer on this machine, in a network
+//! namespace the script makes (QEMU's NIC is a tap there, the test-bed kernel forwards to our
+//! tap), streams into the guest from before the kexec to after it over one TCP connection, and
+//! the guest receives exactly the bytes it sent (count and md5). Also: the guest's listening
 //! socket of before the kexec takes a NEW host connection at once and receives 4 MiB intact; a
 //! NEW guest->host connection delivers the guest's payload intact; ping answers right after the
 //! restore; and both queue pairs carry traffic again on the re-created tap.
@@ -73,6 +76,10 @@ fn tcp_into_a_linux_guest_survives_a_restart_mode_update_and_comes_back_after_a_
         "NET-E2E K: first ping answer",
         "NET-E2E K: new host->guest connection",
         "NET-E2E K: new guest->host connection",
+        // The outside peer's one connection lived through the kexec and lost nothing.
+        "NET-E2E X: the outside peer's stream reaches the guest",
+        "NET-E2E X: the outside peer's connection of before the kexec carries on",
+        "NET-E2E X: the outside peer sent",
     ] {
         assert!(
             !lines_with(&run.output, needle).is_empty(),

@@ -3,7 +3,10 @@
 # card on a tap (2 queue pairs), across a restart-mode live update and then a kexec-mode one
 # (a real kexec of the test kernel). The same script runs in both kernels; the second kernel's
 # command line has `net_stage=2`. Everything (taps, VMMs, host-side nc) runs in a network
-# namespace the stage creates with `unshare -n`, inside the QEMU VM, which has no NIC at all.
+# namespace the stage creates with `unshare -n`, inside the QEMU VM. The VM's one NIC (eth0,
+# 10.98.0.2/24) is moved into that namespace too: it leads only to a tap in a namespace that
+# scripts/test-nested-net made on the machine running QEMU, where the outside peer lives
+# (10.98.0.1, scripts/lib/net-peer.pl); this kernel forwards between eth0 and our tap.
 #
 # Stage 1 (first kernel): ch-luod in kernel mode (for the kexec) and ch-luod --emulate (for the
 #   restart); the VMMs reach "the agent" through a symlink that points at the restart-mode
@@ -20,6 +23,8 @@
 #   MQ 8 parallel host->guest connections and 2 guest->host ones pinned to vCPU 0 and 1: every
 #      checksum must match, and the guest's /proc/interrupts counts of virtio0-input.0/.1 and
 #      virtio0-output.0/.1 must all rise (traffic on both queue pairs).
+#   X  the outside peer connects to a guest listener on 5004 (the guest routes 10.98.0.0/24
+#      through the tap) and streams 8 KiB every 50 ms until stage 2 says "X: peer stop".
 #   K  before the kexec: a guest listener on 5002 is started (used after the kexec), and a
 #      connection from a host nc to a guest listener on 5003 is established and carries 64 KiB
 #      (the guest writes a tick every second back). Then `ch-luod kexec` and B's live update.
@@ -30,10 +35,14 @@
 #   guest->host connection must deliver the guest's payload intact; the connection of before
 #   the kexec must be gone on the guest side (its host end died with the old kernel: the
 #   guest's next tick gets a reset), having received its 64 KiB; and MQ once more on the
-#   re-created tap.
-# What a kexec cannot keep: no host process or host socket survives it, so a TCP connection
-# with a host end cannot go on; what must survive is the guest's side (its listening socket,
-# its TCP stack, its address and the card), and the host's tap, re-created by the VMM.
+#   re-created tap. X: once the kernel forwards again, the outside peer's connection of before
+#   the kexec carries on (its retransmissions get through): the guest's byte count grows, then
+#   the peer closes and the guest prints what it received; scripts/test-nested-net compares
+#   that with what the peer sent.
+# What a kexec cannot keep: no process or socket of the test-bed kernel survives it, so a TCP
+# connection with an end there cannot go on; what must survive is the guest's side (its
+# listening socket, its TCP stack, its address and the card), and the host's tap, re-created
+# by the VMM. A connection whose other end is outside the test bed goes on (X).
 # Markers: NET-E2E-STAGE1/2, NET-E2E <what> (figures), NET-E2E-PASS or NET-E2E-FAIL: why.
 # Needs in the initramfs (scripts/test-nested-net adds them): /bin/cloud-hypervisor,
 # /bin/ch-remote, /bin/ch-luod, /lib/vfio-stage.sh (guest/vfio/lib.sh: now, since, arg,
@@ -54,6 +63,9 @@ net_arg="tap=$tap,ip=$host_ip,mask=255.255.255.0,mac=$guest_mac,num_queues=4,id=
 # net_host_mac= on the command line (scripts/test-nested-net --host-mac) fixes the tap's MAC.
 host_mac=$(arg net_host_mac "")
 [ -z "$host_mac" ] || net_arg="$net_arg,host_mac=$host_mac"
+# The outside peer's side: this kernel's NIC and the peer's network.
+uplink_ip=10.98.0.2
+peer_net=10.98.0.0/24
 session_restart=net-restart
 session_kexec=net-kexec
 payload=$work/payload
@@ -285,6 +297,12 @@ mount -t sysfs sysfs /sys || fail "cannot mount sysfs in the new namespaces"
 ip link set lo up
 [ -e /sys/class/net/lo ] || fail "/sys/class/net does not show the new network namespace"
 echo "NET-E2E-STAGE$stage netns $(readlink /proc/self/ns/net)"
+# The NIC to the outside peer joins us; forwarding starts in stage 1 now, in stage 2 once the
+# guest's own traffic has been checked.
+nsenter -t 1 -n ip link set eth0 netns $$ || fail "cannot move eth0 (QEMU's NIC) into our namespace"
+ip addr add "$uplink_ip/24" dev eth0 || fail "cannot give eth0 $uplink_ip"
+ip link set eth0 up || fail "cannot bring eth0 up"
+[ "$stage" = 2 ] || echo 1 >/proc/sys/net/ipv4/ip_forward || fail "cannot turn on IPv4 forwarding"
 for f in /lib/vfio-stage.sh /bin/cloud-hypervisor /bin/ch-remote /bin/ch-luod /guest/bzImage /guest/initramfs.cpio.gz; do
     [ -e "$f" ] || fail "$f is missing from the initramfs"
 done
@@ -399,6 +417,18 @@ if [ "$stage" = 1 ]; then
     # MQ on the adopted taps.
     multiqueue "MQ after the restart-mode update:" 5100
 
+    # X: the outside peer's connection, which must live through the kexec.
+    type_line "ip route add $peer_net via $host_ip"
+    type_line 'rx 5004 &'
+    guest_listens 5004
+    say "X: peer go"
+    t=$(now)
+    until [ "$(ask '$(wc -c </tmp/rx5004)' XN 30)" -ge 65536 ]; do
+        elapsed_over "$t" 120 && fail "X: the outside peer's stream did not reach the guest within 120 s"
+        sleep 0.5
+    done
+    say "X: the outside peer's stream reaches the guest ($(ask '$(wc -c </tmp/rx5004)' XN 30) bytes after $(secs "$t") s)"
+
     # K, before the kexec: a listener for after it, and a connection that the kexec ends.
     type_line 'rx 5002 &'
     guest_listens 5002
@@ -417,6 +447,7 @@ if [ "$stage" = 1 ]; then
     done
     say "K: before the kexec, guest TCP sockets: $(ask '$(netstat -tan | grep -E ":500[23] " | tr -s " " | tr ":\n" ".;")' NETSTAT 30)"
     check_vmm_log "$work/b.log"
+    say "X: before the kexec the guest has $(ask '$(wc -c </tmp/rx5004)' XN 30) bytes from the outside peer"
     ln -sfn luod.sock "$work/agent.sock"
     [ "$(ch-luod --socket "$work/agent.sock" ping)" = kernel ] || fail "the agent symlink does not lead to the kernel-mode agent"
     next="$(sed 's/ *net_stage=[^ ]*//' /proc/cmdline) net_stage=2 net_tap_mac=$tap_mac"
@@ -480,6 +511,20 @@ ping -c 3 -i 0.2 -w 30 "$guest_ip" >"$work/ping.log" 2>&1 || fail "K: ping fails
 # With the host's ARP request the guest learns the tap's MAC again, so this comes now at the latest.
 [ -n "${h:-}" ] || h=$(guest_result HOLD 5003 60)
 [ "$h" = "65536,$hold_md5" ] || fail "K: the held connection received $h, the host sent 64 KiB ($hold_md5)"
+
+# X: forwarding on again; the outside peer's connection of before the kexec must carry on.
+x_before=$(ask '$(wc -c </tmp/rx5004)' XN 30)
+echo 1 >/proc/sys/net/ipv4/ip_forward || fail "X: cannot turn on IPv4 forwarding"
+t=$(now)
+until [ "$(ask '$(wc -c </tmp/rx5004)' XN 30)" -gt "$x_before" ]; do
+    elapsed_over "$t" 120 && fail "X: the outside peer's connection carried nothing within 120 s of forwarding ($x_before bytes)"
+    sleep 0.5
+done
+say "X: the outside peer's connection of before the kexec carries on: more than $x_before bytes $(secs "$t") s after forwarding came back ($(secs "$restored") s after vm/restored)"
+sleep 2
+say "X: peer stop"
+r=$(guest_result RX 5004 180)
+say "X: the guest received $r from the outside peer over one connection"
 
 # A NEW host connection to the guest's listener of before the kexec, at full speed.
 k_t=$(now)
