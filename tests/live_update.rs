@@ -718,3 +718,227 @@ fn event_monitors_of_both_vmms_carry_the_update_with_step_timings() {
         value.parse::<u64>().unwrap();
     }
 }
+
+// Local migration, cloud-hypervisor's way (`receive-migration` on an empty VMM, then
+// `send-migration ...,local=on` on the running one): the same restart-mode path, by another API.
+
+/// An empty VMM (API and event monitor only) in `dir`, ready for `receive-migration`.
+fn empty_receiver(dir: &Path) -> VmmProcess {
+    std::fs::create_dir_all(dir).unwrap();
+    let api = format!("path={}", dir.join("api.sock").display());
+    let events = format!("path={}", dir.join("events.json").display());
+    let mut vmm = VmmProcess::spawn(&["--api-socket", &api, "--event-monitor", &events], dir);
+    vmm.wait_for_api(TAKEOVER);
+    vmm
+}
+
+/// Runs `ch-remote receive-migration receiver_url=unix:<socket>` on `receiver` in a thread
+/// (it returns once the VM runs there) and waits until the socket is served.
+fn start_receive(
+    receiver: &VmmProcess,
+    socket: &Path,
+) -> std::thread::JoinHandle<std::process::Output> {
+    let api = receiver.api_socket.clone().unwrap();
+    let url = format!("receiver_url=unix:{}", socket.display());
+    let call = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ch-remote"))
+            .arg("--api-socket")
+            .arg(api)
+            .args(["receive-migration", &url])
+            .output()
+            .unwrap()
+    });
+    let deadline = Instant::now() + TAKEOVER;
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never served",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    call
+}
+
+/// The property `key` of the first `vm/<event>` in the event file at `path`.
+fn event_property(path: &Path, event: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::Deserializer::from_str(&text)
+        .into_iter::<serde_json::Value>()
+        .filter_map(Result::ok)
+        .find(|e| e["source"] == "vm" && e["event"] == event)
+        .and_then(|e| e["properties"][key].as_str().map(str::to_string))
+}
+
+#[test]
+fn probe_guest_survives_20_local_migrations_between_vmm_processes() {
+    // Arrange: a guest writing RAM and its disk, with no session agent anywhere.
+    require_kvm();
+    let dir = scratch_dir("lm-20");
+    let disk = disk_image(&dir);
+    std::fs::create_dir_all(dir.join("gen0")).unwrap();
+    let mut vmm = VmmProcess::probe_with(
+        &dir.join("gen0"),
+        &ProbeVm {
+            cpus: 2,
+            memory: "1G",
+            cmdline: CMDLINE,
+            extra: &["--disk", &disk],
+            ..ProbeVm::default()
+        },
+    );
+    let (next, _) = vmm.next_banner(0, BOOT);
+    vmm.next_status(next, LINE);
+    let config_at_boot = vmm.vm_info()["config"].clone();
+    let mut pauses_us = Vec::new();
+
+    for migration in 1..=20 {
+        // Act
+        let receiver_dir = dir.join(format!("gen{migration}"));
+        let receiver = empty_receiver(&receiver_dir);
+        let socket = receiver_dir.join("migration.sock");
+        let receive = start_receive(&receiver, &socket);
+        let url = format!("destination_url=unix:{},local=on", socket.display());
+        let sent = vmm.ch_remote(&["send-migration", &url]);
+        let received = receive.join().unwrap();
+        let old_exit = vmm.wait_exit(EXIT);
+
+        // Assert: both calls succeed, the sender exits, the guest carries on in the receiver.
+        assert!(
+            sent.status.success(),
+            "migration {migration}: send-migration: {sent:?}\nstderr:\n{}",
+            vmm.stderr()
+        );
+        assert!(
+            received.status.success(),
+            "migration {migration}: receive-migration: {received:?}\nstderr:\n{}",
+            receiver.stderr()
+        );
+        assert_eq!(old_exit, Some(0), "migration {migration}: {}", vmm.stderr());
+        let before = last_complete_status(&vmm, "blk_err");
+        let after = statuses_until_blk_progress(&receiver, before.get("blk_ok"));
+        assert_guest_carried_on(migration, 2, &before, &after);
+        assert!(
+            !socket.exists(),
+            "migration {migration}: the receiver still serves {}",
+            socket.display()
+        );
+        let events = common::read_events(&receiver_dir.join("events.json"));
+        common::assert_events_in_order(
+            &events,
+            &[
+                ("vm", "migration-receive-ready"),
+                ("vm", "restored"),
+                ("vm", "migration-receive-finished"),
+            ],
+        );
+        let pause = event_property(&receiver_dir.join("events.json"), "restored", "pause_us")
+            .and_then(|us| us.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("migration {migration}: no pause_us in {events:?}"));
+        pauses_us.push(pause);
+        vmm = receiver;
+    }
+
+    assert_eq!(vmm.vm_state(), "Running");
+    assert_eq!(vmm.vm_info()["config"], config_at_boot);
+    pauses_us.sort_unstable();
+    eprintln!(
+        "20 local migrations: pause_us p50 {} max {} (restored events of the receivers)",
+        pauses_us[pauses_us.len() / 2],
+        pauses_us[pauses_us.len() - 1]
+    );
+}
+
+#[test]
+fn a_migration_this_vmm_cannot_do_is_refused_and_the_guest_runs_on() {
+    // Arrange
+    require_kvm();
+    let dir = scratch_dir("lm-refused");
+    let vmm = VmmProcess::probe(1, "256M", "status_ms=100", &dir, &[]);
+    let (next, _) = vmm.next_banner(0, BOOT);
+    let nobody = dir.join("nobody.sock");
+    let cases = [
+        // A copy of guest RAM (to another host, or without local=on): not supported.
+        (
+            format!("destination_url=unix:{}", nobody.display()),
+            "is not supported by this VMM",
+        ),
+        (
+            "destination_url=tcp:127.0.0.1:6000".to_string(),
+            "is not supported by this VMM",
+        ),
+        (
+            format!(
+                "destination_url=unix:{},local=on,preserve_source=on",
+                nobody.display()
+            ),
+            "preserve_source=on",
+        ),
+        // Contradictions.
+        (
+            "destination_url=tcp:127.0.0.1:6000,local=on".to_string(),
+            "local migration needs a unix:<path> destination_url",
+        ),
+        // Nobody receives there.
+        (
+            format!("destination_url=unix:{},local=on", nobody.display()),
+            nobody.to_str().unwrap(),
+        ),
+    ];
+
+    for (argument, expected) in &cases {
+        // Act
+        let output = vmm.ch_remote(&["send-migration", argument]);
+
+        // Assert
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{argument}: {output:?}");
+        assert!(stderr.contains(expected), "{argument}: {stderr}");
+    }
+    let not_local = vmm.api(
+        "PUT",
+        "vm.send-migration",
+        Some(r#"{"destination_url":"tcp:127.0.0.1:6000"}"#),
+    );
+    assert_eq!(not_local.status, 501, "{:?}", not_local.error_messages());
+    let (_, after) = vmm.next_status(next, LINE);
+    assert_eq!(after.get("errors"), 0);
+    assert_eq!(vmm.vm_state(), "Running");
+}
+
+#[test]
+fn receive_migration_is_refused_over_tcp_and_on_a_vmm_with_a_vm() {
+    // Arrange
+    require_kvm();
+    let dir = scratch_dir("lm-receive-refused");
+    let vmm = VmmProcess::probe(1, "256M", "status_ms=100", &dir, &[]);
+    vmm.next_banner(0, BOOT);
+    let empty = empty_receiver(&dir.join("empty"));
+
+    // Act
+    let with_vm = vmm.api(
+        "PUT",
+        "vm.receive-migration",
+        Some(&format!(
+            r#"{{"receiver_url":"unix:{}"}}"#,
+            dir.join("r.sock").display()
+        )),
+    );
+    let over_tcp = empty.api(
+        "PUT",
+        "vm.receive-migration",
+        Some(r#"{"receiver_url":"tcp:0.0.0.0:6000"}"#),
+    );
+    let bad_url = empty.api(
+        "PUT",
+        "vm.receive-migration",
+        Some(r#"{"receiver_url":"/no/scheme"}"#),
+    );
+
+    // Assert
+    assert_eq!(with_vm.status, 409, "{:?}", with_vm.error_messages());
+    assert_eq!(over_tcp.status, 501, "{:?}", over_tcp.error_messages());
+    assert_eq!(bad_url.status, 400, "{:?}", bad_url.error_messages());
+    assert!(!dir.join("r.sock").exists());
+    assert_eq!(vmm.vm_state(), "Running");
+}

@@ -80,6 +80,23 @@ enum Command {
         /// `cid=<cid>,socket=<path>[,id=<id>]`.
         vsock: String,
     },
+    /// Move the VM to the VMM waiting in `receive-migration` on the same host (local
+    /// migration: guest RAM and device fds pass over the socket, nothing is copied); this VMM
+    /// exits once the VM has moved.
+    SendMigration {
+        /// `destination_url=unix:<path>,local=on[,downtime_ms=][,timeout_s=]...`, or a bare URL
+        /// with `--local` (older cloud-hypervisor releases).
+        migration: String,
+        /// With a bare URL: local migration.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Wait, in a VMM without a VM, for a VM sent with `send-migration ...,local=on`; returns
+    /// once it runs here.
+    ReceiveMigration {
+        /// `receiver_url=unix:<path>`, or a bare URL.
+        migration: String,
+    },
     /// Remove a kernel VFIO device, a network card or the vsock device: from the configuration before boot, or
     /// from the running VM (the guest is asked to release it; it leaves when the guest ejects
     /// it).
@@ -172,6 +189,30 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
             Call {
                 body: Some(serde_json::to_vec(&vsock)?),
                 ..Call::new("PUT", "vm.add-vsock")
+            }
+        }
+        Command::SendMigration { migration, local } => {
+            let data = if migration.contains('=') {
+                vmm::config::parse_send_migration(migration)
+                    .context("Invalid send-migration argument")?
+            } else {
+                vmm::config::SendMigrationData {
+                    destination_url: migration.clone(),
+                    local: *local,
+                    ..Default::default()
+                }
+            };
+            Call {
+                body: Some(serde_json::to_vec(&data)?),
+                ..Call::new("PUT", "vm.send-migration")
+            }
+        }
+        Command::ReceiveMigration { migration } => {
+            let data = vmm::config::parse_receive_migration(migration)
+                .context("Invalid receive-migration argument")?;
+            Call {
+                body: Some(serde_json::to_vec(&data)?),
+                ..Call::new("PUT", "vm.receive-migration")
             }
         }
         Command::AddDevice { device } => {
@@ -516,6 +557,89 @@ mod tests {
             format!("{error:#}").contains("Invalid add-net argument"),
             "{error:#}"
         );
+    }
+
+    #[test]
+    fn send_migration_sends_send_migration_data() {
+        // Arrange
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "/tmp/s",
+            "send-migration",
+            "destination_url=unix:/run/d.sock,local=on",
+        ]);
+
+        // Act
+        let call = call_for(&cli.command).unwrap();
+
+        // Assert
+        assert_eq!((call.method, call.endpoint), ("PUT", "vm.send-migration"));
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"destination_url": "unix:/run/d.sock", "local": true})
+        );
+    }
+
+    #[test]
+    fn send_migration_takes_the_older_local_flag_and_bare_url() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "/tmp/s",
+            "send-migration",
+            "--local",
+            "unix:/run/d.sock",
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"destination_url": "unix:/run/d.sock", "local": true})
+        );
+    }
+
+    #[test]
+    fn receive_migration_takes_a_key_or_a_bare_url() {
+        for argument in ["receiver_url=unix:/run/r.sock", "unix:/run/r.sock"] {
+            let cli = parse(&[
+                "ch-remote",
+                "--api-socket",
+                "/tmp/s",
+                "receive-migration",
+                argument,
+            ]);
+
+            let call = call_for(&cli.command).unwrap();
+
+            assert_eq!(
+                (call.method, call.endpoint),
+                ("PUT", "vm.receive-migration")
+            );
+            let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"receiver_url": "unix:/run/r.sock"})
+            );
+        }
+    }
+
+    #[test]
+    fn send_migration_with_an_unknown_key_is_refused_before_sending() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "/tmp/s",
+            "send-migration",
+            "destination_url=unix:/d,lokal=on",
+        ]);
+
+        let error = call_for(&cli.command).unwrap_err();
+
+        assert!(format!("{error:#}").contains("lokal"), "{error:#}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod dispatch;
 mod inherited;
+mod migration;
 mod unplug;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -134,7 +135,8 @@ pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError
     if let Some(restore) = &options.restore {
         // In its own thread: a successor started ahead waits for the handover, and its API
         // must answer meanwhile.
-        vmm.start_restore(restore.clone());
+        let from = IncomingFrom::new(&vmm.agent, vmm.inherited.as_mut(), restore);
+        vmm.start_restore(restore.clone(), from);
     }
     if let Some(config) = vm {
         config.validate().map_err(VmmError::Config)?;
@@ -161,6 +163,8 @@ struct Vmm {
     restoring: Option<String>,
     /// `--liveupdate inherit=`: the session passed by the service manager.
     inherited: Option<Inherited>,
+    /// A `vm.receive-migration` waiting for its VM.
+    receiving: Option<migration::Receiving>,
 }
 
 /// What the loop does after an event.
@@ -183,6 +187,7 @@ impl Vmm {
             agent: PathBuf::new(),
             restoring: None,
             inherited: None,
+            receiving: None,
         }
     }
 
@@ -215,6 +220,11 @@ impl Vmm {
                 }
             };
             let next = match event {
+                // Answered once the VM has arrived.
+                VmmEvent::Api(ApiRequest::VmReceiveMigration(request), reply) => {
+                    self.start_receive(&request, reply);
+                    Next::Continue
+                }
                 VmmEvent::Api(request, reply) => {
                     let (answer, next) = match self.inherited_api(request) {
                         Ok(handled) => handled,
@@ -231,12 +241,13 @@ impl Vmm {
                     self.flush_input();
                     Next::Continue
                 }
-                VmmEvent::Restored(restore, result) => match *result {
-                    Ok(restored) => {
+                VmmEvent::Restored(restore, result) => match self.end_receive(&restore, *result) {
+                    None => Next::Continue,
+                    Some(Ok(restored)) => {
                         self.finish_restore(&restore, restored);
                         Next::Continue
                     }
-                    Err(source) => {
+                    Some(Err(source)) => {
                         return Err(VmmError::Restore {
                             session: restore.session,
                             source,
@@ -261,12 +272,12 @@ impl Vmm {
         self.pending_input.drain(..accepted);
     }
 
-    /// Starts taking over the VM of a live-update session; the result arrives as an event.
-    fn start_restore(&mut self, restore: RestoreConfig) {
+    /// Starts taking over the VM of a live-update session from `from`; the result arrives as
+    /// an event.
+    fn start_restore(&mut self, restore: RestoreConfig, from: IncomingFrom) {
         self.emit("vm", "restoring");
         self.restoring = Some(restore.session.clone());
         let events = self.events.clone();
-        let from = IncomingFrom::new(&self.agent, self.inherited.as_mut(), &restore);
         let vcpu_events = self.events.clone();
         let on_vcpu_event = Arc::new(move |event| {
             let _ = vcpu_events.send(VmmEvent::Vcpu(event));

@@ -17,7 +17,8 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::config::{
-    ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig, VsockConfig,
+    ConfigError, DeviceConfig, NetConfig, ReceiveMigrationData, SendMigrationData,
+    UserDeviceConfig, VmConfig, VsockConfig,
 };
 
 pub use http::{ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server};
@@ -62,6 +63,10 @@ pub enum ApiRequest {
     VmAddNet(Box<NetConfig>, PassedFds),
     /// `PUT vm.add-vsock` with a `VsockConfig` body.
     VmAddVsock(VsockConfig),
+    /// `PUT vm.send-migration` with a `SendMigrationData` body.
+    VmSendMigration(SendMigrationData),
+    /// `PUT vm.receive-migration` with a `ReceiveMigrationData` body.
+    VmReceiveMigration(ReceiveMigrationData),
 }
 
 /// File descriptors that came with a request as `SCM_RIGHTS` (cloud-hypervisor's clients send
@@ -349,6 +354,18 @@ fn vm_add_vsock(body: &[u8]) -> Result<ApiRequest, String> {
     Ok(ApiRequest::VmAddVsock(vsock))
 }
 
+fn vm_send_migration(body: &[u8]) -> Result<ApiRequest, String> {
+    serde_json::from_slice(body)
+        .map(ApiRequest::VmSendMigration)
+        .map_err(|e| format!("Invalid SendMigrationData JSON: {e}"))
+}
+
+fn vm_receive_migration(body: &[u8]) -> Result<ApiRequest, String> {
+    serde_json::from_slice(body)
+        .map(ApiRequest::VmReceiveMigration)
+        .map_err(|e| format!("Invalid ReceiveMigrationData JSON: {e}"))
+}
+
 fn vm_remove_device(body: &[u8]) -> Result<ApiRequest, String> {
     #[derive(serde::Deserialize)]
     struct VmRemoveDeviceData {
@@ -380,6 +397,8 @@ pub const ROUTES: &[Route] = &[
     json("vm.add-device", Method::Put, vm_add_device),
     json("vm.remove-device", Method::Put, vm_remove_device),
     json("vm.add-vsock", Method::Put, vm_add_vsock),
+    json("vm.send-migration", Method::Put, vm_send_migration),
+    json("vm.receive-migration", Method::Put, vm_receive_migration),
     Route {
         name: "vm.add-net",
         method: Method::Put,
@@ -403,8 +422,6 @@ pub const NOT_SUPPORTED: &[&str] = &[
     "vm.snapshot",
     "vm.restore",
     "vm.coredump",
-    "vm.send-migration",
-    "vm.receive-migration",
 ];
 
 /// Maps a method, a path and a body to a request, with cloud-hypervisor's error statuses.

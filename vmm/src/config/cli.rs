@@ -100,13 +100,17 @@ impl VmCliArgs {
 }
 
 /// The `key=value` pairs of one flag's value, checked against the keys the flag knows.
-struct Options<'a> {
+pub(super) struct Options<'a> {
     flag: &'static str,
     pairs: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> Options<'a> {
-    fn parse(flag: &'static str, input: &'a str, known: &[&str]) -> Result<Self, ConfigError> {
+    pub(super) fn parse(
+        flag: &'static str,
+        input: &'a str,
+        known: &[&str],
+    ) -> Result<Self, ConfigError> {
         let mut pairs = Vec::new();
         for item in split_options(input).filter(|item| !item.is_empty()) {
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
@@ -122,7 +126,7 @@ impl<'a> Options<'a> {
     }
 
     /// The last value given for `key` (later values win, as cloud-hypervisor).
-    fn get(&self, key: &str) -> Option<&'a str> {
+    pub(super) fn get(&self, key: &str) -> Option<&'a str> {
         self.pairs
             .iter()
             .rev()
@@ -130,7 +134,12 @@ impl<'a> Options<'a> {
             .map(|(_, v)| *v)
     }
 
-    fn invalid(&self, key: &'static str, value: &str, reason: &'static str) -> ConfigError {
+    pub(super) fn invalid(
+        &self,
+        key: &'static str,
+        value: &str,
+        reason: &'static str,
+    ) -> ConfigError {
         ConfigError::InvalidValue {
             flag: self.flag,
             key,
@@ -139,7 +148,7 @@ impl<'a> Options<'a> {
         }
     }
 
-    fn bool(&self, key: &'static str) -> Result<Option<bool>, ConfigError> {
+    pub(super) fn bool(&self, key: &'static str) -> Result<Option<bool>, ConfigError> {
         self.get(key)
             .map(|value| match value {
                 "on" | "true" => Ok(true),
@@ -165,7 +174,7 @@ impl<'a> Options<'a> {
             .transpose()
     }
 
-    fn path(&self, key: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+    pub(super) fn path(&self, key: &'static str) -> Result<Option<PathBuf>, ConfigError> {
         self.get(key)
             .map(|value| {
                 if value.is_empty() {
@@ -175,6 +184,14 @@ impl<'a> Options<'a> {
                 }
             })
             .transpose()
+    }
+
+    /// The value of a key that must be given.
+    pub(super) fn required(&self, key: &'static str) -> Result<&'a str, ConfigError> {
+        self.get(key).ok_or(ConfigError::MissingKey {
+            flag: self.flag,
+            key,
+        })
     }
 
     fn required_path(&self, key: &'static str) -> Result<PathBuf, ConfigError> {

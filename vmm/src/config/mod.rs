@@ -10,6 +10,7 @@
 
 mod cli;
 mod device;
+mod migration;
 mod net;
 mod user_device;
 mod vsock;
@@ -20,6 +21,10 @@ use log::debug;
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
+pub use migration::{
+    MigrationError, ReceiveMigrationData, SendMigrationData, parse_receive_migration,
+    parse_send_migration,
+};
 pub use net::{DEFAULT_NET_QUEUES, NetConfig, NetKexecPolicy};
 pub use user_device::UserDeviceConfig;
 pub use vsock::VsockConfig;

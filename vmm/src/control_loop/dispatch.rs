@@ -2,8 +2,11 @@
 //! or is refused with cloud-hypervisor's status.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
-use crate::api::{ApiError, ApiRequest, ApiResponse, LiveUpdateConfig, PassedFds, PciDeviceInfo};
+use liveupdate::machine::Timings;
+
+use crate::api::{ApiError, ApiRequest, ApiResponse, PassedFds, PciDeviceInfo};
 use crate::config::{
     ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig, VsockConfig,
 };
@@ -23,9 +26,20 @@ impl Vmm {
                 self.shutdown_vm();
                 (Ok(ApiResponse::Empty), Next::Exit)
             }
-            ApiRequest::VmLiveUpdate(request) => match self.live_update(&request) {
-                // The guest now belongs to the session: this process is done.
-                Ok(body) => (Ok(ApiResponse::Json(body)), Next::Exit),
+            ApiRequest::VmLiveUpdate(request) => {
+                let agent = self.agent.clone();
+                match self.hand_over(&agent, &request.session) {
+                    // The guest now belongs to the session: this process is done.
+                    Ok(timings) => {
+                        let body = live_update::timings_body(&request.session, &timings);
+                        (Ok(ApiResponse::Json(body)), Next::Exit)
+                    }
+                    Err(error) => (Err(error), Next::Continue),
+                }
+            }
+            ApiRequest::VmSendMigration(request) => match self.send_migration(&request) {
+                // As cloud-hypervisor: the source process exits once the VM has moved.
+                Ok(()) => (Ok(ApiResponse::Empty), Next::Exit),
                 Err(error) => (Err(error), Next::Continue),
             },
             other => (self.handle_vm_request(other), Next::Continue),
@@ -108,9 +122,9 @@ impl Vmm {
         }
     }
 
-    /// Runs a live update of the VM into `request.session` through the session agent. On
+    /// Runs a live update of the VM into `session` through the session agent at `agent`. On
     /// success the VM is gone from this process; on failure it runs on (or stays paused).
-    fn live_update(&mut self, request: &LiveUpdateConfig) -> Result<serde_json::Value, ApiError> {
+    pub(super) fn hand_over(&mut self, agent: &Path, session: &str) -> Result<Timings, ApiError> {
         let Some(config) = self.config.clone() else {
             return Err(ApiError::not_found("VM is not created"));
         };
@@ -130,9 +144,8 @@ impl Vmm {
         }
         self.emit("vm", "live-update-started");
         // Kexec mode: devices with kexec=detach leave the guest first (guest running).
-        let agent = self.agent.clone();
         let runs_kexec = || {
-            live_update::agent_runs_kexec(&agent).map_err(|e| ApiError::from_error(e.status(), &e))
+            live_update::agent_runs_kexec(agent).map_err(|e| ApiError::from_error(e.status(), &e))
         };
         let detached = self.detach_for_kexec(&config, runs_kexec)?;
         // A device the guest ejected on its own meanwhile is now marked removed.
@@ -142,13 +155,13 @@ impl Vmm {
                 "Cannot live-update a VM that is not booted",
             ));
         };
-        match live_update::run_outgoing(vm, &config, &self.agent, &request.session) {
+        match live_update::run_outgoing(vm, &config, agent, session) {
             Ok(timings) => {
                 let properties = live_update::timings_properties(&timings);
                 self.emit_with("vm", "live-update-handed-over", Some(&properties));
                 self.vm = None;
                 self.state = VmState::Shutdown;
-                Ok(live_update::timings_body(&request.session, &timings))
+                Ok(timings)
             }
             Err(error) => {
                 if was_paused && let Some(vm) = self.vm.as_mut() {

@@ -65,11 +65,13 @@ pub enum LiveUpdateError {
     /// The restore thread could not start.
     #[error("Cannot start the restore thread")]
     Thread(#[source] std::io::Error),
-    /// No handover came within [`HANDOVER_WAIT`].
-    #[error("Session {session} was not handed over within {}s", HANDOVER_WAIT.as_secs())]
+    /// No handover came within the wait (by default [`HANDOVER_WAIT`]).
+    #[error("Session {session} was not handed over within {}s", waited.as_secs())]
     NoHandover {
         /// The session.
         session: String,
+        /// How long the successor waited.
+        waited: Duration,
     },
     /// The request names a session other than the inherited one.
     #[error(
@@ -185,8 +187,8 @@ pub struct Restored {
 /// Where a restore takes its session from.
 #[derive(Debug)]
 pub enum IncomingFrom {
-    /// The session agent at this socket.
-    Agent(PathBuf),
+    /// The session agent at this socket, waited for this long.
+    Agent(PathBuf, Duration),
     /// The inherited session (or why it cannot be used).
     Inherited(Result<KernelSession, LiveUpdateError>),
 }
@@ -196,7 +198,7 @@ impl IncomingFrom {
     pub fn new(agent: &Path, inherited: Option<&mut Inherited>, restore: &RestoreConfig) -> Self {
         match inherited {
             Some(inherited) => Self::Inherited(inherited.incoming_session(&restore.session)),
-            None => Self::Agent(agent.to_path_buf()),
+            None => Self::Agent(agent.to_path_buf(), HANDOVER_WAIT),
         }
     }
 }
@@ -208,7 +210,7 @@ pub fn run_incoming_from(
     on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
 ) -> Result<Restored, LiveUpdateError> {
     match from {
-        IncomingFrom::Agent(agent) => run_incoming(&agent, restore, on_event),
+        IncomingFrom::Agent(agent, wait) => run_incoming(&agent, wait, restore, on_event),
         IncomingFrom::Inherited(session) => {
             // The service manager retrieved it before this process started.
             let start = Instant::now();
@@ -224,9 +226,11 @@ pub fn run_incoming_from(
     }
 }
 
-/// Takes over the VM of session `restore.session` from the agent at `agent`.
+/// Takes over the VM of session `restore.session` from the agent at `agent`, waiting up to
+/// `wait` for it to be handed over.
 pub fn run_incoming(
     agent: &Path,
+    wait: Duration,
     restore: &RestoreConfig,
     on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
 ) -> Result<Restored, LiveUpdateError> {
@@ -237,7 +241,7 @@ pub fn run_incoming(
     };
     let start = Instant::now();
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
-    let prebuilt = wait_for_handover(&mut client, name)?;
+    let prebuilt = wait_for_handover(&mut client, name, wait)?;
     let taken = TakeOver {
         start,
         retrieved: Instant::now(),
@@ -328,8 +332,9 @@ pub fn timings_body(session: &str, timings: &Timings) -> serde_json::Value {
 fn wait_for_handover(
     client: &mut AgentClient,
     name: &str,
+    wait: Duration,
 ) -> Result<Option<Prebuilt>, LiveUpdateError> {
-    let deadline = Instant::now() + HANDOVER_WAIT;
+    let deadline = Instant::now() + wait;
     let mut prebuilt = None;
     let mut peek = true;
     loop {
@@ -344,6 +349,7 @@ fn wait_for_handover(
         if now >= deadline {
             return Err(LiveUpdateError::NoHandover {
                 session: name.to_string(),
+                waited: wait,
             });
         }
         if peek {
