@@ -1,8 +1,9 @@
 //! The VM configuration: cloud-hypervisor's `VmConfig` JSON shape (the subset we support), its
 //! defaults, its validation and the command-line parsers that build it (`cli`).
 //!
-//! Unknown JSON fields are accepted and ignored (orchestrators written for cloud-hypervisor send
-//! many), and logged at debug level by [`VmConfig::from_json`].
+//! A JSON configuration is checked against cloud-hypervisor's schema before it is parsed
+//! (`schema`): keys we do not implement are accepted only with their neutral value (`null`,
+//! `false`, `[]`, ...), and every other one is refused, all of them named in one error.
 //!
 //! Guest RAM is always a shared memfd so that live update can preserve it: `memory.shared=false`
 //! is accepted for compatibility but changes nothing, and `memory.hugepages=true` is refused
@@ -11,13 +12,14 @@
 mod cli;
 mod device;
 mod net;
+mod schema;
 mod user_device;
 mod vsock;
 
 use std::path::{Path, PathBuf};
 
-use log::debug;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
 pub use net::{DEFAULT_NET_QUEUES, NetConfig, NetKexecPolicy};
@@ -72,9 +74,22 @@ pub enum ConfigError {
         /// The missing key.
         key: &'static str,
     },
-    /// The JSON document is not a valid `VmConfig`.
-    #[error("Invalid VmConfig JSON: {0}")]
-    Json(String),
+    /// The JSON document is not a valid configuration object.
+    #[error("Invalid {what} JSON: {reason}")]
+    Json {
+        /// cloud-hypervisor's name of the object, e.g. `VmConfig`.
+        what: &'static str,
+        /// What serde found wrong.
+        reason: String,
+    },
+    /// A JSON configuration sets keys we cannot honour or that nobody knows.
+    #[error("{}", unsupported_message(.unsupported, .unknown))]
+    Unsupported {
+        /// Paths of cloud-hypervisor's keys set to a value we cannot honour, sorted.
+        unsupported: Vec<String>,
+        /// Paths of keys cloud-hypervisor does not know either, sorted.
+        unknown: Vec<String>,
+    },
     /// `boot_vcpus` is zero or above `max_vcpus`, or `max_vcpus` is above the limit.
     #[error("Invalid vCPU counts boot={boot} max={max} (need 1 <= boot <= max <= {MAX_VCPUS})")]
     InvalidVcpus {
@@ -128,6 +143,49 @@ pub enum ConfigError {
     DuplicateDevicePath(PathBuf),
 }
 
+fn unsupported_message(unsupported: &[String], unknown: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !unsupported.is_empty() {
+        let keys: Vec<String> = unsupported
+            .iter()
+            .map(|path| match schema::why(path) {
+                Some(why) => format!("{path} ({why})"),
+                None => path.clone(),
+            })
+            .collect();
+        parts.push(format!("Unsupported configuration: {}", keys.join(", ")));
+    }
+    if !unknown.is_empty() {
+        parts.push(format!(
+            "Unknown configuration keys: {}",
+            unknown.join(", ")
+        ));
+    }
+    parts.join("; ")
+}
+
+/// Parses a JSON configuration object named `what` once `schema` finds nothing in it to
+/// refuse.
+fn from_checked_json<T: DeserializeOwned>(
+    json: &[u8],
+    what: &'static str,
+    schema: &schema::Schema,
+) -> Result<T, ConfigError> {
+    let invalid = |e: serde_json::Error| ConfigError::Json {
+        what,
+        reason: e.to_string(),
+    };
+    let value: serde_json::Value = serde_json::from_slice(json).map_err(invalid)?;
+    let findings = schema.check(&value, "");
+    if !findings.is_empty() {
+        return Err(ConfigError::Unsupported {
+            unsupported: findings.unsupported,
+            unknown: findings.unknown,
+        });
+    }
+    serde_json::from_value(value).map_err(invalid)
+}
+
 /// The VM configuration, in cloud-hypervisor's JSON shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -140,19 +198,35 @@ pub struct VmConfig {
     /// What to boot (required in JSON, as cloud-hypervisor).
     pub payload: PayloadConfig,
     /// virtio-blk disks, in order.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        serialize_with = "empty_as_null"
+    )]
     pub disks: Vec<DiskConfig>,
     /// Network cards, in order.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        serialize_with = "empty_as_null"
+    )]
     pub net: Vec<NetConfig>,
     /// vfio-user devices, in order.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        serialize_with = "empty_as_null"
+    )]
     pub user_devices: Vec<UserDeviceConfig>,
     /// The vsock device.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
     /// Kernel VFIO devices (`--device`), in order.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        serialize_with = "empty_as_null"
+    )]
     pub devices: Vec<DeviceConfig>,
     /// The legacy 16550 serial port.
     #[serde(default = "ConsoleConfig::default_serial")]
@@ -314,6 +388,18 @@ where
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// cloud-hypervisor writes an absent list as `null`, and so do we.
+fn empty_as_null<S: Serializer, T: Serialize>(
+    list: &[T],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    if list.is_empty() {
+        serializer.serialize_none()
+    } else {
+        serializer.collect_seq(list)
+    }
+}
+
 impl Default for CpusConfig {
     fn default() -> Self {
         Self {
@@ -400,17 +486,17 @@ fn check_exists(what: &'static str, path: &Path) -> Result<(), ConfigError> {
 }
 
 impl VmConfig {
-    /// Parses a `VmConfig` JSON document, logging (at debug) the fields we ignore.
+    /// Parses a `VmConfig` JSON document (`vm.create`), refusing every key we cannot honour.
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        let mut deserializer = serde_json::Deserializer::from_slice(json);
-        let config: Self = serde_ignored::deserialize(&mut deserializer, |ignored| {
-            debug!("Ignoring unsupported VmConfig field {ignored}");
-        })
-        .map_err(|e| ConfigError::Json(e.to_string()))?;
-        deserializer
-            .end()
-            .map_err(|e| ConfigError::Json(e.to_string()))?;
-        Ok(config)
+        from_checked_json(json, "VmConfig", &schema::VM)
+    }
+
+    /// The configuration as `vm.info` shows it: cloud-hypervisor's shape, with every key we
+    /// leave out at its neutral value.
+    pub fn to_info_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        schema::VM.fill(&mut value);
+        value
     }
 
     /// Checks the configuration before a VM is built from it.
@@ -731,6 +817,96 @@ mod tests {
     }
 
     #[test]
+    fn json_with_sections_we_do_not_implement_is_refused_naming_each() {
+        let json = br#"{
+            "payload": {"kernel": "/vmlinux"},
+            "pmem": [{"file": "/pmem.img"}],
+            "balloon": {"size": 0},
+            "fs": [{"tag": "fs0", "socket": "/fs.sock"}],
+            "numa": [{"guest_numa_id": 0}],
+            "platform": {"uuid": "8d2b1c3e-0000-4000-8000-000000000000"},
+            "iommu": true,
+            "disks": [{"path": "/a.img", "rate_limiter_config": {"ops": {"size": 1, "refill_time": 1}}}],
+            "frobnicate": true
+        }"#;
+
+        let error = VmConfig::from_json(json).unwrap_err();
+
+        assert_eq!(
+            error.to_string(),
+            "Unsupported configuration: balloon, disks[0].rate_limiter_config, fs, iommu, \
+             numa, platform.uuid, pmem; Unknown configuration keys: frobnicate"
+        );
+    }
+
+    #[test]
+    fn hugepages_in_json_are_named_with_the_other_keys() {
+        let json = br#"{"payload": {"kernel": "/vmlinux"},
+            "memory": {"size": 1073741824, "hugepages": true, "prefault": true}}"#;
+
+        let error = VmConfig::from_json(json).unwrap_err();
+
+        assert_eq!(
+            error,
+            ConfigError::Unsupported {
+                unsupported: vec!["memory.hugepages".into(), "memory.prefault".into()],
+                unknown: Vec::new(),
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            "Unsupported configuration: memory.hugepages (hugetlb memory cannot be preserved \
+             by a live update), memory.prefault"
+        );
+    }
+
+    #[test]
+    fn info_json_has_cloud_hypervisors_shape_and_is_accepted_back() {
+        let mut config = valid_config();
+        config.net.push(crate::config::NetConfig {
+            tap: Some("tap0".into()),
+            kexec: crate::config::NetKexecPolicy::Refuse,
+            ..crate::config::NetConfig::default()
+        });
+
+        let info = config.to_info_json();
+        let back = VmConfig::from_json(info.to_string().as_bytes());
+
+        assert_eq!(info["user_devices"], serde_json::Value::Null);
+        assert_eq!(info["devices"], serde_json::Value::Null);
+        assert_eq!(info["vsock"], serde_json::Value::Null);
+        assert_eq!(info["pmem"], serde_json::Value::Null);
+        assert_eq!(info["watchdog"], false);
+        assert_eq!(info["disks"][0]["num_queues"], 1);
+        assert_eq!(info["disks"][0]["direct"], false);
+        assert_eq!(info["rng"]["iommu"], false);
+        assert_eq!(info["console"]["iommu"], false);
+        assert_eq!(info["net"][0]["kexec"], "refuse");
+        assert_eq!(back, Ok(config));
+    }
+
+    #[test]
+    fn add_bodies_refuse_what_we_do_not_implement_naming_each_key() {
+        let net = crate::config::NetConfig::from_json(
+            br#"{"tap": "t0", "iommu": true, "pci_device_id": 7, "vhost_mode": "Server"}"#,
+        );
+        let vsock = crate::config::VsockConfig::from_json(
+            br#"{"cid": 3, "socket": "/v.sock", "pci_segment": 1, "x": 1}"#,
+        );
+        let device = DeviceConfig::from_json(br#"{"path": "/sys/x", "iommu": false}"#);
+
+        assert_eq!(
+            net.unwrap_err().to_string(),
+            "Unsupported configuration: iommu, pci_device_id, vhost_mode"
+        );
+        assert_eq!(
+            vsock.unwrap_err().to_string(),
+            "Unsupported configuration: pci_segment; Unknown configuration keys: x"
+        );
+        assert!(device.is_ok(), "{device:?}");
+    }
+
+    #[test]
     fn json_without_payload_is_refused() {
         let error = VmConfig::from_json(br#"{"cpus": {"boot_vcpus": 1}}"#).unwrap_err();
 
@@ -742,7 +918,7 @@ mod tests {
         let error =
             VmConfig::from_json(br#"{"payload": {}, "memory": {"size": "big"}}"#).unwrap_err();
 
-        assert!(matches!(error, ConfigError::Json(_)));
+        assert!(matches!(error, ConfigError::Json { .. }));
         assert!(error.to_string().contains("invalid type"), "{error}");
     }
 
@@ -750,7 +926,7 @@ mod tests {
     fn json_with_trailing_garbage_is_refused() {
         let error = VmConfig::from_json(br#"{"payload": {}} x"#).unwrap_err();
 
-        assert!(matches!(error, ConfigError::Json(_)));
+        assert!(matches!(error, ConfigError::Json { .. }));
     }
 
     #[test]

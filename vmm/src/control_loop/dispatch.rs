@@ -50,7 +50,7 @@ impl Vmm {
                 let mut config = config.clone();
                 config.drop_removed_devices();
                 Ok(ApiResponse::Json(serde_json::json!({
-                    "config": config,
+                    "config": config.to_info_json(),
                     "state": state,
                     "memory_actual_size": config.memory.size,
                 })))
