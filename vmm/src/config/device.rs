@@ -9,7 +9,7 @@ impl DeviceConfig {
     /// Parses a `DeviceConfig` JSON document (`vm.add-device`), refusing every key we cannot
     /// honour.
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        super::from_checked_json(json, "DeviceConfig", &super::schema::DEVICE)
+        super::json::from_checked_json(json, "DeviceConfig", &super::schema::DEVICE)
     }
 
     /// Checks that the sysfs path exists (whether it is bound to vfio-pci shows on attach).

@@ -26,7 +26,7 @@ impl UserDeviceConfig {
     /// Parses a `UserDeviceConfig` JSON document (`vm.add-user-device`), refusing every key
     /// we cannot honour.
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        super::from_checked_json(json, "UserDeviceConfig", &super::schema::USER_DEVICE)
+        super::json::from_checked_json(json, "UserDeviceConfig", &super::schema::USER_DEVICE)
     }
 
     /// Checks that the server's socket exists (whether it serves vfio-user shows on attach).

@@ -48,7 +48,7 @@ impl VsockConfig {
     /// Parses a `VsockConfig` JSON document (`vm.add-vsock`), refusing every key we cannot
     /// honour.
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        super::from_checked_json(json, "VsockConfig", &super::schema::VSOCK)
+        super::json::from_checked_json(json, "VsockConfig", &super::schema::VSOCK)
     }
 
     /// Checks what can be checked without touching the host.
