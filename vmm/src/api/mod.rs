@@ -120,7 +120,7 @@ impl PciDeviceInfo {
     pub fn new(id: String, slot: u8) -> Self {
         Self {
             id,
-            bdf: format!("0000:00:{slot:02x}.0"),
+            bdf: crate::device_manager::pci_bdf(slot),
         }
     }
 }
