@@ -98,6 +98,14 @@ pub enum ConfigError {
         /// Requested maximum vCPUs.
         max: u8,
     },
+    /// More vCPUs than boot ones: we have no CPU hot-plug.
+    #[error("CPU hot-plug is not supported: max_vcpus {max} must equal boot_vcpus {boot}")]
+    VcpuHotplugNotSupported {
+        /// Requested boot vCPUs.
+        boot: u8,
+        /// Requested maximum vCPUs.
+        max: u8,
+    },
     /// Guest RAM is too small or not 4 KiB aligned.
     #[error("Invalid memory size {0} (need at least 64 MiB and a multiple of 4 KiB)")]
     InvalidMemorySize(u64),
@@ -428,6 +436,9 @@ impl VmConfig {
         if boot == 0 || boot > max || max > MAX_VCPUS {
             return Err(ConfigError::InvalidVcpus { boot, max });
         }
+        if max != boot {
+            return Err(ConfigError::VcpuHotplugNotSupported { boot, max });
+        }
         let size = self.memory.size;
         if size < MIN_MEMORY_SIZE || !size.is_multiple_of(MEMORY_ALIGNMENT) {
             return Err(ConfigError::InvalidMemorySize(size));
@@ -554,6 +565,20 @@ mod tests {
         assert_eq!(
             config.validate(),
             Err(ConfigError::InvalidVcpus { boot: 4, max: 2 })
+        );
+    }
+
+    #[test]
+    fn more_max_than_boot_vcpus_is_refused_as_cpu_hotplug() {
+        let mut config = valid_config();
+        config.cpus = CpusConfig {
+            boot_vcpus: 2,
+            max_vcpus: 4,
+        };
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::VcpuHotplugNotSupported { boot: 2, max: 4 })
         );
     }
 

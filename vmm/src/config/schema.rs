@@ -71,6 +71,9 @@ pub(super) enum Kind {
     /// Not implemented: accepted only as `null` or one of these values; `vm.info` shows the
     /// first (or `null`).
     Unsupported(&'static [Neutral]),
+    /// Implemented only when equal to the sibling key `.0` (taken as `.1` when absent), e.g.
+    /// `max_vcpus`, as we have no CPU hot-plug.
+    SameAs(&'static str, Neutral),
 }
 
 /// The keys of one configuration object.
@@ -117,6 +120,7 @@ impl Schema {
         };
         for (key, value) in object {
             let path = join(prefix, key);
+            let sibling = |name: &str| object.get(name).filter(|v| !v.is_null());
             let Some((_, kind)) = self.keys.iter().find(|(name, _)| name == key) else {
                 findings.unknown.push(path);
                 continue;
@@ -134,6 +138,15 @@ impl Schema {
                         findings.unsupported.push(path);
                     }
                 }
+                Kind::SameAs(other, absent) => {
+                    let same = match sibling(other) {
+                        Some(other) => other == value,
+                        None => absent.matches(value),
+                    };
+                    if !value.is_null() && !same {
+                        findings.unsupported.push(path);
+                    }
+                }
             }
         }
     }
@@ -146,7 +159,7 @@ impl Schema {
         };
         for (key, kind) in self.keys {
             match (object.get_mut(*key), kind) {
-                (Some(_), Kind::Ours | Kind::Extra | Kind::Unsupported(_))
+                (Some(_), Kind::Ours | Kind::Extra | Kind::Unsupported(_) | Kind::SameAs(..))
                 | (None, Kind::Extra) => {}
                 (Some(inner), Kind::Object(schema) | Kind::Always(schema)) => schema.fill(inner),
                 (Some(inner), Kind::List(schema)) => {
@@ -154,7 +167,7 @@ impl Schema {
                         schema.fill(item);
                     }
                 }
-                (None, Kind::Ours | Kind::Object(_) | Kind::List(_)) => {
+                (None, Kind::Ours | Kind::SameAs(..) | Kind::Object(_) | Kind::List(_)) => {
                     object.insert((*key).to_string(), Value::Null);
                 }
                 (None, Kind::Always(schema)) => {
@@ -173,10 +186,16 @@ impl Schema {
 
 /// Why a key is left out, where the key's name alone does not say it: shown after the key in
 /// the error.
-const WHY: &[(&str, &str)] = &[(
-    "memory.hugepages",
-    "hugetlb memory cannot be preserved by a live update",
-)];
+const WHY: &[(&str, &str)] = &[
+    (
+        "memory.hugepages",
+        "hugetlb memory cannot be preserved by a live update",
+    ),
+    (
+        "cpus.max_vcpus",
+        "no CPU hot-plug: it must equal boot_vcpus",
+    ),
+];
 
 /// Why the key at `path` is left out, when [`WHY`] says.
 pub(super) fn why(path: &str) -> Option<&'static str> {
@@ -185,7 +204,7 @@ pub(super) fn why(path: &str) -> Option<&'static str> {
         .map(|(_, why)| *why)
 }
 
-use Kind::{Always, Extra, List, Object, Ours, Unsupported};
+use Kind::{Always, Extra, List, Object, Ours, SameAs, Unsupported};
 use Neutral::{Bool, Empty, Int, Str};
 
 /// Only `null` (or absent) means "not used".
@@ -239,7 +258,7 @@ pub(super) static VM: Schema = Schema {
 static CPUS: Schema = Schema {
     keys: &[
         ("boot_vcpus", Ours),
-        ("max_vcpus", Ours),
+        ("max_vcpus", SameAs("boot_vcpus", Int(1))),
         ("topology", NONE),
         ("kvm_hyperv", FALSE),
         ("max_phys_bits", Unsupported(&[Int(46)])),
@@ -516,6 +535,19 @@ mod tests {
                 "platform.num_pci_segments"
             ]
         );
+    }
+
+    #[test]
+    fn max_vcpus_is_accepted_only_equal_to_boot_vcpus() {
+        let cpus = |cpus: Value| check(&json!({"payload": {}, "cpus": cpus})).unsupported;
+
+        let equal = cpus(json!({"boot_vcpus": 4, "max_vcpus": 4}));
+        let above = cpus(json!({"boot_vcpus": 1, "max_vcpus": 4}));
+        let default_boot = cpus(json!({"max_vcpus": 2}));
+
+        assert!(equal.is_empty(), "{equal:?}");
+        assert_eq!(above, ["cpus.max_vcpus"]);
+        assert_eq!(default_boot, ["cpus.max_vcpus"]);
     }
 
     #[test]
