@@ -78,6 +78,15 @@ impl VmConfig {
         from_checked_json(json, "VmConfig", &schema::VM)
     }
 
+    /// Parses a configuration this VMM (or an older one) saved for a live update: no schema
+    /// check, as a VM already running is never refused for rules made stricter since.
+    pub fn from_saved_json(json: &[u8]) -> Result<Self, ConfigError> {
+        serde_json::from_slice(json).map_err(|e| ConfigError::Json {
+            what: "VmConfig",
+            reason: e.to_string(),
+        })
+    }
+
     /// The configuration as `vm.info` shows it: cloud-hypervisor's shape, with every key we
     /// leave out at its neutral value.
     pub fn to_info_json(&self) -> serde_json::Value {
@@ -262,6 +271,25 @@ mod tests {
             "Unsupported configuration: pci_segment; Unknown configuration keys: x"
         );
         assert!(device.is_ok(), "{device:?}");
+    }
+
+    #[test]
+    fn a_saved_config_is_read_back_without_todays_stricter_rules() {
+        let saved = br#"{"payload": {"kernel": "/vmlinux"},
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 2}}"#;
+
+        let checked = VmConfig::from_json(saved);
+        let restored = VmConfig::from_saved_json(saved).unwrap();
+
+        assert_eq!(
+            checked.map_err(|e| e.to_string()),
+            Err(
+                "Unsupported configuration: cpus.max_vcpus (no CPU hot-plug: it must equal \
+                 boot_vcpus)"
+                    .to_string()
+            )
+        );
+        assert_eq!(restored.cpus.max_vcpus, 2);
     }
 
     #[test]

@@ -21,6 +21,9 @@ use serde_json::{Map, Value};
 /// A value under which a key we do not implement means "not used". `null` always does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Neutral {
+    /// `null`: listed first where `vm.info` shows `null` for a key that has other neutral
+    /// values.
+    Null,
     /// `[]`.
     Empty,
     /// This boolean.
@@ -34,6 +37,7 @@ pub(super) enum Neutral {
 impl Neutral {
     fn matches(self, value: &Value) -> bool {
         match self {
+            Self::Null => value.is_null(),
             Self::Empty => value.as_array().is_some_and(Vec::is_empty),
             Self::Bool(b) => value.as_bool() == Some(b),
             Self::Int(n) => value.as_u64() == Some(n),
@@ -45,7 +49,7 @@ impl Neutral {
     /// nobody gave.
     fn shown(self) -> Value {
         match self {
-            Self::Empty => Value::Null,
+            Self::Null | Self::Empty => Value::Null,
             Self::Bool(b) => Value::Bool(b),
             Self::Int(n) => Value::from(n),
             Self::Str(s) => Value::from(s),
@@ -205,7 +209,7 @@ pub(super) fn why(path: &str) -> Option<&'static str> {
 }
 
 use Kind::{Always, Extra, List, Object, Ours, SameAs, Unsupported};
-use Neutral::{Bool, Empty, Int, Str};
+use Neutral::{Bool, Empty, Int, Null, Str};
 
 /// Only `null` (or absent) means "not used".
 const NONE: Kind = Unsupported(&[]);
@@ -230,7 +234,7 @@ pub(super) static VM: Schema = Schema {
         ("fs", EMPTY),
         ("generic_vhost_user", EMPTY),
         ("pmem", EMPTY),
-        ("serial", Always(&SERIAL)),
+        ("serial", Always(&CONSOLE)),
         ("console", Always(&CONSOLE)),
         ("debug_console", Always(&DEBUG_CONSOLE)),
         ("devices", List(&DEVICE)),
@@ -282,8 +286,8 @@ static MEMORY: Schema = Schema {
         // Live update cannot preserve hugetlb memfds.
         ("hugepages", FALSE),
         ("hugepage_size", NONE),
-        ("hotplug_size", Unsupported(&[Int(0)])),
-        ("hotplugged_size", Unsupported(&[Int(0)])),
+        ("hotplug_size", Unsupported(&[Null, Int(0)])),
+        ("hotplugged_size", Unsupported(&[Null, Int(0)])),
         ("mergeable", FALSE),
         ("hotplug_method", Unsupported(&[Str("Acpi")])),
         ("prefault", FALSE),
@@ -373,10 +377,7 @@ static RNG: Schema = Schema {
     ],
 };
 
-static SERIAL: Schema = Schema {
-    keys: &[("mode", Ours), ("file", Ours), ("socket", NONE)],
-};
-
+/// The serial port and the virtio console: one type in cloud-hypervisor.
 static CONSOLE: Schema = Schema {
     keys: &[
         ("mode", Ours),
