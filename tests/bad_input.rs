@@ -218,7 +218,8 @@ fn create_with_hugepages_is_400_naming_live_update() {
 
     assert_eq!(response.status, 400);
     let messages = json_messages(&response).join(" ");
-    assert!(messages.contains("Live update"), "{messages}");
+    assert!(messages.contains("memory.hugepages"), "{messages}");
+    assert!(messages.contains("live update"), "{messages}");
 }
 
 #[test]

@@ -125,7 +125,7 @@ impl PciDeviceInfo {
     pub fn new(id: String, slot: u8) -> Self {
         Self {
             id,
-            bdf: format!("0000:00:{slot:02x}.0"),
+            bdf: crate::device_manager::pci_bdf(slot),
         }
     }
 }
@@ -301,9 +301,7 @@ fn vm_live_update(body: &[u8]) -> Result<ApiRequest, String> {
 }
 
 fn vm_add_user_device(body: &[u8]) -> Result<ApiRequest, String> {
-    // Unknown fields (cloud-hypervisor's `pci_segment`) are accepted and ignored, as in VmConfig.
-    let device: UserDeviceConfig =
-        serde_json::from_slice(body).map_err(|e| format!("Invalid UserDeviceConfig JSON: {e}"))?;
+    let device = UserDeviceConfig::from_json(body).map_err(|e| e.to_string())?;
     if device.socket.as_os_str().is_empty() {
         return Err("Invalid UserDeviceConfig: the socket path is empty".into());
     }
@@ -314,9 +312,7 @@ fn vm_add_user_device(body: &[u8]) -> Result<ApiRequest, String> {
 }
 
 fn vm_add_device(body: &[u8]) -> Result<ApiRequest, String> {
-    // Unknown fields (cloud-hypervisor's `iommu`, `pci_segment`) are accepted and ignored.
-    let device: DeviceConfig =
-        serde_json::from_slice(body).map_err(|e| format!("Invalid DeviceConfig JSON: {e}"))?;
+    let device = DeviceConfig::from_json(body).map_err(|e| e.to_string())?;
     if device.path.as_os_str().is_empty() {
         return Err("Invalid DeviceConfig: the path is empty".into());
     }
@@ -327,8 +323,7 @@ fn vm_add_device(body: &[u8]) -> Result<ApiRequest, String> {
 }
 
 fn vm_add_net(body: &[u8], fds: PassedFds) -> Result<ApiRequest, String> {
-    let mut net: NetConfig =
-        serde_json::from_slice(body).map_err(|e| format!("Invalid NetConfig JSON: {e}"))?;
+    let mut net = NetConfig::from_json(body).map_err(|e| e.to_string())?;
     if net.id.as_deref() == Some("") {
         return Err("Invalid NetConfig: the id is empty".into());
     }
@@ -343,8 +338,7 @@ fn vm_add_net(body: &[u8], fds: PassedFds) -> Result<ApiRequest, String> {
 }
 
 fn vm_add_vsock(body: &[u8]) -> Result<ApiRequest, String> {
-    let vsock: VsockConfig =
-        serde_json::from_slice(body).map_err(|e| format!("Invalid VsockConfig JSON: {e}"))?;
+    let vsock = VsockConfig::from_json(body).map_err(|e| e.to_string())?;
     if vsock.id.as_deref() == Some("") {
         return Err("Invalid VsockConfig: the id is empty".into());
     }

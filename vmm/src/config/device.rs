@@ -6,6 +6,12 @@ use std::path::Path;
 use super::{ConfigError, DeviceConfig, VmConfig, check_exists};
 
 impl DeviceConfig {
+    /// Parses a `DeviceConfig` JSON document (`vm.add-device`), refusing every key we cannot
+    /// honour.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        super::json::from_checked_json(json, "DeviceConfig", &super::schema::DEVICE)
+    }
+
     /// Checks that the sysfs path exists (whether it is bound to vfio-pci shows on attach).
     pub fn check_path(&self) -> Result<(), ConfigError> {
         check_exists("VFIO device", &self.path)

@@ -1,8 +1,9 @@
 //! The VM configuration: cloud-hypervisor's `VmConfig` JSON shape (the subset we support), its
 //! defaults, its validation and the command-line parsers that build it (`cli`).
 //!
-//! Unknown JSON fields are accepted and ignored (orchestrators written for cloud-hypervisor send
-//! many), and logged at debug level by [`VmConfig::from_json`].
+//! A JSON configuration is checked against cloud-hypervisor's schema before it is parsed
+//! (`schema`): keys we do not implement are accepted only with their neutral value (`null`,
+//! `false`, `[]`, ...), and every other one is refused, all of them named in one error.
 //!
 //! Guest RAM is always a shared memfd so that live update can preserve it: `memory.shared=false`
 //! is accepted for compatibility but changes nothing, and `memory.hugepages=true` is refused
@@ -10,15 +11,16 @@
 
 mod cli;
 mod device;
+mod json;
 mod migration;
 mod net;
+mod schema;
 mod user_device;
 mod vsock;
 
 use std::path::{Path, PathBuf};
 
-use log::debug;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use migration::{
@@ -77,12 +79,33 @@ pub enum ConfigError {
         /// The missing key.
         key: &'static str,
     },
-    /// The JSON document is not a valid `VmConfig`.
-    #[error("Invalid VmConfig JSON: {0}")]
-    Json(String),
+    /// The JSON document is not a valid configuration object.
+    #[error("Invalid {what} JSON: {reason}")]
+    Json {
+        /// cloud-hypervisor's name of the object, e.g. `VmConfig`.
+        what: &'static str,
+        /// What serde found wrong.
+        reason: String,
+    },
+    /// A JSON configuration sets keys we cannot honour or that nobody knows.
+    #[error("{}", json::unsupported_message(.unsupported, .unknown))]
+    Unsupported {
+        /// Paths of cloud-hypervisor's keys set to a value we cannot honour, sorted.
+        unsupported: Vec<String>,
+        /// Paths of keys cloud-hypervisor does not know either, sorted.
+        unknown: Vec<String>,
+    },
     /// `boot_vcpus` is zero or above `max_vcpus`, or `max_vcpus` is above the limit.
     #[error("Invalid vCPU counts boot={boot} max={max} (need 1 <= boot <= max <= {MAX_VCPUS})")]
     InvalidVcpus {
+        /// Requested boot vCPUs.
+        boot: u8,
+        /// Requested maximum vCPUs.
+        max: u8,
+    },
+    /// More vCPUs than boot ones: we have no CPU hot-plug.
+    #[error("CPU hot-plug is not supported: max_vcpus {max} must equal boot_vcpus {boot}")]
+    VcpuHotplugNotSupported {
         /// Requested boot vCPUs.
         boot: u8,
         /// Requested maximum vCPUs.
@@ -145,19 +168,35 @@ pub struct VmConfig {
     /// What to boot (required in JSON, as cloud-hypervisor).
     pub payload: PayloadConfig,
     /// virtio-blk disks, in order.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "json::null_as_default",
+        serialize_with = "json::empty_as_null"
+    )]
     pub disks: Vec<DiskConfig>,
     /// Network cards, in order.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "json::null_as_default",
+        serialize_with = "json::empty_as_null"
+    )]
     pub net: Vec<NetConfig>,
     /// vfio-user devices, in order.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "json::null_as_default",
+        serialize_with = "json::empty_as_null"
+    )]
     pub user_devices: Vec<UserDeviceConfig>,
     /// The vsock device.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
     /// Kernel VFIO devices (`--device`), in order.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "json::null_as_default",
+        serialize_with = "json::empty_as_null"
+    )]
     pub devices: Vec<DeviceConfig>,
     /// The legacy 16550 serial port.
     #[serde(default = "ConsoleConfig::default_serial")]
@@ -310,15 +349,6 @@ fn default_rng_source() -> PathBuf {
     PathBuf::from(DEFAULT_RNG_SOURCE)
 }
 
-/// cloud-hypervisor serialises absent lists as `null`.
-fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
-}
-
 impl Default for CpusConfig {
     fn default() -> Self {
         Self {
@@ -405,24 +435,14 @@ fn check_exists(what: &'static str, path: &Path) -> Result<(), ConfigError> {
 }
 
 impl VmConfig {
-    /// Parses a `VmConfig` JSON document, logging (at debug) the fields we ignore.
-    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        let mut deserializer = serde_json::Deserializer::from_slice(json);
-        let config: Self = serde_ignored::deserialize(&mut deserializer, |ignored| {
-            debug!("Ignoring unsupported VmConfig field {ignored}");
-        })
-        .map_err(|e| ConfigError::Json(e.to_string()))?;
-        deserializer
-            .end()
-            .map_err(|e| ConfigError::Json(e.to_string()))?;
-        Ok(config)
-    }
-
     /// Checks the configuration before a VM is built from it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let (boot, max) = (self.cpus.boot_vcpus, self.cpus.max_vcpus);
         if boot == 0 || boot > max || max > MAX_VCPUS {
             return Err(ConfigError::InvalidVcpus { boot, max });
+        }
+        if max != boot {
+            return Err(ConfigError::VcpuHotplugNotSupported { boot, max });
         }
         let size = self.memory.size;
         if size < MIN_MEMORY_SIZE || !size.is_multiple_of(MEMORY_ALIGNMENT) {
@@ -554,6 +574,20 @@ mod tests {
     }
 
     #[test]
+    fn more_max_than_boot_vcpus_is_refused_as_cpu_hotplug() {
+        let mut config = valid_config();
+        config.cpus = CpusConfig {
+            boot_vcpus: 2,
+            max_vcpus: 4,
+        };
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::VcpuHotplugNotSupported { boot: 2, max: 4 })
+        );
+    }
+
+    #[test]
     fn small_or_unaligned_memory_is_refused() {
         let mut small = valid_config();
         small.memory.size = 32 << 20;
@@ -655,125 +689,6 @@ mod tests {
         assert_eq!(
             config.validate(),
             Err(ConfigError::MissingOutputFile("serial"))
-        );
-    }
-
-    #[test]
-    fn json_round_trip_keeps_cloud_hypervisor_shape() {
-        let config = valid_config();
-
-        let json = serde_json::to_value(&config).unwrap();
-        let back = VmConfig::from_json(json.to_string().as_bytes()).unwrap();
-
-        assert_eq!(back, config);
-        assert_eq!(json["cpus"]["boot_vcpus"], 1);
-        assert_eq!(json["cpus"]["max_vcpus"], 1);
-        assert_eq!(json["memory"]["size"], 512u64 << 20);
-        assert_eq!(json["memory"]["shared"], false);
-        assert_eq!(json["memory"]["hugepages"], false);
-        assert_eq!(json["disks"][0]["id"], "disk0");
-        assert_eq!(json["disks"][0]["readonly"], false);
-        assert_eq!(json["serial"]["mode"], "Null");
-        assert_eq!(json["rng"]["src"], "/dev/urandom");
-    }
-
-    #[test]
-    fn minimal_json_takes_cloud_hypervisor_defaults() {
-        let config = VmConfig::from_json(br#"{"payload": {"kernel": "/vmlinux"}}"#).unwrap();
-
-        assert_eq!(
-            config,
-            VmConfig {
-                payload: PayloadConfig {
-                    kernel: Some(PathBuf::from("/vmlinux")),
-                    ..PayloadConfig::default()
-                },
-                ..VmConfig::default()
-            }
-        );
-    }
-
-    #[test]
-    fn json_from_cloud_hypervisor_with_extra_fields_and_nulls_parses() {
-        let json = br#"{
-            "cpus": {"boot_vcpus": 2, "max_vcpus": 2, "kvm_hyperv": false, "max_phys_bits": 46},
-            "memory": {"size": 1073741824, "mergeable": false, "shared": true, "thp": true},
-            "payload": {"kernel": "/vmlinux", "cmdline": "console=ttyS0"},
-            "disks": null,
-            "net": null,
-            "serial": {"mode": "Tty", "file": null, "socket": null},
-            "console": {"mode": "Off", "iommu": false},
-            "iommu": false,
-            "watchdog": false
-        }"#;
-
-        let config = VmConfig::from_json(json).unwrap();
-
-        assert_eq!(config.cpus.boot_vcpus, 2);
-        assert_eq!(config.memory.size, 1 << 30);
-        assert!(config.disks.is_empty());
-        assert_eq!(config.serial.mode, ConsoleMode::Tty);
-        assert_eq!(config.console.mode, ConsoleMode::Off);
-    }
-
-    #[test]
-    fn json_user_devices_as_cloud_hypervisor_writes_them_parse() {
-        let json = br#"{
-            "payload": {"kernel": "/vmlinux"},
-            "user_devices": [{"socket": "/run/dev.sock", "id": "u0", "pci_segment": 0}]
-        }"#;
-
-        let config = VmConfig::from_json(json).unwrap();
-
-        assert_eq!(
-            config.user_devices,
-            [UserDeviceConfig {
-                socket: PathBuf::from("/run/dev.sock"),
-                persist: false,
-                id: Some("u0".to_string()),
-            }]
-        );
-    }
-
-    #[test]
-    fn json_without_payload_is_refused() {
-        let error = VmConfig::from_json(br#"{"cpus": {"boot_vcpus": 1}}"#).unwrap_err();
-
-        assert!(error.to_string().contains("payload"), "{error}");
-    }
-
-    #[test]
-    fn json_with_a_wrong_type_reports_the_serde_error() {
-        let error =
-            VmConfig::from_json(br#"{"payload": {}, "memory": {"size": "big"}}"#).unwrap_err();
-
-        assert!(matches!(error, ConfigError::Json(_)));
-        assert!(error.to_string().contains("invalid type"), "{error}");
-    }
-
-    #[test]
-    fn json_with_trailing_garbage_is_refused() {
-        let error = VmConfig::from_json(br#"{"payload": {}} x"#).unwrap_err();
-
-        assert!(matches!(error, ConfigError::Json(_)));
-    }
-
-    #[test]
-    fn json_vfio_devices_as_cloud_hypervisor_writes_them_parse() {
-        let json = br#"{"payload": {"kernel": "/vmlinux"},
-            "devices": [{"path": "/sys/bus/pci/devices/0000:00:03.0", "iommu": false,
-                         "id": "edu", "pci_segment": 0}]}"#;
-
-        let config = VmConfig::from_json(json).unwrap();
-
-        assert_eq!(
-            config.devices,
-            [DeviceConfig {
-                path: PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"),
-                id: Some("edu".to_string()),
-                kexec: KexecPolicy::Refuse,
-                removed: false,
-            }]
         );
     }
 

@@ -173,6 +173,11 @@ fn invalid(key: &'static str, value: impl ToString, reason: &'static str) -> Con
 }
 
 impl NetConfig {
+    /// Parses a `NetConfig` JSON document (`vm.add-net`), refusing every key we cannot honour.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        super::json::from_checked_json(json, "NetConfig", &super::schema::NET)
+    }
+
     /// Queue pairs (tap queues) of the card.
     pub fn queue_pairs(&self) -> usize {
         self.num_queues / 2

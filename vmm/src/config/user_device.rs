@@ -23,6 +23,12 @@ pub struct UserDeviceConfig {
 }
 
 impl UserDeviceConfig {
+    /// Parses a `UserDeviceConfig` JSON document (`vm.add-user-device`), refusing every key
+    /// we cannot honour.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        super::json::from_checked_json(json, "UserDeviceConfig", &super::schema::USER_DEVICE)
+    }
+
     /// Checks that the server's socket exists (whether it serves vfio-user shows on attach).
     pub fn check_socket(&self) -> Result<(), ConfigError> {
         check_exists("vfio-user socket", &self.socket)

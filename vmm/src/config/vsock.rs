@@ -45,6 +45,12 @@ fn invalid(key: &'static str, value: impl ToString, reason: &'static str) -> Con
 }
 
 impl VsockConfig {
+    /// Parses a `VsockConfig` JSON document (`vm.add-vsock`), refusing every key we cannot
+    /// honour.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        super::json::from_checked_json(json, "VsockConfig", &super::schema::VSOCK)
+    }
+
     /// Checks what can be checked without touching the host.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cid < 3 || self.cid == u32::MAX {

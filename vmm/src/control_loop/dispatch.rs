@@ -60,14 +60,20 @@ impl Vmm {
         };
         match (request, self.state) {
             (ApiRequest::VmInfo, state) => {
+                let device_tree = self.vm.as_ref().map(|vm| vm.device_tree(config));
                 // Removed devices keep their place until the next boot, out of sight.
                 let mut config = config.clone();
                 config.drop_removed_devices();
-                Ok(ApiResponse::Json(serde_json::json!({
-                    "config": config,
+                let mut info = serde_json::json!({
+                    "config": config.to_info_json(),
                     "state": state,
                     "memory_actual_size": config.memory.size,
-                })))
+                });
+                // As cloud-hypervisor: only a booted VM has a device tree.
+                if let Some(tree) = device_tree {
+                    info["device_tree"] = serde_json::json!(tree);
+                }
+                Ok(ApiResponse::Json(info))
             }
             (ApiRequest::VmAddUserDevice(device), state) => self.add_user_device(device, state),
             (ApiRequest::VmAddDevice(device), state) => self.add_vfio_device(device, state),

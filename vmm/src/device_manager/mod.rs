@@ -6,6 +6,7 @@
 //!
 //! `hotplug` places a device on the PCI bus of a running VM (`vm.add-user-device`), and
 //! `unplug` takes one off when the guest has released it (and puts a detached one back).
+//! `tree` describes where each device sits, for `vm.info`.
 
 mod handover;
 mod hotplug;
@@ -15,6 +16,7 @@ mod participants;
 mod pci;
 #[cfg(test)]
 mod test_fixture;
+mod tree;
 mod unplug;
 mod user;
 mod vfio;
@@ -54,6 +56,7 @@ pub use net::{adopt_inherited_fds_for, adopt_inherited_tap_fds, forget_tap_fds, 
 pub(crate) use participants::HandedOverFds;
 use participants::{PCI_ROOT_STATE_VERSION, StateOnly, VirtioParticipant, envelope};
 use pci::{IoEvents, MmioRelocator, PciBuilder, PendingSlots, VirtioEntry};
+pub use tree::{DeviceNode, DeviceTree, PciBarType, Resource, pci_bdf};
 
 /// Errors from building the devices.
 #[derive(Debug, Error)]

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use devices::bus::{Bus, lock};
 use devices::pci::root::SharedPciDevice;
-use devices::pci::{BarAllocator, BarRelocator, PciBarRegion, PciDevice, PciError, PciRoot};
+use devices::pci::{
+    BarAllocator, BarRelocator, PciBarInfo, PciBarRegion, PciDevice, PciError, PciRoot,
+};
 use devices::virtio::device::VirtioDevice;
 use devices::virtio::pci::{BAR_SIZE, QueueWorker, VirtioPciDevice, spawn_queue_worker};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -25,6 +27,7 @@ pub(super) trait ManagedVirtio: Send + Sync {
     fn start_worker(&self) -> io::Result<QueueWorker>;
     fn counters(&self) -> BTreeMap<String, u64>;
     fn save(&self, id: &str) -> Result<Envelope, postcard::Error>;
+    fn bars(&self) -> Vec<PciBarInfo>;
 }
 
 /// Version of `VirtioPciState` in the state blob.
@@ -40,10 +43,15 @@ impl<D: VirtioDevice + 'static> ManagedVirtio for Arc<Mutex<VirtioPciDevice<D>>>
     fn save(&self, id: &str) -> Result<Envelope, postcard::Error> {
         Envelope::wrap(id, VIRTIO_STATE_VERSION, &lock(self).state())
     }
+    fn bars(&self) -> Vec<PciBarInfo> {
+        lock(self).bars()
+    }
 }
 
 pub(super) struct VirtioEntry {
     pub(super) id: String,
+    /// Its PCI slot on bus 0.
+    pub(super) slot: u8,
     pub(super) device: Box<dyn ManagedVirtio>,
     pub(super) worker: Option<QueueWorker>,
 }
@@ -199,7 +207,8 @@ impl PciBuilder<'_, '_, '_> {
         }
         lock(&self.ioevents).by_bar.insert(bar, events);
         let transport = Arc::new(Mutex::new(transport));
-        self.root
+        let slot = self
+            .root
             .add_device(transport.clone())
             .map_err(DeviceError::Pci)?;
         write_bus(&self.mmio)
@@ -211,6 +220,7 @@ impl PciBuilder<'_, '_, '_> {
             .map_err(DeviceError::Bus)?;
         self.virtio.push(VirtioEntry {
             id: id.to_string(),
+            slot,
             device: Box::new(transport.clone()),
             worker: None,
         });

@@ -69,7 +69,7 @@ pub struct ConfigState {
 impl ConfigState {
     /// The configuration it holds.
     pub fn config(&self) -> Result<VmConfig, crate::config::ConfigError> {
-        VmConfig::from_json(self.json.as_bytes())
+        VmConfig::from_saved_json(self.json.as_bytes())
     }
 }
 

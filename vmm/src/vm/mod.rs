@@ -347,6 +347,15 @@ impl Vm {
         self.devices.counters()
     }
 
+    /// Where each device sits (`vm.info`'s `device_tree`); `config` is the VM's configuration,
+    /// removed devices included.
+    pub fn device_tree(
+        &self,
+        config: &crate::config::VmConfig,
+    ) -> crate::device_manager::DeviceTree {
+        self.devices.device_tree(config)
+    }
+
     /// The taps this VMM created again after a kexec.
     pub fn recreated_taps(&self) -> Vec<String> {
         self.devices.recreated_taps()
