@@ -20,6 +20,7 @@ use thiserror::Error;
 use crate::api::{ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server};
 use crate::config::{ConsoleMode, RestoreConfig, VmConfig};
 use crate::event_monitor::{EventMonitor, EventMonitorError};
+use crate::host_console::{self, Port};
 use crate::live_update::{self, IncomingFrom, Inherited, LiveUpdateError, Restored};
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{Vm, VmError};
@@ -90,7 +91,10 @@ pub enum VmState {
 enum VmmEvent {
     Api(ApiRequest, Sender<Result<ApiResponse, ApiError>>),
     Vcpu(VcpuEvent),
-    Input(Vec<u8>),
+    /// From the VMM's terminal, for whichever device uses it.
+    TerminalInput(Vec<u8>),
+    /// From the pty or socket of a device.
+    Input(Port, Vec<u8>),
     /// The restore thread is done (it may have waited long for the handover).
     Restored(RestoreConfig, Box<Result<Restored, LiveUpdateError>>),
 }
@@ -143,6 +147,8 @@ pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError
         vmm.boot().map_err(VmmError::Boot)?;
     }
     let result = vmm.serve(&receiver);
+    // Socket files go, unless a successor owns them now.
+    host_console::close_all();
     vmm.emit("vmm", "shutdown");
     result
 }
@@ -155,7 +161,8 @@ struct Vmm {
     vm: Option<Vm>,
     state: VmState,
     stdin_reader_started: bool,
-    pending_input: VecDeque<u8>,
+    /// Input the guest's device had no room for yet, by device.
+    pending_input: BTreeMap<Port, VecDeque<u8>>,
     agent: PathBuf,
     /// The session being restored from, until the VM is taken over.
     restoring: Option<String>,
@@ -179,7 +186,7 @@ impl Vmm {
             vm: None,
             state: VmState::Created,
             stdin_reader_started: false,
-            pending_input: VecDeque::new(),
+            pending_input: BTreeMap::new(),
             agent: PathBuf::new(),
             restoring: None,
             inherited: None,
@@ -199,7 +206,7 @@ impl Vmm {
     fn serve(&mut self, receiver: &Receiver<VmmEvent>) -> Result<(), VmmError> {
         loop {
             // While terminal input waits for room in the guest's FIFO, poll for it.
-            let event = if self.pending_input.is_empty() {
+            let event = if self.pending_input.values().all(VecDeque::is_empty) {
                 match receiver.recv() {
                     Ok(event) => event,
                     Err(_) => return Ok(()),
@@ -226,8 +233,15 @@ impl Vmm {
                     next
                 }
                 VmmEvent::Vcpu(event) => self.handle_vcpu_event(event)?,
-                VmmEvent::Input(bytes) => {
-                    self.pending_input.extend(bytes);
+                VmmEvent::TerminalInput(bytes) => {
+                    if let Some(port) = self.terminal_port() {
+                        self.pending_input.entry(port).or_default().extend(bytes);
+                        self.flush_input();
+                    }
+                    Next::Continue
+                }
+                VmmEvent::Input(port, bytes) => {
+                    self.pending_input.entry(port).or_default().extend(bytes);
                     self.flush_input();
                     Next::Continue
                 }
@@ -256,9 +270,44 @@ impl Vmm {
             self.pending_input.clear();
             return;
         };
-        let (front, _) = self.pending_input.as_slices();
-        let accepted = vm.push_input(front);
-        self.pending_input.drain(..accepted);
+        for (port, pending) in &mut self.pending_input {
+            let (front, _) = pending.as_slices();
+            let accepted = vm.push_input(*port, front);
+            pending.drain(..accepted);
+        }
+    }
+
+    /// The device that uses the VMM's terminal, if one does (the serial port first).
+    fn terminal_port(&self) -> Option<Port> {
+        let config = self.config.as_ref()?;
+        if config.serial.mode == ConsoleMode::Tty {
+            Some(Port::Serial)
+        } else if config.console.mode == ConsoleMode::Tty {
+            Some(Port::Console)
+        } else {
+            None
+        }
+    }
+
+    /// Once the devices are built: records the paths of their ptys in the configuration (as
+    /// cloud-hypervisor, `vm.info` shows them in `file`) and starts reading their input.
+    fn attach_host_ends(&mut self) {
+        if let Some(config) = self.config.as_mut() {
+            for (port, device) in [
+                (Port::Serial, &mut config.serial),
+                (Port::Console, &mut config.console),
+            ] {
+                if device.mode == ConsoleMode::Pty
+                    && let Some(end) = host_console::get(port)
+                {
+                    device.file = Some(end.path().to_path_buf());
+                }
+            }
+        }
+        let events = self.events.clone();
+        host_console::start_input(Arc::new(move |port, bytes| {
+            let _ = events.send(VmmEvent::Input(port, bytes));
+        }));
     }
 
     /// Starts taking over the VM of a live-update session; the result arrives as an event.
@@ -294,6 +343,7 @@ impl Vmm {
         self.restoring = None;
         self.start_stdin_reader(&restored.config);
         self.config = Some(restored.config);
+        self.attach_host_ends();
         let recreated_taps = restored.vm.recreated_taps();
         self.vm = Some(restored.vm);
         self.state = if restore.resume {
@@ -307,6 +357,16 @@ impl Vmm {
         for tap in recreated_taps {
             let properties = BTreeMap::from([("tap".to_string(), tap)]);
             self.emit_with("vm", "net-recreated", Some(&properties));
+        }
+        // Whoever used the old pty must open the new one.
+        for port in [Port::Serial, Port::Console] {
+            if let Some(end) = host_console::get(port).filter(|e| e.is_pty() && e.recreated()) {
+                let properties = BTreeMap::from([
+                    ("device".to_string(), port.name().to_string()),
+                    ("path".to_string(), end.path().display().to_string()),
+                ]);
+                self.emit_with("vm", "pty-recreated", Some(&properties));
+            }
         }
         // An eject the old VMM had not acted on yet, then the devices it detached.
         self.take_ejected_devices();
@@ -340,6 +400,7 @@ impl Vmm {
             let _ = events.send(VmmEvent::Vcpu(event));
         });
         self.vm = Some(Vm::boot(&config, on_vcpu_event)?);
+        self.attach_host_ends();
         self.state = VmState::Running;
         self.emit("vm", "booted");
         Ok(())
@@ -421,7 +482,10 @@ impl Vmm {
                 let mut stdin = std::io::stdin();
                 let mut buf = [0u8; 256];
                 while let Ok(n @ 1..) = stdin.read(&mut buf) {
-                    if events.send(VmmEvent::Input(buf[..n].to_vec())).is_err() {
+                    if events
+                        .send(VmmEvent::TerminalInput(buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }

@@ -478,14 +478,34 @@ fn parse_console(flag: &'static str, input: &str) -> Result<ConsoleConfig, Confi
         "pty" => ConsoleMode::Pty,
         "tty" => ConsoleMode::Tty,
         _ => {
-            let options = Options::parse(flag, input, &["file"])?;
-            return Ok(ConsoleConfig {
-                mode: ConsoleMode::File,
-                file: Some(options.required_path("file")?),
-            });
+            let options = Options::parse(flag, input, &["file", "socket"])?;
+            let (mode, file, socket) = match (options.get("file"), options.get("socket")) {
+                (Some(_), None) => (
+                    ConsoleMode::File,
+                    Some(options.required_path("file")?),
+                    None,
+                ),
+                (None, Some(_)) => (
+                    ConsoleMode::Socket,
+                    None,
+                    Some(options.required_path("socket")?),
+                ),
+                _ => {
+                    return Err(options.invalid(
+                        "file",
+                        input,
+                        "expected off, null, pty, tty, file=<path> or socket=<path>",
+                    ));
+                }
+            };
+            return Ok(ConsoleConfig { mode, file, socket });
         }
     };
-    Ok(ConsoleConfig { mode, file: None })
+    Ok(ConsoleConfig {
+        mode,
+        file: None,
+        socket: None,
+    })
 }
 
 fn parse_rng(input: &str) -> Result<RngConfig, ConfigError> {

@@ -106,6 +106,9 @@ pub enum ConfigError {
     /// A `File` mode without a file.
     #[error("The {0} mode File needs a file path")]
     MissingOutputFile(&'static str),
+    /// A `Socket` mode without a socket path.
+    #[error("The {0} mode Socket needs a socket path")]
+    MissingSocketPath(&'static str),
     /// A mode we do not implement.
     #[error("The {device} mode {mode:?} is not supported")]
     UnsupportedMode {
@@ -269,7 +272,7 @@ pub enum ConsoleMode {
     Tty,
     /// Output appended to a file.
     File,
-    /// A UNIX socket (not supported).
+    /// A UNIX socket the VMM listens on (the serial port only).
     Socket,
     /// The device exists but output is dropped.
     Null,
@@ -280,9 +283,12 @@ pub enum ConsoleMode {
 pub struct ConsoleConfig {
     /// Where output goes.
     pub mode: ConsoleMode,
-    /// Output file, for mode `File`.
+    /// Output file, for mode `File`; for mode `Pty`, the pty's path once it is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// The socket's path, for mode `Socket`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 /// The virtio-rng device.
@@ -347,6 +353,7 @@ impl ConsoleConfig {
         Self {
             mode: ConsoleMode::Null,
             file: None,
+            socket: None,
         }
     }
 
@@ -355,16 +362,21 @@ impl ConsoleConfig {
         Self {
             mode: ConsoleMode::Tty,
             file: None,
+            socket: None,
         }
     }
 
     fn validate(&self, device: &'static str) -> Result<(), ConfigError> {
         match self.mode {
             ConsoleMode::File if self.file.is_none() => Err(ConfigError::MissingOutputFile(device)),
-            ConsoleMode::Socket => Err(ConfigError::UnsupportedMode {
+            // As cloud-hypervisor: only the serial port listens on a socket.
+            ConsoleMode::Socket if device != "serial" => Err(ConfigError::UnsupportedMode {
                 device,
                 mode: self.mode,
             }),
+            ConsoleMode::Socket if self.socket.is_none() => {
+                Err(ConfigError::MissingSocketPath(device))
+            }
             _ => Ok(()),
         }
     }
@@ -645,6 +657,7 @@ mod tests {
         config.serial = ConsoleConfig {
             mode: ConsoleMode::File,
             file: None,
+            socket: None,
         };
 
         assert_eq!(

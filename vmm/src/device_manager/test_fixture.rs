@@ -72,6 +72,7 @@ impl Fixture {
             console: ConsoleConfig {
                 mode: ConsoleMode::Off,
                 file: None,
+                socket: None,
             },
             ..VmConfig::default()
         };
