@@ -3,6 +3,7 @@
 //! API request does is in `dispatch`.
 
 mod dispatch;
+mod given_fds;
 mod inherited;
 mod unplug;
 
@@ -17,8 +18,11 @@ use log::{error, info, warn};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::api::{ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server};
-use crate::config::{ConsoleMode, RestoreConfig, VmConfig};
+use crate::api::{
+    ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server,
+    start_http_server_on,
+};
+use crate::config::{ConsoleMode, PathOrFd, RestoreConfig, VmConfig};
 use crate::event_monitor::{EventMonitor, EventMonitorError};
 use crate::host_console::{self, Port};
 use crate::live_update::{self, IncomingFrom, Inherited, LiveUpdateError, Restored};
@@ -28,10 +32,10 @@ use crate::vm::{Vm, VmError};
 /// Process-level options of the VMM (not part of the VM configuration).
 #[derive(Debug, Default)]
 pub struct VmmOptions {
-    /// Where to serve the REST API (`--api-socket path=`).
-    pub api_socket: Option<PathBuf>,
-    /// Where to write JSON events (`--event-monitor path=`).
-    pub event_monitor: Option<PathBuf>,
+    /// Where to serve the REST API (`--api-socket path=|fd=`).
+    pub api_socket: Option<PathOrFd>,
+    /// Where to write JSON events (`--event-monitor path=|fd=`).
+    pub event_monitor: Option<PathOrFd>,
     /// Where the live-update session agent listens (`--liveupdate agent=`).
     pub liveupdate_agent: PathBuf,
     /// The session passed by the service manager (`--liveupdate inherit=`), used instead of
@@ -117,24 +121,29 @@ impl ApiHandler for ChannelHandler {
 
 /// Runs the VMM until it is shut down. With `vm`, the VM is created and booted at once.
 pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
-    let monitor = options
-        .event_monitor
-        .as_deref()
-        .map(EventMonitor::new)
-        .transpose()
-        .map_err(VmmError::EventMonitor)?
-        .map(Arc::new);
+    let monitor = match &options.event_monitor {
+        None => None,
+        Some(PathOrFd::Path(path)) => Some(EventMonitor::new(path)),
+        Some(PathOrFd::Fd(fd)) => Some(given_fds::event_file(*fd).map(EventMonitor::to_file)),
+    }
+    .transpose()
+    .map_err(VmmError::EventMonitor)?
+    .map(Arc::new);
     let (events, receiver) = mpsc::channel();
     let mut vmm = Vmm::new(events.clone(), monitor, options.api_socket.is_some());
     vmm.agent = options.liveupdate_agent.clone();
     vmm.inherited = options.liveupdate_inherited.take();
     vmm.emit("vmm", "starting");
-    let _server: Option<HttpServer> = options
-        .api_socket
-        .as_deref()
-        .map(|path| start_http_server(path, Arc::new(ChannelHandler { events })))
-        .transpose()
-        .map_err(VmmError::ApiServer)?;
+    let handler = Arc::new(ChannelHandler { events });
+    let _server: Option<HttpServer> = match &options.api_socket {
+        None => None,
+        Some(PathOrFd::Path(path)) => Some(start_http_server(path, handler)),
+        Some(PathOrFd::Fd(fd)) => {
+            Some(given_fds::api_listener(*fd).and_then(|l| start_http_server_on(l, handler)))
+        }
+    }
+    .transpose()
+    .map_err(VmmError::ApiServer)?;
     if let Some(restore) = &options.restore {
         // In its own thread: a successor started ahead waits for the handover, and its API
         // must answer meanwhile.

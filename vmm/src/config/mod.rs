@@ -25,9 +25,9 @@ pub use user_device::UserDeviceConfig;
 pub use vsock::VsockConfig;
 
 pub use cli::{
-    LUO_URL_SCHEME, LiveUpdateSource, RestoreConfig, VmCliArgs, parse_api_socket, parse_device,
-    parse_event_monitor, parse_liveupdate, parse_net, parse_restore, parse_size, parse_user_device,
-    parse_vsock,
+    LUO_URL_SCHEME, LiveUpdateSource, PathOrFd, RestoreConfig, VmCliArgs, parse_api_socket,
+    parse_device, parse_event_monitor, parse_liveupdate, parse_net, parse_restore, parse_size,
+    parse_user_device, parse_vsock,
 };
 
 /// Default guest RAM size, as cloud-hypervisor: 512 MiB.
