@@ -28,22 +28,28 @@ const TAKEOVER: Duration = Duration::from_secs(20);
 const EXIT: Duration = Duration::from_secs(10);
 const CMDLINE: &str = "fill=1 status_ms=100 virtio=1";
 
+#[derive(Default)]
+struct Received {
+    lines: Vec<String>,
+    closed: bool,
+}
+
 /// Lines read from a pty or a socket by a thread of their own.
 struct Lines {
-    lines: Arc<(Mutex<(Vec<String>, bool)>, Condvar)>,
+    lines: Arc<(Mutex<Received>, Condvar)>,
 }
 
 impl Lines {
     fn read_from(reader: impl Read + Send + 'static) -> Self {
-        let lines = Arc::new((Mutex::new((Vec::new(), false)), Condvar::new()));
+        let lines = Arc::new((Mutex::new(Received::default()), Condvar::new()));
         let sink = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(reader).lines() {
                 let Ok(line) = line else { break };
-                sink.0.lock().unwrap().0.push(line);
+                sink.0.lock().unwrap().lines.push(line);
                 sink.1.notify_all();
             }
-            sink.0.lock().unwrap().1 = true;
+            sink.0.lock().unwrap().closed = true;
             sink.1.notify_all();
         });
         Self { lines }
@@ -55,16 +61,16 @@ impl Lines {
         let (m, cv) = &*self.lines;
         let mut state = m.lock().unwrap();
         loop {
-            if let Some(i) = state.0.iter().skip(skip).position(|l| l.contains(text)) {
+            if let Some(i) = state.lines.iter().skip(skip).position(|l| l.contains(text)) {
                 return skip + i + 1;
             }
             let now = Instant::now();
             assert!(
-                !state.1 && now < deadline,
+                !state.closed && now < deadline,
                 "no line with {text:?} within {timeout:?} (closed: {}); last lines:\n{}",
-                state.1,
+                state.closed,
                 state
-                    .0
+                    .lines
                     .iter()
                     .rev()
                     .take(10)
@@ -78,7 +84,7 @@ impl Lines {
     }
 
     fn count(&self) -> usize {
-        self.lines.0.lock().unwrap().0.len()
+        self.lines.0.lock().unwrap().lines.len()
     }
 
     /// Waits until the other end is gone (end of input, or a hang-up).
@@ -86,7 +92,7 @@ impl Lines {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.lines;
         let mut state = m.lock().unwrap();
-        while !state.1 {
+        while !state.closed {
             let now = Instant::now();
             assert!(now < deadline, "still open after {timeout:?}");
             state = cv.wait_timeout(state, deadline - now).unwrap().0;

@@ -1031,6 +1031,7 @@ mod tests {
         let args = VmCliArgs {
             serial: Some("socket=/run/serial.sock".to_string()),
             console: Some("pty".to_string()),
+            kernel: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")),
             ..VmCliArgs::default()
         };
 
@@ -1049,6 +1050,7 @@ mod tests {
     fn console_socket_mode_is_refused_as_cloud_hypervisor_does() {
         let args = VmCliArgs {
             console: Some("socket=/run/console.sock".to_string()),
+            kernel: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")),
             ..VmCliArgs::default()
         };
 

@@ -8,7 +8,6 @@
 //!   path is in `vm.info` and in a `vm/pty-recreated` event) or binds the socket again at its
 //!   path.
 
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,13 +56,13 @@ pub(super) fn id(port: Port) -> String {
     format!("host-end/{}", port.name())
 }
 
-/// The end of `port` as `config` asks (from its saved handover on a restore), and the writer
-/// for the device's output; `None` when the mode needs no end of ours.
-pub(super) fn host_output(
+/// The end of `port` as `config` asks (from its saved handover on a restore); `None` when the
+/// mode needs no end of ours.
+pub(super) fn host_end(
     port: Port,
     config: &ConsoleConfig,
     restore: Option<&mut StateSet>,
-) -> Result<Option<(Box<dyn Write + Send>, Arc<HostEnd>)>, DeviceError> {
+) -> Result<Option<Arc<HostEnd>>, DeviceError> {
     if !host_console::has_host_end(config) {
         return Ok(None);
     }
@@ -71,7 +70,7 @@ pub(super) fn host_output(
         None => host_console::open(port, config).map_err(DeviceError::HostEnd)?,
         Some(states) => host_console::register(restored(port, config, states)?),
     };
-    Ok(Some((end.writer(), end)))
+    Ok(Some(end))
 }
 
 fn restored(
@@ -205,8 +204,8 @@ mod tests {
     fn modes_without_a_host_end_build_none() {
         let config = ConsoleConfig::default_serial();
 
-        let output = host_output(Port::Serial, &config, None).unwrap();
+        let end = host_end(Port::Serial, &config, None).unwrap();
 
-        assert!(output.is_none());
+        assert!(end.is_none());
     }
 }

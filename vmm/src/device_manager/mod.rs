@@ -640,17 +640,20 @@ fn write_bus(bus: &RwLock<Bus>) -> RwLockWriteGuard<'_, Bus> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Where a serial port or console writes the guest's output.
+type GuestOutput = Box<dyn Write + Send>;
+
 /// Where the output of `port` goes, as `config` says, and its pty or socket if it has one
 /// (from the saved handover on a restore).
 fn output_for(
     config: &ConsoleConfig,
     port: Port,
     restore: Option<&mut StateSet>,
-) -> Result<(Box<dyn Write + Send>, Option<Arc<HostEnd>>), DeviceError> {
-    if let Some((output, end)) = host_end::host_output(port, config, restore)? {
-        return Ok((output, Some(end)));
+) -> Result<(GuestOutput, Option<Arc<HostEnd>>), DeviceError> {
+    if let Some(end) = host_end::host_end(port, config, restore)? {
+        return Ok((end.writer(), Some(end)));
     }
-    let output: Box<dyn Write + Send> = match config.mode {
+    let output: GuestOutput = match config.mode {
         ConsoleMode::Tty => Box::new(io::stdout()),
         ConsoleMode::File => {
             // Appended to, never truncated: after a reboot or a live update the guest's earlier

@@ -103,11 +103,9 @@ fn run(port: Port, epoll: &Epoll, source: &Source, sink: &InputSink) {
         for event in &events[..count] {
             match (event.data(), source) {
                 (STOP, _) => return,
-                (SOURCE, Source::Pty(master)) => {
-                    // The VMM keeps the slave open, so this is rare (a hang-up): do not spin.
-                    if !forward(port, &mut &**master, sink) {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
+                // The VMM keeps the slave open, so an end is rare (a hang-up): do not spin.
+                (SOURCE, Source::Pty(master)) if !forward(port, &mut &**master, sink) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 (LISTENER, Source::Socket { listener, client }) => {
                     accept(port, epoll, listener, client);
