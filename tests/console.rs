@@ -194,6 +194,24 @@ fn serial_and_console_ptys_carry_the_guests_lines_and_the_hosts_input() {
 }
 
 #[test]
+fn a_reboot_keeps_the_pty() {
+    require_kvm();
+    let dir = scratch_dir("pty-reboot");
+    let vmm = boot(&dir, "pty", "off", &[], &[]);
+    let path = pty_path(&vmm.vm_info(), "serial");
+    let mut terminal = open_pty(&path);
+    let lines = Lines::read_from(terminal.try_clone().unwrap());
+    let booted = lines.wait_for(0, "probe: start", LINE);
+
+    let response = vmm.api("PUT", "vm.reboot", None);
+
+    assert!(response.status < 300, "{:?}", response.error_messages());
+    lines.wait_for(booted, "probe: start", LINE);
+    assert_eq!(pty_path(&vmm.vm_info(), "serial"), path);
+    type_and_expect_echo(&mut terminal, &lines, b's');
+}
+
+#[test]
 fn a_pty_keeps_its_path_and_its_open_terminal_through_a_restart_mode_update() {
     require_kvm();
     let dir = scratch_dir("pty-lu");

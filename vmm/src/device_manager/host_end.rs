@@ -201,6 +201,60 @@ mod tests {
     }
 
     #[test]
+    fn what_is_typed_into_the_consoles_pty_reaches_the_console_device() {
+        use std::io::{Read as _, Write as _};
+        use std::os::unix::fs::OpenOptionsExt;
+
+        use devices::bus::lock;
+
+        use crate::config::VmConfig;
+        use crate::device_manager::test_fixture::Fixture;
+
+        let mut fixture = Fixture::with_config(VmConfig {
+            console: ConsoleConfig {
+                mode: ConsoleMode::Pty,
+                file: None,
+                socket: None,
+            },
+            ..VmConfig::default()
+        });
+        let end = host_console::get(Port::Console).unwrap();
+        let (sender, received) = std::sync::mpsc::channel();
+        end.start_input(Arc::new(move |port, bytes| {
+            let _ = sender.send((port, bytes));
+        }));
+        let mut terminal = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(end.path())
+            .unwrap();
+
+        terminal.write_all(b"hey\n").unwrap();
+        let mut typed = Vec::new();
+        while typed.len() < 4 {
+            let (port, bytes) = received
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap();
+            assert_eq!(port, Port::Console);
+            typed.extend(bytes);
+        }
+        let taken = fixture.manager.push_input(Port::Console, &typed);
+        end.writer().write_all(b"out\r\n").unwrap();
+        let mut shown = [0u8; 5];
+        terminal.read_exact(&mut shown).unwrap();
+
+        // Raw mode both ways: no byte translated, the guest's output not echoed back into it.
+        assert_eq!((typed.as_slice(), taken), (&b"hey\n"[..], 4));
+        let console = fixture.manager.console.as_ref().unwrap();
+        assert_eq!(lock(console).device().pending_input_len(), 4);
+        assert_eq!(&shown, b"out\r\n");
+        let echoed = received.recv_timeout(std::time::Duration::from_millis(200));
+        assert!(echoed.is_err(), "echoed into the guest: {echoed:?}");
+        host_console::close_all();
+    }
+
+    #[test]
     fn modes_without_a_host_end_build_none() {
         let config = ConsoleConfig::default_serial();
 
