@@ -82,14 +82,12 @@ impl HostEnd {
     /// A new pty in raw mode.
     pub fn new_pty(port: Port) -> Result<Self, HostEndError> {
         let (master, _) = pty::open_pty().map_err(|e| HostEndError::OpenPty(port.name(), e))?;
-        Self::pty_from_master(port, master, false)
-            .map_err(|e| HostEndError::OpenPty(port.name(), e))
+        Self::pty_from_master(port, master).map_err(|e| HostEndError::OpenPty(port.name(), e))
     }
 
     /// The pty whose master the previous VMM handed over (restart mode).
     pub fn adopt_pty(port: Port, master: OwnedFd) -> Result<Self, HostEndError> {
-        Self::pty_from_master(port, master, false)
-            .map_err(|e| HostEndError::AdoptPty(port.name(), e))
+        Self::pty_from_master(port, master).map_err(|e| HostEndError::AdoptPty(port.name(), e))
     }
 
     /// A new pty in place of one a kexec lost.
@@ -99,7 +97,7 @@ impl HostEnd {
         Ok(end)
     }
 
-    fn pty_from_master(port: Port, master: OwnedFd, recreated: bool) -> io::Result<Self> {
+    fn pty_from_master(port: Port, master: OwnedFd) -> io::Result<Self> {
         let path = pty::slave_path(master.as_fd())?;
         let slave = File::options()
             .read(true)
@@ -116,12 +114,13 @@ impl HostEnd {
                 _slave: slave,
                 path,
             },
-            recreated,
+            false,
         ))
     }
 
-    /// Listens on `path`; `replace_stale` first removes a socket file left there (by the VMM
-    /// that ran the VM before a kexec). Anything else at the path is refused.
+    /// Listens on `path`; `replace_stale` (a VMM restoring after a kexec, so the end counts as
+    /// recreated) first removes a socket file left there by the VMM that ran the VM before.
+    /// Anything else at the path is refused.
     pub fn bind(port: Port, path: &Path, replace_stale: bool) -> Result<Self, HostEndError> {
         if replace_stale
             && let Ok(meta) = path.symlink_metadata()
