@@ -56,7 +56,7 @@ struct Cli {
     /// (repeatable; kexec: what a kexec-mode live update does with it, see docs/vfio.md).
     #[arg(long, value_name = "path=<sysfs path>", action = ArgAction::Append)]
     device: Vec<String>,
-    /// Serial port: off|null|pty|tty|file=<path>.
+    /// Serial port: off|null|pty|tty|file=<path>|socket=<path>.
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
     /// Virtio console: off|null|pty|tty|file=<path>.
@@ -65,12 +65,19 @@ struct Cli {
     /// Entropy source of the virtio-rng device: src=<path>.
     #[arg(long, value_name = "src=<path>")]
     rng: Option<String>,
-    /// REST API socket: path=<path> or a bare path.
-    #[arg(long, value_name = "path=<path>")]
+    /// REST API socket: path=<path>, a bare path, or fd=<fd> (an inherited listening socket).
+    #[arg(long, value_name = "path=<path>|fd=<fd>")]
     api_socket: Option<String>,
-    /// Event log file: path=<path>.
-    #[arg(long, value_name = "path=<path>")]
+    /// Event log: path=<path> or fd=<fd> (an inherited fd open for writing).
+    #[arg(long, value_name = "path=<path>|fd=<fd>")]
     event_monitor: Option<String>,
+    /// The VMM's log goes to this file (created or truncated) instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Seccomp filtering: true|false|log|errno. This VMM has no seccomp filters: only false is
+    /// accepted (absent, the VMM runs unconfined, as with false).
+    #[arg(long, value_name = "true|false|log|errno")]
+    seccomp: Option<String>,
     /// Live-update sessions: agent=<socket> (default /run/ch-luod.sock), or inherit=<name> for
     /// the session fd passed by the service manager (systemd's LUOSession=, LISTEN_FDS).
     #[arg(long, value_name = "agent=<socket>|inherit=<name>")]
@@ -104,7 +111,25 @@ impl Cli {
     }
 }
 
+/// `--seccomp`: cloud-hypervisor's values are accepted, but we have no filters to install, so
+/// any value asking for confinement is refused rather than silently not honoured.
+fn check_seccomp(value: Option<&str>) -> anyhow::Result<()> {
+    match value {
+        None => {
+            log::info!("No seccomp filters are installed: this VMM does not implement them");
+            Ok(())
+        }
+        Some("false") => Ok(()),
+        Some(value @ ("true" | "log" | "errno")) => bail!(
+            "--seccomp {value}: this VMM does not implement seccomp filters; pass --seccomp false \
+             (or leave the flag out) to run without them"
+        ),
+        Some(other) => bail!("--seccomp {other:?}: expected true, false, log or errno"),
+    }
+}
+
 fn try_main(cli: &Cli) -> anyhow::Result<()> {
+    check_seccomp(cli.seccomp.as_deref())?;
     let vm_args = cli.vm_args();
     let has_payload = vm_args.kernel.is_some() || vm_args.firmware.is_some();
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
@@ -186,10 +211,25 @@ fn main() -> ExitCode {
             };
         }
     };
-    logger::init("cloud-hypervisor", cli.verbose, true);
+    let log_file = match cli
+        .log_file
+        .as_deref()
+        .map(std::fs::File::create)
+        .transpose()
+    {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("cloud-hypervisor: Error: Cannot create the log file: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    logger::init_to("cloud-hypervisor", cli.verbose, true, log_file);
     match try_main(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if cli.log_file.is_some() {
+                log::error!("{e:#}");
+            }
             eprintln!("cloud-hypervisor: Error: {e:#}");
             ExitCode::FAILURE
         }

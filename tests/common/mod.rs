@@ -21,6 +21,8 @@ pub struct ProbeVm<'a> {
     pub memory: &'a str,
     /// The probe's command line.
     pub cmdline: &'a str,
+    /// The `--serial` mode (`tty`: the probe's lines are the VMM's stdout).
+    pub serial: &'a str,
     /// The `--console` mode.
     pub console: &'a str,
     /// More VMM arguments.
@@ -37,6 +39,7 @@ impl Default for ProbeVm<'_> {
             cpus: 1,
             memory: "64M",
             cmdline: "",
+            serial: "tty",
             console: "off",
             extra: &[],
             env: &[],
@@ -197,7 +200,7 @@ impl VmmProcess {
             "--cmdline",
             vm.cmdline,
             "--serial",
-            "tty",
+            vm.serial,
             "--console",
             vm.console,
         ];

@@ -3,6 +3,7 @@
 //! API request does is in `dispatch`.
 
 mod dispatch;
+mod given_fds;
 mod inherited;
 mod migration;
 mod unplug;
@@ -18,9 +19,13 @@ use log::{error, info, warn};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::api::{ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server};
-use crate::config::{ConsoleMode, RestoreConfig, VmConfig};
+use crate::api::{
+    ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server,
+    start_http_server_on,
+};
+use crate::config::{ConsoleMode, PathOrFd, RestoreConfig, VmConfig};
 use crate::event_monitor::{EventMonitor, EventMonitorError};
+use crate::host_console::{self, Port};
 use crate::live_update::{self, IncomingFrom, Inherited, LiveUpdateError, Restored};
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{Vm, VmError};
@@ -28,10 +33,10 @@ use crate::vm::{Vm, VmError};
 /// Process-level options of the VMM (not part of the VM configuration).
 #[derive(Debug, Default)]
 pub struct VmmOptions {
-    /// Where to serve the REST API (`--api-socket path=`).
-    pub api_socket: Option<PathBuf>,
-    /// Where to write JSON events (`--event-monitor path=`).
-    pub event_monitor: Option<PathBuf>,
+    /// Where to serve the REST API (`--api-socket path=|fd=`).
+    pub api_socket: Option<PathOrFd>,
+    /// Where to write JSON events (`--event-monitor path=|fd=`).
+    pub event_monitor: Option<PathOrFd>,
     /// Where the live-update session agent listens (`--liveupdate agent=`).
     pub liveupdate_agent: PathBuf,
     /// The session passed by the service manager (`--liveupdate inherit=`), used instead of
@@ -91,7 +96,10 @@ pub enum VmState {
 enum VmmEvent {
     Api(ApiRequest, Sender<Result<ApiResponse, ApiError>>),
     Vcpu(VcpuEvent),
-    Input(Vec<u8>),
+    /// From the VMM's terminal, for whichever device uses it.
+    TerminalInput(Vec<u8>),
+    /// From the pty or socket of a device.
+    Input(Port, Vec<u8>),
     /// The restore thread is done (it may have waited long for the handover).
     Restored(RestoreConfig, Box<Result<Restored, LiveUpdateError>>),
 }
@@ -114,24 +122,29 @@ impl ApiHandler for ChannelHandler {
 
 /// Runs the VMM until it is shut down. With `vm`, the VM is created and booted at once.
 pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
-    let monitor = options
-        .event_monitor
-        .as_deref()
-        .map(EventMonitor::new)
-        .transpose()
-        .map_err(VmmError::EventMonitor)?
-        .map(Arc::new);
+    let monitor = match &options.event_monitor {
+        None => None,
+        Some(PathOrFd::Path(path)) => Some(EventMonitor::new(path)),
+        Some(PathOrFd::Fd(fd)) => Some(given_fds::event_file(*fd).map(EventMonitor::to_file)),
+    }
+    .transpose()
+    .map_err(VmmError::EventMonitor)?
+    .map(Arc::new);
     let (events, receiver) = mpsc::channel();
     let mut vmm = Vmm::new(events.clone(), monitor, options.api_socket.is_some());
     vmm.agent = options.liveupdate_agent.clone();
     vmm.inherited = options.liveupdate_inherited.take();
     vmm.emit("vmm", "starting");
-    let _server: Option<HttpServer> = options
-        .api_socket
-        .as_deref()
-        .map(|path| start_http_server(path, Arc::new(ChannelHandler { events })))
-        .transpose()
-        .map_err(VmmError::ApiServer)?;
+    let handler = Arc::new(ChannelHandler { events });
+    let _server: Option<HttpServer> = match &options.api_socket {
+        None => None,
+        Some(PathOrFd::Path(path)) => Some(start_http_server(path, handler)),
+        Some(PathOrFd::Fd(fd)) => {
+            Some(given_fds::api_listener(*fd).and_then(|l| start_http_server_on(l, handler)))
+        }
+    }
+    .transpose()
+    .map_err(VmmError::ApiServer)?;
     if let Some(restore) = &options.restore {
         // In its own thread: a successor started ahead waits for the handover, and its API
         // must answer meanwhile.
@@ -145,6 +158,8 @@ pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError
         vmm.boot().map_err(VmmError::Boot)?;
     }
     let result = vmm.serve(&receiver);
+    // Socket files go, unless a successor owns them now.
+    host_console::close_all();
     vmm.emit("vmm", "shutdown");
     result
 }
@@ -157,7 +172,8 @@ struct Vmm {
     vm: Option<Vm>,
     state: VmState,
     stdin_reader_started: bool,
-    pending_input: VecDeque<u8>,
+    /// Input the guest's device had no room for yet, by device.
+    pending_input: BTreeMap<Port, VecDeque<u8>>,
     agent: PathBuf,
     /// The session being restored from, until the VM is taken over.
     restoring: Option<String>,
@@ -183,7 +199,7 @@ impl Vmm {
             vm: None,
             state: VmState::Created,
             stdin_reader_started: false,
-            pending_input: VecDeque::new(),
+            pending_input: BTreeMap::new(),
             agent: PathBuf::new(),
             restoring: None,
             inherited: None,
@@ -204,7 +220,7 @@ impl Vmm {
     fn serve(&mut self, receiver: &Receiver<VmmEvent>) -> Result<(), VmmError> {
         loop {
             // While terminal input waits for room in the guest's FIFO, poll for it.
-            let event = if self.pending_input.is_empty() {
+            let event = if self.pending_input.values().all(VecDeque::is_empty) {
                 match receiver.recv() {
                     Ok(event) => event,
                     Err(_) => return Ok(()),
@@ -236,8 +252,15 @@ impl Vmm {
                     next
                 }
                 VmmEvent::Vcpu(event) => self.handle_vcpu_event(event)?,
-                VmmEvent::Input(bytes) => {
-                    self.pending_input.extend(bytes);
+                VmmEvent::TerminalInput(bytes) => {
+                    if let Some(port) = self.terminal_port() {
+                        self.pending_input.entry(port).or_default().extend(bytes);
+                        self.flush_input();
+                    }
+                    Next::Continue
+                }
+                VmmEvent::Input(port, bytes) => {
+                    self.pending_input.entry(port).or_default().extend(bytes);
                     self.flush_input();
                     Next::Continue
                 }
@@ -267,9 +290,44 @@ impl Vmm {
             self.pending_input.clear();
             return;
         };
-        let (front, _) = self.pending_input.as_slices();
-        let accepted = vm.push_input(front);
-        self.pending_input.drain(..accepted);
+        for (port, pending) in &mut self.pending_input {
+            let (front, _) = pending.as_slices();
+            let accepted = vm.push_input(*port, front);
+            pending.drain(..accepted);
+        }
+    }
+
+    /// The device that uses the VMM's terminal, if one does (the serial port first).
+    fn terminal_port(&self) -> Option<Port> {
+        let config = self.config.as_ref()?;
+        if config.serial.mode == ConsoleMode::Tty {
+            Some(Port::Serial)
+        } else if config.console.mode == ConsoleMode::Tty {
+            Some(Port::Console)
+        } else {
+            None
+        }
+    }
+
+    /// Once the devices are built: records the paths of their ptys in the configuration (as
+    /// cloud-hypervisor, `vm.info` shows them in `file`) and starts reading their input.
+    fn attach_host_ends(&mut self) {
+        if let Some(config) = self.config.as_mut() {
+            for (port, device) in [
+                (Port::Serial, &mut config.serial),
+                (Port::Console, &mut config.console),
+            ] {
+                if device.mode == ConsoleMode::Pty
+                    && let Some(end) = host_console::get(port)
+                {
+                    device.file = Some(end.path().to_path_buf());
+                }
+            }
+        }
+        let events = self.events.clone();
+        host_console::start_input(Arc::new(move |port, bytes| {
+            let _ = events.send(VmmEvent::Input(port, bytes));
+        }));
     }
 
     /// Starts taking over the VM of a live-update session from `from`; the result arrives as
@@ -305,6 +363,7 @@ impl Vmm {
         self.restoring = None;
         self.start_stdin_reader(&restored.config);
         self.config = Some(restored.config);
+        self.attach_host_ends();
         let recreated_taps = restored.vm.recreated_taps();
         self.vm = Some(restored.vm);
         self.state = if restore.resume {
@@ -318,6 +377,16 @@ impl Vmm {
         for tap in recreated_taps {
             let properties = BTreeMap::from([("tap".to_string(), tap)]);
             self.emit_with("vm", "net-recreated", Some(&properties));
+        }
+        // Whoever used the old pty must open the new one.
+        for port in [Port::Serial, Port::Console] {
+            if let Some(end) = host_console::get(port).filter(|e| e.is_pty() && e.recreated()) {
+                let properties = BTreeMap::from([
+                    ("device".to_string(), port.name().to_string()),
+                    ("path".to_string(), end.path().display().to_string()),
+                ]);
+                self.emit_with("vm", "pty-recreated", Some(&properties));
+            }
         }
         // An eject the old VMM had not acted on yet, then the devices it detached.
         self.take_ejected_devices();
@@ -351,6 +420,7 @@ impl Vmm {
             let _ = events.send(VmmEvent::Vcpu(event));
         });
         self.vm = Some(Vm::boot(&config, on_vcpu_event)?);
+        self.attach_host_ends();
         self.state = VmState::Running;
         self.emit("vm", "booted");
         Ok(())
@@ -432,7 +502,10 @@ impl Vmm {
                 let mut stdin = std::io::stdin();
                 let mut buf = [0u8; 256];
                 while let Ok(n @ 1..) = stdin.read(&mut buf) {
-                    if events.send(VmmEvent::Input(buf[..n].to_vec())).is_err() {
+                    if events
+                        .send(VmmEvent::TerminalInput(buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }

@@ -16,6 +16,14 @@ use thiserror::Error;
 /// Errors from the event monitor.
 #[derive(Debug, Error)]
 pub enum EventMonitorError {
+    /// `--event-monitor fd=N` names no fd open for writing.
+    #[error("--event-monitor fd={fd} is not usable: {reason}")]
+    BadFd {
+        /// The fd number.
+        fd: i32,
+        /// Why.
+        reason: String,
+    },
     /// The event file could not be created.
     #[error("Cannot create the event monitor file {path}")]
     Create {
@@ -44,6 +52,15 @@ pub struct EventMonitor {
 }
 
 impl EventMonitor {
+    /// Writes to `file` (e.g. a pipe the VMM inherited, `--event-monitor fd=N`); timestamps
+    /// count from now.
+    pub fn to_file(file: File) -> Self {
+        Self {
+            start: Instant::now(),
+            file: Mutex::new(file),
+        }
+    }
+
     /// Creates (or truncates) the event file; timestamps count from now.
     pub fn new(path: &Path) -> Result<Self, EventMonitorError> {
         let file = File::create(path).map_err(|source| EventMonitorError::Create {

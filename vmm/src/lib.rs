@@ -12,6 +12,7 @@ pub mod control_loop;
 pub mod cpu;
 pub mod device_manager;
 pub mod event_monitor;
+pub mod host_console;
 pub mod interrupts;
 pub mod layout;
 pub mod live_update;

@@ -3,7 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, ErrorKind, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +42,14 @@ pub enum ApiServerError {
         #[source]
         source: io::Error,
     },
+    /// `--api-socket fd=N` names no listening socket.
+    #[error("--api-socket fd={fd} is not usable: {reason}")]
+    BadFd {
+        /// The fd number.
+        fd: i32,
+        /// Why.
+        reason: String,
+    },
     /// Something that is not a socket sits at the socket path.
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
@@ -70,11 +78,14 @@ pub(super) fn io_error(
     }
 }
 
-/// A running API server. Stopping (or dropping) it removes its socket and lock file.
+/// A running API server. Stopping (or dropping) it removes its socket and lock file (not a
+/// socket it was given as an fd: whoever bound it owns the path).
 #[derive(Debug)]
 pub struct HttpServer {
-    path: PathBuf,
-    lock_path: PathBuf,
+    /// The socket path, with the lock file's path; none for a socket given as an fd.
+    paths: Option<(PathBuf, PathBuf)>,
+    /// A copy of the listener, to wake the accept loop when stopping.
+    listener: UnixListener,
     lock: Option<File>,
     stopping: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
@@ -91,6 +102,32 @@ pub fn start_http_server(
     handler: Arc<dyn ApiHandler>,
 ) -> Result<HttpServer, ApiServerError> {
     let (listener, lock, lock_path) = socket::bind_api_socket(path)?;
+    let mut server = serve(listener, handler).inspect_err(|_| {
+        // Nobody will serve the socket: do not leave it behind.
+        let _ = fs::remove_file(path);
+    })?;
+    server.paths = Some((path.to_path_buf(), lock_path));
+    server.lock = Some(lock);
+    Ok(server)
+}
+
+/// Starts serving `handler` on `listener`, a listening socket the VMM inherited
+/// (`--api-socket fd=N`).
+pub fn start_http_server_on(
+    listener: UnixListener,
+    handler: Arc<dyn ApiHandler>,
+) -> Result<HttpServer, ApiServerError> {
+    serve(listener, handler)
+}
+
+fn serve(
+    listener: UnixListener,
+    handler: Arc<dyn ApiHandler>,
+) -> Result<HttpServer, ApiServerError> {
+    let copy = listener.try_clone().map_err(io_error(
+        "copy the listener of",
+        Path::new("the API socket"),
+    ))?;
     let stopping = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let thread = {
@@ -99,16 +136,15 @@ pub fn start_http_server(
         thread::Builder::new()
             .name("http-server".to_string())
             .spawn(move || accept_loop(&listener, &handler, &stopping, &in_flight))
-            .map_err(|e| {
-                // Nobody will serve the socket: do not leave it behind.
-                let _ = fs::remove_file(path);
-                io_error("start the server thread for", path)(e)
-            })?
+            .map_err(io_error(
+                "start the server thread for",
+                Path::new("the API socket"),
+            ))?
     };
     Ok(HttpServer {
-        path: path.to_path_buf(),
-        lock_path,
-        lock: Some(lock),
+        paths: None,
+        listener: copy,
+        lock: None,
         stopping,
         in_flight,
         thread: Some(thread),
@@ -396,9 +432,9 @@ fn format_response(status: u16, body: Option<&[u8]>, allow: Option<&str>) -> Vec
 }
 
 impl HttpServer {
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The socket path, unless the socket was given as an fd.
+    pub fn path(&self) -> Option<&Path> {
+        self.paths.as_ref().map(|(path, _)| path.as_path())
     }
 
     /// Stops accepting, waits for the accept thread and for answers already being written (up to
@@ -409,24 +445,28 @@ impl HttpServer {
             return;
         };
         self.stopping.store(true, Ordering::Release);
-        // Wake the blocking accept with a connection of our own.
-        match UnixStream::connect(&self.path) {
-            Ok(_) => {
+        // Wake the blocking accept: with a connection of our own to a socket we bound, by
+        // shutting down one we were given (its path, if any, is not ours to connect to).
+        let woken = match &self.paths {
+            Some((path, _)) => UnixStream::connect(path).map(drop),
+            None => crate::sys::shutdown_socket(self.listener.as_fd()),
+        };
+        match woken {
+            Ok(()) => {
                 if thread.join().is_err() {
                     warn!("The API server thread panicked");
                 }
             }
-            Err(e) => warn!(
-                "Cannot wake the API server at {}: {e}; leaving its thread",
-                self.path.display()
-            ),
+            Err(e) => warn!("Cannot wake the API server: {e}; leaving its thread"),
         }
         let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
         while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
         }
-        let _ = fs::remove_file(&self.path);
-        let _ = fs::remove_file(&self.lock_path);
+        if let Some((path, lock_path)) = &self.paths {
+            let _ = fs::remove_file(path);
+            let _ = fs::remove_file(lock_path);
+        }
         self.lock = None;
     }
 }

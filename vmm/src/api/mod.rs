@@ -21,7 +21,10 @@ use crate::config::{
     UserDeviceConfig, VmConfig, VsockConfig,
 };
 
-pub use http::{ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server};
+pub use http::{
+    ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server,
+    start_http_server_on,
+};
 
 /// Path prefix of every endpoint.
 pub const API_ROOT: &str = "/api/v1/";

@@ -495,14 +495,34 @@ fn parse_console(flag: &'static str, input: &str) -> Result<ConsoleConfig, Confi
         "pty" => ConsoleMode::Pty,
         "tty" => ConsoleMode::Tty,
         _ => {
-            let options = Options::parse(flag, input, &["file"])?;
-            return Ok(ConsoleConfig {
-                mode: ConsoleMode::File,
-                file: Some(options.required_path("file")?),
-            });
+            let options = Options::parse(flag, input, &["file", "socket"])?;
+            let (mode, file, socket) = match (options.get("file"), options.get("socket")) {
+                (Some(_), None) => (
+                    ConsoleMode::File,
+                    Some(options.required_path("file")?),
+                    None,
+                ),
+                (None, Some(_)) => (
+                    ConsoleMode::Socket,
+                    None,
+                    Some(options.required_path("socket")?),
+                ),
+                _ => {
+                    return Err(options.invalid(
+                        "file",
+                        input,
+                        "expected off, null, pty, tty, file=<path> or socket=<path>",
+                    ));
+                }
+            };
+            return Ok(ConsoleConfig { mode, file, socket });
         }
     };
-    Ok(ConsoleConfig { mode, file: None })
+    Ok(ConsoleConfig {
+        mode,
+        file: None,
+        socket: None,
+    })
 }
 
 fn parse_rng(input: &str) -> Result<RngConfig, ConfigError> {
@@ -526,14 +546,25 @@ pub struct RestoreConfig {
     pub net_fds: Vec<(String, Vec<i32>)>,
 }
 
-/// Parses `--api-socket path=PATH` or a bare `--api-socket PATH`.
-pub fn parse_api_socket(input: &str) -> Result<PathBuf, ConfigError> {
-    parse_path_option("api-socket", input, true)
+/// A socket or file given by path, or as an fd the VMM inherited (`path=` or `fd=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathOrFd {
+    /// `path=PATH` (or a bare path where allowed).
+    Path(PathBuf),
+    /// `fd=N`: an fd open in the VMM at start.
+    Fd(i32),
 }
 
-/// Parses `--event-monitor path=PATH`.
-pub fn parse_event_monitor(input: &str) -> Result<PathBuf, ConfigError> {
-    parse_path_option("event-monitor", input, false)
+/// Parses `--api-socket path=PATH`, `--api-socket fd=N` (an inherited listening socket) or a
+/// bare `--api-socket PATH`.
+pub fn parse_api_socket(input: &str) -> Result<PathOrFd, ConfigError> {
+    parse_path_or_fd("api-socket", input, true)
+}
+
+/// Parses `--event-monitor path=PATH` or `--event-monitor fd=N` (an inherited fd to write
+/// events to).
+pub fn parse_event_monitor(input: &str) -> Result<PathOrFd, ConfigError> {
+    parse_path_or_fd("event-monitor", input, false)
 }
 
 /// Where live-update sessions come from (`--liveupdate`).
@@ -623,19 +654,26 @@ fn parse_net_fds(value: &str) -> Option<Vec<(String, Vec<i32>)>> {
         .collect()
 }
 
-fn parse_path_option(
+fn parse_path_or_fd(
     flag: &'static str,
     input: &str,
     bare_allowed: bool,
-) -> Result<PathBuf, ConfigError> {
+) -> Result<PathOrFd, ConfigError> {
     if bare_allowed && !input.is_empty() && !input.contains('=') {
-        return Ok(PathBuf::from(input));
+        return Ok(PathOrFd::Path(PathBuf::from(input)));
     }
     let options = Options::parse(flag, input, &["path", "fd"])?;
-    if let Some(fd) = options.get("fd") {
-        return Err(options.invalid("fd", fd, "passing the socket as an fd is not supported"));
+    match (options.get("path"), options.get("fd")) {
+        (Some(_), None) => Ok(PathOrFd::Path(options.required_path("path")?)),
+        (None, Some(fd)) => fd
+            .parse::<i32>()
+            .ok()
+            .filter(|fd| *fd >= 0)
+            .map(PathOrFd::Fd)
+            .ok_or_else(|| options.invalid("fd", fd, "expected a file descriptor number")),
+        (Some(_), Some(_)) => Err(options.invalid("fd", input, "give path= or fd=, not both")),
+        (None, None) => Err(options.invalid("path", input, "expected path=<path> or fd=<fd>")),
     }
-    options.required_path("path")
 }
 
 #[cfg(test)]
@@ -958,26 +996,43 @@ mod tests {
     fn api_socket_accepts_path_key_and_bare_path() {
         assert_eq!(
             parse_api_socket("path=/run/ch.sock"),
-            Ok(PathBuf::from("/run/ch.sock"))
+            Ok(PathOrFd::Path(PathBuf::from("/run/ch.sock")))
         );
         assert_eq!(
             parse_api_socket("/run/ch.sock"),
-            Ok(PathBuf::from("/run/ch.sock"))
+            Ok(PathOrFd::Path(PathBuf::from("/run/ch.sock")))
         );
     }
 
     #[test]
-    fn api_socket_fd_is_refused() {
-        let error = parse_api_socket("fd=3").unwrap_err();
+    fn api_socket_and_event_monitor_accept_an_fd() {
+        assert_eq!(parse_api_socket("fd=3"), Ok(PathOrFd::Fd(3)));
+        assert_eq!(parse_event_monitor("fd=4"), Ok(PathOrFd::Fd(4)));
+    }
 
-        assert!(error.to_string().contains("--api-socket"), "{error}");
+    #[test]
+    fn a_bad_fd_or_both_keys_are_refused() {
+        for input in ["fd=-1", "fd=x", "fd=", "path=/a,fd=3"] {
+            let error = parse_api_socket(input).unwrap_err();
+
+            assert!(
+                matches!(
+                    error,
+                    ConfigError::InvalidValue {
+                        flag: "api-socket",
+                        ..
+                    }
+                ),
+                "{input}: {error:?}"
+            );
+        }
     }
 
     #[test]
     fn event_monitor_needs_path_key() {
         assert_eq!(
             parse_event_monitor("path=/tmp/events"),
-            Ok(PathBuf::from("/tmp/events"))
+            Ok(PathOrFd::Path(PathBuf::from("/tmp/events")))
         );
         assert_eq!(
             parse_event_monitor("/tmp/events"),
@@ -985,6 +1040,45 @@ mod tests {
                 flag: "event-monitor",
                 key: "/tmp/events".to_string()
             })
+        );
+    }
+
+    #[test]
+    fn serial_socket_mode_parses_with_its_path() {
+        let args = VmCliArgs {
+            serial: Some("socket=/run/serial.sock".to_string()),
+            console: Some("pty".to_string()),
+            kernel: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")),
+            ..VmCliArgs::default()
+        };
+
+        let config = args.to_vm_config().unwrap();
+
+        assert_eq!(config.serial.mode, ConsoleMode::Socket);
+        assert_eq!(
+            config.serial.socket,
+            Some(PathBuf::from("/run/serial.sock"))
+        );
+        assert_eq!(config.console.mode, ConsoleMode::Pty);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn console_socket_mode_is_refused_as_cloud_hypervisor_does() {
+        let args = VmCliArgs {
+            console: Some("socket=/run/console.sock".to_string()),
+            kernel: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")),
+            ..VmCliArgs::default()
+        };
+
+        let error = args.to_vm_config().unwrap().validate().unwrap_err();
+
+        assert_eq!(
+            error,
+            ConfigError::UnsupportedMode {
+                device: "console",
+                mode: ConsoleMode::Socket
+            }
         );
     }
 

@@ -32,9 +32,9 @@ pub use user_device::UserDeviceConfig;
 pub use vsock::VsockConfig;
 
 pub use cli::{
-    LUO_URL_SCHEME, LiveUpdateSource, RestoreConfig, VmCliArgs, parse_api_socket, parse_device,
-    parse_event_monitor, parse_liveupdate, parse_net, parse_restore, parse_size, parse_user_device,
-    parse_vsock,
+    LUO_URL_SCHEME, LiveUpdateSource, PathOrFd, RestoreConfig, VmCliArgs, parse_api_socket,
+    parse_device, parse_event_monitor, parse_liveupdate, parse_net, parse_restore, parse_size,
+    parse_user_device, parse_vsock,
 };
 
 /// Default guest RAM size, as cloud-hypervisor: 512 MiB.
@@ -134,6 +134,9 @@ pub enum ConfigError {
     /// A `File` mode without a file.
     #[error("The {0} mode File needs a file path")]
     MissingOutputFile(&'static str),
+    /// A `Socket` mode without a socket path.
+    #[error("The {0} mode Socket needs a socket path")]
+    MissingSocketPath(&'static str),
     /// A mode we do not implement.
     #[error("The {device} mode {mode:?} is not supported")]
     UnsupportedMode {
@@ -313,7 +316,7 @@ pub enum ConsoleMode {
     Tty,
     /// Output appended to a file.
     File,
-    /// A UNIX socket (not supported).
+    /// A UNIX socket the VMM listens on (the serial port only).
     Socket,
     /// The device exists but output is dropped.
     Null,
@@ -324,9 +327,12 @@ pub enum ConsoleMode {
 pub struct ConsoleConfig {
     /// Where output goes.
     pub mode: ConsoleMode,
-    /// Output file, for mode `File`.
+    /// Output file, for mode `File`; for mode `Pty`, the pty's path once it is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// The socket's path, for mode `Socket`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 /// The virtio-rng device.
@@ -382,6 +388,7 @@ impl ConsoleConfig {
         Self {
             mode: ConsoleMode::Null,
             file: None,
+            socket: None,
         }
     }
 
@@ -390,16 +397,21 @@ impl ConsoleConfig {
         Self {
             mode: ConsoleMode::Tty,
             file: None,
+            socket: None,
         }
     }
 
     fn validate(&self, device: &'static str) -> Result<(), ConfigError> {
         match self.mode {
             ConsoleMode::File if self.file.is_none() => Err(ConfigError::MissingOutputFile(device)),
-            ConsoleMode::Socket => Err(ConfigError::UnsupportedMode {
+            // As cloud-hypervisor: only the serial port listens on a socket.
+            ConsoleMode::Socket if device != "serial" => Err(ConfigError::UnsupportedMode {
                 device,
                 mode: self.mode,
             }),
+            ConsoleMode::Socket if self.socket.is_none() => {
+                Err(ConfigError::MissingSocketPath(device))
+            }
             _ => Ok(()),
         }
     }
@@ -684,6 +696,7 @@ mod tests {
         config.serial = ConsoleConfig {
             mode: ConsoleMode::File,
             file: None,
+            socket: None,
         };
 
         assert_eq!(

@@ -116,6 +116,8 @@ impl Vmm {
             }
             (ApiRequest::VmDelete, _) => {
                 self.shutdown_vm();
+                // Its pty and socket go with the VM.
+                crate::host_console::close_all();
                 self.config = None;
                 self.state = VmState::Created;
                 self.emit("vm", "deleted");

@@ -8,6 +8,7 @@ use devices::legacy::{Cmos, CmosState, I8042, Serial, SerialState, system_clock}
 use liveupdate::state::StateSet;
 
 use crate::config::ConsoleMode;
+use crate::host_console::Port;
 use crate::layout;
 use crate::vcpu_thread::VcpuEvent;
 
@@ -24,12 +25,14 @@ pub(super) fn add_legacy(
 ) -> Result<LegacyDevices, DeviceError> {
     let mut pio = write_bus(pio);
     let mut serial = None;
+    let mut serial_end = None;
     if ctx.config.serial.mode != ConsoleMode::Off {
         let irq = ctx
             .interrupts
             .legacy_line(layout::COM1_IRQ)
             .map_err(DeviceError::Interrupt)?;
-        let output = output_for(&ctx.config.serial, "serial")?;
+        let (output, end) = output_for(&ctx.config.serial, Port::Serial, restore.as_deref_mut())?;
+        serial_end = end;
         let device = match restore.as_deref_mut() {
             Some(states) => {
                 let state: SerialState = states
@@ -86,13 +89,19 @@ pub(super) fn add_legacy(
         devices::legacy::CMOS_PORT_LEN,
     )
     .map_err(DeviceError::Bus)?;
-    Ok(LegacyDevices { serial, cmos })
+    Ok(LegacyDevices {
+        serial,
+        cmos,
+        serial_end,
+    })
 }
 
 /// The legacy devices that have state.
 pub(super) struct LegacyDevices {
     pub(super) serial: Option<Arc<Mutex<Serial>>>,
     pub(super) cmos: Arc<Mutex<Cmos>>,
+    /// The serial port's pty or socket, if it has one.
+    pub(super) serial_end: Option<Arc<crate::host_console::HostEnd>>,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! `tree` describes where each device sits, for `vm.info`.
 
 mod handover;
+mod host_end;
 mod hotplug;
 mod legacy;
 mod net;
@@ -46,11 +47,14 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{ConsoleConfig, ConsoleMode, VmConfig};
+use crate::host_console::{HostEnd, Port};
 use crate::interrupts::{InterruptError, InterruptManager};
 use crate::layout;
 use crate::vcpu_thread::{Buses, VcpuEvent};
 
 use handover::CarriedDeviceParticipant;
+use host_end::HostEndParticipant;
+pub use host_end::{HostEndHandover, HostEndState};
 use legacy::{CMOS_STATE_VERSION, LegacyDevices, SERIAL_STATE_VERSION, add_legacy};
 pub use net::{adopt_inherited_fds_for, adopt_inherited_tap_fds, forget_tap_fds, give_tap_fds};
 pub(crate) use participants::HandedOverFds;
@@ -76,14 +80,9 @@ pub enum DeviceError {
         #[source]
         source: io::Error,
     },
-    /// A console mode we do not implement.
-    #[error("{device} mode {mode:?} is not supported")]
-    UnsupportedMode {
-        /// "serial" or "console".
-        device: &'static str,
-        /// The mode.
-        mode: ConsoleMode,
-    },
+    /// The pty or socket of the serial port or the console could not be set up.
+    #[error("Cannot set up the host side of a serial port or console")]
+    HostEnd(#[source] crate::host_console::HostEndError),
     /// PCI setup failed (no slot, no BAR space).
     #[error("PCI setup failed")]
     Pci(#[source] PciError),
@@ -211,9 +210,9 @@ pub struct DeviceManager {
     serial: Option<Arc<Mutex<Serial>>>,
     cmos: Arc<Mutex<Cmos>>,
     pci_root: Arc<Mutex<PciRoot>>,
-    serial_is_tty: bool,
     console: Option<Arc<Mutex<VirtioPciDevice<Console>>>>,
-    console_is_tty: bool,
+    /// The ptys and sockets the serial port and the console write to.
+    host_ends: Vec<Arc<HostEnd>>,
     virtio: Vec<VirtioEntry>,
     nets: Vec<net::NetSlot>,
     /// Network cards the guest ejected, until the control loop takes note.
@@ -300,7 +299,12 @@ impl DeviceManager {
     ) -> Result<Self, DeviceError> {
         let pio = Arc::new(RwLock::new(Bus::new()));
         let mmio = Arc::new(RwLock::new(Bus::new()));
-        let LegacyDevices { serial, cmos } = add_legacy(ctx, &pio, restore.as_deref_mut())?;
+        let LegacyDevices {
+            serial,
+            cmos,
+            serial_end,
+        } = add_legacy(ctx, &pio, restore.as_deref_mut())?;
+        let mut host_ends: Vec<_> = serial_end.into_iter().collect();
         let ioevents = Arc::new(Mutex::new(IoEvents::default()));
         let relocator = MmioRelocator {
             vm: ctx.vm.clone(),
@@ -332,8 +336,13 @@ impl DeviceManager {
         }
         let mut console = None;
         if ctx.config.console.mode != ConsoleMode::Off {
-            let device = Console::new(output_for(&ctx.config.console, "console")?);
-            console = Some(pci.add(device, "_console")?);
+            let (output, end) = output_for(
+                &ctx.config.console,
+                Port::Console,
+                pci.restore.as_deref_mut(),
+            )?;
+            host_ends.extend(end);
+            console = Some(pci.add(Console::new(output), "_console")?);
         }
         let rng = Rng::new(&RngConfig {
             src: ctx.config.rng.src.clone(),
@@ -389,9 +398,8 @@ impl DeviceManager {
             serial,
             cmos,
             pci_root,
-            serial_is_tty: ctx.config.serial.mode == ConsoleMode::Tty,
             console,
-            console_is_tty: ctx.config.console.mode == ConsoleMode::Tty,
+            host_ends,
             virtio,
             nets,
             unplugged_nets: Vec::new(),
@@ -451,6 +459,12 @@ impl DeviceManager {
         }
         if let Some(vsock::VsockSlot::Attached(entry)) = &self.vsock {
             list.push(Box::new(vsock::VsockSocketsParticipant { entry }));
+        }
+        for end in &self.host_ends {
+            list.push(Box::new(HostEndParticipant {
+                end,
+                handover: None,
+            }));
         }
         for entry in &self.user_devices {
             list.push(Box::new(CarriedDeviceParticipant { entry }));
@@ -542,32 +556,28 @@ impl DeviceManager {
         all
     }
 
-    /// Terminal input: to the serial port or the console, whichever uses the terminal.
-    /// Returns how many bytes were taken; the rest must be offered again later.
-    pub fn push_input(&mut self, bytes: &[u8]) -> usize {
-        if self.serial_is_tty
-            && let Some(serial) = &self.serial
-        {
-            return match lock(serial).enqueue_input(bytes) {
+    /// Host input for the serial port or the console. Returns how many bytes were taken;
+    /// the rest must be offered again later (the serial FIFO is full).
+    pub fn push_input(&mut self, port: Port, bytes: &[u8]) -> usize {
+        match (port, &self.serial, &self.console) {
+            (Port::Serial, Some(serial), _) => match lock(serial).enqueue_input(bytes) {
                 Ok(n) => n,
                 Err(e) => {
                     warn!("Serial input: {e}");
                     bytes.len()
                 }
-            };
-        }
-        if self.console_is_tty
-            && let Some(console) = &self.console
-        {
-            let mut console = lock(console);
-            let dropped = console.device_mut().push_input(bytes);
-            if dropped > 0 {
-                warn!("Console input buffer full: {dropped} bytes dropped");
+            },
+            (Port::Console, _, Some(console)) => {
+                let mut console = lock(console);
+                let dropped = console.device_mut().push_input(bytes);
+                if dropped > 0 {
+                    warn!("Console input buffer full: {dropped} bytes dropped");
+                }
+                console.kick(0);
+                bytes.len()
             }
-            console.kick(0);
-            return bytes.len();
+            _ => bytes.len(),
         }
-        bytes.len()
     }
 }
 
@@ -633,13 +643,21 @@ fn write_bus(bus: &RwLock<Bus>) -> RwLockWriteGuard<'_, Bus> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Where a serial port or console writes the guest's output.
+type GuestOutput = Box<dyn Write + Send>;
+
+/// Where the output of `port` goes, as `config` says, and its pty or socket if it has one
+/// (from the saved handover on a restore).
 fn output_for(
     config: &ConsoleConfig,
-    device: &'static str,
-) -> Result<Box<dyn Write + Send>, DeviceError> {
-    match config.mode {
-        ConsoleMode::Tty => Ok(Box::new(io::stdout())),
-        ConsoleMode::Null | ConsoleMode::Off => Ok(Box::new(io::sink())),
+    port: Port,
+    restore: Option<&mut StateSet>,
+) -> Result<(GuestOutput, Option<Arc<HostEnd>>), DeviceError> {
+    if let Some(end) = host_end::host_end(port, config, restore)? {
+        return Ok((end.writer(), Some(end)));
+    }
+    let output: GuestOutput = match config.mode {
+        ConsoleMode::Tty => Box::new(io::stdout()),
         ConsoleMode::File => {
             // Appended to, never truncated: after a reboot or a live update the guest's earlier
             // output stays in the file.
@@ -649,8 +667,12 @@ fn output_for(
                 .append(true)
                 .open(&path)
                 .map_err(|source| DeviceError::OutputFile { path, source })?;
-            Ok(Box::new(file))
+            Box::new(file)
         }
-        mode => Err(DeviceError::UnsupportedMode { device, mode }),
-    }
+        // Pty and Socket have an end (above).
+        ConsoleMode::Null | ConsoleMode::Off | ConsoleMode::Pty | ConsoleMode::Socket => {
+            Box::new(io::sink())
+        }
+    };
+    Ok((output, None))
 }

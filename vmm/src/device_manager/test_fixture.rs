@@ -64,17 +64,27 @@ impl Fixture {
 
     /// As [`Self::new`], with the VM events (guest reset, eject) going to `on_event`.
     pub(super) fn with_events(on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>) -> Self {
-        let kvm = test_util::kvm();
-        let vm = Arc::new(test_util::vm(&kvm));
-        let ram = GuestRam::new(64 << 20).unwrap();
-        let interrupts = InterruptManager::new(vm.clone()).unwrap();
         let config = VmConfig {
             console: ConsoleConfig {
                 mode: ConsoleMode::Off,
                 file: None,
+                socket: None,
             },
             ..VmConfig::default()
         };
+        Self::build(config, on_event)
+    }
+
+    /// A VM with the devices `config` asks for.
+    pub(super) fn with_config(config: VmConfig) -> Self {
+        Self::build(config, Arc::new(|_| {}))
+    }
+
+    fn build(config: VmConfig, on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>) -> Self {
+        let kvm = test_util::kvm();
+        let vm = Arc::new(test_util::vm(&kvm));
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let interrupts = InterruptManager::new(vm.clone()).unwrap();
         let manager = DeviceManager::build(
             &DeviceContext {
                 config: &config,

@@ -3,6 +3,8 @@
 //! Every `unsafe` block of the `vmm` crate lives here, each with its invariant.
 #![allow(unsafe_code)]
 
+pub mod pty;
+
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
@@ -55,4 +57,67 @@ pub fn dup_inherited_fd(fd: std::os::fd::RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: `copy` was just created by fcntl, so this process owns it alone.
     Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}
+
+/// Whether `fd` is a socket listening for connections (`SO_ACCEPTCONN`); `ENOTSOCK` when it is
+/// no socket at all.
+pub fn is_listening_socket(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut value: libc::c_int = 0;
+    let mut len =
+        libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).map_err(io::Error::other)?;
+    // SAFETY: `value` and `len` are valid for writes and `len` holds the size of `value`;
+    // getsockopt writes at most that many bytes. The result is checked.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value != 0)
+}
+
+/// Whether `fd` was opened for writing (its access mode, `F_GETFL`).
+pub fn is_writable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL only reads the open file's flags; the result is checked.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(matches!(
+        flags & libc::O_ACCMODE,
+        libc::O_WRONLY | libc::O_RDWR
+    ))
+}
+
+/// Shuts a listening socket down, which wakes a thread blocked in `accept` on it (Linux).
+pub fn shutdown_socket(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown only acts on the open socket; the result is checked.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets `O_NONBLOCK` on the open file description of `fd` (every copy of it sees it).
+pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL only reads the open file's flags; the result is checked.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL only changes the status flags of the open file; the result is checked.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

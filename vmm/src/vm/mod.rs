@@ -361,9 +361,10 @@ impl Vm {
         self.devices.recreated_taps()
     }
 
-    /// Terminal input; returns how many bytes the guest's device took.
-    pub fn push_input(&mut self, bytes: &[u8]) -> usize {
-        self.devices.push_input(bytes)
+    /// Host input for the serial port or the console; returns how many bytes the guest's
+    /// device took.
+    pub fn push_input(&mut self, port: crate::host_console::Port, bytes: &[u8]) -> usize {
+        self.devices.push_input(port, bytes)
     }
 
     /// Guest RAM (for live update and for tests).
