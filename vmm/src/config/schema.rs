@@ -382,7 +382,7 @@ static CONSOLE: Schema = Schema {
     keys: &[
         ("mode", Ours),
         ("file", Ours),
-        ("socket", NONE),
+        ("socket", Ours),
         ("iommu", FALSE),
         ("id", NONE),
         ("pci_segment", SEGMENT_0),
