@@ -8,6 +8,10 @@
 #   /kexec/initrd.cpio.gz (this same stage), waits until the session is frozen and reboots.
 # Stage 2: a fresh ch-luod, then `cloud-hypervisor --restore source_url=luo://probe`; the probe
 #   must go on printing status lines with errors=0 until it has verified all its pattern again.
+# More kexecs (e2e_kexecs=N, default 1; e.g. 2 for 7.2 -> 7.3 -> 7.2): stage K <= N, once the
+#   guest is verified, updates it across the next kexec the same way (its image holds the next
+#   kernel and image in /kexec); stage N+1 ends the run. Each stage names its kernel (uname -r)
+#   and, after a kexec, the hop with the restoring VMM's pause: E2E-KEXEC-HOP K: FROM -> TO.
 # Markers on the console (the host timestamps them): E2E-KEXEC-STAGE1/2, E2E-KEXEC-RESTORE,
 # E2E-KEXEC-RUNNING, E2E-KEXEC-PASS or E2E-KEXEC-FAIL: why.
 # In the test bed it is environment-free: knobs come from the kernel command line (e2e_cpus=,
@@ -16,12 +20,18 @@
 # kexec/, E2E_BARE_METAL=1 makes every end an exit instead of a reboot, and stage 2 is started
 # after the kexec by the systemd unit that script installs.
 #
-# Error cases (e2e_case=, one boot each, no kexec happens; each ends with E2E-KEXEC-PASS):
+# Error cases (e2e_case=; each ends with E2E-KEXEC-PASS):
 #   no-luo      kernel booted with liveupdate=off: ch-luod must refuse to start, naming why;
-#   bad-kernel  the session is frozen, then `ch-luod kexec` gets a file that is no kernel:
-#               kexec_file_load fails, the VMM's handover fails, it cancels and its guest runs
-#               on with errors=0 through two more full passes. Every case also checks that a
-#               second kernel-mode ch-luod is refused with "busy" (EBUSY on /dev/liveupdate).
+#   bad-target  targets the agent can tell are unfit are refused before the guest is paused:
+#               `ch-luod kexec` of a file that is no kernel (kexec_file_load fails) and of the
+#               real kernel with a command line lacking liveupdate=on (refused before loading);
+#               after each, the VMM's live update is refused (409, no next kernel loaded)
+#               before it pauses anything, the agent holds no session and the guest runs on
+#               with errors=0. Then what cannot be told in advance: a kexec into a kernel built
+#               without LUO (/kexec/noluo-bzImage, the Linux guest's kernel) goes through, and
+#               the new kernel has no /dev/liveupdate: the session, and the guest with it, is
+#               gone. Every case also checks that a second kernel-mode ch-luod is refused with
+#               "busy" (EBUSY on /dev/liveupdate).
 #
 # Case inherited (a real kexec, like the default case, but without ch-luod; test bed only):
 # luo-standin plays systemd's part for LUOSession= (docs/systemd.md). In stage 1 it creates the
@@ -58,7 +68,10 @@ arg() {
 cpus=$(arg e2e_cpus 1)
 fill=$(arg e2e_fill 5)
 stage=$(arg e2e_stage 1)
+kexecs=$(arg e2e_kexecs 1)
 case_name=$(arg e2e_case kexec)
+# The kernel the previous stage ran (set on the command line of the kexec into this one).
+from_kernel=$(arg e2e_from "")
 
 fail() {
     {
@@ -108,6 +121,15 @@ if [ "$case_name" = no-luo ]; then
     out=$(ch-luod --socket "$agent_socket" 2>&1) && fail "ch-luod started without /dev/liveupdate"
     echo "E2E-KEXEC ch-luod said: $out"
     echo "$out" | grep -q 'liveupdate=on' || fail "ch-luod's error does not say what is missing: $out"
+    echo "E2E-KEXEC-PASS"
+    reboot -f
+    exit 0
+fi
+if [ "$case_name" = bad-target ] && [ "$stage" = 2 ]; then
+    # The kernel without LUO took the kexec: it cannot give the session back.
+    echo "E2E-KEXEC-STAGE$stage kernel $(uname -r) (from ${from_kernel:-?})"
+    [ -e /dev/liveupdate ] && fail "the kernel without LUO has /dev/liveupdate"
+    echo "E2E-KEXEC the kernel without LUO booted; no /dev/liveupdate: the session and its guest are gone"
     echo "E2E-KEXEC-PASS"
     reboot -f
     exit 0
@@ -212,15 +234,60 @@ inherited_stage2() {
     exec 3>"$work/vmm.in"
 }
 
+# After a refused target ($1): the live update must be refused before the guest is paused
+# (409, no next kernel loaded), leave no session at the agent, and the guest must run on.
+update_refused() {
+    ur_iter=$(last_status "$work/vmm.log" iter)
+    out=$(ch-remote --api-socket "$api_socket" live-update --session "$session" 2>&1) &&
+        fail "the live update went on after the agent refused $1"
+    echo "E2E-KEXEC live-update after $1 said: $(echo "$out" | tr '\n' ' ')"
+    echo "$out" | grep -q '409' || fail "the refused live update is not a 409: $out"
+    echo "$out" | grep -q 'the guest was not paused' || fail "the refusal does not say the guest was not paused: $out"
+    [ "$(vm_state)" = Running ] || fail "the VM is '$(vm_state)' after the refused update, not Running"
+    sessions=$(ch-luod --socket "$agent_socket" list)
+    [ -z "$sessions" ] || fail "the agent holds sessions after the refused update: $sessions"
+    wait_iter "$work/vmm.log" $((ur_iter + cpus)) "$vmm_pid"
+    echo "E2E-KEXEC probe after $1: $(last_line "$work/vmm.log")"
+}
+
+# Live-updates the VM across a kexec into kernel $1 (default /kexec/bzImage) with
+# /kexec/initrd.cpio.gz (the next stage); returns only by failing. The kexec first: loading the image takes a while, and the
+# barrier waits for the session (--session) while the VMM prepares; the live update starts once
+# the image is loaded, so the guest's pause does not include the load.
+kexec_with_the_guest() {
+    next_image="${1:-$base/kexec/bzImage}"
+    for f in "$next_image" "$base"/kexec/initrd.cpio.gz; do
+        [ -e "$f" ] || fail "$f is missing from this stage's initramfs"
+    done
+    next="$(echo "$cmdline" | sed -e 's/ *e2e_stage=[^ ]*//' -e 's/ *e2e_from=[^ ]*//') e2e_stage=$((stage + 1)) e2e_from=$(uname -r)"
+    ch-luod --socket "$agent_socket" kexec --kernel "$next_image" \
+        --initrd "$base"/kexec/initrd.cpio.gz --cmdline "$next" --timeout 120 --session "$session" \
+        >"$work/kexec.log" 2>&1 &
+    kexec_pid=$!
+    t=$(now)
+    until grep -q 'loaded; waiting' "$work/luod.log"; do
+        kill -0 "$kexec_pid" 2>/dev/null || fail "ch-luod kexec exited before the image was loaded: $(cat "$work/kexec.log")"
+        elapsed_over "$t" 60 && fail "the kexec image was not loaded within 60 s"
+        sleep 0.05
+    done
+    echo "E2E-KEXEC-LIVE-UPDATE from $(uname -r)"
+    ch-remote --api-socket "$api_socket" live-update --session "$session" >"$work/remote.log" 2>&1 &
+    remote_pid=$!
+    wait "$kexec_pid"
+    rc=$?
+    # Only a failed kexec gets here: the guest must run on in the old VMM.
+    sleep 2
+    kill -0 "$remote_pid" 2>/dev/null && fail "ch-luod kexec exited $rc and the live-update call still waits"
+    kill -0 "$vmm_pid" 2>/dev/null || fail "ch-luod kexec exited $rc and the VMM is gone"
+    fail "ch-luod kexec exited $rc: $(cat "$work/kexec.log")"
+}
+
 if [ "$case_name" = inherited ] && [ "$stage" = 1 ]; then
     inherited_stage1
 fi
 
 if [ "$stage" = 1 ]; then
-    echo "E2E-KEXEC-STAGE1 cpus=$cpus fill=$fill"
-    for f in "$base"/kexec/bzImage "$base"/kexec/initrd.cpio.gz; do
-        [ -e "$f" ] || fail "$f is missing from the outer initramfs"
-    done
+    echo "E2E-KEXEC-STAGE1 cpus=$cpus fill=$fill kernel $(uname -r)"
     start_agent
     mkfifo "$work/vmm.in" "$work/vmm.errpipe" || fail "mkfifo failed"
     # The VMM's log on the console too: its freeze timings are the last thing it says before
@@ -243,66 +310,36 @@ if [ "$stage" = 1 ]; then
     [ "$errors" = 0 ] || fail "the probe reported errors=$errors before the update"
     echo "E2E-KEXEC probe before: $(last_line "$work/vmm.log")"
 
-    if [ "$case_name" = bad-kernel ]; then
-        echo "E2E-KEXEC-CASE bad-kernel"
-        ch-remote --api-socket "$api_socket" live-update --session "$session" >"$work/remote.log" 2>&1 &
-        remote_pid=$!
-        t=$(now)
-        until ch-luod --socket "$agent_socket" list | grep -q '"frozen"'; do
-            elapsed_over "$t" 120 && fail "the session did not freeze within 120 s"
-            sleep 0.05
-        done
-        ch-luod --socket "$agent_socket" kexec --kernel "$base"/bin/ch-remote --cmdline x --timeout 10 \
-            --session "$session" >"$work/kexec.log" 2>&1 && fail "ch-luod kexec of a non-kernel succeeded"
-        echo "E2E-KEXEC kexec said: $(cat "$work/kexec.log")"
-        grep -q 'kexec_file_load' "$work/kexec.log" || fail "the kexec error does not name kexec_file_load"
-        wait "$remote_pid" && fail "the live-update call succeeded although the kexec failed"
-        echo "E2E-KEXEC live-update said: $(tr '\n' ' ' <"$work/remote.log")"
-        sessions=$(ch-luod --socket "$agent_socket" list)
-        [ -z "$sessions" ] || fail "the VMM did not cancel its session: $sessions"
-        iter0=$(last_status "$work/vmm.log" iter)
-        wait_iter "$work/vmm.log" $((iter0 + 2 * cpus)) "$vmm_pid"
-        echo "E2E-KEXEC probe after the failed kexec: $(last_line "$work/vmm.log")"
-        echo "E2E-KEXEC-PASS"
-        reboot -f
-        exit 0
+    if [ "$case_name" = bad-target ]; then
+        echo "E2E-KEXEC-CASE bad-target"
+        next="$(echo "$cmdline" | sed 's/ *e2e_stage=[^ ]*//') e2e_stage=2 e2e_from=$(uname -r)"
+        out=$(ch-luod --socket "$agent_socket" kexec --kernel "$base"/bin/ch-remote --cmdline "$next" \
+            --timeout 10 --session "$session" 2>&1) && fail "ch-luod kexec of a non-kernel succeeded"
+        echo "E2E-KEXEC kexec of a file that is no kernel said: $out"
+        echo "$out" | grep -q 'kexec_file_load' || fail "the kexec error does not name kexec_file_load: $out"
+        update_refused "a file that is no kernel"
+        out=$(ch-luod --socket "$agent_socket" kexec --kernel "$base"/kexec/bzImage \
+            --initrd "$base"/kexec/initrd.cpio.gz --cmdline "console=ttyS0 panic=-1 e2e_stage=2" \
+            --timeout 10 --session "$session" 2>&1) && fail "ch-luod kexec without liveupdate=on succeeded"
+        echo "E2E-KEXEC kexec with a command line lacking liveupdate=on said: $out"
+        echo "$out" | grep -q 'lacks liveupdate=on' || fail "the kexec error does not name liveupdate=on: $out"
+        update_refused "a command line without liveupdate=on"
+        # What cannot be told in advance: the next kernel has no LUO at all.
+        kexec_with_the_guest "$base"/kexec/noluo-bzImage
     fi
-    # The kexec first: loading the image takes a while, and the barrier waits for the session
-    # (--session) while the VMM prepares; the live update starts once the image is loaded, so
-    # the guest's pause does not include the load.
-    next="$(echo "$cmdline" | sed 's/ *e2e_stage=[^ ]*//') e2e_stage=2"
-    ch-luod --socket "$agent_socket" kexec --kernel "$base"/kexec/bzImage \
-        --initrd "$base"/kexec/initrd.cpio.gz --cmdline "$next" --timeout 120 --session "$session" \
-        >"$work/kexec.log" 2>&1 &
-    kexec_pid=$!
-    t=$(now)
-    until grep -q 'loaded; waiting' "$work/luod.log"; do
-        kill -0 "$kexec_pid" 2>/dev/null || fail "ch-luod kexec exited before the image was loaded"
-        elapsed_over "$t" 60 && fail "the kexec image was not loaded within 60 s"
-        sleep 0.05
-    done
-    echo "E2E-KEXEC-LIVE-UPDATE"
-    ch-remote --api-socket "$api_socket" live-update --session "$session" >"$work/remote.log" 2>&1 &
-    remote_pid=$!
-    wait "$kexec_pid"
-    rc=$?
-    # Only a failed kexec gets here: the guest must run on in the old VMM.
-    sleep 2
-    kill -0 "$remote_pid" 2>/dev/null && fail "ch-luod kexec exited $rc and the live-update call still waits"
-    kill -0 "$vmm_pid" 2>/dev/null || fail "ch-luod kexec exited $rc and the VMM is gone"
-    fail "ch-luod kexec exited $rc: $(cat "$work/kexec.log")"
+    kexec_with_the_guest
 fi
 
 if [ "$case_name" = inherited ]; then
     inherited_stage2
 else
-    echo "E2E-KEXEC-STAGE2"
+    echo "E2E-KEXEC-STAGE$stage kernel $(uname -r) (from ${from_kernel:-?})"
     start_agent
     ch-luod --socket "$agent_socket" list
     mkfifo "$work/vmm.in" || fail "mkfifo failed"
     echo "E2E-KEXEC-RESTORE"
-    cloud-hypervisor -v --liveupdate "agent=$agent_socket" --restore "source_url=luo://$session" \
-        <"$work/vmm.in" >"$work/vmm.log" 2>"$work/vmm.err" &
+    cloud-hypervisor -v --api-socket "path=$api_socket" --liveupdate "agent=$agent_socket" \
+        --restore "source_url=luo://$session" <"$work/vmm.in" >"$work/vmm.log" 2>"$work/vmm.err" &
     vmm_pid=$!
     exec 3>"$work/vmm.in"
 fi
@@ -331,7 +368,10 @@ errors=$(last_status "$work/vmm.log" errors)
 [ "$errors" = 0 ] || fail "the probe reported errors=$errors after the kexec"
 grep -q 'probe: mismatch' "$work/vmm.log" && fail "the probe reported a mismatch"
 grep -E '<ERROR>|panicked' "$work/vmm.err" && fail "the restored VMM logged an error"
-echo "E2E-KEXEC restore steps: $(grep -o 'VM restored from session.*' "$work/vmm.err" | head -n1)"
+steps=$(grep -o 'VM restored from session.*' "$work/vmm.err" | head -n1)
+echo "E2E-KEXEC restore steps: $steps"
+hop_pause=$(echo "$steps" | grep -o '("pause", [0-9]*)' | grep -o '[0-9]*')
+echo "E2E-KEXEC-HOP $((stage - 1)): ${from_kernel:-?} -> $(uname -r): pause_us=${hop_pause:-?} errors=$errors"
 grep -F '<WARN>' "$work/vmm.err" | sed 's/^/E2E-KEXEC restored VMM warned: /'
 if [ "$case_name" = inherited ]; then
     grep -q "Session \"$session\" finished" "$work/vmm.err" || fail "the restored VMM did not FINISH the session"
@@ -339,6 +379,11 @@ if [ "$case_name" = inherited ]; then
 else
     sessions=$(ch-luod --socket "$agent_socket" list)
     [ -z "$sessions" ] || fail "the agent still holds sessions after FINISH: $sessions"
+fi
+if [ "$stage" -le "$kexecs" ] && [ "$case_name" = kexec ]; then
+    # The next kexec (e.g. back to the first kernel): the same update, from this stage.
+    echo "E2E-KEXEC probe before: $last"
+    kexec_with_the_guest
 fi
 echo "E2E-KEXEC-PASS"
 reboot -f

@@ -132,6 +132,18 @@ pub enum MachineError {
     /// A session operation failed.
     #[error("Session operation failed")]
     Session(#[source] SessionError),
+    /// A preserved file could not be taken back (after a kexec: the new kernel's file handler
+    /// for it could not restore it, or has none).
+    #[error("Cannot retrieve {what} (token {token:#x}) from the session")]
+    Retrieve {
+        /// Its token.
+        token: Token,
+        /// What it is and which LUO file handler carries it.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: SessionError,
+    },
     /// The handover itself failed (the caller's carrier refused the session).
     #[error("Handover failed: {0}")]
     Handover(String),
@@ -400,11 +412,16 @@ impl Incoming {
         self.states.as_mut()
     }
 
-    /// A file the old VMM preserved under `token`.
-    pub fn take_file(&mut self, token: Token) -> Result<OwnedFd, MachineError> {
+    /// A file the old VMM preserved under `token`; `what` names it (and its LUO file handler)
+    /// in the error.
+    pub fn take_file(&mut self, token: Token, what: &'static str) -> Result<OwnedFd, MachineError> {
         self.session
             .retrieve_fd(token)
-            .map_err(MachineError::Session)
+            .map_err(|source| MachineError::Retrieve {
+                token,
+                what,
+                source,
+            })
     }
 
     /// Every fd the old VMM attached (restart mode, see [`FileSink::attach`]), by token.
@@ -438,10 +455,17 @@ impl Incoming {
     }
 }
 
+/// The state blob as errors name it: a memfd, carried across a kexec by LUO's memfd handler.
+const STATE_FILE: &str = "the state blob (a memfd: LUO's memfd file handler)";
+
 fn read_state(session: &mut dyn Session) -> Result<StateSet, MachineError> {
     let fd = session
         .retrieve_fd(STATE_TOKEN)
-        .map_err(MachineError::Session)?;
+        .map_err(|source| MachineError::Retrieve {
+            token: STATE_TOKEN,
+            what: STATE_FILE,
+            source,
+        })?;
     let mut file = File::from(fd);
     let len = file.metadata().map_err(MachineError::StateFile)?.len();
     let len = usize::try_from(len).unwrap_or(usize::MAX);
@@ -728,7 +752,7 @@ mod tests {
         for id in ["vcpu/0", "serial"] {
             let _: FakeState = states.take(id, 1).unwrap();
         }
-        let memfd = incoming.take_file(memory.token.unwrap());
+        let memfd = incoming.take_file(memory.token.unwrap(), "guest RAM");
         incoming.finish().unwrap();
 
         assert_eq!(
@@ -763,6 +787,24 @@ mod tests {
             MachineError::State(StateError::Orphans { .. })
         ));
         assert!(!*finished.lock().unwrap());
+    }
+
+    #[test]
+    fn a_file_the_session_cannot_give_back_is_named_with_its_handler() {
+        // A session with no state blob: as a new kernel whose memfd handler failed it.
+        let session = MemorySession::default();
+
+        let (_, error) = Incoming::restore(Box::new(session)).unwrap_err();
+
+        let MachineError::Retrieve { token, what, .. } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(*token, STATE_TOKEN);
+        assert!(
+            what.contains("state blob") && what.contains("memfd"),
+            "{what}"
+        );
+        assert!(error.to_string().contains("token 0x0"), "{error}");
     }
 
     #[test]

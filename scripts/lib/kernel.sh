@@ -2,8 +2,11 @@
 # Getting Debian's linux-source package and building small kernels from it, with a cache.
 # Needs lib/common.sh sourced first.
 
-# The Debian source package every test kernel is built from.
-KERNEL_SOURCE_PKG="${CHV_KERNEL_SOURCE_PKG:-linux-source-7.2}"
+# The Debian source package the test kernels are built from by default; another (e.g. the next
+# version, for a kexec from one kernel version to the next) with CHV_KERNEL_SOURCE_PKG or
+# build-test-kernel --source.
+KERNEL_DEFAULT_SOURCE_PKG=linux-source-7.2
+KERNEL_SOURCE_PKG="${CHV_KERNEL_SOURCE_PKG:-$KERNEL_DEFAULT_SOURCE_PKG}"
 # Bump when the build recipe below changes in a way that changes the output.
 KERNEL_RECIPE_VERSION=1
 
@@ -12,9 +15,19 @@ kernel_build_prereqs() {
     ensure_packages build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils kmod
 }
 
-# Write a deb822 apt source for suite sid, copied from the machine's Debian stanza, to $1.
-# The mirror comes from the machine's own configuration; nothing here names one.
+# Write deb822 apt sources for suites sid and experimental (where the next kernel version is
+# packaged first; apt takes from it only what sid lacks), copied from the machine's Debian
+# stanza, to $1. The mirror comes from the machine's own configuration; nothing here names one.
 write_sid_source() {
+    write_suite_source "$1" sid
+    local stanza
+    stanza="$(sed 's/^Suites:.*/Suites: experimental/' "$1")"
+    printf '\n%s\n' "$stanza" >>"$1"
+}
+
+# Write a deb822 apt source for suite $2, copied from the machine's Debian stanza, to $1.
+write_suite_source() {
+    local suite="$2"
     local out="$1" deb822=/etc/apt/sources.list.d/debian.sources stanza=""
     if [ -r "$deb822" ]; then
         # First stanza with a plain release suite (not -security or -updates).
@@ -31,7 +44,7 @@ write_sid_source() {
     if [ -n "$stanza" ]; then
         printf '%s\n' "$stanza" |
             grep -v '^#' |
-            sed -e 's/^Suites:.*/Suites: sid/' -e 's/^Components:.*/Components: main/' >"$out"
+            sed -e "s/^Suites:.*/Suites: $suite/" -e 's/^Components:.*/Components: main/' >"$out"
         return 0
     fi
     # Fallback: a one-line "deb URI SUITE ..." entry in sources.list.
@@ -41,7 +54,7 @@ write_sid_source() {
     [ -n "$line" ] || die "no Debian apt source found in $deb822 or /etc/apt/sources.list"
     local uri
     uri="$(printf '%s\n' "$line" | sed -E 's/^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?//' | awk '{ print $1 }')"
-    printf 'Types: deb\nURIs: %s\nSuites: sid\nComponents: main\n' "$uri" >"$out"
+    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\n' "$uri" "$suite" >"$out"
     if [ -r /usr/share/keyrings/debian-archive-keyring.gpg ]; then
         printf 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' >>"$out"
     fi
@@ -68,18 +81,44 @@ private_apt() {
     "$1" "${opts[@]}" "${@:2}"
 }
 
-# Download the linux-source .deb into DIR ($1) and print "VERSION PATH".
-download_kernel_source() {
-    local out="$1" apt_dir
+# Refresh the private sid + experimental package lists; print their directory.
+refresh_private_apt() {
+    local apt_dir
     apt_dir="$(cache_dir)/linux-source/apt"
     mkdir -p "$apt_dir/sources.list.d" "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
     write_sid_source "$apt_dir/sources.list.d/sid.sources"
-    log "refreshing the private sid package list (system apt state is not touched)"
-    private_apt "$apt_dir" apt-get -q update >&2 || die "apt-get update for suite sid failed"
+    log "refreshing the private sid and experimental package lists (system apt state is not touched)"
+    private_apt "$apt_dir" apt-get -q update >&2 || die "apt-get update for suites sid and experimental failed"
+    printf '%s\n' "$apt_dir"
+}
+
+# The newest linux-source-7.N package the suites offer, by package name. Like the source trees,
+# the answer is cached: the newest package already fetched is taken unless CHV_REFRESH_SOURCE=1.
+newest_kernel_source_pkg() {
+    local apt_dir newest
+    if [ -z "${CHV_REFRESH_SOURCE:-}" ]; then
+        newest="$(find "$(cache_dir)/linux-source" -maxdepth 1 -name 'current-linux-source-7.*' \
+            -printf '%f\n' 2>/dev/null | sed 's/^current-//' | sort -V | tail -n1)"
+        if [ -n "$newest" ]; then
+            printf '%s\n' "$newest"
+            return 0
+        fi
+    fi
+    apt_dir="$(refresh_private_apt)"
+    newest="$(private_apt "$apt_dir" apt-cache search --names-only '^linux-source-7\.[0-9]+$' 2>/dev/null |
+        awk '{ print $1 }' | sort -V | tail -n1)"
+    [ -n "$newest" ] || die "no linux-source-7.N package in suites sid and experimental"
+    printf '%s\n' "$newest"
+}
+
+# Download the linux-source .deb into DIR ($1) and print "VERSION PATH".
+download_kernel_source() {
+    local out="$1" apt_dir
+    apt_dir="$(refresh_private_apt)"
     local version
     version="$(private_apt "$apt_dir" apt-cache show --no-all-versions "$KERNEL_SOURCE_PKG" 2>/dev/null |
         awk '/^Version:/ { print $2; exit }')"
-    [ -n "$version" ] || die "package $KERNEL_SOURCE_PKG not found in suite sid"
+    [ -n "$version" ] || die "package $KERNEL_SOURCE_PKG not found in suites sid and experimental"
     (cd "$out" && private_apt "$apt_dir" apt-get -q download "$KERNEL_SOURCE_PKG=$version" >&2) ||
         die "downloading $KERNEL_SOURCE_PKG $version failed"
     local debs=("$out/${KERNEL_SOURCE_PKG}"_*.deb) deb
@@ -88,18 +127,27 @@ download_kernel_source() {
     printf '%s %s\n' "$version" "$deb"
 }
 
+# The file naming the cached source version of KERNEL_SOURCE_PKG ("current" for the default
+# package, as before there were others).
+current_source_file() {
+    local name=current
+    [ "$KERNEL_SOURCE_PKG" = "$KERNEL_DEFAULT_SOURCE_PKG" ] || name="current-$KERNEL_SOURCE_PKG"
+    printf '%s\n' "$(cache_dir)/linux-source/$name"
+}
+
 # Print the path of an unpacked, pristine kernel source tree, fetching it if needed, and set
 # KERNEL_SOURCE_VERSION. The newest cached tree is reused unless CHV_REFRESH_SOURCE=1.
 # CHV_KERNEL_DEB=/path/to/linux-source-*.deb uses a local package instead of apt.
 kernel_source_tree() {
-    local base
+    local base current
     base="$(cache_dir)/linux-source"
+    current="$(current_source_file)"
     mkdir -p "$base"
     exec {src_lock}>"$base/lock"
     flock "$src_lock"
     local version="" deb=""
-    if [ -z "${CHV_REFRESH_SOURCE:-}" ] && [ -z "${CHV_KERNEL_DEB:-}" ] && [ -r "$base/current" ]; then
-        version="$(cat "$base/current")"
+    if [ -z "${CHV_REFRESH_SOURCE:-}" ] && [ -z "${CHV_KERNEL_DEB:-}" ] && [ -r "$current" ]; then
+        version="$(cat "$current")"
         if [ ! -e "$base/$version/tree/.unpacked" ]; then
             version=""
         fi
@@ -135,7 +183,7 @@ kernel_source_tree() {
             touch "$base/$version/tree/.unpacked"
         fi
         rm -rf "$dl"
-        printf '%s\n' "$version" >"$base/current"
+        printf '%s\n' "$version" >"$current"
     fi
     flock -u "$src_lock"
     exec {src_lock}>&-
@@ -187,7 +235,7 @@ kernel_build() {
     # A cached image for the last known source version needs no source tree at all.
     local known=""
     if [ -z "${CHV_REFRESH_SOURCE:-}" ] && [ -z "${CHV_KERNEL_DEB:-}" ]; then
-        known="$(cat "$(cache_dir)/linux-source/current" 2>/dev/null || true)"
+        known="$(cat "$(current_source_file)" 2>/dev/null || true)"
     fi
     if [ -n "$known" ] && [ -e "$(cache_dir)/$name/$known-${hash:0:16}/bzImage" ]; then
         KERNEL_IMAGE="$(cache_dir)/$name/$known-${hash:0:16}/bzImage"

@@ -80,6 +80,14 @@ impl AgentClient {
         }
     }
 
+    /// Where a kexec stands at a kernel-mode agent: `idle`, `loading` or `loaded`.
+    pub fn kexec_status(&mut self) -> Result<String, AgentError> {
+        match self.request(&Request::KexecStatus, None)? {
+            (Response::KexecStatus { phase }, None) => Ok(phase),
+            (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
     /// Creates an outgoing session owned by this process's uid.
     pub fn create_session(&mut self, name: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::CreateSession { name: name.into() })

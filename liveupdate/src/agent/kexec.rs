@@ -41,6 +41,56 @@ pub struct KexecImage {
     pub cmdline: String,
 }
 
+/// What can be told about a target before loading it: its command line must turn LUO on
+/// (`liveupdate=` true) and must not turn KHO off (`kho=` false), or the new kernel drops every
+/// session. Whether the target kernel has LUO at all, KHO on by default, and a LUO format and
+/// file handlers that read this kernel's sessions cannot be known before it boots; whether the
+/// image is a kernel this one can load is `kexec_file_load`'s to say.
+pub fn check_target(image: &KexecImage) -> Result<(), String> {
+    let value = |name: &str| {
+        image
+            .cmdline
+            .split_ascii_whitespace()
+            .filter_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+            .next_back()
+    };
+    match value("liveupdate").map(kernel_bool) {
+        Some(Some(true)) => {}
+        Some(Some(false)) => {
+            return Err(format!(
+                "The next kernel's command line turns live update off (liveupdate=off): it would drop every session. Command line: {:?}",
+                image.cmdline
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "The next kernel's command line lacks liveupdate=on: without it the new kernel would drop every session. Command line: {:?}",
+                image.cmdline
+            ));
+        }
+    }
+    if value("kho").map(kernel_bool) == Some(Some(false)) {
+        return Err(format!(
+            "The next kernel's command line turns Kexec HandOver off (kho=off): the new kernel would drop every session. Command line: {:?}",
+            image.cmdline
+        ));
+    }
+    Ok(())
+}
+
+/// A kernel boolean parameter's value as the kernel reads it (`kstrtobool`): `None` if it is
+/// none.
+fn kernel_bool(value: &str) -> Option<bool> {
+    let bytes = value.as_bytes();
+    match (bytes.first(), bytes.get(1)) {
+        (Some(b'y' | b'Y' | b't' | b'T' | b'1'), _) => Some(true),
+        (Some(b'n' | b'N' | b'f' | b'F' | b'0'), _) => Some(false),
+        (Some(b'o' | b'O'), Some(b'n' | b'N')) => Some(true),
+        (Some(b'o' | b'O'), Some(b'f' | b'F')) => Some(false),
+        _ => None,
+    }
+}
+
 /// The system calls behind a kexec (a fake in tests). Shared, so the image is loaded without
 /// holding the agent's state (loading takes a while; VMMs go on preparing meanwhile).
 pub trait KexecOps: Send + Sync {
@@ -110,6 +160,15 @@ impl AgentState {
         self.kexec == KexecPhase::Idle
     }
 
+    /// The kexec's phase as `kexec_status` names it.
+    pub fn kexec_phase_name(&self) -> &'static str {
+        match self.kexec {
+            KexecPhase::Idle => "idle",
+            KexecPhase::Loading => "loading",
+            KexecPhase::Barrier => "loaded",
+        }
+    }
+
     /// The answer to the frozen session `name`'s held `handover`, once there is one: the
     /// failure of the kexec it waited for, or the session's disappearance (cancelled).
     pub fn handover_verdict(&mut self, name: &str) -> Option<Response> {
@@ -135,20 +194,30 @@ impl AgentState {
     /// Starts a kexec in one go, state held throughout: [`Self::begin_kexec`], load,
     /// [`Self::kexec_loaded`].
     pub fn start_kexec(&mut self, uid: u32, image: &KexecImage) -> Result<(), WireError> {
-        let ops = self.begin_kexec(uid)?;
+        let ops = self.begin_kexec(uid, image)?;
         let loaded = ops.load(image);
         self.kexec_loaded(image, loaded)
     }
 
-    /// Starts a kexec for `uid` (root or the agent's own user); a second one is refused until
-    /// it fails. Returns the operations to load the image with (without holding the state).
-    pub fn begin_kexec(&mut self, uid: u32) -> Result<SharedKexecOps, WireError> {
+    /// Starts a kexec of `image` for `uid` (root or the agent's own user); a second one is
+    /// refused until it fails, and so is a target that cannot take the sessions
+    /// ([`check_target`]). Returns the operations to load the image with (without holding the
+    /// state).
+    pub fn begin_kexec(
+        &mut self,
+        uid: u32,
+        image: &KexecImage,
+    ) -> Result<SharedKexecOps, WireError> {
         if uid != 0 && uid != self.agent_uid {
             return Err(WireError::new(
                 ErrorKind::PermissionDenied,
                 "Only root or the agent's user may start a kexec",
             ));
         }
+        check_target(image).map_err(|why| {
+            warn!("kexec refused: {why}");
+            Self::kexec_error(why)
+        })?;
         if self.kexec != KexecPhase::Idle {
             return Err(WireError::new(
                 ErrorKind::Busy,

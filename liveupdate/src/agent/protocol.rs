@@ -160,9 +160,12 @@ pub enum Request {
         /// The attachment's token.
         token: Token,
     },
-    /// Kernel mode, root only: loads `kernel` (and `initrd`) with `cmdline` through
-    /// `kexec_file_load`, waits at most `timeout_ms` until every outgoing session is frozen,
-    /// then reboots into it. Answered only on failure (see [`super::kexec`]).
+    /// Where a kexec stands (kernel mode): answered with `kexec_status`.
+    KexecStatus,
+    /// Kernel mode, root only: checks the target's command line, loads `kernel` (and
+    /// `initrd`) with `cmdline` through `kexec_file_load`, waits at most `timeout_ms` until
+    /// every outgoing session is frozen, then reboots into it. Answered only on failure (see
+    /// [`super::kexec`]).
     Kexec {
         /// The next kernel's image.
         kernel: std::path::PathBuf,
@@ -347,6 +350,12 @@ pub enum Response {
         waiting: bool,
         /// It said it is ready.
         ready: bool,
+    },
+    /// Answer to `kexec_status`.
+    KexecStatus {
+        /// `idle` (no next kernel loaded), `loading` or `loaded` (the barrier waits for the
+        /// sessions to freeze).
+        phase: String,
     },
     /// Answer to `list`.
     Sessions {

@@ -297,7 +297,7 @@ impl Shared {
         expected: &[String],
         timeout_ms: u64,
     ) -> Response {
-        let ops = match state.begin_kexec(uid) {
+        let ops = match state.begin_kexec(uid, image) {
             Ok(ops) => ops,
             Err(error) => return Response::Error(error),
         };

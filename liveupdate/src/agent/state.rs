@@ -203,6 +203,12 @@ impl AgentState {
                 },
                 None,
             )),
+            Request::KexecStatus => Ok((
+                Response::KexecStatus {
+                    phase: self.kexec_phase_name().to_string(),
+                },
+                None,
+            )),
             Request::List => Ok((
                 Response::Sessions {
                     sessions: self.list(),
@@ -842,6 +848,68 @@ pub(crate) mod tests {
         assert_eq!(state.unfrozen_sessions(&[]), ["late"]);
         assert_eq!(again.kind, ErrorKind::Busy);
         assert_eq!(*fake.calls.lock().unwrap(), ["load"]);
+    }
+
+    #[test]
+    fn a_target_whose_command_line_would_drop_the_sessions_is_refused_before_loading() {
+        let fake = FakeKexec::default();
+        let mut state = kernel_state(&fake);
+        let with = |cmdline: &str| KexecImage {
+            cmdline: cmdline.into(),
+            ..image()
+        };
+
+        let refused: Vec<_> = [
+            "console=ttyS0",
+            "liveupdate=off",
+            "liveupdate=0",
+            "liveupdate=on liveupdate=n",
+            "liveupdate=maybe",
+            "liveupdate=on kho=off",
+        ]
+        .into_iter()
+        .map(|cmdline| (cmdline, state.start_kexec(0, &with(cmdline)).unwrap_err()))
+        .collect();
+
+        for (cmdline, error) in &refused {
+            assert_eq!(error.kind, ErrorKind::KexecFailed, "{cmdline}");
+            assert!(
+                error.message.contains("drop every session"),
+                "{cmdline}: {}",
+                error.message
+            );
+        }
+        assert!(refused[0].1.message.contains("lacks liveupdate=on"));
+        assert!(refused[5].1.message.contains("kho=off"));
+        assert!(
+            fake.calls.lock().unwrap().is_empty(),
+            "nothing may be loaded"
+        );
+        assert!(state.kexec_idle());
+        state
+            .start_kexec(0, &with("console=ttyS0 liveupdate=1 kho=on"))
+            .unwrap();
+    }
+
+    #[test]
+    fn kexec_status_says_whether_a_next_kernel_is_loaded() {
+        let fake = FakeKexec::default();
+        let mut state = kernel_state(&fake);
+        let status = |state: &mut AgentState| match state.handle(Request::KexecStatus, OWNER, None)
+        {
+            (Response::KexecStatus { phase }, None) => phase,
+            other => panic!("{other:?}"),
+        };
+
+        let before = status(&mut state);
+        state.start_kexec(0, &image()).unwrap();
+        let loaded = status(&mut state);
+        state.reboot();
+        let after_failure = status(&mut state);
+
+        assert_eq!(before, "idle");
+        assert_eq!(loaded, "loaded");
+        assert_eq!(after_failure, "idle");
     }
 
     #[test]

@@ -127,6 +127,26 @@ impl Fixture {
         self.with_context(|manager, ctx| manager.hot_add(ctx, build))
     }
 
+    /// Hot-adds an adopted VFIO device as VFIO device 0 (id `vfio/0`); returns its slot and
+    /// BAR address.
+    pub(super) fn with_vfio_device(&mut self) -> (u8, u64) {
+        let ((entry, bar), slot) = self
+            .hot_add(|pci| {
+                let bar = pci.bars.allocate(1 << 20).map_err(DeviceError::Pci)?;
+                let adopted = adopted_vfio(pci.ctx.memory, pci.ctx.interrupts, bar);
+                let device = Arc::new(std::sync::Mutex::new(adopted.device));
+                let slot = pci.place(device.clone())?;
+                let entry =
+                    super::vfio::VfioDeviceEntry::new("vfio/0".into(), slot, device, adopted.msi);
+                Ok((entry, bar))
+            })
+            .unwrap();
+        self.manager
+            .vfio_devices
+            .push(super::vfio::VfioSlot::Attached(entry));
+        (slot, bar)
+    }
+
     pub(super) fn mmio(&self) -> Arc<RwLock<Bus>> {
         self.manager.buses().mmio.clone()
     }

@@ -166,31 +166,17 @@ impl DeviceManager {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-    use std::sync::{Arc, Mutex};
-
     use serde_json::json;
+    use std::path::PathBuf;
 
     use super::*;
     use crate::config::{DeviceConfig, KexecPolicy};
-    use crate::device_manager::DeviceError;
-    use crate::device_manager::test_fixture::{Fixture, adopted_vfio};
-    use crate::device_manager::vfio::VfioDeviceEntry;
+    use crate::device_manager::test_fixture::Fixture;
 
     #[test]
     fn booted_devices_appear_with_their_ids_slots_and_resources() {
         let mut fixture = Fixture::new();
-        let ((entry, bar), slot) = fixture
-            .hot_add(|pci| {
-                let bar = pci.bars.allocate(1 << 20).map_err(DeviceError::Pci)?;
-                let adopted = adopted_vfio(pci.ctx.memory, pci.ctx.interrupts, bar);
-                let device = Arc::new(Mutex::new(adopted.device));
-                let slot = pci.place(device.clone())?;
-                let entry = VfioDeviceEntry::new("vfio/0".into(), slot, device, adopted.msi);
-                Ok((entry, bar))
-            })
-            .unwrap();
-        fixture.manager.vfio_devices.push(VfioSlot::Attached(entry));
+        let (slot, bar) = fixture.with_vfio_device();
         fixture.config.devices.push(DeviceConfig {
             path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0"),
             id: Some("edu".into()),

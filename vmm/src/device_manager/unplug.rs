@@ -238,27 +238,9 @@ mod tests {
     use devices::pci::hotplug::{EJECT, PRESENT, REMOVE_REQUESTED};
 
     use super::*;
-    use crate::device_manager::test_fixture::{Fixture, adopted_vfio, hotplug_register};
-    use crate::device_manager::vfio::VfioDeviceEntry;
+    use crate::device_manager::test_fixture::{Fixture, hotplug_register};
     use crate::layout;
     use crate::vcpu_thread::VcpuEvent;
-
-    /// The fixture's VM with an adopted VFIO device hot-added as VFIO device 0; returns its
-    /// slot and BAR address.
-    fn with_vfio_device(fixture: &mut Fixture) -> (u8, u64) {
-        let ((entry, bar), slot) = fixture
-            .hot_add(|pci| {
-                let bar = pci.bars.allocate(1 << 20).map_err(DeviceError::Pci)?;
-                let adopted = adopted_vfio(pci.ctx.memory, pci.ctx.interrupts, bar);
-                let device = Arc::new(Mutex::new(adopted.device));
-                let slot = pci.place(device.clone())?;
-                let entry = VfioDeviceEntry::new("vfio/0".into(), slot, device, adopted.msi);
-                Ok((entry, bar))
-            })
-            .unwrap();
-        fixture.manager.vfio_devices.push(VfioSlot::Attached(entry));
-        (slot, bar)
-    }
 
     /// The guest's eject of `slot`, as its `_EJ0` writes it.
     fn guest_ejects(fixture: &Fixture, slot: u8) {
@@ -273,7 +255,7 @@ mod tests {
     #[test]
     fn released_vfio_device_leaves_the_bus_and_keeps_its_slot_and_vector() {
         let mut fixture = Fixture::new();
-        let (slot, bar) = with_vfio_device(&mut fixture);
+        let (slot, bar) = fixture.with_vfio_device();
         let groups = fixture.interrupts.msi_group_count();
         let bar_answers = |fixture: &Fixture| {
             let mut byte = [0u8; 1];
@@ -323,7 +305,7 @@ mod tests {
     #[test]
     fn guest_eject_without_a_request_detaches_for_good() {
         let mut fixture = Fixture::new();
-        let (slot, _) = with_vfio_device(&mut fixture);
+        let (slot, _) = fixture.with_vfio_device();
 
         guest_ejects(&fixture, slot);
         let detached = fixture.manager.detach_ejected(&fixture.vm.clone(), &[]);

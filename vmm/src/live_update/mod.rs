@@ -38,6 +38,11 @@ use participants::RAM_TOKEN;
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(120);
 /// How long the old VMM waits, guest running, for a successor started ahead to build its VM.
 pub const SUCCESSOR_WAIT: Duration = Duration::from_secs(5);
+/// How long a kernel-mode live update waits, guest running, for the agent to finish loading
+/// the next kernel.
+pub const KEXEC_LOAD_WAIT: Duration = Duration::from_secs(60);
+/// How often it looks meanwhile.
+const KEXEC_LOAD_POLL: Duration = Duration::from_millis(20);
 /// How often a successor started ahead looks for guest RAM in the outgoing session.
 const HANDOVER_POLL: Duration = Duration::from_micros(200);
 
@@ -96,6 +101,15 @@ pub enum LiveUpdateError {
     /// An operation on the inherited session failed.
     #[error("Inherited session operation failed")]
     Session(#[source] SessionError),
+    /// Kernel mode without a next kernel loaded at the agent: the guest would wait paused for
+    /// a kexec that may never come.
+    #[error(
+        "No next kernel is loaded at the agent (kexec {phase}): load it first (ch-luod kexec); the guest was not paused"
+    )]
+    NoNextKernel {
+        /// The agent's kexec phase: `idle`, or `loading` still after [`KEXEC_LOAD_WAIT`].
+        phase: String,
+    },
 }
 
 impl LiveUpdateError {
@@ -105,7 +119,7 @@ impl LiveUpdateError {
         match self {
             Self::Agent { source, .. } if source.kind() == Some(ErrorKind::SessionExists) => 409,
             Self::WrongSession { .. } => 400,
-            Self::SessionUsed { .. } => 409,
+            Self::SessionUsed { .. } | Self::NoNextKernel { .. } => 409,
             _ => 500,
         }
     }
@@ -122,6 +136,39 @@ pub fn agent_runs_kexec(agent: &Path) -> Result<bool, LiveUpdateError> {
         .and_then(|mut client| client.ping())
         .map_err(agent_error)?;
     Ok(mode == "kernel")
+}
+
+/// Kernel mode: the guest stays paused from its freeze until the kexec, so a live update
+/// starts only once the agent has the next kernel loaded (`ch-luod kexec` before the update),
+/// waiting up to [`KEXEC_LOAD_WAIT`] while it loads. An agent that refused the target (a
+/// command line that would drop the sessions, an image that does not load) is idle: the update
+/// is refused before the guest is paused. Restart mode passes; so does an agent too old to
+/// answer (with a warning).
+pub fn check_next_kernel(agent: &Path) -> Result<(), LiveUpdateError> {
+    let agent_error = |source| LiveUpdateError::Agent {
+        path: agent.to_path_buf(),
+        source,
+    };
+    let mut client = AgentClient::connect(agent).map_err(agent_error)?;
+    if client.ping().map_err(agent_error)? != "kernel" {
+        return Ok(());
+    }
+    let deadline = Instant::now() + KEXEC_LOAD_WAIT;
+    loop {
+        let phase = match client.kexec_status() {
+            Ok(phase) => phase,
+            Err(e) if e.kind() == Some(ErrorKind::BadRequest) => {
+                warn!("The agent cannot tell whether a next kernel is loaded ({e}); going on");
+                return Ok(());
+            }
+            Err(e) => return Err(agent_error(e)),
+        };
+        match phase.as_str() {
+            "loaded" => return Ok(()),
+            "loading" if Instant::now() < deadline => std::thread::sleep(KEXEC_LOAD_POLL),
+            _ => return Err(LiveUpdateError::NoNextKernel { phase }),
+        }
+    }
 }
 
 /// Runs the live update of `vm` into session `name`, held by the agent at `agent`. On success

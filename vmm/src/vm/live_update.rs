@@ -119,7 +119,10 @@ impl Vm {
             }
             None => {
                 let memfd = incoming
-                    .take_file(memory.memfd_token)
+                    .take_file(
+                        memory.memfd_token,
+                        "guest RAM (a memfd: LUO's memfd file handler)",
+                    )
                     .map_err(VmError::LiveUpdate)?;
                 Prebuilt::new(File::from(memfd))?
             }
