@@ -26,8 +26,10 @@
 
 mod common;
 
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{VmmProcess, probe_guest, repo_root, require_kvm, scratch_dir};
@@ -60,8 +62,9 @@ fn run_scenario(client: &str) {
     let mut receiver = api_only_vmm(&dir.join("receiver"));
     let go_cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache");
 
-    // Act
-    let output = Command::new(PYTHON)
+    // Act: the scenario, checking the guest at its checkpoints.
+    let log = dir.join("scenario.stderr");
+    let mut scenario = Command::new(PYTHON)
         .arg(repo_root().join("tests/clients/scenario.py"))
         .arg(client)
         .arg("--sender")
@@ -80,17 +83,42 @@ fn run_scenario(client: &str) {
         .arg(repo_root().join("tests/clients/openapi"))
         .arg("--go-cache")
         .arg(&go_cache)
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
         .unwrap();
+    let mut go_on = scenario.stdin.take().unwrap();
+    let mut stdout = Vec::new();
+    for line in BufReader::new(scenario.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        match line.as_str() {
+            // The guest runs in the sender...
+            "checkpoint booted" => {
+                let (next, _) = sender.next_banner(0, LINE);
+                sender.next_status(next, LINE);
+            }
+            // ... and runs on in the receiver.
+            "checkpoint migrated" => {
+                receiver.next_status(0, LINE);
+            }
+            _ => {}
+        }
+        if line.starts_with("checkpoint ") {
+            go_on.write_all(b"\n").unwrap();
+            go_on.flush().unwrap();
+        }
+        stdout.push(line);
+    }
+    let status = scenario.wait().unwrap();
 
-    // Assert: every step passed; the guest ran in the sender and runs on in the receiver until
-    // its shutdown; the sender exits after the migration, the receiver after vmm.shutdown.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Assert: every step passed; the sender exits after the migration, the receiver after
+    // vmm.shutdown.
+    let stdout = stdout.join("\n");
     assert!(
-        output.status.success(),
-        "the {client} scenario failed ({}):\n{stdout}\n{stderr}\nsender stderr:\n{}\nreceiver stderr:\n{}",
-        output.status,
+        status.success(),
+        "the {client} scenario failed ({status}):\n{stdout}\n{}\nsender stderr:\n{}\nreceiver stderr:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
         sender.stderr(),
         receiver.stderr()
     );
@@ -98,9 +126,7 @@ fn run_scenario(client: &str) {
         stdout.contains(&format!("{client}: every step passed")),
         "{stdout}"
     );
-    let (next, _) = sender.next_banner(0, LINE);
-    sender.next_status(next, LINE);
-    receiver.next_status(0, LINE);
+    assert!(stdout.contains("checkpoint migrated"), "{stdout}");
     assert_eq!(sender.wait_exit(EXIT), Some(0), "{}", sender.stderr());
     assert_eq!(receiver.wait_exit(EXIT), Some(0), "{}", receiver.stderr());
 }
