@@ -1,13 +1,16 @@
-//! HTTP/1.1 over a UNIX socket (set up by `socket`), parsed with `httparse`; one request per
-//! connection, each on its own thread.
+//! HTTP/1.1 over a UNIX socket (set up by `socket`), parsed with `httparse`; each connection on
+//! its own thread, kept alive between requests. Answers are framed byte for byte as
+//! cloud-hypervisor's server frames them (see [`format_response`]).
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, ErrorKind, Write};
+use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -18,13 +21,16 @@ use super::{API_ROOT, ApiError, ApiHandler, ApiResponse, ROUTES, route_request_w
 
 /// Largest accepted request body, as cloud-hypervisor: 4 MiB.
 pub const MAX_BODY_SIZE: usize = 4 << 20;
-/// How long a connection may take to send its whole request (and each write of the reply).
+/// How long a connection may take to send its whole request (and each write of the reply), and
+/// how long a new connection may wait before its first request starts.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a kept-alive connection may stay idle between requests before we close it.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
 /// Largest request head (request line and headers).
 const MAX_HEAD_SIZE: usize = 64 << 10;
 const MAX_HEADERS: usize = 64;
-/// Connections served at once; more are closed at once (the VMM handles one request at a time
-/// anyway, this only bounds threads).
+/// Connections served at once; more get a 503 and are closed (the VMM handles one request at a
+/// time anyway, this only bounds threads).
 const MAX_CONNECTIONS: usize = 32;
 
 /// Errors from starting the API server.
@@ -89,6 +95,7 @@ pub struct HttpServer {
     lock: Option<File>,
     stopping: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
+    connections: Arc<Connections>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -130,12 +137,14 @@ fn serve(
     ))?;
     let stopping = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(Connections::default());
     let thread = {
         let stopping = stopping.clone();
         let in_flight = in_flight.clone();
+        let connections = connections.clone();
         thread::Builder::new()
             .name("http-server".to_string())
-            .spawn(move || accept_loop(&listener, &handler, &stopping, &in_flight))
+            .spawn(move || accept_loop(&listener, &handler, &stopping, &in_flight, &connections))
             .map_err(io_error(
                 "start the server thread for",
                 Path::new("the API socket"),
@@ -147,6 +156,7 @@ fn serve(
         lock: None,
         stopping,
         in_flight,
+        connections,
         thread: Some(thread),
     })
 }
@@ -154,15 +164,15 @@ fn serve(
 fn accept_loop(
     listener: &UnixListener,
     handler: &Arc<dyn ApiHandler>,
-    stopping: &AtomicBool,
+    stopping: &Arc<AtomicBool>,
     in_flight: &Arc<AtomicUsize>,
+    connections: &Arc<Connections>,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         if stopping.load(Ordering::Acquire) {
             break;
         }
-        let stream = match stream {
+        let mut stream = match stream {
             Ok(stream) => stream,
             Err(e) => {
                 warn!("API accept failed: {e}");
@@ -171,75 +181,156 @@ fn accept_loop(
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::AcqRel);
-            warn!("Too many API connections; closing a new one");
+        let Some(id) = connections.add(&stream) else {
+            warn!("Too many API connections; refusing a new one");
+            // A fresh socket's buffer takes this small answer without blocking.
+            let error = ApiError::new(503, "Too many open API connections");
+            let (status, body) = error_response(&error);
+            let _ = stream.write_all(&format_response(status, Some(&body), None, false));
             continue;
-        }
+        };
         let handler = handler.clone();
-        let connection_count = active.clone();
+        let stopping = stopping.clone();
         let in_flight = in_flight.clone();
+        let open = connections.clone();
         let spawned = thread::Builder::new()
             .name("http-connection".to_string())
             .spawn(move || {
-                serve_connection(stream, handler.as_ref(), &in_flight);
-                connection_count.fetch_sub(1, Ordering::AcqRel);
+                serve_connection(stream, handler.as_ref(), &stopping, &in_flight);
+                open.remove(id);
             });
         if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::AcqRel);
+            connections.remove(id);
             warn!("Cannot start an API connection thread: {e}");
         }
     }
 }
 
-fn serve_connection(mut stream: UnixStream, handler: &dyn ApiHandler, in_flight: &AtomicUsize) {
+/// The open connections: counted against [`MAX_CONNECTIONS`], and ended by [`HttpServer::stop`]
+/// so that idle kept-alive ones do not outlive the server.
+#[derive(Debug, Default)]
+struct Connections {
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, UnixStream>>,
+}
+
+impl Connections {
+    /// Registers a copy of `stream`; None when the server is full (or the copy fails).
+    fn add(&self, stream: &UnixStream) -> Option<u64> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.len() >= MAX_CONNECTIONS {
+            return None;
+        }
+        let copy = stream
+            .try_clone()
+            .inspect_err(|e| warn!("Cannot copy an API connection: {e}"))
+            .ok()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        open.insert(id, copy);
+        Some(id)
+    }
+
+    fn remove(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// Ends the reading side of every connection: a thread waiting for the next request sees the
+    /// end of the stream and closes; an answer being written still goes out.
+    fn stop_reading(&self) {
+        for stream in self
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+    }
+}
+
+/// Serves the requests of one connection, kept alive as cloud-hypervisor's server does, until
+/// the client closes it, asks for `Connection: close`, sends something unparsable or stays idle
+/// for [`KEEP_ALIVE_IDLE`].
+fn serve_connection(
+    stream: UnixStream,
+    handler: &dyn ApiHandler,
+    stopping: &AtomicBool,
+    in_flight: &AtomicUsize,
+) {
     if let Err(e) = stream.set_write_timeout(Some(READ_TIMEOUT)) {
         warn!("Cannot set the API connection timeout: {e}");
         return;
     }
-    let mut dispatched = false;
-    let (status, body, allow) = match read_request(&mut stream) {
-        Ok(request) => {
-            // Counted from dispatch until the answer is written, so stop() can wait for it.
-            in_flight.fetch_add(1, Ordering::AcqRel);
-            dispatched = true;
+    let mut connection = Connection::new(stream);
+    // A new connection must start its request at once; a kept-alive one may wait longer.
+    let mut idle = READ_TIMEOUT;
+    loop {
+        let request = match connection.read_request(idle) {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(RequestError::Io(e)) => {
+                debug!("API connection dropped: {e}");
+                return;
+            }
+            Err(RequestError::Api(e)) => {
+                // Where the next request would start is unknown: answer and close.
+                let (status, body) = error_response(&e);
+                connection.send(&format_response(status, Some(&body), None, false));
+                return;
+            }
+        };
+        // Counted from dispatch until the answer is written, so stop() can wait for it.
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let (status, body, allow) = if stopping.load(Ordering::Acquire) {
+            // A request on a kept-alive connection after stop(): the VM is no longer ours to serve.
+            let (status, body) =
+                error_response(&ApiError::new(503, "The API server is shutting down"));
+            (status, Some(body), None)
+        } else {
             let path = request.path.clone();
-            let (status, body) = respond(request, handler);
+            let (status, body) = respond(request.method, &path, request.body, request.fds, handler);
             let allow = if status == 405 {
                 allowed_method(&path)
             } else {
                 None
             };
             (status, body, allow)
-        }
-        Err(RequestError::Io(e)) => {
-            debug!("API connection dropped: {e}");
+        };
+        let keep_alive = request.keep_alive && !stopping.load(Ordering::Acquire);
+        let sent = connection.send(&format_response(status, body.as_deref(), allow, keep_alive));
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        if !keep_alive || !sent {
             return;
         }
-        Err(RequestError::Api(e)) => {
-            let (status, body) = error_response(&e);
-            (status, body, None)
-        }
-    };
-    let response = format_response(status, body.as_deref(), allow);
-    if let Err(e) = stream.write_all(&response).and_then(|()| stream.flush()) {
-        debug!("Cannot send the API response: {e}");
-    }
-    if dispatched {
-        in_flight.fetch_sub(1, Ordering::AcqRel);
+        idle = KEEP_ALIVE_IDLE;
     }
 }
 
-fn respond(request: HttpRequest, handler: &dyn ApiHandler) -> (u16, Option<Vec<u8>>) {
-    let result = route_request_with_fds(&request.method, &request.path, &request.body, request.fds)
+fn respond(
+    method: String,
+    path: &str,
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    handler: &dyn ApiHandler,
+) -> (u16, Option<Vec<u8>>) {
+    let result = route_request_with_fds(&method, path, &body, fds)
         .and_then(|api_request| handler.handle(api_request));
     match result {
         Ok(ApiResponse::Empty) => (204, None),
         Ok(ApiResponse::Json(value)) => match serde_json::to_vec(&value) {
             Ok(body) => (200, Some(body)),
-            Err(e) => error_response(&ApiError::internal(&e)),
+            Err(e) => {
+                let (status, body) = error_response(&ApiError::internal(&e));
+                (status, Some(body))
+            }
         },
-        Err(e) => error_response(&e),
+        Err(e) => {
+            let (status, body) = error_response(&e);
+            (status, Some(body))
+        }
     }
 }
 
@@ -253,10 +344,11 @@ fn allowed_method(path: &str) -> Option<&'static str> {
         .map(|route| route.method.as_str())
 }
 
-fn error_response(error: &ApiError) -> (u16, Option<Vec<u8>>) {
+/// Status and body (the error chain as a JSON array of strings) of an error.
+fn error_response(error: &ApiError) -> (u16, Vec<u8>) {
     // Serialising a list of strings cannot fail; fall back to an empty array anyway.
     let body = serde_json::to_vec(&error.messages).unwrap_or_else(|_| b"[]".to_vec());
-    (error.status, Some(body))
+    (error.status, body)
 }
 
 /// One parsed HTTP request.
@@ -266,6 +358,8 @@ struct HttpRequest {
     body: Vec<u8>,
     /// Descriptors sent with the request (`SCM_RIGHTS`).
     fds: Vec<OwnedFd>,
+    /// Whether the client lets the connection stay open after the answer.
+    keep_alive: bool,
 }
 
 /// Most descriptors one request may carry (one tap fd per queue pair of a card).
@@ -278,70 +372,30 @@ enum RequestError {
     Api(ApiError),
 }
 
-/// Reads into `buffer` before `deadline`; end of stream is an error (the request is incomplete).
-fn read_before(
-    stream: &mut UnixStream,
-    buffer: &mut [u8],
-    deadline: Instant,
-    fds: &mut Vec<OwnedFd>,
-) -> Result<usize, RequestError> {
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    if remaining.is_zero() {
-        return Err(RequestError::Io(ErrorKind::TimedOut.into()));
-    }
-    stream
-        .set_read_timeout(Some(remaining))
-        .map_err(RequestError::Io)?;
-    // Descriptors may come with any part of the request; more than the limit drop it.
-    let room = MAX_REQUEST_FDS.saturating_sub(fds.len());
-    let (read, received) =
-        liveupdate::sys::recv_with_fds(stream, buffer, room).map_err(RequestError::Io)?;
-    fds.extend(received);
-    match read {
-        0 => Err(RequestError::Io(ErrorKind::UnexpectedEof.into())),
-        read => Ok(read),
-    }
+/// What the request line and headers say, owned so the buffer they came from can be consumed.
+#[derive(Debug, PartialEq, Eq)]
+struct RequestHead {
+    method: String,
+    path: String,
+    content_length: usize,
+    expects_continue: bool,
+    keep_alive: bool,
 }
 
-fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, RequestError> {
-    // One deadline for the whole request, so a slow trickle cannot hold a thread for long.
-    let deadline = Instant::now() + READ_TIMEOUT;
-    let mut buffer = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let mut fds = Vec::new();
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(&buffer) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let body = buffer[head_len..].to_vec();
-                return finish_request(stream, &parsed, body, deadline, fds);
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(e) => {
-                return Err(RequestError::Api(ApiError::bad_request(format!(
-                    "Malformed HTTP request: {e}"
-                ))));
-            }
-        }
-        if buffer.len() > MAX_HEAD_SIZE {
-            return Err(RequestError::Api(ApiError::bad_request(
-                "HTTP request head too large",
+/// Parses a request head from the start of `buffer`: its length and content, or None while it
+/// is incomplete.
+fn parse_head(buffer: &[u8]) -> Result<Option<(usize, RequestHead)>, ApiError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(buffer) {
+        Ok(httparse::Status::Complete(head_len)) => head_len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "Malformed HTTP request: {e}"
             )));
         }
-        let read = read_before(stream, &mut chunk, deadline, &mut fds)?;
-        buffer.extend_from_slice(&chunk[..read]);
-    }
-}
-
-fn finish_request(
-    stream: &mut UnixStream,
-    parsed: &httparse::Request<'_, '_>,
-    mut body: Vec<u8>,
-    deadline: Instant,
-    mut fds: Vec<OwnedFd>,
-) -> Result<HttpRequest, RequestError> {
-    let bad = |message: &str| RequestError::Api(ApiError::bad_request(message));
+    };
     let header = |name: &str| {
         parsed
             .headers
@@ -350,67 +404,164 @@ fn finish_request(
             .map(|h| h.value)
     };
     if header("Transfer-Encoding").is_some() {
-        return Err(bad(
+        return Err(ApiError::bad_request(
             "Transfer-Encoding is not supported; send Content-Length",
         ));
     }
-    let length = match header("Content-Length") {
+    let content_length = match header("Content-Length") {
         None => 0,
         Some(value) => std::str::from_utf8(value)
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
-            .ok_or_else(|| bad("Invalid Content-Length"))?,
+            .ok_or_else(|| ApiError::bad_request("Invalid Content-Length"))?,
     };
-    if length > MAX_BODY_SIZE {
-        return Err(RequestError::Api(ApiError::payload_too_large(format!(
-            "Request body of {length} bytes is over the {MAX_BODY_SIZE} byte limit"
-        ))));
+    if content_length > MAX_BODY_SIZE {
+        return Err(ApiError::payload_too_large(format!(
+            "Request body of {content_length} bytes is over the {MAX_BODY_SIZE} byte limit"
+        )));
     }
-    if body.len() > length {
-        return Err(bad("More data than Content-Length"));
-    }
-    let expects_continue =
-        header("Expect").is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue && body.len() < length {
-        stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .map_err(RequestError::Io)?;
-    }
-    let mut filled = body.len();
-    body.resize(length, 0);
-    while filled < length {
-        filled += read_before(stream, &mut body[filled..], deadline, &mut fds)?;
-    }
-    Ok(HttpRequest {
+    let connection_has = |token: &str| {
+        header("Connection").is_some_and(|value| {
+            value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    // HTTP/1.1 keeps a connection unless told to close; HTTP/1.0 closes unless told to keep.
+    let keep_alive = match parsed.version {
+        Some(0) => connection_has("keep-alive"),
+        _ => !connection_has("close"),
+    };
+    let head = RequestHead {
         method: parsed.method.unwrap_or_default().to_string(),
         path: parsed.path.unwrap_or_default().to_string(),
-        body,
-        fds,
-    })
+        content_length,
+        expects_continue: header("Expect").is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue")),
+        keep_alive,
+    };
+    Ok(Some((head_len, head)))
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Unknown",
+/// A client connection with what was read from it but not used yet: a read may take the start
+/// of the next request on a kept-alive connection.
+struct Connection {
+    stream: UnixStream,
+    pending: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Connection {
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            pending: Vec::with_capacity(1024),
+            fds: Vec::new(),
+        }
+    }
+
+    /// Writes a whole answer; false if the client is gone.
+    fn send(&mut self, bytes: &[u8]) -> bool {
+        match self
+            .stream
+            .write_all(bytes)
+            .and_then(|()| self.stream.flush())
+        {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("Cannot send the API response: {e}");
+                false
+            }
+        }
+    }
+
+    /// Reads the next request. None when the client closed the connection, or sent nothing
+    /// for `idle`, before a new request began. Once it began, the whole request must come
+    /// within [`READ_TIMEOUT`].
+    fn read_request(&mut self, idle: Duration) -> Result<Option<HttpRequest>, RequestError> {
+        if self.pending.is_empty() {
+            match self.read_more(Instant::now() + idle) {
+                Ok(()) => {}
+                Err(RequestError::Io(e)) => {
+                    debug!("API connection idle or closed: {e}");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // One deadline for the whole request, so a slow trickle cannot hold a thread for long.
+        let deadline = Instant::now() + READ_TIMEOUT;
+        let (head_len, head) = loop {
+            if let Some(parsed) = parse_head(&self.pending).map_err(RequestError::Api)? {
+                break parsed;
+            }
+            if self.pending.len() > MAX_HEAD_SIZE {
+                return Err(RequestError::Api(ApiError::bad_request(
+                    "HTTP request head too large",
+                )));
+            }
+            self.read_more(deadline)?;
+        };
+        self.pending.drain(..head_len);
+        let length = head.content_length;
+        if head.expects_continue && self.pending.len() < length {
+            self.stream.write_all(CONTINUE).map_err(RequestError::Io)?;
+        }
+        while self.pending.len() < length {
+            self.read_more(deadline)?;
+        }
+        let body = self.pending.drain(..length).collect();
+        Ok(Some(HttpRequest {
+            method: head.method,
+            path: head.path,
+            body,
+            fds: std::mem::take(&mut self.fds),
+            keep_alive: head.keep_alive,
+        }))
+    }
+
+    /// Appends what the next read brings before `deadline`; the end of the stream is an error
+    /// (a request is incomplete, or none came).
+    fn read_more(&mut self, deadline: Instant) -> Result<(), RequestError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(RequestError::Io(ErrorKind::TimedOut.into()));
+        }
+        self.stream
+            .set_read_timeout(Some(remaining))
+            .map_err(RequestError::Io)?;
+        // Descriptors may come with any part of the request; more than the limit drop it.
+        let room = MAX_REQUEST_FDS.saturating_sub(self.fds.len());
+        let mut chunk = [0u8; 4096];
+        let (read, received) = liveupdate::sys::recv_with_fds(&self.stream, &mut chunk, room)
+            .map_err(RequestError::Io)?;
+        self.fds.extend(received);
+        match read {
+            0 => Err(RequestError::Io(ErrorKind::UnexpectedEof.into())),
+            read => {
+                self.pending.extend_from_slice(&chunk[..read]);
+                Ok(())
+            }
+        }
     }
 }
 
-/// Formats a whole response; `allow` adds the `Allow` header of a 405.
-fn format_response(status: u16, body: Option<&[u8]>, allow: Option<&str>) -> Vec<u8> {
+/// The interim answer to `Expect: 100-continue`, in the same status-line form as every answer.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 \r\n\r\n";
+
+/// Formats a whole response as cloud-hypervisor's server (Firecracker's micro_http) writes it:
+/// a status line with the code and no reason phrase (`HTTP/1.1 204 `: cloud-hypervisor's own
+/// API client parses everything after `HTTP/1.1 ` up to the line end as the number), then
+/// `Server`, `Connection`, `Allow` (405 only), `Content-Type` and `Content-Length` in this order,
+/// the last two on every answer but a 204.
+fn format_response(
+    status: u16,
+    body: Option<&[u8]>,
+    allow: Option<&str>,
+    keep_alive: bool,
+) -> Vec<u8> {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nServer: Cloud Hypervisor API\r\nConnection: close\r\n",
-        reason(status)
+        "HTTP/1.1 {status} \r\nServer: Cloud Hypervisor API\r\nConnection: {connection}\r\n"
     );
     if let Some(allow) = allow {
         head.push_str(&format!("Allow: {allow}\r\n"));
@@ -438,8 +589,8 @@ impl HttpServer {
     }
 
     /// Stops accepting, waits for the accept thread and for answers already being written (up to
-    /// [`DRAIN_TIMEOUT`]), removes the socket and the lock file. Idle connections are not waited
-    /// for.
+    /// [`DRAIN_TIMEOUT`]), ends the connections kept alive, removes the socket and the lock file.
+    /// A request that still arrives on a connection gets a 503.
     pub fn stop(&mut self) {
         let Some(thread) = self.thread.take() else {
             return;
@@ -463,6 +614,7 @@ impl HttpServer {
         while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
         }
+        self.connections.stop_reading();
         if let Some((path, lock_path)) = &self.paths {
             let _ = fs::remove_file(path);
             let _ = fs::remove_file(lock_path);
@@ -480,7 +632,6 @@ impl Drop for HttpServer {
 #[cfg(test)]
 mod tests {
     use std::io::Read;
-    use std::net::Shutdown;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
 
@@ -528,6 +679,24 @@ mod tests {
 
     fn body_of(response: &str) -> &str {
         response.split_once("\r\n\r\n").unwrap().1
+    }
+
+    /// Reads one whole answer (head and `Content-Length` bytes of body) from a kept-alive stream.
+    fn read_one_answer(stream: &mut UnixStream) -> String {
+        let mut bytes = Vec::new();
+        let mut byte = [0u8; 1];
+        while !bytes.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            bytes.push(byte[0]);
+        }
+        let head = String::from_utf8(bytes).unwrap();
+        let length = head
+            .lines()
+            .find_map(|line| line.strip_prefix("Content-Length: "))
+            .map_or(0, |n| n.parse().unwrap());
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).unwrap();
+        head + &String::from_utf8(body).unwrap()
     }
 
     #[test]
@@ -589,6 +758,10 @@ mod tests {
         assert_eq!(config.cpus.boot_vcpus, 2);
     }
 
+    // The next three pin the bytes cloud-hypervisor's server writes: its own API client takes
+    // the text between `HTTP/1.1 ` and the line end as the status number, so there is no reason
+    // phrase; the headers come in this order, exactly so spelt.
+
     #[test]
     fn empty_response_is_204_without_body_or_length() {
         let fixture = serve("no-content", Ok(ApiResponse::Empty));
@@ -598,16 +771,13 @@ mod tests {
             b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\n\r\n",
         );
 
-        assert!(
-            response.starts_with("HTTP/1.1 204 No Content\r\n"),
-            "{response}"
+        assert_eq!(
+            response,
+            "HTTP/1.1 204 \r\n\
+             Server: Cloud Hypervisor API\r\n\
+             Connection: keep-alive\r\n\
+             \r\n"
         );
-        assert!(
-            response.contains("Server: Cloud Hypervisor API\r\n"),
-            "{response}"
-        );
-        assert!(!response.contains("Content-Length"), "{response}");
-        assert_eq!(body_of(&response), "");
     }
 
     #[test]
@@ -620,17 +790,167 @@ mod tests {
             b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\n\r\n",
         );
 
-        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert_eq!(
+            response,
+            "HTTP/1.1 200 \r\n\
+             Server: Cloud Hypervisor API\r\n\
+             Connection: keep-alive\r\n\
+             Content-Type: application/json\r\n\
+             Content-Length: 19\r\n\
+             \r\n\
+             {\"state\":\"Running\"}"
+        );
+    }
+
+    #[test]
+    fn error_response_is_the_chain_as_a_json_array() {
+        let fixture = serve(
+            "error-bytes",
+            Err(ApiError {
+                status: 500,
+                messages: vec!["Cannot pause".into(), "busy".into()],
+            }),
+        );
+
+        let response = raw(
+            &fixture.socket,
+            b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        );
+
+        assert_eq!(
+            response,
+            "HTTP/1.1 500 \r\n\
+             Server: Cloud Hypervisor API\r\n\
+             Connection: keep-alive\r\n\
+             Content-Type: application/json\r\n\
+             Content-Length: 23\r\n\
+             \r\n\
+             [\"Cannot pause\",\"busy\"]"
+        );
+    }
+
+    #[test]
+    fn connection_serves_requests_until_the_client_closes() {
+        let value = serde_json::json!({"state": "Running"});
+        let fixture = serve("keep-alive", Ok(ApiResponse::Json(value)));
+        let mut stream = UnixStream::connect(&fixture.socket).unwrap();
+        let ping = b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            stream.write_all(ping).unwrap();
+            answers.push(read_one_answer(&mut stream));
+        }
+
         assert!(
-            response.contains("Content-Type: application/json\r\n"),
+            answers.iter().all(|a| a.starts_with("HTTP/1.1 200 \r\n")),
+            "{answers:?}"
+        );
+        assert_eq!(fixture.handler.seen().len(), 3);
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order() {
+        let fixture = serve("pipelined", Ok(ApiResponse::Empty));
+        let body = r#"{"payload": {"kernel": "/vmlinux"}}"#;
+        let two = format!(
+            "PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}\
+             PUT /api/v1/vm.boot HTTP/1.1\r\n\r\n",
+            body.len()
+        );
+
+        let response = raw(&fixture.socket, two.as_bytes());
+
+        assert_eq!(
+            response.matches("HTTP/1.1 204 \r\n").count(),
+            2,
             "{response}"
         );
+        let seen = fixture.handler.seen();
         assert!(
-            response.contains("Server: Cloud Hypervisor API\r\n"),
+            matches!(
+                seen.as_slice(),
+                [ApiRequest::VmCreate(_), ApiRequest::VmBoot]
+            ),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn connection_close_is_honoured() {
+        let fixture = serve("close", Ok(ApiResponse::Empty));
+        let mut stream = UnixStream::connect(&fixture.socket).unwrap();
+        stream
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+
+        // Without shutting down our side: the server closes after its answer.
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+
+        assert!(
+            response.starts_with(
+                "HTTP/1.1 204 \r\nServer: Cloud Hypervisor API\r\nConnection: close\r\n"
+            ),
             "{response}"
         );
-        assert!(response.contains("Content-Length: 19\r\n"), "{response}");
-        assert_eq!(body_of(&response), r#"{"state":"Running"}"#);
+    }
+
+    #[test]
+    fn http_1_0_closes_unless_asked_to_keep_alive() {
+        let fixture = serve("http10", Ok(ApiResponse::Empty));
+        let mut stream = UnixStream::connect(&fixture.socket).unwrap();
+        stream
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.0\r\n\r\n")
+            .unwrap();
+
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+
+        assert!(response.contains("Connection: close\r\n"), "{response}");
+    }
+
+    #[test]
+    fn stop_ends_idle_kept_alive_connections() {
+        let mut fixture = serve("stop-idle", Ok(ApiResponse::Empty));
+        let mut stream = UnixStream::connect(&fixture.socket).unwrap();
+        stream
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let first = read_one_answer(&mut stream);
+        let start = Instant::now();
+
+        fixture.server.stop();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+
+        assert!(first.starts_with("HTTP/1.1 204 "), "{first}");
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        assert!(start.elapsed() < READ_TIMEOUT, "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn connections_over_the_limit_get_503() {
+        let fixture = serve("full", Ok(ApiResponse::Empty));
+        let held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&fixture.socket).unwrap())
+            .collect();
+        // Wait until the accept loop has registered them all.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while fixture.server.connections.open.lock().unwrap().len() < MAX_CONNECTIONS {
+            assert!(Instant::now() < deadline, "connections not accepted");
+            thread::sleep(Duration::from_millis(5));
+        }
+
+        // The answer comes before any request, and the connection is closed at once.
+        let mut extra = UnixStream::connect(&fixture.socket).unwrap();
+        let mut response = String::new();
+        extra.read_to_string(&mut response).unwrap();
+
+        drop(held);
+        assert!(response.starts_with("HTTP/1.1 503 \r\n"), "{response}");
+        assert!(response.contains("Connection: close\r\n"), "{response}");
+        assert_eq!(body_of(&response), r#"["Too many open API connections"]"#);
     }
 
     #[test]
@@ -854,14 +1174,15 @@ mod tests {
             body.len()
         );
         stream.write_all(head.as_bytes()).unwrap();
-        let mut interim = [0u8; 25];
+        let mut interim = [0u8; 17];
         stream.read_exact(&mut interim).unwrap();
 
         stream.write_all(body).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
         let mut rest = String::new();
         stream.read_to_string(&mut rest).unwrap();
 
-        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        assert_eq!(&interim, b"HTTP/1.1 100 \r\n\r\n");
         assert!(rest.starts_with("HTTP/1.1 204 "), "{rest}");
     }
 }
