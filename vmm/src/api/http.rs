@@ -182,7 +182,7 @@ fn accept_loop(
             }
         };
         let Some(id) = connections.add(&stream) else {
-            warn!("Too many API connections; refusing a new one");
+            warn!("Too many API connections, none idle; refusing a new one");
             // A fresh socket's buffer takes this small answer without blocking.
             let error = ApiError::new(503, "Too many open API connections");
             let (status, body) = error_response(&error);
@@ -196,7 +196,8 @@ fn accept_loop(
         let spawned = thread::Builder::new()
             .name("http-connection".to_string())
             .spawn(move || {
-                serve_connection(stream, handler.as_ref(), &stopping, &in_flight);
+                let idle = |waiting| open.set_idle(id, waiting);
+                serve_connection(stream, handler.as_ref(), &stopping, &in_flight, &idle);
                 open.remove(id);
             });
         if let Err(e) = spawned {
@@ -211,23 +212,57 @@ fn accept_loop(
 #[derive(Debug, Default)]
 struct Connections {
     next_id: AtomicU64,
-    open: Mutex<HashMap<u64, UnixStream>>,
+    open: Mutex<HashMap<u64, OpenConnection>>,
+}
+
+#[derive(Debug)]
+struct OpenConnection {
+    stream: UnixStream,
+    /// Since when it has waited for its next request, after answering one (kept alive).
+    idle_since: Option<Instant>,
 }
 
 impl Connections {
-    /// Registers a copy of `stream`; None when the server is full (or the copy fails).
+    /// Registers a copy of `stream`. When the server is full, the connection kept alive and
+    /// idle the longest is ended to make room (idle clients must not lock others out); None
+    /// when none is idle (or the copy fails).
     fn add(&self, stream: &UnixStream) -> Option<u64> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.len() >= MAX_CONNECTIONS {
-            return None;
+            let (&oldest, _) = open
+                .iter()
+                .filter_map(|(id, c)| c.idle_since.map(|since| (id, since)))
+                .min_by_key(|(_, since)| *since)?;
+            if let Some(evicted) = open.remove(&oldest) {
+                debug!("API connections full: ending the longest idle one");
+                let _ = evicted.stream.shutdown(Shutdown::Read);
+            }
         }
         let copy = stream
             .try_clone()
             .inspect_err(|e| warn!("Cannot copy an API connection: {e}"))
             .ok()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        open.insert(id, copy);
+        open.insert(
+            id,
+            OpenConnection {
+                stream: copy,
+                idle_since: None,
+            },
+        );
         Some(id)
+    }
+
+    /// Marks connection `id` as waiting for its next request (`true`) or serving one.
+    fn set_idle(&self, id: u64, waiting: bool) {
+        if let Some(connection) = self
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&id)
+        {
+            connection.idle_since = waiting.then(Instant::now);
+        }
     }
 
     fn remove(&self, id: u64) {
@@ -246,7 +281,7 @@ impl Connections {
             .unwrap_or_else(PoisonError::into_inner)
             .values()
         {
-            let _ = stream.shutdown(Shutdown::Read);
+            let _ = stream.stream.shutdown(Shutdown::Read);
         }
     }
 }
@@ -259,6 +294,7 @@ fn serve_connection(
     handler: &dyn ApiHandler,
     stopping: &AtomicBool,
     in_flight: &AtomicUsize,
+    set_idle: &dyn Fn(bool),
 ) {
     if let Err(e) = stream.set_write_timeout(Some(READ_TIMEOUT)) {
         warn!("Cannot set the API connection timeout: {e}");
@@ -269,7 +305,10 @@ fn serve_connection(
     let mut idle = READ_TIMEOUT;
     loop {
         let request = match connection.read_request(idle) {
-            Ok(Some(request)) => request,
+            Ok(Some(request)) => {
+                set_idle(false);
+                request
+            }
             Ok(None) => return,
             Err(RequestError::Io(e)) => {
                 debug!("API connection dropped: {e}");
@@ -306,6 +345,7 @@ fn serve_connection(
             return;
         }
         idle = KEEP_ALIVE_IDLE;
+        set_idle(true);
     }
 }
 
@@ -927,6 +967,48 @@ mod tests {
         assert!(first.starts_with("HTTP/1.1 204 "), "{first}");
         assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
         assert!(start.elapsed() < READ_TIMEOUT, "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn when_full_the_longest_idle_kept_alive_connection_makes_room() {
+        let fixture = serve("full-idle", Ok(ApiResponse::Empty));
+        let mut held: Vec<UnixStream> = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut stream = UnixStream::connect(&fixture.socket).unwrap();
+            stream
+                .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+                .unwrap();
+            read_one_answer(&mut stream);
+            held.push(stream);
+        }
+        // Every connection answered once and now waits, kept alive.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while fixture
+            .server
+            .connections
+            .open
+            .lock()
+            .unwrap()
+            .values()
+            .any(|c| c.idle_since.is_none())
+        {
+            assert!(Instant::now() < deadline, "connections not idle");
+            thread::sleep(Duration::from_millis(5));
+        }
+
+        let mut extra = UnixStream::connect(&fixture.socket).unwrap();
+        extra
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let answer = read_one_answer(&mut extra);
+        let mut rest = Vec::new();
+        held[0].read_to_end(&mut rest).unwrap();
+
+        assert!(answer.starts_with("HTTP/1.1 204 "), "{answer}");
+        assert!(
+            rest.is_empty(),
+            "the oldest idle connection was not simply closed"
+        );
     }
 
     #[test]
