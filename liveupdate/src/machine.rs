@@ -759,7 +759,10 @@ mod tests {
 
         update
             .snapshot(|session| {
-                written.lock().unwrap().push(format!("write {}", session.name().unwrap()));
+                written
+                    .lock()
+                    .unwrap()
+                    .push(format!("write {}", session.name().unwrap()));
                 Ok(())
             })
             .unwrap();
@@ -768,7 +771,12 @@ mod tests {
         let log = log.lock().unwrap();
         assert_eq!(
             log[log.len() - 4..],
-            ["write test", "resume serial", "resume vcpu/0", "resume memory"]
+            [
+                "write test",
+                "resume serial",
+                "resume vcpu/0",
+                "resume memory"
+            ]
         );
         let tokens: Vec<_> = files.lock().unwrap().keys().copied().collect();
         assert_eq!(tokens, [STATE_TOKEN, FIRST_FREE_TOKEN]);

@@ -236,11 +236,13 @@ pub fn create_new(path: &Path, created: &mut Vec<PathBuf>) -> Result<File, Snaps
     Ok(file)
 }
 
-fn io_error<'a>(operation: &'static str, path: &'a Path) -> impl Fn(io::Error) -> SnapshotError + 'a {
+fn io_error<'a>(
+    operation: &'static str,
+    path: &'a Path,
+) -> impl Fn(io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io {
         operation,
         path: path.to_path_buf(),
         source,
     }
 }
-

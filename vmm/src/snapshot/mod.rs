@@ -60,7 +60,9 @@ pub enum SnapshotError {
         reason: String,
     },
     /// A snapshot of another format version.
-    #[error("Snapshot format version {found} is not supported: this build reads version {supported}")]
+    #[error(
+        "Snapshot format version {found} is not supported: this build reads version {supported}"
+    )]
     FormatVersion {
         /// The version found (as written in the manifest).
         found: String,
@@ -134,7 +136,6 @@ impl SnapshotError {
     }
 }
 
-
 /// Snapshots `vm` (with its `config`) into `dir`, an existing directory without a snapshot.
 /// The guest is paused only while its state and RAM are written (`paused` in the timings), then
 /// runs on (a paused VM stays paused). On failure the files written so far are removed.
@@ -203,7 +204,9 @@ fn check_destination(dir: &Path) -> Result<(), SnapshotError> {
         }
     }
     let session_files = [STATE_TOKEN, RAM_TOKEN].map(dir_session::file_name);
-    let mut names = [MANIFEST, CONFIG].into_iter().chain(session_files.iter().map(String::as_str));
+    let mut names = [MANIFEST, CONFIG]
+        .into_iter()
+        .chain(session_files.iter().map(String::as_str));
     match names.find_map(|name| Some(dir.join(name)).filter(|path| path.exists())) {
         Some(path) => Err(SnapshotError::Exists(path)),
         None => Ok(()),
@@ -216,11 +219,12 @@ fn write_config(
     created: &mut Vec<PathBuf>,
 ) -> Result<FileEntry, SnapshotError> {
     let path = dir.join(CONFIG);
-    let json = serde_json::to_vec_pretty(&config.to_info_json()).map_err(|e| SnapshotError::Io {
-        operation: "encode",
-        path: path.clone(),
-        source: e.into(),
-    })?;
+    let json =
+        serde_json::to_vec_pretty(&config.to_info_json()).map_err(|e| SnapshotError::Io {
+            operation: "encode",
+            path: path.clone(),
+            source: e.into(),
+        })?;
     write_new(&path, &json, created)?;
     Ok(FileEntry {
         name: CONFIG.into(),
@@ -295,4 +299,3 @@ pub fn restore(
         timings,
     })
 }
-

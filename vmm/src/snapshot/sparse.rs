@@ -89,7 +89,8 @@ mod tests {
         let from = memfd(len);
         from.write_all_at(b"start", 0).unwrap();
         from.write_all_at(&[0u8; PAGE], 2 << 20).unwrap();
-        from.write_all_at(&[7u8; 3 * PAGE], (5 << 20) + 100).unwrap();
+        from.write_all_at(&[7u8; 3 * PAGE], (5 << 20) + 100)
+            .unwrap();
         let to = memfd(len);
 
         let written = copy_sparse(&from, &to, len).unwrap();
