@@ -347,7 +347,7 @@ impl<'a> Outgoing<'a> {
 
     /// Gives the session to `writer`, which writes it out where it outlives this process (a
     /// snapshot), then resumes every participant in reverse order: the guest runs on here.
-    /// Records `paused`, the whole guest-visible pause. On failure the update is cancelled (the
+    /// Records `guest_paused`, the whole guest-visible pause. On failure the update is cancelled (the
     /// guest resumes all the same) and the error returned.
     pub fn snapshot(
         &mut self,
@@ -369,7 +369,7 @@ impl<'a> Outgoing<'a> {
         let result = self.resume_paused();
         self.timings.record("resume", resumed.elapsed());
         if let Some(since) = self.paused_since {
-            self.timings.record("paused", since.elapsed());
+            self.timings.record("guest_paused", since.elapsed());
         }
         self.phase = target;
         result
@@ -780,7 +780,7 @@ mod tests {
         );
         let tokens: Vec<_> = files.lock().unwrap().keys().copied().collect();
         assert_eq!(tokens, [STATE_TOKEN, FIRST_FREE_TOKEN]);
-        for step in ["write", "resume", "paused"] {
+        for step in ["write", "resume", "guest_paused"] {
             assert!(update.timings().get(step).is_some(), "{step} not timed");
         }
     }

@@ -15,7 +15,7 @@ use super::{VmState, Vmm, VmmEvent};
 impl Vmm {
     /// `vm.snapshot`: writes the booted VM into the request's directory; the guest runs on (a
     /// paused VM stays paused). Event `vm/snapshotted` says how long the guest was paused
-    /// (`paused_us`).
+    /// (`guest_paused_us`).
     pub(super) fn snapshot(&mut self, request: &VmSnapshotConfig) -> Result<ApiResponse, ApiError> {
         let dir = request
             .directory()

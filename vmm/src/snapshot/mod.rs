@@ -137,7 +137,7 @@ impl SnapshotError {
 }
 
 /// Snapshots `vm` (with its `config`) into `dir`, an existing directory without a snapshot.
-/// The guest is paused only while its state and RAM are written (`paused` in the timings), then
+/// The guest is paused only while its state and RAM are written (`guest_paused` in the timings), then
 /// runs on (a paused VM stays paused). On failure the files written so far are removed.
 pub fn snapshot(vm: &mut Vm, config: &VmConfig, dir: &Path) -> Result<Timings, SnapshotError> {
     let mut created = Vec::new();
