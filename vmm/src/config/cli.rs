@@ -1240,4 +1240,50 @@ mod tests {
             "{error:?}"
         );
     }
+
+    #[test]
+    fn restore_of_a_file_url_is_a_snapshot_that_stays_paused_by_default() {
+        let snapshot = parse_restore("source_url=file:///var/snap,prefault=on").unwrap();
+        let session = parse_restore("source_url=luo://s").unwrap();
+
+        assert_eq!(
+            snapshot,
+            RestoreSource::Snapshot(SnapshotRestore {
+                directory: PathBuf::from("/var/snap"),
+                resume: false,
+                net_fds: Vec::new(),
+            })
+        );
+        assert!(matches!(
+            session,
+            RestoreSource::Session(RestoreConfig { resume: true, .. })
+        ));
+    }
+
+    #[test]
+    fn restore_of_another_url_or_with_snapshot_keys_on_a_session_is_refused() {
+        let other = parse_restore("source_url=tcp:host:1").unwrap_err();
+        let prefault = parse_restore("source_url=luo://s,prefault=on").unwrap_err();
+
+        assert!(
+            matches!(
+                other,
+                ConfigError::InvalidValue {
+                    key: "source_url",
+                    ..
+                }
+            ),
+            "{other:?}"
+        );
+        assert!(
+            matches!(
+                prefault,
+                ConfigError::InvalidValue {
+                    key: "prefault",
+                    ..
+                }
+            ),
+            "{prefault:?}"
+        );
+    }
 }
