@@ -198,7 +198,14 @@ pub fn write_files(
             copy_sparse(&source, &target, size).map_err(io_error("write", &path))?;
             None
         } else {
-            let mut bytes = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+            let len = usize::try_from(size)
+                .ok()
+                .filter(|len| *len <= liveupdate::state::MAX_BLOB_SIZE)
+                .ok_or_else(|| SnapshotError::TooLarge {
+                    path: path.clone(),
+                    size,
+                })?;
+            let mut bytes = vec![0u8; len];
             source
                 .read_exact_at(&mut bytes, 0)
                 .map_err(io_error("read", &path))?;
@@ -244,5 +251,98 @@ fn io_error<'a>(
         operation,
         path: path.to_path_buf(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    fn memfd_with(len: u64, bytes: &[(u64, &[u8])]) -> File {
+        let file = sys::memfd_create(c"dir-session-test").unwrap();
+        file.set_len(len).unwrap();
+        for (offset, data) in bytes {
+            file.write_all_at(data, *offset).unwrap();
+        }
+        file
+    }
+
+    /// Writes a session of a state blob and 4 MiB of RAM into a new directory, with its
+    /// manifest; returns the directory.
+    fn written_snapshot(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dir-session-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut session, preserved) = DirSession::outgoing(&dir);
+        let state = memfd_with(5, &[(0, b"STATE")]);
+        let ram = memfd_with(4 << 20, &[(1 << 20, b"guest data")]);
+        session.preserve_fd(state.as_fd(), STATE_TOKEN).unwrap();
+        session.preserve_fd(ram.as_fd(), RAM_TOKEN).unwrap();
+        let mut created = Vec::new();
+        let files = write_files(&dir, &preserved, &mut created).unwrap();
+        std::fs::write(dir.join(manifest::CONFIG), b"{}").unwrap();
+        let manifest = Manifest {
+            format_version: manifest::FORMAT_VERSION,
+            vmm_version: "test".into(),
+            config: FileEntry {
+                name: manifest::CONFIG.into(),
+                size: 2,
+                crc64: Some(manifest::checksum(b"{}")),
+            },
+            files,
+        };
+        std::fs::write(
+            dir.join(manifest::MANIFEST),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn files_written_out_come_back_by_token_as_memfds_once() {
+        let dir = written_snapshot("roundtrip");
+        let mut session = DirSession::open(&dir).unwrap();
+
+        let ram = File::from(session.retrieve_fd(RAM_TOKEN).unwrap());
+        let mut state = File::from(session.retrieve_fd(STATE_TOKEN).unwrap());
+        let again = session.retrieve_fd(RAM_TOKEN);
+
+        let mut data = [0u8; 10];
+        ram.read_exact_at(&mut data, 1 << 20).unwrap();
+        assert_eq!(&data, b"guest data");
+        assert_eq!(ram.metadata().unwrap().len(), 4 << 20);
+        let mut blob = String::new();
+        state.read_to_string(&mut blob).unwrap();
+        assert_eq!(blob, "STATE");
+        assert!(matches!(again, Err(SessionError::AlreadyRetrieved { .. })));
+        session.finish().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_changed_state_file_is_refused_as_corrupt() {
+        let dir = written_snapshot("corrupt");
+        std::fs::write(dir.join("state"), b"STATF").unwrap();
+
+        let error = DirSession::open(&dir).unwrap_err();
+
+        assert!(matches!(error, SnapshotError::Checksum { .. }), "{error:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_outgoing_session_cannot_be_retrieved_from() {
+        let (mut session, _) = DirSession::outgoing(Path::new("/nonexistent"));
+
+        let error = session.retrieve_fd(STATE_TOKEN).unwrap_err();
+
+        assert!(
+            matches!(error, SessionError::WrongDirection { .. }),
+            "{error:?}"
+        );
     }
 }
