@@ -82,8 +82,10 @@ struct Cli {
     /// the session fd passed by the service manager (systemd's LUOSession=, LISTEN_FDS).
     #[arg(long, value_name = "agent=<socket>|inherit=<name>")]
     liveupdate: Option<String>,
-    /// Restore a live-updated VM: source_url=luo://<session>[,resume=on|off].
-    #[arg(long, value_name = "source_url=luo://<session>")]
+    /// Restore a live-updated VM: source_url=luo://<session>[,resume=on|off] (resumes by
+    /// default); or a snapshot: source_url=file:///<dir>[,resume=on|off][,prefault=on|off]
+    /// (stays paused by default).
+    #[arg(long, value_name = "source_url=luo://<session>|file:///<dir>")]
     restore: Option<String>,
     /// More logging (repeatable: info, debug, trace).
     #[arg(short = 'v', action = ArgAction::Count)]
@@ -133,13 +135,13 @@ fn try_main(cli: &Cli) -> anyhow::Result<()> {
     let vm_args = cli.vm_args();
     let has_payload = vm_args.kernel.is_some() || vm_args.firmware.is_some();
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
-    for (id, fds) in restore.iter().flat_map(|r| &r.net_fds) {
+    for (id, fds) in restore.iter().flat_map(|r| r.net_fds()) {
         vmm::device_manager::adopt_inherited_fds_for(id, fds)
             .context("Invalid --restore net_fds")?;
     }
     if restore.is_some() && vm_args != VmCliArgs::default() {
         bail!(
-            "--restore takes the VM configuration from the live-update session: drop the VM options"
+            "--restore takes the VM configuration from the live-update session or the snapshot: drop the VM options"
         );
     }
     let vm = if has_payload {

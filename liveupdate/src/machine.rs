@@ -5,6 +5,7 @@
 //!                ^                   |                   |
 //!                +------cancel-------+-------cancel------+
 //!   new VMM:  Normal --restore--> Restored --finish--> Finished
+//!   snapshot: Normal --prepare--> Prepared --freeze--> Frozen --snapshot--> Snapshotted
 //! ```
 //!
 //! - **prepare** (guest running): every participant does its slow work, above all preserving guest
@@ -15,6 +16,9 @@
 //!   a successor process in restart mode).
 //! - **cancel**: participants that paused resume in reverse order and the session is dropped,
 //!   which unpreserves its files: the guest runs on in the old VMM as if nothing happened.
+//! - **snapshot** (instead of handover): the session is written out where it outlives this
+//!   process (a directory), then every participant resumes in reverse order, as after a cancel:
+//!   the guest runs on here, and the session can be restored later, maybe more than once.
 //! - **restore** and **finish** run in the successor: read and check the blob, let the VMM rebuild
 //!   every component from its state, then release the session.
 //!
@@ -51,6 +55,8 @@ pub enum Phase {
     Restored,
     /// The successor has released the session.
     Finished,
+    /// The session was written out and the guest resumed in this VMM (a snapshot).
+    Snapshotted,
 }
 
 /// What the caller asks the machine to do.
@@ -68,27 +74,31 @@ pub enum Step {
     Restore,
     /// Release the session in the successor.
     Finish,
+    /// Write the session out and resume in place.
+    Snapshot,
 }
 
 /// The one table of legal moves. Every (phase, step) pair is listed, so adding a phase or a step
 /// does not compile until its moves are decided.
 pub fn next_phase(from: Phase, step: Step) -> Result<Phase, MachineError> {
-    use Phase::{Finished, Frozen, HandedOver, Normal, Prepared, Restored};
-    use Step::{Cancel, Finish, Freeze, Handover, Prepare, Restore};
+    use Phase::{Finished, Frozen, HandedOver, Normal, Prepared, Restored, Snapshotted};
+    use Step::{Cancel, Finish, Freeze, Handover, Prepare, Restore, Snapshot};
     let illegal = Err(MachineError::InvalidTransition { from, step });
     match (from, step) {
         (Normal, Prepare) => Ok(Prepared),
         (Prepared, Freeze) => Ok(Frozen),
         (Frozen, Handover) => Ok(HandedOver),
+        (Frozen, Snapshot) => Ok(Snapshotted),
         (Prepared | Frozen, Cancel) => Ok(Normal),
         (Normal, Restore) => Ok(Restored),
         (Restored, Finish) => Ok(Finished),
-        (Prepared | Frozen | HandedOver | Restored | Finished, Prepare) => illegal,
-        (Normal | Frozen | HandedOver | Restored | Finished, Freeze) => illegal,
-        (Normal | Prepared | HandedOver | Restored | Finished, Handover) => illegal,
-        (Normal | HandedOver | Restored | Finished, Cancel) => illegal,
-        (Prepared | Frozen | HandedOver | Restored | Finished, Restore) => illegal,
-        (Normal | Prepared | Frozen | HandedOver | Finished, Finish) => illegal,
+        (Prepared | Frozen | HandedOver | Restored | Finished | Snapshotted, Prepare) => illegal,
+        (Normal | Frozen | HandedOver | Restored | Finished | Snapshotted, Freeze) => illegal,
+        (Normal | Prepared | HandedOver | Restored | Finished | Snapshotted, Handover) => illegal,
+        (Normal | Prepared | HandedOver | Restored | Finished | Snapshotted, Snapshot) => illegal,
+        (Normal | HandedOver | Restored | Finished | Snapshotted, Cancel) => illegal,
+        (Prepared | Frozen | HandedOver | Restored | Finished | Snapshotted, Restore) => illegal,
+        (Normal | Prepared | Frozen | HandedOver | Finished | Snapshotted, Finish) => illegal,
     }
 }
 
@@ -147,6 +157,9 @@ pub enum MachineError {
     /// The handover itself failed (the caller's carrier refused the session).
     #[error("Handover failed: {0}")]
     Handover(String),
+    /// The session could not be written out; the guest runs on.
+    #[error("Writing the snapshot failed: {0}")]
+    Snapshot(String),
 }
 
 /// How long each step took, in order, for the API response and the event monitor.
@@ -181,6 +194,8 @@ pub struct Outgoing<'a> {
     participants: Vec<&'a mut dyn AnyParticipant>,
     next_token: Token,
     paused: usize,
+    /// When the first participant paused (the guest-visible pause starts there).
+    paused_since: Option<Instant>,
     timings: Timings,
 }
 
@@ -203,6 +218,7 @@ impl<'a> Outgoing<'a> {
             participants,
             next_token: FIRST_FREE_TOKEN,
             paused: 0,
+            paused_since: None,
             timings: Timings::default(),
         }
     }
@@ -259,6 +275,7 @@ impl<'a> Outgoing<'a> {
     pub fn freeze(&mut self, state_file: File) -> Result<(), MachineError> {
         let target = next_phase(self.phase, Step::Freeze)?;
         let start = Instant::now();
+        self.paused_since = Some(start);
         for index in 0..self.participants.len() {
             if let Err(source) = self.participants[index].pause() {
                 let id = self.participants[index].id();
@@ -340,12 +357,50 @@ impl<'a> Outgoing<'a> {
         Ok(())
     }
 
+    /// Gives the session to `writer`, which writes it out where it outlives this process (a
+    /// snapshot), then resumes every participant in reverse order: the guest runs on here.
+    /// Records `guest_paused`, the whole guest-visible pause. On failure the update is cancelled (the
+    /// guest resumes all the same) and the error returned.
+    pub fn snapshot(
+        &mut self,
+        writer: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
+    ) -> Result<(), MachineError> {
+        let target = next_phase(self.phase, Step::Snapshot)?;
+        let start = Instant::now();
+        let Some(session) = self.session.take() else {
+            return Err(MachineError::InvalidTransition {
+                from: self.phase,
+                step: Step::Snapshot,
+            });
+        };
+        if let Err(reason) = writer(session) {
+            return self.fail(MachineError::Snapshot(reason));
+        }
+        self.timings.record("write", start.elapsed());
+        let resumed = Instant::now();
+        let result = self.resume_paused();
+        self.timings.record("resume", resumed.elapsed());
+        if let Some(since) = self.paused_since {
+            self.timings.record("guest_paused", since.elapsed());
+        }
+        self.phase = target;
+        result
+    }
+
     /// Gives up: resumes paused participants in reverse order and drops the session, which
     /// unpreserves everything in it.
     pub fn cancel(&mut self) -> Result<(), MachineError> {
         let target = next_phase(self.phase, Step::Cancel)?;
         let start = Instant::now();
         self.session = None;
+        let result = self.resume_paused();
+        self.timings.record("cancel", start.elapsed());
+        self.phase = target;
+        result
+    }
+
+    /// Resumes the paused participants in reverse order; returns the first failure.
+    fn resume_paused(&mut self) -> Result<(), MachineError> {
         let mut first_error = None;
         while self.paused > 0 {
             self.paused -= 1;
@@ -357,8 +412,6 @@ impl<'a> Outgoing<'a> {
                 });
             }
         }
-        self.timings.record("cancel", start.elapsed());
-        self.phase = target;
         first_error.map_or(Ok(()), Err)
     }
 
@@ -718,6 +771,60 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_writes_the_session_then_resumes_everyone_in_reverse() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut parts = recorders(&log, None);
+        let session = MemorySession::default();
+        let files = session.files.clone();
+        let mut update = Outgoing::new(Box::new(session), as_any(&mut parts));
+        update.prepare().unwrap();
+        update.freeze(scratch_file()).unwrap();
+        let written = log.clone();
+
+        update
+            .snapshot(|session| {
+                written
+                    .lock()
+                    .unwrap()
+                    .push(format!("write {}", session.name().unwrap()));
+                Ok(())
+            })
+            .unwrap();
+
+        assert_eq!(update.phase(), Phase::Snapshotted);
+        let log = log.lock().unwrap();
+        assert_eq!(
+            log[log.len() - 4..],
+            [
+                "write test",
+                "resume serial",
+                "resume vcpu/0",
+                "resume memory"
+            ]
+        );
+        let tokens: Vec<_> = files.lock().unwrap().keys().copied().collect();
+        assert_eq!(tokens, [STATE_TOKEN, FIRST_FREE_TOKEN]);
+        for step in ["write", "resume", "guest_paused"] {
+            assert!(update.timings().get(step).is_some(), "{step} not timed");
+        }
+    }
+
+    #[test]
+    fn a_failed_snapshot_write_resumes_everyone_and_says_why() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut parts = recorders(&log, None);
+        let mut update = Outgoing::new(Box::new(MemorySession::default()), as_any(&mut parts));
+        update.prepare().unwrap();
+        update.freeze(scratch_file()).unwrap();
+
+        let error = update.snapshot(|_| Err("disk full".into())).unwrap_err();
+
+        assert!(matches!(error, MachineError::Snapshot(ref why) if why == "disk full"));
+        assert_eq!(update.phase(), Phase::Normal);
+        assert_eq!(log.lock().unwrap().last().unwrap(), "resume memory");
+    }
+
+    #[test]
     fn freeze_before_prepare_is_an_invalid_transition() {
         let mut parts = recorders(&Arc::new(Mutex::new(Vec::new())), None);
         let mut update = Outgoing::new(Box::new(MemorySession::default()), as_any(&mut parts));
@@ -835,13 +942,22 @@ mod tests {
             (Normal, Prepare, Prepared),
             (Prepared, Freeze, Frozen),
             (Frozen, Handover, HandedOver),
+            (Frozen, Snapshot, Snapshotted),
             (Prepared, Cancel, Normal),
             (Frozen, Cancel, Normal),
             (Normal, Restore, Restored),
             (Restored, Finish, Finished),
         ];
-        for from in [Normal, Prepared, Frozen, HandedOver, Restored, Finished] {
-            for step in [Prepare, Freeze, Handover, Cancel, Restore, Finish] {
+        for from in [
+            Normal,
+            Prepared,
+            Frozen,
+            HandedOver,
+            Restored,
+            Finished,
+            Snapshotted,
+        ] {
+            for step in [Prepare, Freeze, Handover, Snapshot, Cancel, Restore, Finish] {
                 let expected = legal
                     .iter()
                     .find(|(f, s, _)| *f == from && *s == step)

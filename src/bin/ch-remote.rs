@@ -97,6 +97,18 @@ enum Command {
         /// `receiver_url=unix:<path>`, or a bare URL.
         migration: String,
     },
+    /// Snapshot the VM into an existing directory (`file:///<dir>`); the guest runs on (a
+    /// paused VM stays paused).
+    Snapshot {
+        /// `file:///<directory>`.
+        destination_url: String,
+    },
+    /// Restore a snapshot, in a VMM without a VM.
+    Restore {
+        /// `source_url=file:///<dir>[,prefault=on|off][,memory_restore_mode=copy|ondemand]
+        /// [,resume=true|false]`.
+        restore: String,
+    },
     /// Remove a kernel VFIO device, a network card or the vsock device: from the configuration before boot, or
     /// from the running VM (the guest is asked to release it; it leaves when the guest ejects
     /// it).
@@ -213,6 +225,20 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
             Call {
                 body: Some(serde_json::to_vec(&data)?),
                 ..Call::new("PUT", "vm.receive-migration")
+            }
+        }
+        Command::Snapshot { destination_url } => Call {
+            body: Some(serde_json::to_vec(&vmm::config::VmSnapshotConfig {
+                destination_url: destination_url.clone(),
+            })?),
+            ..Call::new("PUT", "vm.snapshot")
+        },
+        Command::Restore { restore } => {
+            let restore =
+                vmm::config::parse_vm_restore(restore).context("Invalid restore argument")?;
+            Call {
+                body: Some(serde_json::to_vec(&restore)?),
+                ..Call::new("PUT", "vm.restore")
             }
         }
         Command::AddDevice { device } => {
@@ -669,5 +695,54 @@ mod tests {
             Cli::try_parse_from(["ch-remote", "--api-socket", "s", "frobnicate"]).unwrap_err();
 
         assert_eq!(error.kind(), clap::error::ErrorKind::InvalidSubcommand);
+    }
+
+    #[test]
+    fn snapshot_sends_the_url_as_destination_url() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "snapshot",
+            "file:///var/snap",
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        assert_eq!((call.method, call.endpoint), ("PUT", "vm.snapshot"));
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"destination_url": "file:///var/snap"})
+        );
+    }
+
+    #[test]
+    fn restore_sends_its_options_as_restore_config() {
+        let cli = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "restore",
+            "source_url=file:///var/snap,prefault=on,resume=true",
+        ]);
+
+        let call = call_for(&cli.command).unwrap();
+
+        assert_eq!((call.method, call.endpoint), ("PUT", "vm.restore"));
+        let body: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"source_url": "file:///var/snap", "prefault": true, "resume": true})
+        );
+    }
+
+    #[test]
+    fn restore_without_source_url_is_refused_before_any_call() {
+        let cli = parse(&["ch-remote", "--api-socket", "s", "restore", "resume=true"]);
+
+        let error = call_for(&cli.command).unwrap_err();
+
+        assert!(format!("{error:#}").contains("source_url"), "{error:#}");
     }
 }

@@ -6,6 +6,7 @@ mod dispatch;
 mod given_fds;
 mod inherited;
 mod migration;
+mod snapshot;
 mod unplug;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -23,7 +24,7 @@ use crate::api::{
     ApiError, ApiHandler, ApiRequest, ApiResponse, HttpServer, start_http_server,
     start_http_server_on,
 };
-use crate::config::{ConsoleMode, PathOrFd, RestoreConfig, VmConfig};
+use crate::config::{ConsoleMode, PathOrFd, RestoreConfig, RestoreSource, VmConfig};
 use crate::event_monitor::{EventMonitor, EventMonitorError};
 use crate::host_console::{self, Port};
 use crate::live_update::{self, IncomingFrom, Inherited, LiveUpdateError, Restored};
@@ -42,8 +43,9 @@ pub struct VmmOptions {
     /// The session passed by the service manager (`--liveupdate inherit=`), used instead of
     /// the agent.
     pub liveupdate_inherited: Option<Inherited>,
-    /// Take over a live-updated VM (`--restore source_url=luo://NAME`).
-    pub restore: Option<RestoreConfig>,
+    /// Take over a live-updated VM (`--restore source_url=luo://NAME`), or restore a snapshot
+    /// (`--restore source_url=file:///dir`).
+    pub restore: Option<RestoreSource>,
 }
 
 /// Errors that end the VMM process.
@@ -66,6 +68,15 @@ pub enum VmmError {
         /// Why.
         #[source]
         source: LiveUpdateError,
+    },
+    /// The snapshot given with `--restore` could not be restored.
+    #[error("Cannot restore the VM from snapshot {path}")]
+    RestoreSnapshot {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::snapshot::SnapshotError,
     },
     /// The configuration given on the command line is invalid.
     #[error("Invalid VM configuration")]
@@ -145,11 +156,21 @@ pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError
     }
     .transpose()
     .map_err(VmmError::ApiServer)?;
-    if let Some(restore) = &options.restore {
-        // In its own thread: a successor started ahead waits for the handover, and its API
-        // must answer meanwhile.
-        let from = IncomingFrom::new(&vmm.agent, vmm.inherited.as_mut(), restore);
-        vmm.start_restore(restore.clone(), from);
+    match &options.restore {
+        Some(RestoreSource::Session(restore)) => {
+            // In its own thread: a successor started ahead waits for the handover, and its
+            // API must answer meanwhile.
+            let from = IncomingFrom::new(&vmm.agent, vmm.inherited.as_mut(), restore);
+            vmm.start_restore(restore.clone(), from);
+        }
+        Some(RestoreSource::Snapshot(restore)) => {
+            vmm.restore_from_directory(restore)
+                .map_err(|source| VmmError::RestoreSnapshot {
+                    path: restore.directory.clone(),
+                    source,
+                })?;
+        }
+        None => {}
     }
     if let Some(config) = vm {
         config.validate().map_err(VmmError::Config)?;
@@ -267,7 +288,7 @@ impl Vmm {
                 VmmEvent::Restored(restore, result) => match self.end_receive(&restore, *result) {
                     None => Next::Continue,
                     Some(Ok(restored)) => {
-                        self.finish_restore(&restore, restored);
+                        self.finish_restore(restore.resume, restored);
                         Next::Continue
                     }
                     Some(Err(source)) => {
@@ -358,15 +379,16 @@ impl Vmm {
         }
     }
 
-    /// Installs the VM the restore thread took over.
-    fn finish_restore(&mut self, restore: &RestoreConfig, restored: Restored) {
+    /// Installs the VM the restore thread took over (or a snapshot restored), running if
+    /// `resume`.
+    fn finish_restore(&mut self, resume: bool, restored: Restored) {
         self.restoring = None;
         self.start_stdin_reader(&restored.config);
         self.config = Some(restored.config);
         self.attach_host_ends();
         let recreated_taps = restored.vm.recreated_taps();
         self.vm = Some(restored.vm);
-        self.state = if restore.resume {
+        self.state = if resume {
             VmState::Running
         } else {
             VmState::Paused

@@ -18,6 +18,7 @@ pub mod layout;
 pub mod live_update;
 pub mod memory;
 pub mod platform;
+pub mod snapshot;
 pub(crate) mod sys;
 pub mod vcpu_thread;
 pub mod vm;

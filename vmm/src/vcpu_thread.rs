@@ -128,6 +128,12 @@ impl VcpuSet {
         &self.vcpus
     }
 
+    /// Whether the vCPUs were last told to run (not paused or stopped).
+    pub fn is_running(&self) -> bool {
+        let (m, _) = &*self.control;
+        lock(m).request == Request::Run
+    }
+
     /// Lets every vCPU run.
     pub fn resume(&self) {
         let (m, cv) = &*self.control;

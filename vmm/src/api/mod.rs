@@ -17,8 +17,8 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::config::{
-    ConfigError, DeviceConfig, NetConfig, ReceiveMigrationData, SendMigrationData,
-    UserDeviceConfig, VmConfig, VsockConfig,
+    ConfigError, DeviceConfig, NetConfig, ReceiveMigrationData, SendMigrationData, SnapshotRestore,
+    UserDeviceConfig, VmConfig, VmRestoreConfig, VmSnapshotConfig, VsockConfig,
 };
 
 pub use http::{
@@ -70,6 +70,10 @@ pub enum ApiRequest {
     VmSendMigration(SendMigrationData),
     /// `PUT vm.receive-migration` with a `ReceiveMigrationData` body.
     VmReceiveMigration(ReceiveMigrationData),
+    /// `PUT vm.snapshot` with a `VmSnapshotConfig` body (its URL checked).
+    VmSnapshot(VmSnapshotConfig),
+    /// `PUT vm.restore` with a `RestoreConfig` body, checked.
+    VmRestore(SnapshotRestore),
 }
 
 /// File descriptors that came with a request as `SCM_RIGHTS` (cloud-hypervisor's clients send
@@ -363,6 +367,22 @@ fn vm_receive_migration(body: &[u8]) -> Result<ApiRequest, String> {
         .map_err(|e| format!("Invalid ReceiveMigrationData JSON: {e}"))
 }
 
+fn vm_snapshot(body: &[u8]) -> Result<ApiRequest, String> {
+    let config: VmSnapshotConfig =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid VmSnapshotConfig JSON: {e}"))?;
+    config.directory().map_err(|e| e.to_string())?;
+    Ok(ApiRequest::VmSnapshot(config))
+}
+
+fn vm_restore(body: &[u8]) -> Result<ApiRequest, String> {
+    let config: VmRestoreConfig =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid RestoreConfig JSON: {e}"))?;
+    config
+        .check()
+        .map(ApiRequest::VmRestore)
+        .map_err(|e| e.to_string())
+}
+
 fn vm_remove_device(body: &[u8]) -> Result<ApiRequest, String> {
     #[derive(serde::Deserialize)]
     struct VmRemoveDeviceData {
@@ -396,6 +416,8 @@ pub const ROUTES: &[Route] = &[
     json("vm.add-vsock", Method::Put, vm_add_vsock),
     json("vm.send-migration", Method::Put, vm_send_migration),
     json("vm.receive-migration", Method::Put, vm_receive_migration),
+    json("vm.snapshot", Method::Put, vm_snapshot),
+    json("vm.restore", Method::Put, vm_restore),
     Route {
         name: "vm.add-net",
         method: Method::Put,
@@ -416,8 +438,6 @@ pub const NOT_SUPPORTED: &[&str] = &[
     "vm.add-pmem",
     "vm.add-vdpa",
     "vm.add-generic-vhost-user",
-    "vm.snapshot",
-    "vm.restore",
     "vm.coredump",
 ];
 
@@ -759,6 +779,51 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_and_restore_take_file_urls() {
+        let snapshot = route_request(
+            "PUT",
+            "/api/v1/vm.snapshot",
+            br#"{"destination_url":"file:///var/snap"}"#,
+        );
+        let restore = route_request(
+            "PUT",
+            "/api/v1/vm.restore",
+            br#"{"source_url":"file:///var/snap","prefault":true,"resume":true}"#,
+        );
+
+        assert_eq!(
+            snapshot,
+            Ok(ApiRequest::VmSnapshot(VmSnapshotConfig {
+                destination_url: "file:///var/snap".into()
+            }))
+        );
+        assert_eq!(
+            restore,
+            Ok(ApiRequest::VmRestore(SnapshotRestore {
+                directory: "/var/snap".into(),
+                resume: true,
+                net_fds: Vec::new(),
+            }))
+        );
+    }
+
+    #[test]
+    fn a_snapshot_url_that_is_not_a_file_url_is_a_bad_request() {
+        let error = route_request(
+            "PUT",
+            "/api/v1/vm.snapshot",
+            br#"{"destination_url":"tcp:host:1"}"#,
+        )
+        .unwrap_err();
+
+        assert_eq!(error.status, 400);
+        assert_eq!(
+            error.messages,
+            [r#"Invalid destination_url "tcp:host:1": expected file:///<directory>"#]
+        );
+    }
+
+    #[test]
     fn openapi_server_url_is_the_api_root() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml");
         let document: serde_yaml::Value =
@@ -772,14 +837,14 @@ mod tests {
 
     #[test]
     fn endpoints_we_do_not_implement_answer_501_not_404() {
-        let snapshot = route_request("PUT", "/api/v1/vm.snapshot", b"{}").unwrap_err();
+        let coredump = route_request("PUT", "/api/v1/vm.coredump", b"{}").unwrap_err();
         let resize = route_request("GET", "/api/v1/vm.resize", b"").unwrap_err();
         let unknown = route_request("PUT", "/api/v1/vm.frobnicate", b"").unwrap_err();
 
-        assert_eq!(snapshot.status, 501);
+        assert_eq!(coredump.status, 501);
         assert_eq!(
-            snapshot.messages,
-            ["vm.snapshot is not supported by this VMM"]
+            coredump.messages,
+            ["vm.coredump is not supported by this VMM"]
         );
         assert_eq!(resize.status, 501);
         assert_eq!(unknown.status, 404);

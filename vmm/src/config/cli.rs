@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use super::snapshot::{SnapshotRequestError, SnapshotRestore, VmRestoreConfig};
 use super::{
     ConfigError, ConsoleConfig, ConsoleMode, CpusConfig, DeviceConfig, DiskConfig, KexecPolicy,
     MemoryConfig, NetConfig, NetKexecPolicy, PayloadConfig, RngConfig, UserDeviceConfig, VmConfig,
@@ -603,21 +604,78 @@ pub fn parse_liveupdate(input: &str) -> Result<LiveUpdateSource, ConfigError> {
     }
 }
 
-/// Parses `--restore source_url=luo://NAME[,resume=on|off][,net_fds=[id@[fd,...],...]]`: restore
-/// from a live-update session.
-pub fn parse_restore(input: &str) -> Result<RestoreConfig, ConfigError> {
-    let options = Options::parse("restore", input, &["source_url", "resume", "net_fds"])?;
+/// What `--restore` restores from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreSource {
+    /// A live-update session (`source_url=luo://NAME`).
+    Session(RestoreConfig),
+    /// A snapshot directory (`source_url=file:///dir`).
+    Snapshot(SnapshotRestore),
+}
+
+impl RestoreSource {
+    /// New tap fds for cards with `kexec=fds`, by card id.
+    pub fn net_fds(&self) -> &[(String, Vec<i32>)] {
+        match self {
+            Self::Session(restore) => &restore.net_fds,
+            Self::Snapshot(restore) => &restore.net_fds,
+        }
+    }
+}
+
+/// Parses `--restore source_url=luo://NAME[,resume=on|off][,net_fds=[id@[fd,...],...]]`
+/// (restore from a live-update session; resumes by default) or `--restore
+/// source_url=file:///dir[,resume=on|off][,prefault=on|off][,memory_restore_mode=copy|ondemand]
+/// [,net_fds=...]` (restore a snapshot; stays paused by default, as cloud-hypervisor).
+pub fn parse_restore(input: &str) -> Result<RestoreSource, ConfigError> {
+    let keys = &[
+        "source_url",
+        "resume",
+        "net_fds",
+        "prefault",
+        "memory_restore_mode",
+    ];
+    let options = Options::parse("restore", input, keys)?;
     let url = options.get("source_url").ok_or(ConfigError::MissingKey {
         flag: "restore",
         key: "source_url",
     })?;
-    let Some(session) = url.strip_prefix(LUO_URL_SCHEME) else {
-        return Err(options.invalid(
-            "source_url",
-            url,
-            "only luo://<session> is supported (snapshots from file:// are not)",
-        ));
+    let net_fds = match options.get("net_fds") {
+        Some(value) => parse_net_fds(value)
+            .ok_or_else(|| options.invalid("net_fds", value, "expected [id@[fd,...],...]"))?,
+        None => Vec::new(),
     };
+    let Some(session) = url.strip_prefix(LUO_URL_SCHEME) else {
+        let mode = options.get("memory_restore_mode");
+        let body = VmRestoreConfig {
+            source_url: url.to_string(),
+            prefault: options.bool("prefault")?.unwrap_or(false),
+            memory_restore_mode: mode.map(str::to_string),
+            resume: options.bool("resume")?.unwrap_or(false),
+            ..VmRestoreConfig::default()
+        };
+        let snapshot = body.check().map_err(|error| match error {
+            SnapshotRequestError::Invalid(_) => options.invalid(
+                "memory_restore_mode",
+                mode.unwrap_or_default(),
+                "expected copy or ondemand",
+            ),
+            _ => options.invalid(
+                "source_url",
+                url,
+                "expected luo://<session> or file:///<directory>",
+            ),
+        })?;
+        return Ok(RestoreSource::Snapshot(SnapshotRestore {
+            net_fds,
+            ..snapshot
+        }));
+    };
+    for key in ["prefault", "memory_restore_mode"] {
+        if let Some(value) = options.get(key) {
+            return Err(options.invalid(key, value, "only a file:// snapshot takes it"));
+        }
+    }
     if liveupdate::session::check_name(session).is_err() {
         return Err(options.invalid(
             "source_url",
@@ -625,16 +683,11 @@ pub fn parse_restore(input: &str) -> Result<RestoreConfig, ConfigError> {
             "the session name must have 1 to 63 bytes",
         ));
     }
-    let net_fds = match options.get("net_fds") {
-        Some(value) => parse_net_fds(value)
-            .ok_or_else(|| options.invalid("net_fds", value, "expected [id@[fd,...],...]"))?,
-        None => Vec::new(),
-    };
-    Ok(RestoreConfig {
+    Ok(RestoreSource::Session(RestoreConfig {
         session: session.to_string(),
         resume: options.bool("resume")?.unwrap_or(true),
         net_fds,
-    })
+    }))
 }
 
 /// Parses `[id@[3,4],id2@[5]]` (cloud-hypervisor's `net_fds`).
@@ -1170,7 +1223,7 @@ mod tests {
         let restore = parse_restore("source_url=luo://s,net_fds=[net0@[3,4],net1@[5]]").unwrap();
 
         assert_eq!(
-            restore.net_fds,
+            restore.net_fds(),
             vec![
                 ("net0".to_string(), vec![3, 4]),
                 ("net1".to_string(), vec![5])
@@ -1185,6 +1238,52 @@ mod tests {
         assert!(
             matches!(error, ConfigError::InvalidValue { key: "net_fds", .. }),
             "{error:?}"
+        );
+    }
+
+    #[test]
+    fn restore_of_a_file_url_is_a_snapshot_that_stays_paused_by_default() {
+        let snapshot = parse_restore("source_url=file:///var/snap,prefault=on").unwrap();
+        let session = parse_restore("source_url=luo://s").unwrap();
+
+        assert_eq!(
+            snapshot,
+            RestoreSource::Snapshot(SnapshotRestore {
+                directory: PathBuf::from("/var/snap"),
+                resume: false,
+                net_fds: Vec::new(),
+            })
+        );
+        assert!(matches!(
+            session,
+            RestoreSource::Session(RestoreConfig { resume: true, .. })
+        ));
+    }
+
+    #[test]
+    fn restore_of_another_url_or_with_snapshot_keys_on_a_session_is_refused() {
+        let other = parse_restore("source_url=tcp:host:1").unwrap_err();
+        let prefault = parse_restore("source_url=luo://s,prefault=on").unwrap_err();
+
+        assert!(
+            matches!(
+                other,
+                ConfigError::InvalidValue {
+                    key: "source_url",
+                    ..
+                }
+            ),
+            "{other:?}"
+        );
+        assert!(
+            matches!(
+                prefault,
+                ConfigError::InvalidValue {
+                    key: "prefault",
+                    ..
+                }
+            ),
+            "{prefault:?}"
         );
     }
 }

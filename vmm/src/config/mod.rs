@@ -15,6 +15,7 @@ mod json;
 mod migration;
 mod net;
 mod schema;
+mod snapshot;
 mod user_device;
 mod vsock;
 
@@ -28,13 +29,16 @@ pub use migration::{
     parse_send_migration,
 };
 pub use net::{DEFAULT_NET_QUEUES, NetConfig, NetKexecPolicy};
+pub use snapshot::{
+    SnapshotRequestError, SnapshotRestore, VmRestoreConfig, VmSnapshotConfig, parse_vm_restore,
+};
 pub use user_device::UserDeviceConfig;
 pub use vsock::VsockConfig;
 
 pub use cli::{
-    LUO_URL_SCHEME, LiveUpdateSource, PathOrFd, RestoreConfig, VmCliArgs, parse_api_socket,
-    parse_device, parse_event_monitor, parse_liveupdate, parse_net, parse_restore, parse_size,
-    parse_user_device, parse_vsock,
+    LUO_URL_SCHEME, LiveUpdateSource, PathOrFd, RestoreConfig, RestoreSource, VmCliArgs,
+    parse_api_socket, parse_device, parse_event_monitor, parse_liveupdate, parse_net,
+    parse_restore, parse_size, parse_user_device, parse_vsock,
 };
 
 /// Default guest RAM size, as cloud-hypervisor: 512 MiB.

@@ -42,6 +42,8 @@ impl Vmm {
                 Ok(()) => (Ok(ApiResponse::Empty), Next::Exit),
                 Err(error) => (Err(error), Next::Continue),
             },
+            ApiRequest::VmSnapshot(request) => (self.snapshot(&request), Next::Continue),
+            ApiRequest::VmRestore(request) => (self.restore_snapshot(&request), Next::Continue),
             other => (self.handle_vm_request(other), Next::Continue),
         }
     }

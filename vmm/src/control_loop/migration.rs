@@ -135,7 +135,7 @@ impl Vmm {
         }
         let answer = match result {
             Ok(restored) => {
-                self.finish_restore(restore, restored);
+                self.finish_restore(restore.resume, restored);
                 info!("Migration received on {}", receiving.socket.display());
                 self.emit("vm", "migration-receive-finished");
                 Ok(ApiResponse::Empty)

@@ -450,7 +450,10 @@ impl DeviceManager {
             }),
         }));
         for entry in &mut self.virtio {
-            list.push(Box::new(VirtioParticipant { entry }));
+            list.push(Box::new(VirtioParticipant {
+                entry,
+                was_running: false,
+            }));
         }
         for slot in &self.nets {
             if let net::NetSlot::Attached(entry) = slot {

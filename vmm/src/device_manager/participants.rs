@@ -90,6 +90,8 @@ impl AnyParticipant for StateOnly<'_> {
 /// A virtio-pci device: its queue worker stops on pause, after completing what it holds.
 pub(super) struct VirtioParticipant<'a> {
     pub(super) entry: &'a mut VirtioEntry,
+    /// Whether its worker ran before the pause (a paused VM has none to restart on resume).
+    pub(super) was_running: bool,
 }
 
 impl AnyParticipant for VirtioParticipant<'_> {
@@ -100,6 +102,7 @@ impl AnyParticipant for VirtioParticipant<'_> {
         Ok(())
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
+        self.was_running = self.entry.worker.is_some();
         if let Some(worker) = self.entry.worker.take() {
             worker.stop();
         }
@@ -116,6 +119,9 @@ impl AnyParticipant for VirtioParticipant<'_> {
             })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
+        if !self.was_running {
+            return Ok(());
+        }
         let worker = self
             .entry
             .device

@@ -169,6 +169,9 @@ pub struct VcpusState {
 pub struct VcpusParticipant<'a> {
     set: &'a VcpuSet,
     paused_at_ns: u64,
+    /// Whether the vCPUs ran before the pause: a VM paused by the user stays paused when the
+    /// update is cancelled or a snapshot is done.
+    was_running: bool,
 }
 
 impl<'a> VcpusParticipant<'a> {
@@ -177,6 +180,7 @@ impl<'a> VcpusParticipant<'a> {
         Self {
             set,
             paused_at_ns: 0,
+            was_running: false,
         }
     }
 }
@@ -192,6 +196,7 @@ impl Participant for VcpusParticipant<'_> {
         Ok(())
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
+        self.was_running = self.set.is_running();
         self.set.pause();
         self.paused_at_ns = realtime_ns();
         Ok(())
@@ -203,7 +208,9 @@ impl Participant for VcpusParticipant<'_> {
         })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
-        self.set.resume();
+        if self.was_running {
+            self.set.resume();
+        }
         Ok(())
     }
 }

@@ -121,3 +121,39 @@ pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Where data (`whence` = `SEEK_DATA`) or a hole (`SEEK_HOLE`) next starts at or after
+/// `offset` in `fd` (lseek(2)); None when no data follows `offset` (ENXIO). It moves the file
+/// offset, so callers read and write at explicit offsets.
+fn seek_extent(
+    fd: std::os::fd::BorrowedFd<'_>,
+    offset: u64,
+    whence: libc::c_int,
+) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek only moves the offset of the open file; the result is checked.
+    let found = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if found < 0 {
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(error),
+        };
+    }
+    u64::try_from(found)
+        .map(Some)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// The start of the next data extent at or after `offset` (`SEEK_DATA`), None past the last.
+pub fn seek_data(fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> io::Result<Option<u64>> {
+    seek_extent(fd, offset, libc::SEEK_DATA)
+}
+
+/// The start of the next hole at or after `offset` (`SEEK_HOLE`; the end of the file counts
+/// as one), None when `offset` is past the end.
+pub fn seek_hole(fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> io::Result<Option<u64>> {
+    seek_extent(fd, offset, libc::SEEK_HOLE)
+}

@@ -204,6 +204,44 @@ impl Vm {
         after_prepare: impl FnOnce(),
         carrier: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
     ) -> Result<Timings, VmError> {
+        self.with_participants(config, |participants| {
+            let mut update = Outgoing::new(session, participants);
+            update.prepare().map_err(VmError::LiveUpdate)?;
+            let waited = Instant::now();
+            after_prepare();
+            update.record("after_prepare", waited.elapsed());
+            update.freeze(state_file).map_err(VmError::LiveUpdate)?;
+            // Logged now: across a kexec the handover never returns to report them.
+            log::info!("VM frozen: {:?}", update.timings().steps);
+            update.handover(carrier).map_err(VmError::LiveUpdate)?;
+            Ok(update.timings().clone())
+        })
+    }
+
+    /// Snapshots this VM into `session`: prepare, freeze, then `writer` writes the session out
+    /// and the VM resumes in place (a paused VM stays paused). On failure the VM runs on too.
+    pub fn snapshot(
+        &mut self,
+        config: &VmConfig,
+        session: Box<dyn Session>,
+        state_file: File,
+        writer: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
+    ) -> Result<Timings, VmError> {
+        self.with_participants(config, |participants| {
+            let mut update = Outgoing::new(session, participants);
+            update.prepare().map_err(VmError::LiveUpdate)?;
+            update.freeze(state_file).map_err(VmError::LiveUpdate)?;
+            update.snapshot(writer).map_err(VmError::LiveUpdate)?;
+            Ok(update.timings().clone())
+        })
+    }
+
+    /// Runs `drive` over every participant of the VM, in the order the machine must drive them.
+    fn with_participants<R>(
+        &mut self,
+        config: &VmConfig,
+        drive: impl FnOnce(Vec<&mut dyn AnyParticipant>) -> R,
+    ) -> R {
         let msrs = self.msrs;
         let mut config_part = ConfigParticipant(config);
         let mut memory = MemoryParticipant::new(&self.ram);
@@ -233,15 +271,6 @@ impl Vm {
         if let Some(injector) = injector.as_mut() {
             participants.push(injector);
         }
-        let mut update = Outgoing::new(session, participants);
-        update.prepare().map_err(VmError::LiveUpdate)?;
-        let waited = Instant::now();
-        after_prepare();
-        update.record("after_prepare", waited.elapsed());
-        update.freeze(state_file).map_err(VmError::LiveUpdate)?;
-        // Logged now: across a kexec the handover never returns to report them.
-        log::info!("VM frozen: {:?}", update.timings().steps);
-        update.handover(carrier).map_err(VmError::LiveUpdate)?;
-        Ok(update.timings().clone())
+        drive(participants)
     }
 }
