@@ -1,8 +1,9 @@
 //! cloud-hypervisor's clients against our API, unchanged: each runs the same scenario
 //! (tests/clients/scenario.py) against two real VMMs on KVM: ping, create from a
 //! cloud-hypervisor-style VmConfig, boot, info, pause, resume, counters, add and remove a vsock
-//! device, a 404 with its error chain, local migration into an empty receiver
-//! (`receive-migration`, then `send-migration ...,local=on`), shutdown, delete and `vmm.shutdown`.
+//! device, a snapshot of the running guest to a directory, a 404 with its error chain, local
+//! migration into an empty receiver (`receive-migration`, then `send-migration ...,local=on`),
+//! shutdown, delete, the snapshot restored and resumed in the receiver, and `vmm.shutdown`.
 //!
 //! The clients: our `ch-remote`; `curl --unix-socket`; Python `requests` with
 //! `requests-unixsocket`, one session per socket so its calls reuse a kept-alive connection; and
@@ -102,6 +103,12 @@ fn run_scenario(client: &str) {
             "checkpoint migrated" => {
                 receiver.next_status(0, LINE);
             }
+            // ... and, its VM deleted, runs the snapshot of before the migration: the lines
+            // from now on are the restored guest's (status lines with no error).
+            "checkpoint restored" => {
+                let (_, status) = receiver.next_status(receiver.lines().len(), LINE);
+                assert_eq!(status.get("errors"), 0, "{status:?}");
+            }
             _ => {}
         }
         if line.starts_with("checkpoint ") {
@@ -127,6 +134,7 @@ fn run_scenario(client: &str) {
         "{stdout}"
     );
     assert!(stdout.contains("checkpoint migrated"), "{stdout}");
+    assert!(stdout.contains("checkpoint restored"), "{stdout}");
     assert_eq!(sender.wait_exit(EXIT), Some(0), "{}", sender.stderr());
     assert_eq!(receiver.wait_exit(EXIT), Some(0), "{}", receiver.stderr());
 }

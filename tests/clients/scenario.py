@@ -10,8 +10,8 @@ to it, ch-remote to its exit status and output, and every client that shows head
 
 Usage: scenario.py CLIENT --sender SOCKET --receiver SOCKET --kernel PROBE --dir SCRATCH
        [--ch-remote PATH] [--spec OPENAPI.yaml] [--go-src DIR] [--go-cache DIR]
-CLIENT: ch-remote | curl | requests | openapi. At `checkpoint booted` and `checkpoint migrated`
-on stdout it waits for a line on stdin (the driver checks the guest meanwhile). Exit status 0 when every step passed; 3 when the
+CLIENT: ch-remote | curl | requests | openapi. At `checkpoint booted`, `checkpoint migrated` and
+`checkpoint restored` on stdout it waits for a line on stdin (the driver checks the guest meanwhile). Exit status 0 when every step passed; 3 when the
 client is not installed (the message names the Debian package).
 """
 
@@ -316,6 +316,15 @@ def run(client, args):
     # The device leaves once the guest has ejected it.
     wait_for("the vsock device to leave vm.info", lambda: info(sender)["config"].get("vsock") is None)
 
+    # A snapshot of the running guest, restored into the receiver at the end.
+    snapshot_dir = os.path.join(args.dir, "snapshot")
+    os.makedirs(snapshot_dir, exist_ok=True)
+    snapshot_url = f"file://{snapshot_dir}"
+    step(sender, Call("PUT", "vm.snapshot", {"destination_url": snapshot_url},
+                      ch_remote=["snapshot", snapshot_url]), 204)
+    check(info(sender)["state"] == "Running", "state after a snapshot of the running VM")
+    check(os.path.exists(os.path.join(snapshot_dir, "manifest.json")), "no manifest.json in the snapshot")
+
     # The receiver has no VM yet: a 404 with the error chain.
     step(receiver, Call("GET", "vm.info", ch_remote=["info"]), 404)
 
@@ -348,6 +357,14 @@ def run(client, args):
     check(info(receiver)["state"] == "Shutdown", "state after shutdown")
     step(receiver, Call("PUT", "vm.delete", ch_remote=["delete"]), 204)
     step(receiver, Call("GET", "vm.info", ch_remote=["info"]), 404)
+
+    # The snapshot of before the migration, restored and resumed in the now empty receiver.
+    step(receiver, Call("PUT", "vm.restore", {"source_url": snapshot_url, "resume": True},
+                        ch_remote=["restore", f"source_url={snapshot_url},resume=true"]), 204)
+    restored = info(receiver)
+    check(restored["state"] == "Running", f"state after restore: {restored['state']}")
+    checkpoint("restored")
+    step(receiver, Call("PUT", "vm.delete", ch_remote=["delete"]), 204)
     step(receiver, Call("PUT", "vmm.shutdown", ch_remote=["shutdown-vmm"]), 204)
 
 
