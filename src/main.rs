@@ -82,8 +82,8 @@ struct Cli {
     /// the session fd passed by the service manager (systemd's LUOSession=, LISTEN_FDS).
     #[arg(long, value_name = "agent=<socket>|inherit=<name>")]
     liveupdate: Option<String>,
-    /// Restore a live-updated VM: source_url=luo://<session>[,resume=on|off] (resumes by
-    /// default); or a snapshot: source_url=file:///<dir>[,resume=on|off][,prefault=on|off]
+    /// Restore a live-updated VM: source_url=luo://<session>[,resume=on|off][,timeout=S]
+    /// (resumes by default; waits up to S seconds, default 120, for the handover); or a snapshot: source_url=file:///<dir>[,resume=on|off][,prefault=on|off]
     /// (stays paused by default).
     #[arg(long, value_name = "source_url=luo://<session>|file:///<dir>")]
     restore: Option<String>,

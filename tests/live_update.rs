@@ -599,7 +599,7 @@ fn a_session_name_in_use_is_refused_with_409() {
 fn a_successor_waiting_for_its_handover_answers_its_api() {
     let dir = scratch_dir("lu-waiting-api");
     let agent = Agent::start(&dir);
-    let mut successor = VmmProcess::successor(&agent, "later", &dir.join("successor"), &[]);
+    let mut successor = VmmProcess::successor(&agent, "later", &dir.join("successor"), &["-v"]);
 
     successor.wait_for_api(Duration::from_secs(10));
     let ping = successor.api("GET", "vmm.ping", None);
@@ -608,14 +608,66 @@ fn a_successor_waiting_for_its_handover_answers_its_api() {
     let code = successor.wait_exit(Duration::from_secs(10));
 
     assert_eq!(ping.status, 200);
-    assert_eq!(info.status, 409);
-    assert!(
-        info.error_messages().join(" ").contains("being restored"),
-        "{:?}",
-        info.error_messages()
-    );
+    assert_eq!(info.status, 200);
+    let info: serde_json::Value = serde_json::from_slice(&info.body).unwrap();
+    assert_eq!(info["state"], "Restoring", "{info}");
+    assert_eq!(info["restoring"]["source_url"], "luo://later", "{info}");
     assert!(shutdown.is_success(), "{}", shutdown.status);
     assert_eq!(code, Some(0), "stderr:\n{}", successor.stderr());
+    assert!(
+        successor
+            .stderr()
+            .contains("Waiting up to 120s for session \"later\" to be handed over"),
+        "the successor does not say it waits:\n{}",
+        successor.stderr()
+    );
+}
+
+#[test]
+fn a_successor_gives_up_after_its_timeout_saying_what_the_agent_knows() {
+    // Arrange: one successor for a session nobody creates, one for a session created and never
+    // handed over.
+    let dir = scratch_dir("lu-timeout");
+    let agent = Agent::start(&dir);
+    let mut creator = agent.client();
+    creator.create_session("created").unwrap();
+    let spawn = |session: &str| {
+        let sub = dir.join(session);
+        std::fs::create_dir_all(&sub).unwrap();
+        let source = format!("source_url=luo://{session},timeout=1");
+        let agent_arg = agent.arg();
+        VmmProcess::spawn(&["--liveupdate", &agent_arg, "--restore", &source], &sub)
+    };
+    let started = Instant::now();
+    let mut nobody = spawn("nobody");
+    let mut created = spawn("created");
+
+    // Act
+    let nobody_code = nobody.wait_exit(Duration::from_secs(20));
+    let created_code = created.wait_exit(Duration::from_secs(20));
+
+    // Assert: both fail after about a second, each saying why.
+    assert!(nobody_code.is_some_and(|c| c != 0), "{nobody_code:?}");
+    assert!(created_code.is_some_and(|c| c != 0), "{created_code:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        nobody
+            .stderr()
+            .contains("not handed over within 1s (the agent has no session of that name)"),
+        "{}",
+        nobody.stderr()
+    );
+    assert!(
+        created.stderr().contains(
+            "not handed over within 1s (the agent holds it; the old VMM has not handed it over)"
+        ),
+        "{}",
+        created.stderr()
+    );
 }
 
 #[test]

@@ -373,6 +373,7 @@ impl Vmm {
                     session: String::new(),
                     resume: false,
                     net_fds: Vec::new(),
+                    timeout: None,
                 },
                 Box::new(Err(LiveUpdateError::Thread(e))),
             ));

@@ -545,6 +545,8 @@ pub struct RestoreConfig {
     pub resume: bool,
     /// New tap fds for network cards with `kexec=fds`, by card id (`net_fds=[id@[fd,...]]`).
     pub net_fds: Vec<(String, Vec<i32>)>,
+    /// How long to wait for the session to be handed over (`timeout=S`; default 120 s).
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// A socket or file given by path, or as an fd the VMM inherited (`path=` or `fd=`).
@@ -634,6 +636,7 @@ pub fn parse_restore(input: &str) -> Result<RestoreSource, ConfigError> {
         "net_fds",
         "prefault",
         "memory_restore_mode",
+        "timeout",
     ];
     let options = Options::parse("restore", input, keys)?;
     let url = options.get("source_url").ok_or(ConfigError::MissingKey {
@@ -646,6 +649,9 @@ pub fn parse_restore(input: &str) -> Result<RestoreSource, ConfigError> {
         None => Vec::new(),
     };
     let Some(session) = url.strip_prefix(LUO_URL_SCHEME) else {
+        if let Some(value) = options.get("timeout") {
+            return Err(options.invalid("timeout", value, "only a luo:// session takes it"));
+        }
         let mode = options.get("memory_restore_mode");
         let body = VmRestoreConfig {
             source_url: url.to_string(),
@@ -676,6 +682,13 @@ pub fn parse_restore(input: &str) -> Result<RestoreSource, ConfigError> {
             return Err(options.invalid(key, value, "only a file:// snapshot takes it"));
         }
     }
+    let timeout = options
+        .get("timeout")
+        .map(|value| match value.parse::<u64>() {
+            Ok(seconds @ 1..) => Ok(std::time::Duration::from_secs(seconds)),
+            _ => Err(options.invalid("timeout", value, "expected whole seconds, at least 1")),
+        })
+        .transpose()?;
     if liveupdate::session::check_name(session).is_err() {
         return Err(options.invalid(
             "source_url",
@@ -687,6 +700,7 @@ pub fn parse_restore(input: &str) -> Result<RestoreSource, ConfigError> {
         session: session.to_string(),
         resume: options.bool("resume")?.unwrap_or(true),
         net_fds,
+        timeout,
     }))
 }
 
@@ -1258,6 +1272,34 @@ mod tests {
             session,
             RestoreSource::Session(RestoreConfig { resume: true, .. })
         ));
+    }
+
+    #[test]
+    fn restore_takes_a_timeout_in_whole_seconds_for_a_session_only() {
+        let with = parse_restore("source_url=luo://s,timeout=30").unwrap();
+        let without = parse_restore("source_url=luo://s").unwrap();
+        let refused = [
+            "source_url=file:///var/snap,timeout=5",
+            "source_url=luo://s,timeout=0",
+            "source_url=luo://s,timeout=1.5",
+            "source_url=luo://s,timeout=soon",
+        ];
+
+        assert!(matches!(
+            with,
+            RestoreSource::Session(RestoreConfig { timeout: Some(t), .. }) if t.as_secs() == 30
+        ));
+        assert!(matches!(
+            without,
+            RestoreSource::Session(RestoreConfig { timeout: None, .. })
+        ));
+        for input in refused {
+            let error = parse_restore(input).unwrap_err();
+            assert!(
+                matches!(error, ConfigError::InvalidValue { key: "timeout", .. }),
+                "{input}: {error:?}"
+            );
+        }
     }
 
     #[test]

@@ -50,6 +50,13 @@ impl Vmm {
 
     fn handle_vm_request(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         if let Some(session) = &self.restoring {
+            if request == ApiRequest::VmInfo {
+                // A successor waiting for its session says so (no configuration yet).
+                return Ok(ApiResponse::Json(serde_json::json!({
+                    "state": "Restoring",
+                    "restoring": { "source_url": format!("{}{session}", crate::config::LUO_URL_SCHEME) },
+                })));
+            }
             return Err(ApiError::conflict(format!(
                 "The VM is being restored from live-update session {session}"
             )));

@@ -71,6 +71,7 @@ impl Vmm {
                     session: MIGRATION_SESSION.to_string(),
                     resume: true,
                     net_fds: Vec::new(),
+                    timeout: Some(RECEIVE_WAIT),
                 };
                 let from = IncomingFrom::Agent(socket.clone(), RECEIVE_WAIT);
                 self.receiving = Some(Receiving {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
-use liveupdate::agent::{AgentClient, AgentError, AgentSession, ErrorKind};
+use liveupdate::agent::{AgentClient, AgentError, AgentSession, Direction, ErrorKind};
 use liveupdate::kernel::KernelSession;
 use liveupdate::machine::{Incoming, MachineError, Timings};
 use liveupdate::session::{Session, SessionError};
@@ -43,6 +43,8 @@ pub const SUCCESSOR_WAIT: Duration = Duration::from_secs(5);
 pub const KEXEC_LOAD_WAIT: Duration = Duration::from_secs(60);
 /// How often it looks meanwhile.
 const KEXEC_LOAD_POLL: Duration = Duration::from_millis(20);
+/// How often a waiting successor says it still waits.
+const WAIT_REPORT: Duration = Duration::from_secs(10);
 /// How often a successor started ahead looks for guest RAM in the outgoing session.
 const HANDOVER_POLL: Duration = Duration::from_micros(200);
 
@@ -71,12 +73,25 @@ pub enum LiveUpdateError {
     #[error("Cannot start the restore thread")]
     Thread(#[source] std::io::Error),
     /// No handover came within the wait (by default [`HANDOVER_WAIT`]).
-    #[error("Session {session} was not handed over within {}s", waited.as_secs())]
+    #[error("Session {session} was not handed over within {}s ({known})", waited.as_secs())]
     NoHandover {
         /// The session.
         session: String,
         /// How long the successor waited.
         waited: Duration,
+        /// What the agent knows of it.
+        known: &'static str,
+    },
+    /// A kernel-mode agent (sessions come only across a kexec) holds no such incoming session:
+    /// waiting cannot help.
+    #[error(
+        "The agent (kernel mode: sessions arrive only across a kexec) holds no incoming session {session:?}; incoming sessions: {incoming:?}"
+    )]
+    NoIncomingSession {
+        /// The session asked for.
+        session: String,
+        /// The incoming sessions the agent holds.
+        incoming: Vec<String>,
     },
     /// The request names a session other than the inherited one.
     #[error(
@@ -245,7 +260,10 @@ impl IncomingFrom {
     pub fn new(agent: &Path, inherited: Option<&mut Inherited>, restore: &RestoreConfig) -> Self {
         match inherited {
             Some(inherited) => Self::Inherited(inherited.incoming_session(&restore.session)),
-            None => Self::Agent(agent.to_path_buf(), HANDOVER_WAIT),
+            None => Self::Agent(
+                agent.to_path_buf(),
+                restore.timeout.unwrap_or(HANDOVER_WAIT),
+            ),
         }
     }
 }
@@ -381,9 +399,11 @@ fn wait_for_handover(
     name: &str,
     wait: Duration,
 ) -> Result<Option<Prebuilt>, LiveUpdateError> {
-    let deadline = Instant::now() + wait;
+    let start = Instant::now();
+    let deadline = start + wait;
     let mut prebuilt = None;
     let mut peek = true;
+    let mut next_report: Option<Instant> = None;
     loop {
         match client.retrieve_session(name) {
             Ok(()) => return Ok(prebuilt),
@@ -393,10 +413,43 @@ fn wait_for_handover(
             Err(_) => {}
         }
         let now = Instant::now();
+        match next_report {
+            None => {
+                // Across a kexec every incoming session is there when the agent starts.
+                if client.ping().map_err(|e| agent_failure(client, e))? == "kernel" {
+                    let incoming = sessions_of(client, |d| d == Direction::Incoming);
+                    return Err(LiveUpdateError::NoIncomingSession {
+                        session: name.to_string(),
+                        incoming,
+                    });
+                }
+                info!(
+                    "Waiting up to {}s for session {name:?} to be handed over",
+                    wait.as_secs()
+                );
+                next_report = Some(now + WAIT_REPORT);
+            }
+            // Long waits are worth a warning at any log level.
+            Some(at) if now >= at => {
+                warn!(
+                    "Still waiting for session {name:?} ({}s of {}s)",
+                    now.duration_since(start).as_secs(),
+                    wait.as_secs()
+                );
+                next_report = Some(now + WAIT_REPORT);
+            }
+            Some(_) => {}
+        }
         if now >= deadline {
+            let known = if sessions_of(client, |_| true).iter().any(|s| s == name) {
+                "the agent holds it; the old VMM has not handed it over"
+            } else {
+                "the agent has no session of that name"
+            };
             return Err(LiveUpdateError::NoHandover {
                 session: name.to_string(),
                 waited: wait,
+                known,
             });
         }
         if peek {
@@ -430,6 +483,21 @@ fn wait_for_handover(
             Err(e) => return Err(agent_failure(client, e)),
         }
     }
+}
+
+/// The names of the sessions the agent lists whose direction passes `keep` (none if it cannot
+/// say).
+fn sessions_of(client: &mut AgentClient, keep: impl Fn(Direction) -> bool) -> Vec<String> {
+    client
+        .list()
+        .map(|sessions| {
+            sessions
+                .into_iter()
+                .filter(|s| keep(s.direction))
+                .map(|s| s.name)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn agent_failure(client: &AgentClient, source: AgentError) -> LiveUpdateError {
