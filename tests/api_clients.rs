@@ -61,7 +61,13 @@ fn run_scenario(client: &str) {
     let kernel = probe_guest();
     let mut sender = api_only_vmm(&dir.join("sender"));
     let mut receiver = api_only_vmm(&dir.join("receiver"));
-    let go_cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache");
+    // Beside the kernels' cache, outside the work tree: CI's clean clones keep Go's build
+    // cache between runs.
+    let go_cache = std::env::var_os("CHV_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/chv")))
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf())
+        .join("go-build");
 
     // Act: the scenario, checking the guest at its checkpoints.
     let log = dir.join("scenario.stderr");
