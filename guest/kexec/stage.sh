@@ -366,12 +366,15 @@ last=$(last_line "$work/vmm.log")
 echo "E2E-KEXEC probe verified: $last"
 errors=$(last_status "$work/vmm.log" errors)
 [ "$errors" = 0 ] || fail "the probe reported errors=$errors after the kexec"
+# The guest's clock: its TSC never went back (the VMM moves it forward by the pause).
+tsc_back=$(last_status "$work/vmm.log" tsc_back)
+[ "$tsc_back" = 0 ] || fail "the probe saw its TSC go back $tsc_back times after the kexec"
 grep -q 'probe: mismatch' "$work/vmm.log" && fail "the probe reported a mismatch"
 grep -E '<ERROR>|panicked' "$work/vmm.err" && fail "the restored VMM logged an error"
 steps=$(grep -o 'VM restored from session.*' "$work/vmm.err" | head -n1)
 echo "E2E-KEXEC restore steps: $steps"
 hop_pause=$(echo "$steps" | grep -o '("pause", [0-9]*)' | grep -o '[0-9]*')
-echo "E2E-KEXEC-HOP $((stage - 1)): ${from_kernel:-?} -> $(uname -r): pause_us=${hop_pause:-?} errors=$errors"
+echo "E2E-KEXEC-HOP $((stage - 1)): ${from_kernel:-?} -> $(uname -r): pause_us=${hop_pause:-?} errors=$errors tsc_back=$tsc_back"
 grep -F '<WARN>' "$work/vmm.err" | sed 's/^/E2E-KEXEC restored VMM warned: /'
 if [ "$case_name" = inherited ]; then
     grep -q "Session \"$session\" finished" "$work/vmm.err" || fail "the restored VMM did not FINISH the session"
