@@ -6,8 +6,10 @@
 # shellcheck disable=SC2034
 TESTBED_ERROR=TESTBED-ERROR
 
-# Write the outer /init into STAGE ($1). It mounts the basics, checks /dev/kvm, runs
-# /stage.sh and then ends the machine with reboot -f (QEMU's -no-reboot makes that an exit).
+# Write the outer /init into STAGE ($1). It mounts the basics, checks /dev/kvm (unless the
+# command line has testbed_no_kvm=1: a stage that runs no VM, e.g. after a kexec into a kernel
+# without KVM), runs /stage.sh and then ends the machine with reboot -f (QEMU's -no-reboot makes
+# that an exit).
 testbed_write_init() {
     local stage="$1"
     cat >"$stage/init" <<'INIT'
@@ -18,7 +20,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 echo "TESTBED-INIT: kernel $(uname -r), cmdline: $(cat /proc/cmdline)"
-if [ ! -c /dev/kvm ]; then
+if [ ! -c /dev/kvm ] && ! grep -qw testbed_no_kvm=1 /proc/cmdline; then
     echo "TESTBED-ERROR: /dev/kvm is missing (no nested SVM? QEMU needs -cpu ...,+svm)"
     reboot -f
 fi
