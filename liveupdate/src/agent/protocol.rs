@@ -1,9 +1,10 @@
 //! The agent's wire format: one message per `sendmsg`, a 12-byte header and a JSON body, with at
 //! most one file descriptor as `SCM_RIGHTS`.
 //!
-//! Header (little endian): `b"LUOD"`, version `u16` (= [`VERSION`]), flags `u16` (= 0), body
-//! length `u32` (at most [`MAX_BODY_LEN`]). The body is one [`Request`] or one [`Response`], tagged
-//! by `"op"` and `"reply"` respectively.
+//! Header (little endian): `b"LUOD"`, version `u16` (= [`VERSION`]), flags `u16` (= 0: a flag
+//! this side does not know is refused rather than ignored), body length `u32` (at most
+//! [`MAX_BODY_LEN`]). The body is one [`Request`] or one [`Response`], tagged by `"op"` and
+//! `"reply"` respectively. `tests/fuzz_protocol.rs` fuzzes both and the reading of frames.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -37,6 +38,9 @@ pub enum ProtocolError {
     /// The header names another protocol version.
     #[error("Unsupported protocol version {0}")]
     BadVersion(u16),
+    /// The header sets flags (none is defined yet).
+    #[error("Unknown header flags {0:#06x}")]
+    BadFlags(u16),
     /// The body is longer than [`MAX_BODY_LEN`].
     #[error("Message body of {0} bytes exceeds the limit")]
     TooLarge(usize),
@@ -391,6 +395,10 @@ pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> 
     if version != VERSION {
         return Err(ProtocolError::BadVersion(version));
     }
+    let flags = u16::from_le_bytes([header[6], header[7]]);
+    if flags != 0 {
+        return Err(ProtocolError::BadFlags(flags));
+    }
     let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
     if len > MAX_BODY_LEN {
         return Err(ProtocolError::TooLarge(len));
@@ -620,6 +628,21 @@ mod tests {
             decode_header(&header),
             Err(ProtocolError::BadVersion(9))
         ));
+    }
+
+    #[test]
+    fn unknown_flags_are_refused() {
+        let mut header: [u8; HEADER_LEN] = encode(&Request::Ping).unwrap()[..HEADER_LEN]
+            .try_into()
+            .unwrap();
+        header[7] = 0x80;
+
+        let result = decode_header(&header);
+
+        assert!(
+            matches!(result, Err(ProtocolError::BadFlags(0x8000))),
+            "{result:?}"
+        );
     }
 
     #[test]
