@@ -406,9 +406,29 @@ pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> 
     Ok(len)
 }
 
-/// Decodes a JSON body.
-pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    serde_json::from_slice(body).map_err(ProtocolError::BadBody)
+/// Decodes a JSON body; a field the message does not hold is refused.
+pub fn decode_body<T: DeserializeOwned + Serialize>(body: &[u8]) -> Result<T, ProtocolError> {
+    let message = serde_json::from_slice(body).map_err(ProtocolError::BadBody)?;
+    refuse_dropped_fields(body, &message).map_err(ProtocolError::BadBody)?;
+    Ok(message)
+}
+
+/// serde ignores `deny_unknown_fields` for the unit variants of an internally tagged enum
+/// (`{"op":"ping","x":1}` reads as `ping`): a field of the body that the decoded message does
+/// not have was dropped, and is refused like any unknown field.
+fn refuse_dropped_fields<T: Serialize>(body: &[u8], message: &T) -> Result<(), serde_json::Error> {
+    let serde_json::Value::Object(fields) = serde_json::from_slice(body)? else {
+        return Ok(());
+    };
+    let serde_json::Value::Object(kept) = serde_json::to_value(message)? else {
+        return Ok(());
+    };
+    match fields.keys().find(|field| !kept.contains_key(*field)) {
+        Some(field) => Err(serde::de::Error::custom(format_args!(
+            "unknown field `{field}`"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Sends `message` and `fd` in one `sendmsg`.
@@ -560,6 +580,21 @@ mod tests {
     }
 
     #[test]
+    fn a_field_a_reply_does_not_have_is_refused() {
+        for body in [
+            &br#"{"reply":"ok","sessions":[]}"#[..],
+            br#"{"reply":"error","kind":"busy","message":"m","x":1}"#,
+        ] {
+            let result = decode_body::<Response>(body);
+
+            assert!(
+                matches!(&result, Err(ProtocolError::BadBody(e)) if e.to_string().contains("unknown field")),
+                "{result:?}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_error_kind_decodes_as_unknown() {
         let json = br#"{"reply":"error","kind":"from_the_future","message":"m"}"#;
 
@@ -666,6 +701,8 @@ mod tests {
             br#"{"op":"explode"}"#,
             br#"{"op":"create_session","name":"a","extra":1}"#,
             br#"{"op":"preserve","name":"a"}"#,
+            br#"{"op":"ping","name":null}"#,
+            br#"{"op":"list","filter":"a"}"#,
         ] {
             let result = decode_body::<Request>(body);
             assert!(
