@@ -10,7 +10,9 @@
 //!
 //! The blob comes from another process (maybe another build, maybe a corrupted file), so it is
 //! untrusted: the size is checked before anything is read, then the checksum, then the format
-//! version, and each participant's state is decoded only by the code that owns its type.
+//! version, then that the reserved bytes are zero (so a later format may give them a meaning
+//! without this build misreading it), and each participant's state is decoded only by the code
+//! that owns its type. `tests/fuzz_state.rs` fuzzes all of it.
 
 use std::collections::BTreeMap;
 
@@ -49,6 +51,14 @@ pub enum StateError {
     /// Not a state blob at all.
     #[error("Not a live-update state blob (bad magic)")]
     BadMagic,
+    /// A reserved header byte is not zero.
+    #[error("State blob has {value:#04x} in reserved header byte {offset}; it must be 0")]
+    Reserved {
+        /// Offset of the first non-zero reserved byte.
+        offset: usize,
+        /// Its value.
+        value: u8,
+    },
     /// The payload length does not match the blob's size.
     #[error("State blob says {declared} payload bytes but holds {actual}")]
     LengthMismatch {
@@ -207,6 +217,12 @@ pub fn decode(blob: &[u8]) -> Result<StateSet, StateError> {
             oldest: OLDEST_FORMAT_VERSION,
         });
     }
+    if let Some(offset) = (10..16).find(|&offset| blob[offset] != 0) {
+        return Err(StateError::Reserved {
+            offset,
+            value: blob[offset],
+        });
+    }
     let declared = u64::from_le_bytes(array(&blob[16..24]));
     let payload = &content[HEADER_LEN..];
     if declared != payload.len() as u64 {
@@ -328,6 +344,29 @@ mod tests {
             matches!(error, StateError::NewerFormat { found, supported } if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION)
         );
         assert!(error.to_string().contains("newer"));
+    }
+
+    #[test]
+    fn a_non_zero_reserved_byte_is_refused_even_with_a_valid_checksum() {
+        let mut blob = blob_with_counter();
+        blob[13] = 0x40;
+        let end = blob.len() - CHECKSUM_LEN;
+        let checksum = CRC.checksum(&blob[..end]);
+        blob[end..].copy_from_slice(&checksum.to_le_bytes());
+
+        let error = decode(&blob).unwrap_err();
+
+        assert!(
+            matches!(
+                error,
+                StateError::Reserved {
+                    offset: 13,
+                    value: 0x40
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("reserved header byte 13"));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The agent's wire format: one message per `sendmsg`, a 12-byte header and a JSON body, with at
 //! most one file descriptor as `SCM_RIGHTS`.
 //!
-//! Header (little endian): `b"LUOD"`, version `u16` (= [`VERSION`]), flags `u16` (= 0), body
-//! length `u32` (at most [`MAX_BODY_LEN`]). The body is one [`Request`] or one [`Response`], tagged
-//! by `"op"` and `"reply"` respectively.
+//! Header (little endian): `b"LUOD"`, version `u16` (= [`VERSION`]), flags `u16` (= 0: a flag
+//! this side does not know is refused rather than ignored), body length `u32` (at most
+//! [`MAX_BODY_LEN`]). The body is one [`Request`] or one [`Response`], tagged by `"op"` and
+//! `"reply"` respectively. `tests/fuzz_protocol.rs` fuzzes both and the reading of frames.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -37,6 +38,9 @@ pub enum ProtocolError {
     /// The header names another protocol version.
     #[error("Unsupported protocol version {0}")]
     BadVersion(u16),
+    /// The header sets flags (none is defined yet).
+    #[error("Unknown header flags {0:#06x}")]
+    BadFlags(u16),
     /// The body is longer than [`MAX_BODY_LEN`].
     #[error("Message body of {0} bytes exceeds the limit")]
     TooLarge(usize),
@@ -391,6 +395,10 @@ pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> 
     if version != VERSION {
         return Err(ProtocolError::BadVersion(version));
     }
+    let flags = u16::from_le_bytes([header[6], header[7]]);
+    if flags != 0 {
+        return Err(ProtocolError::BadFlags(flags));
+    }
     let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
     if len > MAX_BODY_LEN {
         return Err(ProtocolError::TooLarge(len));
@@ -398,9 +406,29 @@ pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> 
     Ok(len)
 }
 
-/// Decodes a JSON body.
-pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    serde_json::from_slice(body).map_err(ProtocolError::BadBody)
+/// Decodes a JSON body; a field the message does not hold is refused.
+pub fn decode_body<T: DeserializeOwned + Serialize>(body: &[u8]) -> Result<T, ProtocolError> {
+    let message = serde_json::from_slice(body).map_err(ProtocolError::BadBody)?;
+    refuse_dropped_fields(body, &message).map_err(ProtocolError::BadBody)?;
+    Ok(message)
+}
+
+/// serde ignores `deny_unknown_fields` for the unit variants of an internally tagged enum
+/// (`{"op":"ping","x":1}` reads as `ping`): a field of the body that the decoded message does
+/// not have was dropped, and is refused like any unknown field.
+fn refuse_dropped_fields<T: Serialize>(body: &[u8], message: &T) -> Result<(), serde_json::Error> {
+    let serde_json::Value::Object(fields) = serde_json::from_slice(body)? else {
+        return Ok(());
+    };
+    let serde_json::Value::Object(kept) = serde_json::to_value(message)? else {
+        return Ok(());
+    };
+    match fields.keys().find(|field| !kept.contains_key(*field)) {
+        Some(field) => Err(serde::de::Error::custom(format_args!(
+            "unknown field `{field}`"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Sends `message` and `fd` in one `sendmsg`.
@@ -552,6 +580,21 @@ mod tests {
     }
 
     #[test]
+    fn a_field_a_reply_does_not_have_is_refused() {
+        for body in [
+            &br#"{"reply":"ok","sessions":[]}"#[..],
+            br#"{"reply":"error","kind":"busy","message":"m","x":1}"#,
+        ] {
+            let result = decode_body::<Response>(body);
+
+            assert!(
+                matches!(&result, Err(ProtocolError::BadBody(e)) if e.to_string().contains("unknown field")),
+                "{result:?}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_error_kind_decodes_as_unknown() {
         let json = br#"{"reply":"error","kind":"from_the_future","message":"m"}"#;
 
@@ -623,6 +666,21 @@ mod tests {
     }
 
     #[test]
+    fn unknown_flags_are_refused() {
+        let mut header: [u8; HEADER_LEN] = encode(&Request::Ping).unwrap()[..HEADER_LEN]
+            .try_into()
+            .unwrap();
+        header[7] = 0x80;
+
+        let result = decode_header(&header);
+
+        assert!(
+            matches!(result, Err(ProtocolError::BadFlags(0x8000))),
+            "{result:?}"
+        );
+    }
+
+    #[test]
     fn encoding_an_oversized_message_fails() {
         let request = Request::CreateSession {
             name: "x".repeat(MAX_BODY_LEN + 1),
@@ -643,6 +701,8 @@ mod tests {
             br#"{"op":"explode"}"#,
             br#"{"op":"create_session","name":"a","extra":1}"#,
             br#"{"op":"preserve","name":"a"}"#,
+            br#"{"op":"ping","name":null}"#,
+            br#"{"op":"list","filter":"a"}"#,
         ] {
             let result = decode_body::<Request>(body);
             assert!(
