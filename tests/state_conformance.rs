@@ -48,7 +48,7 @@ fn save(vm: &mut Vm, config: &VmConfig, provider: &EmulatedProvider, name: &str)
         config,
         session,
         state_file,
-        || {},
+        || Ok(()),
         |_session| provider.handover(name).map_err(|e| e.to_string()),
     )
     .unwrap();

@@ -58,14 +58,16 @@ start_kernel_agent() {
 }
 
 # Has the agent at $1 (log $2) load /kexec/bzImage and /kexec/initrd.cpio.gz with command line
-# $4, to boot once session $3 is frozen; returns when the image is loaded, with ch-luod kexec's
-# pid in $kexec_pid and its output in $work/kexec.log.
+# $4, to boot once session $3 is frozen (waiting at most $5 seconds, default 120); returns when
+# the image is loaded, with ch-luod kexec's pid in $kexec_pid and its output in $work/kexec.log.
 load_next_kernel() {
     ch-luod --socket "$1" kexec --kernel /kexec/bzImage --initrd /kexec/initrd.cpio.gz \
-        --cmdline "$4" --timeout 120 --session "$3" >"$work/kexec.log" 2>&1 &
+        --cmdline "$4" --timeout "${5:-120}" --session "$3" >"$work/kexec.log" 2>&1 &
     kexec_pid=$!
     nk_start=$(now)
-    until grep -q 'loaded; waiting' "$2"; do
+    # The agent may have loaded (and given up on) an image before: wait for a new line.
+    nk_before=$(grep -c 'loaded; waiting' "$2")
+    until [ "$(grep -c 'loaded; waiting' "$2")" -gt "$nk_before" ]; do
         kill -0 "$kexec_pid" 2>/dev/null || fail "ch-luod kexec exited before the image was loaded"
         elapsed_over "$nk_start" 60 && fail "the kexec image was not loaded within 60 s"
         sleep 0.05

@@ -160,11 +160,6 @@ impl Vmm {
             ));
         }
         self.emit("vm", "live-update-started");
-        if let Err(error) = live_update::check_next_kernel(agent) {
-            let properties = BTreeMap::from([("error".to_string(), error.to_string())]);
-            self.emit_with("vm", "live-update-cancelled", Some(&properties));
-            return Err(ApiError::from_error(error.status(), &error));
-        }
         // Kexec mode: devices with kexec=detach leave the guest first (guest running).
         let runs_kexec = || {
             live_update::agent_runs_kexec(agent).map_err(|e| ApiError::from_error(e.status(), &e))

@@ -133,7 +133,7 @@ impl Inherited {
         let state_file = state_memfd().map_err(LiveUpdateError::StateFile)?;
         let state = state_file.try_clone().map_err(LiveUpdateError::StateFile)?;
         // The service manager carries the session: handing over is keeping still.
-        let result = vm.live_update(config, Box::new(counted), state_file, || {}, |_| Ok(()));
+        let result = vm.live_update(config, Box::new(counted), state_file, || Ok(()), |_| Ok(()));
         match result {
             Ok(timings) => {
                 self.used = Use::Updated { state };

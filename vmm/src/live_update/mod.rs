@@ -154,8 +154,9 @@ pub fn agent_runs_kexec(agent: &Path) -> Result<bool, LiveUpdateError> {
 }
 
 /// Kernel mode: the guest stays paused from its freeze until the kexec, so a live update
-/// starts only once the agent has the next kernel loaded (`ch-luod kexec` before the update),
-/// waiting up to [`KEXEC_LOAD_WAIT`] while it loads. An agent that refused the target (a
+/// pauses it only once the agent has the next kernel loaded (`ch-luod kexec` before the
+/// update), waiting up to [`KEXEC_LOAD_WAIT`] while it loads; run after prepare, so a device
+/// that cannot cross a kexec at all says so first. An agent that refused the target (a
 /// command line that would drop the sessions, an image that does not load) is idle: the update
 /// is refused before the guest is paused. Restart mode passes; so does an agent too old to
 /// answer (with a warning).
@@ -203,20 +204,30 @@ pub fn run_outgoing(
     let client = Arc::new(Mutex::new(client));
     let session = AgentSession::new(client.clone(), name);
     let state_file = sys::memfd_create(c"liveupdate-state").map_err(LiveUpdateError::StateFile)?;
-    // A successor started ahead builds its VM on the preserved RAM while the guest still runs.
-    let wait_for_successor = || match lock(&client).wait_successor(name, SUCCESSOR_WAIT) {
-        Ok((true, true)) => info!("Successor for session {name:?} is ready"),
-        Ok((true, false)) => warn!(
-            "Successor for session {name:?} not ready after {SUCCESSOR_WAIT:?}; pausing anyway"
-        ),
-        Ok((false, _)) => info!("No successor waits for session {name:?} yet"),
-        Err(e) => warn!("Cannot ask the agent about a successor: {e}"),
+    // Kernel mode: the pause lasts until the kexec, so there must be a next kernel to go to.
+    // Restart mode: a successor started ahead builds its VM on the preserved RAM meanwhile.
+    let mut stopped = None;
+    let before_pause = || {
+        if let Err(error) = check_next_kernel(agent) {
+            let why = error.to_string();
+            stopped = Some(error);
+            return Err(why);
+        }
+        match lock(&client).wait_successor(name, SUCCESSOR_WAIT) {
+            Ok((true, true)) => info!("Successor for session {name:?} is ready"),
+            Ok((true, false)) => warn!(
+                "Successor for session {name:?} not ready after {SUCCESSOR_WAIT:?}; pausing anyway"
+            ),
+            Ok((false, _)) => info!("No successor waits for session {name:?} yet"),
+            Err(e) => warn!("Cannot ask the agent about a successor: {e}"),
+        }
+        Ok(())
     };
     let result = vm.live_update(
         config,
         Box::new(session),
         state_file,
-        wait_for_successor,
+        before_pause,
         |_session| lock(&client).handover(name).map_err(|e| e.to_string()),
     );
     match result {
@@ -229,7 +240,7 @@ pub fn run_outgoing(
             if let Err(e) = lock(&client).cancel(name) {
                 warn!("Cannot cancel session {name:?} at the agent: {e}");
             }
-            Err(LiveUpdateError::Vm(error))
+            Err(stopped.unwrap_or(LiveUpdateError::Vm(error)))
         }
     }
 }

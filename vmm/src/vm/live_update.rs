@@ -201,14 +201,17 @@ impl Vm {
         config: &VmConfig,
         session: Box<dyn Session>,
         state_file: File,
-        after_prepare: impl FnOnce(),
+        after_prepare: impl FnOnce() -> Result<(), String>,
         carrier: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
     ) -> Result<Timings, VmError> {
         self.with_participants(config, |participants| {
             let mut update = Outgoing::new(session, participants);
             update.prepare().map_err(VmError::LiveUpdate)?;
             let waited = Instant::now();
-            after_prepare();
+            if let Err(why) = after_prepare() {
+                update.cancel().map_err(VmError::LiveUpdate)?;
+                return Err(VmError::UpdateStopped(why));
+            }
             update.record("after_prepare", waited.elapsed());
             update.freeze(state_file).map_err(VmError::LiveUpdate)?;
             // Logged now: across a kexec the handover never returns to report them.

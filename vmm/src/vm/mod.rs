@@ -72,6 +72,9 @@ pub enum VmError {
     /// A live update failed (the VM runs on where it was).
     #[error("Live update failed")]
     LiveUpdate(#[source] MachineError),
+    /// The caller stopped the live update after prepare, before the pause (it was cancelled).
+    #[error("The live update was stopped before the pause: {0}")]
+    UpdateStopped(String),
     /// A VM needs at least one vCPU.
     #[error("The VM has no vCPU")]
     NoVcpu,
