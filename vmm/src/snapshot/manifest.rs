@@ -81,16 +81,7 @@ impl Manifest {
     /// Reads `dir`'s manifest and checks the directory against it: the format version, every
     /// file there with its size, and the checksums.
     pub fn check(dir: &Path) -> Result<Self, SnapshotError> {
-        match std::fs::metadata(dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(SnapshotError::NotADirectory(dir.to_path_buf())),
-            Err(source) => {
-                return Err(SnapshotError::NoDirectory {
-                    path: dir.to_path_buf(),
-                    source,
-                });
-            }
-        }
+        super::require_directory(dir)?;
         let path = dir.join(MANIFEST);
         if !path.exists() {
             return Err(SnapshotError::NoManifest(dir.to_path_buf()));

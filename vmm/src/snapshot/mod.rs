@@ -191,18 +191,21 @@ fn write_snapshot(
     Ok(timings)
 }
 
+/// That `dir` exists and is a directory.
+pub(super) fn require_directory(dir: &Path) -> Result<(), SnapshotError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(SnapshotError::NotADirectory(dir.to_path_buf())),
+        Err(source) => Err(SnapshotError::NoDirectory {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// `dir` must be a directory and hold none of a snapshot's files.
 fn check_destination(dir: &Path) -> Result<(), SnapshotError> {
-    match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => return Err(SnapshotError::NotADirectory(dir.to_path_buf())),
-        Err(source) => {
-            return Err(SnapshotError::NoDirectory {
-                path: dir.to_path_buf(),
-                source,
-            });
-        }
-    }
+    require_directory(dir)?;
     let session_files = [STATE_TOKEN, RAM_TOKEN].map(dir_session::file_name);
     let mut names = [MANIFEST, CONFIG]
         .into_iter()
