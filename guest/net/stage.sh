@@ -528,7 +528,9 @@ say "X: the guest received $r from the outside peer over one connection"
 
 # A NEW host connection to the guest's listener of before the kexec, at full speed.
 k_t=$(now)
-nc -w 10 "$guest_ip" 5002 <"$payload" >/dev/null || fail "K: the new connection to the guest's port 5002 failed"
+# Bounded: nc's -w does not cover a write the guest stops taking.
+timeout 120 nc -w 10 "$guest_ip" 5002 <"$payload" >/dev/null ||
+    fail "K: the new connection to the guest's port 5002 failed or stalled (guest: $(guest_result RX 5002 1 soft || echo no result); tap: $(ip -s link show dev "$tap" | tr -s ' \n' ' '))"
 k_s=$(secs "$k_t")
 r=$(guest_result RX 5002 120)
 say "K: new host->guest connection: the guest received $r of $payload_size,$payload_md5 in $k_s s ($(mbps "$payload_size" "$k_s") MB/s)"
