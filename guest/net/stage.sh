@@ -451,6 +451,13 @@ if [ "$stage" = 1 ]; then
     ln -sfn luod.sock "$work/agent.sock"
     [ "$(ch-luod --socket "$work/agent.sock" ping)" = kernel ] || fail "the agent symlink does not lead to the kernel-mode agent"
     next="$(sed 's/ *net_stage=[^ ]*//' /proc/cmdline) net_stage=2 net_tap_mac=$tap_mac"
+    # QEMU's NIC must stop writing received frames into this kernel's buffers before the
+    # kexec: after it that memory belongs to the next kernel, or to preserved guest RAM. Unbinding
+    # the driver resets the device (the outside peer's frames are dropped until stage 2).
+    for nic in /sys/bus/virtio/drivers/virtio_net/virtio*; do
+        [ -e "$nic" ] || continue
+        echo "${nic##*/}" >/sys/bus/virtio/drivers/virtio_net/unbind || fail "cannot unbind ${nic##*/} from virtio_net"
+    done
     load_next_kernel "$work/luod.sock" "$work/luod.log" "$session_kexec" "$next"
     say "K: live update across the kexec at $(now)"
     live_update_across_kexec "$work/b.sock" "$session_kexec"
