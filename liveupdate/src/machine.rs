@@ -335,6 +335,14 @@ impl<'a> Outgoing<'a> {
         Ok(())
     }
 
+    /// The session, given away once by a handover or a snapshot.
+    fn take_session(&mut self, step: Step) -> Result<Box<dyn Session>, MachineError> {
+        self.session.take().ok_or(MachineError::InvalidTransition {
+            from: self.phase,
+            step,
+        })
+    }
+
     /// Gives the session to `carrier` (the agent's handover, or a successor). On failure the
     /// update is cancelled and the guest resumes.
     pub fn handover(
@@ -343,12 +351,7 @@ impl<'a> Outgoing<'a> {
     ) -> Result<(), MachineError> {
         let target = next_phase(self.phase, Step::Handover)?;
         let start = Instant::now();
-        let Some(session) = self.session.take() else {
-            return Err(MachineError::InvalidTransition {
-                from: self.phase,
-                step: Step::Handover,
-            });
-        };
+        let session = self.take_session(Step::Handover)?;
         if let Err(reason) = carrier(session) {
             return self.fail(MachineError::Handover(reason));
         }
@@ -367,12 +370,7 @@ impl<'a> Outgoing<'a> {
     ) -> Result<(), MachineError> {
         let target = next_phase(self.phase, Step::Snapshot)?;
         let start = Instant::now();
-        let Some(session) = self.session.take() else {
-            return Err(MachineError::InvalidTransition {
-                from: self.phase,
-                step: Step::Snapshot,
-            });
-        };
+        let session = self.take_session(Step::Snapshot)?;
         if let Err(reason) = writer(session) {
             return self.fail(MachineError::Snapshot(reason));
         }
