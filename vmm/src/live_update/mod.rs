@@ -160,13 +160,8 @@ pub fn agent_runs_kexec(agent: &Path) -> Result<bool, LiveUpdateError> {
 /// command line that would drop the sessions, an image that does not load) is idle: the update
 /// is refused before the guest is paused. Restart mode passes; so does an agent too old to
 /// answer (with a warning).
-pub fn check_next_kernel(agent: &Path) -> Result<(), LiveUpdateError> {
-    let agent_error = |source| LiveUpdateError::Agent {
-        path: agent.to_path_buf(),
-        source,
-    };
-    let mut client = AgentClient::connect(agent).map_err(agent_error)?;
-    if client.ping().map_err(agent_error)? != "kernel" {
+fn check_next_kernel(client: &mut AgentClient) -> Result<(), LiveUpdateError> {
+    if client.ping().map_err(|e| agent_failure(client, e))? != "kernel" {
         return Ok(());
     }
     let deadline = Instant::now() + KEXEC_LOAD_WAIT;
@@ -177,7 +172,7 @@ pub fn check_next_kernel(agent: &Path) -> Result<(), LiveUpdateError> {
                 warn!("The agent cannot tell whether a next kernel is loaded ({e}); going on");
                 return Ok(());
             }
-            Err(e) => return Err(agent_error(e)),
+            Err(e) => return Err(agent_failure(client, e)),
         };
         match phase.as_str() {
             "loaded" => return Ok(()),
@@ -208,7 +203,8 @@ pub fn run_outgoing(
     // Restart mode: a successor started ahead builds its VM on the preserved RAM meanwhile.
     let mut stopped = None;
     let before_pause = || {
-        if let Err(error) = check_next_kernel(agent) {
+        // On the update's own connection: no second connection in the prepare phase.
+        if let Err(error) = check_next_kernel(&mut lock(&client)) {
             let why = error.to_string();
             stopped = Some(error);
             return Err(why);
