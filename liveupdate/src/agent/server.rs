@@ -199,6 +199,11 @@ struct Shared {
 }
 
 impl Shared {
+    fn watch_creator(&self, name: &str, pid: i32) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.watch_creator(name, pid);
+    }
+
     /// Handles one request; `wait_handover` and `wait_successor` first wait, without holding
     /// the state, until what they wait for happens or the wait times out.
     fn handle(
@@ -208,6 +213,7 @@ impl Shared {
         fd: Option<OwnedFd>,
     ) -> (Response, Option<OwnedFd>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        super::faults::before(&request, &state);
         if let Request::Kexec {
             kernel,
             initrd,
@@ -351,6 +357,10 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
         warn!("cannot set write timeout: {e}");
         return;
     }
+    // Watched for the sessions this peer creates (see `AgentState::watch_creator`).
+    let pid = sys::peer_pid(stream)
+        .inspect_err(|e| warn!("cannot read the peer's pid: {e}"))
+        .ok();
     debug!("connection from uid {uid}");
     loop {
         let received = match protocol::recv(stream, MESSAGE_TIMEOUT) {
@@ -366,7 +376,15 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
         let (response, fd) = match protocol::decode_body::<Request>(&received.body) {
             Ok(request) => {
                 debug!("uid {uid}: {request:?}");
-                state.handle(request, uid, received.fd)
+                let created = match &request {
+                    Request::CreateSession { name } => Some(name.clone()),
+                    _ => None,
+                };
+                let answer = state.handle(request, uid, received.fd);
+                if let (Some(name), Some(pid), Response::Ok) = (created, pid, &answer.0) {
+                    state.watch_creator(&name, pid);
+                }
+                answer
             }
             Err(error) => {
                 warn!("bad request from uid {uid}: {error}");
