@@ -231,6 +231,32 @@ fn old_vmm_killed_at_save_leaves_no_session_and_the_waiting_successor_says_why()
 }
 
 #[test]
+fn the_session_of_a_killed_old_vmm_is_dropped_without_anyone_asking() {
+    // Arrange: no successor, so no request reaches the agent after the kill.
+    require_kvm();
+    let dir = scratch_dir("fault-old-kill-unasked");
+    let agent = Agent::start(&dir);
+    let mut vmm = boot(&agent, &dir.join("old"), &[(FAULT, "kill@save")]);
+    let dropped = "session \"unasked\" dropped: its VMM";
+
+    // Act
+    live_update(&vmm, "unasked");
+    vmm.wait_exit(EXIT);
+    let deadline = std::time::Instant::now() + EXIT;
+    let log = loop {
+        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
+        if log.contains(dropped) || std::time::Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    // Assert: the agent dropped it when the VMM's connection closed, unasked.
+    assert!(log.contains(dropped), "{log}");
+    assert_no_sessions(&agent);
+}
+
+#[test]
 fn old_vmm_killed_right_after_the_handover_loses_nothing() {
     require_kvm();
     let dir = scratch_dir("fault-old-kill-handover");

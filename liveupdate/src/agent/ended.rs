@@ -135,7 +135,7 @@ impl Creator {
 
     /// Whether it has exited.
     pub(super) fn has_exited(&self) -> bool {
-        sys::has_exited(&self.pidfd)
+        sys::has_exited(&self.pidfd, 0)
     }
 }
 

@@ -181,10 +181,16 @@ impl AgentState {
         }
     }
 
+    /// Whether session `name` ended in a way a later request is told about.
+    pub fn has_ended(&self, name: &str) -> bool {
+        self.ended.get(name).is_some()
+    }
+
     /// Drops every outgoing session, not frozen, whose creator has exited: its guest died with
     /// that VMM, and the saved state (if any) is incomplete. A successor waiting for it is told
-    /// (a `stale` error) instead of waiting on.
-    fn drop_abandoned(&mut self) {
+    /// (a `stale` error) instead of waiting on. Run before every request and when a creator's
+    /// connection closes.
+    pub(super) fn drop_abandoned(&mut self) {
         let outgoing = &self.outgoing;
         self.creators.retain(|name, _| outgoing.contains_key(name));
         // Frozen (kernel mode): the state is whole and may cross the kexec without its VMM.

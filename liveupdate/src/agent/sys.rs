@@ -92,14 +92,15 @@ pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Whether the process behind `pidfd` has exited (its pidfd polls readable).
-pub(crate) fn has_exited(pidfd: &OwnedFd) -> bool {
+/// Whether the process behind `pidfd` has exited (its pidfd polls readable), waiting up to
+/// `timeout_ms` for it.
+pub(crate) fn has_exited(pidfd: &OwnedFd, timeout_ms: libc::c_int) -> bool {
     let mut poll = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: `poll` is one valid pollfd; a zero timeout never blocks; the result is checked.
-    let ready = unsafe { libc::poll(&raw mut poll, 1, 0) };
+    // SAFETY: `poll` is one valid pollfd, for the call's duration; the result is checked.
+    let ready = unsafe { libc::poll(&raw mut poll, 1, timeout_ms) };
     ready > 0 && poll.revents & libc::POLLIN != 0
 }
