@@ -484,7 +484,11 @@ impl AgentState {
             return Err(self.gone(name, uid, no_session(name, "retrieved")));
         }
         let held = owned(&mut self.incoming, name, uid, "retrieved")?;
-        held.session.finish().map_err(|e| session_error(&e))?;
+        // The guest runs on either way: refusing here would only lose it. Closing an incoming
+        // session releases it too (LUO's implicit finish).
+        if let Err(e) = held.session.finish() {
+            warn!("session {name:?}: finish at resume failed ({e}); released by closing it");
+        }
         self.incoming.remove(name);
         self.ended.record(name, Ended::resumed(name, uid, pid));
         info!("session {name:?} resumed by pid {pid} (uid {uid}) and released");
