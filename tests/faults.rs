@@ -128,10 +128,15 @@ fn assert_carried_on(successor: &VmmProcess, before: &ProbeStatus) {
 /// Asserts `successor` gave up within [`TAKEOVER`] with an error naming `what`.
 fn assert_fails_clearly(successor: &mut VmmProcess, what: &[&str]) {
     let code = successor.wait_exit(TAKEOVER);
-    let stderr = successor.stderr();
-    assert_eq!(code, Some(1), "{stderr}");
-    for expected in what {
-        assert!(stderr.contains(expected), "{expected:?} not in:\n{stderr}");
+    assert_exited_saying(successor, code, Some(1), what);
+}
+
+/// Asserts `vmm` exited with `expected` (`None`: killed by a signal) and said `what`.
+fn assert_exited_saying(vmm: &VmmProcess, code: Option<i32>, expected: Option<i32>, what: &[&str]) {
+    let stderr = vmm.stderr();
+    assert_eq!(code, expected, "{stderr}");
+    for said in what {
+        assert!(stderr.contains(said), "{said:?} not in:\n{stderr}");
     }
 }
 
@@ -145,15 +150,18 @@ fn assert_no_sessions(agent: &Agent) {
 /// Old VMM, `fail@step`: the update is cancelled, the guest runs on in the old VMM, nothing is
 /// left at the agent, and the error names the injected failure.
 fn old_vmm_failure_cancels(step: &str) {
+    // Arrange
     require_kvm();
     let dir = scratch_dir(&format!("fault-old-fail-{step}"));
     let agent = Agent::start(&dir);
     let fault = format!("fail@{step}");
     let mut vmm = boot(&agent, &dir.join("old"), &[(FAULT, &fault)]);
 
+    // Act
     let response = live_update(&vmm, "doomed").expect("the old VMM died");
     let after = vmm.lines().len();
 
+    // Assert
     assert!(!response.is_success(), "the update succeeded");
     let messages = response.error_messages().join(" | ");
     assert!(
@@ -190,6 +198,7 @@ fn old_vmm_failing_at_handover_keeps_the_guest_running() {
 /// anywhere else); the agent drops the session, and a successor waiting for it fails naming
 /// what happened instead of waiting.
 fn old_vmm_killed_before_handover(step: &str) {
+    // Arrange
     require_kvm();
     let dir = scratch_dir(&format!("fault-old-kill-{step}"));
     let agent = Agent::start(&dir);
@@ -200,9 +209,11 @@ fn old_vmm_killed_before_handover(step: &str) {
     successor.wait_until_connected(TAKEOVER);
     let old_pid = vmm.pid();
 
+    // Act
     let response = live_update(&vmm, &session);
     let old_exit = vmm.wait_exit(EXIT);
 
+    // Assert
     assert!(response.is_none(), "the old VMM answered: {response:?}");
     assert_eq!(old_exit, None, "the old VMM was not killed by a signal");
     assert_fails_clearly(
@@ -258,16 +269,19 @@ fn the_session_of_a_killed_old_vmm_is_dropped_without_anyone_asking() {
 
 #[test]
 fn old_vmm_killed_right_after_the_handover_loses_nothing() {
+    // Arrange
     require_kvm();
     let dir = scratch_dir("fault-old-kill-handover");
     let agent = Agent::start(&dir);
     let mut vmm = boot(&agent, &dir.join("old"), &[(FAULT, "kill@handover")]);
 
+    // Act
     let response = live_update(&vmm, "handed");
     let old_exit = vmm.wait_exit(EXIT);
     let before = last_complete_status(&vmm);
     let successor = VmmProcess::successor(&agent, "handed", &dir.join("new"), &[]);
 
+    // Assert
     assert!(response.is_none(), "the old VMM answered: {response:?}");
     assert_eq!(old_exit, None, "the old VMM was not killed by a signal");
     assert_carried_on(&successor, &before);
@@ -285,31 +299,26 @@ fn hand_over(agent: &Agent, dir: &Path, session: &str) -> ProbeStatus {
     last_complete_status(&old)
 }
 
-/// Successor faulted at `fault` before the guest resumed: it stops (an error, or killed), the
-/// session stays whole, and another successor restores the guest with nothing lost.
-fn successor_fault_keeps_the_session(fault: &str) {
+/// Successor faulted at `fault` before the guest resumed: it stops (exit code `exit`, `None`
+/// when killed, saying `says`), the session stays whole, and another successor restores the
+/// guest with nothing lost.
+fn successor_fault_keeps_the_session(fault: &str, exit: Option<i32>, says: &str) {
+    // Arrange
     require_kvm();
     let name = fault.replace('@', "-");
     let dir = scratch_dir(&format!("fault-new-{name}"));
     let agent = Agent::start(&dir);
     let before = hand_over(&agent, &dir, &name);
 
+    // Act
     let mut first =
         VmmProcess::successor_with_env(&agent, &name, &dir.join("first"), &[], &[(FAULT, fault)]);
     let first_exit = first.wait_exit(TAKEOVER);
     let held = agent.sessions();
     let second = VmmProcess::successor(&agent, &name, &dir.join("second"), &[]);
 
-    if fault.starts_with("kill@") {
-        assert_eq!(first_exit, None, "not killed: {}", first.stderr());
-    } else {
-        assert_eq!(first_exit, Some(1), "{}", first.stderr());
-        assert!(
-            first.stderr().contains("Fault injected for a test"),
-            "{}",
-            first.stderr()
-        );
-    }
+    // Assert
+    assert_exited_saying(&first, first_exit, exit, &[says]);
     assert_eq!(held.len(), 1, "the session is not held whole: {held:?}");
     assert_carried_on(&second, &before);
     assert_no_sessions(&agent);
@@ -317,32 +326,53 @@ fn successor_fault_keeps_the_session(fault: &str) {
 
 #[test]
 fn successor_failing_at_retrieve_leaves_the_session_for_another() {
-    successor_fault_keeps_the_session("fail@retrieve");
+    successor_fault_keeps_the_session(
+        "fail@retrieve",
+        Some(1),
+        "Fault injected for a test: injected failure in retrieve",
+    );
 }
 
 #[test]
 fn successor_killed_at_retrieve_leaves_the_session_for_another() {
-    successor_fault_keeps_the_session("kill@retrieve");
+    successor_fault_keeps_the_session(
+        "kill@retrieve",
+        None,
+        "CHV_TEST_FAULT: killing this process at retrieve",
+    );
 }
 
 #[test]
 fn successor_failing_at_restore_leaves_the_session_for_another() {
-    successor_fault_keeps_the_session("fail@restore");
+    successor_fault_keeps_the_session(
+        "fail@restore",
+        Some(1),
+        "Fault injected for a test: injected failure in restore",
+    );
 }
 
 #[test]
 fn successor_killed_at_restore_leaves_the_session_for_another() {
-    successor_fault_keeps_the_session("kill@restore");
+    successor_fault_keeps_the_session(
+        "kill@restore",
+        None,
+        "CHV_TEST_FAULT: killing this process at restore",
+    );
 }
 
 #[test]
 fn successor_failing_at_resume_leaves_the_session_for_another() {
-    successor_fault_keeps_the_session("fail@resume");
+    successor_fault_keeps_the_session(
+        "fail@resume",
+        Some(1),
+        "Fault injected for a test: injected failure in resume",
+    );
 }
 
 /// Successor killed at `step`, after it resumed the guest: the guest died with it, and the
 /// stale saved state is refused to the next successor, naming who resumed it; nothing is held.
 fn successor_killed_after_resume(step: &str) {
+    // Arrange
     require_kvm();
     let dir = scratch_dir(&format!("fault-new-kill-{step}"));
     let agent = Agent::start(&dir);
@@ -350,6 +380,7 @@ fn successor_killed_after_resume(step: &str) {
     hand_over(&agent, &dir, &session);
     let fault = format!("kill@{step}");
 
+    // Act
     let mut first = VmmProcess::successor_with_env(
         &agent,
         &session,
@@ -360,6 +391,7 @@ fn successor_killed_after_resume(step: &str) {
     let first_exit = first.wait_exit(TAKEOVER);
     let mut second = VmmProcess::successor(&agent, &session, &dir.join("second"), &[]);
 
+    // Assert
     assert_eq!(first_exit, None, "not killed: {}", first.stderr());
     assert_fails_clearly(
         &mut second,
@@ -383,11 +415,13 @@ fn successor_killed_at_finish_leaves_its_stale_state_refused() {
 
 #[test]
 fn successor_failing_at_finish_runs_the_guest_on_and_refuses_its_stale_state() {
+    // Arrange
     require_kvm();
     let dir = scratch_dir("fault-new-fail-finish");
     let agent = Agent::start(&dir);
     let before = hand_over(&agent, &dir, "unfinished");
 
+    // Act
     let mut first = VmmProcess::successor_with_env(
         &agent,
         "unfinished",
@@ -398,6 +432,7 @@ fn successor_failing_at_finish_runs_the_guest_on_and_refuses_its_stale_state() {
     assert_carried_on(&first, &before);
     let mut second = VmmProcess::successor(&agent, "unfinished", &dir.join("second"), &[]);
 
+    // Assert
     assert_fails_clearly(
         &mut second,
         &[
@@ -420,15 +455,18 @@ fn successor_failing_at_finish_runs_the_guest_on_and_refuses_its_stale_state() {
 /// Agent killed at `step`, before the handover: the old VMM notices (its next request fails),
 /// cancels and runs the guest on.
 fn agent_killed_before_handover(step: &str) {
+    // Arrange
     require_kvm();
     let dir = scratch_dir(&format!("fault-agent-kill-{step}"));
     let fault = format!("kill@{step}");
     let mut agent = Agent::start_with_env(&dir, &[(FAULT, &fault)]);
     let mut vmm = boot(&agent, &dir.join("old"), &[]);
 
+    // Act
     let response = live_update(&vmm, "orphan").expect("the old VMM died");
     let after = vmm.lines().len();
 
+    // Assert
     assert!(!response.is_success(), "the update succeeded");
     assert_eq!(agent.wait_exit(EXIT), None, "the agent was not killed");
     assert_runs_on(&vmm, after);
@@ -453,6 +491,7 @@ fn agent_killed_at_save_leaves_the_guest_running_in_the_old_vmm() {
 
 #[test]
 fn agent_killed_at_handover_leaves_the_guest_running_and_the_waiting_successor_fails() {
+    // Arrange
     require_kvm();
     let dir = scratch_dir("fault-agent-kill-handover");
     let mut agent = Agent::start_with_env(&dir, &[(FAULT, "kill@handover")]);
@@ -460,9 +499,11 @@ fn agent_killed_at_handover_leaves_the_guest_running_and_the_waiting_successor_f
     let mut successor = VmmProcess::successor(&agent, "orphan", &dir.join("new"), &[]);
     successor.wait_until_connected(TAKEOVER);
 
+    // Act
     let response = live_update(&vmm, "orphan").expect("the old VMM died");
     let after = vmm.lines().len();
 
+    // Assert
     assert!(!response.is_success(), "the update succeeded");
     assert_eq!(agent.wait_exit(EXIT), None, "the agent was not killed");
     assert_runs_on(&vmm, after);
@@ -475,18 +516,23 @@ fn agent_killed_at_handover_leaves_the_guest_running_and_the_waiting_successor_f
 /// systemd keeps the agent's sessions), and the successor fails clearly instead of waiting; so
 /// does one started after.
 fn agent_killed_after_handover(step: &str) {
+    // Arrange
     require_kvm();
     let dir = scratch_dir(&format!("fault-agent-kill-{step}"));
     let fault = format!("kill@{step}");
     let mut agent = Agent::start_with_env(&dir, &[(FAULT, &fault)]);
     hand_over(&agent, &dir, "lost");
 
+    // Act
     let mut successor = VmmProcess::successor(&agent, "lost", &dir.join("new"), &[]);
-    assert_fails_clearly(&mut successor, &["the agent hung up"]);
+    let successor_exit = successor.wait_exit(TAKEOVER);
     let mut late = VmmProcess::successor(&agent, "lost", &dir.join("late"), &[]);
+    let late_exit = late.wait_exit(TAKEOVER);
 
+    // Assert
     assert_eq!(agent.wait_exit(EXIT), None, "the agent was not killed");
-    assert_fails_clearly(&mut late, &["is ch-luod running?"]);
+    assert_exited_saying(&successor, successor_exit, Some(1), &["the agent hung up"]);
+    assert_exited_saying(&late, late_exit, Some(1), &["is ch-luod running?"]);
 }
 
 #[test]
@@ -506,14 +552,17 @@ fn agent_killed_at_resume_loses_the_guest_and_the_successor_does_not_resume_it()
 
 #[test]
 fn agent_killed_at_finish_leaves_the_guest_running_in_the_successor() {
+    // Arrange
     require_kvm();
     let dir = scratch_dir("fault-agent-kill-finish");
     let mut agent = Agent::start_with_env(&dir, &[(FAULT, "kill@finish")]);
     let before = hand_over(&agent, &dir, "finishing");
 
+    // Act
     let mut successor = VmmProcess::successor(&agent, "finishing", &dir.join("new"), &[]);
     assert_carried_on(&successor, &before);
 
+    // Assert
     assert_eq!(agent.wait_exit(EXIT), None, "the agent was not killed");
     assert!(successor.is_running(), "{}", successor.stderr());
     assert!(
