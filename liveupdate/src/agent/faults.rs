@@ -52,3 +52,77 @@ pub(super) fn before(request: &Request, state: &AgentState) {
         let _ = crate::fault::reached_with(Some(*fault), step);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::state::tests::{OWNER, create, handover, ok, restart_state};
+
+    #[test]
+    fn each_step_is_marked_by_its_request() {
+        let (mut state, _) = restart_state();
+        let name = || "vm".to_string();
+        let preserve = |token| Request::Preserve {
+            name: name(),
+            token,
+        };
+        let before_handover = [
+            (preserve(1), FaultStep::Prepare),
+            (
+                Request::WaitSuccessor {
+                    name: name(),
+                    timeout_ms: 0,
+                },
+                FaultStep::Pause,
+            ),
+            (preserve(STATE_TOKEN), FaultStep::Save),
+            (Request::Handover { name: name() }, FaultStep::Handover),
+        ];
+        let after_handover = [
+            (
+                Request::RetrieveSession { name: name() },
+                FaultStep::Retrieve,
+            ),
+            (
+                Request::RetrieveFd {
+                    name: name(),
+                    token: 0,
+                },
+                FaultStep::Restore,
+            ),
+            (
+                Request::Resumed {
+                    name: name(),
+                    pid: 1,
+                },
+                FaultStep::Resume,
+            ),
+            (Request::Finish { name: name() }, FaultStep::Finish),
+        ];
+        let waiting = Request::RetrieveSession { name: name() };
+
+        ok(&mut state, create("vm"), OWNER, None);
+        let not_yet = step_of(&waiting, &state);
+        for (request, step) in &before_handover {
+            assert_eq!(step_of(request, &state), Some(*step), "{request:?}");
+        }
+        ok(&mut state, handover("vm"), OWNER, None);
+        for (request, step) in &after_handover {
+            assert_eq!(step_of(request, &state), Some(*step), "{request:?}");
+        }
+        assert_eq!(not_yet, None, "a successor polling before the handover");
+        assert_eq!(step_of(&Request::List, &state), None);
+    }
+
+    #[test]
+    fn the_agent_takes_kill_only() {
+        let error = arm(Fault {
+            kind: FaultKind::Fail,
+            step: FaultStep::Retrieve,
+        })
+        .unwrap_err();
+
+        assert!(error.contains("kill@STEP only"), "{error}");
+        assert!(ARMED.get().is_none());
+    }
+}
