@@ -132,6 +132,10 @@ fn check_seccomp(value: Option<&str>) -> anyhow::Result<()> {
 
 fn try_main(cli: &Cli) -> anyhow::Result<()> {
     check_seccomp(cli.seccomp.as_deref())?;
+    // The live-update fault injector (a test hook): a bad value stops us before anything runs.
+    if let Some(fault) = liveupdate::fault::from_env()? {
+        log::warn!("Test fault injector armed: {fault:?}");
+    }
     let vm_args = cli.vm_args();
     let has_payload = vm_args.kernel.is_some() || vm_args.firmware.is_some();
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;

@@ -113,35 +113,8 @@ fn statuses_until_blk_progress(successor: &VmmProcess, blk_ok_before: u64) -> Ve
     found
 }
 
-/// Waits until a successor is connected to the agent (its API listener and its agent connection
-/// are its only sockets). Its API is no help here: it does not answer while the successor
-/// waits for the handover.
 fn wait_until_connected(successor: &mut VmmProcess) {
-    let fds = format!("/proc/{}/fd", successor.pid());
-    let deadline = Instant::now() + TAKEOVER;
-    loop {
-        let sockets = std::fs::read_dir(&fds)
-            .map(|dir| {
-                dir.filter_map(Result::ok)
-                    .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-                    .filter(|target| target.to_string_lossy().starts_with("socket:"))
-                    .count()
-            })
-            .unwrap_or(0);
-        if sockets >= 2 {
-            return;
-        }
-        assert!(
-            successor.is_running(),
-            "successor exited: {}",
-            successor.stderr()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "successor not connected within {TAKEOVER:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    successor.wait_until_connected(TAKEOVER);
 }
 
 /// Asserts one update kept the guest going: `before` is the old VMM's last complete status,

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod emulated;
+pub mod fault;
 pub mod inherited;
 pub mod kernel;
 pub mod machine;

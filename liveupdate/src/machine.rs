@@ -492,6 +492,12 @@ impl Incoming {
         self.phase
     }
 
+    /// Marks the session resumed, right before the guest runs on (see
+    /// [`Session::mark_resumed`]); on failure the guest must not run here.
+    pub fn mark_resumed(&mut self) -> Result<(), MachineError> {
+        self.session.mark_resumed().map_err(MachineError::Session)
+    }
+
     /// Checks that every state was used, then releases the session.
     pub fn finish(&mut self) -> Result<(), MachineError> {
         let target = next_phase(self.phase, Step::Finish)?;

@@ -130,6 +130,12 @@ pub trait Session: Send + std::fmt::Debug {
     fn retrieve_fd(&mut self, token: Token) -> Result<OwnedFd, SessionError>;
     /// Incoming: releases the session once every file is restored.
     fn finish(&mut self) -> Result<(), SessionError>;
+    /// Incoming: the guest is about to run on (its vCPUs start next), so the saved state goes
+    /// stale: a holder that could give the session to another successor must refuse to from
+    /// now on. Nothing to do where no one else can take the session.
+    fn mark_resumed(&mut self) -> Result<(), SessionError> {
+        Ok(())
+    }
     /// Outgoing, restart mode only: attaches `fd` (any kind of file) under `token`, a key of
     /// its own (not shared with preserved files). Refused by sessions that cannot hold it.
     fn attach_fd(&mut self, fd: BorrowedFd<'_>, token: Token) -> Result<(), SessionError> {

@@ -66,6 +66,7 @@ fn quick_request() -> impl Strategy<Value = Request> {
         name().prop_map(|name| Request::RetrieveSession { name }),
         (name(), token()).prop_map(|(name, token)| Request::RetrieveFd { name, token }),
         name().prop_map(|name| Request::Finish { name }),
+        (name(), any::<u32>()).prop_map(|(name, pid)| Request::Resumed { name, pid }),
         (name(), token()).prop_map(|(name, token)| Request::Attach { name, token }),
         (name(), token()).prop_map(|(name, token)| Request::RetrieveAttachment { name, token }),
     ]
@@ -118,6 +119,7 @@ fn error_kind() -> impl Strategy<Value = ErrorKind> {
         ErrorKind::Frozen,
         ErrorKind::BadRequest,
         ErrorKind::KexecFailed,
+        ErrorKind::Stale,
         ErrorKind::Unknown,
     ])
 }

@@ -84,6 +84,11 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 }
 
 fn serve(cli: &Cli) -> anyhow::Result<()> {
+    // The live-update fault injector (a test hook): a bad value stops us before serving.
+    if let Some(fault) = liveupdate::fault::from_env()? {
+        agent::faults::arm(fault).map_err(anyhow::Error::msg)?;
+        log::warn!("Test fault injector armed: {fault:?}");
+    }
     // Before any thread starts, so that every thread inherits the blocked mask.
     agent::block_termination_signals()?;
     let (provider, handover): (Box<dyn SessionProvider>, HandoverMode) = if cli.emulate {

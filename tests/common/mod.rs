@@ -503,11 +503,17 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `dir/agent.sock` and waits until it listens.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with_env(dir, &[])
+    }
+
+    /// Like [`Agent::start`], with extra environment variables for the agent.
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Self {
         let socket = dir.join("agent.sock");
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ch-luod"))
             .args(["--emulate", "-v", "--socket"])
             .arg(&socket)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -541,6 +547,18 @@ impl Agent {
     /// The sessions the agent holds.
     pub fn sessions(&self) -> Vec<liveupdate::agent::SessionInfo> {
         self.client().list().unwrap()
+    }
+
+    /// Waits for the agent process to exit and returns its status code (`None`: a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("ch-luod did not exit within {timeout:?}");
     }
 }
 
@@ -610,6 +628,17 @@ impl VmmProcess {
     /// Starts a successor VMM (API socket `dir/api.sock`) that takes over session `session`
     /// from `agent`; it waits for the handover if the session is not handed over yet.
     pub fn successor(agent: &Agent, session: &str, dir: &Path, extra: &[&str]) -> Self {
+        Self::successor_with_env(agent, session, dir, extra, &[])
+    }
+
+    /// Like [`VmmProcess::successor`], with extra environment variables for the successor.
+    pub fn successor_with_env(
+        agent: &Agent,
+        session: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let socket = format!("path={}", dir.join("api.sock").display());
         let agent = agent.arg();
@@ -623,7 +652,34 @@ impl VmmProcess {
             &source,
         ];
         args.extend_from_slice(extra);
-        Self::spawn(&args, dir)
+        Self::spawn_with_env(&args, dir, env)
+    }
+
+    /// Waits until this successor is connected to the agent (its API listener and its agent
+    /// connection are its only sockets). Its API is no help here: it does not answer while the
+    /// successor waits for the handover.
+    pub fn wait_until_connected(&mut self, timeout: Duration) {
+        let fds = format!("/proc/{}/fd", self.pid());
+        let deadline = Instant::now() + timeout;
+        loop {
+            let sockets = std::fs::read_dir(&fds)
+                .map(|dir| {
+                    dir.filter_map(Result::ok)
+                        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+                        .count()
+                })
+                .unwrap_or(0);
+            if sockets >= 2 {
+                return;
+            }
+            assert!(self.is_running(), "successor exited: {}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "successor not connected within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends `vm.live-update` into `session` and returns the raw response.

@@ -261,6 +261,16 @@ impl AgentClient {
         Ok(fds)
     }
 
+    /// Tells the agent that this process is about to resume the guest of retrieved session
+    /// `name`: the agent releases it and refuses it to anyone from then on (see
+    /// [`Request::Resumed`]).
+    pub fn resumed(&mut self, name: &str) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Resumed {
+            name: name.into(),
+            pid: std::process::id(),
+        })
+    }
+
     /// Finishes retrieved session `name`.
     pub fn finish(&mut self, name: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::Finish { name: name.into() })
@@ -353,6 +363,22 @@ impl Session for AgentSession {
 
     fn finish(&mut self) -> Result<(), SessionError> {
         self.with_client(None, AgentClient::finish)
+    }
+
+    fn mark_resumed(&mut self) -> Result<(), SessionError> {
+        let mut client = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        match client.resumed(&self.name) {
+            // An agent older than `resumed`: it keeps the session until finish, as before.
+            Err(e) if e.kind() == Some(ErrorKind::BadRequest) => {
+                log::warn!(
+                    "The agent cannot record that session {:?} resumed ({e}); it is not protected \
+                     against a stale restore until finished",
+                    self.name
+                );
+                Ok(())
+            }
+            result => result.map_err(|e| to_session_error(e, &self.name, None)),
+        }
     }
 
     fn attach_fd(&mut self, fd: BorrowedFd<'_>, token: Token) -> Result<(), SessionError> {

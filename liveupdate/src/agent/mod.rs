@@ -15,6 +15,7 @@
 //! `"op"`: `ping`, `create_session{name}`, `preserve{name,token}` + fd, `handover{name}`,
 //! `cancel{name}`, `kexec{kernel,initrd,cmdline,timeout_ms}` (kernel mode, see [`kexec`]),
 //! `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
+//! `resumed{name,pid}` (the successor is about to run the guest: see Faults below),
 //! `finish{name}`, `list`, `attach{name,token}` + fd and `retrieve_attachment{name,token}` (see
 //! Attachments below). Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
 //! `sessions{sessions}`, `error{kind,message}` with a stable snake_case
@@ -46,13 +47,23 @@
 //! not see (it came across a kexec) may be retrieved by root or the agent's own uid only, until
 //! owners are carried across the kexec.
 //!
-//! Sessions belong to the agent, not to connections: a VMM that disconnects or crashes before
-//! its handover leaves its session held (its guest is gone, but the successor or an operator may
-//! still want to `cancel` it or look at it with `list`; dropping it silently would lose nothing
-//! but hide what happened). `cancel` is how the owner drops it.
+//! Sessions belong to the agent, not to connections: a connection may close and another one
+//! carry on. `cancel` is how the owner drops an outgoing session.
+//!
+//! # Faults (`docs/faults.md`)
+//! The agent watches the process that created each outgoing session (a pidfd): if it exits
+//! before the handover (and the session is not frozen for a kexec), its guest died with it, so
+//! the session is dropped rather than left pinning RAM. A successor calls `resumed` right before
+//! its vCPUs start: the agent then releases the session, as `finish` would, and remembers why;
+//! from then on a request for that session (retrieve, its files, a wait) gets a `stale` error
+//! saying who resumed it and when, or that its VMM died before the handover, so no successor
+//! waits in vain or restores state the guest has moved past. The successor's own `finish` after
+//! `resumed` is answered `ok`; a new session of the same name clears the record.
 
 mod attachments;
 pub mod client;
+mod ended;
+pub mod faults;
 pub mod kexec;
 pub mod protocol;
 pub mod server;

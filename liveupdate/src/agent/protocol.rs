@@ -138,6 +138,16 @@ pub enum Request {
         /// The file's token.
         token: Token,
     },
+    /// From a successor, once its VM is rebuilt and before its vCPUs start: the guest is about
+    /// to run on, so the session's saved state goes stale. The agent releases the session (as
+    /// `finish`) and from then on refuses to give it to anyone (a `stale` error naming `pid`
+    /// and the time); the successor's later `finish` is still answered `ok`.
+    Resumed {
+        /// Session name.
+        name: String,
+        /// The successor's pid, for the refusal's message.
+        pid: u32,
+    },
     /// Finishes a retrieved session and releases it.
     Finish {
         /// Session name.
@@ -271,6 +281,10 @@ pub enum ErrorKind {
     BadRequest,
     /// The kexec failed (load, barrier timeout or reboot); frozen sessions were not handed over.
     KexecFailed,
+    /// The session is gone and must not be restored: resumed by a successor already (its
+    /// saved state is stale), or abandoned by a VMM that died before handing it over. The
+    /// message says which, by whom and when.
+    Stale,
     /// A kind this client does not know (a newer agent).
     #[serde(other)]
     Unknown,
@@ -528,6 +542,10 @@ mod tests {
             Request::RetrieveFd {
                 name: "vm0".into(),
                 token: 7,
+            },
+            Request::Resumed {
+                name: "vm0".into(),
+                pid: 4242,
             },
             Request::Finish { name: "vm0".into() },
             Request::List,

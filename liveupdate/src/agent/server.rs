@@ -23,6 +23,10 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Once a message has started, the rest must arrive within this time.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a closed connection's peer is given to be seen exited (see
+/// `Shared::creator_disconnected`), in milliseconds.
+const EXIT_GRACE_MS: libc::c_int = 500;
+
 /// How often waits in the kexec barrier look at the state again (they are also woken by
 /// every change).
 const BARRIER_POLL: Duration = Duration::from_millis(100);
@@ -199,6 +203,31 @@ struct Shared {
 }
 
 impl Shared {
+    fn watch_creator(&self, name: &str, pid: i32) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.watch_creator(name, pid);
+    }
+
+    /// The connection of process `pid`, which created `created`, closed: if that VMM died with a
+    /// session not handed over, drop the session now (not at the next request) and wake whoever
+    /// waits for it.
+    fn creator_disconnected(&self, created: &[String], pid: i32) {
+        let pending = {
+            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            created
+                .iter()
+                .any(|name| state.outgoing.get(name).is_some_and(|held| !held.frozen))
+        };
+        // Its socket closes a moment before its exit can be seen; waited for without the state.
+        let exited = pending
+            && sys::pidfd_open(pid).map_or(true, |pidfd| sys::has_exited(&pidfd, EXIT_GRACE_MS));
+        if exited {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.drop_abandoned();
+            self.changed.notify_all();
+        }
+    }
+
     /// Handles one request; `wait_handover` and `wait_successor` first wait, without holding
     /// the state, until what they wait for happens or the wait times out.
     fn handle(
@@ -208,6 +237,7 @@ impl Shared {
         fd: Option<OwnedFd>,
     ) -> (Response, Option<OwnedFd>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        super::faults::before(&request, &state);
         if let Request::Kexec {
             kernel,
             initrd,
@@ -230,7 +260,7 @@ impl Shared {
         let wait: Option<(u64, &WaitCondition<'_>)> = match &request {
             Request::WaitHandover { name, timeout_ms } => {
                 Some((*timeout_ms, &move |state: &AgentState| {
-                    state.is_handed_over(name)
+                    state.is_handed_over(name) || state.has_ended(name)
                 }))
             }
             Request::WaitSuccessor { name, timeout_ms } => {
@@ -351,7 +381,12 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
         warn!("cannot set write timeout: {e}");
         return;
     }
+    // Watched for the sessions this peer creates (see `AgentState::watch_creator`).
+    let pid = sys::peer_pid(stream)
+        .inspect_err(|e| warn!("cannot read the peer's pid: {e}"))
+        .ok();
     debug!("connection from uid {uid}");
+    let mut created = Vec::new();
     loop {
         let received = match protocol::recv(stream, MESSAGE_TIMEOUT) {
             Ok(Some(received)) => received,
@@ -366,7 +401,16 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
         let (response, fd) = match protocol::decode_body::<Request>(&received.body) {
             Ok(request) => {
                 debug!("uid {uid}: {request:?}");
-                state.handle(request, uid, received.fd)
+                let new_session = match &request {
+                    Request::CreateSession { name } => Some(name.clone()),
+                    _ => None,
+                };
+                let answer = state.handle(request, uid, received.fd);
+                if let (Some(name), Some(pid), Response::Ok) = (new_session, pid, &answer.0) {
+                    state.watch_creator(&name, pid);
+                    created.push(name);
+                }
+                answer
             }
             Err(error) => {
                 warn!("bad request from uid {uid}: {error}");
@@ -382,6 +426,9 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
             warn!("cannot reply to uid {uid}: {e}");
             break;
         }
+    }
+    if let (false, Some(pid)) = (created.is_empty(), pid) {
+        state.creator_disconnected(&created, pid);
     }
     debug!("connection from uid {uid} closed");
 }

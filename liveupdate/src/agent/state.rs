@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use log::{info, warn};
 
 use super::attachments::Attachments;
+use super::ended::{Creator, Ended, EndedSessions};
 use super::kexec::{KexecPhase, SharedKexecOps};
 use super::protocol::{Direction, ErrorKind, Request, Response, SessionInfo, VERSION, WireError};
 use crate::session::{Session, SessionError, SessionProvider, Token};
@@ -76,6 +77,10 @@ pub struct AgentState {
     successors: BTreeMap<String, bool>,
     incoming: BTreeMap<String, Held>,
     pub(super) kexec: KexecPhase,
+    /// Sessions resumed by a successor or abandoned by a dead VMM: why, for later requests.
+    ended: EndedSessions,
+    /// The process that created each outgoing session (see [`Self::watch_creator`]).
+    creators: BTreeMap<String, Creator>,
 }
 
 impl std::fmt::Debug for AgentState {
@@ -160,7 +165,58 @@ impl AgentState {
             successors: BTreeMap::new(),
             incoming: BTreeMap::new(),
             kexec: KexecPhase::Idle,
+            ended: EndedSessions::default(),
+            creators: BTreeMap::new(),
         }
+    }
+
+    /// Watches process `pid`, which created outgoing session `name`: if it exits before the
+    /// handover, the session is dropped (see [`Self::drop_abandoned`]).
+    pub fn watch_creator(&mut self, name: &str, pid: i32) {
+        match Creator::watch(pid) {
+            Ok(creator) => {
+                self.creators.insert(name.to_string(), creator);
+            }
+            Err(e) => warn!("cannot watch pid {pid}, creator of session {name:?}: {e}"),
+        }
+    }
+
+    /// Whether session `name` ended in a way a later request is told about.
+    pub fn has_ended(&self, name: &str) -> bool {
+        self.ended.get(name).is_some()
+    }
+
+    /// Drops every outgoing session, not frozen, whose creator has exited: its guest died with
+    /// that VMM, and the saved state (if any) is incomplete. A successor waiting for it is told
+    /// (a `stale` error) instead of waiting on. Run before every request and when a creator's
+    /// connection closes.
+    pub(super) fn drop_abandoned(&mut self) {
+        let outgoing = &self.outgoing;
+        self.creators.retain(|name, _| outgoing.contains_key(name));
+        // Frozen (kernel mode): the state is whole and may cross the kexec without its VMM.
+        let gone: Vec<(String, i32)> = self
+            .creators
+            .iter()
+            .filter(|(name, _)| outgoing.get(*name).is_some_and(|held| !held.frozen))
+            .filter(|(_, creator)| creator.has_exited())
+            .map(|(name, creator)| (name.clone(), creator.pid()))
+            .collect();
+        for (name, pid) in gone {
+            self.creators.remove(&name);
+            self.successors.remove(&name);
+            if let Some(held) = self.outgoing.remove(&name) {
+                let owner = held.owner.unwrap_or(self.agent_uid);
+                warn!("session {name:?} dropped: its VMM (pid {pid}) exited before the handover");
+                self.ended
+                    .record(&name, Ended::abandoned(&name, owner, pid));
+            }
+        }
+    }
+
+    /// The refusal for `uid` asking for `name` when no live session of that name answers it
+    /// (see [`EndedSessions::refusal`]), else `otherwise`.
+    fn gone(&self, name: &str, uid: u32, otherwise: WireError) -> WireError {
+        self.ended.refusal(name, uid).unwrap_or(otherwise)
     }
 
     /// Answers `request` from a peer running as `uid`; `fd` is the descriptor that came with it.
@@ -195,6 +251,7 @@ impl AgentState {
         fd: Option<OwnedFd>,
     ) -> Result<(Response, Option<OwnedFd>), WireError> {
         let ok = Ok((Response::Ok, None));
+        self.drop_abandoned();
         match request {
             Request::Ping => Ok((
                 Response::Pong {
@@ -240,6 +297,9 @@ impl AgentState {
                         "peek exists in restart mode only: across a kexec, files exist after the handover",
                     ));
                 }
+                if !self.outgoing.contains_key(&name) {
+                    return Err(self.gone(&name, uid, no_session(&name, "outgoing")));
+                }
                 let held = owned(&mut self.outgoing, &name, uid, "outgoing")?;
                 Ok((Response::Ok, copy_of(held, token)?))
             }
@@ -256,14 +316,24 @@ impl AgentState {
             Request::RetrieveSession { name } => self.retrieve_session(name, uid).and(ok),
             // The server waits on its own (without holding the state) before asking here.
             Request::WaitHandover { name, .. } if self.is_handed_over(&name) => ok,
-            Request::WaitHandover { name, .. } => Err(WireError::new(
-                ErrorKind::NoSuchSession,
-                format!("Session {name:?} has not been handed over"),
+            Request::WaitHandover { name, .. } => Err(self.gone(
+                &name,
+                uid,
+                WireError::new(
+                    ErrorKind::NoSuchSession,
+                    format!("Session {name:?} has not been handed over"),
+                ),
             )),
             Request::Attach { name, token } => match fd {
                 Some(fd) => self.attach(&name, token, uid, fd).and(ok),
                 None => Err(WireError::new(ErrorKind::BadRequest, "Missing fd")),
             },
+            Request::RetrieveAttachment { name, .. } if !self.incoming.contains_key(&name) => {
+                Err(self.gone(&name, uid, no_session(&name, "retrieved")))
+            }
+            Request::RetrieveFd { name, .. } if !self.incoming.contains_key(&name) => {
+                Err(self.gone(&name, uid, no_session(&name, "retrieved")))
+            }
             Request::RetrieveAttachment { name, token } => {
                 let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
                 Ok((Response::Ok, Some(held.attachments.copy(token)?)))
@@ -283,6 +353,19 @@ impl AgentState {
                 }
                 Ok((Response::Ok, fd))
             }
+            Request::Resumed { name, pid } => self.resumed(&name, uid, pid).and(ok),
+            // Released at `resumed` already: the successor's finish has nothing left to do.
+            Request::Finish { name }
+                if !self.incoming.contains_key(&name)
+                    && self
+                        .ended
+                        .get(&name)
+                        .is_some_and(|ended| ended.resumed && ended.owned_by(uid)) =>
+            {
+                self.ended.forget(&name);
+                info!("session {name:?} finished by uid {uid} (released when resumed)");
+                ok
+            }
             Request::Finish { name } => {
                 let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
                 held.session.finish().map_err(|e| session_error(&e))?;
@@ -300,6 +383,7 @@ impl AgentState {
             .create_session(&name)
             .map_err(|e| session_error(&e))?;
         info!("session {name:?} created for uid {uid}");
+        self.ended.forget(&name);
         self.outgoing.insert(
             name,
             Held {
@@ -393,7 +477,31 @@ impl AgentState {
         Ok(())
     }
 
+    /// A successor is about to run the guest of retrieved session `name`: release the session
+    /// and remember that it was resumed, so its stale state is never given out again.
+    fn resumed(&mut self, name: &str, uid: u32, pid: u32) -> Result<(), WireError> {
+        if !self.incoming.contains_key(name) {
+            return Err(self.gone(name, uid, no_session(name, "retrieved")));
+        }
+        let held = owned(&mut self.incoming, name, uid, "retrieved")?;
+        // The guest runs on either way: refusing here would only lose it. Closing an incoming
+        // session releases it too (LUO's implicit finish).
+        if let Err(e) = held.session.finish() {
+            warn!("session {name:?}: finish at resume failed ({e}); released by closing it");
+        }
+        self.incoming.remove(name);
+        self.ended.record(name, Ended::resumed(name, uid, pid));
+        info!("session {name:?} resumed by pid {pid} (uid {uid}) and released");
+        Ok(())
+    }
+
     fn retrieve_session(&mut self, name: String, uid: u32) -> Result<(), WireError> {
+        if !self.handed_over.contains_key(&name)
+            && !self.incoming.contains_key(&name)
+            && let Some(refusal) = self.ended.refusal(&name, uid)
+        {
+            return Err(refusal);
+        }
         // The creator, if this agent saw the handover; otherwise (a session from before a kexec)
         // only root or the agent's own user, until owners are carried across the kexec.
         let owner = self.handed_over.get(&name).map(|handed| handed.owner);

@@ -2,7 +2,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::signal::create_sigset;
@@ -52,4 +52,55 @@ pub(crate) fn wait_for_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// The pid of the process at the other end of a connected UNIX socket (`SO_PEERCRED`), as it
+/// was when it connected.
+pub(crate) fn peer_pid(stream: &UnixStream) -> io::Result<libc::pid_t> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::ucred>()).map_err(io::Error::other)?;
+    // SAFETY: as in `peer_uid`: `cred` and `len` are valid for writes, `len` holds the size.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.pid)
+}
+
+/// A pidfd for process `pid` (`pidfd_open`, Linux 5.3+): it becomes readable when the process
+/// exits, and never refers to another process, unlike a pid.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, touches no memory of ours; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = libc::c_int::try_from(fd).map_err(io::Error::other)?;
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd polls readable), waiting up to
+/// `timeout_ms` for it.
+pub(crate) fn has_exited(pidfd: &OwnedFd, timeout_ms: libc::c_int) -> bool {
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `poll` is one valid pollfd, for the call's duration; the result is checked.
+    let ready = unsafe { libc::poll(&raw mut poll, 1, timeout_ms) };
+    ready > 0 && poll.revents & libc::POLLIN != 0
 }

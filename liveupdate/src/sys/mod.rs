@@ -278,6 +278,17 @@ pub fn recv_with_fds(
     Ok((count, fds))
 }
 
+/// Kills this process with SIGKILL at once (the fault injector's `kill@STEP`, see
+/// [`crate::fault`]): no destructor, no flush, as the OOM killer would.
+pub fn kill_self() -> ! {
+    if let Ok(pid) = libc::pid_t::try_from(std::process::id()) {
+        // SAFETY: kill has no memory preconditions; SIGKILL to our own pid cannot be caught.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    // SIGKILL to ourselves is delivered before kill returns; abort if it somehow was not.
+    std::process::abort()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

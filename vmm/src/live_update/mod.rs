@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use liveupdate::agent::{AgentClient, AgentError, AgentSession, Direction, ErrorKind};
+use liveupdate::fault::{self, FaultStep};
 use liveupdate::kernel::KernelSession;
 use liveupdate::machine::{Incoming, MachineError, Timings};
 use liveupdate::session::{Session, SessionError};
@@ -69,6 +70,9 @@ pub enum LiveUpdateError {
     /// The session's state could not be read.
     #[error("The session's state is unusable; the session is kept for a build that can read it")]
     State(#[source] MachineError),
+    /// The fault injector's `fail@STEP` (a test hook, see `liveupdate::fault`).
+    #[error("Fault injected for a test: {0}")]
+    Fault(String),
     /// The restore thread could not start.
     #[error("Cannot start the restore thread")]
     Thread(#[source] std::io::Error),
@@ -224,7 +228,13 @@ pub fn run_outgoing(
         Box::new(session),
         state_file,
         before_pause,
-        |_session| lock(&client).handover(name).map_err(|e| e.to_string()),
+        |_session| {
+            fault::fail_point(FaultStep::Handover)?;
+            lock(&client).handover(name).map_err(|e| e.to_string())?;
+            // The successor has the session now: dying here loses nothing.
+            fault::kill_point(FaultStep::Handover);
+            Ok(())
+        },
     );
     match result {
         Ok(timings) => {
@@ -314,6 +324,7 @@ pub fn run_incoming(
     let start = Instant::now();
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
     let prebuilt = wait_for_handover(&mut client, name, wait)?;
+    fault::reached(FaultStep::Retrieve).map_err(LiveUpdateError::Fault)?;
     let taken = TakeOver {
         start,
         retrieved: Instant::now(),
@@ -352,10 +363,23 @@ fn take_over(
             .map_err(LiveUpdateError::Vm)?;
     let resumed_at_ns = participants::realtime_ns();
     let restored = Instant::now();
-    match incoming.finish() {
+    fault::kill_point(FaultStep::Resume);
+    fault::kill_point(FaultStep::Finish);
+    let finished = fault::fail_point(FaultStep::Finish)
+        .map_err(|why| {
+            MachineError::Session(SessionError::Os {
+                operation: "finish",
+                source: std::io::Error::other(why),
+            })
+        })
+        .and_then(|()| incoming.finish());
+    match finished {
         Ok(()) => info!("Session {name:?} finished"),
-        // The VM runs; the session's resources stay held until it is finished by hand.
-        Err(e) => warn!("Cannot finish session {name:?}: {e}"),
+        // The VM runs; the agent released the session's files when it was marked resumed.
+        Err(e) => warn!(
+            "Cannot finish session {name:?}: {}",
+            liveupdate::agent::protocol::error_chain(&e)
+        ),
     }
     let mut timings = std::mem::take(incoming.timings_mut());
     timings.record("retrieve", taken.retrieved.duration_since(taken.start));

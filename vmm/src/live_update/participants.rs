@@ -6,6 +6,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use liveupdate::fault::{self, Fault, FaultStep};
 use liveupdate::participant::{FileSink, Participant, ParticipantError};
 use liveupdate::session::Token;
 use serde::{Deserialize, Serialize};
@@ -351,33 +352,29 @@ where
     }
 }
 
-/// Environment variable naming a live-update step that must fail (`prepare`, `pause` or
-/// `save`): a test hook to prove that a failed update cancels and the guest runs on.
-pub const INJECT_FAILURE_ENV: &str = "CHV_TEST_LIVE_UPDATE_FAIL_AT";
-
-/// Fails the step named in [`INJECT_FAILURE_ENV`]; placed last, so every real participant has
-/// done that step when it fails.
+/// The fault injector's hook in the old VMM's prepare, pause and save (see
+/// [`liveupdate::fault`], `CHV_TEST_FAULT`); placed last, so every real participant has done
+/// that step when it fails or the process dies.
 #[derive(Debug)]
 pub struct FailureInjector {
-    step: String,
+    fault: Fault,
 }
 
 impl FailureInjector {
-    /// An injector if the environment asks for one.
+    /// An injector if this process is armed for prepare, pause or save.
     pub fn from_env() -> Option<Self> {
-        std::env::var(INJECT_FAILURE_ENV)
-            .ok()
-            .map(|step| Self { step })
+        fault::armed()
+            .filter(|f| {
+                matches!(
+                    f.step,
+                    FaultStep::Prepare | FaultStep::Pause | FaultStep::Save
+                )
+            })
+            .map(|fault| Self { fault })
     }
 
-    fn check(&self, step: &str) -> Result<(), ParticipantError> {
-        if self.step == step {
-            return Err(failed(
-                "fault-injection",
-                format!("injected failure in {step}"),
-            ));
-        }
-        Ok(())
+    fn check(&self, step: FaultStep) -> Result<(), ParticipantError> {
+        fault::reached_with(Some(self.fault), step).map_err(|why| failed("fault-injection", why))
     }
 }
 
@@ -389,13 +386,13 @@ impl Participant for FailureInjector {
         "fault-injection".into()
     }
     fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
-        self.check("prepare")
+        self.check(FaultStep::Prepare)
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
-        self.check("pause")
+        self.check(FaultStep::Pause)
     }
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
-        self.check("save")
+        self.check(FaultStep::Save)
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())

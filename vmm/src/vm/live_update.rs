@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use liveupdate::fault::{self, FaultStep};
 use liveupdate::machine::{Incoming, MachineError, Outgoing, Timings};
 use liveupdate::participant::AnyParticipant;
 use liveupdate::session::Session;
@@ -187,6 +188,11 @@ impl Vm {
             devices,
             vcpus: fds,
         };
+        fault::reached(FaultStep::Restore).map_err(VmError::Fault)?;
+        // The guest runs on from here: whoever holds the session must never give its saved
+        // state to another successor again. Told first, so no window lets a second restore in.
+        fault::fail_point(FaultStep::Resume).map_err(VmError::Fault)?;
+        incoming.mark_resumed().map_err(VmError::LiveUpdate)?;
         let vm = Self::start(parts, on_event, resume)?;
         lap(incoming, "start", &mut step);
         Ok((vm, config, vcpus.paused_at_ns))

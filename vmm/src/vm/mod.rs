@@ -81,6 +81,9 @@ pub enum VmError {
     /// The saved VM configuration does not parse.
     #[error("The saved VM configuration is invalid")]
     Config(#[source] crate::config::ConfigError),
+    /// The fault injector's `fail@STEP` (a test hook, see `liveupdate::fault`).
+    #[error("Fault injected for a test: {0}")]
+    Fault(String),
     /// The live-update state was already used.
     #[error("The live-update state was already used")]
     NoState,

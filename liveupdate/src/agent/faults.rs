@@ -1,0 +1,128 @@
+//! The fault injector in the agent (see [`crate::fault`]): `ch-luod` armed with `kill@STEP`
+//! kills itself on the request that marks STEP, before answering it.
+
+use std::sync::OnceLock;
+
+use super::protocol::Request;
+use super::state::AgentState;
+use crate::fault::{Fault, FaultKind, FaultStep};
+use crate::participant::STATE_TOKEN;
+
+static ARMED: OnceLock<Fault> = OnceLock::new();
+
+/// Arms `fault` in this agent; only `kill@STEP` exists for the agent.
+pub fn arm(fault: Fault) -> Result<(), String> {
+    if fault.kind != FaultKind::Kill {
+        return Err(format!(
+            "ch-luod takes kill@STEP only, not fail@{}: an agent's failures are its replies",
+            fault.step
+        ));
+    }
+    ARMED
+        .set(fault)
+        .map_err(|_| "the agent's fault is armed already".to_string())
+}
+
+/// The step `request` marks, as the agent sees it: the first preserve (guest RAM) is prepare,
+/// `wait_successor` comes right before the pause, preserving the state blob ends save, then
+/// `handover`; a `retrieve_session` of a handed-over session is retrieve, a `retrieve_fd` is
+/// restore, then `resumed` and `finish`.
+fn step_of(request: &Request, state: &AgentState) -> Option<FaultStep> {
+    match request {
+        Request::Preserve { token, .. } if *token == STATE_TOKEN => Some(FaultStep::Save),
+        Request::Preserve { .. } => Some(FaultStep::Prepare),
+        Request::WaitSuccessor { .. } => Some(FaultStep::Pause),
+        Request::Handover { .. } => Some(FaultStep::Handover),
+        Request::RetrieveSession { name } if state.is_handed_over(name) => {
+            Some(FaultStep::Retrieve)
+        }
+        Request::RetrieveFd { .. } => Some(FaultStep::Restore),
+        Request::Resumed { .. } => Some(FaultStep::Resume),
+        Request::Finish { .. } => Some(FaultStep::Finish),
+        _ => None,
+    }
+}
+
+/// Called before the agent handles `request`: dies here if armed for its step.
+pub(super) fn before(request: &Request, state: &AgentState) {
+    if let (Some(fault), Some(step)) = (ARMED.get(), step_of(request, state))
+        && fault.step == step
+    {
+        // Only kill is ever armed, so this does not return.
+        let _ = crate::fault::reached_with(Some(*fault), step);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::state::tests::{OWNER, create, handover, ok, restart_state};
+
+    #[test]
+    fn each_step_is_marked_by_its_request() {
+        let (mut state, _) = restart_state();
+        let name = || "vm".to_string();
+        let preserve = |token| Request::Preserve {
+            name: name(),
+            token,
+        };
+        let before_handover = [
+            (preserve(1), FaultStep::Prepare),
+            (
+                Request::WaitSuccessor {
+                    name: name(),
+                    timeout_ms: 0,
+                },
+                FaultStep::Pause,
+            ),
+            (preserve(STATE_TOKEN), FaultStep::Save),
+            (Request::Handover { name: name() }, FaultStep::Handover),
+        ];
+        let after_handover = [
+            (
+                Request::RetrieveSession { name: name() },
+                FaultStep::Retrieve,
+            ),
+            (
+                Request::RetrieveFd {
+                    name: name(),
+                    token: 0,
+                },
+                FaultStep::Restore,
+            ),
+            (
+                Request::Resumed {
+                    name: name(),
+                    pid: 1,
+                },
+                FaultStep::Resume,
+            ),
+            (Request::Finish { name: name() }, FaultStep::Finish),
+        ];
+        let waiting = Request::RetrieveSession { name: name() };
+
+        ok(&mut state, create("vm"), OWNER, None);
+        let not_yet = step_of(&waiting, &state);
+        for (request, step) in &before_handover {
+            assert_eq!(step_of(request, &state), Some(*step), "{request:?}");
+        }
+        ok(&mut state, handover("vm"), OWNER, None);
+        for (request, step) in &after_handover {
+            assert_eq!(step_of(request, &state), Some(*step), "{request:?}");
+        }
+        assert_eq!(not_yet, None, "a successor polling before the handover");
+        assert_eq!(step_of(&Request::List, &state), None);
+    }
+
+    #[test]
+    fn the_agent_takes_kill_only() {
+        let error = arm(Fault {
+            kind: FaultKind::Fail,
+            step: FaultStep::Retrieve,
+        })
+        .unwrap_err();
+
+        assert!(error.contains("kill@STEP only"), "{error}");
+        assert!(ARMED.get().is_none());
+    }
+}
