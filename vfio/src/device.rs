@@ -1,47 +1,32 @@
 //! The VMM side of a kernel VFIO PCI function on our PCI bus.
 //!
 //! Configuration space goes to the VFIO config region (the kernel virtualizes what must not
-//! reach the hardware), except the BAR registers, which live here because the VMM places the
-//! BARs, and the expansion ROM register, which reads as "no ROM". After each write to the MSI
-//! capability the VMM reads it back: enabling MSI hands the kernel the eventfd of our one MSI
-//! vector (`VFIO_DEVICE_SET_IRQS`), which the VMM registered as a KVM irqfd routed to the
-//! message the guest programmed, so the device's interrupt reaches the guest without passing
-//! through the VMM. BAR accesses trap and go to the BAR's VFIO region.
+//! reach the hardware), except the BAR and expansion ROM registers, which the shared
+//! [`BarShadow`] serves because the VMM places the BARs. After each write to the MSI
+//! capability the VMM reads it back ([`MsiShadow`]): enabling MSI hands the kernel the eventfd
+//! of our one MSI vector (`VFIO_DEVICE_SET_IRQS`), which the VMM registered as a KVM irqfd
+//! routed to the message the guest programmed, so the device's interrupt reaches the guest
+//! without passing through the VMM. BAR accesses trap and go to the BAR's VFIO region.
 
+use std::convert::Infallible;
 use std::fmt;
-use std::ops::Range;
 use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use devices::interrupt::{MsiMessage, MsiVectors};
-use devices::pci::{PciBarInfo, PciConfiguration, PciDevice, PciError, PciIds};
+use devices::interrupt::MsiVectors;
+use devices::pci::passthrough::{
+    BAR0_REGISTER, BarShadow, DeviceBar, MsiShadow, find_capabilities,
+};
+use devices::pci::{DmaRegionState, PciBarInfo, PciDevice, PciError};
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::VfioDeviceError;
 use crate::access::{DeviceAccess, Released};
-use devices::pci::DmaRegionState;
-
 use crate::open::{Opened, VfioBackend, open};
 use crate::state::{VfioBarState, VfioDeviceState, VfioRegionState};
-
-/// The BAR registers in configuration space.
-const BAR_REGS: Range<usize> = 0x10..0x28;
-/// The expansion ROM BAR register.
-const ROM_REG: Range<usize> = 0x30..0x34;
-/// Capabilities pointer.
-const CAP_POINTER: usize = 0x34;
-/// PCI capability id of MSI.
-const CAP_ID_MSI: u8 = 0x05;
-/// Length of the MSI capability fields we read (up to the data of a 64-bit capability).
-const MSI_CAP_LEN: usize = 14;
-/// BAR register flag: I/O space.
-const BAR_IO: u32 = 1;
-/// BAR register type bits 2:1 = 10b: 64-bit memory BAR.
-const BAR_TYPE_MASK: u32 = 0b110;
-const BAR_TYPE_64: u32 = 0b100;
 
 /// A host PCI function assigned to the guest through kernel VFIO.
 pub struct VfioPciDevice {
@@ -49,14 +34,13 @@ pub struct VfioPciDevice {
     pub(crate) path: PathBuf,
     pub(crate) backend: VfioBackend,
     pub(crate) dma: Vec<DmaRegionState>,
-    pub(crate) bar_layout: Vec<VfioBarState>,
-    pub(crate) bars: PciConfiguration,
+    pub(crate) bars: BarShadow,
     pub(crate) regions: Vec<VfioRegionState>,
     pub(crate) ioas_id: Option<u32>,
-    pub(crate) msi_cap: Option<usize>,
-    /// The MSI enable bit as the guest last wrote it. Ours, not the kernel's: VFIO clears the
-    /// bit in its copy of the capability until MSI is on through `VFIO_DEVICE_SET_IRQS`.
-    pub(crate) msi_guest_enable: bool,
+    /// The MSI capability, with the enable bit as the guest last wrote it (ours, not the
+    /// kernel's: VFIO clears the bit in its copy until MSI is on through `SET_IRQS`).
+    pub(crate) msi_cap: MsiShadow,
+    /// MSI is on in the kernel (the eventfd is with it).
     pub(crate) msi_enabled: bool,
     pub(crate) msi: Arc<dyn MsiVectors>,
     pub(crate) irq: EventFd,
@@ -73,7 +57,7 @@ impl fmt::Debug for VfioPciDevice {
             .field("path", &self.path)
             .field("backend", &self.backend)
             .field("bars", &self.bars.bars())
-            .field("msi_cap", &self.msi_cap)
+            .field("msi_cap", &self.msi_cap.offset())
             .finish_non_exhaustive()
     }
 }
@@ -107,10 +91,10 @@ impl VfioPciDevice {
         device.regions = device.access.regions();
         device.ioas_id = device.access.ioas_id();
         log::info!(
-            "VFIO device {} attached ({backend:?}), BARs {:x?}, MSI capability {:?}",
+            "VFIO device {} attached ({backend:?}), BARs {:x?}, MSI capability at {:#x}",
             path.display(),
             device.bars.bars(),
-            device.msi_cap
+            device.msi_cap.offset()
         );
         Ok(device)
     }
@@ -123,56 +107,45 @@ impl VfioPciDevice {
         irq: EventFd,
         place_bar: &mut dyn FnMut(u64) -> Result<u64, PciError>,
     ) -> Result<Self, VfioDeviceError> {
-        let mut bars = PciConfiguration::new(&PciIds::default());
-        let mut bar_layout = Vec::new();
-        let mut index = 0;
-        while index < BAR_REGS.len() / 4 {
-            let register = config_dword(access.as_ref(), BAR_REGS.start + 4 * index);
-            let is_64bit = register & BAR_TYPE_MASK == BAR_TYPE_64;
-            let region = u32::try_from(index).unwrap_or(u32::MAX);
-            let size = access.region_size(region);
-            if size != 0 && register & BAR_IO != 0 {
-                log::warn!("VFIO: I/O BAR {index} is not supported; the guest sees none");
-            } else if size != 0 {
-                if !size.is_power_of_two() || size < 16 {
-                    return Err(VfioDeviceError::BarUnusable { index, size });
+        let bars = BarShadow::place(
+            &mut |index| {
+                let region = u32::try_from(index).unwrap_or(u32::MAX);
+                DeviceBar {
+                    register: config_dword(access.as_ref(), BAR0_REGISTER + 4 * index),
+                    size: access.region_size(region),
                 }
-                let address = place_bar(size).map_err(VfioDeviceError::Bar)?;
-                bars.add_bar(&PciBarInfo {
-                    index,
-                    address,
-                    size,
-                    is_64bit,
-                })
-                .map_err(VfioDeviceError::Bar)?;
-                bar_layout.push(VfioBarState {
-                    index,
-                    size,
-                    is_64bit,
-                });
-            }
-            index += if is_64bit && register & BAR_IO == 0 {
-                2
-            } else {
-                1
-            };
-        }
+            },
+            place_bar,
+        )
+        .map_err(VfioDeviceError::Bar)?;
         if bars.bars().is_empty() {
             return Err(VfioDeviceError::NoBar);
         }
+        let Ok(caps) =
+            find_capabilities(|offset| Ok::<_, Infallible>(config_dword(access.as_ref(), offset)));
         // A device whose interrupts would go nowhere is refused, not attached silently dead.
-        let msi_cap = Some(find_msi_cap(access.as_ref()).ok_or(VfioDeviceError::NoMsi)?);
+        let Some(msi_cap) = caps.msi else {
+            if let Some(msix) = caps.msix {
+                log::warn!(
+                    "VFIO: the device has MSI-X only ({} vectors, table in BAR {}), which is \
+                     not passed through yet",
+                    msix.vectors,
+                    msix.table.bar
+                );
+            }
+            return Err(VfioDeviceError::NoMsi);
+        };
+        log::debug!("VFIO: {msi_cap:x?}");
         Ok(Self {
             access,
             path: PathBuf::new(),
             backend: VfioBackend::Iommufd,
             dma: Vec::new(),
-            bar_layout,
             bars,
             regions: Vec::new(),
             ioas_id: None,
-            msi_cap,
-            msi_guest_enable: false,
+            // The device was just reset: MSI is off.
+            msi_cap: MsiShadow::new(msi_cap.offset, Some(false)),
             msi_enabled: false,
             msi,
             irq,
@@ -201,11 +174,20 @@ impl VfioPciDevice {
         VfioDeviceState {
             path: self.path.clone(),
             backend: self.backend,
-            bar_layout: self.bar_layout.clone(),
+            bar_layout: self
+                .bars
+                .bars()
+                .iter()
+                .map(|bar| VfioBarState {
+                    index: bar.index,
+                    size: bar.size,
+                    is_64bit: bar.is_64bit,
+                })
+                .collect(),
             bars: self.bars.state(),
             regions: self.regions.clone(),
-            msi_cap: self.msi_cap,
-            msi_guest_enable: self.msi_guest_enable,
+            msi_cap: Some(self.msi_cap.offset()),
+            msi_guest_enable: self.msi_cap.guest_enable().unwrap_or(false),
             msi_enabled: self.msi_enabled,
             dma: self.dma.clone(),
             ioas_id: self.ioas_id,
@@ -215,27 +197,15 @@ impl VfioPciDevice {
 
     /// Reads the MSI capability back; on enable hands the kernel the eventfd, on disable takes
     /// it back, and keeps the vector's route at the message the guest programmed.
-    fn update_msi(&mut self, cap: usize) {
-        let mut raw = [0u8; MSI_CAP_LEN];
+    fn update_msi(&mut self) {
+        let mut raw = [0u8; MsiShadow::MESSAGE_END];
+        let cap = self.msi_cap.offset();
         for (i, chunk) in raw.chunks_mut(2).enumerate() {
             self.access
                 .read(VFIO_PCI_CONFIG_REGION_INDEX, (cap + 2 * i) as u64, chunk);
         }
-        let control = u16::from_le_bytes([raw[2], raw[3]]);
-        let enabled = self.msi_guest_enable;
-        let low = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
-        let (high, data) = if control & 0x80 != 0 {
-            (
-                u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
-                u16::from_le_bytes([raw[12], raw[13]]),
-            )
-        } else {
-            (0, u16::from_le_bytes([raw[8], raw[9]]))
-        };
-        let message = enabled.then_some(MsiMessage {
-            address: u64::from(high) << 32 | u64::from(low),
-            data: u32::from(data),
-        });
+        let message = self.msi_cap.message(&raw);
+        let enabled = message.is_some();
         // Route before the kernel may signal, unroute after it stopped.
         if enabled && let Err(e) = self.msi.configure(0, message) {
             log::warn!(
@@ -263,35 +233,10 @@ impl VfioPciDevice {
     }
 }
 
-impl VfioPciDevice {
-    /// Where, in an access of `len` bytes at `offset`, the low byte of the MSI control register
-    /// (with the enable bit) is.
-    fn msi_control_byte(&self, offset: usize, len: usize) -> Option<usize> {
-        let at = self.msi_cap? + 2;
-        (offset..offset + len).contains(&at).then(|| at - offset)
-    }
-}
-
 fn config_dword(access: &dyn DeviceAccess, offset: usize) -> u32 {
     let mut raw = [0xffu8; 4];
     access.read(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, &mut raw);
     u32::from_le_bytes(raw)
-}
-
-/// Walks the capability list for MSI (at most 48 entries, so a loop cannot hang us).
-fn find_msi_cap(access: &dyn DeviceAccess) -> Option<usize> {
-    let mut pointer = (config_dword(access, CAP_POINTER) & 0xfc) as usize;
-    for _ in 0..48 {
-        if pointer < 0x40 {
-            return None;
-        }
-        let header = config_dword(access, pointer);
-        if header as u8 == CAP_ID_MSI {
-            return Some(pointer);
-        }
-        pointer = ((header >> 8) & 0xfc) as usize;
-    }
-    None
 }
 
 impl Drop for VfioPciDevice {
@@ -311,17 +256,11 @@ impl PciDevice for VfioPciDevice {
             data.fill(0xff);
             return;
         }
-        if BAR_REGS.contains(&offset) {
-            self.bars.read(offset, data);
-        } else if ROM_REG.contains(&offset) {
-            data.fill(0);
-        } else {
+        if !self.bars.read(offset, data) {
             data.fill(0xff);
             self.access
                 .read(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, data);
-            if let Some(byte) = self.msi_control_byte(offset, data.len()) {
-                data[byte] = (data[byte] & !1) | u8::from(self.msi_guest_enable);
-            }
+            self.msi_cap.guest_read(offset, data);
         }
     }
 
@@ -330,23 +269,14 @@ impl PciDevice for VfioPciDevice {
             log::debug!("VFIO: config write at {offset:#x} after the handover dropped");
             return;
         }
-        if BAR_REGS.contains(&offset) {
-            self.bars.write(offset, data);
+        if self.bars.write(offset, data) {
             return;
         }
-        if ROM_REG.contains(&offset) {
-            return;
-        }
-        if let Some(byte) = self.msi_control_byte(offset, data.len()) {
-            self.msi_guest_enable = data[byte] & 1 != 0;
-        }
+        let touches_msi = self.msi_cap.guest_write(offset, data);
         self.access
             .write(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, data);
-        if let Some(cap) = self.msi_cap
-            && offset < cap + MSI_CAP_LEN
-            && offset + data.len() > cap
-        {
-            self.update_msi(cap);
+        if touches_msi {
+            self.update_msi();
         }
     }
 
@@ -378,11 +308,16 @@ mod tests {
     use std::io;
     use std::sync::Mutex;
 
+    use devices::interrupt::MsiMessage;
+    use devices::pci::passthrough::MSI_CAPABILITY_ID;
     use vfio_ioctls::VfioError;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use super::*;
+
+    /// Capabilities pointer.
+    const CAP_POINTER: usize = 0x34;
 
     /// A device like QEMU's edu: 32-bit memory BAR 0 of 1 MiB, a 64-bit MSI capability at 0x40.
     #[derive(Default)]
@@ -406,7 +341,7 @@ mod tests {
             let mut config = vec![0u8; 256];
             config[0..4].copy_from_slice(&0x11e8_1234u32.to_le_bytes());
             config[CAP_POINTER] = MSI_AT as u8;
-            config[MSI_AT] = CAP_ID_MSI;
+            config[MSI_AT] = MSI_CAPABILITY_ID;
             config[MSI_AT + 2] = 0x80;
             let fake = Self::default();
             let mut state = fake.0.lock().unwrap();

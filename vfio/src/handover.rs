@@ -7,15 +7,14 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use devices::interrupt::MsiVectors;
-use devices::pci::{PciBarInfo, PciConfiguration, PciIds};
+use devices::pci::passthrough::{BarShadow, MsiShadow};
+use devices::pci::{PciBarInfo, dma_regions};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::VfioDeviceError;
 use crate::access::{Adopted, HandoverFds};
 use crate::device::VfioPciDevice;
-use devices::pci::dma_regions;
-
 use crate::open::VfioBackend;
 use crate::state::VfioDeviceState;
 
@@ -62,21 +61,21 @@ impl VfioPciDevice {
         if dma_regions(memory)? != state.dma {
             return Err(VfioDeviceError::RamLayoutChanged);
         }
-        let mut bars = PciConfiguration::new(&PciIds::default());
-        for bar in &state.bar_layout {
-            let address = state.bars.bar_addresses.get(bar.index).copied().flatten();
-            bars.add_bar(&PciBarInfo {
+        let layout: Vec<PciBarInfo> = state
+            .bar_layout
+            .iter()
+            .map(|bar| PciBarInfo {
                 index: bar.index,
-                address: address.unwrap_or(0),
+                address: 0,
                 size: bar.size,
                 is_64bit: bar.is_64bit,
             })
-            .map_err(VfioDeviceError::Bar)?;
-        }
-        bars.set_state(&state.bars).map_err(VfioDeviceError::Bar)?;
+            .collect();
+        let bars = BarShadow::restore(&layout, &state.bars).map_err(VfioDeviceError::Bar)?;
         if bars.bars().is_empty() {
             return Err(VfioDeviceError::NoBar);
         }
+        let msi_cap = state.msi_cap.ok_or(VfioDeviceError::NoMsi)?;
         let access = Box::new(Adopted {
             device: File::from(fds.device),
             iommufd: fds.iommufd,
@@ -95,12 +94,10 @@ impl VfioPciDevice {
             path: state.path.clone(),
             backend: state.backend,
             dma: state.dma.clone(),
-            bar_layout: state.bar_layout.clone(),
             bars,
             regions: state.regions.clone(),
             ioas_id: state.ioas_id,
-            msi_cap: state.msi_cap,
-            msi_guest_enable: state.msi_guest_enable,
+            msi_cap: MsiShadow::new(msi_cap, Some(state.msi_guest_enable)),
             msi_enabled: state.msi_enabled,
             msi,
             irq,

@@ -9,17 +9,21 @@
 //!   `/dev/iommu` the group and container API (`/dev/vfio/<group>`, `/dev/vfio/vfio`) maps the
 //!   same RAM by host address.
 //! - **Configuration space**: through the VFIO config region, except the BAR registers (ours)
-//!   and the ROM BAR (reads as absent).
+//!   and the expansion ROM register (reads as "no ROM"), both served by the shadow shared with
+//!   vfio-user (`devices::pci::passthrough`).
 //! - **BARs**: every memory BAR placed in the PCI window and trapped: MMIO exits go to the
 //!   region's pread/pwrite.
 //! - **Interrupts**: MSI, one vector: an eventfd registered as a KVM irqfd and handed to the
 //!   kernel with `VFIO_DEVICE_SET_IRQS` when the guest enables MSI.
+//! - **Hot-plug**: added to a running VM with `vm.add-device` and removed with
+//!   `vm.remove-device`, both through the PCI hot-plug controller (ACPI); the VMM wiring is in
+//!   `vmm::device_manager` (`vfio.rs`, `hotplug.rs`, `unplug.rs`).
 //!
-//! # Limits of this first slice
+//! # Limits
 //!
-//! No MSI-X, no INTx, no I/O BARs, no BAR mmap (every access exits to the VMM), one MSI vector,
-//! no hot-plug (`vm.add-device`), guest RAM mapped once at attach (no hot-added RAM), no
-//! PCIe extended configuration space.
+//! No MSI-X, no INTx, no I/O BARs, no expansion ROM, no BAR mmap (every access exits to the
+//! VMM), one MSI vector, guest RAM mapped once at attach (no hot-added RAM), no PCIe extended
+//! configuration space.
 //!
 //! # Live update
 //!
@@ -114,15 +118,8 @@ pub enum VfioDeviceError {
          INTx are not supported yet)"
     )]
     NoMsi,
-    /// A BAR whose size we cannot place.
-    #[error("BAR {index} has an unusable size {size:#x}")]
-    BarUnusable {
-        /// BAR index.
-        index: usize,
-        /// Its size.
-        size: u64,
-    },
-    /// A BAR could not be placed (or its saved registers do not fit).
+    /// A BAR of a size the guest cannot be given, that could not be placed, or whose saved
+    /// registers do not fit.
     #[error("Cannot place a BAR")]
     Bar(#[source] PciError),
     /// A saved device whose IOMMU side cannot be handed over.

@@ -13,12 +13,17 @@
 //! malformed reply panics it, which would take the VMM down) and cannot adopt a connected
 //! stream, which a live update needs.
 //!
-//! # Limits of this first slice
+//! The BAR and expansion ROM registers, the MSI capability walk and the MSI message decoding
+//! are shared with kernel VFIO (`devices::pci::passthrough`).
 //!
-//! BAR 0 only, accessed through messages (no mmapped sparse areas); one MSI vector (no MSI-X,
-//! no INTx); DMA regions are mapped once at attach (no unmap, no hot-added RAM); hot-add
-//! (`vm.add-user-device`) without a notification to the guest (no ACPI: it rescans PCI) and no
-//! removal. Each protocol call waits at most [`proto::CALL_TIMEOUT`] (a server
+//! # Limits
+//!
+//! BAR 0 only, accessed through messages (no mmapped sparse areas); no expansion ROM; one MSI
+//! vector (no MSI-X, no INTx); DMA regions are mapped once at attach (no unmap, no hot-added
+//! RAM). Hot-add (`vm.add-user-device`) is announced to the guest through the PCI hot-plug
+//! controller (ACPI; a guest without it rescans PCI); there is no removal
+//! (`vm.remove-device` refuses a vfio-user device). Each protocol call waits at most
+//! [`proto::CALL_TIMEOUT`] (a server
 //! that stops answering stalls the touching vCPU that long). A failed call (the server died,
 //! timed out or sent a malformed reply) is logged once; from then on the device's registers
 //! read all ones and writes are dropped, and the guest runs on.

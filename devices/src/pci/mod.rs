@@ -3,12 +3,14 @@
 //!
 //! Only function 0 of each slot exists; there are no bridges, I/O BARs or PCIe extended
 //! configuration space. The VMM places BARs on its MMIO bus through [`PciBarRegion`] and is
-//! told through [`BarRelocator`] when the guest moves one.
+//! told through [`BarRelocator`] when the guest moves one. [`passthrough`] holds what kernel
+//! VFIO and vfio-user functions share.
 
 pub mod config;
 pub mod dma;
 pub mod hotplug;
 pub mod msix;
+pub mod passthrough;
 pub mod root;
 
 use std::io;

@@ -1,9 +1,10 @@
 //! The VMM side: a remote PCI function on our PCI bus.
 //!
-//! BAR registers live here (the VMM places BARs; the server never sees guest addresses of its
-//! BARs), every other configuration byte and every BAR access goes to the server. The MSI
-//! capability is forwarded too, and after each write to it the VMM reads it back and points its
-//! one MSI vector (a KVM irqfd whose eventfd the server signals) at the programmed message.
+//! The BAR and expansion ROM registers live here, in the shared [`BarShadow`] (the VMM places
+//! BARs; the server never sees guest addresses of its BARs), every other configuration byte
+//! and every BAR access goes to the server. The MSI capability is forwarded too, and after each
+//! write to it the VMM reads it back ([`MsiShadow`]) and points its one MSI vector (a KVM irqfd
+//! whose eventfd the server signals) at the programmed message.
 //!
 //! `update` holds what a live update needs: the saved state, the hand-over and the two ways
 //! a successor takes the device (adopting the connection, or re-attaching).
@@ -15,11 +16,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::proto::{Connection, ProtoError};
-use crate::state::DmaRegionState;
-use devices::interrupt::{MsiMessage, MsiVectors};
-use devices::pci::dma_regions;
-use devices::pci::{PciBarInfo, PciConfiguration, PciDevice, PciError, PciIds};
+use devices::interrupt::MsiVectors;
+use devices::pci::passthrough::{BarShadow, DeviceBar, MsiShadow, find_capabilities};
+use devices::pci::{PciBarInfo, PciDevice, PciError, dma_regions};
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -29,10 +28,8 @@ use vfio_bindings::bindings::vfio::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-/// First and end offset of the BAR registers in configuration space.
-const BAR_REGS: std::ops::Range<usize> = 0x10..0x28;
-/// PCI capability id of MSI.
-const CAP_ID_MSI: u8 = 0x05;
+use crate::proto::{Connection, ProtoError};
+use crate::state::DmaRegionState;
 
 /// Errors from attaching a vfio-user device.
 #[derive(Debug, Error)]
@@ -67,10 +64,11 @@ pub enum UserDeviceError {
     /// Guest RAM is not laid out as when the device was attached.
     #[error("Guest RAM differs from the device's DMA regions")]
     RamLayoutChanged,
-    /// BAR 0 is missing or not a usable memory BAR.
-    #[error("The device has no usable BAR 0")]
+    /// BAR 0 is missing.
+    #[error("The device has no BAR 0")]
     NoBar,
-    /// The BAR could not be placed.
+    /// BAR 0 has a size the guest cannot be given, could not be placed, or its saved
+    /// registers do not fit.
     #[error("Cannot place BAR 0")]
     Bar(#[source] PciError),
 }
@@ -92,9 +90,9 @@ pub struct VfioUserPciDevice {
     /// The connection is being handed to another VMM: nothing may be sent on it.
     handed_over: bool,
     dma: Vec<DmaRegionState>,
-    /// Holds the BAR registers (sizing, guest moves).
-    bars: PciConfiguration,
-    msi_cap: Option<usize>,
+    /// The BAR and ROM registers (sizing, guest moves).
+    bars: BarShadow,
+    msi_cap: Option<MsiShadow>,
     msi: Arc<dyn MsiVectors>,
     /// The eventfd the server signals; kept so it outlives the connection setup.
     _irq: EventFd,
@@ -104,7 +102,7 @@ impl fmt::Debug for VfioUserPciDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VfioUserPciDevice")
             .field("bars", &self.bars.bars())
-            .field("msi_cap", &self.msi_cap)
+            .field("msi_cap", &self.msi_cap.map(|cap| cap.offset()))
             .finish_non_exhaustive()
     }
 }
@@ -162,28 +160,21 @@ fn open(
         .region_info(VFIO_PCI_BAR0_REGION_INDEX)
         .map_err(protocol("DEVICE_GET_REGION_INFO"))?
         .size;
-    Ok((client, dma, check_bar_size(size)?))
-}
-
-/// A BAR 0 size we can place: a power of two from 16 bytes to 2 GiB.
-fn check_bar_size(size: u64) -> Result<u64, UserDeviceError> {
-    if !size.is_power_of_two() || !(16..=1 << 31).contains(&size) {
+    if size == 0 {
         return Err(UserDeviceError::NoBar);
     }
-    Ok(size)
+    Ok((client, dma, size))
 }
 
-/// The VMM's copy of the BAR registers: one 32-bit memory BAR 0.
-fn bar_registers(address: u64, size: u64) -> Result<PciConfiguration, UserDeviceError> {
-    let mut bars = PciConfiguration::new(&PciIds::default());
-    bars.add_bar(&PciBarInfo {
+/// BAR 0 as the guest sees it: a 32-bit memory BAR of `size` bytes, whatever the server's
+/// register says (the saved state records only its size).
+fn bar0(size: u64) -> PciBarInfo {
+    PciBarInfo {
         index: 0,
-        address,
+        address: 0,
         size,
         is_64bit: false,
-    })
-    .map_err(UserDeviceError::Bar)?;
-    Ok(bars)
+    }
 }
 
 impl VfioUserPciDevice {
@@ -198,8 +189,12 @@ impl VfioUserPciDevice {
         place_bar: &mut dyn FnMut(u64) -> Result<u64, PciError>,
     ) -> Result<Self, UserDeviceError> {
         let (client, dma, size) = open(path, memory, &irq, true)?;
-        let address = place_bar(size).map_err(UserDeviceError::Bar)?;
-        let bars = bar_registers(address, size)?;
+        // BAR 0 only, shown as a 32-bit memory BAR (see `bar0`).
+        let probe = &mut |index| match index {
+            0 => DeviceBar { register: 0, size },
+            _ => DeviceBar::default(),
+        };
+        let bars = BarShadow::place(probe, place_bar).map_err(UserDeviceError::Bar)?;
         Self::finish(client, path, dma, bars, msi, irq)
     }
 
@@ -207,7 +202,7 @@ impl VfioUserPciDevice {
         client: Connection,
         path: &Path,
         dma: Vec<DmaRegionState>,
-        bars: PciConfiguration,
+        bars: BarShadow,
         msi: Arc<dyn MsiVectors>,
         irq: EventFd,
     ) -> Result<Self, UserDeviceError> {
@@ -239,44 +234,22 @@ impl VfioUserPciDevice {
             .map_err(protocol("config read"))
     }
 
-    /// Walks the capability list for MSI (at most 48 entries, so a loop cannot hang us).
-    fn find_msi_cap(&mut self) -> Result<Option<usize>, UserDeviceError> {
-        let mut pointer = [0u8];
-        self.read_config(0x34, &mut pointer)?;
-        for _ in 0..48 {
-            let offset = usize::from(pointer[0] & 0xfc);
-            if offset < 0x40 {
-                return Ok(None);
-            }
-            let mut header = [0u8; 2];
-            self.read_config(offset, &mut header)?;
-            if header[0] == CAP_ID_MSI {
-                return Ok(Some(offset));
-            }
-            pointer[0] = header[1];
-        }
-        Ok(None)
+    /// The MSI capability, if the device has one (the enable bit as the device shows it
+    /// until the guest writes one).
+    fn find_msi_cap(&mut self) -> Result<Option<MsiShadow>, UserDeviceError> {
+        let caps = find_capabilities(|offset| {
+            let mut dword = [0u8; 4];
+            self.read_config(offset, &mut dword)
+                .map(|()| u32::from_le_bytes(dword))
+        })?;
+        Ok(caps.msi.map(|msi| MsiShadow::new(msi.offset, None)))
     }
 
     /// Reads the MSI capability back and points the vector at what the guest programmed.
-    fn update_msi(&mut self, cap: usize) -> Result<(), UserDeviceError> {
-        let mut raw = [0u8; 14];
-        self.read_config(cap, &mut raw)?;
-        let control = u16::from_le_bytes([raw[2], raw[3]]);
-        let is_64bit = control & 0x80 != 0;
-        let low = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
-        let (high, data) = if is_64bit {
-            (
-                u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
-                u16::from_le_bytes([raw[12], raw[13]]),
-            )
-        } else {
-            (0, u16::from_le_bytes([raw[8], raw[9]]))
-        };
-        let message = (control & 1 != 0).then_some(MsiMessage {
-            address: u64::from(high) << 32 | u64::from(low),
-            data: u32::from(data),
-        });
+    fn update_msi(&mut self, cap: MsiShadow) -> Result<(), UserDeviceError> {
+        let mut raw = [0u8; MsiShadow::MESSAGE_END];
+        self.read_config(cap.offset(), &mut raw)?;
+        let message = cap.message(&raw);
         if let Err(e) = self.msi.configure(0, message) {
             log::warn!("vfio-user: cannot route the MSI vector: {e}");
         }
@@ -310,16 +283,18 @@ impl VfioUserPciDevice {
 
 impl PciDevice for VfioUserPciDevice {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
-        if BAR_REGS.contains(&offset) {
-            self.bars.read(offset, data);
-        } else if !self.guest_call(|dev| dev.read_config(offset, data)) {
+        if self.bars.read(offset, data) {
+            return;
+        }
+        if !self.guest_call(|dev| dev.read_config(offset, data)) {
             data.fill(0xff);
+        } else if let Some(cap) = &self.msi_cap {
+            cap.guest_read(offset, data);
         }
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
-        if BAR_REGS.contains(&offset) {
-            self.bars.write(offset, data);
+        if self.bars.write(offset, data) {
             return;
         }
         let written = self.guest_call(|dev| {
@@ -328,10 +303,10 @@ impl PciDevice for VfioUserPciDevice {
                 .map_err(protocol("config write"))
         });
         if written
-            && let Some(cap) = self.msi_cap
-            && offset < cap + 14
-            && offset + data.len() > cap
+            && let Some(cap) = self.msi_cap.as_mut()
+            && cap.guest_write(offset, data)
         {
+            let cap = *cap;
             self.guest_call(|dev| dev.update_msi(cap));
         }
     }
@@ -369,6 +344,7 @@ pub(super) mod tests {
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
+    use devices::interrupt::MsiMessage;
     use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
     use super::*;

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use devices::interrupt::MsiVectors;
 use devices::pci::dma_regions;
+use devices::pci::passthrough::{BarShadow, MsiShadow};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{UserDeviceError, VfioUserPciDevice, bar_registers, check_bar_size, open};
+use super::{UserDeviceError, VfioUserPciDevice, bar0, open};
 use crate::proto::Connection;
 use crate::state::VfioUserDeviceState;
 
@@ -30,8 +31,7 @@ impl VfioUserPciDevice {
         if dma != state.dma {
             return Err(UserDeviceError::RamLayoutChanged);
         }
-        let mut bars = bar_registers(0, size)?;
-        bars.set_state(&state.bars).map_err(UserDeviceError::Bar)?;
+        let bars = BarShadow::restore(&[bar0(size)], &state.bars).map_err(UserDeviceError::Bar)?;
         Self::finish(client, path, dma, bars, msi, irq)
     }
 
@@ -53,8 +53,8 @@ impl VfioUserPciDevice {
             path: state.socket.clone(),
             source,
         })?;
-        let mut bars = bar_registers(0, check_bar_size(state.bar_size)?)?;
-        bars.set_state(&state.bars).map_err(UserDeviceError::Bar)?;
+        let bars = BarShadow::restore(&[bar0(state.bar_size)], &state.bars)
+            .map_err(UserDeviceError::Bar)?;
         Ok(Self {
             client,
             socket: state.socket.clone(),
@@ -62,7 +62,7 @@ impl VfioUserPciDevice {
             handed_over: false,
             dma: state.dma.clone(),
             bars,
-            msi_cap: state.msi_cap,
+            msi_cap: state.msi_cap.map(|offset| MsiShadow::new(offset, None)),
             msi,
             _irq: irq,
         })
@@ -85,7 +85,7 @@ impl VfioUserPciDevice {
         VfioUserDeviceState {
             socket: self.socket.clone(),
             bars: self.bars.state(),
-            msi_cap: self.msi_cap,
+            msi_cap: self.msi_cap.map(|cap| cap.offset()),
             dma: self.dma.clone(),
             bar_size: self.bars.bars().first().map_or(0, |bar| bar.size),
             handover: None,

@@ -214,7 +214,7 @@ pub(super) fn adopted_vfio(
             size: 0x1000,
             flags: 3,
         }],
-        msi_cap: None,
+        msi_cap: Some(0x40),
         msi_guest_enable: false,
         msi_enabled: false,
         dma: dma_regions(memory).unwrap(),

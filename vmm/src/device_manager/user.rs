@@ -10,14 +10,13 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::PciBarRegion;
 use liveupdate::session::{SessionError, Token};
 use liveupdate::state::{StateError, StateSet};
 use vfio_user::{HandoverTokens, VfioUserDeviceState, VfioUserDeviceStateV1, VfioUserPciDevice};
 
 use super::handover::{CarriedDevice, CarriedEntry, Refusal, handed_over, msi_vector};
 use super::pci::PciBuilder;
-use super::{DeviceError, ids, restore_error, write_bus};
+use super::{DeviceError, ids, restore_error};
 use crate::config::UserDeviceConfig;
 
 /// An attached vfio-user device, as the manager keeps it.
@@ -43,7 +42,7 @@ fn take_state(states: &mut StateSet, id: &str) -> Result<VfioUserDeviceState, St
 
 impl PciBuilder<'_, '_, '_> {
     /// Connects to the device's server (fresh, adopting the handed-over connection, or
-    /// re-attaching from an older saved state), plugs it into a slot and its BAR 0 into the
+    /// re-attaching from an older saved state), plugs it into a slot and its BAR into the
     /// MMIO bus.
     pub(super) fn add_user_device(
         &mut self,
@@ -92,23 +91,8 @@ impl PciBuilder<'_, '_, '_> {
                 (device, msi)
             }
         };
-        let device = device.map_err(user_error)?;
-        let bar = devices::pci::PciDevice::bars(&device)
-            .first()
-            .copied()
-            .ok_or_else(|| user_error(vfio_user::UserDeviceError::NoBar))?;
-        let device = Arc::new(Mutex::new(device));
-        let slot = self
-            .root
-            .add_device(device.clone())
-            .map_err(DeviceError::Pci)?;
-        write_bus(&self.mmio)
-            .insert(
-                Arc::new(Mutex::new(PciBarRegion::new(device.clone(), 0))),
-                bar.address,
-                bar.size,
-            )
-            .map_err(DeviceError::Bus)?;
+        let device = Arc::new(Mutex::new(device.map_err(user_error)?));
+        let slot = self.place(device.clone())?;
         Ok(UserDeviceEntry::new(id, slot, device, msi))
     }
 }

@@ -1,7 +1,5 @@
 //! The live-update side of a VM: saving it into a session, and rebuilding it from one.
 
-//! One running VM: KVM VM, guest RAM, vCPU threads and devices, built in the order KVM needs.
-
 use std::fs::File;
 use std::sync::Arc;
 use std::time::Instant;
