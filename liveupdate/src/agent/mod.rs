@@ -53,11 +53,13 @@
 
 mod attachments;
 pub mod client;
+pub mod fdstore;
 pub mod kexec;
 pub mod protocol;
 pub mod server;
 pub mod state;
 mod sys;
+pub mod upgrade;
 
 use std::io;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::signal::create_sigset;
@@ -52,4 +52,30 @@ pub(crate) fn wait_for_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// Waits until one of `fds` is readable (or hung up); returns which are.
+pub(crate) fn wait_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let count = libc::nfds_t::try_from(polled.len()).map_err(io::Error::other)?;
+    loop {
+        // SAFETY: `polled` is a valid array of `count` pollfd structs for the call, and the
+        // kernel writes only their `revents`; the return value is checked.
+        let ret = unsafe { libc::poll(polled.as_mut_ptr(), count, -1) };
+        if ret >= 0 {
+            break;
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    Ok(polled.iter().map(|p| p.revents != 0).collect())
 }
