@@ -69,8 +69,15 @@ impl ShutdownHandle {
 
 impl Drop for AgentServer {
     fn drop(&mut self) {
-        // Handed to a new agent: the path is its socket now.
-        if self.handed_off() {
+        // Handed to a new agent, or kept in systemd's fd store for the next one: the path
+        // stays with the listening socket.
+        let stored = self
+            .state
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        if self.handed_off() || stored {
             return;
         }
         // Only a bound server exists, and the lock says the socket at `path` is ours.
