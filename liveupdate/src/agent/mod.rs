@@ -16,8 +16,10 @@
 //! `cancel{name}`, `kexec{kernel,initrd,cmdline,timeout_ms}` (kernel mode, see [`kexec`]),
 //! `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
 //! `finish{name}`, `list`, `attach{name,token}` + fd and `retrieve_attachment{name,token}` (see
-//! Attachments below). Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
-//! `sessions{sessions}`, `error{kind,message}` with a stable snake_case
+//! Attachments below), `upgrade{mode}` and `upgrade_done` (a new agent binary taking over, see
+//! [`upgrade`]). Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
+//! `sessions{sessions}`, `handoff{names}` and `handoff_fd{name}` + fd, `error{kind,message}`
+//! with a stable snake_case
 //! [`protocol::ErrorKind`]. A body that is not a valid request gets a `bad_request` reply and the
 //! connection goes on; a bad header, an oversized body or more than one fd gets a `bad_request`
 //! reply and the connection is closed (the stream cannot be trusted to be in step any more).
@@ -50,6 +52,12 @@
 //! its handover leaves its session held (its guest is gone, but the successor or an operator may
 //! still want to `cancel` it or look at it with `list`; dropping it silently would lose nothing
 //! but hide what happened). `cancel` is how the owner drops it.
+//!
+//! # Not a single point of loss
+//! Under systemd (`contrib/systemd/ch-luod.service`) the agent keeps every session in the
+//! unit's file descriptor store and takes them back when systemd starts it again
+//! ([`fdstore`]); without systemd, `ch-luod --upgrade` hands them to a new binary ([`upgrade`]).
+//! `docs/systemd.md` says what a crash costs otherwise.
 
 mod attachments;
 pub mod client;
