@@ -414,9 +414,8 @@ impl Shared {
         if !state.kexec_idle() {
             return refuse(ErrorKind::Busy, "A kexec is under way".to_string());
         }
+        // Taking the gate waits for an accept in progress: every accepted connection is counted.
         self.set_gate(Gate::Parked);
-        // With the gate taken, every accepted connection is counted.
-        drop(self.gate.lock().unwrap_or_else(PoisonError::into_inner));
         let others = self.connections.load(Ordering::SeqCst).saturating_sub(1);
         if others > 0 {
             self.set_gate(Gate::Serving);

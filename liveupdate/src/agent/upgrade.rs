@@ -14,7 +14,8 @@
 //!    and accepts on the same listening socket. No connection is refused at any point.
 //!
 //! If the new agent fails before `upgrade_done` (a record it cannot read, a crash), the old
-//! agent sees the connection close and serves on with everything it held.
+//! agent sees the connection close and serves on with everything it held. (One that stalls
+//! without closing keeps the old agent from accepting until it is killed.)
 //!
 //! An agent under systemd refuses: `systemctl restart` does the same through the fd store.
 
