@@ -625,6 +625,15 @@ fn an_agent_upgraded_in_place_between_handover_and_restore_loses_nothing() {
         "{after:?}"
     );
     assert!(agent.sessions().is_empty(), "{:?}", agent.sessions());
+    let memfds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("/memfd:"))
+        .count();
+    assert_eq!(
+        memfds, 0,
+        "the agent still holds memfds of the finished session"
+    );
     // A running VMM keeps no connection to the agent: it can be upgraded again right away.
     agent.upgrade();
     assert_eq!(agent.client().ping().unwrap(), "restart");

@@ -178,6 +178,8 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                 .context("Cannot tell the service manager the agent is ready")?;
         }
     }
+    // Its copies of the fds would keep finished sessions' memory alive.
+    drop(rebuilt);
     let shutdown = server.shutdown_handle();
     thread::Builder::new()
         .name("ch-luod-signals".into())
@@ -193,6 +195,11 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     if server.handed_off() {
         // The new agent holds every session: drop nothing on the way out.
         info!("handed over to the new agent");
+        std::process::exit(0);
+    }
+    if server.in_store() {
+        // systemd keeps them until it starts the agent again (or the unit stops for good).
+        info!("stopped; the sessions stay in the service manager's fd store");
         std::process::exit(0);
     }
     drop(server);

@@ -559,6 +559,11 @@ impl Agent {
         );
     }
 
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The VMM option value: `agent=<socket>`.
     pub fn arg(&self) -> String {
         format!("agent={}", self.socket.display())

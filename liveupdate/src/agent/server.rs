@@ -71,13 +71,7 @@ impl Drop for AgentServer {
     fn drop(&mut self) {
         // Handed to a new agent, or kept in systemd's fd store for the next one: the path
         // stays with the listening socket.
-        let stored = self
-            .state
-            .store
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some();
-        if self.handed_off() || stored {
+        if self.handed_off() || self.in_store() {
             return;
         }
         // Only a bound server exists, and the lock says the socket at `path` is ours.
@@ -222,6 +216,15 @@ impl AgentServer {
     /// Whether [`Self::run`] returned because a new agent took every session over.
     pub fn handed_off(&self) -> bool {
         self.state.handed_off.load(Ordering::SeqCst)
+    }
+
+    /// Whether the sessions are kept in a store (see [`Self::keep_in_store`]).
+    pub fn in_store(&self) -> bool {
+        self.state
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     /// Keeps every session, and the listening socket, in `sink` (systemd's fd store) from now
