@@ -187,6 +187,15 @@ impl Drop for Container {
     }
 }
 
+/// How many memfds process `pid` holds open.
+fn memfds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("/memfd:"))
+        .count()
+}
+
 /// The last complete status line of a VMM that exited (its last line may be cut short).
 fn last_complete_status(vmm: &VmmProcess) -> ProbeStatus {
     vmm.lines()
@@ -292,6 +301,12 @@ fn the_agent_killed_or_restarted_by_systemd_mid_update_loses_no_guest() {
         "{:?}",
         container.sessions()
     );
+    // No copy of the finished session's memfds is left in the agent: its memory is freed.
+    assert_eq!(
+        memfds(second_agent),
+        0,
+        "the agent still holds the session's memfds"
+    );
 
     // Act 2: hand over again, then `systemctl restart` (how a new binary is put in place).
     let mut vmm = successor;
@@ -309,6 +324,11 @@ fn the_agent_killed_or_restarted_by_systemd_mid_update_loses_no_guest() {
         container.sessions().is_empty(),
         "{:?}",
         container.sessions()
+    );
+    assert_eq!(
+        memfds(third_agent),
+        0,
+        "the agent still holds the session's memfds"
     );
     let state = container.systemctl(&["show", "-p", "ActiveState", "ch-luod.service"]);
     assert_eq!(state.trim(), "ActiveState=active");
