@@ -359,3 +359,135 @@ fn another_uid_may_not_touch_a_session() {
     assert!(stderr.contains("belongs to another user"), "{stderr}");
     assert_eq!(agent.client().list().unwrap().len(), 1);
 }
+
+impl Agent {
+    /// Starts `ch-luod --upgrade` on this agent's socket with `args`; returns it unwaited.
+    fn spawn_upgrade(&self, args: &[&str]) -> Child {
+        Command::new(BIN)
+            .args(["-v", "--upgrade", "--socket"])
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits until the agent process exits; its status code.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+fn stderr_of(child: Child) -> (Option<i32>, String) {
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_upgrade_in_place_carries_every_session_and_the_socket_to_the_new_agent() {
+    // Arrange: a session on each side, with files and an attached socket.
+    let mut agent = Agent::start_emulated("upgrade");
+    let (device_server, attached) = UnixStream::pair().unwrap();
+    let mut vmm = agent.client();
+    for (name, bytes) in [
+        ("out", &b"outgoing"[..]),
+        ("handed", b"handed"),
+        ("taken", b"taken"),
+    ] {
+        vmm.create_session(name).unwrap();
+        vmm.preserve(name, memfd_with(bytes).as_fd(), 1).unwrap();
+    }
+    vmm.attach("handed", attached.as_fd(), 20).unwrap();
+    drop(attached);
+    vmm.handover("handed").unwrap();
+    vmm.handover("taken").unwrap();
+    vmm.retrieve_session("taken").unwrap();
+    let sessions_before = vmm.list().unwrap();
+    drop(vmm);
+
+    // Act
+    let mut new_agent = agent.spawn_upgrade(&["--emulate"]);
+    let old_code = agent.wait_exit(Duration::from_secs(15));
+
+    // Assert: the old agent left, the new one serves the same socket and every session.
+    assert_eq!(old_code, Some(0));
+    if new_agent.try_wait().unwrap().is_some() {
+        panic!("the new agent exited: {:?}", stderr_of(new_agent));
+    }
+    let mut successor = agent.client();
+    assert_eq!(successor.list().unwrap(), sessions_before);
+    successor.retrieve_session("handed").unwrap();
+    let mut ram = File::from(successor.retrieve_fd("handed", 1).unwrap());
+    assert_eq!(read_at(&mut ram, 0, 6), b"handed");
+    let stream = UnixStream::from(successor.retrieve_attachment("handed", 20).unwrap());
+    (&stream).write_all(b"hi").unwrap();
+    let mut greeting = [0u8; 2];
+    (&device_server).read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"hi");
+    let mut taken = File::from(successor.retrieve_fd("taken", 1).unwrap());
+    assert_eq!(read_at(&mut taken, 0, 5), b"taken");
+    for name in ["handed", "taken"] {
+        successor.finish(name).unwrap();
+    }
+    successor.cancel("out").unwrap();
+    assert!(successor.list().unwrap().is_empty());
+    new_agent.kill().unwrap();
+    new_agent.wait().unwrap();
+}
+
+#[test]
+fn an_upgrade_is_refused_while_a_connection_is_open_and_the_agent_serves_on() {
+    let agent = Agent::start_emulated("upgrade-busy");
+    let mut waiting_successor = agent.client();
+    waiting_successor.create_session("vm").unwrap();
+
+    let (code, stderr) = stderr_of(agent.spawn_upgrade(&["--emulate", "--upgrade-wait", "1"]));
+
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("1 other connection(s) to the agent are open"),
+        "{stderr}"
+    );
+    assert_eq!(waiting_successor.list().unwrap().len(), 1);
+    assert_eq!(agent.client().ping().unwrap(), "restart");
+}
+
+#[test]
+fn an_upgrade_to_the_other_mode_or_without_an_agent_is_refused_clearly() {
+    let agent = Agent::start_emulated("upgrade-mode");
+    agent.client().create_session("vm").unwrap();
+    let dir = TempDir::new("upgrade-nobody");
+
+    let (mode_code, mode_stderr) = stderr_of(agent.spawn_upgrade(&[]));
+    let nobody = Command::new(BIN)
+        .args(["--emulate", "--upgrade", "--socket"])
+        .arg(dir.0.join("none.sock"))
+        .output()
+        .unwrap();
+
+    assert_eq!(mode_code, Some(1), "{mode_stderr}");
+    assert!(
+        mode_stderr.contains(
+            "This agent runs in restart mode; a kernel-mode agent cannot take its sessions"
+        ),
+        "{mode_stderr}"
+    );
+    assert_eq!(agent.client().list().unwrap().len(), 1);
+    let nobody_stderr = String::from_utf8_lossy(&nobody.stderr);
+    assert_eq!(nobody.status.code(), Some(1), "{nobody_stderr}");
+    assert!(
+        nobody_stderr.contains("is ch-luod running?"),
+        "{nobody_stderr}"
+    );
+}

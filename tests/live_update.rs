@@ -569,6 +569,50 @@ fn a_session_name_in_use_is_refused_with_409() {
 }
 
 #[test]
+fn an_agent_upgraded_in_place_between_handover_and_restore_loses_nothing() {
+    // Arrange: the old VMM hands the guest over and exits; no successor yet.
+    require_kvm();
+    let dir = scratch_dir("lu-agent-upgrade");
+    let mut agent = Agent::start(&dir);
+    let (mut vmm, _) = boot_old(&agent, &dir.join("old"), 1, CMDLINE, &[], &[]);
+    vmm.live_update("upgraded");
+    assert_eq!(vmm.wait_exit(EXIT), Some(0), "{}", vmm.stderr());
+    let before = last_complete_status(&vmm, "blk_err");
+
+    // Act: a new agent binary takes the session over, then the successor restores from it.
+    agent.upgrade();
+    let successor = VmmProcess::successor(&agent, "upgraded", &dir.join("successor"), &[]);
+    let (after, _) = statuses(&successor, 0, 3, TAKEOVER);
+
+    // Assert: the guest carried on with all its RAM, and the new agent holds nothing more.
+    let first = &after[0];
+    assert!(
+        first.get("seq") > before.get("seq") && first.get("seq") <= before.get("seq") + 2,
+        "status lines do not continue: {before:?} -> {after:?}"
+    );
+    for status in &after {
+        assert_eq!(status.get("errors"), 0, "{after:?}");
+    }
+    assert!(
+        after[after.len() - 1].get("pages") > before.get("pages"),
+        "{after:?}"
+    );
+    assert!(agent.sessions().is_empty(), "{:?}", agent.sessions());
+    let memfds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("/memfd:"))
+        .count();
+    assert_eq!(
+        memfds, 0,
+        "the agent still holds memfds of the finished session"
+    );
+    // A running VMM keeps no connection to the agent: it can be upgraded again right away.
+    agent.upgrade();
+    assert_eq!(agent.client().ping().unwrap(), "restart");
+}
+
+#[test]
 fn a_successor_waiting_for_its_handover_answers_its_api() {
     let dir = scratch_dir("lu-waiting-api");
     let agent = Agent::start(&dir);

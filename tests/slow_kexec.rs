@@ -2,8 +2,9 @@
 //! of the LUO test kernels inside QEMU (TCG, nested KVM): from the default kernel version
 //! (7.2) to the newest one the Debian suites offer (7.3 today, built once and cached) and back
 //! (a rollback), with the same guest; targets the agent must refuse before the guest is
-//! paused, and a kexec into a kernel without LUO; a kernel booted without `liveupdate=on`; and
-//! the session inherited the systemd way. Ignored by default; run it with
+//! paused, and a kexec into a kernel without LUO; a kernel booted without `liveupdate=on`; the
+//! session inherited the systemd way; and a kernel-mode agent upgraded in place while it holds
+//! a LUO session, before and after the kexec. Ignored by default; run it with
 //! `cargo test --test slow_kexec -- --ignored`. It fails, never skips, when QEMU, a kernel or
 //! any tool is missing (the script installs what it can and names the rest).
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
@@ -20,32 +21,22 @@ use std::process::Command;
 
 use slow::{release_bins, run_script};
 
-/// The release binaries plus `luo-standin` (the liveupdate crate's stand-in for systemd's
-/// `LUOSession=`, which only the inherited case uses).
-fn release_bins_with_standin() -> PathBuf {
+/// The release binaries plus a test tool of the liveupdate crate: `luo-standin` (the stand-in
+/// for systemd's `LUOSession=`, case inherited) or `agent-holder` (case agent-upgrade).
+fn release_bins_with_tool(tool: &str) -> PathBuf {
     let bins = release_bins();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "liveupdate",
-            "--bin",
-            "luo-standin",
-        ])
+        .args(["build", "--release", "-p", "liveupdate", "--bin", tool])
         .arg("--target-dir")
         .arg(slow::target_dir())
         .current_dir(slow::repo_root())
         .status()
         .expect("cannot run cargo");
+    assert!(status.success(), "cargo build of {tool} failed: {status}");
     assert!(
-        status.success(),
-        "cargo build of luo-standin failed: {status}"
-    );
-    assert!(
-        bins.join("luo-standin").is_file(),
-        "luo-standin is missing from {}",
+        bins.join(tool).is_file(),
+        "{tool} is missing from {}",
         bins.display()
     );
     bins
@@ -53,10 +44,10 @@ fn release_bins_with_standin() -> PathBuf {
 
 /// Runs `scripts/e2e-kexec --case <case> <extra>` and asserts it passed; returns its output.
 fn run_e2e(case: &str, extra: &[&str]) -> String {
-    let bins = if case == "inherited" {
-        release_bins_with_standin()
-    } else {
-        release_bins()
+    let bins = match case {
+        "inherited" => release_bins_with_tool("luo-standin"),
+        "agent-upgrade" => release_bins_with_tool("agent-holder"),
+        _ => release_bins(),
     };
     let serial = slow::target_dir()
         .join("slow-tests")
@@ -165,4 +156,29 @@ fn session_inherited_the_systemd_way_carries_the_guest_across_a_real_kexec() {
         output.contains("probe verified") && output.contains("errors=0"),
         "the probe did not verify its RAM after the restore"
     );
+}
+
+#[test]
+#[ignore = "slow group: run with cargo test --test slow_kexec -- --ignored"]
+fn a_kernel_mode_agent_upgraded_in_place_keeps_its_luo_session_across_the_kexec() {
+    let output = run_e2e("agent-upgrade", &[]);
+
+    for needle in [
+        "agent upgraded in place",
+        "the kernel still holds \"held\"",
+        "all 1048576 bytes as preserved; finished",
+        "errors=0",
+    ] {
+        assert!(output.contains(needle), "no {needle:?} in the output");
+    }
+    // One upgrade before the kexec (while "held" is outgoing), one after it (before anything
+    // is retrieved).
+    let at = |marker: &str| {
+        output
+            .find(marker)
+            .unwrap_or_else(|| panic!("no {marker:?} in the output"))
+    };
+    let stage2 = at("E2E-KEXEC-STAGE2");
+    assert!(at("E2E-KEXEC agent upgraded in place") < stage2);
+    assert!(output[stage2..].contains("E2E-KEXEC agent upgraded in place"));
 }

@@ -33,6 +33,15 @@
 #               gone. Every case also checks that a second kernel-mode ch-luod is refused with
 #               "busy" (EBUSY on /dev/liveupdate).
 #
+# Case agent-upgrade (a real kexec, like the default case): the kernel-mode agent is upgraded in
+# place while it holds a real LUO session with no connection open. In stage 1 agent-holder
+# leaves session "held" (a memfd with a pattern) at the agent and exits; `ch-luod --upgrade`
+# takes /dev/liveupdate, the session fd and the listening socket over and the old agent exits;
+# the new one lists the same session, and creating "held" again is refused by the kernel (it
+# still has the session). agent-holder freezes "held", and the VMM's update and the kexec go
+# through the new agent. In stage 2 the fresh agent is upgraded again before anything is
+# retrieved; agent-holder finds every byte of "held" through it, and the probe is restored.
+#
 # Case inherited (a real kexec, like the default case, but without ch-luod; test bed only):
 # luo-standin plays systemd's part for LUOSession= (docs/systemd.md). In stage 1 it creates the
 # session (its kernel name differs from the fd name, as systemd's derived names do), loads the
@@ -108,11 +117,47 @@ start_agent() {
     echo "E2E-KEXEC second ch-luod refused: $out"
 }
 
+# Upgrades the agent in place (case agent-upgrade): a new ch-luod takes everything over from the
+# running one, which must exit; both log to luod.log.
+upgrade_agent() {
+    handed=$(grep -c 'handed over to the new agent' "$work/luod.log")
+    ch-luod -v --upgrade --socket "$agent_socket" 2>&1 | tee -a "$work/luod.log" &
+    t=$(now)
+    until [ "$(grep -c 'handed over to the new agent' "$work/luod.log")" -gt "$handed" ]; do
+        elapsed_over "$t" 20 && fail "the running agent did not hand over within 20 s"
+        sleep 0.1
+    done
+    t=$(now)
+    while ! ch-luod --socket "$agent_socket" ping >/dev/null 2>&1; do
+        elapsed_over "$t" 10 && fail "the new ch-luod did not answer within 10 s"
+        sleep 0.1
+    done
+    echo "E2E-KEXEC agent upgraded in place"
+}
+
+# Case agent-upgrade, stage 1, before the update (see the header).
+agent_upgrade_stage1() {
+    echo "E2E-KEXEC-CASE agent-upgrade"
+    agent-holder hold "$agent_socket" held || fail "agent-holder could not leave a session"
+    before=$(ch-luod --socket "$agent_socket" list)
+    upgrade_agent
+    after=$(ch-luod --socket "$agent_socket" list)
+    echo "E2E-KEXEC sessions after the upgrade: $after"
+    [ -n "$after" ] && [ "$after" = "$before" ] ||
+        fail "the new agent lists '$after', the old one listed '$before'"
+    out=$(agent-holder hold "$agent_socket" held 2>&1) && fail "a second session \"held\" was created"
+    echo "$out" | grep -q 'exists already' || fail "creating \"held\" again did not fail with EEXIST: $out"
+    echo "E2E-KEXEC the kernel still holds \"held\": $out"
+    agent-holder freeze "$agent_socket" held >"$work/holder.log" 2>&1 &
+}
+
 for f in "$base"/bin/cloud-hypervisor "$base"/bin/ch-remote "$base"/bin/ch-luod "$base"/guest/probe-guest.elf; do
     [ -e "$f" ] || fail "$f is missing from the initramfs"
 done
 [ "$case_name" != inherited ] || [ -e "$base"/bin/luo-standin ] ||
     fail "$base/bin/luo-standin is missing from the initramfs"
+[ "$case_name" != agent-upgrade ] || [ -e "$base"/bin/agent-holder ] ||
+    fail "$base/bin/agent-holder is missing from the initramfs"
 mkdir -p "$work" || fail "cannot create $work"
 
 if [ "$case_name" = no-luo ]; then
@@ -328,6 +373,7 @@ if [ "$stage" = 1 ]; then
         # That kernel (the Linux guest's) has no KVM either: the test bed's /init must not ask.
         kexec_with_the_guest "$base"/kexec/noluo-bzImage testbed_no_kvm=1
     fi
+    [ "$case_name" != agent-upgrade ] || agent_upgrade_stage1
     kexec_with_the_guest
 fi
 
@@ -337,6 +383,11 @@ else
     echo "E2E-KEXEC-STAGE$stage kernel $(uname -r) (from ${from_kernel:-?})"
     start_agent
     ch-luod --socket "$agent_socket" list
+    if [ "$case_name" = agent-upgrade ]; then
+        upgrade_agent
+        out=$(agent-holder check "$agent_socket" held 2>&1) || fail "agent-holder check: $out"
+        echo "E2E-KEXEC $out"
+    fi
     mkfifo "$work/vmm.in" || fail "mkfifo failed"
     echo "E2E-KEXEC-RESTORE"
     cloud-hypervisor -v --api-socket "path=$api_socket" --liveupdate "agent=$agent_socket" \

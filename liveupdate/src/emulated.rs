@@ -20,13 +20,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::{Session, SessionError, SessionProvider, Token, check_name};
+use crate::session::{AdoptAs, Session, SessionError, SessionProvider, Token, check_name};
 use crate::sys;
 
 /// `f_type` of tmpfs/shmem (memfds without `MFD_HUGETLB`).
@@ -248,6 +248,48 @@ impl SessionProvider for EmulatedProvider {
         drop(holder);
         Ok(self.handle(name, id, Direction::Incoming))
     }
+
+    /// Takes back a session from files named by their token in hex ([`Session::export_fds`]).
+    fn adopt(
+        &mut self,
+        name: &str,
+        side: AdoptAs,
+        fds: Vec<(String, OwnedFd)>,
+    ) -> Result<Option<Box<dyn Session>>, SessionError> {
+        check_name(name)?;
+        let mut files = BTreeMap::new();
+        for (token_name, fd) in fds {
+            let token = Token::from_str_radix(&token_name, 16).map_err(|_| SessionError::Os {
+                operation: "adopt",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{token_name:?} names no token"),
+                ),
+            })?;
+            files.insert(token, EmulatedSession::take_reference(fd.as_fd())?);
+        }
+        let mut holder = lock(&self.holder);
+        let id = holder.next_id;
+        holder.next_id += 1;
+        let (list, direction) = match side {
+            AdoptAs::Outgoing => (&mut holder.outgoing, Direction::Outgoing),
+            AdoptAs::HandedOver | AdoptAs::Retrieved => (&mut holder.incoming, Direction::Incoming),
+        };
+        if list.contains_key(name) {
+            return Err(SessionError::SessionExists {
+                name: name.to_string(),
+            });
+        }
+        let held = HeldSession {
+            id,
+            files,
+            retrieved: BTreeMap::new(),
+            taken: side == AdoptAs::Retrieved,
+        };
+        list.insert(name.to_string(), held);
+        drop(holder);
+        Ok((side != AdoptAs::HandedOver).then(|| self.handle(name, id, direction)))
+    }
 }
 
 /// A handle to one session of an [`EmulatedProvider`] (what a session fd is for the kernel).
@@ -340,6 +382,30 @@ impl Session for EmulatedSession {
             return Err(SessionError::AlreadyRetrieved { token });
         }
         Err(SessionError::NoSuchToken { token })
+    }
+
+    /// The files the holder has for this session (incoming: those not retrieved yet), each
+    /// named by its token in hex.
+    fn export_fds(&self) -> Result<Vec<(String, OwnedFd)>, SessionError> {
+        let holder = lock(&self.holder);
+        let list = match self.direction {
+            Direction::Outgoing => &holder.outgoing,
+            Direction::Incoming => &holder.incoming,
+        };
+        let held = list
+            .get(&self.name)
+            .filter(|h| h.id == self.id)
+            .ok_or_else(|| self.gone())?;
+        held.files
+            .iter()
+            .map(|(token, file)| {
+                let copy = file.fd.try_clone().map_err(|source| SessionError::Os {
+                    operation: "export_fds",
+                    source,
+                })?;
+                Ok((format!("{token:x}"), copy))
+            })
+            .collect()
     }
 
     fn finish(&mut self) -> Result<(), SessionError> {

@@ -204,6 +204,39 @@ pub fn select(
     })
 }
 
+/// Every passed fd with its name, for process `our_pid`: none when `LISTEN_FDS` is unset (a
+/// first start); an error when the variables are malformed or name another process.
+pub fn listed(env: &ListenEnv, our_pid: u32) -> Result<Vec<(RawFd, String)>, InheritedError> {
+    let Some(fds) = env.fds.as_deref() else {
+        return Ok(Vec::new());
+    };
+    let listen_pid: u32 = number(
+        "LISTEN_PID",
+        env.pid.as_deref().ok_or(InheritedError::NoPid)?,
+    )?;
+    if listen_pid != our_pid {
+        return Err(InheritedError::WrongPid {
+            listen_pid,
+            our_pid,
+        });
+    }
+    let count: usize = number("LISTEN_FDS", fds)?;
+    if count == 0 || count > MAX_LISTEN_FDS {
+        return Err(InheritedError::BadCount { count });
+    }
+    let names: Vec<String> = match env.names.as_deref() {
+        Some(names) => names.split(':').map(str::to_string).collect(),
+        None => vec![UNNAMED.to_string(); count],
+    };
+    if names.len() != count {
+        return Err(InheritedError::NamesMismatch {
+            names: names.len(),
+            fds: count,
+        });
+    }
+    Ok((FIRST_LISTEN_FD..).zip(names).collect())
+}
+
 /// The session name the `/proc/self/fd` link of a LUO session fd shows
 /// (`anon_inode:[luo_session] NAME`), for kernels without GET_NAME (before 7.2).
 pub fn name_from_fd_link(link: &str) -> Option<&str> {
@@ -330,6 +363,59 @@ mod tests {
             pid: pid.map(str::to_string),
             fds: fds.map(str::to_string),
             names: names.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn listed_gives_every_fd_with_its_name_and_nothing_on_a_first_start() {
+        let passed = env(
+            Some("4242"),
+            Some("3"),
+            Some("luod.listener:luod.fd.0:luod.meta.2"),
+        );
+
+        let fds = listed(&passed, PID).unwrap();
+        let first_start = listed(&ListenEnv::default(), PID).unwrap();
+
+        assert_eq!(
+            fds,
+            [
+                (3, "luod.listener".to_string()),
+                (4, "luod.fd.0".to_string()),
+                (5, "luod.meta.2".to_string())
+            ]
+        );
+        assert!(first_start.is_empty());
+    }
+
+    #[test]
+    fn listed_refuses_a_bad_environment_saying_why() {
+        let cases = [
+            (
+                env(None, Some("2"), None),
+                "LISTEN_FDS is set but LISTEN_PID is not",
+            ),
+            (
+                env(Some("1"), Some("2"), None),
+                "LISTEN_PID is 1, not this process (4242): the fds are not ours",
+            ),
+            (
+                env(Some("4242"), Some("two"), None),
+                "LISTEN_FDS=\"two\" is not a number",
+            ),
+            (
+                env(Some("4242"), Some("0"), None),
+                "LISTEN_FDS=0: expected 1 to 1024 fds",
+            ),
+            (
+                env(Some("4242"), Some("2"), Some("a:b:c")),
+                "LISTEN_FDNAMES has 3 names for 2 fds",
+            ),
+        ];
+
+        for (passed, message) in cases {
+            let error = listed(&passed, PID).unwrap_err();
+            assert_eq!(error.to_string(), message, "{passed:?}");
         }
     }
 

@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use crate::session::{Session, SessionError, SessionProvider, Token, check_name};
+use crate::session::{AdoptAs, Session, SessionError, SessionProvider, Token, check_name};
 use crate::sys;
 
 mod self_test;
@@ -142,6 +142,12 @@ impl KernelProvider {
         })
     }
 
+    /// Wraps an open `/dev/liveupdate` received from an earlier agent (its fd store, or an
+    /// upgrade): the device admits one opener, so a successor takes the same open file.
+    pub fn from_device_fd(device: OwnedFd) -> Self {
+        Self { device }
+    }
+
     /// Creates an outgoing session, as the concrete type (to pass its fd on).
     pub fn create(&mut self, name: &str) -> Result<KernelSession, SessionError> {
         check_name(name)?;
@@ -167,7 +173,47 @@ impl SessionProvider for KernelProvider {
     fn retrieve_session(&mut self, name: &str) -> Result<Box<dyn Session>, SessionError> {
         Ok(Box::new(self.retrieve(name)?))
     }
+
+    /// The device itself, as `device`.
+    fn export_fds(&self) -> Result<Vec<(String, OwnedFd)>, SessionError> {
+        let copy = self.device.try_clone().map_err(|source| SessionError::Os {
+            operation: "export_fds",
+            source,
+        })?;
+        Ok(vec![(DEVICE_FD_NAME.to_string(), copy)])
+    }
+
+    /// An outgoing or retrieved session from its session fd, named `session`. A session handed
+    /// over lives in the kernel until the kexec: there is nothing to adopt.
+    fn adopt(
+        &mut self,
+        name: &str,
+        side: AdoptAs,
+        fds: Vec<(String, OwnedFd)>,
+    ) -> Result<Option<Box<dyn Session>>, SessionError> {
+        let fd = fds
+            .into_iter()
+            .find(|(fd_name, _)| fd_name == SESSION_FD_NAME)
+            .map(|(_, fd)| fd);
+        match (side, fd) {
+            (AdoptAs::Outgoing | AdoptAs::Retrieved, Some(fd)) => {
+                Ok(Some(Box::new(KernelSession::from_fd(fd))))
+            }
+            _ => Err(SessionError::Os {
+                operation: "adopt",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("no session fd for kernel session {name:?} ({side:?})"),
+                ),
+            }),
+        }
+    }
 }
+
+/// The name [`KernelProvider`] exports `/dev/liveupdate` under.
+pub const DEVICE_FD_NAME: &str = "device";
+/// The name a [`KernelSession`] exports its session fd under.
+pub const SESSION_FD_NAME: &str = "session";
 
 /// A LUO session fd. Closing it (drop) before the kexec discards an outgoing session and its
 /// files; closing a retrieved session runs an implicit FINISH.
@@ -223,6 +269,14 @@ impl Session for KernelSession {
 
     fn finish(&mut self) -> Result<(), SessionError> {
         sys::finish(self.fd.as_fd()).map_err(finish_error)
+    }
+
+    fn export_fds(&self) -> Result<Vec<(String, OwnedFd)>, SessionError> {
+        let copy = self.fd.try_clone().map_err(|source| SessionError::Os {
+            operation: "export_fds",
+            source,
+        })?;
+        Ok(vec![(SESSION_FD_NAME.to_string(), copy)])
     }
 }
 

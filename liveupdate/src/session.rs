@@ -147,6 +147,33 @@ pub trait Session: Send + std::fmt::Debug {
     fn retrieve_attachments(&mut self) -> Result<BTreeMap<Token, OwnedFd>, SessionError> {
         Ok(BTreeMap::new())
     }
+    /// New descriptors of what keeps this session alive, each under a name its provider's
+    /// [`SessionProvider::adopt`] understands (the session agent keeps them in systemd's fd
+    /// store and passes them to its successor).
+    fn export_fds(&self) -> Result<Vec<(String, OwnedFd)>, SessionError> {
+        Err(not_exportable("export_fds"))
+    }
+}
+
+/// Where a session taken back with [`SessionProvider::adopt`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdoptAs {
+    /// Outgoing: files may still be preserved into it; a handle is returned.
+    Outgoing,
+    /// Handed over, not yet retrieved (restart mode): the provider keeps it, no handle.
+    HandedOver,
+    /// Retrieved and not finished: a handle is returned.
+    Retrieved,
+}
+
+fn not_exportable(operation: &'static str) -> SessionError {
+    SessionError::Os {
+        operation,
+        source: io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this provider cannot pass its sessions to another process",
+        ),
+    }
 }
 
 /// Where sessions come from.
@@ -155,6 +182,20 @@ pub trait SessionProvider: Send {
     fn create_session(&mut self, name: &str) -> Result<Box<dyn Session>, SessionError>;
     /// Retrieves an incoming session (once).
     fn retrieve_session(&mut self, name: &str) -> Result<Box<dyn Session>, SessionError>;
+    /// New descriptors of what the provider itself holds (e.g. `/dev/liveupdate`), named.
+    fn export_fds(&self) -> Result<Vec<(String, OwnedFd)>, SessionError> {
+        Ok(Vec::new())
+    }
+    /// Takes back a session from the fds its [`Session::export_fds`] gave (in another process).
+    fn adopt(
+        &mut self,
+        name: &str,
+        side: AdoptAs,
+        fds: Vec<(String, OwnedFd)>,
+    ) -> Result<Option<Box<dyn Session>>, SessionError> {
+        let _ = (name, side, fds);
+        Err(not_exportable("adopt"))
+    }
 }
 
 #[cfg(test)]

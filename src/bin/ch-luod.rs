@@ -5,20 +5,26 @@
 #[path = "../logger.rs"]
 mod logger;
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use liveupdate::agent::fdstore::{self, Systemd};
 use liveupdate::agent::kexec::DEFAULT_BARRIER_TIMEOUT;
+use liveupdate::agent::upgrade::{Handoff, LOCK_WAIT, UPGRADE_WAIT};
 use liveupdate::agent::{
     self, AgentClient, AgentServer, AgentState, DEFAULT_SOCKET, HandoverMode, KexecImage,
     SystemKexec,
 };
 use liveupdate::emulated::EmulatedProvider;
+use liveupdate::inherited::{self, ListenEnv};
 use liveupdate::kernel::KernelProvider;
 use liveupdate::session::SessionProvider;
+use liveupdate::sys::listen;
 use log::info;
 
 /// Live-update session agent for cloud-hypervisor-compatible VMMs.
@@ -34,6 +40,14 @@ struct Cli {
     /// Permission bits of the socket: 0600 (owner only) or 0660 (owner and group).
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Upgrade in place: take every session, and the listening socket, over from the agent
+    /// running on --socket (same mode); it exits once this one holds them. Refused while an
+    /// update is in flight on one of its connections (tried again for 10 s).
+    #[arg(long)]
+    upgrade: bool,
+    /// With --upgrade: how long, in seconds, to try again while the running agent is busy.
+    #[arg(long, value_name = "SECONDS", default_value_t = UPGRADE_WAIT.as_secs(), requires = "upgrade")]
+    upgrade_wait: u64,
     /// More logging (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -83,6 +97,22 @@ fn parse_mode(text: &str) -> Result<u32, String> {
     }
 }
 
+/// The fds systemd passed (its fd store, after a restart), by name; the variables are removed.
+fn inherited_entries() -> anyhow::Result<Vec<(String, OwnedFd)>> {
+    let env = ListenEnv::from_process();
+    let listed = inherited::listed(&env, std::process::id())
+        .context("Cannot take the fds passed by the service manager")?;
+    listen::unset_listen_env();
+    listed
+        .into_iter()
+        .map(|(fd, name)| {
+            let fd = listen::claim_inherited_fd(fd)
+                .with_context(|| format!("Cannot take inherited fd {fd} ({name})"))?;
+            Ok((name, fd))
+        })
+        .collect()
+}
+
 fn serve(cli: &Cli) -> anyhow::Result<()> {
     // The live-update fault injector (a test hook): a bad value stops us before serving.
     if let Some(fault) = liveupdate::fault::from_env()? {
@@ -91,21 +121,70 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     }
     // Before any thread starts, so that every thread inherits the blocked mask.
     agent::block_termination_signals()?;
+    let mode = if cli.emulate { "restart" } else { "kernel" };
+    // What an earlier agent left: systemd's fd store after a restart, or a running agent.
+    let inherited = inherited_entries()?;
+    let from_store = !inherited.is_empty();
+    let mut handoff = None;
+    let entries = if cli.upgrade {
+        anyhow::ensure!(
+            !from_store,
+            "--upgrade takes the sessions from a running agent, but the service manager passed fds"
+        );
+        let mut taken = Handoff::request(&cli.socket, mode, Duration::from_secs(cli.upgrade_wait))
+            .context("Cannot take the sessions over from the running agent")?;
+        let entries = taken.take_entries();
+        handoff = Some(taken);
+        entries
+    } else {
+        inherited
+    };
+    let mut rebuilt = fdstore::rebuild(entries).context("Cannot take the sessions back")?;
+    fdstore::check_mode(&rebuilt, mode)?;
     let (provider, handover): (Box<dyn SessionProvider>, HandoverMode) = if cli.emulate {
         let provider = EmulatedProvider::new();
         let holder = provider.clone();
         let handover = HandoverMode::Restart(Box::new(move |name: &str| holder.handover(name)));
         (Box::new(provider), handover)
     } else {
-        let provider = KernelProvider::open().context("Cannot run in kernel mode")?;
+        let provider = match rebuilt.device.take() {
+            Some(device) => KernelProvider::from_device_fd(device),
+            None => KernelProvider::open().context("Cannot run in kernel mode")?,
+        };
         (
             Box::new(provider),
             HandoverMode::Kexec(std::sync::Arc::new(SystemKexec)),
         )
     };
     info!("{} mode", handover.name());
-    let state = AgentState::new(provider, handover, agent::effective_uid());
-    let server = AgentServer::bind(&cli.socket, cli.socket_mode, state)?;
+    let mut state = AgentState::new(provider, handover, agent::effective_uid());
+    let taken_back = rebuilt.session_count();
+    state
+        .import(std::mem::take(&mut rebuilt.sessions))
+        .context("Cannot take the sessions back")?;
+    if let Some(handoff) = handoff {
+        handoff
+            .confirm()
+            .context("The running agent did not let go of its sessions")?;
+    }
+    let server = match rebuilt.listener.take() {
+        Some(listener) => AgentServer::adopt(&cli.socket, listener, state, LOCK_WAIT)?,
+        None => AgentServer::bind(&cli.socket, cli.socket_mode, state)?,
+    };
+    if taken_back > 0 {
+        info!("{taken_back} session(s) taken back");
+    }
+    if let Some(systemd) = Systemd::from_env().context("Cannot reach the service manager")? {
+        let resumed = from_store.then_some(&rebuilt);
+        server.keep_in_store(Box::new(systemd), resumed)?;
+        if let Some(systemd) = Systemd::from_env()? {
+            systemd
+                .notify("READY=1", None)
+                .context("Cannot tell the service manager the agent is ready")?;
+        }
+    }
+    // Its copies of the fds would keep finished sessions' memory alive.
+    drop(rebuilt);
     let shutdown = server.shutdown_handle();
     thread::Builder::new()
         .name("ch-luod-signals".into())
@@ -118,6 +197,16 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         })
         .context("Cannot start the signal thread")?;
     server.run()?;
+    if server.handed_off() {
+        // The new agent holds every session: drop nothing on the way out.
+        info!("handed over to the new agent");
+        std::process::exit(0);
+    }
+    if server.in_store() {
+        // systemd keeps them until it starts the agent again (or the unit stops for good).
+        info!("stopped; the sessions stay in the service manager's fd store");
+        std::process::exit(0);
+    }
     drop(server);
     info!("stopped");
     Ok(())

@@ -534,6 +534,42 @@ impl Agent {
         agent
     }
 
+    /// Upgrades the agent in place: a new `ch-luod --emulate --upgrade` takes every session and
+    /// the socket over; returns once the old agent exited (asserted with status 0).
+    pub fn upgrade(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.socket.with_file_name("agent.log"))
+            .unwrap();
+        let new = Command::new(env!("CARGO_BIN_EXE_ch-luod"))
+            .args(["--emulate", "-v", "--upgrade", "--socket"])
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start ch-luod --upgrade");
+        let mut old = std::mem::replace(&mut self.child, new);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = old.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the old agent did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "the old agent exited with {status}");
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the new agent exited"
+        );
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The VMM option value: `agent=<socket>`.
     pub fn arg(&self) -> String {
         format!("agent={}", self.socket.display())

@@ -50,6 +50,19 @@ impl Attachments {
         })
     }
 
+    /// New descriptors of every attachment, by token (for the fd store and an upgrade).
+    pub(super) fn export(&self) -> std::io::Result<Vec<(Token, OwnedFd)>> {
+        self.fds
+            .iter()
+            .map(|(token, fd)| Ok((*token, fd.try_clone()?)))
+            .collect()
+    }
+
+    /// Attachments taken back from an earlier agent.
+    pub(super) fn from_fds(fds: BTreeMap<Token, OwnedFd>) -> Self {
+        Self { fds }
+    }
+
     /// The tokens in use, in order.
     pub(super) fn tokens(&self) -> Vec<Token> {
         self.fds.keys().copied().collect()

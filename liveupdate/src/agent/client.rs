@@ -42,14 +42,9 @@ impl AgentClient {
         &self.path
     }
 
-    /// Sends `request` (with `fd`, if any) and waits for the reply; an error reply becomes
-    /// [`AgentError::Remote`].
-    pub fn request(
-        &mut self,
-        request: &Request,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(Response, Option<OwnedFd>), AgentError> {
-        protocol::send(&self.stream, request, fd)?;
+    /// Waits for one more message (a reply in several parts, as a handoff); an error reply
+    /// becomes [`AgentError::Remote`].
+    pub fn receive(&mut self) -> Result<(Response, Option<OwnedFd>), AgentError> {
         let received = protocol::recv(&self.stream, REPLY_TIMEOUT)?.ok_or_else(|| {
             AgentError::Protocol(protocol::ProtocolError::Io {
                 operation: "read",
@@ -63,6 +58,17 @@ impl AgentClient {
             }),
             response => Ok((response, received.fd)),
         }
+    }
+
+    /// Sends `request` (with `fd`, if any) and waits for the reply; an error reply becomes
+    /// [`AgentError::Remote`].
+    pub fn request(
+        &mut self,
+        request: &Request,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(Response, Option<OwnedFd>), AgentError> {
+        protocol::send(&self.stream, request, fd)?;
+        self.receive()
     }
 
     fn expect_ok(&mut self, request: &Request) -> Result<(), AgentError> {

@@ -17,8 +17,10 @@
 //! `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
 //! `resumed{name,pid}` (the successor is about to run the guest: see Faults below),
 //! `finish{name}`, `list`, `attach{name,token}` + fd and `retrieve_attachment{name,token}` (see
-//! Attachments below). Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
-//! `sessions{sessions}`, `error{kind,message}` with a stable snake_case
+//! Attachments below), `upgrade{mode}` and `upgrade_done` (a new agent binary taking over, see
+//! [`upgrade`]). Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
+//! `sessions{sessions}`, `handoff{names}` and `handoff_fd{name}` + fd, `error{kind,message}`
+//! with a stable snake_case
 //! [`protocol::ErrorKind`]. A body that is not a valid request gets a `bad_request` reply and the
 //! connection goes on; a bad header, an oversized body or more than one fd gets a `bad_request`
 //! reply and the connection is closed (the stream cannot be trusted to be in step any more).
@@ -59,16 +61,24 @@
 //! saying who resumed it and when, or that its VMM died before the handover, so no successor
 //! waits in vain or restores state the guest has moved past. The successor's own `finish` after
 //! `resumed` is answered `ok`; a new session of the same name clears the record.
+//!
+//! # Not a single point of loss
+//! Under systemd (`contrib/systemd/ch-luod.service`) the agent keeps every session in the
+//! unit's file descriptor store and takes them back when systemd starts it again
+//! ([`fdstore`]); without systemd, `ch-luod --upgrade` hands them to a new binary ([`upgrade`]).
+//! `docs/systemd.md` says what a crash costs otherwise.
 
 mod attachments;
 pub mod client;
 mod ended;
 pub mod faults;
+pub mod fdstore;
 pub mod kexec;
 pub mod protocol;
 pub mod server;
 pub mod state;
 mod sys;
+pub mod upgrade;
 
 use std::io;
 use std::path::PathBuf;

@@ -194,6 +194,17 @@ pub enum Request {
         #[serde(default)]
         sessions: Vec<String>,
     },
+    /// From a new agent binary (root or the agent's uid) taking over in place: the running
+    /// agent, of the same `mode`, stops accepting and answers with `handoff` followed by one
+    /// `handoff_fd` per entry (see [`super::upgrade`]). Refused (`busy`) while another
+    /// connection is open, e.g. an update in flight.
+    Upgrade {
+        /// "kernel" or "restart": the new agent's mode.
+        mode: String,
+    },
+    /// From the new agent once it holds every session: the old one answers `ok` and exits
+    /// without removing the socket. Any other message (or a hang-up) makes it serve on.
+    UpgradeDone,
 }
 
 impl Request {
@@ -374,6 +385,16 @@ pub enum Response {
         /// `idle` (no next kernel loaded), `loading` or `loaded` (the barrier waits for the
         /// sessions to freeze).
         phase: String,
+    },
+    /// Answer to `upgrade`: the names of the entries that follow, in order.
+    Handoff {
+        /// Entry names (see [`super::fdstore`]).
+        names: Vec<String>,
+    },
+    /// One entry of a handoff; the message carries its fd.
+    HandoffFd {
+        /// The entry's name.
+        name: String,
     },
     /// Answer to `list`.
     Sessions {

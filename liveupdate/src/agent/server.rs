@@ -2,7 +2,8 @@
 //! per connection.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::os::fd::OwnedFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use super::fdstore::{Collect, DEVICE_NAME, FdStore, LISTENER_NAME, Rebuilt, Sink};
 use super::kexec::{HANDOVER_WAIT, KexecImage};
 use super::protocol::{self, ErrorKind, MAX_WAIT_MS, ProtocolError, Request, Response, WireError};
 use super::state::AgentState;
@@ -34,14 +36,24 @@ const BARRIER_POLL: Duration = Duration::from_millis(100);
 /// Makes private directory names unique within the process.
 static PRIVATE_DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// What the accept loop does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Accepts connections.
+    Serving,
+    /// Accepts none for now (an upgrade is being handed over); new connections wait in the
+    /// socket's backlog.
+    Parked,
+    /// Returns from [`AgentServer::run`].
+    Exit,
+}
+
 /// A bound agent socket, ready to serve.
 #[derive(Debug)]
 pub struct AgentServer {
     listener: UnixListener,
     path: PathBuf,
     state: Arc<Shared>,
-    stop: Arc<AtomicBool>,
-    connections: Arc<AtomicUsize>,
     /// Held (flock) for the server's lifetime: a second agent on the same path is refused.
     _lock: File,
 }
@@ -49,21 +61,23 @@ pub struct AgentServer {
 /// Stops a running [`AgentServer`] from another thread and removes its socket.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
+    state: Arc<Shared>,
 }
 
 impl ShutdownHandle {
     /// Makes [`AgentServer::run`] return (dropping the server then removes the socket file).
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop; a failure means it is gone already.
-        let _ = UnixStream::connect(&self.path);
+        self.state.set_gate(Gate::Exit);
     }
 }
 
 impl Drop for AgentServer {
     fn drop(&mut self) {
+        // Handed to a new agent, or kept in systemd's fd store for the next one: the path
+        // stays with the listening socket.
+        if self.handed_off() || self.in_store() {
+            return;
+        }
         // Only a bound server exists, and the lock says the socket at `path` is ours.
         if let Err(e) = fs::remove_file(&self.path) {
             debug!("removing {}: {e}", self.path.display());
@@ -80,6 +94,33 @@ fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error)
     }
 }
 
+fn lock_path(path: &Path) -> PathBuf {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    PathBuf::from(lock_path)
+}
+
+/// Opens `<path>.lock` and takes its lock, trying again until `wait` has passed.
+fn take_lock(path: &Path, wait: Duration) -> Result<File, AgentError> {
+    let lock_path = lock_path(path);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_error("open lock file", &lock_path))?;
+    let deadline = Instant::now() + wait;
+    while lock.try_lock().is_err() {
+        if Instant::now() >= deadline {
+            return Err(AgentError::AlreadyRunning {
+                path: path.to_path_buf(),
+            });
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(lock)
+}
+
 impl AgentServer {
     /// Binds the agent socket at `path` with permission bits `mode` (e.g. 0o600 or 0o660).
     ///
@@ -87,21 +128,7 @@ impl AgentServer {
     /// renamed over `path`, so it is never reachable with wider permissions; a stale socket is
     /// replaced. A lock on `<path>.lock` refuses a second agent on the same path.
     pub fn bind(path: &Path, mode: u32, state: AgentState) -> Result<Self, AgentError> {
-        let mut lock_path = path.as_os_str().to_owned();
-        lock_path.push(".lock");
-        let lock_path = PathBuf::from(lock_path);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_error("open lock file", &lock_path))?;
-        if lock.try_lock().is_err() {
-            return Err(AgentError::AlreadyRunning {
-                path: path.to_path_buf(),
-            });
-        }
-
+        let lock = take_lock(path, Duration::ZERO)?;
         let parent = path.parent().unwrap_or(Path::new("."));
         let file_name = path.file_name().ok_or_else(|| AgentError::BadSocketPath {
             path: path.to_path_buf(),
@@ -125,16 +152,55 @@ impl AgentServer {
         let _ = fs::remove_dir_all(&private_dir);
         let listener = bound?;
         info!("listening on {} (mode {mode:o})", path.display());
+        Self::serve_on(listener, path, lock, state)
+    }
 
+    /// Serves on `listener`, a socket already listening at `path` that an earlier agent
+    /// passed on (systemd's fd store, or an upgrade); waits up to `lock_wait` for the earlier
+    /// agent to release the path's lock. No connection is refused meanwhile: they wait in the
+    /// socket's backlog.
+    pub fn adopt(
+        path: &Path,
+        listener: OwnedFd,
+        state: AgentState,
+        lock_wait: Duration,
+    ) -> Result<Self, AgentError> {
+        // Its address cannot be checked against `path`: it was bound under a private name
+        // and renamed (see `bind`).
+        let listener = UnixListener::from(listener);
+        let lock = take_lock(path, lock_wait)?;
+        info!("listening on {} (socket passed on)", path.display());
+        Self::serve_on(listener, path, lock, state)
+    }
+
+    fn serve_on(
+        listener: UnixListener,
+        path: &Path,
+        lock: File,
+        state: AgentState,
+    ) -> Result<Self, AgentError> {
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(io_error("create a pipe for", path))?;
+        wake_rx
+            .set_nonblocking(true)
+            .map_err(io_error("create a pipe for", path))?;
+        let listener_copy = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_error("duplicate the socket", path))?;
         Ok(Self {
             listener,
             path: path.to_path_buf(),
             state: Arc::new(Shared {
                 state: Mutex::new(state),
                 changed: Condvar::new(),
+                store: Mutex::new(None),
+                gate: Mutex::new(Gate::Serving),
+                gate_changed: Condvar::new(),
+                wake: (wake_rx, wake_tx),
+                connections: AtomicUsize::new(0),
+                handed_off: AtomicBool::new(false),
+                listener: listener_copy,
             }),
-            stop: Arc::new(AtomicBool::new(false)),
-            connections: Arc::new(AtomicUsize::new(0)),
             _lock: lock,
         })
     }
@@ -147,43 +213,111 @@ impl AgentServer {
     /// A handle that stops [`Self::run`].
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            path: self.path.clone(),
-            stop: Arc::clone(&self.stop),
+            state: Arc::clone(&self.state),
         }
     }
 
-    /// Accepts connections until [`ShutdownHandle::shutdown`]; each gets its own thread.
+    /// Whether [`Self::run`] returned because a new agent took every session over.
+    pub fn handed_off(&self) -> bool {
+        self.state.handed_off.load(Ordering::SeqCst)
+    }
+
+    /// Whether the sessions are kept in a store (see [`Self::keep_in_store`]).
+    pub fn in_store(&self) -> bool {
+        self.state
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Keeps every session, and the listening socket, in `sink` (systemd's fd store) from now
+    /// on; `resumed` is what this agent took back from it at start.
+    pub fn keep_in_store(
+        &self,
+        sink: Box<dyn Sink>,
+        resumed: Option<&Rebuilt>,
+    ) -> Result<(), AgentError> {
+        let state = self
+            .state
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let fixed = self.state.fixed_entries(&state);
+        let setup = |source| AgentError::Setup {
+            operation: "keep the sessions in the fd store of",
+            path: self.path.clone(),
+            source,
+        };
+        let fixed = fixed.map_err(setup)?;
+        let borrowed: Vec<(&str, BorrowedFd<'_>)> =
+            fixed.iter().map(|(name, fd)| (*name, fd.as_fd())).collect();
+        let mut store = match resumed {
+            Some(rebuilt) => FdStore::resume(sink, rebuilt, &borrowed),
+            None => FdStore::new(sink, &borrowed),
+        }
+        .map_err(setup)?;
+        store.sync(&state).map_err(setup)?;
+        *self
+            .state
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(store);
+        Ok(())
+    }
+
+    /// Accepts connections until [`ShutdownHandle::shutdown`] or a completed upgrade; each
+    /// gets its own thread.
     pub fn run(&self) -> Result<(), AgentError> {
-        for stream in self.listener.incoming() {
-            if self.stop.load(Ordering::SeqCst) {
-                break;
+        let shared = &self.state;
+        loop {
+            let ready = sys::wait_readable(&[self.listener.as_fd(), shared.wake.0.as_fd()])
+                .map_err(io_error("wait for connections on", &self.path))?;
+            if ready[1] {
+                let mut drain = [0u8; 64];
+                while matches!((&shared.wake.0).read(&mut drain), Ok(n) if n > 0) {}
             }
-            let stream = match stream {
-                Ok(stream) => stream,
+            // Held through the accept: an upgrade parks the loop only between connections.
+            let mut gate = shared.gate.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                match *gate {
+                    Gate::Serving => break,
+                    Gate::Exit => return Ok(()),
+                    Gate::Parked => {
+                        gate = shared
+                            .gate_changed
+                            .wait(gate)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    }
+                }
+            }
+            if !ready[0] {
+                continue;
+            }
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
                 Err(e) => {
                     warn!("accept failed: {e}");
                     continue;
                 }
             };
-            if self.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                self.connections.fetch_sub(1, Ordering::SeqCst);
+            if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                shared.connections.fetch_sub(1, Ordering::SeqCst);
                 refuse_busy(&stream);
                 continue;
             }
-            let state = Arc::clone(&self.state);
-            let connections = Arc::clone(&self.connections);
+            let state = Arc::clone(shared);
             let spawned = thread::Builder::new()
                 .name("ch-luod-conn".into())
                 .spawn(move || {
                     serve_connection(&stream, &state);
-                    connections.fetch_sub(1, Ordering::SeqCst);
+                    state.connections.fetch_sub(1, Ordering::SeqCst);
                 });
             if let Err(e) = spawned {
                 warn!("cannot start a connection thread: {e}");
-                self.connections.fetch_sub(1, Ordering::SeqCst);
+                shared.connections.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        Ok(())
     }
 }
 
@@ -195,11 +329,22 @@ fn refuse_busy(stream: &UnixStream) {
 /// What a waiting request waits for, checked each time the state changes.
 type WaitCondition<'a> = dyn Fn(&AgentState) -> bool + 'a;
 
-/// The agent's state and a signal for every change to it (for `wait_handover`).
+/// The agent's state and a signal for every change to it (for `wait_handover`), its fd store,
+/// and the accept loop's gate.
 #[derive(Debug)]
 struct Shared {
     state: Mutex<AgentState>,
     changed: Condvar,
+    /// Under systemd: its fd store, kept in line with `state` after every change.
+    store: Mutex<Option<FdStore>>,
+    gate: Mutex<Gate>,
+    gate_changed: Condvar,
+    /// Wakes the accept loop (read end, write end).
+    wake: (UnixStream, UnixStream),
+    connections: AtomicUsize,
+    handed_off: AtomicBool,
+    /// The listening socket, to hand over in an upgrade.
+    listener: OwnedFd,
 }
 
 impl Shared {
@@ -224,8 +369,147 @@ impl Shared {
         if exited {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             state.drop_abandoned();
-            self.changed.notify_all();
+            self.after_change(&state);
         }
+    }
+
+    /// Wakes waiters and brings the fd store in line with `state`.
+    fn after_change(&self, state: &AgentState) {
+        self.changed.notify_all();
+        let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(store) = store.as_mut()
+            && let Err(e) = store.sync(state)
+        {
+            warn!("cannot update the fd store: {e}");
+        }
+    }
+
+    fn set_gate(&self, gate: Gate) {
+        *self.gate.lock().unwrap_or_else(PoisonError::into_inner) = gate;
+        self.gate_changed.notify_all();
+        // A full pipe wakes the loop as well.
+        let _ = (&self.wake.1).write(&[1]);
+    }
+
+    /// The entries every store and handoff has: the listener and the provider's own fds.
+    fn fixed_entries(&self, state: &AgentState) -> std::io::Result<Vec<(&'static str, OwnedFd)>> {
+        let mut fixed = vec![(LISTENER_NAME, self.listener.try_clone()?)];
+        let provider = state
+            .export_provider()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        for (name, fd) in provider {
+            if name == crate::kernel::DEVICE_FD_NAME {
+                fixed.push((DEVICE_NAME, fd));
+            }
+        }
+        Ok(fixed)
+    }
+
+    /// Serves `upgrade` from a new agent (see [`super::upgrade`]); true once it took over.
+    fn upgrade(&self, stream: &UnixStream, uid: u32, mode: &str) -> Result<bool, ProtocolError> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let refuse = |kind, message: String| {
+            warn!("upgrade refused: {message}");
+            let error = Response::Error(WireError::new(kind, message));
+            protocol::send(stream, &error, None).map(|()| false)
+        };
+        if uid != 0 && uid != state.agent_uid {
+            return refuse(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "Permission denied: only root or the agent's uid may upgrade it (uid {uid})"
+                ),
+            );
+        }
+        if mode != state.handover.name() {
+            return refuse(
+                ErrorKind::BadRequest,
+                format!(
+                    "This agent runs in {} mode; a {mode}-mode agent cannot take its sessions",
+                    state.handover.name()
+                ),
+            );
+        }
+        if self
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            return refuse(
+                ErrorKind::NotSupported,
+                "This agent runs under systemd, whose fd store carries its sessions: \
+                 upgrade it with `systemctl restart`"
+                    .to_string(),
+            );
+        }
+        if !state.kexec_idle() {
+            return refuse(ErrorKind::Busy, "A kexec is under way".to_string());
+        }
+        // Taking the gate waits for an accept in progress: every accepted connection is counted.
+        self.set_gate(Gate::Parked);
+        let others = self.connections.load(Ordering::SeqCst).saturating_sub(1);
+        if others > 0 {
+            self.set_gate(Gate::Serving);
+            return refuse(
+                ErrorKind::Busy,
+                format!(
+                    "{others} other connection(s) to the agent are open (an update in flight?): \
+                     upgrade once they are closed"
+                ),
+            );
+        }
+        let handed = self.hand_off(stream, &state);
+        match handed {
+            Ok(true) => {
+                info!("every session is with the new agent: exiting");
+                self.handed_off.store(true, Ordering::SeqCst);
+                self.set_gate(Gate::Exit);
+                Ok(true)
+            }
+            Ok(false) | Err(_) => {
+                warn!("upgrade abandoned: serving on");
+                self.set_gate(Gate::Serving);
+                handed
+            }
+        }
+    }
+
+    /// Sends every entry, then waits for the new agent's `upgrade_done`.
+    fn hand_off(&self, stream: &UnixStream, state: &AgentState) -> Result<bool, ProtocolError> {
+        let collected = Collect::default();
+        let entries = self.fixed_entries(state).and_then(|fixed| {
+            let borrowed: Vec<(&str, BorrowedFd<'_>)> =
+                fixed.iter().map(|(name, fd)| (*name, fd.as_fd())).collect();
+            let mut store = FdStore::new(Box::new(collected.clone()), &borrowed)?;
+            store.sync(state)?;
+            Ok(collected.take())
+        });
+        let entries = match entries {
+            Ok(entries) => entries,
+            Err(e) => {
+                let error = WireError::new(ErrorKind::Os, format!("Cannot hand over: {e}"));
+                protocol::send(stream, &Response::Error(error), None)?;
+                return Ok(false);
+            }
+        };
+        let names = entries.iter().map(|(name, _)| name.clone()).collect();
+        protocol::send(stream, &Response::Handoff { names }, None)?;
+        for (name, fd) in &entries {
+            let part = Response::HandoffFd { name: name.clone() };
+            protocol::send(stream, &part, Some(fd.as_fd()))?;
+        }
+        let Some(received) = protocol::recv(stream, MESSAGE_TIMEOUT)? else {
+            return Ok(false);
+        };
+        if !matches!(
+            protocol::decode_body::<Request>(&received.body),
+            Ok(Request::UpgradeDone)
+        ) {
+            return Ok(false);
+        }
+        protocol::send(stream, &Response::Ok, None)?;
+        Ok(true)
     }
 
     /// Handles one request; `wait_handover` and `wait_successor` first wait, without holding
@@ -285,7 +569,7 @@ impl Shared {
             }
         }
         let answer = state.handle(request, uid, fd);
-        self.changed.notify_all();
+        self.after_change(&state);
         match (kernel_handover, answer) {
             (Some(name), (Response::Ok, None)) => (self.hold_handover(state, &name), None),
             (_, answer) => answer,
@@ -303,7 +587,7 @@ impl Shared {
             let now = Instant::now();
             if now >= deadline && state.kexec_idle() {
                 let response = state.abandon_handover(name);
-                self.changed.notify_all();
+                self.after_change(&state);
                 return response;
             }
             state = self
@@ -336,7 +620,7 @@ impl Shared {
         let loaded = ops.load(image);
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let result = state.kexec_loaded(image, loaded);
-        self.changed.notify_all();
+        self.after_change(&state);
         if let Err(error) = result {
             return Response::Error(error);
         }
@@ -353,7 +637,7 @@ impl Shared {
                     "Barrier timeout after {timeout:?}: not frozen: {}",
                     pending.join(", ")
                 ));
-                self.changed.notify_all();
+                self.after_change(&state);
                 return Response::Error(error);
             }
             state = self
@@ -364,7 +648,7 @@ impl Shared {
         }
         // The state stays locked through the reboot: nothing may change a session meanwhile.
         let error = state.reboot();
-        self.changed.notify_all();
+        self.after_change(&state);
         Response::Error(error)
     }
 }
@@ -399,6 +683,15 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
             }
         };
         let (response, fd) = match protocol::decode_body::<Request>(&received.body) {
+            Ok(Request::Upgrade { mode }) => match state.upgrade(stream, uid, &mode) {
+                // Every session is with the new agent; this one exits.
+                Ok(true) => return,
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!("upgrade connection from uid {uid}: {e}");
+                    break;
+                }
+            },
             Ok(request) => {
                 debug!("uid {uid}: {request:?}");
                 let new_session = match &request {

@@ -8,9 +8,10 @@ use log::{info, warn};
 
 use super::attachments::Attachments;
 use super::ended::{Creator, Ended, EndedSessions};
+use super::fdstore::{Exported, Imported, Role, SessionRecord, Side};
 use super::kexec::{KexecPhase, SharedKexecOps};
 use super::protocol::{Direction, ErrorKind, Request, Response, SessionInfo, VERSION, WireError};
-use crate::session::{Session, SessionError, SessionProvider, Token};
+use crate::session::{AdoptAs, Session, SessionError, SessionProvider, Token};
 
 /// Hands a session over in restart mode (e.g. `EmulatedProvider::handover`).
 pub type HandoverFn = Box<dyn FnMut(&str) -> Result<(), SessionError> + Send>;
@@ -62,6 +63,8 @@ struct HandedOver {
     owner: u32,
     tokens: Vec<Token>,
     attachments: Attachments,
+    /// The agent's copies of the files (the holder has the same files), for the fd store.
+    files: BTreeMap<Token, OwnedFd>,
 }
 
 /// Everything the agent holds: the provider and the sessions, by side.
@@ -312,6 +315,10 @@ impl AgentState {
                 ErrorKind::BadRequest,
                 "kexec is served by the agent's socket server only",
             )),
+            Request::Upgrade { .. } | Request::UpgradeDone => Err(WireError::new(
+                ErrorKind::BadRequest,
+                "upgrade is served by the agent's socket server only",
+            )),
             Request::Cancel { name } => self.cancel(&name, uid).and(ok),
             Request::RetrieveSession { name } => self.retrieve_session(name, uid).and(ok),
             // The server waits on its own (without holding the state) before asking here.
@@ -460,6 +467,7 @@ impl AgentState {
                         owner: uid,
                         tokens: held.tokens,
                         attachments: held.attachments,
+                        files: held.files,
                     };
                     self.handed_over.insert(name.to_string(), handed_over);
                 }
@@ -573,6 +581,133 @@ impl AgentState {
         }));
         sessions.extend(self.incoming.iter().map(held(Direction::Incoming)));
         sessions
+    }
+}
+
+/// Duplicates `(key, fd)` pairs into roles (for [`AgentState::export`]).
+fn roles<K>(
+    fds: impl IntoIterator<Item = (K, OwnedFd)>,
+    role: impl Fn(K) -> Role,
+) -> Vec<(Role, OwnedFd)> {
+    fds.into_iter().map(|(key, fd)| (role(key), fd)).collect()
+}
+
+fn dups<'a>(
+    files: impl IntoIterator<Item = (&'a Token, &'a OwnedFd)>,
+) -> std::io::Result<Vec<(Token, OwnedFd)>> {
+    files
+        .into_iter()
+        .map(|(token, fd)| Ok((*token, fd.try_clone()?)))
+        .collect()
+}
+
+// The fd store and the upgrade in place (see `super::fdstore`).
+impl AgentState {
+    /// What the provider itself holds (`/dev/liveupdate` in kernel mode), as new descriptors.
+    pub(super) fn export_provider(&self) -> Result<Vec<(String, OwnedFd)>, SessionError> {
+        self.provider.export_fds()
+    }
+
+    /// Every session: its record (without entry names) and new descriptors of every fd that
+    /// keeps it, by role.
+    pub(super) fn export(&self) -> Result<Vec<Exported>, SessionError> {
+        let os = |source| SessionError::Os {
+            operation: "export",
+            source,
+        };
+        let mut sessions = Vec::new();
+        let sides = [
+            (&self.outgoing, Side::Outgoing),
+            (&self.incoming, Side::Incoming),
+        ];
+        for (map, side) in sides {
+            for (name, held) in map {
+                let mut record = SessionRecord::new(name, side);
+                record.owner = held.owner;
+                record.frozen = held.frozen;
+                record.tokens.clone_from(&held.tokens);
+                let mut fds = roles(held.session.export_fds()?, Role::Provider);
+                fds.extend(roles(dups(&held.files).map_err(os)?, Role::File));
+                fds.extend(roles(
+                    held.attachments.export().map_err(os)?,
+                    Role::Attachment,
+                ));
+                sessions.push((record, fds));
+            }
+        }
+        for (name, handed) in &self.handed_over {
+            let mut record = SessionRecord::new(name, Side::HandedOver);
+            record.owner = Some(handed.owner);
+            record.tokens.clone_from(&handed.tokens);
+            // The holder's files are these same files, named by token as it names them.
+            let files = dups(&handed.files).map_err(os)?;
+            let mut fds: Vec<(Role, OwnedFd)> = files
+                .iter()
+                .map(|(token, fd)| Ok((Role::Provider(format!("{token:x}")), fd.try_clone()?)))
+                .collect::<std::io::Result<_>>()
+                .map_err(os)?;
+            fds.extend(roles(files, Role::File));
+            fds.extend(roles(
+                handed.attachments.export().map_err(os)?,
+                Role::Attachment,
+            ));
+            sessions.push((record, fds));
+        }
+        Ok(sessions)
+    }
+
+    /// Takes back sessions an earlier agent held (from its fd store or an upgrade).
+    pub fn import(&mut self, sessions: Vec<Imported>) -> Result<(), SessionError> {
+        for imported in sessions {
+            let record = imported.record;
+            let name = record.name;
+            let side = match record.side {
+                Side::Outgoing => AdoptAs::Outgoing,
+                Side::HandedOver => AdoptAs::HandedOver,
+                Side::Incoming => AdoptAs::Retrieved,
+            };
+            let session = self.provider.adopt(&name, side, imported.provider)?;
+            let attachments = Attachments::from_fds(imported.attachments);
+            let files = imported.files;
+            match (record.side, session) {
+                (Side::HandedOver, None) => {
+                    let handed = HandedOver {
+                        owner: record.owner.unwrap_or(self.agent_uid),
+                        tokens: record.tokens.clone(),
+                        attachments,
+                        files,
+                    };
+                    self.handed_over.insert(name.clone(), handed);
+                }
+                (Side::Outgoing | Side::Incoming, Some(session)) => {
+                    let held = Held {
+                        session,
+                        owner: record.owner,
+                        tokens: record.tokens.clone(),
+                        frozen: record.frozen,
+                        files,
+                        verdict: None,
+                        attachments,
+                    };
+                    let map = if record.side == Side::Outgoing {
+                        &mut self.outgoing
+                    } else {
+                        &mut self.incoming
+                    };
+                    map.insert(name.clone(), held);
+                }
+                _ => {
+                    return Err(SessionError::Os {
+                        operation: "adopt",
+                        source: std::io::Error::other(format!(
+                            "the provider gave no handle fitting session {name:?}"
+                        )),
+                    });
+                }
+            }
+            info!("session {name:?} taken back ({:?})", record.side);
+        }
+        Ok(())
     }
 }
 

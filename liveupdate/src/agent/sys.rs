@@ -2,7 +2,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::signal::create_sigset;
@@ -103,4 +103,30 @@ pub(crate) fn has_exited(pidfd: &OwnedFd, timeout_ms: libc::c_int) -> bool {
     // SAFETY: `poll` is one valid pollfd, for the call's duration; the result is checked.
     let ready = unsafe { libc::poll(&raw mut poll, 1, timeout_ms) };
     ready > 0 && poll.revents & libc::POLLIN != 0
+}
+
+/// Waits until one of `fds` is readable (or hung up); returns which are.
+pub(crate) fn wait_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let count = libc::nfds_t::try_from(polled.len()).map_err(io::Error::other)?;
+    loop {
+        // SAFETY: `polled` is a valid array of `count` pollfd structs for the call, and the
+        // kernel writes only their `revents`; the return value is checked.
+        let ret = unsafe { libc::poll(polled.as_mut_ptr(), count, -1) };
+        if ret >= 0 {
+            break;
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    Ok(polled.iter().map(|p| p.revents != 0).collect())
 }

@@ -237,6 +237,27 @@ pub fn memfd_create(name: &str, extra_flags: libc::c_uint) -> io::Result<OwnedFd
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Seals a memfd (made with `MFD_ALLOW_SEALING`) against any further change of size or bytes.
+pub fn seal_memfd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: F_ADD_SEALS only changes the file's seals; no memory is involved.
+    let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The file status flags of the open file `fd` (`F_GETFL`: access mode, `O_APPEND`, ...).
+pub fn file_status_flags(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    // SAFETY: F_GETFL only reads the open file's flags; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags)
+}
+
 /// The `f_type` magic of the filesystem `fd` lives on (`fstatfs`).
 pub fn fs_magic(fd: impl AsFd) -> io::Result<i64> {
     let mut buf = MaybeUninit::<libc::statfs>::zeroed();
