@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use liveupdate::participant::{FileSink, Participant, ParticipantError};
 use liveupdate::session::Token;
+use liveupdate::state::Versioned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
@@ -66,6 +67,10 @@ pub struct ConfigState {
     pub json: String,
 }
 
+impl Versioned for ConfigState {
+    const VERSION: u16 = 1;
+}
+
 impl ConfigState {
     /// The configuration it holds.
     pub fn config(&self) -> Result<VmConfig, crate::config::ConfigError> {
@@ -79,7 +84,6 @@ pub struct ConfigParticipant<'a>(pub &'a VmConfig);
 
 impl Participant for ConfigParticipant<'_> {
     type State = ConfigState;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         ids::CONFIG.into()
@@ -108,6 +112,10 @@ pub struct MemoryState {
     pub memfd_token: Token,
 }
 
+impl Versioned for MemoryState {
+    const VERSION: u16 = 1;
+}
+
 /// Guest RAM: preserved while the guest still runs (in the kernel that pins every page, the
 /// slowest step of all), never copied.
 #[derive(Debug)]
@@ -125,7 +133,6 @@ impl<'a> MemoryParticipant<'a> {
 
 impl Participant for MemoryParticipant<'_> {
     type State = MemoryState;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         ids::MEMORY.into()
@@ -163,6 +170,10 @@ pub struct VcpusState {
     pub paused_at_ns: u64,
 }
 
+impl Versioned for VcpusState {
+    const VERSION: u16 = 1;
+}
+
 /// The vCPU set: pausing it starts the guest-visible pause. Each vCPU's state is its own
 /// participant ([`VcpuParticipant`]).
 #[derive(Debug)]
@@ -187,7 +198,6 @@ impl<'a> VcpusParticipant<'a> {
 
 impl Participant for VcpusParticipant<'_> {
     type State = VcpusState;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         ids::VCPUS.into()
@@ -232,7 +242,6 @@ impl<'a> VcpuParticipant<'a> {
 
 impl Participant for VcpuParticipant<'_> {
     type State = VcpuState;
-    const VERSION: u16 = VcpuState::VERSION;
 
     fn id(&self) -> String {
         ids::vcpu(self.index)
@@ -262,7 +271,6 @@ pub struct InterruptsParticipant<'a>(pub &'a InterruptManager);
 
 impl Participant for InterruptsParticipant<'_> {
     type State = InterruptState;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         ids::INTERRUPTS.into()
@@ -322,17 +330,24 @@ pub fn clock_participant(vm: &kvm_ioctls::VmFd) -> KvmStateParticipant<'_, Clock
 #[serde(transparent)]
 pub struct PitState(pub kvm_bindings::kvm_pit_state2);
 
+impl Versioned for PitState {
+    const VERSION: u16 = 1;
+}
+
 /// The kvmclock, in ns (with KVM's `realtime` and `host_tsc` when it filled them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ClockState(pub kvm_bindings::kvm_clock_data);
 
+impl Versioned for ClockState {
+    const VERSION: u16 = 1;
+}
+
 impl<S> Participant for KvmStateParticipant<'_, S>
 where
-    S: Serialize + serde::de::DeserializeOwned + std::fmt::Debug + Clone + PartialEq,
+    S: Versioned + std::fmt::Debug + Clone + PartialEq,
 {
     type State = S;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         self.id.into()
@@ -383,7 +398,6 @@ impl FailureInjector {
 
 impl Participant for FailureInjector {
     type State = ();
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         "fault-injection".into()

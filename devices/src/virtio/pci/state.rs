@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use liveupdate::state::Versioned;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -103,6 +104,14 @@ pub struct VirtioPciState<S> {
     pub pci: PciConfigurationState,
     /// The device's own state.
     pub device: S,
+}
+
+/// Each virtio device's envelope carries its own device state's version: the transport's shape
+/// is part of every device's, so a change to `VirtioPciState` bumps each device's `VERSION`.
+/// A device whose state gets a version 2 reads version 1 here: decode `VirtioPciState` of its
+/// frozen `V1` state and upgrade its `device`.
+impl<S: Versioned> Versioned for VirtioPciState<S> {
+    const VERSION: u16 = S::VERSION;
 }
 
 impl<D: VirtioDevice> VirtioPciDevice<D> {
