@@ -31,6 +31,8 @@ pub struct ProbeVm<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// Fds the VMM process inherits, each at the number given (e.g. a tap for `--net fd=[3]`).
     pub fds: &'a [(std::os::fd::BorrowedFd<'a>, std::os::fd::RawFd)],
+    /// The VMM binary (`None`: this build's `cloud-hypervisor`).
+    pub program: Option<&'a Path>,
 }
 
 impl Default for ProbeVm<'_> {
@@ -44,6 +46,7 @@ impl Default for ProbeVm<'_> {
             extra: &[],
             env: &[],
             fds: &[],
+            program: None,
         }
     }
 }
@@ -205,7 +208,10 @@ impl VmmProcess {
             vm.console,
         ];
         args.extend_from_slice(vm.extra);
-        Self::spawn_with_fds(&args, dir, vm.env, vm.fds)
+        let program = vm
+            .program
+            .unwrap_or(Path::new(env!("CARGO_BIN_EXE_cloud-hypervisor")));
+        Self::spawn_program(program, &args, dir, vm.env, vm.fds)
     }
 
     pub fn pid(&self) -> u32 {
@@ -503,9 +509,14 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `dir/agent.sock` and waits until it listens.
     pub fn start(dir: &Path) -> Self {
+        Self::start_program(Path::new(env!("CARGO_BIN_EXE_ch-luod")), dir)
+    }
+
+    /// Like [`Agent::start`], running the agent binary `program` (e.g. another build's).
+    pub fn start_program(program: &Path, dir: &Path) -> Self {
         let socket = dir.join("agent.sock");
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ch-luod"))
+        let child = Command::new(program)
             .args(["--emulate", "-v", "--socket"])
             .arg(&socket)
             .stdin(Stdio::null())
@@ -564,9 +575,22 @@ impl VmmProcess {
         env: &[(&str, &str)],
         fds: &[(std::os::fd::BorrowedFd<'_>, std::os::fd::RawFd)],
     ) -> Self {
+        let program = Path::new(env!("CARGO_BIN_EXE_cloud-hypervisor"));
+        Self::spawn_program(program, args, dir, env, fds)
+    }
+
+    /// Like [`VmmProcess::spawn_with_fds`], running the VMM binary `program` (e.g. another
+    /// build's).
+    pub fn spawn_program(
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &str)],
+        fds: &[(std::os::fd::BorrowedFd<'_>, std::os::fd::RawFd)],
+    ) -> Self {
         let stderr_path = dir.join("vmm.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"));
+        let mut command = Command::new(program);
         for (fd, target) in fds {
             liveupdate::sys::listen::pass_fd_at(&mut command, *fd, *target);
         }
@@ -577,7 +601,7 @@ impl VmmProcess {
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .expect("cannot start cloud-hypervisor");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         let stdout = child.stdout.take().unwrap();
         let output = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
         let sink = output.clone();
@@ -610,6 +634,18 @@ impl VmmProcess {
     /// Starts a successor VMM (API socket `dir/api.sock`) that takes over session `session`
     /// from `agent`; it waits for the handover if the session is not handed over yet.
     pub fn successor(agent: &Agent, session: &str, dir: &Path, extra: &[&str]) -> Self {
+        let program = Path::new(env!("CARGO_BIN_EXE_cloud-hypervisor"));
+        Self::successor_program(program, agent, session, dir, extra)
+    }
+
+    /// Like [`VmmProcess::successor`], running the VMM binary `program` (e.g. another build's).
+    pub fn successor_program(
+        program: &Path,
+        agent: &Agent,
+        session: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let socket = format!("path={}", dir.join("api.sock").display());
         let agent = agent.arg();
@@ -623,7 +659,7 @@ impl VmmProcess {
             &source,
         ];
         args.extend_from_slice(extra);
-        Self::spawn(&args, dir)
+        Self::spawn_program(program, &args, dir, &[], &[])
     }
 
     /// Sends `vm.live-update` into `session` and returns the raw response.
