@@ -125,7 +125,7 @@ pub enum StateError {
     },
     /// A participant's state is of an older version this build has no upgrade for.
     #[error(
-        "State of {id} has version {found}, which this build does not read (it reads {supported} and the upgrades its type lists)"
+        "State of {id} has version {found}, which this build has no upgrade from (it writes {supported})"
     )]
     UnknownState {
         /// The participant.
@@ -180,8 +180,8 @@ impl Envelope {
 ///
 /// Changing the type's shape (a field added, removed, reordered or retyped) means: copy the
 /// old definition into a frozen struct (`FooV1`), bump `VERSION`, and read the old version in
-/// [`Versioned::read_older`] through [`upgrade`]. `tests/golden_states.rs` fails for a type
-/// whose shape changed under the same version.
+/// [`Versioned::read_older`] through [`upgrade`]. `vmm`'s `state_schemas` test fails for a type
+/// whose shape changed under the same version (see docs/state-versions.md).
 pub trait Versioned: Serialize + DeserializeOwned {
     /// The version this build writes, and the newest it reads.
     const VERSION: u16;
@@ -198,6 +198,13 @@ pub trait Versioned: Serialize + DeserializeOwned {
 /// [`Versioned::read_older`].
 pub fn upgrade<Old: DeserializeOwned, New: From<Old>>(bytes: &[u8]) -> Result<New, DecodeError> {
     decode_exact::<Old>(bytes).map(New::from)
+}
+
+/// Decodes a `T` from the start of `bytes` and returns it with the bytes after it: for a state
+/// whose last field is another type's state, upgraded by that type (a virtio device's in its
+/// transport's).
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), DecodeError> {
+    postcard::take_from_bytes(bytes)
 }
 
 /// A participant with nothing to save (e.g. a test hook).
@@ -537,7 +544,7 @@ mod tests {
             matches!(error, StateError::UnknownState { ref id, found: 0, supported: 2 } if id == "counter/0"),
             "{error:?}"
         );
-        assert!(error.to_string().contains("does not read"), "{error}");
+        assert!(error.to_string().contains("no upgrade from"), "{error}");
     }
 
     #[test]
