@@ -590,6 +590,10 @@ mod tests {
         token: Option<Token>,
     }
 
+    impl crate::state::Versioned for FakeState {
+        const VERSION: u16 = 1;
+    }
+
     /// Records every call into a shared log; fails where told to.
     struct Recorder {
         id: &'static str,
@@ -613,7 +617,6 @@ mod tests {
 
     impl Participant for Recorder {
         type State = FakeState;
-        const VERSION: u16 = 1;
         fn id(&self) -> String {
             self.id.to_string()
         }
@@ -859,9 +862,9 @@ mod tests {
             .map_err(|(_, e)| e)
             .unwrap();
         let states = incoming.states().unwrap();
-        let memory: FakeState = states.take("memory", 1).unwrap();
+        let memory: FakeState = states.take("memory").unwrap();
         for id in ["vcpu/0", "serial"] {
-            let _: FakeState = states.take(id, 1).unwrap();
+            let _: FakeState = states.take(id).unwrap();
         }
         let memfd = incoming.take_file(memory.token.unwrap(), "guest RAM");
         incoming.finish().unwrap();

@@ -12,11 +12,10 @@
 use std::fmt::Debug;
 use std::os::fd::BorrowedFd;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::session::{Session, SessionError, Token};
+use crate::state::Versioned;
 
 /// Why a participant could not take part.
 #[derive(Debug, Error)]
@@ -136,10 +135,9 @@ impl<'a> FileSink<'a> {
 
 /// One piece of VM state that takes part in a live update.
 pub trait Participant {
-    /// What is saved: plain data, no fds (files go through the [`FileSink`], their tokens here).
-    type State: Serialize + DeserializeOwned + Debug + Clone + PartialEq;
-    /// Version of `State`, recorded in the state blob next to it.
-    const VERSION: u16;
+    /// What is saved: plain data, no fds (files go through the [`FileSink`], their tokens here),
+    /// recorded in the state blob under its type's version.
+    type State: Versioned + Debug + Clone + PartialEq;
 
     /// Stable id, e.g. `memory`, `vcpu/0`, `irqchip`, `serial/com1`.
     fn id(&self) -> String;
@@ -186,11 +184,9 @@ impl<P: Participant> AnyParticipant for P {
     ) -> Result<crate::state::Envelope, ParticipantError> {
         let state = Participant::save(self, files)?;
         let id = Participant::id(self);
-        crate::state::Envelope::wrap(&id, P::VERSION, &state).map_err(|e| {
-            ParticipantError::BadState {
-                id,
-                source: Box::new(e),
-            }
+        crate::state::Envelope::wrap(&id, &state).map_err(|e| ParticipantError::BadState {
+            id,
+            source: Box::new(e),
         })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {

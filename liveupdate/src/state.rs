@@ -13,9 +13,14 @@
 //! version, then that the reserved bytes are zero (so a later format may give them a meaning
 //! without this build misreading it), and each participant's state is decoded only by the code
 //! that owns its type. `tests/fuzz_state.rs` fuzzes all of it.
+//!
+//! Each state type carries its own version ([`Versioned`]): the saving side writes it into the
+//! envelope and the restoring side reads that version, an older one through the type's explicit
+//! upgrade, and refuses a newer or unknown one before anything runs.
 
 use std::collections::BTreeMap;
 
+pub use postcard::Error as DecodeError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -118,6 +123,18 @@ pub enum StateError {
         /// Version this build reads.
         supported: u16,
     },
+    /// A participant's state is of an older version this build has no upgrade for.
+    #[error(
+        "State of {id} has version {found}, which this build has no upgrade from (it writes {supported})"
+    )]
+    UnknownState {
+        /// The participant.
+        id: String,
+        /// Version in the blob.
+        found: u16,
+        /// Version this build writes.
+        supported: u16,
+    },
     /// A participant's state does not decode into its type.
     #[error("State of {id} is malformed")]
     BadState {
@@ -148,14 +165,51 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// Wraps `state` of participant `id`.
-    pub fn wrap<S: Serialize>(id: &str, version: u16, state: &S) -> Result<Self, postcard::Error> {
+    /// Wraps `state` of participant `id` under its type's version.
+    pub fn wrap<S: Versioned>(id: &str, state: &S) -> Result<Self, postcard::Error> {
         Ok(Self {
             id: id.to_string(),
-            version,
+            version: S::VERSION,
             state: postcard::to_stdvec(state)?,
         })
     }
+}
+
+/// A type saved in the state blob, with the one version both the saving and the restoring side
+/// use.
+///
+/// Changing the type's shape (a field added, removed, reordered or retyped) means: copy the
+/// old definition into a frozen struct (`FooV1`), bump `VERSION`, and read the old version in
+/// [`Versioned::read_older`] through [`upgrade`]. `vmm`'s `state_schemas` test fails for a type
+/// whose shape changed under the same version (see docs/state-versions.md).
+pub trait Versioned: Serialize + DeserializeOwned {
+    /// The version this build writes, and the newest it reads.
+    const VERSION: u16;
+
+    /// Reads a state saved under `version`, older than [`Self::VERSION`]; `None` when this build
+    /// has no upgrade from that version (the restore is then refused).
+    fn read_older(version: u16, bytes: &[u8]) -> Option<Result<Self, DecodeError>> {
+        let _ = (version, bytes);
+        None
+    }
+}
+
+/// Decodes `bytes` as the frozen older struct `Old` and upgrades it: the body of each arm of a
+/// [`Versioned::read_older`].
+pub fn upgrade<Old: DeserializeOwned, New: From<Old>>(bytes: &[u8]) -> Result<New, DecodeError> {
+    decode_exact::<Old>(bytes).map(New::from)
+}
+
+/// Decodes a `T` from the start of `bytes` and returns it with the bytes after it: for a state
+/// whose last field is another type's state, upgraded by that type (a virtio device's in its
+/// transport's).
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), DecodeError> {
+    postcard::take_from_bytes(bytes)
+}
+
+/// A participant with nothing to save (e.g. a test hook).
+impl Versioned for () {
+    const VERSION: u16 = 1;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -258,20 +312,29 @@ fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
 }
 
 impl StateSet {
-    /// Takes the state of `id`, which must be of a version up to `supported`.
-    pub fn take<S: DeserializeOwned>(&mut self, id: &str, supported: u16) -> Result<S, StateError> {
+    /// Takes the state of `id`: of its type's version, or of an older one the type upgrades.
+    pub fn take<S: Versioned>(&mut self, id: &str) -> Result<S, StateError> {
         let envelope = self
             .envelopes
             .remove(id)
             .ok_or_else(|| StateError::Missing { id: id.to_string() })?;
-        if envelope.version > supported {
+        let found = envelope.version;
+        let decoded = if found == S::VERSION {
+            decode_exact(&envelope.state)
+        } else if found > S::VERSION {
             return Err(StateError::NewerState {
                 id: id.to_string(),
-                found: envelope.version,
-                supported,
+                found,
+                supported: S::VERSION,
             });
-        }
-        decode_exact(&envelope.state).map_err(|source| StateError::BadState {
+        } else {
+            S::read_older(found, &envelope.state).ok_or_else(|| StateError::UnknownState {
+                id: id.to_string(),
+                found,
+                supported: S::VERSION,
+            })?
+        };
+        decoded.map_err(|source| StateError::BadState {
             id: id.to_string(),
             source,
         })
@@ -303,25 +366,70 @@ impl StateSet {
 mod tests {
     use super::*;
 
+    /// A state type at version 2, whose version 1 had a narrower count and no label.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct Counter {
         count: u64,
+        label: String,
+    }
+
+    /// Version 1 of [`Counter`], frozen.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct CounterV1 {
+        count: u32,
+    }
+
+    impl Versioned for Counter {
+        const VERSION: u16 = 2;
+
+        fn read_older(version: u16, bytes: &[u8]) -> Option<Result<Self, DecodeError>> {
+            match version {
+                1 => Some(upgrade::<CounterV1, Self>(bytes)),
+                _ => None,
+            }
+        }
+    }
+
+    impl From<CounterV1> for Counter {
+        fn from(old: CounterV1) -> Self {
+            Self {
+                count: u64::from(old.count),
+                label: "unnamed".into(),
+            }
+        }
+    }
+
+    impl Versioned for CounterV1 {
+        const VERSION: u16 = 1;
+    }
+
+    fn counter(count: u64) -> Counter {
+        Counter {
+            count,
+            label: "c".into(),
+        }
+    }
+
+    /// An envelope of `state` under any `version` (as another build would write it).
+    fn envelope_with_version<S: Serialize>(id: &str, version: u16, state: &S) -> Envelope {
+        Envelope {
+            id: id.into(),
+            version,
+            state: postcard::to_stdvec(state).unwrap(),
+        }
     }
 
     fn blob_with_counter() -> Vec<u8> {
-        encode(vec![
-            Envelope::wrap("counter/0", 1, &Counter { count: 7 }).unwrap(),
-        ])
-        .unwrap()
+        encode(vec![Envelope::wrap("counter/0", &counter(7)).unwrap()]).unwrap()
     }
 
     #[test]
     fn encoded_states_decode_to_the_same_values() {
         let mut set = decode(&blob_with_counter()).unwrap();
 
-        let counter: Counter = set.take("counter/0", 1).unwrap();
+        let taken: Counter = set.take("counter/0").unwrap();
 
-        assert_eq!(counter, Counter { count: 7 });
+        assert_eq!(taken, counter(7));
         set.finish().unwrap();
     }
 
@@ -385,23 +493,78 @@ mod tests {
     }
 
     #[test]
+    fn an_envelope_carries_its_types_version() {
+        let envelope = Envelope::wrap("counter/0", &counter(1)).unwrap();
+
+        assert_eq!(envelope.version, Counter::VERSION);
+    }
+
+    #[test]
+    fn an_older_state_is_read_through_its_upgrade() {
+        // Arrange: what a build whose `Counter` was still at version 1 saved.
+        let old = Envelope::wrap("counter/0", &CounterV1 { count: 41 }).unwrap();
+        let mut set = decode(&encode(vec![old]).unwrap()).unwrap();
+
+        let taken: Counter = set.take("counter/0").unwrap();
+
+        assert_eq!(
+            taken,
+            Counter {
+                count: 41,
+                label: "unnamed".into()
+            }
+        );
+    }
+
+    #[test]
     fn a_newer_participant_state_is_refused() {
-        let blob = encode(vec![
-            Envelope::wrap("counter/0", 2, &Counter { count: 1 }).unwrap(),
-        ])
-        .unwrap();
+        let blob = encode(vec![envelope_with_version("counter/0", 3, &counter(1))]).unwrap();
         let mut set = decode(&blob).unwrap();
 
-        let result = set.take::<Counter>("counter/0", 1);
+        let result = set.take::<Counter>("counter/0");
 
         assert!(matches!(
             result,
             Err(StateError::NewerState {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn an_older_version_without_an_upgrade_is_refused() {
+        let blob = encode(vec![envelope_with_version("counter/0", 0, &counter(1))]).unwrap();
+        let mut set = decode(&blob).unwrap();
+
+        let error = set.take::<Counter>("counter/0").unwrap_err();
+
+        assert!(
+            matches!(error, StateError::UnknownState { ref id, found: 0, supported: 2 } if id == "counter/0"),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("no upgrade from"), "{error}");
+    }
+
+    #[test]
+    fn a_state_saved_in_the_current_shape_under_the_old_version_is_refused() {
+        // A type changed without a version bump looks like this to its successor: bytes that
+        // do not decode as the version they claim.
+        let blob = encode(vec![envelope_with_version(
+            "counter/0",
+            1,
+            &counter(u64::MAX),
+        )])
+        .unwrap();
+        let mut set = decode(&blob).unwrap();
+
+        let result = set.take::<Counter>("counter/0");
+
+        assert!(
+            matches!(result, Err(StateError::BadState { .. })),
+            "{result:?}"
+        );
     }
 
     #[test]
@@ -416,13 +579,13 @@ mod tests {
         let mut set = decode(&blob_with_counter()).unwrap();
 
         assert!(
-            matches!(set.take::<Counter>("vcpu/0", 1), Err(StateError::Missing { id }) if id == "vcpu/0")
+            matches!(set.take::<Counter>("vcpu/0"), Err(StateError::Missing { id }) if id == "vcpu/0")
         );
     }
 
     #[test]
     fn duplicate_ids_are_refused() {
-        let envelope = Envelope::wrap("counter/0", 1, &Counter { count: 1 }).unwrap();
+        let envelope = Envelope::wrap("counter/0", &counter(1)).unwrap();
         let blob = encode(vec![envelope.clone(), envelope]).unwrap();
 
         assert!(matches!(decode(&blob), Err(StateError::DuplicateId { .. })));
@@ -430,11 +593,11 @@ mod tests {
 
     #[test]
     fn a_state_of_the_wrong_shape_is_refused() {
-        let blob = encode(vec![Envelope::wrap("counter/0", 1, &"text").unwrap()]).unwrap();
+        let blob = encode(vec![envelope_with_version("counter/0", 2, &"text")]).unwrap();
         let mut set = decode(&blob).unwrap();
 
         assert!(matches!(
-            set.take::<Counter>("counter/0", 1),
+            set.take::<Counter>("counter/0"),
             Err(StateError::BadState { .. })
         ));
     }

@@ -23,7 +23,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use liveupdate::state::{self, Envelope, FORMAT_VERSION, OLDEST_FORMAT_VERSION, StateError};
+use liveupdate::state::{
+    self, Envelope, FORMAT_VERSION, OLDEST_FORMAT_VERSION, StateError, Versioned,
+};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -45,6 +47,16 @@ struct DeviceState {
     vectors: BTreeMap<u16, bool>,
     offset: i64,
     config: Vec<u8>,
+}
+
+/// At version 2; version 1 had the same shape (so its upgrade is the identity), version 0 is
+/// not read.
+impl Versioned for DeviceState {
+    const VERSION: u16 = 2;
+
+    fn read_older(version: u16, bytes: &[u8]) -> Option<Result<Self, postcard::Error>> {
+        (version == 1).then(|| state::upgrade::<Self, Self>(bytes))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,7 +218,7 @@ fn by_id(envelopes: &[Envelope]) -> BTreeMap<String, Envelope> {
 
 /// Checks what every decoded set must satisfy: each envelope is filed under its own id, it
 /// encodes into a blob that decodes to the same set, and taking any state as a `DeviceState`
-/// gives it or a `BadState`/`NewerState` error.
+/// gives it or a `BadState`/`NewerState`/`UnknownState` error.
 fn check_well_formed(mut set: state::StateSet) -> Result<(), TestCaseError> {
     let found = contents(&set);
     for (id, envelope) in &found {
@@ -215,8 +227,13 @@ fn check_well_formed(mut set: state::StateSet) -> Result<(), TestCaseError> {
     let again = state::decode(&state::encode(found.values().cloned().collect()).unwrap()).unwrap();
     prop_assert_eq!(contents(&again), found.clone());
     for id in found.keys() {
-        match set.take::<DeviceState>(id, u16::MAX) {
-            Ok(_) | Err(StateError::BadState { .. }) => {}
+        match set.take::<DeviceState>(id) {
+            Ok(_)
+            | Err(
+                StateError::BadState { .. }
+                | StateError::NewerState { .. }
+                | StateError::UnknownState { .. },
+            ) => {}
             Err(other) => prop_assert!(false, "take({id}) gave {other:?}"),
         }
     }
@@ -259,12 +276,12 @@ proptest! {
         let envelopes = states
             .iter()
             .enumerate()
-            .map(|(i, state)| Envelope::wrap(&format!("device/{i}"), 3, state).unwrap())
+            .map(|(i, state)| Envelope::wrap(&format!("device/{i}"), state).unwrap())
             .collect();
         let mut set = state::decode(&state::encode(envelopes).unwrap()).unwrap();
 
         for (i, state) in states.iter().enumerate() {
-            let taken: DeviceState = set.take(&format!("device/{i}"), 3).unwrap();
+            let taken: DeviceState = set.take(&format!("device/{i}")).unwrap();
             prop_assert_eq!(&taken, state);
         }
         prop_assert!(set.finish().is_ok());
@@ -357,11 +374,11 @@ proptest! {
         let envelope = Envelope { id: "device/0".into(), version, state: changed.clone() };
         let mut set = state::decode(&state::encode(vec![envelope]).unwrap()).unwrap();
 
-        let result = set.take::<DeviceState>("device/0", 2);
+        let result = set.take::<DeviceState>("device/0");
 
         match result {
             Ok(taken) => {
-                prop_assert!(version <= 2);
+                prop_assert!((1..=2).contains(&version));
                 // postcard accepts over-long varints, so equal bytes are not required; an equal
                 // value is: the state read is the one its encoding says.
                 let again = postcard::to_stdvec(&taken).unwrap();
@@ -370,7 +387,12 @@ proptest! {
             Err(StateError::NewerState { found, supported: 2, id }) => {
                 prop_assert!(version > 2 && found == version && id == "device/0");
             }
-            Err(StateError::BadState { id, .. }) => prop_assert!(version <= 2 && id == "device/0"),
+            Err(StateError::BadState { id, .. }) => {
+                prop_assert!((1..=2).contains(&version) && id == "device/0");
+            }
+            Err(StateError::UnknownState { found: 0, supported: 2, id }) => {
+                prop_assert!(version == 0 && id == "device/0");
+            }
             Err(other) => prop_assert!(false, "{other:?}"),
         }
     }

@@ -31,6 +31,8 @@ pub struct ProbeVm<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// Fds the VMM process inherits, each at the number given (e.g. a tap for `--net fd=[3]`).
     pub fds: &'a [(std::os::fd::BorrowedFd<'a>, std::os::fd::RawFd)],
+    /// The VMM binary (`None`: this build's `cloud-hypervisor`).
+    pub program: Option<&'a Path>,
 }
 
 impl Default for ProbeVm<'_> {
@@ -44,6 +46,7 @@ impl Default for ProbeVm<'_> {
             extra: &[],
             env: &[],
             fds: &[],
+            program: None,
         }
     }
 }
@@ -205,7 +208,10 @@ impl VmmProcess {
             vm.console,
         ];
         args.extend_from_slice(vm.extra);
-        Self::spawn_with_fds(&args, dir, vm.env, vm.fds)
+        let program = vm
+            .program
+            .unwrap_or(Path::new(env!("CARGO_BIN_EXE_cloud-hypervisor")));
+        Self::spawn_program(program, &args, dir, vm.env, vm.fds)
     }
 
     pub fn pid(&self) -> u32 {
@@ -503,14 +509,20 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `dir/agent.sock` and waits until it listens.
     pub fn start(dir: &Path) -> Self {
-        Self::start_with_env(dir, &[])
+        Self::start_program(Path::new(env!("CARGO_BIN_EXE_ch-luod")), dir, &[])
     }
 
     /// Like [`Agent::start`], with extra environment variables for the agent.
     pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_program(Path::new(env!("CARGO_BIN_EXE_ch-luod")), dir, env)
+    }
+
+    /// Like [`Agent::start`], running the agent binary `program` (e.g. another build's) with
+    /// extra environment variables.
+    pub fn start_program(program: &Path, dir: &Path, env: &[(&str, &str)]) -> Self {
         let socket = dir.join("agent.sock");
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ch-luod"))
+        let child = Command::new(program)
             .args(["--emulate", "-v", "--socket"])
             .arg(&socket)
             .envs(env.iter().copied())
@@ -618,9 +630,22 @@ impl VmmProcess {
         env: &[(&str, &str)],
         fds: &[(std::os::fd::BorrowedFd<'_>, std::os::fd::RawFd)],
     ) -> Self {
+        let program = Path::new(env!("CARGO_BIN_EXE_cloud-hypervisor"));
+        Self::spawn_program(program, args, dir, env, fds)
+    }
+
+    /// Like [`VmmProcess::spawn_with_fds`], running the VMM binary `program` (e.g. another
+    /// build's).
+    pub fn spawn_program(
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &str)],
+        fds: &[(std::os::fd::BorrowedFd<'_>, std::os::fd::RawFd)],
+    ) -> Self {
         let stderr_path = dir.join("vmm.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"));
+        let mut command = Command::new(program);
         for (fd, target) in fds {
             liveupdate::sys::listen::pass_fd_at(&mut command, *fd, *target);
         }
@@ -631,7 +656,7 @@ impl VmmProcess {
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .expect("cannot start cloud-hypervisor");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         let stdout = child.stdout.take().unwrap();
         let output = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
         let sink = output.clone();
@@ -675,6 +700,20 @@ impl VmmProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let program = Path::new(env!("CARGO_BIN_EXE_cloud-hypervisor"));
+        Self::successor_program(program, agent, session, dir, extra, env)
+    }
+
+    /// Like [`VmmProcess::successor_with_env`], running the VMM binary `program` (e.g. another
+    /// build's).
+    pub fn successor_program(
+        program: &Path,
+        agent: &Agent,
+        session: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let socket = format!("path={}", dir.join("api.sock").display());
         let agent = agent.arg();
@@ -688,7 +727,7 @@ impl VmmProcess {
             &source,
         ];
         args.extend_from_slice(extra);
-        Self::spawn_with_env(&args, dir, env)
+        Self::spawn_program(program, &args, dir, env, &[])
     }
 
     /// Waits until this successor is connected to the agent (its API listener and its agent

@@ -37,9 +37,8 @@ pub struct VfioDeviceState {
     pub handover: Option<VfioHandoverTokens>,
 }
 
-impl VfioDeviceState {
-    /// Version of this state in a live-update state blob.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for VfioDeviceState {
+    const VERSION: u16 = 1;
 }
 
 /// One memory BAR of the device as placed for the guest.

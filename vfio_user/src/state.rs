@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 pub use devices::pci::DmaRegionState;
 use devices::pci::PciConfigurationState;
+use liveupdate::state::{DecodeError, Versioned, upgrade};
 use serde::{Deserialize, Serialize};
 
 /// Where the connection and the MSI eventfd wait for the successor: the tokens of the session
@@ -48,9 +49,20 @@ pub struct VfioUserDeviceStateV1 {
     pub dma: Vec<DmaRegionState>,
 }
 
-impl VfioUserDeviceState {
-    /// Version of this layout in the state blob.
-    pub const VERSION: u16 = 2;
+impl Versioned for VfioUserDeviceState {
+    const VERSION: u16 = 2;
+
+    fn read_older(version: u16, bytes: &[u8]) -> Option<Result<Self, DecodeError>> {
+        match version {
+            1 => Some(upgrade::<VfioUserDeviceStateV1, Self>(bytes)),
+            _ => None,
+        }
+    }
+}
+
+/// Frozen: what builds before the handover wrote.
+impl Versioned for VfioUserDeviceStateV1 {
+    const VERSION: u16 = 1;
 }
 
 impl From<VfioUserDeviceStateV1> for VfioUserDeviceState {
@@ -90,5 +102,22 @@ mod tests {
         assert_eq!(state.msi_cap, old.msi_cap);
         assert_eq!(state.dma, old.dma);
         assert_eq!(state.handover, None);
+    }
+
+    #[test]
+    fn a_version_1_envelope_is_taken_as_the_current_state() {
+        let old = VfioUserDeviceStateV1 {
+            socket: "/run/dev.sock".into(),
+            bars: PciConfigurationState::default(),
+            msi_cap: None,
+            dma: Vec::new(),
+        };
+        let envelope = liveupdate::state::Envelope::wrap("user/0", &old).unwrap();
+        let blob = liveupdate::state::encode(vec![envelope]).unwrap();
+        let mut states = liveupdate::state::decode(&blob).unwrap();
+
+        let state: VfioUserDeviceState = states.take("user/0").unwrap();
+
+        assert_eq!(state, VfioUserDeviceState::from(old));
     }
 }

@@ -22,3 +22,6 @@ pub mod snapshot;
 pub(crate) mod sys;
 pub mod vcpu_thread;
 pub mod vm;
+
+#[cfg(test)]
+mod state_schemas;

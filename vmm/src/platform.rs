@@ -106,10 +106,11 @@ pub struct IrqchipsState {
     pub ioapic: IrqchipState,
 }
 
-impl IrqchipsState {
-    /// Format version of this struct, for the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for IrqchipsState {
+    const VERSION: u16 = 1;
+}
 
+impl IrqchipsState {
     /// Captures the PICs and the IOAPIC of a VM whose vCPUs are paused.
     pub fn save(vm: &VmFd) -> Result<Self, PlatformError> {
         Ok(Self {
@@ -147,9 +148,6 @@ pub struct PlatformState {
 }
 
 impl PlatformState {
-    /// Format version of this struct, for the live-update envelope.
-    pub const VERSION: u16 = 1;
-
     /// Captures the platform state of a VM whose vCPUs are paused.
     pub fn save(vm: &VmFd) -> Result<Self, PlatformError> {
         Ok(Self::from_parts(

@@ -52,6 +52,10 @@ pub struct SerialState {
     pub uart: vm_superio::SerialState,
 }
 
+impl liveupdate::state::Versioned for SerialState {
+    const VERSION: u16 = 1;
+}
+
 impl Default for SerialState {
     /// The power-on state.
     fn default() -> Self {

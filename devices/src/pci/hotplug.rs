@@ -54,6 +54,10 @@ pub struct PciHotplugState {
     pub ejected: u32,
 }
 
+impl liveupdate::state::Versioned for PciHotplugState {
+    const VERSION: u16 = 1;
+}
+
 /// The controller, as an MMIO bus device.
 pub struct PciHotplugController {
     state: PciHotplugState,

@@ -29,6 +29,10 @@ pub struct PciRootState {
     pub config_address: u32,
 }
 
+impl liveupdate::state::Versioned for PciRootState {
+    const VERSION: u16 = 1;
+}
+
 /// Bus 0 with a host bridge at slot 0 and devices at slots 1..32.
 pub struct PciRoot {
     config_address: u32,

@@ -60,9 +60,8 @@ pub struct ConsoleState {
     pub counters: ConsoleCounters,
 }
 
-impl ConsoleState {
-    /// Format version of this state, recorded in the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for ConsoleState {
+    const VERSION: u16 = 1;
 }
 
 /// A virtio console with a single port.

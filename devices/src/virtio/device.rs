@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::os::fd::RawFd;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use liveupdate::state::Versioned;
 use thiserror::Error;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -47,8 +46,9 @@ pub enum VirtioError {
 
 /// A virtio device's own logic, driven by the transport.
 pub trait VirtioDevice: Send {
-    /// The device's own state, saved and restored across a live update.
-    type State: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send;
+    /// The device's own state, saved and restored across a live update inside its transport's
+    /// [`super::pci::VirtioPciState`], whose envelope carries this type's version.
+    type State: Clone + Debug + PartialEq + Versioned + Send;
 
     /// Virtio device type (2 block, 3 console, 4 entropy).
     fn device_type(&self) -> u32;

@@ -59,6 +59,10 @@ pub struct RngState {
     pub requests: u64,
 }
 
+impl liveupdate::state::Versioned for RngState {
+    const VERSION: u16 = 1;
+}
+
 /// A virtio entropy device.
 #[derive(Debug)]
 pub struct Rng {

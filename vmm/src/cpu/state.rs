@@ -67,10 +67,11 @@ pub struct LegacyFpu {
     pub mxcsr: u32,
 }
 
-impl VcpuState {
-    /// Format version of this struct, for the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for VcpuState {
+    const VERSION: u16 = 1;
+}
 
+impl VcpuState {
     /// Captures the state of a vCPU that is not running (paused or not yet started), reading
     /// the MSRs `msr_indices` (from [`super::supported_msrs_cached`]).
     pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, CpuError> {

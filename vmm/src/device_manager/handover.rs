@@ -22,8 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use devices::bus::lock;
 use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
 use liveupdate::session::{SessionError, Token};
-use liveupdate::state::Envelope;
-use serde::Serialize;
+use liveupdate::state::{Envelope, Versioned};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -42,11 +41,9 @@ pub(super) enum Refusal {
 /// A device the participant can carry.
 pub(super) trait CarriedDevice: Send {
     /// Its saved state, tokens included.
-    type State: Serialize;
+    type State: Versioned;
     /// The attachment tokens its state records.
     type Tokens: Copy + Send;
-    /// The version of [`Self::State`].
-    const VERSION: u16;
 
     /// Copies of the fds the successor takes over besides the MSI eventfd, each with what it
     /// is; or why the device cannot be carried.
@@ -203,7 +200,7 @@ impl<D: CarriedDevice> AnyParticipant for CarriedDeviceParticipant<'_, D> {
             .tokens()
             .ok_or_else(|| self.failed("saved without a prepare".into()))?;
         let state = lock(&self.entry.device).carried_state(tokens);
-        envelope(&self.entry.id, D::VERSION, &state)
+        envelope(&self.entry.id, &state)
     }
 
     fn resume(&mut self) -> Result<(), ParticipantError> {

@@ -46,9 +46,8 @@ pub struct HostEndState {
     pub handover: HostEndHandover,
 }
 
-impl HostEndState {
-    /// Format version of this state, recorded in the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for HostEndState {
+    const VERSION: u16 = 1;
 }
 
 /// Participant id of the host end of `port`.
@@ -79,9 +78,7 @@ fn restored(
     states: &mut StateSet,
 ) -> Result<HostEnd, DeviceError> {
     let key = id(port);
-    let state: HostEndState = states
-        .take(&key, HostEndState::VERSION)
-        .map_err(restore_error(&key))?;
+    let state: HostEndState = states.take(&key).map_err(restore_error(&key))?;
     let end = match (state.handover, config.mode) {
         (HostEndHandover::Attached { fd, .. }, ConsoleMode::Pty) => {
             HostEnd::adopt_pty(port, handed_over(&key, fd, "pty master")?)
@@ -165,7 +162,7 @@ impl AnyParticipant for HostEndParticipant<'_> {
             path: self.end.path().to_path_buf(),
             handover,
         };
-        envelope(&id(self.end.port()), HostEndState::VERSION, &state)
+        envelope(&id(self.end.port()), &state)
     }
 
     fn resume(&mut self) -> Result<(), ParticipantError> {
@@ -190,12 +187,10 @@ mod tests {
             },
         };
 
-        let envelope = Envelope::wrap("host-end/serial", HostEndState::VERSION, &state).unwrap();
+        let envelope = Envelope::wrap("host-end/serial", &state).unwrap();
         let mut states =
             liveupdate::state::decode(&liveupdate::state::encode(vec![envelope]).unwrap()).unwrap();
-        let back: HostEndState = states
-            .take("host-end/serial", HostEndState::VERSION)
-            .unwrap();
+        let back: HostEndState = states.take("host-end/serial").unwrap();
 
         assert_eq!(back, state);
     }

@@ -14,9 +14,6 @@ use crate::vcpu_thread::VcpuEvent;
 
 use super::{DeviceContext, DeviceError, ids, output_for, restore_error, write_bus};
 
-/// Versions of the device states in the state blob.
-pub(super) const SERIAL_STATE_VERSION: u16 = 1;
-pub(super) const CMOS_STATE_VERSION: u16 = 1;
 /// Serial (COM1), i8042 and CMOS on the port bus. The i8042 holds no state worth carrying.
 pub(super) fn add_legacy(
     ctx: &DeviceContext<'_>,
@@ -36,7 +33,7 @@ pub(super) fn add_legacy(
         let device = match restore.as_deref_mut() {
             Some(states) => {
                 let state: SerialState = states
-                    .take(ids::SERIAL, SERIAL_STATE_VERSION)
+                    .take(ids::SERIAL)
                     .map_err(restore_error(ids::SERIAL))?;
                 Serial::from_state(&state, irq, output).map_err(|e| DeviceError::Restore {
                     id: ids::SERIAL.into(),
@@ -72,9 +69,7 @@ pub(super) fn add_legacy(
     .map_err(DeviceError::Bus)?;
     let cmos = match restore {
         Some(states) => {
-            let state: CmosState = states
-                .take(ids::CMOS, CMOS_STATE_VERSION)
-                .map_err(restore_error(ids::CMOS))?;
+            let state: CmosState = states.take(ids::CMOS).map_err(restore_error(ids::CMOS))?;
             Cmos::from_state(&state, system_clock()).map_err(|e| DeviceError::Restore {
                 id: ids::CMOS.into(),
                 source: Box::new(e),

@@ -55,12 +55,14 @@ use crate::vcpu_thread::{Buses, VcpuEvent};
 use handover::CarriedDeviceParticipant;
 use host_end::HostEndParticipant;
 pub use host_end::{HostEndHandover, HostEndState};
-use legacy::{CMOS_STATE_VERSION, LegacyDevices, SERIAL_STATE_VERSION, add_legacy};
+use legacy::{LegacyDevices, add_legacy};
 pub use net::{adopt_inherited_fds_for, adopt_inherited_tap_fds, forget_tap_fds, give_tap_fds};
 pub(crate) use participants::HandedOverFds;
-use participants::{PCI_ROOT_STATE_VERSION, StateOnly, VirtioParticipant, envelope};
+use participants::{StateOnly, VirtioParticipant, envelope};
 use pci::{IoEvents, MmioRelocator, PciBuilder, PendingSlots, VirtioEntry};
 pub use tree::{DeviceNode, DeviceTree, PciBarType, Resource, pci_bdf};
+#[cfg(test)]
+pub(crate) use {net::NetTapState, vfio::DetachedVfioState, vsock::VsockSocketsState};
 
 /// Errors from building the devices.
 #[derive(Debug, Error)]
@@ -366,13 +368,13 @@ impl DeviceManager {
         let mut hotplug_state = None;
         if let Some(states) = pci.restore.as_deref_mut() {
             let state: PciRootState = states
-                .take(ids::PCI_ROOT, PCI_ROOT_STATE_VERSION)
+                .take(ids::PCI_ROOT)
                 .map_err(restore_error(ids::PCI_ROOT))?;
             root.set_state(&state);
             // States saved before the controller existed have none.
             if states.envelope(ids::PCI_HOTPLUG).is_some() {
                 let state: PciHotplugState = states
-                    .take(ids::PCI_HOTPLUG, PCI_HOTPLUG_STATE_VERSION)
+                    .take(ids::PCI_HOTPLUG)
                     .map_err(restore_error(ids::PCI_HOTPLUG))?;
                 hotplug_state = Some(state);
             }
@@ -421,33 +423,23 @@ impl DeviceManager {
         if let Some(serial) = &self.serial {
             list.push(Box::new(StateOnly {
                 id: ids::SERIAL.into(),
-                save: Box::new(move || {
-                    envelope(ids::SERIAL, SERIAL_STATE_VERSION, &lock(serial).state())
-                }),
+                save: Box::new(move || envelope(ids::SERIAL, &lock(serial).state())),
             }));
         }
         let cmos = &self.cmos;
         list.push(Box::new(StateOnly {
             id: ids::CMOS.into(),
-            save: Box::new(move || envelope(ids::CMOS, CMOS_STATE_VERSION, &lock(cmos).state())),
+            save: Box::new(move || envelope(ids::CMOS, &lock(cmos).state())),
         }));
         let root = &self.pci_root;
         list.push(Box::new(StateOnly {
             id: ids::PCI_ROOT.into(),
-            save: Box::new(move || {
-                envelope(ids::PCI_ROOT, PCI_ROOT_STATE_VERSION, &lock(root).state())
-            }),
+            save: Box::new(move || envelope(ids::PCI_ROOT, &lock(root).state())),
         }));
         let hotplug = &self.hotplug;
         list.push(Box::new(StateOnly {
             id: ids::PCI_HOTPLUG.into(),
-            save: Box::new(move || {
-                envelope(
-                    ids::PCI_HOTPLUG,
-                    PCI_HOTPLUG_STATE_VERSION,
-                    &lock(hotplug).state(),
-                )
-            }),
+            save: Box::new(move || envelope(ids::PCI_HOTPLUG, &lock(hotplug).state())),
         }));
         for entry in &mut self.virtio {
             list.push(Box::new(VirtioParticipant {
@@ -485,9 +477,7 @@ impl DeviceManager {
                     let id = detached.id.clone();
                     list.push(Box::new(StateOnly {
                         id: id.clone(),
-                        save: Box::new(move || {
-                            envelope(&id, vfio::DetachedVfioState::VERSION, &state)
-                        }),
+                        save: Box::new(move || envelope(&id, &state)),
                     }));
                 }
             }
@@ -599,9 +589,6 @@ pub const AS_ACROSS_KEXEC_ENV: &str = "CHV_TEST_AS_ACROSS_KEXEC";
 fn as_across_kexec() -> bool {
     std::env::var(AS_ACROSS_KEXEC_ENV).is_ok_and(|v| v == "1")
 }
-
-/// Version of `PciHotplugState` in the state blob.
-const PCI_HOTPLUG_STATE_VERSION: u16 = 1;
 
 /// The PCI hot-plug controller on the MMIO bus, with `state` on a restore; at boot it knows
 /// the devices in `placed` as present.

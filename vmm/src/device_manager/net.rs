@@ -54,9 +54,8 @@ pub struct NetTapState {
     pub mtu: Option<u32>,
 }
 
-impl NetTapState {
-    /// Format version of this state, recorded in the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for NetTapState {
+    const VERSION: u16 = 1;
 }
 
 /// One queue of a host tap, as the virtio-net device uses it.
@@ -274,9 +273,7 @@ impl PciBuilder<'_, '_, '_> {
         let mut recreated = false;
         let taps = match self.restore.as_deref_mut() {
             Some(states) => {
-                let state: NetTapState = states
-                    .take(&key, NetTapState::VERSION)
-                    .map_err(restore_error(&key))?;
+                let state: NetTapState = states.take(&key).map_err(restore_error(&key))?;
                 match state.handover {
                     TapHandover::Attached(tokens) => {
                         let fds = tokens
@@ -447,7 +444,7 @@ impl AnyParticipant for NetTapParticipant<'_> {
             host_mac: tap::mac(name).ok(),
             mtu: tap::mtu(name).ok(),
         };
-        envelope(&self.id(), NetTapState::VERSION, &state)
+        envelope(&self.id(), &state)
     }
 
     fn resume(&mut self) -> Result<(), ParticipantError> {
@@ -499,10 +496,10 @@ mod tests {
             mtu: Some(1500),
         };
 
-        let envelope = Envelope::wrap("net/net0", NetTapState::VERSION, &state).unwrap();
+        let envelope = Envelope::wrap("net/net0", &state).unwrap();
         let mut states =
             liveupdate::state::decode(&liveupdate::state::encode(vec![envelope]).unwrap()).unwrap();
-        let back: NetTapState = states.take("net/net0", NetTapState::VERSION).unwrap();
+        let back: NetTapState = states.take("net/net0").unwrap();
 
         assert_eq!(back, state);
     }

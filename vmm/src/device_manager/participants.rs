@@ -6,20 +6,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
 use liveupdate::session::Token;
-use liveupdate::state::Envelope;
+use liveupdate::state::{Envelope, Versioned};
 
 use super::ids;
 use super::pci::VirtioEntry;
 
-/// Version of `PciRootState` in the state blob.
-pub(super) const PCI_ROOT_STATE_VERSION: u16 = 1;
-
-pub(super) fn envelope<S: serde::Serialize>(
-    id: &str,
-    version: u16,
-    state: &S,
-) -> Result<Envelope, ParticipantError> {
-    Envelope::wrap(id, version, state).map_err(|e| ParticipantError::BadState {
+pub(super) fn envelope<S: Versioned>(id: &str, state: &S) -> Result<Envelope, ParticipantError> {
+    Envelope::wrap(id, state).map_err(|e| ParticipantError::BadState {
         id: id.to_string(),
         source: Box::new(e),
     })

@@ -30,9 +30,6 @@ pub(super) trait ManagedVirtio: Send + Sync {
     fn bars(&self) -> Vec<PciBarInfo>;
 }
 
-/// Version of `VirtioPciState` in the state blob.
-pub(super) const VIRTIO_STATE_VERSION: u16 = 1;
-
 impl<D: VirtioDevice + 'static> ManagedVirtio for Arc<Mutex<VirtioPciDevice<D>>> {
     fn start_worker(&self) -> io::Result<QueueWorker> {
         spawn_queue_worker(self.clone())
@@ -41,7 +38,7 @@ impl<D: VirtioDevice + 'static> ManagedVirtio for Arc<Mutex<VirtioPciDevice<D>>>
         lock(self).counters()
     }
     fn save(&self, id: &str) -> Result<Envelope, postcard::Error> {
-        Envelope::wrap(id, VIRTIO_STATE_VERSION, &lock(self).state())
+        Envelope::wrap(id, &lock(self).state())
     }
     fn bars(&self) -> Vec<PciBarInfo> {
         lock(self).bars()
@@ -181,9 +178,7 @@ impl PciBuilder<'_, '_, '_> {
         let transport = match self.restore.as_deref_mut() {
             Some(states) => {
                 let key = ids::virtio(id);
-                let state = states
-                    .take(&key, VIRTIO_STATE_VERSION)
-                    .map_err(restore_error(&key))?;
+                let state = states.take(&key).map_err(restore_error(&key))?;
                 VirtioPciDevice::from_state(device, state, memory, msi).map_err(virtio_error)?
             }
             None => {

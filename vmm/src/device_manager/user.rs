@@ -11,8 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use liveupdate::session::{SessionError, Token};
-use liveupdate::state::{StateError, StateSet};
-use vfio_user::{HandoverTokens, VfioUserDeviceState, VfioUserDeviceStateV1, VfioUserPciDevice};
+use vfio_user::{HandoverTokens, VfioUserDeviceState, VfioUserPciDevice};
 
 use super::handover::{CarriedDevice, CarriedEntry, Refusal, handed_over, msi_vector};
 use super::pci::PciBuilder;
@@ -32,14 +31,6 @@ enum Attach {
     Reattach(VfioUserDeviceState),
 }
 
-/// The saved state of `id`, of either version.
-fn take_state(states: &mut StateSet, id: &str) -> Result<VfioUserDeviceState, StateError> {
-    match states.envelope(id).map(|envelope| envelope.version) {
-        Some(1) => states.take::<VfioUserDeviceStateV1>(id, 1).map(Into::into),
-        _ => states.take(id, VfioUserDeviceState::VERSION),
-    }
-}
-
 impl PciBuilder<'_, '_, '_> {
     /// Connects to the device's server (fresh, adopting the handed-over connection, or
     /// re-attaching from an older saved state), plugs it into a slot and its BAR into the
@@ -56,7 +47,7 @@ impl PciBuilder<'_, '_, '_> {
         };
         let attach = match self.restore.as_deref_mut() {
             Some(states) => {
-                let state = take_state(states, &id).map_err(restore_error(&id))?;
+                let state: VfioUserDeviceState = states.take(&id).map_err(restore_error(&id))?;
                 match state.handover {
                     Some(tokens) => Attach::Adopt(state, tokens),
                     None => Attach::Reattach(state),
@@ -103,7 +94,6 @@ impl PciBuilder<'_, '_, '_> {
 impl CarriedDevice for VfioUserPciDevice {
     type State = VfioUserDeviceState;
     type Tokens = HandoverTokens;
-    const VERSION: u16 = VfioUserDeviceState::VERSION;
 
     fn fds_to_carry(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, Refusal> {
         // The successor must find the server: refuse now, while the guest can run on here.

@@ -56,16 +56,15 @@ pub(super) struct DetachedVfio {
 
 /// A detached VFIO device in a live update's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct DetachedVfioState {
+pub(crate) struct DetachedVfioState {
     /// Its PCI slot, kept free for it.
     pub slot: u8,
     /// See [`DetachedVfio::reattach_after_update`].
     pub reattach_after_update: bool,
 }
 
-impl DetachedVfioState {
-    /// Version in the state blob.
-    pub(super) const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for DetachedVfioState {
+    const VERSION: u16 = 1;
 }
 
 /// The error for the VFIO device `config` names.
@@ -100,7 +99,7 @@ impl PciBuilder<'_, '_, '_> {
             let detached_id = detached_participant_id(index);
             if states.envelope(&detached_id).is_some() {
                 let state: DetachedVfioState = states
-                    .take(&detached_id, DetachedVfioState::VERSION)
+                    .take(&detached_id)
                     .map_err(restore_error(&detached_id))?;
                 let slot = self.root.reserve().map_err(DeviceError::Pci)?;
                 if slot != state.slot {
@@ -121,9 +120,7 @@ impl PciBuilder<'_, '_, '_> {
                     reattach_after_update: state.reattach_after_update,
                 }));
             }
-            let state: VfioDeviceState = states
-                .take(&id, VfioDeviceState::VERSION)
-                .map_err(restore_error(&id))?;
+            let state: VfioDeviceState = states.take(&id).map_err(restore_error(&id))?;
             if state.path != config.path {
                 return Err(DeviceError::Restore {
                     id,
@@ -201,7 +198,6 @@ impl PciBuilder<'_, '_, '_> {
 impl CarriedDevice for VfioPciDevice {
     type State = VfioDeviceState;
     type Tokens = VfioHandoverTokens;
-    const VERSION: u16 = VfioDeviceState::VERSION;
 
     fn fds_to_carry(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, Refusal> {
         let Some(fds) = self.handover_fds() else {

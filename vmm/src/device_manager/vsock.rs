@@ -61,9 +61,8 @@ pub struct VsockSocketsState {
     pub handover: SocketHandover,
 }
 
-impl VsockSocketsState {
-    /// Format version of this state, recorded in the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for VsockSocketsState {
+    const VERSION: u16 = 1;
 }
 
 /// The vsock device as the device manager keeps it.
@@ -166,9 +165,7 @@ impl PciBuilder<'_, '_, '_> {
             });
         };
         let key = ids::vsock_sockets(id);
-        let state: VsockSocketsState = states
-            .take(&key, VsockSocketsState::VERSION)
-            .map_err(restore_error(&key))?;
+        let state: VsockSocketsState = states.take(&key).map_err(restore_error(&key))?;
         match state.handover {
             SocketHandover::Rebind => Ok(HostSockets {
                 listener: bind(id, &config.socket, true)?,
@@ -288,7 +285,7 @@ impl AnyParticipant for VsockSocketsParticipant<'_> {
             socket: self.entry.socket.clone(),
             handover,
         };
-        envelope(&self.id_string(), VsockSocketsState::VERSION, &state)
+        envelope(&self.id_string(), &state)
     }
 
     fn resume(&mut self) -> Result<(), ParticipantError> {
@@ -313,10 +310,10 @@ mod tests {
             },
         };
 
-        let envelope = Envelope::wrap("vsock/v0", VsockSocketsState::VERSION, &state).unwrap();
+        let envelope = Envelope::wrap("vsock/v0", &state).unwrap();
         let mut states =
             liveupdate::state::decode(&liveupdate::state::encode(vec![envelope]).unwrap()).unwrap();
-        let back: VsockSocketsState = states.take("vsock/v0", VsockSocketsState::VERSION).unwrap();
+        let back: VsockSocketsState = states.take("vsock/v0").unwrap();
 
         assert_eq!(back, state);
     }

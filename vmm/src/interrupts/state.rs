@@ -24,9 +24,8 @@ pub struct InterruptState {
     pub msi_groups: Vec<MsiGroupState>,
 }
 
-impl InterruptState {
-    /// Format version of this struct, for the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for InterruptState {
+    const VERSION: u16 = 1;
 }
 
 /// The first GSI after every existing group, if `count` more fit below KVM's limit.

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use liveupdate::fault::{self, Fault, FaultStep};
 use liveupdate::participant::{FileSink, Participant, ParticipantError};
 use liveupdate::session::Token;
+use liveupdate::state::Versioned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
@@ -67,6 +68,10 @@ pub struct ConfigState {
     pub json: String,
 }
 
+impl Versioned for ConfigState {
+    const VERSION: u16 = 1;
+}
+
 impl ConfigState {
     /// The configuration it holds.
     pub fn config(&self) -> Result<VmConfig, crate::config::ConfigError> {
@@ -80,7 +85,6 @@ pub struct ConfigParticipant<'a>(pub &'a VmConfig);
 
 impl Participant for ConfigParticipant<'_> {
     type State = ConfigState;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         ids::CONFIG.into()
@@ -109,6 +113,10 @@ pub struct MemoryState {
     pub memfd_token: Token,
 }
 
+impl Versioned for MemoryState {
+    const VERSION: u16 = 1;
+}
+
 /// Guest RAM: preserved while the guest still runs (in the kernel that pins every page, the
 /// slowest step of all), never copied.
 #[derive(Debug)]
@@ -126,7 +134,6 @@ impl<'a> MemoryParticipant<'a> {
 
 impl Participant for MemoryParticipant<'_> {
     type State = MemoryState;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         ids::MEMORY.into()
@@ -164,6 +171,10 @@ pub struct VcpusState {
     pub paused_at_ns: u64,
 }
 
+impl Versioned for VcpusState {
+    const VERSION: u16 = 1;
+}
+
 /// The vCPU set: pausing it starts the guest-visible pause. Each vCPU's state is its own
 /// participant ([`VcpuParticipant`]).
 #[derive(Debug)]
@@ -188,7 +199,6 @@ impl<'a> VcpusParticipant<'a> {
 
 impl Participant for VcpusParticipant<'_> {
     type State = VcpusState;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         ids::VCPUS.into()
@@ -233,7 +243,6 @@ impl<'a> VcpuParticipant<'a> {
 
 impl Participant for VcpuParticipant<'_> {
     type State = VcpuState;
-    const VERSION: u16 = VcpuState::VERSION;
 
     fn id(&self) -> String {
         ids::vcpu(self.index)
@@ -263,7 +272,6 @@ pub struct InterruptsParticipant<'a>(pub &'a InterruptManager);
 
 impl Participant for InterruptsParticipant<'_> {
     type State = InterruptState;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         ids::INTERRUPTS.into()
@@ -323,17 +331,24 @@ pub fn clock_participant(vm: &kvm_ioctls::VmFd) -> KvmStateParticipant<'_, Clock
 #[serde(transparent)]
 pub struct PitState(pub kvm_bindings::kvm_pit_state2);
 
+impl Versioned for PitState {
+    const VERSION: u16 = 1;
+}
+
 /// The kvmclock, in ns (with KVM's `realtime` and `host_tsc` when it filled them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ClockState(pub kvm_bindings::kvm_clock_data);
 
+impl Versioned for ClockState {
+    const VERSION: u16 = 1;
+}
+
 impl<S> Participant for KvmStateParticipant<'_, S>
 where
-    S: Serialize + serde::de::DeserializeOwned + std::fmt::Debug + Clone + PartialEq,
+    S: Versioned + std::fmt::Debug + Clone + PartialEq,
 {
     type State = S;
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         self.id.into()
@@ -380,7 +395,6 @@ impl FailureInjector {
 
 impl Participant for FailureInjector {
     type State = ();
-    const VERSION: u16 = 1;
 
     fn id(&self) -> String {
         "fault-injection".into()

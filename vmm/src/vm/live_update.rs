@@ -9,7 +9,7 @@ use liveupdate::fault::{self, FaultStep};
 use liveupdate::machine::{Incoming, MachineError, Outgoing, Timings};
 use liveupdate::participant::AnyParticipant;
 use liveupdate::session::Session;
-use liveupdate::state::{StateError, StateSet};
+use liveupdate::state::{StateError, StateSet, Versioned};
 
 use crate::config::VmConfig;
 use crate::cpu::{self, VcpuState};
@@ -48,13 +48,9 @@ impl Prebuilt {
     }
 }
 
-fn take<S: serde::de::DeserializeOwned>(
-    states: &mut StateSet,
-    id: &str,
-    version: u16,
-) -> Result<S, VmError> {
+fn take<S: Versioned>(states: &mut StateSet, id: &str) -> Result<S, VmError> {
     states
-        .take(id, version)
+        .take(id)
         .map_err(|e| VmError::LiveUpdate(MachineError::State(e)))
 }
 
@@ -95,17 +91,17 @@ impl Vm {
         resume: bool,
     ) -> Result<(Self, VmConfig, u64), VmError> {
         let states = incoming.states().ok_or(VmError::NoState)?;
-        let config: ConfigState = take(states, ids::CONFIG, 1)?;
+        let config: ConfigState = take(states, ids::CONFIG)?;
         let config = config.config().map_err(VmError::Config)?;
-        let memory: MemoryState = take(states, ids::MEMORY, 1)?;
-        let interrupt_state: InterruptState = take(states, ids::INTERRUPTS, 1)?;
-        let vcpus: VcpusState = take(states, ids::VCPUS, 1)?;
+        let memory: MemoryState = take(states, ids::MEMORY)?;
+        let interrupt_state: InterruptState = take(states, ids::INTERRUPTS)?;
+        let vcpus: VcpusState = take(states, ids::VCPUS)?;
         let vcpu_states = (0..vcpus.count)
-            .map(|index| take::<VcpuState>(states, &ids::vcpu(index), VcpuState::VERSION))
+            .map(|index| take::<VcpuState>(states, &ids::vcpu(index)))
             .collect::<Result<Vec<_>, _>>()?;
-        let irqchips: IrqchipsState = take(states, ids::IRQCHIP, IrqchipsState::VERSION)?;
-        let pit: PitState = take(states, ids::PIT, 1)?;
-        let clock: ClockState = take(states, ids::CLOCK, 1)?;
+        let irqchips: IrqchipsState = take(states, ids::IRQCHIP)?;
+        let pit: PitState = take(states, ids::PIT)?;
+        let clock: ClockState = take(states, ids::CLOCK)?;
         let mut platform = PlatformState::from_parts(irqchips, pit.0, clock.0);
         let mut step = Instant::now();
         let Prebuilt { kvm, vm_fd, ram } = match prebuilt {

@@ -102,6 +102,10 @@ pub struct CmosState {
     pub pending_time: Option<CmosDateTime>,
 }
 
+impl liveupdate::state::Versioned for CmosState {
+    const VERSION: u16 = 1;
+}
+
 /// The CMOS RTC and RAM as a port-I/O bus device.
 pub struct Cmos {
     ram: [u8; CMOS_RAM_SIZE],

@@ -30,9 +30,8 @@ pub struct BlockState {
     pub counters: BlockCounters,
 }
 
-impl BlockState {
-    /// Format version of this state, recorded in the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for BlockState {
+    const VERSION: u16 = 1;
 }
 
 #[cfg(test)]

@@ -31,7 +31,6 @@ pub struct NetState {
     pub counters: NetCounters,
 }
 
-impl NetState {
-    /// Format version of this state, recorded in the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for NetState {
+    const VERSION: u16 = 1;
 }

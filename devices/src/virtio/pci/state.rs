@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use liveupdate::state::{DecodeError, Versioned, decode_prefix};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -103,6 +104,59 @@ pub struct VirtioPciState<S> {
     pub pci: PciConfigurationState,
     /// The device's own state.
     pub device: S,
+}
+
+/// Each virtio device's envelope carries its own device state's version: the transport's shape
+/// is part of every device's, so a change to `VirtioPciState` bumps each device's `VERSION`.
+impl<S: Versioned> Versioned for VirtioPciState<S> {
+    const VERSION: u16 = S::VERSION;
+
+    /// The device's state is the last field: the transport is read as it is, and the bytes
+    /// after it through the device state's own upgrade.
+    fn read_older(version: u16, bytes: &[u8]) -> Option<Result<Self, DecodeError>> {
+        let (transport, device) = match decode_prefix::<VirtioPciState<()>>(bytes) {
+            Ok(split) => split,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(S::read_older(version, device)?.map(|device| transport.with_device(device)))
+    }
+}
+
+impl VirtioPciState<()> {
+    fn with_device<S>(self, device: S) -> VirtioPciState<S> {
+        let Self {
+            device_status,
+            device_features,
+            device_feature_select,
+            driver_features,
+            driver_feature_select,
+            queue_select,
+            queues,
+            queue_msix_vectors,
+            config_msix_vector,
+            isr,
+            config_generation,
+            msix,
+            pci,
+            device: (),
+        } = self;
+        VirtioPciState {
+            device_status,
+            device_features,
+            device_feature_select,
+            driver_features,
+            driver_feature_select,
+            queue_select,
+            queues,
+            queue_msix_vectors,
+            config_msix_vector,
+            isr,
+            config_generation,
+            msix,
+            pci,
+            device,
+        }
+    }
 }
 
 impl<D: VirtioDevice> VirtioPciDevice<D> {

@@ -515,3 +515,67 @@ fn state_with_accepted_feature_no_longer_offered_is_refused() {
 
     assert!(matches!(result, Err(VirtioPciError::StateMismatch { .. })));
 }
+
+/// A device state at version 2 (test-only), whose version 1 counted in a `u32` and had no name.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct GadgetState {
+    count: u64,
+    name: String,
+}
+
+/// Version 1 of [`GadgetState`], frozen.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct GadgetStateV1 {
+    count: u32,
+}
+
+impl liveupdate::state::Versioned for GadgetState {
+    const VERSION: u16 = 2;
+
+    fn read_older(
+        version: u16,
+        bytes: &[u8],
+    ) -> Option<Result<Self, liveupdate::state::DecodeError>> {
+        (version == 1).then(|| liveupdate::state::upgrade::<GadgetStateV1, Self>(bytes))
+    }
+}
+
+impl liveupdate::state::Versioned for GadgetStateV1 {
+    const VERSION: u16 = 1;
+}
+
+impl From<GadgetStateV1> for GadgetState {
+    fn from(old: GadgetStateV1) -> Self {
+        Self {
+            count: u64::from(old.count),
+            name: "unnamed".into(),
+        }
+    }
+}
+
+#[test]
+fn an_older_device_state_is_upgraded_inside_its_transport_state() {
+    // Arrange: a live transport's state carrying a version 1 device state, as an older build
+    // saved it.
+    let f = live_fixture();
+    let mut json = serde_json::to_value(f.dev.state()).unwrap();
+    json["device"] = serde_json::json!({ "count": 7 });
+    let old: VirtioPciState<GadgetStateV1> = serde_json::from_value(json).unwrap();
+    let envelope = liveupdate::state::Envelope::wrap("virtio/gadget", &old).unwrap();
+    let blob = liveupdate::state::encode(vec![envelope]).unwrap();
+    let mut states = liveupdate::state::decode(&blob).unwrap();
+
+    let state: VirtioPciState<GadgetState> = states.take("virtio/gadget").unwrap();
+
+    assert_eq!(
+        state.device,
+        GadgetState {
+            count: 7,
+            name: "unnamed".into()
+        }
+    );
+    assert_eq!(state.queues, old.queues);
+    assert_eq!(state.pci, old.pci);
+    assert_eq!(state.msix, old.msix);
+    assert_eq!(state.driver_features, old.driver_features);
+}

@@ -49,7 +49,6 @@ pub struct VsockState {
     pub reset_event: bool,
 }
 
-impl VsockState {
-    /// Format version of this state, recorded in the live-update envelope.
-    pub const VERSION: u16 = 1;
+impl liveupdate::state::Versioned for VsockState {
+    const VERSION: u16 = 1;
 }

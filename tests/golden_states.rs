@@ -1,0 +1,126 @@
+//! The golden states: snapshots of probe-guest VMs saved by earlier builds
+//! (`tests/data/golden-states/<name>/`, made by `scripts/make-golden-states`, each naming the
+//! commit that saved it in `made-by`). This build must restore every one of them into a fresh
+//! VMM and run it on with errors=0: the saved state is a contract between versions. (That no
+//! saved type changes its shape under the same version is checked by `vmm`'s `state_schemas`
+//! test, against the shapes recorded beside these states.)
+// Integration tests are their own crate: no `cfg(test)` module to hold them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module
+)]
+
+mod common;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{ProbeStatus, VmmProcess, require_kvm, scratch_dir};
+
+const LINE: Duration = Duration::from_secs(10);
+/// Where the saved configurations find their host files (disk image, console file), as
+/// `scripts/make-golden-states` laid them out.
+const HOST_DIR: &str = "/tmp/chv-golden-states";
+const PAGE: usize = 4096;
+
+fn fixture(name: &str) -> PathBuf {
+    common::repo_root()
+        .join("tests/data/golden-states")
+        .join(name)
+}
+
+/// Expands `memory.pages` (magic, RAM size, then offset and bytes of each non-zero page) into
+/// the sparse RAM image `memory`.
+fn unpack_memory(pages: &Path, memory: &Path) {
+    let mut packed = Vec::new();
+    File::open(pages).unwrap().read_to_end(&mut packed).unwrap();
+    assert_eq!(&packed[..8], b"CHVPAGES", "{}", pages.display());
+    let size = u64::from_le_bytes(packed[8..16].try_into().unwrap());
+    let out = File::create(memory).unwrap();
+    out.set_len(size).unwrap();
+    for record in packed[16..].chunks(8 + PAGE) {
+        assert_eq!(record.len(), 8 + PAGE, "{} is truncated", pages.display());
+        let offset = u64::from_le_bytes(record[..8].try_into().unwrap());
+        out.write_all_at(&record[8..], offset).unwrap();
+    }
+}
+
+/// Lays golden state `name` out as a snapshot directory under `dir`, and its host files where
+/// its configuration names them; returns the snapshot directory.
+fn unpack(name: &str, dir: &Path) -> PathBuf {
+    let from = fixture(name);
+    let snap = dir.join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    for file in ["config.json", "state", "manifest.json"] {
+        std::fs::copy(from.join(file), snap.join(file)).unwrap();
+    }
+    unpack_memory(&from.join("memory.pages"), &snap.join("memory"));
+    let host = Path::new(HOST_DIR).join(name);
+    let _ = std::fs::remove_dir_all(&host);
+    std::fs::create_dir_all(&host).unwrap();
+    let mut disk = b"GOLDEN-DISK".to_vec();
+    disk.resize(1 << 20, 0);
+    std::fs::write(host.join("disk.img"), disk).unwrap();
+    snap
+}
+
+/// Restores golden state `name` in a new VMM (resumed) and asserts the guest carries on: its
+/// status lines go on without a new boot, with no memory, disk or clock errors, its disk reads
+/// going on.
+fn assert_restores_and_runs(name: &str) {
+    require_kvm();
+    let dir = scratch_dir(&format!("golden-{name}"));
+    let snap = unpack(name, &dir);
+    let socket = dir.join("api.sock");
+
+    let vmm = VmmProcess::spawn(
+        &[
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "--restore",
+            &format!("source_url=file://{},resume=on", snap.display()),
+        ],
+        &dir,
+    );
+    let mut next = 0;
+    let statuses: Vec<ProbeStatus> = (0..5)
+        .map(|_| {
+            let (after, status) = vmm.next_status(next, LINE);
+            next = after;
+            status
+        })
+        .collect();
+
+    let context = format!("{name}: {statuses:?}\n{}", vmm.stderr());
+    assert!(
+        !vmm.lines().iter().any(|l| l.contains("probe: start")),
+        "the guest booted again: {context}"
+    );
+    assert!(statuses[4].get("seq") > statuses[0].get("seq"), "{context}");
+    assert!(
+        statuses[4].get("blk_ok") > statuses[0].get("blk_ok"),
+        "disk reads stalled: {context}"
+    );
+    for status in &statuses {
+        assert_eq!(status.get("errors"), 0, "{context}");
+        assert_eq!(status.get("blk_err"), 0, "{context}");
+        assert_eq!(status.get("tsc_back"), 0, "{context}");
+        assert_eq!(status.get("cpus"), 2, "{context}");
+    }
+}
+
+/// The probe with a disk, the virtio console and rng, exercised at boot (`virtio=1`).
+#[test]
+fn a_probe_vm_with_block_console_and_rng_saved_by_an_earlier_build_runs_on() {
+    assert_restores_and_runs("probe-virtio");
+}
+
+/// The probe with a vsock device hot-added and then removed (released by the guest).
+#[test]
+fn a_vm_with_a_hot_added_and_removed_device_saved_by_an_earlier_build_runs_on() {
+    assert_restores_and_runs("hotplug");
+}
