@@ -1,6 +1,9 @@
 //! A real cross-build live update: the previous release (the last line of `RELEASES`) is built
 //! from git history, and a probe guest running in its VMM is live-updated (restart mode) into
-//! this build's VMM and back into the release's, with errors=0 throughout. The session agent
+//! this build's VMM, with errors=0 throughout. The way back is refused: this build saves the
+//! PCI root's state (`pci/root`) at version 2, with every device's placement, which the
+//! release does not read; the release's VMM refuses the state before the VM runs, the session
+//! stays at the agent, and this build's VMM takes the VM over from it. The session agent
 //! stays up across both updates, as on a host whose VMM binaries change under it: once the
 //! release's agent, once this build's, so the agent protocol is proved compatible both ways.
 //!
@@ -170,15 +173,43 @@ fn assert_carried_on(vmm: &VmmProcess, last_seq: u64, leg: &str) -> u64 {
 /// Hands the VM of `vmm` to a successor running `program` through session `session`.
 fn update(vmm: VmmProcess, program: &Path, agent: &Agent, session: &str, dir: &Path) -> VmmProcess {
     let mut old = vmm;
-    let successor = VmmProcess::successor_program(program, agent, session, &dir.join(session), &[], &[]);
+    let successor =
+        VmmProcess::successor_program(program, agent, session, &dir.join(session), &[], &[]);
     old.live_update(session);
     assert_eq!(old.wait_exit(EXIT), Some(0), "{}", old.stderr());
     assert_runs(&successor, program);
     successor
 }
 
+/// The state type whose version this build bumped since the release: the release refuses it.
+const NEWER_THAN_RELEASE: &str = "pci/root";
+
+/// Hands the VM of `vmm` to a successor running the release's `program`, which must refuse
+/// the newer state before the VM runs; returns its stderr.
+fn refused_back(
+    vmm: VmmProcess,
+    program: &Path,
+    agent: &Agent,
+    session: &str,
+    dir: &Path,
+) -> String {
+    let mut old = vmm;
+    let mut successor =
+        VmmProcess::successor_program(program, agent, session, &dir.join(session), &[], &[]);
+    old.live_update(session);
+    assert_eq!(old.wait_exit(EXIT), Some(0), "{}", old.stderr());
+    let code = successor.wait_exit(EXIT);
+    let stderr = successor.stderr();
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "exit {code:?}; stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
 /// Boots the probe in the release's VMM with `agent_program` as the agent, updates it into this
-/// build and back.
+/// build, then tries the way back: the release refuses, and this build takes the VM again.
 fn forth_and_back(release: &Path, agent_program: &Path, label: &str) {
     let current = slow::release_bins().join("cloud-hypervisor");
     let previous = release.join("cloud-hypervisor");
@@ -208,14 +239,27 @@ fn forth_and_back(release: &Path, agent_program: &Path, label: &str) {
     let vmm = update(vmm, &current, &agent, "forth", &dir);
     let last = assert_carried_on(&vmm, last, &format!("{label}: release -> this build"));
 
-    // Act: and this build's back to the release's.
-    let vmm = update(vmm, &previous, &agent, "back", &dir);
-    assert_carried_on(&vmm, last, &format!("{label}: this build -> release"));
+    // Act: and this build's back to the release's, which refuses the newer state; the
+    // session stays at the agent, and this build's VMM takes the VM from it.
+    let refusal = refused_back(vmm, &previous, &agent, "back", &dir);
+    let vmm =
+        VmmProcess::successor_program(&current, &agent, "back", &dir.join("back-again"), &[], &[]);
+    assert_runs(&vmm, &current);
+
+    assert!(
+        refusal.contains(NEWER_THAN_RELEASE) && refusal.contains("newer"),
+        "{label}: the release did not refuse {NEWER_THAN_RELEASE} as newer:\n{refusal}"
+    );
+    assert_carried_on(
+        &vmm,
+        last,
+        &format!("{label}: this build -> release (refused) -> this build"),
+    );
 }
 
 #[test]
 #[ignore = "slow group: run with cargo test --test slow_cross_build -- --ignored"]
-fn a_vm_moves_from_the_previous_release_into_this_build_and_back() {
+fn a_vm_moves_from_the_previous_release_into_this_build_and_the_release_refuses_the_way_back() {
     require_kvm();
     let (version, commit) = previous_release();
     let release = build_release(&commit);

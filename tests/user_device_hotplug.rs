@@ -388,3 +388,89 @@ fn restart_live_update_carries_a_hot_added_device_after_a_failed_add() {
     assert_eq!(second.status, 200, "{}", messages(&second));
     assert_eq!(json(&second)["bdf"], "0000:00:03.0");
 }
+
+/// Each device's `pci_bdf` in `vm.info`'s device tree, by node id.
+fn device_bdfs(vmm: &VmmProcess) -> std::collections::BTreeMap<String, String> {
+    let info = vmm.vm_info();
+    let tree = info["device_tree"].as_object().cloned().unwrap_or_default();
+    tree.into_iter()
+        .filter_map(|(id, node)| Some((id, node["pci_bdf"].as_str()?.to_string())))
+        .collect()
+}
+
+#[test]
+fn devices_keep_their_slots_and_msi_vectors_through_a_live_update_whatever_the_hot_plug_order() {
+    // Arrange: a vfio-user device hot-added before a vsock device (a rebuild in build order
+    // would put the virtio device first), then the vsock device removed from the slot after it.
+    require_kvm();
+    let dir = scratch_dir("userdev-placement");
+    let agent = Agent::start(&dir);
+    let old_dir = dir.join("old");
+    std::fs::create_dir_all(&old_dir).unwrap();
+    let liveupdate = agent.arg();
+    let old = VmmProcess::probe(
+        1,
+        "128M",
+        "fill=1 status_ms=200 userdev=2 hotplug=1",
+        &old_dir,
+        &["--liveupdate", &liveupdate],
+    );
+    let (next, _banner) = old.next_banner(0, BOOT);
+    let dev = TestDev::start(&dir, "dev", &["--persist"]);
+    let body = serde_json::json!({"socket": dev.socket, "id": "hot0", "persist": true});
+    let added = add(&old, &body.to_string());
+    assert_eq!(added.status, 200, "{}", messages(&added));
+    assert_eq!(json(&added)["bdf"], FIRST_FREE_BDF);
+    let (next, _) = next_started(&old, next);
+    let vsock = serde_json::json!({"cid": 7, "socket": dir.join("v.sock"), "id": "vs0"});
+    let vsock_added = old.api("PUT", "vm.add-vsock", Some(&vsock.to_string()));
+    assert_eq!(vsock_added.status, 200, "{}", messages(&vsock_added));
+    assert_eq!(json(&vsock_added)["bdf"], "0000:00:03.0");
+    let (next, _) = old.next_probe_line(next, LINE, "hotplug", |f| {
+        f.get("slot").is_some_and(|s| s == "3")
+    });
+    let removed = old.api("PUT", "vm.remove-device", Some(r#"{"id": "vs0"}"#));
+    assert_eq!(removed.status, 204, "{}", messages(&removed));
+    let deadline = std::time::Instant::now() + LINE;
+    while !old.vm_info()["config"]["vsock"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "{}", old.vm_info());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, before_update) = next_userdev(&old, next);
+    let placed_before = device_bdfs(&old);
+
+    // Act
+    old.live_update("placement");
+    let successor = VmmProcess::successor(&agent, "placement", &dir.join("new"), &[]);
+    let (next, first) = next_userdev(&successor, 0);
+    let (next, later) = next_userdev(&successor, next);
+    let (_, status) = successor.next_status(next, LINE);
+    let placed_after = device_bdfs(&successor);
+
+    // Assert: every device where it was (the removed one nowhere), the guest never restarted,
+    // and the device's MSI still reaches the guest (its vector is the one the guest routed).
+    assert_eq!(placed_after, placed_before);
+    assert_eq!(placed_after["hot0"], FIRST_FREE_BDF, "{placed_after:?}");
+    assert_eq!(
+        placed_after["_virtio-pci-_rng"], "0000:00:01.0",
+        "{placed_after:?}"
+    );
+    assert!(
+        !placed_after.contains_key("_virtio-pci-vs0"),
+        "{placed_after:?}"
+    );
+    assert!(
+        !successor.lines().iter().any(|l| l.contains("probe: start")),
+        "the guest restarted: {:?}",
+        successor.lines()
+    );
+    assert!(
+        field(&first, "irqs") >= field(&before_update, "irqs"),
+        "{before_update:?} {first:?}"
+    );
+    assert!(
+        field(&later, "irqs") > field(&first, "irqs"),
+        "{first:?} {later:?}"
+    );
+    assert_eq!(status.get("errors"), 0, "{status:?}");
+}

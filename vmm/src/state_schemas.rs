@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use devices::legacy::cmos::CmosState;
 use devices::legacy::serial::SerialState;
-use devices::pci::{PciHotplugState, PciRootState};
+use devices::pci::PciHotplugState;
 use devices::virtio::block::BlockState;
 use devices::virtio::console::ConsoleState;
 use devices::virtio::net::NetState;
@@ -24,7 +24,9 @@ use liveupdate::state::Versioned;
 use serde_reflection::{Error, Format, Registry, Tracer, TracerConfig};
 
 use crate::cpu::VcpuState;
-use crate::device_manager::{DetachedVfioState, HostEndState, NetTapState, VsockSocketsState};
+use crate::device_manager::{
+    DetachedVfioState, HostEndState, NetTapState, PciRootState, PciRootStateV1, VsockSocketsState,
+};
 use crate::interrupts::InterruptState;
 use crate::live_update::participants::{
     ClockState, ConfigState, MemoryState, PitState, VcpusState,
@@ -108,6 +110,7 @@ fn saved_types() -> Vec<Schema> {
         schema::<SerialState>("SerialState"),
         schema::<CmosState>("CmosState"),
         schema::<PciRootState>("PciRootState"),
+        schema::<PciRootStateV1>("PciRootState"),
         schema::<PciHotplugState>("PciHotplugState"),
         schema::<VirtioPciState<BlockState>>("VirtioPciState-BlockState"),
         schema::<VirtioPciState<ConsoleState>>("VirtioPciState-ConsoleState"),

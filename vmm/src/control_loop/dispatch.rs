@@ -310,10 +310,7 @@ fn hot_add_status(error: &DeviceError) -> u16 {
     match error {
         DeviceError::UserDevice { .. } | DeviceError::Vfio { .. } => 400,
         DeviceError::Net { .. } | DeviceError::Vsock { .. } | DeviceError::VsockConfig(_) => 400,
-        DeviceError::Pci(_)
-        | DeviceError::Bus(_)
-        | DeviceError::UserDeviceAfterVfio
-        | DeviceError::NetAfterPassthrough => 409,
+        DeviceError::Pci(_) | DeviceError::Bus(_) => 409,
         _ => 500,
     }
 }

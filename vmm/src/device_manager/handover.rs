@@ -73,9 +73,11 @@ pub(super) fn handed_over(id: &str, token: Token, what: &str) -> Result<OwnedFd,
 
 /// A carried device's MSI vector and the eventfd its device signals: the eventfd handed over
 /// by the previous VMM (armed only once the LAPICs are restored, so a signal that waited finds
-/// them), or a fresh one, armed at once.
+/// them), or a fresh one, armed at once. On a restore the vector is the saved group at
+/// `saved_gsi`.
 pub(super) fn msi_vector(
     interrupts: &InterruptManager,
+    saved_gsi: Option<u32>,
     handed_over: Option<OwnedFd>,
 ) -> Result<(Arc<MsiGroup>, EventFd), DeviceError> {
     let eventfd_error = |e| DeviceError::Interrupt(InterruptError::EventFd(e));
@@ -84,10 +86,9 @@ pub(super) fn msi_vector(
         None => (EventFd::new(EFD_NONBLOCK).map_err(eventfd_error)?, true),
     };
     let vector = irq.try_clone().map_err(eventfd_error)?;
-    let msi = if armed {
-        interrupts.msi_vectors_with_fds(vec![vector])
-    } else {
-        interrupts.msi_vectors_disarmed(vec![vector])
+    let msi = match saved_gsi {
+        Some(first_gsi) => interrupts.saved_msi_vectors_with_fds(first_gsi, vec![vector], armed),
+        None => interrupts.msi_vectors_with_fds(vec![vector]),
     }
     .map_err(DeviceError::Interrupt)?;
     Ok((msi, irq))

@@ -9,10 +9,9 @@
 //! controller (an ACPI device check on the slot); a guest without ACPI finds the device when it
 //! rescans its PCI bus.
 //!
-//! Hot-added devices come after every boot device in slots and MSI groups, and last in the
-//! configuration, so a reboot or a live update rebuilds them in the same places. A rebuild
-//! places vfio-user devices before VFIO devices, so a vfio-user device cannot be hot-added
-//! once the VM has a VFIO device (it can be added before boot).
+//! Hot-added devices take the next free slot and MSI group and come last in the configuration;
+//! a live update places each device by id where the saved state says, whatever the order of
+//! the hot-adds and removals before it.
 
 use devices::bus::lock;
 use devices::pci::BarAllocator;
@@ -38,10 +37,6 @@ impl DeviceManager {
             .get(index)
             .filter(|_| index == self.user_devices.len())
             .ok_or(DeviceError::NoSuchUserDevice { index })?;
-        // A rebuild places every vfio-user device before every VFIO device.
-        if !self.vfio_devices.is_empty() {
-            return Err(DeviceError::UserDeviceAfterVfio);
-        }
         let (entry, slot) = self.hot_add(ctx, |pci| pci.add_user_device(index, config))?;
         self.user_devices.push(entry);
         Ok(slot)
@@ -79,11 +74,6 @@ impl DeviceManager {
         if index != self.nets.len() || index >= ctx.config.net.len() {
             return Err(DeviceError::NoSuchNet { index });
         }
-        // A rebuild places every card (and the vsock device) before every vfio-user and VFIO
-        // device, and cards before the vsock device.
-        if !self.user_devices.is_empty() || !self.vfio_devices.is_empty() || self.vsock.is_some() {
-            return Err(DeviceError::NetAfterPassthrough);
-        }
         let (slot, placed) = self.hot_add(ctx, |pci| pci.add_net(index))?;
         self.nets.push(slot);
         self.start_workers()?;
@@ -99,10 +89,6 @@ impl DeviceManager {
                 id: ctx.config.vsock_id().unwrap_or_default(),
                 source: "the VM has a vsock device already".into(),
             });
-        }
-        // A rebuild places the vsock device before every vfio-user and VFIO device.
-        if !self.user_devices.is_empty() || !self.vfio_devices.is_empty() {
-            return Err(DeviceError::NetAfterPassthrough);
         }
         let (slot, placed) = self.hot_add(ctx, |pci| {
             pci.add_vsock()?.ok_or_else(|| DeviceError::Vsock {
@@ -158,12 +144,15 @@ impl DeviceManager {
             ioevents: self.ioevents.clone(),
             mmio: self.buses.mmio.clone(),
             restore: None,
+            saved: None,
+            placed: Vec::new(),
             virtio: Vec::new(),
         };
         let built = build(&mut pci);
         let PciBuilder {
             root: slots,
             virtio,
+            placed,
             ..
         } = pci;
         let result = built.and_then(|value| {
@@ -197,6 +186,8 @@ impl DeviceManager {
             Ok((value, slot, next, device)) => {
                 self.pci_devices.push(device);
                 self.next_slot = self.next_slot.max(next);
+                self.placement
+                    .extend(placed.into_iter().map(|p| (p.id.clone(), p)));
                 self.virtio.extend(virtio);
                 if let Err(e) = lock(&self.hotplug).notify_inserted(slot) {
                     warn!("Cannot tell the guest about the device in slot {slot}: {e}");
@@ -252,7 +243,7 @@ mod tests {
         let ((), slot) = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place(Arc::new(Mutex::new(FakeDevice { bar })))?;
+                pci.place("fake", Arc::new(Mutex::new(FakeDevice { bar })), None)?;
                 Ok(())
             })
             .unwrap();
@@ -278,7 +269,7 @@ mod tests {
         let (bar, slot) = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place(Arc::new(Mutex::new(FakeDevice { bar })))?;
+                pci.place("fake", Arc::new(Mutex::new(FakeDevice { bar })), None)?;
                 Ok(bar)
             })
             .unwrap();
@@ -321,15 +312,20 @@ mod tests {
         let taken = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place(Arc::new(Mutex::new(FakeDevice { bar })))?;
+                pci.place("fake", Arc::new(Mutex::new(FakeDevice { bar })), None)?;
                 Ok(bar)
             })
             .unwrap()
             .0;
 
         // As if the guest had moved the first device's BAR where the allocator goes next.
-        let result =
-            fixture.hot_add(|pci| pci.place(Arc::new(Mutex::new(FakeDevice { bar: taken }))));
+        let result = fixture.hot_add(|pci| {
+            pci.place(
+                "fake",
+                Arc::new(Mutex::new(FakeDevice { bar: taken })),
+                None,
+            )
+        });
 
         assert!(matches!(result, Err(DeviceError::Bus(_))), "{result:?}");
         assert_eq!(read_byte(&fixture.mmio(), taken), Some(0xab));
@@ -349,8 +345,16 @@ mod tests {
         let result = fixture.hot_add(|pci| {
             let first = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
             let second = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-            pci.place(Arc::new(Mutex::new(FakeDevice { bar: first })))?;
-            pci.place(Arc::new(Mutex::new(FakeDevice { bar: second })))?;
+            pci.place(
+                "fake/1",
+                Arc::new(Mutex::new(FakeDevice { bar: first })),
+                None,
+            )?;
+            pci.place(
+                "fake/2",
+                Arc::new(Mutex::new(FakeDevice { bar: second })),
+                None,
+            )?;
             Ok([first, second])
         });
 
@@ -372,7 +376,7 @@ mod tests {
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
                 let device = Arc::new(Mutex::new(FakeDevice { bar }));
-                pci.place(device.clone())?;
+                pci.place("fake", device.clone(), None)?;
                 Ok(device)
             })
             .unwrap();
@@ -382,7 +386,7 @@ mod tests {
         let (second, _) = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place(Arc::new(Mutex::new(FakeDevice { bar })))?;
+                pci.place("fake", Arc::new(Mutex::new(FakeDevice { bar })), None)?;
                 Ok(bar)
             })
             .unwrap();

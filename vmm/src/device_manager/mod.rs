@@ -15,6 +15,7 @@ mod legacy;
 mod net;
 mod participants;
 mod pci;
+mod placement;
 #[cfg(test)]
 mod test_fixture;
 mod tree;
@@ -32,9 +33,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 use devices::bus::{Bus, BusError, lock};
 use devices::legacy::{Cmos, Serial};
 use devices::pci::root::SharedPciDevice;
-use devices::pci::{
-    BarAllocator, PciError, PciHotplugController, PciHotplugState, PciRoot, PciRootState,
-};
+use devices::pci::{BarAllocator, PciError, PciHotplugController, PciHotplugState, PciRoot};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::console::Console;
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciError};
@@ -60,6 +59,7 @@ pub use net::{adopt_inherited_fds_for, adopt_inherited_tap_fds, forget_tap_fds, 
 pub(crate) use participants::HandedOverFds;
 use participants::{StateOnly, VirtioParticipant, envelope};
 use pci::{IoEvents, MmioRelocator, PciBuilder, PendingSlots, VirtioEntry};
+pub use placement::{DevicePlacement, MsiPlacement, PciRootState, PciRootStateV1, Placement};
 pub use tree::{DeviceNode, DeviceTree, PciBarType, Resource, pci_bdf};
 #[cfg(test)]
 pub(crate) use {net::NetTapState, vfio::DetachedVfioState, vsock::VsockSocketsState};
@@ -163,23 +163,12 @@ pub enum DeviceError {
         /// Index in `net`.
         index: usize,
     },
-    /// A card or vsock device hot-added after a device a rebuild places after it (vfio-user,
-    /// VFIO; for a card, also the vsock device) would be rebuilt elsewhere by a live update.
-    #[error(
-        "This device cannot be hot-added after the VM's vfio-user, VFIO or (for a network card) \
-         vsock devices: a live update rebuilds it before them; add it before boot"
-    )]
-    NetAfterPassthrough,
     /// The configuration has no VFIO device at this index.
     #[error("The configuration has no VFIO device {index}")]
     NoSuchVfioDevice {
         /// Index in `devices`.
         index: usize,
     },
-    /// A vfio-user device hot-added after a VFIO device would be rebuilt before it (in
-    /// another slot and MSI group) by a live update.
-    #[error("A vfio-user device cannot be hot-added to a VM with VFIO devices; add it before boot")]
-    UserDeviceAfterVfio,
     /// A hot-add built no PCI device, or more than one.
     #[error("A hot-add must place one PCI device, not {count}")]
     HotAddCount {
@@ -231,6 +220,9 @@ pub struct DeviceManager {
     pci_devices: Vec<SharedPciDevice>,
     next_slot: u8,
     ioevents: Arc<Mutex<IoEvents>>,
+    /// Where each PCI device is, by device id: saved with the PCI root, so the VMM that
+    /// restores the VM places every device there.
+    placement: BTreeMap<String, DevicePlacement>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -270,6 +262,10 @@ pub mod ids {
     pub fn user_device(index: usize) -> String {
         format!("vfio-user/{index}")
     }
+    /// A kernel VFIO device, by its position in the configuration.
+    pub fn vfio_device(index: usize) -> String {
+        format!("vfio/{index}")
+    }
     /// A virtio-pci device, by device id.
     pub fn virtio(id: &str) -> String {
         format!("virtio/{id}")
@@ -293,8 +289,8 @@ fn restore_error(id: &str) -> impl FnOnce(StateError) -> DeviceError + '_ {
 
 impl DeviceManager {
     /// Builds every device the configuration asks for; with `restore`, each device takes its
-    /// saved state instead of its power-on state. Devices are always built in the same order,
-    /// so MSI vector groups line up with the restored interrupt routes.
+    /// saved state instead of its power-on state, and its saved slot and MSI group (by device
+    /// id, whatever the build order).
     pub(crate) fn build(
         ctx: &DeviceContext<'_>,
         mut restore: Option<&mut StateSet>,
@@ -314,6 +310,26 @@ impl DeviceManager {
             ioevents: ioevents.clone(),
         };
         let mut root = PciRoot::new(Some(Arc::new(relocator)));
+        let mut saved_next_slot = 1;
+        let mut saved = None;
+        if let Some(states) = restore.as_deref_mut() {
+            let state: PciRootState = states
+                .take(ids::PCI_ROOT)
+                .map_err(restore_error(ids::PCI_ROOT))?;
+            root.set_state(&PciRootStateV1 {
+                config_address: state.config_address,
+            });
+            let placement = match state.placement {
+                Some(placement) => placement,
+                None => Placement::build_order(ctx.config, &ctx.interrupts.save().msi_groups)
+                    .map_err(|reason| DeviceError::Restore {
+                        id: ids::PCI_ROOT.into(),
+                        source: reason.into(),
+                    })?,
+            };
+            saved_next_slot = placement.next_slot;
+            saved = Some(placement.by_id());
+        }
         let mut pci = PciBuilder {
             root: PendingSlots::new(1),
             bars: BarAllocator::new(layout::PCI_MMIO_START, layout::PCI_MMIO_END),
@@ -321,6 +337,8 @@ impl DeviceManager {
             ioevents: ioevents.clone(),
             mmio: mmio.clone(),
             restore,
+            saved,
+            placed: Vec::new(),
             virtio: Vec::new(),
         };
         for (index, disk) in ctx.config.disks.iter().enumerate() {
@@ -356,7 +374,6 @@ impl DeviceManager {
             nets.push(pci.add_net(index)?);
         }
         let vsock = pci.add_vsock()?;
-        // After the virtio devices, so their MSI groups keep their order in saved states.
         let mut user_devices = Vec::new();
         for (index, device) in ctx.config.user_devices.iter().enumerate() {
             user_devices.push(pci.add_user_device(index, device)?);
@@ -367,10 +384,6 @@ impl DeviceManager {
         }
         let mut hotplug_state = None;
         if let Some(states) = pci.restore.as_deref_mut() {
-            let state: PciRootState = states
-                .take(ids::PCI_ROOT)
-                .map_err(restore_error(ids::PCI_ROOT))?;
-            root.set_state(&state);
             // States saved before the controller existed have none.
             if states.envelope(ids::PCI_HOTPLUG).is_some() {
                 let state: PciHotplugState = states
@@ -378,15 +391,27 @@ impl DeviceManager {
                     .map_err(restore_error(ids::PCI_HOTPLUG))?;
                 hotplug_state = Some(state);
             }
+            // The groups of devices removed before the save: no device claims them now.
+            let dropped = ctx
+                .interrupts
+                .drop_unclaimed()
+                .map_err(DeviceError::Interrupt)?;
+            if !dropped.is_empty() {
+                log::debug!("MSI groups of removed devices dropped (first GSIs {dropped:?})");
+            }
         }
         let PciBuilder {
             root: slots,
             virtio,
+            placed,
             ..
         } = pci;
         let pci_devices = slots.added().iter().map(|(_, d)| d.clone()).collect();
         let hotplug = add_hotplug_controller(ctx, &mmio, hotplug_state, slots.added())?;
-        let next_slot = slots.commit(&mut root).map_err(DeviceError::Pci)?;
+        let next_slot = slots
+            .commit(&mut root)
+            .map_err(DeviceError::Pci)?
+            .max(saved_next_slot);
         let pci_root = Arc::new(Mutex::new(root));
         write_bus(&pio)
             .insert(
@@ -413,6 +438,7 @@ impl DeviceManager {
             pci_devices,
             next_slot,
             ioevents,
+            placement: placed.into_iter().map(|p| (p.id.clone(), p)).collect(),
         })
     }
 
@@ -432,9 +458,19 @@ impl DeviceManager {
             save: Box::new(move || envelope(ids::CMOS, &lock(cmos).state())),
         }));
         let root = &self.pci_root;
+        let placement = Placement {
+            next_slot: self.next_slot,
+            devices: self.placement.values().cloned().collect(),
+        };
         list.push(Box::new(StateOnly {
             id: ids::PCI_ROOT.into(),
-            save: Box::new(move || envelope(ids::PCI_ROOT, &lock(root).state())),
+            save: Box::new(move || {
+                let state = PciRootState {
+                    config_address: lock(root).state().config_address,
+                    placement: Some(placement.clone()),
+                };
+                envelope(ids::PCI_ROOT, &state)
+            }),
         }));
         let hotplug = &self.hotplug;
         list.push(Box::new(StateOnly {

@@ -208,21 +208,12 @@ fn adopt(id: &str, fds: Vec<OwnedFd>) -> Result<Vec<Tap>, DeviceError> {
         .collect()
 }
 
-/// A card's place on the bus: attached, or removed from the running VM (it keeps its slot
-/// and MSI vectors, which the devices after it rely on, until the next boot).
+/// A card's place in the configuration's list: attached, or removed from the running VM.
 pub(super) enum NetSlot {
     /// In use by the guest.
     Attached(NetEntry),
-    /// Gone; its slot stays taken.
+    /// Gone (its index stays, as the configuration keeps the card).
     Removed,
-}
-
-/// MSI vectors of a card's transport: one per queue (two per pair, a control queue with more
-/// than one pair) and one for configuration changes.
-fn msi_vectors_of(config: &NetConfig) -> u16 {
-    let pairs = config.queue_pairs();
-    let queues = 2 * pairs + usize::from(pairs > 1);
-    u16::try_from(queues + 1).unwrap_or(u16::MAX)
 }
 
 /// A card as the device manager keeps it.
@@ -250,7 +241,7 @@ impl NetEntry {
 impl PciBuilder<'_, '_, '_> {
     /// Builds network card `index` of the configuration: its taps (from the saved handover on
     /// a restore), the virtio-net device and its PCI placement. A card removed from the
-    /// running VM only takes its slot and vectors again (a live update's rebuild).
+    /// running VM stays removed.
     pub(super) fn add_net(&mut self, index: usize) -> Result<NetSlot, DeviceError> {
         let config = self
             .ctx
@@ -259,13 +250,7 @@ impl PciBuilder<'_, '_, '_> {
             .get(index)
             .ok_or(DeviceError::NoSuchNet { index })?;
         if config.removed {
-            let slot = self.root.reserve().map_err(DeviceError::Pci)?;
-            // The group stays claimed in the interrupt table; its eventfds go with this Arc.
-            self.ctx
-                .interrupts
-                .msi_vectors(msi_vectors_of(config))
-                .map_err(DeviceError::Interrupt)?;
-            log::debug!("Network card {index} was removed: slot {slot} stays free");
+            // Placed by id: no slot or vectors are held for it.
             return Ok(NetSlot::Removed);
         }
         let id = self.ctx.config.net_id(index);

@@ -20,7 +20,9 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use liveupdate::state::{Envelope, StateSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::placement::{DevicePlacement, MsiPlacement};
 use super::{DeviceContext, DeviceError, ids, restore_error, write_bus};
+use crate::interrupts::MsiGroup;
 
 /// A virtio-pci device of any type, as the manager drives it.
 pub(super) trait ManagedVirtio: Send + Sync {
@@ -110,25 +112,28 @@ impl PendingSlots {
 
     /// Reserves the next free slot for `device`.
     pub(super) fn add_device(&mut self, device: SharedPciDevice) -> Result<u8, PciError> {
-        if self.next >= PCI_SLOTS {
+        self.add_device_at(self.next, device)
+    }
+
+    /// Reserves `slot` for `device` (a device placed where its saved state says); the next
+    /// free slot moves past it.
+    pub(super) fn add_device_at(
+        &mut self,
+        slot: u8,
+        device: SharedPciDevice,
+    ) -> Result<u8, PciError> {
+        if slot >= PCI_SLOTS && slot == self.next {
             return Err(PciError::NoFreeSlot);
         }
-        let slot = self.next;
+        if slot == 0 || slot >= PCI_SLOTS || self.added.iter().any(|(taken, _)| *taken == slot) {
+            return Err(PciError::SlotUnavailable { slot });
+        }
         self.added.push((slot, device));
-        self.next += 1;
+        self.next = self.next.max(slot + 1);
         Ok(slot)
     }
 
     /// The devices reserved so far, with their slots.
-    /// Keeps the next slot free (for a detached device that will come back to it).
-    pub(super) fn reserve(&mut self) -> Result<u8, PciError> {
-        if self.next >= PCI_SLOTS {
-            return Err(PciError::NoFreeSlot);
-        }
-        self.next += 1;
-        Ok(self.next - 1)
-    }
-
     pub(super) fn added(&self) -> &[(u8, SharedPciDevice)] {
         &self.added
     }
@@ -153,10 +158,82 @@ pub(super) struct PciBuilder<'a, 'b, 's> {
     pub(super) ioevents: Arc<Mutex<IoEvents>>,
     pub(super) mmio: Arc<RwLock<Bus>>,
     pub(super) restore: Option<&'s mut StateSet>,
+    /// On a restore, where each device was (every device built must have its place here).
+    pub(super) saved: Option<BTreeMap<String, DevicePlacement>>,
+    /// Where this builder placed each device.
+    pub(super) placed: Vec<DevicePlacement>,
     pub(super) virtio: Vec<VirtioEntry>,
 }
 
 impl PciBuilder<'_, '_, '_> {
+    /// The saved place of device `id` on a restore (an error if the state has none for it);
+    /// `None` when building afresh.
+    pub(super) fn saved_place(&self, id: &str) -> Result<Option<&DevicePlacement>, DeviceError> {
+        let Some(saved) = &self.saved else {
+            return Ok(None);
+        };
+        saved.get(id).map(Some).ok_or_else(|| DeviceError::Restore {
+            id: id.to_string(),
+            source: "the saved placement has no such device".into(),
+        })
+    }
+
+    /// The first GSI of device `id`'s saved MSI group, on a restore.
+    pub(super) fn saved_gsi(&self, id: &str) -> Result<Option<u32>, DeviceError> {
+        let Some(place) = self.saved_place(id)? else {
+            return Ok(None);
+        };
+        place
+            .msi
+            .map(|msi| Some(msi.first_gsi))
+            .ok_or_else(|| DeviceError::Restore {
+                id: id.to_string(),
+                source: "the saved placement gives the device no MSI vectors".into(),
+            })
+    }
+
+    /// `count` MSI vectors for device `id`: its saved group on a restore, new ones otherwise.
+    fn msi_group(&self, id: &str, count: u16) -> Result<Arc<MsiGroup>, DeviceError> {
+        match self.saved_gsi(id)? {
+            Some(first_gsi) => self.ctx.interrupts.saved_msi_vectors(first_gsi, count),
+            None => self.ctx.interrupts.msi_vectors(count),
+        }
+        .map_err(DeviceError::Interrupt)
+    }
+
+    /// Gives device `id` its slot (its saved one on a restore, the next free one otherwise)
+    /// and records its place with its MSI group `msi`.
+    fn take_slot(
+        &mut self,
+        id: &str,
+        device: SharedPciDevice,
+        msi: Option<&MsiGroup>,
+    ) -> Result<u8, DeviceError> {
+        let slot = match self.saved_place(id)?.map(|place| place.slot) {
+            Some(slot) => self.root.add_device_at(slot, device),
+            None => self.root.add_device(device),
+        }
+        .map_err(DeviceError::Pci)?;
+        self.placed.push(DevicePlacement {
+            id: id.to_string(),
+            slot,
+            function: 0,
+            msi: msi.map(msi_placement),
+        });
+        Ok(slot)
+    }
+
+    /// Records the place of a detached device, which keeps its slot and MSI group but is on
+    /// no bus.
+    pub(super) fn keep_place(&mut self, id: &str, slot: u8, msi: &MsiGroup) {
+        self.placed.push(DevicePlacement {
+            id: id.to_string(),
+            slot,
+            function: 0,
+            msi: Some(msi_placement(msi)),
+        });
+    }
+
     /// Wraps `device` in a virtio-pci transport (fresh, or from its saved state), plugs it into
     /// a slot and its BAR into the MMIO bus, and registers its queue notifications with KVM.
     pub(super) fn add<D: VirtioDevice + 'static>(
@@ -164,12 +241,10 @@ impl PciBuilder<'_, '_, '_> {
         device: D,
         id: &str,
     ) -> Result<Arc<Mutex<VirtioPciDevice<D>>>, DeviceError> {
+        let key = ids::virtio(id);
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
-        let msi = self
-            .ctx
-            .interrupts
-            .msi_vectors(vectors)
-            .map_err(DeviceError::Interrupt)?;
+        let msi = self.msi_group(&key, vectors)?;
+        let group = msi.clone();
         let memory = self.ctx.memory.clone();
         let virtio_error = |source| DeviceError::Virtio {
             id: id.to_string(),
@@ -177,7 +252,6 @@ impl PciBuilder<'_, '_, '_> {
         };
         let transport = match self.restore.as_deref_mut() {
             Some(states) => {
-                let key = ids::virtio(id);
                 let state = states.take(&key).map_err(restore_error(&key))?;
                 VirtioPciDevice::from_state(device, state, memory, msi).map_err(virtio_error)?
             }
@@ -202,10 +276,7 @@ impl PciBuilder<'_, '_, '_> {
         }
         lock(&self.ioevents).by_bar.insert(bar, events);
         let transport = Arc::new(Mutex::new(transport));
-        let slot = self
-            .root
-            .add_device(transport.clone())
-            .map_err(DeviceError::Pci)?;
+        let slot = self.take_slot(&key, transport.clone(), Some(&group))?;
         write_bus(&self.mmio)
             .insert(
                 Arc::new(Mutex::new(PciBarRegion::new(transport.clone(), 0))),
@@ -222,9 +293,15 @@ impl PciBuilder<'_, '_, '_> {
         Ok(transport)
     }
 
-    /// Places a built PCI function: each of its BARs on the MMIO bus, then a slot. Returns the
-    /// slot. On error nothing of it stays on the bus. The BARs must come from `self.bars`.
-    pub(super) fn place(&mut self, device: SharedPciDevice) -> Result<u8, DeviceError> {
+    /// Places a built PCI function, device `id` with MSI group `msi`: each of its BARs on the
+    /// MMIO bus, then a slot. Returns the slot. On error nothing of it stays on the bus. The
+    /// BARs must come from `self.bars`.
+    pub(super) fn place(
+        &mut self,
+        id: &str,
+        device: SharedPciDevice,
+        msi: Option<&MsiGroup>,
+    ) -> Result<u8, DeviceError> {
         let bars = lock(&device).bars();
         let mut mmio = write_bus(&self.mmio);
         for (placed, bar) in bars.iter().enumerate() {
@@ -237,12 +314,18 @@ impl PciBuilder<'_, '_, '_> {
             }
         }
         drop(mmio);
-        self.root.add_device(device).map_err(|e| {
+        self.take_slot(id, device, msi).inspect_err(|_| {
             let mut mmio = write_bus(&self.mmio);
             for bar in &bars {
                 let _ = mmio.remove(bar.address);
             }
-            DeviceError::Pci(e)
         })
+    }
+}
+
+fn msi_placement(msi: &MsiGroup) -> MsiPlacement {
+    MsiPlacement {
+        first_gsi: msi.first_gsi(),
+        vectors: u16::try_from(msi.eventfds().len()).unwrap_or(u16::MAX),
     }
 }

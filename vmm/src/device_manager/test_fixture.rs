@@ -135,7 +135,7 @@ impl Fixture {
                 let bar = pci.bars.allocate(1 << 20).map_err(DeviceError::Pci)?;
                 let adopted = adopted_vfio(pci.ctx.memory, pci.ctx.interrupts, bar);
                 let device = Arc::new(std::sync::Mutex::new(adopted.device));
-                let slot = pci.place(device.clone())?;
+                let slot = pci.place("vfio/0", device.clone(), Some(&adopted.msi))?;
                 let entry =
                     super::vfio::VfioDeviceEntry::new("vfio/0".into(), slot, device, adopted.msi);
                 Ok((entry, bar))

@@ -3,10 +3,11 @@
 //!
 //! The host asks through the PCI hot-plug controller (the guest sees an ACPI eject request);
 //! the guest stops using the device and ejects it; the controller reports the eject to the
-//! control loop, which takes the device off the bus and closes it (the kernel resets it). The
-//! device keeps its slot and MSI vector, detached: slots and vectors follow the configuration
-//! order, which a live update's rebuild relies on. Attaching it again opens the host device
-//! afresh in that slot and tells the guest, which finds it as a new device.
+//! control loop, which takes the device off the bus and closes it (the kernel resets it). A VFIO
+//! device keeps its slot and MSI vector, detached, for its return; attaching it again opens the
+//! host device afresh in that slot and tells the guest, which finds it as a new device. A
+//! network card or the vsock device leaves its place for good (a live update places the other
+//! devices by id and holds nothing for it).
 
 use devices::bus::lock;
 use devices::pci::PciDevice;
@@ -119,8 +120,7 @@ impl DeviceManager {
         }
     }
 
-    /// Takes network card `index` off the bus; its taps close. Slot and MSI vectors stay
-    /// claimed (see `NetSlot`).
+    /// Takes network card `index` off the bus; its taps close.
     fn detach_net(&mut self, vm: &VmFd, index: usize) {
         let Some(NetSlot::Attached(entry)) = self.nets.get(index) else {
             return;
@@ -147,6 +147,7 @@ impl DeviceManager {
     /// Takes virtio device `id` in `slot` off the bus: its queue worker stops, its BAR and
     /// queue notifications go.
     fn unplug_virtio(&mut self, vm: &VmFd, slot: u8, id: &str) {
+        self.placement.remove(&super::ids::virtio(id));
         if let Some(position) = self.virtio.iter().position(|v| v.id == id) {
             let mut virtio = self.virtio.remove(position);
             if let Some(worker) = virtio.worker.take() {

@@ -55,22 +55,23 @@ impl PciBuilder<'_, '_, '_> {
             }
             None => Attach::Connect,
         };
+        let saved_gsi = self.saved_gsi(&id)?;
         let (device, msi) = match attach {
             Attach::Adopt(state, tokens) => {
                 let stream = UnixStream::from(handed_over(&id, tokens.socket, "connection")?);
                 let irq = handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?;
-                let (msi, irq) = msi_vector(self.ctx.interrupts, Some(irq))?;
+                let (msi, irq) = msi_vector(self.ctx.interrupts, saved_gsi, Some(irq))?;
                 let device =
                     VfioUserPciDevice::adopt(stream, self.ctx.memory, msi.clone(), irq, &state);
                 (device, msi)
             }
             Attach::Reattach(state) => {
-                let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
+                let (msi, irq) = msi_vector(self.ctx.interrupts, saved_gsi, None)?;
                 let device = VfioUserPciDevice::reattach(self.ctx.memory, msi.clone(), irq, &state);
                 (device, msi)
             }
             Attach::Connect => {
-                let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
+                let (msi, irq) = msi_vector(self.ctx.interrupts, saved_gsi, None)?;
                 let bars = &mut self.bars;
                 let device = VfioUserPciDevice::connect(
                     &config.socket,
@@ -83,7 +84,7 @@ impl PciBuilder<'_, '_, '_> {
             }
         };
         let device = Arc::new(Mutex::new(device.map_err(user_error)?));
-        let slot = self.place(device.clone())?;
+        let slot = self.place(&id, device.clone(), Some(&msi))?;
         Ok(UserDeviceEntry::new(id, slot, device, msi))
     }
 }

@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::handover::{CarriedDevice, CarriedEntry, Refusal, handed_over, msi_vector};
 use super::pci::PciBuilder;
-use super::{DeviceError, restore_error};
+use super::{DeviceError, ids, restore_error};
 use crate::config::DeviceConfig;
 use crate::interrupts::MsiGroup;
 
@@ -77,7 +77,7 @@ fn vfio_error(config: &DeviceConfig) -> impl FnOnce(::vfio::VfioDeviceError) -> 
 
 /// The participant id of VFIO device `index` of the configuration.
 pub(super) fn participant_id(index: usize) -> String {
-    format!("vfio/{index}")
+    ids::vfio_device(index)
 }
 
 /// The participant id of VFIO device `index` while it is detached.
@@ -95,24 +95,27 @@ impl PciBuilder<'_, '_, '_> {
         config: &DeviceConfig,
     ) -> Result<VfioSlot, DeviceError> {
         let id = participant_id(index);
+        let saved_gsi = self.saved_gsi(&id)?;
+        let saved_slot = self.saved_place(&id)?.map(|place| place.slot);
         if let Some(states) = self.restore.as_deref_mut() {
             let detached_id = detached_participant_id(index);
             if states.envelope(&detached_id).is_some() {
                 let state: DetachedVfioState = states
                     .take(&detached_id)
                     .map_err(restore_error(&detached_id))?;
-                let slot = self.root.reserve().map_err(DeviceError::Pci)?;
+                let slot = saved_slot.unwrap_or(state.slot);
                 if slot != state.slot {
                     return Err(DeviceError::Restore {
                         id: detached_id,
                         source: format!(
-                            "the detached device had slot {}, the rebuild reaches slot {slot}",
+                            "the detached device had slot {}, its placement says slot {slot}",
                             state.slot
                         )
                         .into(),
                     });
                 }
-                let (msi, _irq) = msi_vector(self.ctx.interrupts, None)?;
+                let (msi, _irq) = msi_vector(self.ctx.interrupts, saved_gsi, None)?;
+                self.keep_place(&id, slot, &msi);
                 return Ok(VfioSlot::Detached(DetachedVfio {
                     id: detached_id,
                     slot,
@@ -143,12 +146,12 @@ impl PciBuilder<'_, '_, '_> {
                 iommufd: handed_over(&id, tokens.iommufd, "iommufd")?,
             };
             let irq = handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?;
-            let (msi, irq) = msi_vector(self.ctx.interrupts, Some(irq))?;
+            let (msi, irq) = msi_vector(self.ctx.interrupts, saved_gsi, Some(irq))?;
             let device = VfioPciDevice::adopt(&state, fds, self.ctx.memory, msi.clone(), irq)
                 .map_err(vfio_error(config))?;
             return self.place_vfio(index, device, msi).map(VfioSlot::Attached);
         }
-        let (msi, irq) = msi_vector(self.ctx.interrupts, None)?;
+        let (msi, irq) = msi_vector(self.ctx.interrupts, None, None)?;
         self.attach_vfio_device(index, config, msi, irq)
             .map(VfioSlot::Attached)
     }
@@ -182,13 +185,9 @@ impl PciBuilder<'_, '_, '_> {
         msi: Arc<MsiGroup>,
     ) -> Result<VfioDeviceEntry, DeviceError> {
         let device = Arc::new(Mutex::new(device));
-        let slot = self.place(device.clone())?;
-        Ok(VfioDeviceEntry::new(
-            participant_id(index),
-            slot,
-            device,
-            msi,
-        ))
+        let id = participant_id(index);
+        let slot = self.place(&id, device.clone(), Some(&msi))?;
+        Ok(VfioDeviceEntry::new(id, slot, device, msi))
     }
 }
 

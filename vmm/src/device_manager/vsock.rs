@@ -32,8 +32,6 @@ use crate::config::VsockConfig;
 
 /// Size of each of the device's queues.
 const QUEUE_SIZE: u16 = 256;
-/// MSI vectors of the transport: three queues and configuration changes.
-const MSI_VECTORS: u16 = 4;
 
 /// How the host sockets reach the VMM that restores the VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +85,7 @@ impl Drop for VsockEntry {
     }
 }
 
-/// The device's place: in use, or removed from the running VM (slot and vectors kept).
+/// The device: in use, or removed from the running VM.
 pub(super) enum VsockSlot {
     /// In use.
     Attached(VsockEntry),
@@ -123,11 +121,6 @@ impl PciBuilder<'_, '_, '_> {
             return Ok(None);
         };
         if config.removed {
-            self.root.reserve().map_err(DeviceError::Pci)?;
-            self.ctx
-                .interrupts
-                .msi_vectors(MSI_VECTORS)
-                .map_err(DeviceError::Interrupt)?;
             return Ok(Some(VsockSlot::Removed));
         }
         let sockets = self.vsock_sockets(config, &id)?;

@@ -34,14 +34,20 @@ pub enum InterruptError {
         count: usize,
     },
     /// A restored group is claimed with another size than it was saved with.
-    #[error("Saved MSI group {index} has {saved} vectors, {requested} were requested")]
+    #[error("Saved MSI group at GSI {first_gsi} has {saved} vectors, {requested} were requested")]
     GroupMismatch {
-        /// The group's position in the saved state.
-        index: usize,
+        /// The group's first GSI.
+        first_gsi: u32,
         /// Its saved size.
         saved: usize,
         /// The size asked for now.
         requested: usize,
+    },
+    /// A device claims a saved group the state does not hold, or one already claimed.
+    #[error("No saved MSI group at GSI {first_gsi} is left to claim")]
+    NoSavedGroup {
+        /// The GSI the device's placement names.
+        first_gsi: u32,
     },
     /// Creating an eventfd failed.
     #[error("Cannot create an eventfd")]

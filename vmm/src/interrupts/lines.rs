@@ -40,7 +40,6 @@ impl IrqLine for LegacyIrq {
 #[derive(Debug)]
 pub struct MsiGroup {
     pub(super) shared: Arc<Shared>,
-    pub(super) index: usize,
     pub(super) first_gsi: u32,
     pub(super) eventfds: Vec<EventFd>,
     /// Whether the eventfds are registered as KVM irqfds (see [`Self::disarm`]).
@@ -102,7 +101,7 @@ impl MsiGroup {
 impl MsiVectors for MsiGroup {
     fn configure(&self, vector: u16, message: Option<MsiMessage>) -> io::Result<()> {
         self.shared
-            .set_route(self.index, vector, message)
+            .set_route(self.first_gsi, vector, message)
             .map_err(io::Error::other)
     }
 

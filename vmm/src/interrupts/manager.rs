@@ -24,8 +24,9 @@ impl InterruptManager {
     }
 
     /// Takes over the routing table of `vm` with the MSI groups of `state` routed at once.
-    /// Devices then claim the groups again, in the saved order, with [`Self::msi_vectors`]
-    /// or [`Self::msi_vectors_with_fds`].
+    /// Each device then claims its group again by the first GSI its saved placement names,
+    /// with [`Self::saved_msi_vectors`] or [`Self::saved_msi_vectors_with_fds`]; the groups
+    /// nobody claims (devices removed before the save) go with [`Self::drop_unclaimed`].
     pub fn restore(vm: Arc<VmFd>, state: &InterruptState) -> Result<Self, InterruptError> {
         validate(state)?;
         let manager = Self {
@@ -33,6 +34,7 @@ impl InterruptManager {
                 vm,
                 table: Mutex::new(Table {
                     groups: state.msi_groups.clone(),
+                    unclaimed: state.msi_groups.iter().map(|g| g.first_gsi).collect(),
                     ..Table::default()
                 }),
             }),
@@ -77,66 +79,81 @@ impl InterruptManager {
         self.register_line(&mut table, pin, eventfd)
     }
 
-    /// `count` MSI vectors on consecutive GSIs, each with a new eventfd registered as irqfd.
-    /// After [`Self::restore`], the saved groups are handed out first, in order.
+    /// `count` new MSI vectors on consecutive GSIs after every group, each with a new eventfd
+    /// registered as irqfd.
     pub fn msi_vectors(&self, count: u16) -> Result<Arc<MsiGroup>, InterruptError> {
-        let eventfds = (0..count)
-            .map(|_| new_eventfd())
-            .collect::<Result<Vec<_>, _>>()?;
-        self.msi_vectors_with_fds(eventfds)
+        self.msi_vectors_with_fds(new_eventfds(count)?)
     }
 
-    /// Like [`Self::msi_vectors`], one vector per eventfd given (e.g. handed over by the
-    /// previous VMM).
+    /// Like [`Self::msi_vectors`], one vector per eventfd given.
     pub fn msi_vectors_with_fds(
         &self,
         eventfds: Vec<EventFd>,
     ) -> Result<Arc<MsiGroup>, InterruptError> {
-        self.claim_msi_group(eventfds, true)
+        self.claim_msi_group(None, eventfds, true)
     }
 
-    /// Like [`Self::msi_vectors_with_fds`], but the eventfds are not registered as irqfds
-    /// until [`MsiGroup::arm`]: for eventfds handed over by the previous VMM whose pending
-    /// signals must reach the guest only once its vCPUs (and their LAPICs) are restored.
-    pub fn msi_vectors_disarmed(
+    /// The restored group whose first GSI is `first_gsi`, with `count` new eventfds: a device
+    /// placed where its saved state says.
+    pub fn saved_msi_vectors(
         &self,
-        eventfds: Vec<EventFd>,
+        first_gsi: u32,
+        count: u16,
     ) -> Result<Arc<MsiGroup>, InterruptError> {
-        self.claim_msi_group(eventfds, false)
+        self.claim_msi_group(Some(first_gsi), new_eventfds(count)?, true)
+    }
+
+    /// Like [`Self::saved_msi_vectors`], one vector per eventfd given (e.g. handed over by the
+    /// previous VMM). With `armed` false the eventfds are not registered as irqfds until
+    /// [`MsiGroup::arm`]: for eventfds handed over whose pending signals must reach the guest
+    /// only once its vCPUs (and their LAPICs) are restored.
+    pub fn saved_msi_vectors_with_fds(
+        &self,
+        first_gsi: u32,
+        eventfds: Vec<EventFd>,
+        armed: bool,
+    ) -> Result<Arc<MsiGroup>, InterruptError> {
+        self.claim_msi_group(Some(first_gsi), eventfds, armed)
     }
 
     fn claim_msi_group(
         &self,
+        saved_at: Option<u32>,
         eventfds: Vec<EventFd>,
         armed: bool,
     ) -> Result<Arc<MsiGroup>, InterruptError> {
         let count = eventfds.len();
         let mut table = self.shared.lock();
-        let index = table.claimed;
-        let first_gsi = match table.groups.get(index) {
-            Some(saved) if saved.routes.len() == count => saved.first_gsi,
-            Some(saved) => {
-                return Err(InterruptError::GroupMismatch {
-                    index,
-                    saved: saved.routes.len(),
-                    requested: count,
-                });
+        let first_gsi = match saved_at {
+            Some(first_gsi) => {
+                let saved = table
+                    .groups
+                    .iter()
+                    .find(|g| g.first_gsi == first_gsi && table.unclaimed.contains(&first_gsi))
+                    .ok_or(InterruptError::NoSavedGroup { first_gsi })?;
+                if saved.routes.len() != count {
+                    return Err(InterruptError::GroupMismatch {
+                        first_gsi,
+                        saved: saved.routes.len(),
+                        requested: count,
+                    });
+                }
+                first_gsi
             }
             None => next_free_gsi(&table.groups, count)?,
         };
         if armed {
             register_irqfds(&self.shared.vm, first_gsi, &eventfds)?;
         }
-        if index == table.groups.len() {
+        if saved_at.is_none() {
             table.groups.push(MsiGroupState {
                 first_gsi,
                 routes: vec![None; count],
             });
         }
-        table.claimed += 1;
+        table.unclaimed.remove(&first_gsi);
         let group = Arc::new(MsiGroup {
             shared: Arc::clone(&self.shared),
-            index,
             first_gsi,
             eventfds,
             armed: Mutex::new(armed),
@@ -147,9 +164,22 @@ impl InterruptManager {
         Ok(group)
     }
 
-    /// How many MSI groups this process has handed out (see [`Self::release_msi_groups_from`]).
+    /// Forgets the restored groups no device claimed (their devices were removed before the
+    /// save), with their routes. Returns their first GSIs.
+    pub fn drop_unclaimed(&self) -> Result<Vec<u32>, InterruptError> {
+        let mut table = self.shared.lock();
+        let unclaimed = std::mem::take(&mut table.unclaimed);
+        if unclaimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        table.groups.retain(|g| !unclaimed.contains(&g.first_gsi));
+        self.shared.push_routes(&table)?;
+        Ok(unclaimed.into_iter().collect())
+    }
+
+    /// How many MSI groups the table holds (see [`Self::release_msi_groups_from`]).
     pub fn msi_group_count(&self) -> usize {
-        self.shared.lock().claimed
+        self.shared.lock().groups.len()
     }
 
     /// Forgets the MSI groups handed out from `count` on, whose devices are gone (a failed
@@ -158,22 +188,21 @@ impl InterruptManager {
     /// its eventfd closes it (an outside server that got a dup closes it when it lets go).
     pub fn release_msi_groups_from(&self, count: usize) -> Result<(), InterruptError> {
         let mut table = self.shared.lock();
-        if count >= table.claimed {
+        if count >= table.groups.len() {
             return Ok(());
         }
-        if table.claimed != table.groups.len() {
+        if !table.unclaimed.is_empty() {
             return Err(InterruptError::InvalidState {
                 reason: "restored MSI groups are not all claimed",
             });
         }
         table.groups.truncate(count);
-        table.claimed = count;
         self.shared.push_routes(&table)
     }
 
-    /// Arms every group claimed with [`Self::msi_vectors_disarmed`] (a live update's restore
-    /// calls this once the vCPUs and their LAPICs are restored, so the signals that waited in
-    /// the handed-over eventfds reach the guest as it resumes).
+    /// Arms every group claimed disarmed (a live update's restore calls this once the vCPUs
+    /// and their LAPICs are restored, so the signals that waited in the handed-over eventfds
+    /// reach the guest as it resumes).
     pub fn arm_handed_over(&self) -> Result<(), InterruptError> {
         let groups = std::mem::take(&mut self.shared.lock().disarmed);
         for group in groups.iter().filter_map(std::sync::Weak::upgrade) {
@@ -233,6 +262,10 @@ fn check_pin(pin: u32) -> Result<(), InterruptError> {
 
 fn new_eventfd() -> Result<EventFd, InterruptError> {
     EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)
+}
+
+fn new_eventfds(count: u16) -> Result<Vec<EventFd>, InterruptError> {
+    (0..count).map(|_| new_eventfd()).collect()
 }
 
 #[cfg(test)]
@@ -355,7 +388,7 @@ mod tests {
         handed_over.write(1).unwrap();
 
         let group = restored
-            .msi_vectors_disarmed(vec![handed_over.try_clone().unwrap()])
+            .saved_msi_vectors_with_fds(24, vec![handed_over.try_clone().unwrap()], false)
             .unwrap();
         sleep(Duration::from_millis(100));
         let before_arm = irr_has(&vcpu, 0x44);
@@ -446,8 +479,9 @@ mod tests {
         let (new_vm, vcpu) = vm_with_vcpu();
 
         let restored = InterruptManager::restore(new_vm, &decoded).unwrap();
-        let first = restored.msi_vectors(2).unwrap();
-        let second = restored.msi_vectors(3).unwrap();
+        // Claimed by placement, not in the saved order.
+        let second = restored.saved_msi_vectors(26, 3).unwrap();
+        let first = restored.saved_msi_vectors(24, 2).unwrap();
         let third = restored.msi_vectors(1).unwrap();
 
         assert_eq!(decoded, saved);
@@ -471,7 +505,7 @@ mod tests {
         };
         let manager = InterruptManager::restore(vm, &state).unwrap();
 
-        let result = manager.msi_vectors(5);
+        let result = manager.saved_msi_vectors(24, 5);
 
         assert!(matches!(
             result,
@@ -481,6 +515,66 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn saved_group_is_claimed_once_and_an_unknown_one_is_refused() {
+        let (vm, _vcpu) = vm_with_vcpu();
+        let state = InterruptState {
+            msi_groups: vec![MsiGroupState {
+                first_gsi: 24,
+                routes: vec![None; 2],
+            }],
+        };
+        let manager = InterruptManager::restore(vm, &state).unwrap();
+
+        let first = manager
+            .saved_msi_vectors(24, 2)
+            .map(|group| group.first_gsi());
+        let again = manager.saved_msi_vectors(24, 2);
+        let unknown = manager.saved_msi_vectors(30, 1);
+
+        assert_eq!(first.unwrap(), 24);
+        assert!(matches!(
+            again,
+            Err(InterruptError::NoSavedGroup { first_gsi: 24 })
+        ));
+        assert!(matches!(
+            unknown,
+            Err(InterruptError::NoSavedGroup { first_gsi: 30 })
+        ));
+    }
+
+    #[test]
+    fn groups_of_removed_devices_are_dropped_and_their_gsis_stay_free_until_the_end() {
+        let (vm, _vcpu) = vm_with_vcpu();
+        let group = |first_gsi, count| MsiGroupState {
+            first_gsi,
+            routes: vec![msi(0x40); count],
+        };
+        let state = InterruptState {
+            msi_groups: vec![group(24, 2), group(26, 3), group(29, 1)],
+        };
+        let manager = InterruptManager::restore(vm, &state).unwrap();
+        manager.saved_msi_vectors(24, 2).unwrap();
+        manager.saved_msi_vectors(29, 1).unwrap();
+
+        let dropped = manager.drop_unclaimed().unwrap();
+        let next = manager.msi_vectors(1).unwrap();
+
+        assert_eq!(dropped, vec![26]);
+        assert_eq!(
+            manager.save().msi_groups,
+            vec![
+                group(24, 2),
+                group(29, 1),
+                MsiGroupState {
+                    first_gsi: 30,
+                    routes: vec![None]
+                }
+            ]
+        );
+        assert_eq!(next.first_gsi(), 30);
     }
 
     #[test]

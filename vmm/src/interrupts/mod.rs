@@ -2,13 +2,14 @@
 //! the GSI routing table that tells KVM where each GSI goes.
 //!
 //! GSIs 0..24 are the IOAPIC pins (0..16 also reach the PICs), as KVM routes them by default;
-//! MSI vectors get GSIs from 24 up, handed out in groups (one per PCI function) in the order
-//! asked for. Devices see only the traits of `devices::interrupt`.
+//! MSI vectors get GSIs from 24 up, handed out in groups (one per PCI function) after every
+//! group there is; a restored device claims its saved group again by its first GSI, which its
+//! placement names. Devices see only the traits of `devices::interrupt`.
 //!
 //! An irqfd whose GSI has no route delivers nothing (KVM consumes the eventfd count and finds
 //! no target; checked on the test machines), so disconnecting a vector only removes its route.
 //! Irqfds stay registered until the VM is closed, except for groups a live update carries to
-//! another VMM ([`MsiGroup::disarm`], [`InterruptManager::msi_vectors_disarmed`]): there the
+//! another VMM ([`MsiGroup::disarm`], [`InterruptManager::saved_msi_vectors_with_fds`]): there the
 //! eventfd itself crosses over, and between the two VMMs its signals wait in its counter.
 
 mod error;

@@ -1,6 +1,6 @@
 //! The GSI routing table as KVM gets it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use devices::interrupt::MsiMessage;
@@ -36,8 +36,8 @@ pub(super) struct Shared {
 pub(super) struct Table {
     /// Every MSI group, handed out or restored and not yet claimed again.
     pub(super) groups: Vec<MsiGroupState>,
-    /// How many of `groups` have been handed out by this process.
-    pub(super) claimed: usize,
+    /// The first GSIs of the restored groups no device has claimed again yet.
+    pub(super) unclaimed: BTreeSet<u32>,
     /// The legacy line of each pin that has one.
     pub(super) lines: BTreeMap<u32, Arc<LegacyIrq>>,
     /// Groups claimed disarmed, for [`super::InterruptManager::arm_handed_over`].
@@ -83,16 +83,18 @@ impl Shared {
 
     pub(super) fn set_route(
         &self,
-        index: usize,
+        first_gsi: u32,
         vector: u16,
         message: Option<MsiMessage>,
     ) -> Result<(), InterruptError> {
         let mut table = self.lock();
-        let routes = table.groups.get_mut(index).map(|g| &mut g.routes).ok_or(
-            InterruptError::InvalidState {
+        let index = table.groups.iter().position(|g| g.first_gsi == first_gsi);
+        let routes = index
+            .and_then(|i| table.groups.get_mut(i))
+            .map(|g| &mut g.routes)
+            .ok_or(InterruptError::InvalidState {
                 reason: "unknown MSI group",
-            },
-        )?;
+            })?;
         let count = routes.len();
         let route = routes
             .get_mut(usize::from(vector))
@@ -103,9 +105,8 @@ impl Shared {
         let previous = std::mem::replace(route, message);
         let result = self.push_routes(&table);
         if result.is_err()
-            && let Some(route) = table
-                .groups
-                .get_mut(index)
+            && let Some(route) = index
+                .and_then(|i| table.groups.get_mut(i))
                 .and_then(|g| g.routes.get_mut(usize::from(vector)))
         {
             // Keep our copy equal to what KVM has.

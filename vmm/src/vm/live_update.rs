@@ -123,7 +123,7 @@ impl Vm {
             }
         };
         lap(incoming, "create_vm", &mut step);
-        // Routes first: devices then claim their MSI groups in the saved order.
+        // Routes first: devices then claim their MSI groups by their saved placement.
         let interrupts = InterruptManager::restore(vm_fd.clone(), &interrupt_state)
             .map_err(VmError::Interrupts)?;
         let ctx = DeviceContext {
