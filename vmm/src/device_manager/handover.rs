@@ -60,15 +60,21 @@ pub(super) trait CarriedDevice: Send {
 
 /// The fd the previous VMM attached under `token` (`what` names it in the error). Without it
 /// the restore fails: attaching the device afresh would reset it under the guest.
-pub(super) fn handed_over(id: &str, token: Token, what: &str) -> Result<OwnedFd, DeviceError> {
-    HandedOverFds::take(token).ok_or_else(|| DeviceError::Restore {
-        id: id.to_string(),
-        source: format!(
-            "the session holds no {what} (attachment token {token:#x}); the device is not \
+pub(super) fn handed_over(
+    fds: Option<&HandedOverFds>,
+    id: &str,
+    token: Token,
+    what: &str,
+) -> Result<OwnedFd, DeviceError> {
+    fds.and_then(|fds| fds.take(token))
+        .ok_or_else(|| DeviceError::Restore {
+            id: id.to_string(),
+            source: format!(
+                "the session holds no {what} (attachment token {token:#x}); the device is not \
              attached afresh, which would reset it under the guest"
-        )
-        .into(),
-    })
+            )
+            .into(),
+        })
 }
 
 /// A carried device's MSI vector and the eventfd its device signals: the eventfd handed over

@@ -18,7 +18,7 @@ use liveupdate::state::{Envelope, StateSet};
 use serde::{Deserialize, Serialize};
 
 use super::handover::handed_over;
-use super::participants::envelope;
+use super::participants::{HandedOverFds, envelope};
 use super::{DeviceError, restore_error};
 use crate::config::{ConsoleConfig, ConsoleMode};
 use crate::host_console::{self, HostEnd, Port};
@@ -61,13 +61,14 @@ pub(super) fn host_end(
     port: Port,
     config: &ConsoleConfig,
     restore: Option<&mut StateSet>,
+    fds: Option<&HandedOverFds>,
 ) -> Result<Option<Arc<HostEnd>>, DeviceError> {
     if !host_console::has_host_end(config) {
         return Ok(None);
     }
     let end = match restore {
         None => host_console::open(port, config).map_err(DeviceError::HostEnd)?,
-        Some(states) => host_console::register(restored(port, config, states)?),
+        Some(states) => host_console::register(restored(port, config, states, fds)?),
     };
     Ok(Some(end))
 }
@@ -76,17 +77,18 @@ fn restored(
     port: Port,
     config: &ConsoleConfig,
     states: &mut StateSet,
+    fds: Option<&HandedOverFds>,
 ) -> Result<HostEnd, DeviceError> {
     let key = id(port);
     let state: HostEndState = states.take(&key).map_err(restore_error(&key))?;
     let end = match (state.handover, config.mode) {
         (HostEndHandover::Attached { fd, .. }, ConsoleMode::Pty) => {
-            HostEnd::adopt_pty(port, handed_over(&key, fd, "pty master")?)
+            HostEnd::adopt_pty(port, handed_over(fds, &key, fd, "pty master")?)
         }
         (HostEndHandover::Attached { fd, client }, _) => {
-            let listener = handed_over(&key, fd, "listening socket")?;
+            let listener = handed_over(fds, &key, fd, "listening socket")?;
             let client = client
-                .map(|token| handed_over(&key, token, "socket client"))
+                .map(|token| handed_over(fds, &key, token, "socket client"))
                 .transpose()?;
             HostEnd::adopt_socket(port, &state.path, listener, client)
         }
@@ -253,7 +255,7 @@ mod tests {
     fn modes_without_a_host_end_build_none() {
         let config = ConsoleConfig::default_serial();
 
-        let end = host_end(Port::Serial, &config, None).unwrap();
+        let end = host_end(Port::Serial, &config, None, None).unwrap();
 
         assert!(end.is_none());
     }

@@ -145,14 +145,14 @@ impl DeviceManager {
             mmio: self.buses.mmio.clone(),
             restore: None,
             saved: None,
-            placed: Vec::new(),
+            registry: self.registry.clone(),
             virtio: Vec::new(),
         };
         let built = build(&mut pci);
         let PciBuilder {
             root: slots,
             virtio,
-            placed,
+            registry,
             ..
         } = pci;
         let result = built.and_then(|value| {
@@ -186,8 +186,7 @@ impl DeviceManager {
             Ok((value, slot, next, device)) => {
                 self.pci_devices.push(device);
                 self.next_slot = self.next_slot.max(next);
-                self.placement
-                    .extend(placed.into_iter().map(|p| (p.id.clone(), p)));
+                self.registry = registry;
                 self.virtio.extend(virtio);
                 if let Err(e) = lock(&self.hotplug).notify_inserted(slot) {
                     warn!("Cannot tell the guest about the device in slot {slot}: {e}");
@@ -217,6 +216,11 @@ mod tests {
     use crate::layout;
     use devices::bus::Bus;
 
+    /// A test device's id, by its BAR address.
+    fn fake_id(bar: u64) -> String {
+        format!("fake/{bar:#x}")
+    }
+
     fn read_byte(bus: &RwLock<Bus>, address: u64) -> Option<u8> {
         let mut data = [0u8; 1];
         bus.read()
@@ -243,7 +247,12 @@ mod tests {
         let ((), slot) = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place("fake", Arc::new(Mutex::new(FakeDevice { bar })), None)?;
+                pci.place(
+                    &fake_id(bar),
+                    Arc::new(Mutex::new(FakeDevice { bar })),
+                    None,
+                    vec![fake_id(bar)],
+                )?;
                 Ok(())
             })
             .unwrap();
@@ -269,7 +278,12 @@ mod tests {
         let (bar, slot) = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place("fake", Arc::new(Mutex::new(FakeDevice { bar })), None)?;
+                pci.place(
+                    &fake_id(bar),
+                    Arc::new(Mutex::new(FakeDevice { bar })),
+                    None,
+                    vec![fake_id(bar)],
+                )?;
                 Ok(bar)
             })
             .unwrap();
@@ -312,7 +326,12 @@ mod tests {
         let taken = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place("fake", Arc::new(Mutex::new(FakeDevice { bar })), None)?;
+                pci.place(
+                    &fake_id(bar),
+                    Arc::new(Mutex::new(FakeDevice { bar })),
+                    None,
+                    vec![fake_id(bar)],
+                )?;
                 Ok(bar)
             })
             .unwrap()
@@ -321,9 +340,10 @@ mod tests {
         // As if the guest had moved the first device's BAR where the allocator goes next.
         let result = fixture.hot_add(|pci| {
             pci.place(
-                "fake",
+                &fake_id(taken),
                 Arc::new(Mutex::new(FakeDevice { bar: taken })),
                 None,
+                vec![fake_id(taken)],
             )
         });
 
@@ -346,14 +366,16 @@ mod tests {
             let first = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
             let second = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
             pci.place(
-                "fake/1",
+                &fake_id(first),
                 Arc::new(Mutex::new(FakeDevice { bar: first })),
                 None,
+                vec![fake_id(first)],
             )?;
             pci.place(
-                "fake/2",
+                &fake_id(second),
                 Arc::new(Mutex::new(FakeDevice { bar: second })),
                 None,
+                vec![fake_id(second)],
             )?;
             Ok([first, second])
         });
@@ -370,13 +392,68 @@ mod tests {
     }
 
     #[test]
+    fn hot_add_of_a_device_without_a_participant_is_refused_and_leaves_nothing_behind() {
+        let mut fixture = Fixture::new();
+        let expected = fixture.manager.bar_allocator().allocate(0x1000).unwrap();
+
+        let result = fixture.hot_add(|pci| {
+            let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+            let device = Arc::new(Mutex::new(FakeDevice { bar }));
+            pci.place(&fake_id(bar), device, None, Vec::new())
+        });
+
+        assert!(
+            matches!(&result, Err(DeviceError::NoParticipant { id }) if *id == fake_id(expected)),
+            "{result:?}"
+        );
+        assert_eq!(read_byte(&fixture.mmio(), expected), None);
+        assert_eq!(fixture.manager.next_slot, 2);
+        assert_eq!(fixture.vendor_id(2), 0xffff);
+        assert!(fixture.manager.registry.get(&fake_id(expected)).is_none());
+    }
+
+    #[test]
+    fn a_registered_device_the_manager_cannot_save_fails_the_update_in_prepare() {
+        use liveupdate::emulated::EmulatedProvider;
+        use liveupdate::participant::{FileSink, ParticipantError};
+        use liveupdate::session::SessionProvider;
+        let mut fixture = Fixture::new();
+        fixture
+            .manager
+            .registry
+            .register("ghost", vec!["ghost/0".into()], None)
+            .unwrap();
+        let mut provider = EmulatedProvider::new();
+        let mut session = provider.create_session("vm").unwrap();
+        let mut files = FileSink::new(session.as_mut());
+
+        let mut participants = fixture.manager.participants();
+        let ids: Vec<String> = participants.iter().map(|p| p.id()).collect();
+        let ghost = participants
+            .iter_mut()
+            .find(|p| p.id() == "ghost/0")
+            .unwrap();
+        let prepared = ghost.prepare(&mut files);
+
+        assert!(
+            matches!(&prepared, Err(ParticipantError::Failed { id, .. }) if id == "ghost/0"),
+            "{prepared:?}"
+        );
+        assert_eq!(
+            ids.first().map(String::as_str),
+            Some("serial/com1"),
+            "{ids:?}"
+        );
+    }
+
+    #[test]
     fn bar_space_is_taken_above_a_bar_the_guest_moved_up() {
         let mut fixture = Fixture::new();
         let (first, _) = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
                 let device = Arc::new(Mutex::new(FakeDevice { bar }));
-                pci.place("fake", device.clone(), None)?;
+                pci.place(&fake_id(bar), device.clone(), None, vec![fake_id(bar)])?;
                 Ok(device)
             })
             .unwrap();
@@ -386,7 +463,12 @@ mod tests {
         let (second, _) = fixture
             .hot_add(|pci| {
                 let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place("fake", Arc::new(Mutex::new(FakeDevice { bar })), None)?;
+                pci.place(
+                    &fake_id(bar),
+                    Arc::new(Mutex::new(FakeDevice { bar })),
+                    None,
+                    vec![fake_id(bar)],
+                )?;
                 Ok(bar)
             })
             .unwrap();

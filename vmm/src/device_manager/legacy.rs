@@ -28,7 +28,12 @@ pub(super) fn add_legacy(
             .interrupts
             .legacy_line(layout::COM1_IRQ)
             .map_err(DeviceError::Interrupt)?;
-        let (output, end) = output_for(&ctx.config.serial, Port::Serial, restore.as_deref_mut())?;
+        let (output, end) = output_for(
+            ctx,
+            &ctx.config.serial,
+            Port::Serial,
+            restore.as_deref_mut(),
+        )?;
         serial_end = end;
         let device = match restore.as_deref_mut() {
             Some(states) => {

@@ -2,7 +2,9 @@
 //! (irqfd) and queue notifications (ioeventfd) into KVM.
 //!
 //! `legacy` builds the port devices, `pci` the virtio-pci devices and their wiring, and
-//! `participants` turns each device into a live-update participant.
+//! `participants` turns each device into a live-update participant. Every device is registered
+//! once in `registry` with its participants and its PCI place (`placement`), which a live update
+//! saves and the restoring VMM places each device by.
 //!
 //! `hotplug` places a device on the PCI bus of a running VM (`vm.add-user-device`), and
 //! `unplug` takes one off when the guest has released it (and puts a detached one back).
@@ -16,6 +18,7 @@ mod net;
 mod participants;
 mod pci;
 mod placement;
+mod registry;
 #[cfg(test)]
 mod test_fixture;
 mod tree;
@@ -57,9 +60,10 @@ pub use host_end::{HostEndHandover, HostEndState};
 use legacy::{LegacyDevices, add_legacy};
 pub use net::{adopt_inherited_fds_for, adopt_inherited_tap_fds, forget_tap_fds, give_tap_fds};
 pub(crate) use participants::HandedOverFds;
-use participants::{StateOnly, VirtioParticipant, envelope};
+use participants::{StateOnly, Unregistered, VirtioParticipant, envelope};
 use pci::{IoEvents, MmioRelocator, PciBuilder, PendingSlots, VirtioEntry};
 pub use placement::{DevicePlacement, MsiPlacement, PciRootState, PciRootStateV1, Placement};
+use registry::DeviceRegistry;
 pub use tree::{DeviceNode, DeviceTree, PciBarType, Resource, pci_bdf};
 #[cfg(test)]
 pub(crate) use {net::NetTapState, vfio::DetachedVfioState, vsock::VsockSocketsState};
@@ -169,6 +173,19 @@ pub enum DeviceError {
         /// Index in `devices`.
         index: usize,
     },
+    /// A device was added without a live-update participant: the VMM restoring the VM after a
+    /// live update would not find it.
+    #[error("Device {id} has no live-update participant")]
+    NoParticipant {
+        /// Device id.
+        id: String,
+    },
+    /// A device id was registered twice.
+    #[error("Device {id} is registered already")]
+    AlreadyRegistered {
+        /// Device id.
+        id: String,
+    },
     /// A hot-add built no PCI device, or more than one.
     #[error("A hot-add must place one PCI device, not {count}")]
     HotAddCount {
@@ -220,9 +237,9 @@ pub struct DeviceManager {
     pci_devices: Vec<SharedPciDevice>,
     next_slot: u8,
     ioevents: Arc<Mutex<IoEvents>>,
-    /// Where each PCI device is, by device id: saved with the PCI root, so the VMM that
-    /// restores the VM places every device there.
-    placement: BTreeMap<String, DevicePlacement>,
+    /// Every device, with its participants and its PCI place: what a live update saves and
+    /// what the restoring VMM places each device by.
+    registry: DeviceRegistry,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -246,6 +263,8 @@ pub(crate) struct DeviceContext<'a> {
     pub interrupts: &'a InterruptManager,
     /// Where guest reset requests go.
     pub on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    /// On a restart-mode restore, the fds the previous VMM attached to the session.
+    pub handed_over: Option<&'a HandedOverFds>,
 }
 
 /// Participant ids of the devices, stable across builds.
@@ -310,6 +329,13 @@ impl DeviceManager {
             ioevents: ioevents.clone(),
         };
         let mut root = PciRoot::new(Some(Arc::new(relocator)));
+        let mut registry = DeviceRegistry::default();
+        if serial.is_some() {
+            registry.register(ids::SERIAL, vec![ids::SERIAL.into()], None)?;
+        }
+        for id in [ids::CMOS, ids::PCI_ROOT, ids::PCI_HOTPLUG] {
+            registry.register(id, vec![id.into()], None)?;
+        }
         let mut saved_next_slot = 1;
         let mut saved = None;
         if let Some(states) = restore.as_deref_mut() {
@@ -338,7 +364,7 @@ impl DeviceManager {
             mmio: mmio.clone(),
             restore,
             saved,
-            placed: Vec::new(),
+            registry,
             virtio: Vec::new(),
         };
         for (index, disk) in ctx.config.disks.iter().enumerate() {
@@ -352,23 +378,24 @@ impl DeviceManager {
                 id: id.clone(),
                 source,
             })?;
-            pci.add(block, &id)?;
+            pci.add(block, &id, Vec::new())?;
         }
         let mut console = None;
         if ctx.config.console.mode != ConsoleMode::Off {
             let (output, end) = output_for(
+                ctx,
                 &ctx.config.console,
                 Port::Console,
                 pci.restore.as_deref_mut(),
             )?;
             host_ends.extend(end);
-            console = Some(pci.add(Console::new(output), "_console")?);
+            console = Some(pci.add(Console::new(output), "_console", Vec::new())?);
         }
         let rng = Rng::new(&RngConfig {
             src: ctx.config.rng.src.clone(),
         })
         .map_err(DeviceError::Rng)?;
-        pci.add(rng, "_rng")?;
+        pci.add(rng, "_rng", Vec::new())?;
         let mut nets = Vec::new();
         for index in 0..ctx.config.net.len() {
             nets.push(pci.add_net(index)?);
@@ -403,9 +430,27 @@ impl DeviceManager {
         let PciBuilder {
             root: slots,
             virtio,
-            placed,
+            mut registry,
+            saved,
             ..
         } = pci;
+        for end in &host_ends {
+            let id = host_end::id(end.port());
+            registry.register(&id, vec![id.clone()], None)?;
+        }
+        // Every place the state saved must have found its device.
+        if let Some(unplaced) = saved
+            .iter()
+            .flat_map(|saved| saved.keys())
+            .find(|id| registry.get(id).is_none())
+        {
+            return Err(DeviceError::Restore {
+                id: unplaced.clone(),
+                source: "the saved state places this device, which the configuration does not \
+                         have"
+                    .into(),
+            });
+        }
         let pci_devices = slots.added().iter().map(|(_, d)| d.clone()).collect();
         let hotplug = add_hotplug_controller(ctx, &mmio, hotplug_state, slots.added())?;
         let next_slot = slots
@@ -438,13 +483,18 @@ impl DeviceManager {
             pci_devices,
             next_slot,
             ioevents,
-            placement: placed.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            registry,
         })
     }
 
     /// The devices as live-update participants: each pauses (its queue worker stops, after
     /// finishing the requests it holds) and saves its state.
+    ///
+    /// The list is the registry's: its participants in registration order. A registered
+    /// participant this manager has no participant for, or one the registry does not list,
+    /// fails the update in prepare, while the VM runs on.
     pub fn participants(&mut self) -> Vec<Box<dyn AnyParticipant + '_>> {
+        let registry = &self.registry;
         let mut list: Vec<Box<dyn AnyParticipant + '_>> = Vec::new();
         if let Some(serial) = &self.serial {
             list.push(Box::new(StateOnly {
@@ -460,7 +510,7 @@ impl DeviceManager {
         let root = &self.pci_root;
         let placement = Placement {
             next_slot: self.next_slot,
-            devices: self.placement.values().cloned().collect(),
+            devices: registry.placement(),
         };
         list.push(Box::new(StateOnly {
             id: ids::PCI_ROOT.into(),
@@ -518,7 +568,26 @@ impl DeviceManager {
                 }
             }
         }
-        list
+        let mut built: BTreeMap<String, Box<dyn AnyParticipant + '_>> =
+            list.into_iter().map(|p| (p.id(), p)).collect();
+        let mut walked: Vec<Box<dyn AnyParticipant + '_>> = registry
+            .participant_ids()
+            .map(|id| {
+                built.remove(id).unwrap_or_else(|| {
+                    Box::new(Unregistered {
+                        id: id.to_string(),
+                        reason: "registered, but its device has no participant to save it",
+                    })
+                })
+            })
+            .collect();
+        walked.extend(built.into_keys().map(|id| {
+            Box::new(Unregistered {
+                id,
+                reason: "its device is missing from the device registry",
+            }) as Box<dyn AnyParticipant + '_>
+        }));
+        walked
     }
 
     /// The taps this VMM created again after a kexec (the host must attach them again).
@@ -675,11 +744,12 @@ type GuestOutput = Box<dyn Write + Send>;
 /// Where the output of `port` goes, as `config` says, and its pty or socket if it has one
 /// (from the saved handover on a restore).
 fn output_for(
+    ctx: &DeviceContext<'_>,
     config: &ConsoleConfig,
     port: Port,
     restore: Option<&mut StateSet>,
 ) -> Result<(GuestOutput, Option<Arc<HostEnd>>), DeviceError> {
-    if let Some(end) = host_end::host_end(port, config, restore)? {
+    if let Some(end) = host_end::host_end(port, config, restore, ctx.handed_over)? {
         return Ok((end.writer(), Some(end)));
     }
     let output: GuestOutput = match config.mode {

@@ -79,7 +79,7 @@ impl TapQueue for TapHandle {
 
 /// Tap fds the VMM got rather than opened (command line, API, the operator on a restore), by
 /// card id: kept for the VM's lifetime, so a reboot builds the card on them again. A
-/// process-wide slot, as [`super::HandedOverFds`]: a VMM process runs one VM.
+/// process-wide slot: a VMM process runs one VM.
 static GIVEN_TAP_FDS: Mutex<BTreeMap<String, Vec<OwnedFd>>> = Mutex::new(BTreeMap::new());
 
 fn given_tap_fds() -> MutexGuard<'static, BTreeMap<String, Vec<OwnedFd>>> {
@@ -263,7 +263,7 @@ impl PciBuilder<'_, '_, '_> {
                     TapHandover::Attached(tokens) => {
                         let fds = tokens
                             .iter()
-                            .map(|token| handed_over(&key, *token, "tap fd"))
+                            .map(|token| handed_over(self.ctx.handed_over, &key, *token, "tap fd"))
                             .collect::<Result<Vec<_>, _>>()?;
                         if config.uses_fds() {
                             // Kept for a reboot of the restored VM, as at boot.
@@ -310,7 +310,7 @@ impl PciBuilder<'_, '_, '_> {
             id: id.clone(),
             source: Box::new(e),
         })?;
-        self.add(device, &id)?;
+        self.add(device, &id, vec![key])?;
         let slot = self.root.added().last().map_or(0, |(slot, _)| *slot);
         Ok(NetSlot::Attached(NetEntry {
             id,

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use liveupdate::participant::{AnyParticipant, FileSink, ParticipantError};
 use liveupdate::session::Token;
@@ -19,36 +19,35 @@ pub(super) fn envelope<S: Versioned>(id: &str, state: &S) -> Result<Envelope, Pa
 }
 
 /// Restart mode: the fds the previous VMM attached to the session (an outside device's
-/// connection, its interrupt eventfd), by token, while the devices are rebuilt from their
-/// states. Filled by the restore just before [`super::DeviceManager::build`] and emptied when
-/// the guard returned by [`HandedOverFds::receive`] drops, so it never outlives one restore.
-/// (A process-wide slot rather than a `DeviceContext` field, so the context and its users need
-/// no change; a VMM process restores one VM.)
-#[derive(Debug)]
-pub struct HandedOverFds(());
-
-static HANDED_OVER: Mutex<BTreeMap<Token, OwnedFd>> = Mutex::new(BTreeMap::new());
-
-fn handed_over() -> MutexGuard<'static, BTreeMap<Token, OwnedFd>> {
-    HANDED_OVER.lock().unwrap_or_else(PoisonError::into_inner)
+/// connection, its interrupt eventfd, a tap), by token, while the devices are rebuilt from
+/// their states. The restore owns it and lends it to the build through
+/// [`super::DeviceContext::handed_over`]; when it drops, the fds no device claimed close.
+#[derive(Debug, Default)]
+pub struct HandedOverFds {
+    fds: Mutex<BTreeMap<Token, OwnedFd>>,
 }
 
 impl HandedOverFds {
-    /// Makes `fds` available to the devices being restored until the guard drops.
-    pub fn receive(fds: BTreeMap<Token, OwnedFd>) -> Self {
-        *handed_over() = fds;
-        Self(())
+    /// The fds attached to the session, by token.
+    pub fn new(fds: BTreeMap<Token, OwnedFd>) -> Self {
+        Self {
+            fds: Mutex::new(fds),
+        }
     }
 
     /// Takes the fd attached under `token`, if the previous VMM attached one.
-    pub(super) fn take(token: Token) -> Option<OwnedFd> {
-        handed_over().remove(&token)
+    pub(super) fn take(&self, token: Token) -> Option<OwnedFd> {
+        self.fds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&token)
     }
 }
 
 impl Drop for HandedOverFds {
     fn drop(&mut self) {
-        let left: Vec<_> = std::mem::take(&mut *handed_over()).into_keys().collect();
+        let fds = std::mem::take(self.fds.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let left: Vec<_> = fds.into_keys().collect();
         if !left.is_empty() {
             log::warn!("Attached fds no device claimed (closed): tokens {left:?}");
         }
@@ -74,6 +73,37 @@ impl AnyParticipant for StateOnly<'_> {
     }
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
         (self.save)()
+    }
+    fn resume(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+/// A participant the device registry and the manager disagree on: it fails the update in
+/// prepare (the VM runs on), as the VMM restoring the VM would miss or not place its device.
+pub(super) struct Unregistered {
+    pub(super) id: String,
+    pub(super) reason: &'static str,
+}
+
+impl AnyParticipant for Unregistered {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        Err(ParticipantError::Failed {
+            id: self.id.clone(),
+            reason: self.reason.to_string(),
+        })
+    }
+    fn pause(&mut self) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
+        Err(ParticipantError::Failed {
+            id: self.id.clone(),
+            reason: self.reason.to_string(),
+        })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())

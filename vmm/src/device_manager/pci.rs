@@ -21,6 +21,7 @@ use liveupdate::state::{Envelope, StateSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::placement::{DevicePlacement, MsiPlacement};
+use super::registry::DeviceRegistry;
 use super::{DeviceContext, DeviceError, ids, restore_error, write_bus};
 use crate::interrupts::MsiGroup;
 
@@ -110,9 +111,9 @@ impl PendingSlots {
         }
     }
 
-    /// Reserves the next free slot for `device`.
-    pub(super) fn add_device(&mut self, device: SharedPciDevice) -> Result<u8, PciError> {
-        self.add_device_at(self.next, device)
+    /// The slot the next device without a saved place takes.
+    pub(super) fn next_slot(&self) -> u8 {
+        self.next
     }
 
     /// Reserves `slot` for `device` (a device placed where its saved state says); the next
@@ -160,8 +161,8 @@ pub(super) struct PciBuilder<'a, 'b, 's> {
     pub(super) restore: Option<&'s mut StateSet>,
     /// On a restore, where each device was (every device built must have its place here).
     pub(super) saved: Option<BTreeMap<String, DevicePlacement>>,
-    /// Where this builder placed each device.
-    pub(super) placed: Vec<DevicePlacement>,
+    /// The devices registered so far, with those this builder adds (see [`DeviceRegistry`]).
+    pub(super) registry: DeviceRegistry,
     pub(super) virtio: Vec<VirtioEntry>,
 }
 
@@ -202,44 +203,57 @@ impl PciBuilder<'_, '_, '_> {
     }
 
     /// Gives device `id` its slot (its saved one on a restore, the next free one otherwise)
-    /// and records its place with its MSI group `msi`.
+    /// and registers it, carried by `participants`, at that slot with its MSI group `msi`.
     fn take_slot(
         &mut self,
         id: &str,
         device: SharedPciDevice,
         msi: Option<&MsiGroup>,
+        participants: Vec<String>,
     ) -> Result<u8, DeviceError> {
-        let slot = match self.saved_place(id)?.map(|place| place.slot) {
-            Some(slot) => self.root.add_device_at(slot, device),
-            None => self.root.add_device(device),
-        }
-        .map_err(DeviceError::Pci)?;
-        self.placed.push(DevicePlacement {
+        let slot = match self.saved_place(id)? {
+            Some(place) => place.slot,
+            None => self.root.next_slot(),
+        };
+        let placement = DevicePlacement {
             id: id.to_string(),
             slot,
             function: 0,
             msi: msi.map(msi_placement),
-        });
-        Ok(slot)
+        };
+        self.registry.register(id, participants, Some(placement))?;
+        self.root.add_device_at(slot, device).map_err(|e| {
+            self.registry.unregister(id);
+            DeviceError::Pci(e)
+        })
     }
 
-    /// Records the place of a detached device, which keeps its slot and MSI group but is on
-    /// no bus.
-    pub(super) fn keep_place(&mut self, id: &str, slot: u8, msi: &MsiGroup) {
-        self.placed.push(DevicePlacement {
+    /// Registers a detached device, carried by `participants`, which keeps its slot and MSI
+    /// group but is on no bus.
+    pub(super) fn keep_place(
+        &mut self,
+        id: &str,
+        slot: u8,
+        msi: &MsiGroup,
+        participants: Vec<String>,
+    ) -> Result<(), DeviceError> {
+        let placement = DevicePlacement {
             id: id.to_string(),
             slot,
             function: 0,
             msi: Some(msi_placement(msi)),
-        });
+        };
+        self.registry.register(id, participants, Some(placement))
     }
 
     /// Wraps `device` in a virtio-pci transport (fresh, or from its saved state), plugs it into
     /// a slot and its BAR into the MMIO bus, and registers its queue notifications with KVM.
+    /// Registers it as `virtio/<id>`, carried by its own participant and `also`.
     pub(super) fn add<D: VirtioDevice + 'static>(
         &mut self,
         device: D,
         id: &str,
+        also: Vec<String>,
     ) -> Result<Arc<Mutex<VirtioPciDevice<D>>>, DeviceError> {
         let key = ids::virtio(id);
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
@@ -276,7 +290,8 @@ impl PciBuilder<'_, '_, '_> {
         }
         lock(&self.ioevents).by_bar.insert(bar, events);
         let transport = Arc::new(Mutex::new(transport));
-        let slot = self.take_slot(&key, transport.clone(), Some(&group))?;
+        let participants = std::iter::once(key.clone()).chain(also).collect();
+        let slot = self.take_slot(&key, transport.clone(), Some(&group), participants)?;
         write_bus(&self.mmio)
             .insert(
                 Arc::new(Mutex::new(PciBarRegion::new(transport.clone(), 0))),
@@ -293,14 +308,15 @@ impl PciBuilder<'_, '_, '_> {
         Ok(transport)
     }
 
-    /// Places a built PCI function, device `id` with MSI group `msi`: each of its BARs on the
-    /// MMIO bus, then a slot. Returns the slot. On error nothing of it stays on the bus. The
-    /// BARs must come from `self.bars`.
+    /// Places a built PCI function, device `id` with MSI group `msi` carried by `participants`:
+    /// each of its BARs on the MMIO bus, then a slot. Returns the slot. On error nothing of it
+    /// stays on the bus. The BARs must come from `self.bars`.
     pub(super) fn place(
         &mut self,
         id: &str,
         device: SharedPciDevice,
         msi: Option<&MsiGroup>,
+        participants: Vec<String>,
     ) -> Result<u8, DeviceError> {
         let bars = lock(&device).bars();
         let mut mmio = write_bus(&self.mmio);
@@ -314,12 +330,13 @@ impl PciBuilder<'_, '_, '_> {
             }
         }
         drop(mmio);
-        self.take_slot(id, device, msi).inspect_err(|_| {
-            let mut mmio = write_bus(&self.mmio);
-            for bar in &bars {
-                let _ = mmio.remove(bar.address);
-            }
-        })
+        self.take_slot(id, device, msi, participants)
+            .inspect_err(|_| {
+                let mut mmio = write_bus(&self.mmio);
+                for bar in &bars {
+                    let _ = mmio.remove(bar.address);
+                }
+            })
     }
 }
 

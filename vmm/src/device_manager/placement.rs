@@ -82,21 +82,30 @@ impl Placement {
     /// The placement the builds before placement was saved used: every device of `config` in
     /// build order (disks, console, rng, network cards, vsock, vfio-user, then VFIO devices,
     /// removed and detached ones included) took the next slot from 1 and the next MSI group of
-    /// `groups` (the saved interrupt state's groups, in the order they were handed out).
+    /// `groups` (the saved interrupt state's groups, in the order they were handed out). The
+    /// removed devices' places are left out: nothing is there any more.
     pub fn build_order(config: &VmConfig, groups: &[MsiGroupState]) -> Result<Self, String> {
-        let mut order: Vec<String> = (config.disks.iter().enumerate())
+        // Each device's id, or `None` for a removed one.
+        let mut order: Vec<Option<String>> = (config.disks.iter().enumerate())
             .map(|(index, disk)| {
-                ids::virtio(&disk.id.clone().unwrap_or_else(|| format!("_disk{index}")))
+                Some(ids::virtio(
+                    &disk.id.clone().unwrap_or_else(|| format!("_disk{index}")),
+                ))
             })
             .collect();
         if config.console.mode != ConsoleMode::Off {
-            order.push(ids::virtio("_console"));
+            order.push(Some(ids::virtio("_console")));
         }
-        order.push(ids::virtio("_rng"));
-        order.extend((0..config.net.len()).map(|index| ids::virtio(&config.net_id(index))));
-        order.extend(config.vsock_id().map(|id| ids::virtio(&id)));
-        order.extend((0..config.user_devices.len()).map(ids::user_device));
-        order.extend((0..config.devices.len()).map(ids::vfio_device));
+        order.push(Some(ids::virtio("_rng")));
+        order.extend(
+            (config.net.iter().enumerate())
+                .map(|(index, net)| (!net.removed).then(|| ids::virtio(&config.net_id(index)))),
+        );
+        if let (Some(vsock), Some(id)) = (&config.vsock, config.vsock_id()) {
+            order.push((!vsock.removed).then(|| ids::virtio(&id)));
+        }
+        order.extend((0..config.user_devices.len()).map(|index| Some(ids::user_device(index))));
+        order.extend((0..config.devices.len()).map(|index| Some(ids::vfio_device(index))));
         if order.len() != groups.len() {
             return Err(format!(
                 "the configuration has {} PCI devices, the interrupt state {} MSI groups",
@@ -104,9 +113,11 @@ impl Placement {
                 groups.len()
             ));
         }
+        let next_slot = u8::try_from(order.len() + 1).map_err(|_| "too many devices")?;
         let devices = (1u8..)
             .zip(order.into_iter().zip(groups))
-            .map(|(slot, (id, group))| DevicePlacement {
+            .filter_map(|(slot, (id, group))| Some((slot, id?, group)))
+            .map(|(slot, id, group)| DevicePlacement {
                 id,
                 slot,
                 function: 0,
@@ -116,7 +127,6 @@ impl Placement {
                 }),
             })
             .collect::<Vec<_>>();
-        let next_slot = u8::try_from(devices.len() + 1).map_err(|_| "too many devices")?;
         Ok(Self { next_slot, devices })
     }
 
@@ -170,7 +180,7 @@ mod tests {
     }
 
     #[test]
-    fn version_1_placement_is_the_old_build_order_with_removed_devices_in_place() {
+    fn version_1_placement_is_the_old_build_order_with_removed_devices_left_out() {
         // Arrange: a disk, the console, rng, a card removed at run time and the vsock device,
         // as the old build placed them (each in the next slot and MSI group).
         let mut config = VmConfig {
@@ -205,7 +215,6 @@ mod tests {
                     placed("virtio/disk0", 1, 24, 2),
                     placed("virtio/_console", 2, 26, 3),
                     placed("virtio/_rng", 3, 29, 2),
-                    placed("virtio/net0", 4, 31, 3),
                     placed("virtio/vsock0", 5, 34, 4),
                 ],
             }

@@ -92,6 +92,7 @@ impl Fixture {
                 vm: &vm,
                 interrupts: &interrupts,
                 on_event,
+                handed_over: None,
             },
             None,
         )
@@ -116,6 +117,7 @@ impl Fixture {
             vm: &self.vm,
             interrupts: &self.interrupts,
             on_event: Arc::new(|_| {}),
+            handed_over: None,
         };
         act(&mut self.manager, &ctx)
     }
@@ -135,7 +137,12 @@ impl Fixture {
                 let bar = pci.bars.allocate(1 << 20).map_err(DeviceError::Pci)?;
                 let adopted = adopted_vfio(pci.ctx.memory, pci.ctx.interrupts, bar);
                 let device = Arc::new(std::sync::Mutex::new(adopted.device));
-                let slot = pci.place("vfio/0", device.clone(), Some(&adopted.msi))?;
+                let slot = pci.place(
+                    "vfio/0",
+                    device.clone(),
+                    Some(&adopted.msi),
+                    vec!["vfio/0".into()],
+                )?;
                 let entry =
                     super::vfio::VfioDeviceEntry::new("vfio/0".into(), slot, device, adopted.msi);
                 Ok((entry, bar))

@@ -16,7 +16,7 @@ use log::{info, warn};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 
 use super::net::{NetSlot, forget_tap_fds};
-use super::vfio::{DetachedVfio, VfioSlot, detached_participant_id};
+use super::vfio::{DetachedVfio, VfioSlot, detached_participant_id, participant_id};
 use super::vsock::VsockSlot;
 use super::{DeviceContext, DeviceError, DeviceManager, write_bus};
 use crate::interrupts::InterruptError;
@@ -147,7 +147,7 @@ impl DeviceManager {
     /// Takes virtio device `id` in `slot` off the bus: its queue worker stops, its BAR and
     /// queue notifications go.
     fn unplug_virtio(&mut self, vm: &VmFd, slot: u8, id: &str) {
-        self.placement.remove(&super::ids::virtio(id));
+        self.registry.unregister(&super::ids::virtio(id));
         if let Some(position) = self.virtio.iter().position(|v| v.id == id) {
             let mut virtio = self.virtio.remove(position);
             if let Some(worker) = virtio.worker.take() {
@@ -195,6 +195,14 @@ impl DeviceManager {
         lock(&self.hotplug).set_present(slot, false);
         // Dropping the entry closes the host device (the kernel resets it and its DMA
         // mappings go); the MSI vector stays claimed for the device's return.
+        // It stays registered at its place, now carried by its detached participant.
+        let id = participant_id(index);
+        if let Some(mut registered) = self.registry.unregister(&id) {
+            registered.participants = vec![detached_participant_id(index)];
+            if let Err(e) = self.registry.restore(registered) {
+                warn!("VFIO device {index} left the device registry: {e}");
+            }
+        }
         self.vfio_devices[index] = VfioSlot::Detached(DetachedVfio {
             id: detached_participant_id(index),
             slot,
@@ -223,9 +231,22 @@ impl DeviceManager {
             .ok_or(DeviceError::NoSuchVfioDevice { index })?
             .try_clone()
             .map_err(|e| DeviceError::Interrupt(InterruptError::EventFd(e)))?;
-        let (entry, placed) = self.hot_add_at(ctx, slot, |pci| {
+        // Registered again by the attach, with its attached participant.
+        let kept = self.registry.unregister(&participant_id(index));
+        let attached = self.hot_add_at(ctx, slot, |pci| {
             pci.attach_vfio_device(index, config, msi, irq)
-        })?;
+        });
+        let (entry, placed) = match attached {
+            Ok(attached) => attached,
+            Err(error) => {
+                if let Some(kept) = kept
+                    && let Err(e) = self.registry.restore(kept)
+                {
+                    warn!("Detached VFIO device {index} left the device registry: {e}");
+                }
+                return Err(error);
+            }
+        };
         self.vfio_devices[index] = VfioSlot::Attached(entry);
         info!("VFIO device {index} attached again in slot {placed}");
         Ok(placed)

@@ -58,8 +58,14 @@ impl PciBuilder<'_, '_, '_> {
         let saved_gsi = self.saved_gsi(&id)?;
         let (device, msi) = match attach {
             Attach::Adopt(state, tokens) => {
-                let stream = UnixStream::from(handed_over(&id, tokens.socket, "connection")?);
-                let irq = handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?;
+                let stream = UnixStream::from(handed_over(
+                    self.ctx.handed_over,
+                    &id,
+                    tokens.socket,
+                    "connection",
+                )?);
+                let irq =
+                    handed_over(self.ctx.handed_over, &id, tokens.msi_eventfd, "MSI eventfd")?;
                 let (msi, irq) = msi_vector(self.ctx.interrupts, saved_gsi, Some(irq))?;
                 let device =
                     VfioUserPciDevice::adopt(stream, self.ctx.memory, msi.clone(), irq, &state);
@@ -84,7 +90,7 @@ impl PciBuilder<'_, '_, '_> {
             }
         };
         let device = Arc::new(Mutex::new(device.map_err(user_error)?));
-        let slot = self.place(&id, device.clone(), Some(&msi))?;
+        let slot = self.place(&id, device.clone(), Some(&msi), vec![id.clone()])?;
         Ok(UserDeviceEntry::new(id, slot, device, msi))
     }
 }

@@ -115,7 +115,7 @@ impl PciBuilder<'_, '_, '_> {
                     });
                 }
                 let (msi, _irq) = msi_vector(self.ctx.interrupts, saved_gsi, None)?;
-                self.keep_place(&id, slot, &msi);
+                self.keep_place(&id, slot, &msi, vec![detached_id.clone()])?;
                 return Ok(VfioSlot::Detached(DetachedVfio {
                     id: detached_id,
                     slot,
@@ -142,10 +142,10 @@ impl PciBuilder<'_, '_, '_> {
                 });
             };
             let fds = AdoptedFds {
-                device: handed_over(&id, tokens.device, "VFIO device fd")?,
-                iommufd: handed_over(&id, tokens.iommufd, "iommufd")?,
+                device: handed_over(self.ctx.handed_over, &id, tokens.device, "VFIO device fd")?,
+                iommufd: handed_over(self.ctx.handed_over, &id, tokens.iommufd, "iommufd")?,
             };
-            let irq = handed_over(&id, tokens.msi_eventfd, "MSI eventfd")?;
+            let irq = handed_over(self.ctx.handed_over, &id, tokens.msi_eventfd, "MSI eventfd")?;
             let (msi, irq) = msi_vector(self.ctx.interrupts, saved_gsi, Some(irq))?;
             let device = VfioPciDevice::adopt(&state, fds, self.ctx.memory, msi.clone(), irq)
                 .map_err(vfio_error(config))?;
@@ -186,7 +186,7 @@ impl PciBuilder<'_, '_, '_> {
     ) -> Result<VfioDeviceEntry, DeviceError> {
         let device = Arc::new(Mutex::new(device));
         let id = participant_id(index);
-        let slot = self.place(&id, device.clone(), Some(&msi))?;
+        let slot = self.place(&id, device.clone(), Some(&msi), vec![id.clone()])?;
         Ok(VfioDeviceEntry::new(id, slot, device, msi))
     }
 }
@@ -395,7 +395,8 @@ mod tests {
 
     #[test]
     fn a_restore_without_the_attachments_fails_instead_of_opening_the_device() {
-        let result = handed_over("vfio/0", 0x77, "VFIO device fd");
+        let fds = super::super::HandedOverFds::default();
+        let result = handed_over(Some(&fds), "vfio/0", 0x77, "VFIO device fd");
 
         match result {
             Err(DeviceError::Restore { id, source }) => {

@@ -132,7 +132,7 @@ impl PciBuilder<'_, '_, '_> {
             id: id.clone(),
             source: Box::new(e),
         })?;
-        let device = self.add(device, &id)?;
+        let device = self.add(device, &id, vec![ids::vsock_sockets(&id)])?;
         let slot = self.root.added().last().map_or(0, |(slot, _)| *slot);
         Ok(Some(VsockSlot::Attached(VsockEntry {
             id,
@@ -171,10 +171,12 @@ impl PciBuilder<'_, '_, '_> {
                 pending,
             } => {
                 let stream = |token| {
-                    handed_over(&key, token, "vsock connection socket").map(UnixStream::from)
+                    handed_over(self.ctx.handed_over, &key, token, "vsock connection socket")
+                        .map(UnixStream::from)
                 };
                 Ok(HostSockets {
                     listener: UnixListener::from(handed_over(
+                        self.ctx.handed_over,
                         &key,
                         listener,
                         "vsock listening socket",

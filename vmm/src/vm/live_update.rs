@@ -126,16 +126,18 @@ impl Vm {
         // Routes first: devices then claim their MSI groups by their saved placement.
         let interrupts = InterruptManager::restore(vm_fd.clone(), &interrupt_state)
             .map_err(VmError::Interrupts)?;
+        // Restart mode: outside devices' connections and eventfds, attached beside the session
+        // (those no device claims close when this drops, after the build).
+        let handed_over =
+            HandedOverFds::new(incoming.take_attachments().map_err(VmError::LiveUpdate)?);
         let ctx = DeviceContext {
             config: &config,
             memory: ram.memory(),
             vm: &vm_fd,
             interrupts: &interrupts,
             on_event: on_event.clone(),
+            handed_over: Some(&handed_over),
         };
-        // Restart mode: outside devices' connections and eventfds, attached beside the session.
-        let handed_over =
-            HandedOverFds::receive(incoming.take_attachments().map_err(VmError::LiveUpdate)?);
         let states = incoming.states().ok_or(VmError::NoState)?;
         let devices = DeviceManager::build(&ctx, Some(states)).map_err(VmError::Devices)?;
         drop(handed_over);

@@ -154,6 +154,7 @@ impl Vm {
             vm: &vm_fd,
             interrupts: &interrupts,
             on_event: on_event.clone(),
+            handed_over: None,
         };
         let devices = DeviceManager::build(&ctx, None).map_err(VmError::Devices)?;
 
@@ -344,6 +345,7 @@ impl Vm {
             interrupts: &self.interrupts,
             // Only the legacy devices, built at boot, raise VM events.
             on_event: Arc::new(|_| {}),
+            handed_over: None,
         };
         add(&mut self.devices, &ctx)
     }
