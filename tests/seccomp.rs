@@ -15,12 +15,13 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{ProbeVm, VmmProcess, assert_guest_runs_on, require_kvm, scratch_dir};
 
 const BOOT: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(10);
+const AUDIT: Duration = Duration::from_secs(5);
 const HOOK: &str = "CHV_TEST_SECCOMP_VIOLATE";
 /// `chroot` on x86_64: the syscall the hook makes.
 const CHROOT: u32 = 161;
@@ -59,13 +60,23 @@ fn audit_records(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// Asserts the kernel's audit recorded `pid`'s chroot, where the kernel log is readable. The
+/// audit thread prints its records a moment after the fact: wait for it a little.
 fn assert_audited_chroot(pid: u32) {
-    if let Some(records) = audit_records(pid) {
-        let chroot = format!(" syscall={CHROOT} ");
+    let chroot = format!(" syscall={CHROOT} ");
+    let deadline = Instant::now() + AUDIT;
+    loop {
+        let Some(records) = audit_records(pid) else {
+            return;
+        };
+        if records.iter().any(|record| record.contains(&chroot)) {
+            return;
+        }
         assert!(
-            records.iter().any(|record| record.contains(&chroot)),
-            "no audit record of the chroot: {records:?}"
+            Instant::now() < deadline,
+            "no audit record of the chroot within {AUDIT:?}: {records:?}"
         );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
