@@ -116,7 +116,10 @@ pub enum ConfineError {
         source: seccompiler::BackendError,
     },
     /// The kernel refused the filter.
-    #[error("Cannot install the seccomp filter of a {kind} thread")]
+    #[error(
+        "Cannot install the seccomp filter of the {kind} threads (the kernel needs \
+         CONFIG_SECCOMP_FILTER; --seccomp false runs without filters)"
+    )]
     Install {
         /// The thread kind whose filter failed.
         kind: ThreadKind,
