@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{ArgAction, Parser};
+use confine::{SeccompMode, ThreadKind};
 use vmm::config::{
     LiveUpdateSource, VmCliArgs, parse_api_socket, parse_event_monitor, parse_liveupdate,
     parse_restore,
@@ -74,10 +75,16 @@ struct Cli {
     /// The VMM's log goes to this file (created or truncated) instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
-    /// Seccomp filtering: true|false|log|errno. This VMM has no seccomp filters: only false is
-    /// accepted (absent, the VMM runs unconfined, as with false).
-    #[arg(long, value_name = "true|false|log|errno")]
-    seccomp: Option<String>,
+    /// Seccomp filtering: true (a syscall outside the thread's filter kills the VMM), log (the
+    /// kernel logs it and lets it through), errno (it fails with EPERM) or false (no filters).
+    #[arg(long, value_name = "true|false|log|errno", default_value = "true")]
+    seccomp: String,
+    /// Landlock (cloud-hypervisor's flag): not supported, refused.
+    #[arg(long)]
+    landlock: bool,
+    /// Landlock rules path=<path>,access=[rw] (cloud-hypervisor's flag): not supported, refused.
+    #[arg(long, value_name = "path=<path>,access=[rw]", action = ArgAction::Append)]
+    landlock_rules: Vec<String>,
     /// Live-update sessions: agent=<socket> (default /run/ch-luod.sock), or inherit=<name> for
     /// the session fd passed by the service manager (systemd's LUOSession=, LISTEN_FDS).
     #[arg(long, value_name = "agent=<socket>|inherit=<name>")]
@@ -113,29 +120,34 @@ impl Cli {
     }
 }
 
-/// `--seccomp`: cloud-hypervisor's values are accepted, but we have no filters to install, so
-/// any value asking for confinement is refused rather than silently not honoured.
-fn check_seccomp(value: Option<&str>) -> anyhow::Result<()> {
-    match value {
-        None => {
-            log::info!("No seccomp filters are installed: this VMM does not implement them");
-            Ok(())
-        }
-        Some("false") => Ok(()),
-        Some(value @ ("true" | "log" | "errno")) => bail!(
-            "--seccomp {value}: this VMM does not implement seccomp filters; pass --seccomp false \
-             (or leave the flag out) to run without them"
-        ),
-        Some(other) => bail!("--seccomp {other:?}: expected true, false, log or errno"),
+/// `--landlock` is refused rather than silently not honoured: nothing restricts file access.
+fn check_landlock(cli: &Cli) -> anyhow::Result<()> {
+    if cli.landlock || !cli.landlock_rules.is_empty() {
+        bail!(
+            "--landlock and --landlock-rules are not supported by this VMM (docs/security.md); \
+             leave them out"
+        );
     }
+    Ok(())
 }
 
 fn try_main(cli: &Cli) -> anyhow::Result<()> {
-    check_seccomp(cli.seccomp.as_deref())?;
+    let seccomp: SeccompMode = cli.seccomp.parse()?;
+    check_landlock(cli)?;
     // The live-update fault injector (a test hook): a bad value stops us before anything runs.
     if let Some(fault) = liveupdate::fault::from_env()? {
         log::warn!("Test fault injector armed: {fault:?}");
     }
+    confine::init(seccomp)?;
+    log::info!(
+        "Seccomp filters: {}",
+        match seccomp {
+            SeccompMode::Kill => "a syscall outside them kills the VMM",
+            SeccompMode::Log => "a syscall outside them is logged by the kernel and allowed",
+            SeccompMode::Errno => "a syscall outside them fails with EPERM",
+            SeccompMode::Off => "none (--seccomp false)",
+        }
+    );
     let vm_args = cli.vm_args();
     let has_payload = vm_args.kernel.is_some() || vm_args.firmware.is_some();
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
@@ -191,6 +203,8 @@ fn try_main(cli: &Cli) -> anyhow::Result<()> {
             (default_agent(), Some(inherited))
         }
     };
+    // The main thread becomes the control loop; every other thread is created under this filter.
+    confine::confine_thread(ThreadKind::Vmm)?;
     run(
         VmmOptions {
             api_socket,

@@ -1,6 +1,6 @@
 //! The VMM process's own options, as cloud-hypervisor has them: the API socket and the event
 //! monitor given as inherited fds (`--api-socket fd=N`, `--event-monitor fd=N`), the log file
-//! (`--log-file`) and `--seccomp`. Each runs an empty VMM (no VM, no KVM needed) or fails at
+//! (`--log-file`), `--seccomp` and `--landlock`. Each runs an empty VMM (no VM, no KVM needed) or fails at
 //! start with a clear error.
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
 #![allow(
@@ -205,7 +205,7 @@ fn the_log_goes_to_the_log_file_instead_of_stderr() {
     let stderr = std::fs::read_to_string(dir.join("vmm.stderr")).unwrap();
     assert!(logged.contains("<INFO>"), "{logged}");
     assert!(
-        logged.contains("No seccomp filters are installed"),
+        logged.contains("Seccomp filters: a syscall outside them kills the VMM"),
         "{logged}"
     );
     assert!(stderr.is_empty(), "{stderr}");
@@ -231,29 +231,43 @@ fn a_log_file_that_cannot_be_created_is_refused() {
 }
 
 #[test]
-fn seccomp_false_runs_and_seccomp_asking_for_filters_is_refused() {
+fn every_seccomp_value_of_cloud_hypervisor_runs_and_others_are_refused() {
     let dir = scratch_dir("seccomp");
     let socket = dir.join("api.sock");
     let api = format!("path={}", socket.display());
 
-    let mut unconfined = spawn(&dir, &["--api-socket", &api, "--seccomp", "false"], &[]);
-    wait_for_api(&socket);
-    shut_down(&mut unconfined, &socket);
-    for value in ["true", "log", "errno"] {
-        let output = refused(&["--api-socket", &api, "--seccomp", value], &[]);
+    for value in ["true", "false", "log", "errno"] {
+        let mut vmm = spawn(&dir, &["--api-socket", &api, "--seccomp", value], &[]);
+        wait_for_api(&socket);
+        shut_down(&mut vmm, &socket);
+    }
+    let bogus = refused(&["--api-socket", &api, "--seccomp", "maybe"], &[]);
+    assert!(
+        stderr(&bogus).contains("--seccomp \"maybe\": expected true, false, log or errno"),
+        "{}",
+        stderr(&bogus)
+    );
+}
+
+#[test]
+fn landlock_is_refused_as_not_supported() {
+    let api = "path=/tmp/unused-landlock.sock";
+
+    for args in [
+        &["--api-socket", api, "--landlock"][..],
+        &[
+            "--api-socket",
+            api,
+            "--landlock-rules",
+            "path=/tmp,access=rw",
+        ][..],
+    ] {
+        let output = refused(args, &[]);
 
         assert!(
-            stderr(&output).contains(&format!(
-                "--seccomp {value}: this VMM does not implement seccomp filters"
-            )),
+            stderr(&output).contains("--landlock and --landlock-rules are not supported"),
             "{}",
             stderr(&output)
         );
     }
-    let bogus = refused(&["--api-socket", &api, "--seccomp", "maybe"], &[]);
-    assert!(
-        stderr(&bogus).contains("expected true, false, log or errno"),
-        "{}",
-        stderr(&bogus)
-    );
 }

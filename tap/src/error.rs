@@ -86,7 +86,7 @@ pub enum TapError {
         name: String,
     },
     /// Reading random bytes for a MAC address failed.
-    #[error("Cannot read random bytes from /dev/urandom")]
+    #[error("Cannot get random bytes for a MAC address")]
     Random {
         /// The read error.
         #[source]

@@ -1,8 +1,6 @@
 //! Ethernet MAC addresses.
 
 use std::fmt;
-use std::fs::File;
-use std::io::Read;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -35,12 +33,11 @@ impl MacAddr {
         self.0[0] & 0x02 != 0
     }
 
-    /// A random, locally administered unicast address, read from `/dev/urandom`.
+    /// A random, locally administered unicast address, from the kernel's random pool
+    /// (`getrandom(2)`: no file is opened, so a seccomp-confined thread may call it).
     pub fn random_local() -> Result<Self, TapError> {
         let mut bytes = [0; 6];
-        File::open("/dev/urandom")
-            .and_then(|mut urandom| urandom.read_exact(&mut bytes))
-            .map_err(|source| TapError::Random { source })?;
+        crate::sys::fill_random(&mut bytes).map_err(|source| TapError::Random { source })?;
         bytes[0] = (bytes[0] & 0xfe) | 0x02;
         Ok(Self(bytes))
     }

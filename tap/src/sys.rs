@@ -1,6 +1,6 @@
 //! The unsafe operations of this crate: the tun ioctls (`<linux/if_tun.h>`, documented in
 //! `Documentation/networking/tuntap.rst`), the interface ioctls on a socket (`netdevice(7)`),
-//! `fcntl` flags and, for tests only, `unshare(CLONE_NEWNET)`.
+//! `fcntl` flags, `getrandom` for MAC addresses and, for tests only, `unshare(CLONE_NEWNET)`.
 //!
 //! Each wrapper checks the return value and turns it into an `io::Error`; the typed errors are
 //! made one layer up.
@@ -109,6 +109,27 @@ pub(crate) fn set_nonblock_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let fd_flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) })?;
     // SAFETY: F_SETFD with an int argument on a descriptor open for the borrow.
     check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, fd_flags | libc::FD_CLOEXEC) })?;
+    Ok(())
+}
+
+/// Fills `buf` from the kernel's random pool (`getrandom(2)`), retrying short reads.
+pub(crate) fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is valid for writes of `rest.len()` bytes for the whole call; the
+        // return value is checked.
+        let ret = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(ret) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -318,6 +318,21 @@ impl VmmProcess {
         );
     }
 
+    /// Waits for the process to end and returns how (a signal shows in the status, not a code).
+    pub fn wait_status(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "VMM did not exit within {timeout:?}; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// Runs `ch-remote --api-socket <socket> args...`.
     pub fn ch_remote(&self, args: &[&str]) -> std::process::Output {
         let socket = self

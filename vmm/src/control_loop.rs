@@ -522,6 +522,7 @@ impl Vmm {
         let spawned = std::thread::Builder::new()
             .name("stdin".into())
             .spawn(move || {
+                confine::confine_thread_or_exit(confine::ThreadKind::Worker);
                 let mut stdin = std::io::stdin();
                 let mut buf = [0u8; 256];
                 while let Ok(n @ 1..) = stdin.read(&mut buf) {

@@ -206,6 +206,7 @@ struct Runner {
 
 impl Runner {
     fn run_loop(self) {
+        confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
         loop {
             if !self.wait_for_run() {
                 return;

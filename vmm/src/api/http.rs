@@ -168,6 +168,8 @@ fn accept_loop(
     in_flight: &Arc<AtomicUsize>,
     connections: &Arc<Connections>,
 ) {
+    // The connection threads it starts inherit this filter.
+    confine::confine_thread_or_exit(confine::ThreadKind::Api);
     for stream in listener.incoming() {
         if stopping.load(Ordering::Acquire) {
             break;

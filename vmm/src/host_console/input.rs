@@ -90,6 +90,7 @@ fn add(epoll: &Epoll, fd: RawFd, data: u64) -> io::Result<()> {
 }
 
 fn run(port: Port, epoll: &Epoll, source: &Source, sink: &InputSink) {
+    confine::confine_thread_or_exit(confine::ThreadKind::Worker);
     let mut events = [EpollEvent::default(); 4];
     loop {
         let count = match epoll.wait(-1, &mut events) {

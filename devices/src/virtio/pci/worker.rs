@@ -108,6 +108,7 @@ fn run<D: VirtioDevice>(
     ready_queues: &[u16],
     stop: &EventFd,
 ) {
+    confine::confine_thread_or_exit(confine::ThreadKind::Worker);
     {
         let mut dev = lock(dev);
         for queue in 0..queue_evts.len() {
