@@ -198,6 +198,8 @@ const VMM: &[Allow] = &[
     Any(libc::SYS_umask),
     Any(libc::SYS_geteuid),
     Any(libc::SYS_getuid),
+    // The in-process session agent of `receive-migration` watches the sending VMM's exit.
+    Any(libc::SYS_pidfd_open),
     Any(libc::SYS_getegid),
     Any(libc::SYS_getgid),
     Any(libc::SYS_uname),

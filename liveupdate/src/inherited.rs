@@ -157,51 +157,26 @@ pub fn select(
     our_pid: u32,
     wanted: Option<&str>,
 ) -> Result<Selected, InheritedError> {
-    let fds = env.fds.as_deref().ok_or(InheritedError::NoFds)?;
-    let listen_pid: u32 = number(
-        "LISTEN_PID",
-        env.pid.as_deref().ok_or(InheritedError::NoPid)?,
-    )?;
-    if listen_pid != our_pid {
-        return Err(InheritedError::WrongPid {
-            listen_pid,
-            our_pid,
-        });
+    if env.fds.is_none() {
+        return Err(InheritedError::NoFds);
     }
-    let count: usize = number("LISTEN_FDS", fds)?;
-    if count == 0 || count > MAX_LISTEN_FDS {
-        return Err(InheritedError::BadCount { count });
-    }
-    let names: Vec<&str> = match env.names.as_deref() {
-        Some(names) => names.split(':').collect(),
-        None => vec![UNNAMED; count],
-    };
-    if names.len() != count {
-        return Err(InheritedError::NamesMismatch {
-            names: names.len(),
-            fds: count,
-        });
-    }
-    let index =
-        match wanted {
-            // Unnamed fds: the only one is taken; GET_NAME will say what it is.
-            Some(_) if env.names.is_none() && count == 1 => 0,
-            Some(wanted) => names.iter().position(|n| *n == wanted).ok_or_else(|| {
-                InheritedError::UnknownName {
-                    wanted: wanted.to_string(),
-                    names: env.names.clone().unwrap_or_default(),
-                }
+    let passed = listed(env, our_pid)?;
+    let count = passed.len();
+    let index = match wanted {
+        // Unnamed fds: the only one is taken; GET_NAME will say what it is.
+        Some(_) if env.names.is_none() && count == 1 => 0,
+        Some(wanted) => passed
+            .iter()
+            .position(|(_, name)| name == wanted)
+            .ok_or_else(|| InheritedError::UnknownName {
+                wanted: wanted.to_string(),
+                names: env.names.clone().unwrap_or_default(),
             })?,
-            None if count == 1 => 0,
-            None => return Err(InheritedError::Ambiguous { count }),
-        };
-    // `index` < count <= MAX_LISTEN_FDS, so this fits.
-    let offset = RawFd::try_from(index).map_err(|_| InheritedError::BadCount { count })?;
-    Ok(Selected {
-        fd: FIRST_LISTEN_FD + offset,
-        name: names[index].to_string(),
-        count,
-    })
+        None if count == 1 => 0,
+        None => return Err(InheritedError::Ambiguous { count }),
+    };
+    let (fd, name) = passed.into_iter().nth(index).ok_or(InheritedError::BadCount { count })?;
+    Ok(Selected { fd, name, count })
 }
 
 /// Every passed fd with its name, for process `our_pid`: none when `LISTEN_FDS` is unset (a

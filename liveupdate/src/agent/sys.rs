@@ -7,8 +7,9 @@ use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::signal::create_sigset;
 
-/// The uid of the process at the other end of a connected UNIX socket (`SO_PEERCRED`).
-pub(crate) fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+/// The credentials of the process at the other end of a connected UNIX socket
+/// (`SO_PEERCRED`), as they were when it connected.
+fn peer_credentials(stream: &UnixStream) -> io::Result<libc::ucred> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -29,7 +30,18 @@ pub(crate) fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
+}
+
+/// The uid of the process at the other end of a connected UNIX socket.
+pub(crate) fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    peer_credentials(stream).map(|cred| cred.uid)
+}
+
+/// The pid of the process at the other end of a connected UNIX socket, as it was when it
+/// connected.
+pub(crate) fn peer_pid(stream: &UnixStream) -> io::Result<libc::pid_t> {
+    peer_credentials(stream).map(|cred| cred.pid)
 }
 
 /// Waits until one of `signals` is pending for this thread, consumes it and returns its number.
@@ -52,31 +64,6 @@ pub(crate) fn wait_for_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
-}
-
-/// The pid of the process at the other end of a connected UNIX socket (`SO_PEERCRED`), as it
-/// was when it connected.
-pub(crate) fn peer_pid(stream: &UnixStream) -> io::Result<libc::pid_t> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = libc::socklen_t::try_from(size_of::<libc::ucred>()).map_err(io::Error::other)?;
-    // SAFETY: as in `peer_uid`: `cred` and `len` are valid for writes, `len` holds the size.
-    let ret = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.pid)
 }
 
 /// A pidfd for process `pid` (`pidfd_open`, Linux 5.3+): it becomes readable when the process

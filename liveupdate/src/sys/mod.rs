@@ -301,12 +301,19 @@ pub fn recv_with_fds(
 
 /// Kills this process with SIGKILL at once (the fault injector's `kill@STEP`, see
 /// [`crate::fault`]): no destructor, no flush, as the OOM killer would.
+/// It signals the calling thread (`tgkill`, which every seccomp allow-list has for `abort`)
+/// rather than the process (`kill`, which none has): SIGKILL to any thread ends the process.
 pub fn kill_self() -> ! {
-    if let Ok(pid) = libc::pid_t::try_from(std::process::id()) {
-        // SAFETY: kill has no memory preconditions; SIGKILL to our own pid cannot be caught.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    // SAFETY: getpid, gettid and tgkill have no memory preconditions; SIGKILL cannot be caught.
+    unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::gettid(),
+            libc::SIGKILL,
+        );
     }
-    // SIGKILL to ourselves is delivered before kill returns; abort if it somehow was not.
+    // SIGKILL to ourselves is delivered before tgkill returns; abort if it somehow was not.
     std::process::abort()
 }
 
