@@ -35,7 +35,8 @@
 #
 # Case agent-upgrade (a real kexec, like the default case): the kernel-mode agent is upgraded in
 # place while it holds a real LUO session with no connection open. In stage 1 agent-holder
-# leaves session "held" (a memfd with a pattern) at the agent and exits; `ch-luod --upgrade`
+# leaves session "held" (a memfd with a pattern) at the agent, closes its connection and stays
+# alive; `ch-luod --upgrade`
 # takes /dev/liveupdate, the session fd and the listening socket over and the old agent exits;
 # the new one lists the same session, and creating "held" again is refused by the kernel (it
 # still has the session). agent-holder freezes "held", and the VMM's update and the kexec go
@@ -138,14 +139,23 @@ upgrade_agent() {
 # Case agent-upgrade, stage 1, before the update (see the header).
 agent_upgrade_stage1() {
     echo "E2E-KEXEC-CASE agent-upgrade"
-    agent-holder hold "$agent_socket" held || fail "agent-holder could not leave a session"
+    # The holder stays alive (as a VMM would) once it has left the session: the agent drops a
+    # session whose creator exited before handing it over.
+    agent-holder hold "$agent_socket" held >"$work/holder-hold.log" 2>&1 &
+    t=$(now)
+    until grep -q 'held with' "$work/holder-hold.log"; do
+        kill -0 $! 2>/dev/null || fail "agent-holder could not leave a session: $(cat "$work/holder-hold.log")"
+        elapsed_over "$t" 10 && fail "agent-holder did not leave a session within 10 s"
+        sleep 0.1
+    done
+    cat "$work/holder-hold.log"
     before=$(ch-luod --socket "$agent_socket" list)
     upgrade_agent
     after=$(ch-luod --socket "$agent_socket" list)
     echo "E2E-KEXEC sessions after the upgrade: $after"
     [ -n "$after" ] && [ "$after" = "$before" ] ||
         fail "the new agent lists '$after', the old one listed '$before'"
-    out=$(agent-holder hold "$agent_socket" held 2>&1) && fail "a second session \"held\" was created"
+    out=$(timeout 10 agent-holder hold "$agent_socket" held 2>&1) && fail "a second session \"held\" was created"
     echo "$out" | grep -q 'exists already' || fail "creating \"held\" again did not fail with EEXIST: $out"
     echo "E2E-KEXEC the kernel still holds \"held\": $out"
     agent-holder freeze "$agent_socket" held >"$work/holder.log" 2>&1 &

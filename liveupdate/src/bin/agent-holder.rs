@@ -5,8 +5,10 @@
 //! ```text
 //! agent-holder hold|freeze|check SOCKET SESSION
 //! ```
-//! `hold` creates the session and preserves a 1 MiB memfd holding a pattern under token 1, then
-//! exits; `freeze` hands it over (kernel mode: returns only if the kexec fails); `check`, after
+//! `hold` creates the session and preserves a 1 MiB memfd holding a pattern under token 1,
+//! closes its connection, prints its line and stays alive until killed: the agent drops a
+//! session whose creator exited before handing it over (`docs/faults.md`), so the creator must
+//! outlive the upgrade, as a VMM does; `freeze` hands it over (kernel mode: returns only if the kexec fails); `check`, after
 //! the kexec, retrieves the session and the memfd, verifies the pattern and finishes the session.
 //! Each prints one line saying what it did.
 
@@ -71,7 +73,14 @@ fn run(args: &[String]) -> Result<String, String> {
     };
     let mut client = AgentClient::connect(Path::new(socket)).map_err(|e| e.to_string())?;
     match command.as_str() {
-        "hold" => hold(&mut client, session),
+        "hold" => {
+            let line = hold(&mut client, session)?;
+            drop(client);
+            println!("agent-holder: {line}");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         "freeze" => client
             .handover(session)
             .map(|()| format!("session {session:?} handed over"))
