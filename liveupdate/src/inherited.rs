@@ -175,7 +175,10 @@ pub fn select(
         None if count == 1 => 0,
         None => return Err(InheritedError::Ambiguous { count }),
     };
-    let (fd, name) = passed.into_iter().nth(index).ok_or(InheritedError::BadCount { count })?;
+    let (fd, name) = passed
+        .into_iter()
+        .nth(index)
+        .ok_or(InheritedError::BadCount { count })?;
     Ok(Selected { fd, name, count })
 }
 

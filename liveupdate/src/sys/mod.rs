@@ -304,15 +304,12 @@ pub fn recv_with_fds(
 /// It signals the calling thread (`tgkill`, which every seccomp allow-list has for `abort`)
 /// rather than the process (`kill`, which none has): SIGKILL to any thread ends the process.
 pub fn kill_self() -> ! {
-    // SAFETY: getpid, gettid and tgkill have no memory preconditions; SIGKILL cannot be caught.
-    unsafe {
-        libc::syscall(
-            libc::SYS_tgkill,
-            libc::getpid(),
-            libc::gettid(),
-            libc::SIGKILL,
-        );
-    }
+    // SAFETY: getpid has no preconditions and cannot fail.
+    let pid = unsafe { libc::getpid() };
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: tgkill touches no memory of ours; SIGKILL to our own thread cannot be caught.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGKILL) };
     // SIGKILL to ourselves is delivered before tgkill returns; abort if it somehow was not.
     std::process::abort()
 }
