@@ -221,6 +221,18 @@ mod tests {
         format!("fake/{bar:#x}")
     }
 
+    /// Places a fake device with a 4 KiB BAR and its participant; returns the BAR's address.
+    fn place_fake(pci: &mut PciBuilder<'_, '_, '_>) -> Result<u64, DeviceError> {
+        let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
+        pci.place(
+            &fake_id(bar),
+            Arc::new(Mutex::new(FakeDevice { bar })),
+            None,
+            vec![fake_id(bar)],
+        )?;
+        Ok(bar)
+    }
+
     fn read_byte(bus: &RwLock<Bus>, address: u64) -> Option<u8> {
         let mut data = [0u8; 1];
         bus.read()
@@ -244,18 +256,7 @@ mod tests {
     fn hot_added_device_is_announced_to_the_guest_once() {
         let mut fixture = Fixture::new();
 
-        let ((), slot) = fixture
-            .hot_add(|pci| {
-                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place(
-                    &fake_id(bar),
-                    Arc::new(Mutex::new(FakeDevice { bar })),
-                    None,
-                    vec![fake_id(bar)],
-                )?;
-                Ok(())
-            })
-            .unwrap();
+        let ((), slot) = fixture.hot_add(|pci| place_fake(pci).map(drop)).unwrap();
 
         assert_eq!(
             hotplug_register(&fixture, devices::pci::hotplug::INSERTED),
@@ -275,18 +276,7 @@ mod tests {
     fn hot_added_device_takes_the_next_slot_with_its_bar_on_the_bus() {
         let mut fixture = Fixture::new();
 
-        let (bar, slot) = fixture
-            .hot_add(|pci| {
-                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place(
-                    &fake_id(bar),
-                    Arc::new(Mutex::new(FakeDevice { bar })),
-                    None,
-                    vec![fake_id(bar)],
-                )?;
-                Ok(bar)
-            })
-            .unwrap();
+        let (bar, slot) = fixture.hot_add(place_fake).unwrap();
 
         assert_eq!(slot, 2);
         assert_eq!(fixture.manager.next_slot, 3);
@@ -323,19 +313,7 @@ mod tests {
     #[test]
     fn bar_clashing_with_a_placed_bar_is_refused_and_leaves_the_bus_as_it_was() {
         let mut fixture = Fixture::new();
-        let taken = fixture
-            .hot_add(|pci| {
-                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place(
-                    &fake_id(bar),
-                    Arc::new(Mutex::new(FakeDevice { bar })),
-                    None,
-                    vec![fake_id(bar)],
-                )?;
-                Ok(bar)
-            })
-            .unwrap()
-            .0;
+        let taken = fixture.hot_add(place_fake).unwrap().0;
 
         // As if the guest had moved the first device's BAR where the allocator goes next.
         let result = fixture.hot_add(|pci| {
@@ -460,18 +438,7 @@ mod tests {
         let moved = layout::PCI_MMIO_START + 0x100_0000;
         first.lock().unwrap().bar = moved;
 
-        let (second, _) = fixture
-            .hot_add(|pci| {
-                let bar = pci.bars.allocate(0x1000).map_err(DeviceError::Pci)?;
-                pci.place(
-                    &fake_id(bar),
-                    Arc::new(Mutex::new(FakeDevice { bar })),
-                    None,
-                    vec![fake_id(bar)],
-                )?;
-                Ok(bar)
-            })
-            .unwrap();
+        let (second, _) = fixture.hot_add(place_fake).unwrap();
 
         assert_eq!(second, moved + 0x1000);
     }
