@@ -332,6 +332,10 @@ fn another_uid_may_not_touch_a_session() {
     // so it can connect, and only the agent's ownership check stands in its way.
     let dir = TempDir::new("uid");
     let socket = dir.0.join("luod.sock");
+    // The build directory may sit in a home only root may enter (CI caches it there), so the
+    // other user runs a copy of the client from the test's own directory.
+    let client = dir.0.join("ch-luod");
+    std::fs::copy(BIN, &client).unwrap();
     let child = Command::new(BIN)
         .args(["--emulate", "--socket-mode", "0660", "--socket"])
         .arg(&socket)
@@ -345,7 +349,7 @@ fn another_uid_may_not_touch_a_session() {
     agent.wait_for_socket();
     agent.client().create_session("vm0").unwrap();
 
-    let output = Command::new(BIN)
+    let output = Command::new(&client)
         .arg("--socket")
         .arg(&agent.socket)
         .args(["cancel", "vm0"])
