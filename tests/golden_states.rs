@@ -3,7 +3,8 @@
 //! commit that saved it in `made-by`). This build must restore every one of them into a fresh
 //! VMM and run it on with errors=0: the saved state is a contract between versions. (That no
 //! saved type changes its shape under the same version is checked by `vmm`'s `state_schemas`
-//! test, against the shapes recorded beside these states.)
+//! test, against the shapes recorded beside these states.) A state with a vfio-user device is
+//! restored against a fresh device server at its saved socket.
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
 #![allow(
     clippy::unwrap_used,
@@ -164,4 +165,49 @@ fn a_vm_whose_devices_left_the_old_order_is_not_written_in_that_releases_format(
     );
     assert_runs_on("hotplug", &vmm, refused_at);
     assert!(agent.sessions().is_empty(), "{:?}", agent.sessions());
+}
+
+/// The probe driving the vfio-user test device (`userdev=1`), its server `persist=on`. A
+/// snapshot leaves the device's own state in its server, long gone by now: as
+/// `docs/snapshot.md` says, a restore connects to whatever serves the saved socket, here a
+/// fresh `vfio-user-testdev --persist` that finds the device at power-on, with its DMA engine
+/// pointed at the guest's buffer (`testdev-enable`, recorded from the probe's banner). The
+/// device's DMA must reach the restored guest. Its MSIs cannot be expected: the guest enabled
+/// MSI in the old server's configuration space, and the fresh server's has it off.
+#[test]
+fn a_vm_with_a_vfio_user_device_saved_by_an_earlier_build_runs_on_against_a_fresh_server() {
+    require_kvm();
+    let name = "vfio-user";
+    let dir = scratch_dir("golden-vfio-user");
+    let snap = unpack(name, &dir);
+    let enable = std::fs::read_to_string(fixture(name).join("testdev-enable")).unwrap();
+    let _server = common::TestDev::start(
+        &Path::new(HOST_DIR).join(name),
+        "testdev",
+        &["--persist", "--enable", enable.trim()],
+    );
+    let socket = dir.join("api.sock");
+    let source = format!("source_url=file://{},resume=on", snap.display());
+
+    let vmm = VmmProcess::spawn(
+        &[
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "--restore",
+            &source,
+        ],
+        &dir,
+    );
+
+    assert_runs_on(name, &vmm, 0);
+    // The first line was on its way out at the snapshot (the fresh device counts from 0).
+    let (next, _) = common::next_userdev(&vmm, 0);
+    let (next, first) = common::next_userdev(&vmm, next);
+    let (_, second) = common::next_userdev(&vmm, next);
+    let context = format!("{:?}\n{}", vmm.lines(), vmm.stderr());
+    assert!(
+        common::field(&second, "counter") > common::field(&first, "counter"),
+        "the device's DMA does not reach the guest: {context}"
+    );
+    assert_eq!(common::field(&second, "client"), 1, "{context}");
 }
