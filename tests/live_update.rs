@@ -530,10 +530,10 @@ fn state_from_a_newer_format_is_refused_and_the_session_is_kept() {
     );
 }
 
-#[test]
-fn a_session_name_in_use_is_refused_with_409() {
+/// An agent, and the probe (1 vCPU, no devices) booted with it: a VM whose update is refused.
+fn boot_to_refuse(name: &str) -> (Agent, VmmProcess) {
     require_kvm();
-    let dir = scratch_dir("lu-409");
+    let dir = scratch_dir(name);
     let agent = Agent::start(&dir);
     let (vmm, _) = boot_old(
         &agent,
@@ -543,6 +543,12 @@ fn a_session_name_in_use_is_refused_with_409() {
         &[],
         &[],
     );
+    (agent, vmm)
+}
+
+#[test]
+fn a_session_name_in_use_is_refused_with_409() {
+    let (agent, vmm) = boot_to_refuse("lu-409");
     let mut holder = agent.client();
     holder.create_session("taken").unwrap();
 
@@ -616,17 +622,7 @@ fn an_update_written_in_an_earlier_releases_format_runs_on_in_a_successor() {
 /// A release this build cannot write is a 400 naming the ones it can; nothing was started.
 #[test]
 fn an_unknown_state_format_is_refused_with_400_and_the_guest_runs_on() {
-    require_kvm();
-    let dir = scratch_dir("lu-format-unknown");
-    let agent = Agent::start(&dir);
-    let (vmm, _) = boot_old(
-        &agent,
-        &dir.join("old"),
-        1,
-        "fill=1 status_ms=100",
-        &[],
-        &[],
-    );
+    let (agent, vmm) = boot_to_refuse("lu-format-unknown");
     let body = serde_json::json!({"session": "lu-unknown", "state_format": "0.0.9"}).to_string();
 
     let refused = vmm.api("PUT", "vm.live-update", Some(&body));
