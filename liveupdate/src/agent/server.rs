@@ -18,8 +18,9 @@ use super::protocol::{self, ErrorKind, MAX_WAIT_MS, ProtocolError, Request, Resp
 use super::state::AgentState;
 use super::{AgentError, sys};
 
-/// Most simultaneous connections; more are answered with a `busy` error and closed.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Most simultaneous connections; more are answered with a `busy` error and closed. A host
+/// updating all its VMs at once has two per VM (the old VMM's and its successor's).
+pub const MAX_CONNECTIONS: usize = 256;
 /// Once a message has started, the rest must arrive within this time.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -284,8 +285,14 @@ impl Shared {
                     .0;
             }
         }
+        // Waiters wait for something to become true that only a changing request makes true:
+        // read-only ones wake nobody (with many VMs at once, every waiting VMM's connection
+        // thread would wake up for each successor's look at its session).
+        let wakes = may_wake_waiters(&request);
         let answer = state.handle(request, uid, fd);
-        self.changed.notify_all();
+        if wakes {
+            self.changed.notify_all();
+        }
         match (kernel_handover, answer) {
             (Some(name), (Response::Ok, None)) => (self.hold_handover(state, &name), None),
             (_, answer) => answer,
@@ -367,6 +374,24 @@ impl Shared {
         self.changed.notify_all();
         Response::Error(error)
     }
+}
+
+/// Whether `request` can make true what a `wait_handover` or `wait_successor` waits for (a
+/// session handed over or gone, a successor ready). Looks (a peek only marks a successor as
+/// waiting, which no waiter waits for), reads and waits cannot; a session a dead creator left is
+/// dropped with its own wake-up (`Shared::creator_disconnected`).
+fn may_wake_waiters(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Ping
+            | Request::KexecStatus
+            | Request::List
+            | Request::Peek { .. }
+            | Request::WaitHandover { .. }
+            | Request::WaitSuccessor { .. }
+            | Request::RetrieveFd { .. }
+            | Request::RetrieveAttachment { .. }
+    )
 }
 
 fn serve_connection(stream: &UnixStream, state: &Shared) {

@@ -46,8 +46,13 @@ pub const KEXEC_LOAD_WAIT: Duration = Duration::from_secs(60);
 const KEXEC_LOAD_POLL: Duration = Duration::from_millis(20);
 /// How often a waiting successor says it still waits.
 const WAIT_REPORT: Duration = Duration::from_secs(10);
-/// How often a successor started ahead looks for guest RAM in the outgoing session.
+/// How often a successor started ahead looks for guest RAM in an outgoing session that exists
+/// (the old VMM is preparing it).
 const HANDOVER_POLL: Duration = Duration::from_micros(200);
+/// How often, at most, it looks while there is no such session yet: the wait doubles up to
+/// this, so successors waiting for their update do not keep the agent busy (each look is two
+/// requests). It only delays the old VMM's wait for the successor, with the guest running.
+const HANDOVER_POLL_IDLE: Duration = Duration::from_millis(5);
 
 /// Why a live update or a restore failed.
 #[derive(Debug, Error)]
@@ -394,6 +399,13 @@ fn take_over(
         timings
             .steps
             .push(("until_retrieved".into(), since_pause(taken.retrieved_at_ns)));
+        // Both ends on the host's realtime clock, to line up many VMs updated at once.
+        timings
+            .steps
+            .push(("paused_at_unix".into(), paused_at_ns / 1000));
+        timings
+            .steps
+            .push(("resumed_at_unix".into(), resumed_at_ns / 1000));
     }
     info!("VM restored from session {name:?}: {:?}", timings.steps);
     Ok(Restored {
@@ -434,6 +446,7 @@ fn wait_for_handover(
     let deadline = start + wait;
     let mut prebuilt = None;
     let mut peek = true;
+    let mut idle_poll = HANDOVER_POLL;
     let mut next_report: Option<Instant> = None;
     loop {
         match client.retrieve_session(name) {
@@ -493,13 +506,13 @@ fn wait_for_handover(
                         warn!("Cannot tell the agent this successor is ready: {e}");
                     }
                 }
-                // Not created or not prepared yet: look again shortly.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        Some(ErrorKind::NoSuchSession | ErrorKind::NoSuchToken)
-                    ) =>
-                {
+                // Not created yet: look again, less and less often.
+                Err(e) if e.kind() == Some(ErrorKind::NoSuchSession) => {
+                    std::thread::sleep(idle_poll);
+                    idle_poll = (idle_poll * 2).min(HANDOVER_POLL_IDLE);
+                }
+                // Created, not prepared yet: look again shortly.
+                Err(e) if e.kind() == Some(ErrorKind::NoSuchToken) => {
                     std::thread::sleep(HANDOVER_POLL);
                 }
                 // Kernel mode, or the session is no longer outgoing.

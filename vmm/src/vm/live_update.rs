@@ -17,12 +17,12 @@ use crate::device_manager::{DeviceContext, DeviceManager, HandedOverFds};
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::live_update::participants::{
     ClockState, ConfigParticipant, ConfigState, FailureInjector, InterruptsParticipant,
-    MemoryParticipant, MemoryState, PitState, VcpuParticipant, VcpusParticipant, VcpusState,
-    clock_participant, ids, irqchip_participant, pit_participant, realtime_ns,
+    MemoryParticipant, MemoryState, PitState, VcpuParticipant, VcpuSaves, VcpusParticipant,
+    VcpusState, clock_participant, ids, irqchip_participant, pit_participant, realtime_ns,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::platform::{IrqchipsState, PlatformState};
-use crate::vcpu_thread::VcpuEvent;
+use crate::vcpu_thread::{BuildError, VcpuBuilder, VcpuEvent, VcpuSet};
 
 use super::{Parts, Vm, VmError, create_vcpu, create_vm};
 
@@ -67,20 +67,30 @@ fn lap(incoming: &mut Incoming, name: &str, since: &mut Instant) {
     *since = now;
 }
 
-/// Moves a saved vCPU's TSC forward by `elapsed_ns` at the guest's TSC rate.
-fn advance_tsc(mut state: VcpuState, elapsed_ns: u64, vcpu: &VcpuFd) -> VcpuState {
+/// Makes vCPU `index` and loads `state` into it, its TSC moved on by the time since the old
+/// VMM's pause (`paused_at_ns`), reckoned right before it is loaded. Runs on the vCPU's own
+/// thread.
+fn build_vcpu(
+    vm_fd: &VmFd,
+    index: u8,
+    mut state: VcpuState,
+    paused_at_ns: u64,
+) -> Result<VcpuFd, VmError> {
+    let vcpu = create_vcpu(vm_fd, index)?;
     let khz = state
         .tsc_khz
         .or_else(|| vcpu.get_tsc_khz().ok())
         .unwrap_or(0);
-    let ticks = u128::from(elapsed_ns) * u128::from(khz) / 1_000_000;
-    let ticks = u64::try_from(ticks).unwrap_or(u64::MAX);
-    for msr in &mut state.msrs {
-        if msr.index == cpu::MSR_IA32_TSC {
-            msr.data = msr.data.wrapping_add(ticks);
-        }
-    }
+    let elapsed_ns = realtime_ns().saturating_sub(paused_at_ns);
+    cpu::shift_saved_tsc(
+        &mut state,
+        i64::try_from(elapsed_ns).unwrap_or(i64::MAX),
+        khz,
+    );
     state
+        .restore(&vcpu)
+        .map_err(|source| VmError::Vcpu { index, source })?;
+    Ok(vcpu)
 }
 
 impl Vm {
@@ -127,6 +137,20 @@ impl Vm {
             }
         };
         lap(incoming, "create_vm", &mut step);
+        // Each vCPU is made and loaded on its own thread, side by side and beside the devices.
+        let msrs = cpu::msrs_of_restored(vcpu_states.first().ok_or(VmError::NoVcpu)?);
+        let paused_at_ns = vcpus.paused_at_ns;
+        let builders = (0u8..)
+            .zip(vcpu_states)
+            .map(|(index, state)| {
+                let vm_fd = vm_fd.clone();
+                Box::new(move || build_vcpu(&vm_fd, index, state, paused_at_ns))
+                    as VcpuBuilder<VmError>
+            })
+            .collect();
+        let pending =
+            VcpuSet::spawn_building(builders, on_event.clone()).map_err(VmError::VcpuThreads)?;
+        lap(incoming, "create_vcpus", &mut step);
         // Routes first: devices then claim their MSI groups in the saved order.
         let interrupts = InterruptManager::restore(vm_fd.clone(), &interrupt_state)
             .map_err(VmError::Interrupts)?;
@@ -151,27 +175,17 @@ impl Vm {
             )));
         }
         lap(incoming, "devices", &mut step);
+        let vcpu_set = pending.finish(devices.buses()).map_err(|e| match e {
+            BuildError::Failed(_, error) => error,
+            BuildError::Lost(index) => VmError::VcpuThreads(std::io::Error::other(format!(
+                "vCPU thread {index} ended while loading its state"
+            ))),
+        })?;
+        lap(incoming, "vcpus", &mut step);
 
         // The guest's clocks move on by the length of the pause: it must see real time pass,
-        // neither jump back nor fall behind.
-        let elapsed_ns = realtime_ns().saturating_sub(vcpus.paused_at_ns);
-        log::info!(
-            "Guest paused {elapsed_ns} ns ago; TSC kHz {:?}, kvmclock {} ns",
-            vcpu_states.first().and_then(|v| v.tsc_khz),
-            platform.clock.clock
-        );
-        let mut fds = Vec::with_capacity(vcpu_states.len());
-        for index in (0u8..).take(vcpu_states.len()) {
-            fds.push(create_vcpu(&vm_fd, index)?);
-        }
-        lap(incoming, "create_vcpus", &mut step);
-        for ((index, state), vcpu) in (0u8..).zip(vcpu_states).zip(&fds) {
-            let state = advance_tsc(state, elapsed_ns, vcpu);
-            state
-                .restore(vcpu)
-                .map_err(|source| VmError::Vcpu { index, source })?;
-        }
-        lap(incoming, "vcpus", &mut step);
+        // neither jump back nor fall behind (each vCPU's TSC was moved on by its thread).
+        let elapsed_ns = realtime_ns().saturating_sub(paused_at_ns);
         platform.clock.clock = platform.clock.clock.saturating_add(elapsed_ns);
         // Last before running: the PIT and kvmclock start counting from here.
         platform.restore(&vm_fd).map_err(VmError::Platform)?;
@@ -184,14 +198,16 @@ impl Vm {
             ram,
             interrupts,
             devices,
-            vcpus: fds,
+            vcpus: vcpu_set,
+            msrs,
         };
         fault::reached(FaultStep::Restore).map_err(VmError::Fault)?;
         // The guest runs on from here: whoever holds the session must never give its saved
         // state to another successor again. Told first, so no window lets a second restore in.
         fault::fail_point(FaultStep::Resume).map_err(VmError::Fault)?;
         incoming.mark_resumed().map_err(VmError::LiveUpdate)?;
-        let vm = Self::start(parts, on_event, resume)?;
+        lap(incoming, "mark_resumed", &mut step);
+        let vm = Self::start(parts, resume)?;
         lap(incoming, "start", &mut step);
         Ok((vm, config, vcpus.paused_at_ns))
     }
@@ -252,9 +268,10 @@ impl Vm {
         let msrs = self.msrs;
         let mut config_part = ConfigParticipant(config);
         let mut memory = MemoryParticipant::new(&self.ram);
-        let mut vcpus = VcpusParticipant::new(&self.vcpus);
+        let saves = VcpuSaves::new(self.vcpus.vcpus().len());
+        let mut vcpus = VcpusParticipant::new(&self.vcpus, msrs, saves.clone());
         let mut each_vcpu: Vec<_> = (0..self.vcpus.vcpus().len())
-            .map(|index| VcpuParticipant::new(&self.vcpus, index, msrs))
+            .map(|index| VcpuParticipant::new(&self.vcpus, index, msrs, saves.clone()))
             .collect();
         let mut interrupts = InterruptsParticipant(&self.interrupts);
         let mut irqchip = irqchip_participant(&self.vm_fd);

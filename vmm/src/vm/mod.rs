@@ -97,14 +97,16 @@ pub enum VmError {
     },
 }
 
-/// What a VM is made of, before its vCPU threads start.
+/// What a VM is made of, its vCPU threads started (paused).
 struct Parts {
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     ram: GuestRam,
     interrupts: InterruptManager,
     devices: DeviceManager,
-    vcpus: Vec<VcpuFd>,
+    vcpus: VcpuSet,
+    /// The MSRs a vCPU state carries (see [`Vm`]).
+    msrs: &'static [u32],
 }
 
 /// A KVM VM with its irqchip and PIT, and `ram` registered as its memory.
@@ -179,6 +181,10 @@ impl Vm {
             }
             fds.push(vcpu);
         }
+        let first = fds.first().ok_or(VmError::NoVcpu)?;
+        let msrs = cpu::supported_msrs_cached(&kvm, first)
+            .map_err(|source| VmError::Vcpu { index: 0, source })?;
+        let vcpus = VcpuSet::start(fds, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
         Self::start(
             Parts {
                 kvm,
@@ -186,19 +192,15 @@ impl Vm {
                 ram,
                 interrupts,
                 devices,
-                vcpus: fds,
+                vcpus,
+                msrs,
             },
-            on_event,
             true,
         )
     }
 
-    /// Starts the vCPU threads and device workers; the vCPUs run only with `resume`.
-    fn start(
-        parts: Parts,
-        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
-        resume: bool,
-    ) -> Result<Self, VmError> {
+    /// Starts the device workers and, with `resume`, the vCPUs.
+    fn start(parts: Parts, resume: bool) -> Result<Self, VmError> {
         let Parts {
             kvm,
             vm_fd,
@@ -206,12 +208,8 @@ impl Vm {
             interrupts,
             mut devices,
             vcpus,
+            msrs,
         } = parts;
-        let first = vcpus.first().ok_or(VmError::NoVcpu)?;
-        let msrs = cpu::supported_msrs_cached(&kvm, first)
-            .map_err(|source| VmError::Vcpu { index: 0, source })?;
-        let vcpus =
-            VcpuSet::start(vcpus, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
         if resume {
             devices.start_workers().map_err(VmError::Devices)?;
             vcpus.resume();
