@@ -89,7 +89,121 @@ pub enum BuildError<E> {
     Lost(u8),
 }
 
-/// vCPU threads started by [`VcpuSet::spawn_building`], still making their vCPUs.
+/// vCPU threads started ahead by [`VcpuSet::spawn_idle`], waiting for their builders.
+pub struct IdleVcpus<E> {
+    // Field order is drop order: the channels go first, so waiting threads end before the set
+    // joins them.
+    jobs: Vec<Sender<VcpuBuilder<E>>>,
+    ready: Vec<Receiver<Result<Arc<Mutex<VcpuFd>>, E>>>,
+    buses: Vec<Sender<Buses>>,
+    set: Option<VcpuSet>,
+    on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+}
+
+impl<E> std::fmt::Debug for IdleVcpus<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleVcpus")
+            .field("threads", &self.jobs.len())
+            .finish()
+    }
+}
+
+impl<E: Send + 'static> IdleVcpus<E> {
+    /// How many threads wait.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether no thread waits.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    fn spawn_one(&mut self) -> io::Result<()> {
+        let Some(set) = self.set.as_mut() else {
+            return Err(io::Error::other("vCPU threads handed on already"));
+        };
+        let index =
+            u8::try_from(set.threads.len()).map_err(|_| io::Error::other("more than 256 vCPUs"))?;
+        let (job_tx, job_rx) = channel::<VcpuBuilder<E>>();
+        let (ready_tx, ready_rx) = channel();
+        let (buses_tx, buses_rx) = channel::<Buses>();
+        let control = set.control.clone();
+        let on_event = self.on_event.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let Ok(builder) = job_rx.recv() else {
+                    return; // not needed after all
+                };
+                let vcpu = match builder() {
+                    Ok(vcpu) => Arc::new(Mutex::new(vcpu)),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if ready_tx.send(Ok(vcpu.clone())).is_err() {
+                    return;
+                }
+                let Ok(buses) = buses_rx.recv() else {
+                    return;
+                };
+                let runner = Runner {
+                    index,
+                    vcpu,
+                    buses,
+                    control,
+                    on_event,
+                };
+                runner.run_loop();
+            })?;
+        set.threads.push(thread);
+        self.jobs.push(job_tx);
+        self.ready.push(ready_rx);
+        self.buses.push(buses_tx);
+        Ok(())
+    }
+
+    /// Gives thread `i` builder `i` (starting more threads if fewer wait; ending those left
+    /// over); they make their vCPUs side by side while the caller goes on.
+    pub fn build(mut self, builders: Vec<VcpuBuilder<E>>) -> io::Result<PendingVcpus<E>> {
+        while self.jobs.len() < builders.len() {
+            self.spawn_one()?;
+        }
+        let spare = self.jobs.len() - builders.len();
+        for _ in 0..spare {
+            // Dropping its job sender ends the thread; joined with the set.
+            self.jobs.pop();
+            self.ready.pop();
+            self.buses.pop();
+        }
+        for (job, builder) in self.jobs.iter().zip(builders) {
+            if job.send(builder).is_err() {
+                return Err(io::Error::other(
+                    "a vCPU thread ended before its builder came",
+                ));
+            }
+        }
+        let Some(mut set) = self.set.take() else {
+            return Err(io::Error::other("vCPU threads handed on already"));
+        };
+        // The spare threads end on their own (their jobs are gone); join them now.
+        for thread in set.threads.drain(self.ready.len()..) {
+            if thread.join().is_err() {
+                error!("A spare vCPU thread panicked");
+            }
+        }
+        Ok(PendingVcpus {
+            ready: std::mem::take(&mut self.ready),
+            buses: std::mem::take(&mut self.buses),
+            set: Some(set),
+        })
+    }
+}
+
+/// vCPU threads started by [`VcpuSet::spawn_building`] or [`IdleVcpus::build`], still making
+/// their vCPUs.
 #[derive(Debug)]
 pub struct PendingVcpus<E> {
     // Field order is drop order: the bus senders go first, so threads waiting for their buses
@@ -207,51 +321,27 @@ impl VcpuSet {
         builders: Vec<VcpuBuilder<E>>,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
     ) -> io::Result<PendingVcpus<E>> {
+        Self::spawn_idle(builders.len(), on_event)?.build(builders)
+    }
+
+    /// Starts `count` vCPU threads that wait for their builders ([`IdleVcpus::build`]): started
+    /// ahead, so that starting threads is not part of a live update's pause.
+    pub fn spawn_idle<E: Send + 'static>(
+        count: usize,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    ) -> io::Result<IdleVcpus<E>> {
         let set = Self::empty()?;
-        let control = set.control.clone();
-        let mut pending = PendingVcpus {
+        let mut idle = IdleVcpus {
+            jobs: Vec::new(),
             ready: Vec::new(),
             buses: Vec::new(),
             set: Some(set),
+            on_event,
         };
-        for (index, builder) in (0u8..).zip(builders) {
-            let (ready_tx, ready_rx) = channel();
-            let (buses_tx, buses_rx) = channel::<Buses>();
-            let control = control.clone();
-            let on_event = on_event.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || {
-                    let vcpu = match builder() {
-                        Ok(vcpu) => Arc::new(Mutex::new(vcpu)),
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    if ready_tx.send(Ok(vcpu.clone())).is_err() {
-                        return;
-                    }
-                    let Ok(buses) = buses_rx.recv() else {
-                        return;
-                    };
-                    let runner = Runner {
-                        index,
-                        vcpu,
-                        buses,
-                        control,
-                        on_event,
-                    };
-                    runner.run_loop();
-                });
-            // On failure, dropping `pending` ends the threads started so far.
-            if let Some(set) = pending.set.as_mut() {
-                set.threads.push(thread?);
-            }
-            pending.ready.push(ready_rx);
-            pending.buses.push(buses_tx);
+        for _ in 0..count {
+            idle.spawn_one()?;
         }
-        Ok(pending)
+        Ok(idle)
     }
 
     /// The vCPU file descriptors, to read or write state while the set is paused.
@@ -751,6 +841,24 @@ mod tests {
         assert_eq!(before_resume, 0);
         assert_eq!(*lock(&names), vec!["vcpu0".to_string()]);
         assert_eq!(set.vcpus().len(), 1);
+        wait_for_count_above(&count, 100);
+    }
+
+    #[test]
+    fn threads_started_ahead_make_their_vcpus_once_given_builders_and_spares_end() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count.clone());
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let idle = VcpuSet::spawn_idle::<String>(3, Arc::new(|_| {})).unwrap();
+        let waiting = idle.len();
+
+        let pending = idle.build(vec![loop_builder(&vm, &names)]).unwrap();
+        let set = pending.finish(&buses).unwrap();
+        set.resume();
+
+        assert_eq!(waiting, 3);
+        assert_eq!(*lock(&names), vec!["vcpu0".to_string()]);
+        assert_eq!((set.vcpus().len(), set.threads.len()), (1, 1));
         wait_for_count_above(&count, 100);
     }
 

@@ -328,7 +328,7 @@ pub fn run_incoming(
     };
     let start = Instant::now();
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
-    let prebuilt = wait_for_handover(&mut client, name, wait)?;
+    let prebuilt = wait_for_handover(&mut client, name, wait, &on_event)?;
     fault::reached(FaultStep::Retrieve).map_err(LiveUpdateError::Fault)?;
     let taken = TakeOver {
         start,
@@ -436,11 +436,13 @@ pub fn timings_body(session: &str, timings: &Timings) -> serde_json::Value {
 
 /// Retrieves the session, waiting while it has not been handed over yet. Meanwhile (restart
 /// mode), as soon as the old VMM has preserved guest RAM, builds the KVM VM on it, so that the
-/// pause carries only vCPU and device state.
+/// pause carries only vCPU and device state, and starts the vCPU threads (reporting to
+/// `on_event`).
 fn wait_for_handover(
     client: &mut AgentClient,
     name: &str,
     wait: Duration,
+    on_event: &Arc<dyn Fn(VcpuEvent) + Send + Sync>,
 ) -> Result<Option<Prebuilt>, LiveUpdateError> {
     let start = Instant::now();
     let deadline = start + wait;
@@ -499,7 +501,8 @@ fn wait_for_handover(
         if peek {
             match client.peek(name, RAM_TOKEN) {
                 Ok(memfd) => {
-                    prebuilt = Some(Prebuilt::new(File::from(memfd)).map_err(LiveUpdateError::Vm)?);
+                    let built = Prebuilt::new(File::from(memfd)).map_err(LiveUpdateError::Vm)?;
+                    prebuilt = Some(built.with_vcpu_threads(on_event.clone()));
                     peek = false;
                     info!("Guest RAM of session {name:?} mapped ahead of the handover");
                     if let Err(e) = client.successor_ready(name) {

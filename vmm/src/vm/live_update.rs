@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use liveupdate::fault::{self, FaultStep};
@@ -20,11 +20,11 @@ use crate::live_update::participants::{
     MemoryParticipant, MemoryState, PitState, VcpuParticipant, VcpuSaves, VcpusParticipant,
     VcpusState, clock_participant, ids, irqchip_participant, pit_participant, realtime_ns,
 };
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{GuestRam, MemoryError, vcpus_hint};
 use crate::platform::{IrqchipsState, PlatformState};
-use crate::vcpu_thread::{BuildError, VcpuBuilder, VcpuEvent, VcpuSet};
+use crate::vcpu_thread::{BuildError, IdleVcpus, VcpuBuilder, VcpuEvent, VcpuSet};
 
-use super::{Parts, Vm, VmError, create_vcpu, create_vm};
+use super::{Parts, Vm, VmError, create_bare_vm, create_vcpu};
 
 /// A KVM VM (irqchip and PIT made) with guest RAM mapped and registered, built by a successor
 /// ahead of the update while the old VMM still runs the guest on that same RAM.
@@ -33,20 +33,58 @@ pub struct Prebuilt {
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     ram: GuestRam,
+    /// vCPU threads started ahead, as many as the RAM's name says (see [`vcpus_hint`]).
+    vcpu_threads: Option<IdleVcpus<VmError>>,
 }
 
 impl Prebuilt {
     /// Maps `ram_memfd` (all of guest RAM) into a new KVM VM.
     pub fn new(ram_memfd: File) -> Result<Self, VmError> {
+        Self::timed(ram_memfd).map(|(prebuilt, _)| prebuilt)
+    }
+
+    /// [`Prebuilt::new`], with the time of each step: RAM mapped (`map_ram`), KVM VM with its
+    /// irqchip and PIT made (`kvm_vm`), RAM registered with KVM (`memslots`).
+    fn timed(ram_memfd: File) -> Result<(Self, BuildSteps), VmError> {
+        let start = Instant::now();
         let size = ram_memfd
             .metadata()
             .map_err(|e| VmError::Memory(MemoryError::Memfd(e)))?
             .len();
         let ram = GuestRam::from_memfd(ram_memfd, size).map_err(VmError::Memory)?;
-        let (kvm, vm_fd) = create_vm(&ram)?;
-        Ok(Self { kvm, vm_fd, ram })
+        let mapped = Instant::now();
+        let (kvm, vm_fd) = create_bare_vm()?;
+        let made = Instant::now();
+        ram.register(&vm_fd).map_err(VmError::Memory)?;
+        let steps = [
+            ("map_ram", mapped - start),
+            ("kvm_vm", made - mapped),
+            ("memslots", made.elapsed()),
+        ];
+        let prebuilt = Self {
+            kvm,
+            vm_fd,
+            ram,
+            vcpu_threads: None,
+        };
+        Ok((prebuilt, steps))
+    }
+
+    /// Also starts the VM's vCPU threads ahead, if the RAM says how many vCPUs it has: they
+    /// wait, and make and load their vCPUs once the state is there.
+    pub fn with_vcpu_threads(mut self, on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>) -> Self {
+        if let Some(count) = vcpus_hint(self.ram.memfd()) {
+            match VcpuSet::spawn_idle(usize::from(count), on_event) {
+                Ok(idle) => self.vcpu_threads = Some(idle),
+                Err(e) => log::warn!("Cannot start vCPU threads ahead ({e}); they start later"),
+            }
+        }
+        self
     }
 }
+
+/// The named steps of building a [`Prebuilt`], and their times.
+type BuildSteps = [(&'static str, Duration); 3];
 
 fn take<S: serde::de::DeserializeOwned>(
     states: &mut StateSet,
@@ -118,7 +156,12 @@ impl Vm {
         let clock: ClockState = take(states, ids::CLOCK, 1)?;
         let mut platform = PlatformState::from_parts(irqchips, pit.0, clock.0);
         let mut step = Instant::now();
-        let Prebuilt { kvm, vm_fd, ram } = match prebuilt {
+        let Prebuilt {
+            kvm,
+            vm_fd,
+            ram,
+            vcpu_threads,
+        } = match prebuilt {
             Some(prebuilt) if prebuilt.ram.size() == memory.size => prebuilt,
             Some(prebuilt) => {
                 return Err(VmError::PrebuiltMismatch {
@@ -133,7 +176,11 @@ impl Vm {
                         "guest RAM (a memfd: LUO's memfd file handler)",
                     )
                     .map_err(VmError::LiveUpdate)?;
-                Prebuilt::new(File::from(memfd))?
+                let (prebuilt, steps) = Prebuilt::timed(File::from(memfd))?;
+                for (name, took) in steps {
+                    incoming.timings_mut().record(name, took);
+                }
+                prebuilt
             }
         };
         lap(incoming, "create_vm", &mut step);
@@ -148,8 +195,11 @@ impl Vm {
                     as VcpuBuilder<VmError>
             })
             .collect();
-        let pending =
-            VcpuSet::spawn_building(builders, on_event.clone()).map_err(VmError::VcpuThreads)?;
+        let pending = match vcpu_threads {
+            Some(idle) => idle.build(builders),
+            None => VcpuSet::spawn_building(builders, on_event.clone()),
+        }
+        .map_err(VmError::VcpuThreads)?;
         lap(incoming, "create_vcpus", &mut step);
         // Routes first: devices then claim their MSI groups in the saved order.
         let interrupts = InterruptManager::restore(vm_fd.clone(), &interrupt_state)

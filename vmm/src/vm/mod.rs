@@ -111,11 +111,17 @@ struct Parts {
 
 /// A KVM VM with its irqchip and PIT, and `ram` registered as its memory.
 fn create_vm(ram: &GuestRam) -> Result<(Kvm, Arc<VmFd>), VmError> {
+    let (kvm, vm_fd) = create_bare_vm()?;
+    ram.register(&vm_fd).map_err(VmError::Memory)?;
+    Ok((kvm, vm_fd))
+}
+
+/// A KVM VM with its irqchip and PIT, no memory yet.
+fn create_bare_vm() -> Result<(Kvm, Arc<VmFd>), VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
     // The irqchip must exist before any vCPU (KVM creates each vCPU's LAPIC from it).
     platform::create_platform(&vm_fd).map_err(VmError::Platform)?;
-    ram.register(&vm_fd).map_err(VmError::Memory)?;
     Ok((kvm, vm_fd))
 }
 
@@ -147,7 +153,8 @@ impl Vm {
         config: &VmConfig,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
     ) -> Result<Self, VmError> {
-        let ram = GuestRam::new(config.memory.size).map_err(VmError::Memory)?;
+        let ram = GuestRam::new_for_vcpus(config.memory.size, config.cpus.boot_vcpus)
+            .map_err(VmError::Memory)?;
         let (kvm, vm_fd) = create_vm(&ram)?;
         let interrupts = InterruptManager::new(vm_fd.clone()).map_err(VmError::Interrupts)?;
         let ctx = DeviceContext {
