@@ -52,7 +52,7 @@ const HANDOVER_POLL: Duration = Duration::from_micros(200);
 /// How often, at most, it looks while there is no such session yet: the wait doubles up to
 /// this, so successors waiting for their update do not keep the agent busy (each look is two
 /// requests). It only delays the old VMM's wait for the successor, with the guest running.
-const HANDOVER_POLL_IDLE: Duration = Duration::from_millis(5);
+const HANDOVER_POLL_IDLE: Duration = Duration::from_millis(20);
 
 /// Why a live update or a restore failed.
 #[derive(Debug, Error)]
