@@ -213,6 +213,15 @@ impl AgentState {
         }
     }
 
+    /// [`Self::drop_abandoned`] when session `name` is one to drop: one pidfd poll, not one per
+    /// session being prepared.
+    fn drop_if_abandoned(&mut self, name: &str) {
+        let unfrozen = self.outgoing.get(name).is_some_and(|held| !held.frozen);
+        if unfrozen && self.creators.get(name).is_some_and(|c| c.has_exited()) {
+            self.drop_abandoned();
+        }
+    }
+
     /// The refusal for `uid` asking for `name` when no live session of that name answers it
     /// (see [`EndedSessions::refusal`]), else `otherwise`.
     fn gone(&self, name: &str, uid: u32, otherwise: WireError) -> WireError {
@@ -251,7 +260,13 @@ impl AgentState {
         fd: Option<OwnedFd>,
     ) -> Result<(Response, Option<OwnedFd>), WireError> {
         let ok = Ok((Response::Ok, None));
-        self.drop_abandoned();
+        // The looks a waiting successor repeats check their own session only: a pidfd poll per
+        // session being prepared would keep the state locked with many VMs updated at once.
+        if let Request::Peek { name, .. } | Request::RetrieveSession { name } = &request {
+            self.drop_if_abandoned(name);
+        } else {
+            self.drop_abandoned();
+        }
         match request {
             Request::Ping => Ok((
                 Response::Pong {
