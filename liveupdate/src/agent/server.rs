@@ -269,6 +269,20 @@ impl Shared {
                     !state.successor_pending(name)
                 }))
             }
+            Request::WaitPrepared {
+                name,
+                token,
+                timeout_ms,
+            } => {
+                // Noted before the wait: the old VMM then waits for this successor.
+                state.note_successor(name);
+                Some((*timeout_ms, &move |state: &AgentState| {
+                    state.is_kernel_mode()
+                        || state.holds_file(name, *token)
+                        || state.is_handed_over(name)
+                        || state.has_ended(name)
+                }))
+            }
             _ => None,
         };
         if let Some((timeout_ms, done)) = wait {
@@ -377,8 +391,8 @@ impl Shared {
 }
 
 /// Whether `request` can make true what a `wait_handover` or `wait_successor` waits for (a
-/// session handed over or gone, a successor ready). Looks (a peek only marks a successor as
-/// waiting, which no waiter waits for), reads and waits cannot; a session a dead creator left is
+/// session handed over or gone, a successor ready, a file preserved). Looks (a peek only marks
+/// a successor as waiting, which no waiter waits for), reads and waits cannot; a session a dead creator left is
 /// dropped with its own wake-up (`Shared::creator_disconnected`).
 fn may_wake_waiters(request: &Request) -> bool {
     !matches!(
@@ -389,6 +403,7 @@ fn may_wake_waiters(request: &Request) -> bool {
             | Request::Peek { .. }
             | Request::WaitHandover { .. }
             | Request::WaitSuccessor { .. }
+            | Request::WaitPrepared { .. }
             | Request::RetrieveFd { .. }
             | Request::RetrieveAttachment { .. }
     )
@@ -789,6 +804,43 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn wait_prepared_marks_the_successor_and_returns_once_the_file_is_preserved() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        let waiter =
+            thread::spawn(move || successor.wait_prepared("p", 1, Duration::from_secs(30)));
+        // The successor waits before the session exists: the old VMM is told to wait for it.
+        let mut seen = (false, false);
+        for _ in 0..200 {
+            old.create_session("p").ok();
+            seen = old.wait_successor("p", Duration::from_millis(10)).unwrap();
+            if seen.0 {
+                break;
+            }
+        }
+
+        let ram = memfd_with(b"ram");
+        old.preserve("p", ram.as_fd(), 1).unwrap();
+        let waited = waiter.join().unwrap();
+
+        assert_eq!(seen, (true, false), "a waiting successor, not ready yet");
+        waited.unwrap();
+    }
+
+    #[test]
+    fn wait_prepared_times_out_with_no_such_session() {
+        let agent = start_agent();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+
+        let error = successor
+            .wait_prepared("never", 1, Duration::from_millis(20))
+            .unwrap_err();
+
+        assert_eq!(error.kind(), Some(ErrorKind::NoSuchSession));
     }
 
     #[test]

@@ -49,9 +49,10 @@ const WAIT_REPORT: Duration = Duration::from_secs(10);
 /// How often a successor started ahead looks for guest RAM in an outgoing session that exists
 /// (the old VMM is preparing it).
 const HANDOVER_POLL: Duration = Duration::from_micros(200);
-/// How often, at most, it looks while there is no such session yet: the wait doubles up to
-/// this, so successors waiting for their update do not keep the agent busy (each look is two
-/// requests). It only delays the old VMM's wait for the successor, with the guest running.
+/// How often, at most, it looks while there is no such session yet, with an agent that cannot
+/// wait for it (`wait_prepared`): the wait doubles up to this, so successors waiting for their
+/// update do not keep the agent busy (each look is two requests). It only delays the old VMM's
+/// wait for the successor, with the guest running.
 const HANDOVER_POLL_IDLE: Duration = Duration::from_millis(20);
 
 /// Why a live update or a restore failed.
@@ -448,6 +449,8 @@ fn wait_for_handover(
     let deadline = start + wait;
     let mut prebuilt = None;
     let mut peek = true;
+    // Agents before `wait_prepared` answer it `bad_request`: then look again and again.
+    let mut wait_prepared = true;
     let mut idle_poll = HANDOVER_POLL;
     let mut next_report: Option<Instant> = None;
     loop {
@@ -507,6 +510,21 @@ fn wait_for_handover(
                     info!("Guest RAM of session {name:?} mapped ahead of the handover");
                     if let Err(e) = client.successor_ready(name) {
                         warn!("Cannot tell the agent this successor is ready: {e}");
+                    }
+                }
+                // Not created or not prepared yet: the agent answers once it is (or gone).
+                Err(e)
+                    if wait_prepared
+                        && matches!(
+                            e.kind(),
+                            Some(ErrorKind::NoSuchSession | ErrorKind::NoSuchToken)
+                        ) =>
+                {
+                    let wait = (deadline - now).min(Duration::from_secs(1));
+                    match client.wait_prepared(name, RAM_TOKEN, wait) {
+                        Err(e) if e.kind() == Some(ErrorKind::BadRequest) => wait_prepared = false,
+                        // Prepared, or still not (the wait ran out), or gone: look again.
+                        _ => {}
                     }
                 }
                 // Not created yet: look again, less and less often.
