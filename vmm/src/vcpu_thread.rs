@@ -5,8 +5,13 @@
 //! signal, and waits until each thread has parked. The kick is repeated until then, because a
 //! signal that lands just before a thread enters `KVM_RUN` would otherwise be lost and leave it
 //! in a halted guest forever.
+//!
+//! A pause can give each thread work to do on its own vCPU as it parks ([`VcpuSet::pause_with`],
+//! e.g. saving its state), and a set can be started before its vCPUs exist: each thread then
+//! makes its own vCPU ([`VcpuSet::spawn_building`]), so the vCPUs are built side by side.
 
 use std::io;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, Once, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -50,10 +55,188 @@ enum Request {
     Stop,
 }
 
-#[derive(Debug)]
+/// Work a vCPU thread does on its own vCPU as it parks for a pause (see [`VcpuSet::pause_with`]).
+pub type ParkHook = Arc<dyn Fn(u8, &VcpuFd) + Send + Sync>;
+
 struct Control {
     request: Request,
     parked: usize,
+    /// Per thread: out of the guest since the pause was asked (no kick needed any more).
+    stopping: Vec<bool>,
+    on_park: Option<ParkHook>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("request", &self.request)
+            .field("parked", &self.parked)
+            .field("stopping", &self.stopping)
+            .field("on_park", &self.on_park.is_some())
+            .finish()
+    }
+}
+
+/// Makes one vCPU, on the thread that will run it.
+pub type VcpuBuilder<E> = Box<dyn FnOnce() -> Result<VcpuFd, E> + Send>;
+
+/// Why [`PendingVcpus::finish`] failed.
+#[derive(Debug)]
+pub enum BuildError<E> {
+    /// vCPU `index`'s builder failed.
+    Failed(u8, E),
+    /// vCPU `index`'s thread ended without a result (it panicked).
+    Lost(u8),
+}
+
+/// vCPU threads started ahead by [`VcpuSet::spawn_idle`], waiting for their builders.
+pub struct IdleVcpus<E> {
+    // Field order is drop order: the channels go first, so waiting threads end before the set
+    // joins them.
+    jobs: Vec<Sender<VcpuBuilder<E>>>,
+    ready: Vec<Receiver<Result<Arc<Mutex<VcpuFd>>, E>>>,
+    buses: Vec<Sender<Buses>>,
+    set: Option<VcpuSet>,
+    on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+}
+
+impl<E> std::fmt::Debug for IdleVcpus<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleVcpus")
+            .field("threads", &self.jobs.len())
+            .finish()
+    }
+}
+
+impl<E: Send + 'static> IdleVcpus<E> {
+    /// How many threads wait.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether no thread waits.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    fn spawn_one(&mut self) -> io::Result<()> {
+        let Some(set) = self.set.as_mut() else {
+            return Err(io::Error::other("vCPU threads handed on already"));
+        };
+        let index =
+            u8::try_from(set.threads.len()).map_err(|_| io::Error::other("more than 256 vCPUs"))?;
+        let (job_tx, job_rx) = channel::<VcpuBuilder<E>>();
+        let (ready_tx, ready_rx) = channel();
+        let (buses_tx, buses_rx) = channel::<Buses>();
+        let control = set.control.clone();
+        let on_event = self.on_event.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let Ok(builder) = job_rx.recv() else {
+                    return; // not needed after all
+                };
+                let vcpu = match builder() {
+                    Ok(vcpu) => Arc::new(Mutex::new(vcpu)),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if ready_tx.send(Ok(vcpu.clone())).is_err() {
+                    return;
+                }
+                let Ok(buses) = buses_rx.recv() else {
+                    return;
+                };
+                let runner = Runner {
+                    index,
+                    vcpu,
+                    buses,
+                    control,
+                    on_event,
+                };
+                runner.run_loop();
+            })?;
+        set.threads.push(thread);
+        self.jobs.push(job_tx);
+        self.ready.push(ready_rx);
+        self.buses.push(buses_tx);
+        Ok(())
+    }
+
+    /// Gives thread `i` builder `i` (starting more threads if fewer wait; ending those left
+    /// over); they make their vCPUs side by side while the caller goes on.
+    pub fn build(mut self, builders: Vec<VcpuBuilder<E>>) -> io::Result<PendingVcpus<E>> {
+        while self.jobs.len() < builders.len() {
+            self.spawn_one()?;
+        }
+        let spare = self.jobs.len() - builders.len();
+        for _ in 0..spare {
+            // Dropping its job sender ends the thread; joined with the set.
+            self.jobs.pop();
+            self.ready.pop();
+            self.buses.pop();
+        }
+        for (job, builder) in self.jobs.iter().zip(builders) {
+            if job.send(builder).is_err() {
+                return Err(io::Error::other(
+                    "a vCPU thread ended before its builder came",
+                ));
+            }
+        }
+        let Some(mut set) = self.set.take() else {
+            return Err(io::Error::other("vCPU threads handed on already"));
+        };
+        // The spare threads end on their own (their jobs are gone); join them now.
+        for thread in set.threads.drain(self.ready.len()..) {
+            if thread.join().is_err() {
+                error!("A spare vCPU thread panicked");
+            }
+        }
+        Ok(PendingVcpus {
+            ready: std::mem::take(&mut self.ready),
+            buses: std::mem::take(&mut self.buses),
+            set: Some(set),
+        })
+    }
+}
+
+/// vCPU threads started by [`VcpuSet::spawn_building`] or [`IdleVcpus::build`], still making
+/// their vCPUs.
+#[derive(Debug)]
+pub struct PendingVcpus<E> {
+    // Field order is drop order: the bus senders go first, so threads waiting for their buses
+    // end before the set joins them.
+    ready: Vec<Receiver<Result<Arc<Mutex<VcpuFd>>, E>>>,
+    buses: Vec<Sender<Buses>>,
+    /// Taken by `finish`; dropped otherwise, which stops and joins the threads.
+    set: Option<VcpuSet>,
+}
+
+impl<E> PendingVcpus<E> {
+    /// Waits until every thread has made its vCPU, then lets them take their exits to `buses`.
+    /// The set is paused: [`VcpuSet::resume`] runs it. On failure every thread is stopped.
+    pub fn finish(mut self, buses: &Buses) -> Result<VcpuSet, BuildError<E>> {
+        let mut vcpus = Vec::with_capacity(self.ready.len());
+        for (index, ready) in (0u8..).zip(&self.ready) {
+            match ready.recv() {
+                Ok(Ok(vcpu)) => vcpus.push(vcpu),
+                // Dropping `self` drops the bus senders: the other threads end, `set` joins them.
+                Ok(Err(e)) => return Err(BuildError::Failed(index, e)),
+                Err(_) => return Err(BuildError::Lost(index)),
+            }
+        }
+        for sender in &self.buses {
+            // A thread that is gone shows up as a stopped vCPU, as after any failure.
+            let _ = sender.send(buses.clone());
+        }
+        let Some(mut set) = self.set.take() else {
+            return Err(BuildError::Lost(0));
+        };
+        set.vcpus = vcpus;
+        Ok(set)
+    }
 }
 
 /// Runs, pauses and stops a set of vCPU threads.
@@ -87,20 +270,9 @@ impl VcpuSet {
         buses: &Buses,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
     ) -> io::Result<Self> {
-        install_kick_handler()?;
-        let control = Arc::new((
-            Mutex::new(Control {
-                request: Request::Pause,
-                parked: 0,
-            }),
-            Condvar::new(),
-        ));
+        let mut set = Self::empty()?;
         let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
-        let mut set = Self {
-            control,
-            threads: Vec::new(),
-            vcpus: vcpus.clone(),
-        };
+        set.vcpus = vcpus.clone();
         for (index, vcpu) in (0u8..).zip(vcpus) {
             let runner = Runner {
                 index,
@@ -121,6 +293,55 @@ impl VcpuSet {
             }
         }
         Ok(set)
+    }
+
+    /// A set with no threads yet, paused.
+    fn empty() -> io::Result<Self> {
+        install_kick_handler()?;
+        let control = Arc::new((
+            Mutex::new(Control {
+                request: Request::Pause,
+                parked: 0,
+                stopping: Vec::new(),
+                on_park: None,
+            }),
+            Condvar::new(),
+        ));
+        Ok(Self {
+            control,
+            threads: Vec::new(),
+            vcpus: Vec::new(),
+        })
+    }
+
+    /// Starts one thread per builder; thread `i` runs builder `i` to make vCPU `i`, so the vCPUs
+    /// are made side by side while the caller goes on (e.g. building the devices). Then
+    /// [`PendingVcpus::finish`] gives them their buses.
+    pub fn spawn_building<E: Send + 'static>(
+        builders: Vec<VcpuBuilder<E>>,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    ) -> io::Result<PendingVcpus<E>> {
+        Self::spawn_idle(builders.len(), on_event)?.build(builders)
+    }
+
+    /// Starts `count` vCPU threads that wait for their builders ([`IdleVcpus::build`]): started
+    /// ahead, so that starting threads is not part of a live update's pause.
+    pub fn spawn_idle<E: Send + 'static>(
+        count: usize,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    ) -> io::Result<IdleVcpus<E>> {
+        let set = Self::empty()?;
+        let mut idle = IdleVcpus {
+            jobs: Vec::new(),
+            ready: Vec::new(),
+            buses: Vec::new(),
+            set: Some(set),
+            on_event,
+        };
+        for _ in 0..count {
+            idle.spawn_one()?;
+        }
+        Ok(idle)
     }
 
     /// The vCPU file descriptors, to read or write state while the set is paused.
@@ -148,6 +369,20 @@ impl VcpuSet {
         self.wait_parked();
     }
 
+    /// Like [`VcpuSet::pause`], and each thread that was running calls `hook` with its index
+    /// and vCPU as it parks, on its own thread, before the pause returns. Threads parked
+    /// already (a set that was paused, or stopped after a failure) do not call it.
+    pub fn pause_with(&self, hook: ParkHook) {
+        let (m, _) = &*self.control;
+        {
+            let mut control = lock(m);
+            control.on_park = Some(hook);
+            control.request = Request::Pause;
+        }
+        self.wait_parked();
+        lock(m).on_park = None;
+    }
+
     fn wait_parked(&self) {
         let (m, cv) = &*self.control;
         let mut control = lock(m);
@@ -164,7 +399,12 @@ impl VcpuSet {
     }
 
     fn kick_all(&self) {
-        for thread in &self.threads {
+        let stopping = lock(&self.control.0).stopping.clone();
+        for (index, thread) in self.threads.iter().enumerate() {
+            // A thread out of the guest already needs no signal (it would only wake it up).
+            if stopping.get(index).copied().unwrap_or(false) {
+                continue;
+            }
             if !thread.is_finished()
                 && let Err(e) = thread.kill(kick_signal())
             {
@@ -235,6 +475,17 @@ impl Runner {
         let (m, cv) = &*self.control;
         let mut control = lock(m);
         if control.request == Request::Pause {
+            let index = usize::from(self.index);
+            if control.stopping.len() <= index {
+                control.stopping.resize(index + 1, false);
+            }
+            control.stopping[index] = true;
+            if let Some(hook) = control.on_park.clone() {
+                // Outside the lock: the other threads run their hooks meanwhile.
+                drop(control);
+                hook(self.index, &lock(&self.vcpu));
+                control = lock(m);
+            }
             control.parked += 1;
             cv.notify_all();
             while control.request == Request::Pause {
@@ -243,6 +494,7 @@ impl Runner {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             control.parked -= 1;
+            control.stopping[index] = false;
         }
         control.request == Request::Run
     }
@@ -491,6 +743,144 @@ mod tests {
             (0x1000..0x1003).contains(&rip),
             "rip {rip:#x} outside the halt loop"
         );
+    }
+
+    #[test]
+    fn pause_with_runs_the_hook_on_the_vcpu_thread_before_it_returns() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (set, _vm, _ram) = start_looping_guest(count.clone());
+        set.resume();
+        wait_for_count_above(&count, 10);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+
+        let record = seen.clone();
+        set.pause_with(Arc::new(move |index, vcpu: &VcpuFd| {
+            let thread = std::thread::current().name().map(String::from);
+            lock(&record).push((index, thread, vcpu.get_regs().unwrap().rip));
+        }));
+
+        let seen = lock(&seen).clone();
+        assert_eq!(seen.len(), 1, "hook calls: {seen:?}");
+        assert_eq!((seen[0].0, seen[0].1.as_deref()), (0, Some("vcpu0")));
+        assert!(
+            (0x1000..0x1006).contains(&seen[0].2),
+            "rip {:#x}",
+            seen[0].2
+        );
+    }
+
+    #[test]
+    fn a_set_paused_already_does_not_call_the_park_hook() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (set, _vm, _ram) = start_looping_guest(count.clone());
+        set.pause(); // the thread has parked
+        let calls = Arc::new(AtomicU64::new(0));
+
+        let counter = calls.clone();
+        set.pause_with(Arc::new(move |_, _: &VcpuFd| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    /// A builder that makes vCPU 0 of `vm` running the port loop, noting its thread's name.
+    fn loop_builder(
+        vm: &Arc<kvm_ioctls::VmFd>,
+        names: &Arc<Mutex<Vec<String>>>,
+    ) -> VcpuBuilder<String> {
+        let (vm, names) = (vm.clone(), names.clone());
+        Box::new(move || {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            lock(&names).push(name);
+            let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+            let mut sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+            vcpu.set_sregs(&sregs).map_err(|e| e.to_string())?;
+            let mut regs = vcpu.get_regs().map_err(|e| e.to_string())?;
+            regs.rip = 0x1000;
+            regs.rflags = 2;
+            vcpu.set_regs(&regs).map_err(|e| e.to_string())?;
+            Ok(vcpu)
+        })
+    }
+
+    fn looping_vm(count: Arc<AtomicU64>) -> (Arc<kvm_ioctls::VmFd>, GuestRam, Buses) {
+        let kvm = Kvm::new().expect("needs /dev/kvm (load kvm_intel or kvm_amd, run as root)");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut code = LOOP_CODE.to_vec();
+        code.push(0xfa);
+        ram.memory()
+            .write_slice(&code, GuestAddress(0x1000))
+            .unwrap();
+        ram.register(&vm).unwrap();
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(PortCounter(count))), 0x10, 1)
+            .unwrap();
+        let buses = Buses {
+            pio: Arc::new(RwLock::new(pio)),
+            mmio: Arc::new(RwLock::new(Bus::new())),
+        };
+        (vm, ram, buses)
+    }
+
+    #[test]
+    fn vcpus_built_on_their_own_threads_run_after_finish_and_resume() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count.clone());
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let pending =
+            VcpuSet::spawn_building(vec![loop_builder(&vm, &names)], Arc::new(|_| {})).unwrap();
+
+        let set = pending.finish(&buses).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let before_resume = count.load(Ordering::SeqCst);
+        set.resume();
+
+        assert_eq!(before_resume, 0);
+        assert_eq!(*lock(&names), vec!["vcpu0".to_string()]);
+        assert_eq!(set.vcpus().len(), 1);
+        wait_for_count_above(&count, 100);
+    }
+
+    #[test]
+    fn threads_started_ahead_make_their_vcpus_once_given_builders_and_spares_end() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count.clone());
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let idle = VcpuSet::spawn_idle::<String>(3, Arc::new(|_| {})).unwrap();
+        let waiting = idle.len();
+
+        let pending = idle.build(vec![loop_builder(&vm, &names)]).unwrap();
+        let set = pending.finish(&buses).unwrap();
+        set.resume();
+
+        assert_eq!(waiting, 3);
+        assert_eq!(*lock(&names), vec!["vcpu0".to_string()]);
+        assert_eq!((set.vcpus().len(), set.threads.len()), (1, 1));
+        wait_for_count_above(&count, 100);
+    }
+
+    #[test]
+    fn a_failing_builder_fails_finish_with_its_index_and_error() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count);
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let failing: VcpuBuilder<String> = Box::new(|| Err("no state".to_string()));
+        let pending =
+            VcpuSet::spawn_building(vec![loop_builder(&vm, &names), failing], Arc::new(|_| {}))
+                .unwrap();
+
+        let result = pending.finish(&buses);
+
+        match result {
+            Err(BuildError::Failed(index, why)) => {
+                assert_eq!((index, why.as_str()), (1, "no state"))
+            }
+            other => panic!("expected vCPU 1 to fail, got {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]

@@ -20,8 +20,9 @@ use super::protocol::{self, ErrorKind, MAX_WAIT_MS, ProtocolError, Request, Resp
 use super::state::AgentState;
 use super::{AgentError, sys};
 
-/// Most simultaneous connections; more are answered with a `busy` error and closed.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Most simultaneous connections; more are answered with a `busy` error and closed. A host
+/// updating all its VMs at once has two per VM (the old VMM's and its successor's).
+pub const MAX_CONNECTIONS: usize = 256;
 /// Once a message has started, the rest must arrive within this time.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -552,6 +553,20 @@ impl Shared {
                     !state.successor_pending(name)
                 }))
             }
+            Request::WaitPrepared {
+                name,
+                token,
+                timeout_ms,
+            } => {
+                // Noted before the wait: the old VMM then waits for this successor.
+                state.note_successor(name);
+                Some((*timeout_ms, &move |state: &AgentState| {
+                    state.is_kernel_mode()
+                        || state.holds_file(name, *token)
+                        || state.is_handed_over(name)
+                        || state.has_ended(name)
+                }))
+            }
             _ => None,
         };
         if let Some((timeout_ms, done)) = wait {
@@ -568,8 +583,14 @@ impl Shared {
                     .0;
             }
         }
+        // Waiters wait for something to become true that only a changing request makes true:
+        // read-only ones wake nobody (with many VMs at once, every waiting VMM's connection
+        // thread would wake up for each successor's look at its session).
+        let wakes = may_wake_waiters(&request);
         let answer = state.handle(request, uid, fd);
-        self.after_change(&state);
+        if wakes {
+            self.after_change(&state);
+        }
         match (kernel_handover, answer) {
             (Some(name), (Response::Ok, None)) => (self.hold_handover(state, &name), None),
             (_, answer) => answer,
@@ -651,6 +672,25 @@ impl Shared {
         self.after_change(&state);
         Response::Error(error)
     }
+}
+
+/// Whether `request` can make true what a `wait_handover` or `wait_successor` waits for (a
+/// session handed over or gone, a successor ready, a file preserved). Looks (a peek only marks
+/// a successor as waiting, which no waiter waits for), reads and waits cannot; a session a dead creator left is
+/// dropped with its own wake-up (`Shared::creator_disconnected`).
+fn may_wake_waiters(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Ping
+            | Request::KexecStatus
+            | Request::List
+            | Request::Peek { .. }
+            | Request::WaitHandover { .. }
+            | Request::WaitSuccessor { .. }
+            | Request::WaitPrepared { .. }
+            | Request::RetrieveFd { .. }
+            | Request::RetrieveAttachment { .. }
+    )
 }
 
 fn serve_connection(stream: &UnixStream, state: &Shared) {
@@ -1057,6 +1097,43 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn wait_prepared_marks_the_successor_and_returns_once_the_file_is_preserved() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        let waiter =
+            thread::spawn(move || successor.wait_prepared("p", 1, Duration::from_secs(30)));
+        // The successor waits before the session exists: the old VMM is told to wait for it.
+        let mut seen = (false, false);
+        for _ in 0..200 {
+            old.create_session("p").ok();
+            seen = old.wait_successor("p", Duration::from_millis(10)).unwrap();
+            if seen.0 {
+                break;
+            }
+        }
+
+        let ram = memfd_with(b"ram");
+        old.preserve("p", ram.as_fd(), 1).unwrap();
+        let waited = waiter.join().unwrap();
+
+        assert_eq!(seen, (true, false), "a waiting successor, not ready yet");
+        waited.unwrap();
+    }
+
+    #[test]
+    fn wait_prepared_times_out_with_no_such_session() {
+        let agent = start_agent();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+
+        let error = successor
+            .wait_prepared("never", 1, Duration::from_millis(20))
+            .unwrap_err();
+
+        assert_eq!(error.kind(), Some(ErrorKind::NoSuchSession));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! arrives while it drains), then the interrupt routes and the irqchip, PIT and clock, which
 //! only change while vCPUs or devices run.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use liveupdate::fault::{self, Fault, FaultStep};
@@ -13,7 +15,7 @@ use liveupdate::state::Versioned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::cpu::VcpuState;
+use crate::cpu::{self, CpuError, VcpuState};
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::memory::GuestRam;
 use crate::platform::{self, IrqchipsState};
@@ -175,23 +177,58 @@ impl Versioned for VcpusState {
     const VERSION: u16 = 1;
 }
 
-/// The vCPU set: pausing it starts the guest-visible pause. Each vCPU's state is its own
-/// participant ([`VcpuParticipant`]).
+/// A vCPU's state as its own thread saved it while parking for the pause.
+#[derive(Debug)]
+struct ParkedSave {
+    state: Result<VcpuState, CpuError>,
+    /// Host realtime when the thread left the guest for the pause.
+    stopped_at_ns: u64,
+    /// Host realtime right after its TSC was read.
+    tsc_read_at_ns: u64,
+}
+
+/// What the vCPU threads saved at the pause, shared by the set's and each vCPU's participant.
+#[derive(Debug, Default)]
+pub struct VcpuSaves {
+    parked: Vec<Mutex<Option<ParkedSave>>>,
+    /// Host realtime once every vCPU had stopped (0 before the pause).
+    paused_at_ns: AtomicU64,
+}
+
+impl VcpuSaves {
+    /// Room for `count` vCPUs.
+    pub fn new(count: usize) -> Arc<Self> {
+        Arc::new(Self {
+            parked: (0..count).map(|_| Mutex::new(None)).collect(),
+            paused_at_ns: AtomicU64::new(0),
+        })
+    }
+
+    fn take(&self, index: usize) -> Option<ParkedSave> {
+        self.parked.get(index).and_then(|slot| lock(slot).take())
+    }
+}
+
+/// The vCPU set: pausing it starts the guest-visible pause. Each vCPU thread saves its own
+/// state as it parks (side by side, not one after the other), which each vCPU's participant
+/// ([`VcpuParticipant`]) then hands in.
 #[derive(Debug)]
 pub struct VcpusParticipant<'a> {
     set: &'a VcpuSet,
-    paused_at_ns: u64,
+    msrs: &'static [u32],
+    saves: Arc<VcpuSaves>,
     /// Whether the vCPUs ran before the pause: a VM paused by the user stays paused when the
     /// update is cancelled or a snapshot is done.
     was_running: bool,
 }
 
 impl<'a> VcpusParticipant<'a> {
-    /// The vCPUs of the VM.
-    pub fn new(set: &'a VcpuSet) -> Self {
+    /// The vCPUs of the VM; each saves the MSRs `msrs` into `saves` as it parks.
+    pub fn new(set: &'a VcpuSet, msrs: &'static [u32], saves: Arc<VcpuSaves>) -> Self {
         Self {
             set,
-            paused_at_ns: 0,
+            msrs,
+            saves,
             was_running: false,
         }
     }
@@ -208,14 +245,37 @@ impl Participant for VcpusParticipant<'_> {
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
         self.was_running = self.set.is_running();
-        self.set.pause();
-        self.paused_at_ns = realtime_ns();
+        let (saves, msrs) = (self.saves.clone(), self.msrs);
+        self.set.pause_with(Arc::new(move |index, vcpu| {
+            let stopped_at_ns = realtime_ns();
+            let state = VcpuState::save(vcpu, msrs);
+            let save = ParkedSave {
+                state,
+                stopped_at_ns,
+                tsc_read_at_ns: realtime_ns(),
+            };
+            if let Some(slot) = saves.parked.get(usize::from(index)) {
+                *lock(slot) = Some(save);
+            }
+        }));
+        // The pause starts once every vCPU has stopped: the last thread's stamp (their saves
+        // are inside it), or now when no thread was running.
+        let last_stop = self
+            .saves
+            .parked
+            .iter()
+            .filter_map(|slot| lock(slot).as_ref().map(|s| s.stopped_at_ns))
+            .max();
+        let paused_at_ns = last_stop.unwrap_or_else(realtime_ns);
+        self.saves
+            .paused_at_ns
+            .store(paused_at_ns, Ordering::SeqCst);
         Ok(())
     }
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<VcpusState, ParticipantError> {
         Ok(VcpusState {
             count: self.set.vcpus().len(),
-            paused_at_ns: self.paused_at_ns,
+            paused_at_ns: self.saves.paused_at_ns.load(Ordering::SeqCst),
         })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
@@ -226,18 +286,26 @@ impl Participant for VcpusParticipant<'_> {
     }
 }
 
-/// One vCPU's registers, MSRs, LAPIC and events (paused with the whole set before it).
+/// One vCPU's registers, MSRs, LAPIC and events (paused with the whole set before it, which
+/// had its thread save them).
 #[derive(Debug)]
 pub struct VcpuParticipant<'a> {
     set: &'a VcpuSet,
     index: usize,
     msrs: &'a [u32],
+    saves: Arc<VcpuSaves>,
 }
 
 impl<'a> VcpuParticipant<'a> {
-    /// vCPU `index` of `set`; `msrs` is the list of MSRs to save.
-    pub fn new(set: &'a VcpuSet, index: usize, msrs: &'a [u32]) -> Self {
-        Self { set, index, msrs }
+    /// vCPU `index` of `set`, whose thread saved it into `saves`; `msrs` is the list of MSRs
+    /// to save here if it did not.
+    pub fn new(set: &'a VcpuSet, index: usize, msrs: &'a [u32], saves: Arc<VcpuSaves>) -> Self {
+        Self {
+            set,
+            index,
+            msrs,
+            saves,
+        }
     }
 }
 
@@ -259,7 +327,26 @@ impl Participant for VcpuParticipant<'_> {
             .vcpus()
             .get(self.index)
             .ok_or_else(|| failed(&self.id(), "no such vCPU"))?;
-        VcpuState::save(&lock(vcpu), self.msrs).map_err(|e| failed(&self.id(), e))
+        // A vCPU that was parked already at the pause (a paused VM) is saved here.
+        let saved = match self.saves.take(self.index) {
+            Some(saved) => saved,
+            None => ParkedSave {
+                state: VcpuState::save(&lock(vcpu), self.msrs),
+                stopped_at_ns: 0,
+                tsc_read_at_ns: realtime_ns(),
+            },
+        };
+        let mut state = saved.state.map_err(|e| failed(&self.id(), e))?;
+        // The TSC as of the pause instant, which the successor moves on by the pause.
+        let paused_at_ns = self.saves.paused_at_ns.load(Ordering::SeqCst);
+        let since_pause =
+            i64::try_from(i128::from(saved.tsc_read_at_ns) - i128::from(paused_at_ns)).unwrap_or(0);
+        let khz = state
+            .tsc_khz
+            .or_else(|| lock(vcpu).get_tsc_khz().ok())
+            .unwrap_or(0);
+        cpu::shift_saved_tsc(&mut state, -since_pause, khz);
+        Ok(state)
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())
