@@ -377,6 +377,11 @@ impl Shared {
     /// Wakes waiters and brings the fd store in line with `state`.
     fn after_change(&self, state: &AgentState) {
         self.changed.notify_all();
+        self.sync_store(state);
+    }
+
+    /// Brings the fd store (if any) in line with `state`; nothing is sent when nothing changed.
+    fn sync_store(&self, state: &AgentState) {
         let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(store) = store.as_mut()
             && let Err(e) = store.sync(state)
@@ -585,11 +590,15 @@ impl Shared {
         }
         // Waiters wait for something to become true that only a changing request makes true:
         // read-only ones wake nobody (with many VMs at once, every waiting VMM's connection
-        // thread would wake up for each successor's look at its session).
+        // thread would wake up for each successor's look at its session). The fd store follows
+        // every request all the same: a retrieve records the file it took from the session, and
+        // any request may drop sessions whose creator died.
         let wakes = may_wake_waiters(&request);
         let answer = state.handle(request, uid, fd);
         if wakes {
             self.after_change(&state);
+        } else {
+            self.sync_store(&state);
         }
         match (kernel_handover, answer) {
             (Some(name), (Response::Ok, None)) => (self.hold_handover(state, &name), None),
@@ -674,10 +683,11 @@ impl Shared {
     }
 }
 
-/// Whether `request` can make true what a `wait_handover` or `wait_successor` waits for (a
-/// session handed over or gone, a successor ready, a file preserved). Looks (a peek only marks
-/// a successor as waiting, which no waiter waits for), reads and waits cannot; a session a dead creator left is
-/// dropped with its own wake-up (`Shared::creator_disconnected`).
+/// Whether `request` can make true what a `wait_handover`, `wait_successor` or `wait_prepared`
+/// waits for (a session handed over or gone, a successor ready, a file preserved). Looks (a
+/// peek only marks a successor as waiting, which no waiter waits for), reads and waits cannot;
+/// a session a dead creator left is dropped with its own wake-up
+/// (`Shared::creator_disconnected`).
 fn may_wake_waiters(request: &Request) -> bool {
     !matches!(
         request,
@@ -822,6 +832,22 @@ mod tests {
         let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
         let path = dir.as_path().join("luod.sock");
         let server = AgentServer::bind(&path, 0o600, state).unwrap();
+        let shutdown = server.shutdown_handle();
+        let thread = thread::spawn(move || server.run().unwrap());
+        Agent {
+            _dir: dir,
+            path,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    /// An agent that keeps its sessions in `sink`, as under systemd's fd store.
+    fn start_agent_in_store(sink: Collect) -> Agent {
+        let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
+        let path = dir.as_path().join("luod.sock");
+        let server = AgentServer::bind(&path, 0o600, restart_state()).unwrap();
+        server.keep_in_store(Box::new(sink), None).unwrap();
         let shutdown = server.shutdown_handle();
         let thread = thread::spawn(move || server.run().unwrap());
         Agent {
@@ -1076,6 +1102,31 @@ mod tests {
         assert_eq!(first.metadata().unwrap().len(), 4096);
         assert_eq!(&byte, b"y");
         assert_eq!(after_finish.kind(), Some(ErrorKind::NoSuchSession));
+    }
+
+    #[test]
+    fn a_retrieved_file_is_in_the_fd_store_when_its_retrieve_is_answered() {
+        let sink = Collect::default();
+        let agent = start_agent_in_store(sink.clone());
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let ram = memfd_with(b"ram");
+        old.create_session("vm").unwrap();
+        old.preserve("vm", ram.as_fd(), 1).unwrap();
+        old.handover("vm").unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        successor.retrieve_session("vm").unwrap();
+
+        let retrieved = successor.retrieve_fd("vm", 1);
+
+        retrieved.unwrap();
+        let rebuilt = crate::agent::fdstore::rebuild(sink.take()).unwrap();
+        let session = rebuilt
+            .sessions
+            .iter()
+            .find(|s| s.record.name == "vm")
+            .expect("the session is in the store");
+        assert_eq!(session.record.tokens, vec![1]);
+        assert!(session.files.contains_key(&1), "{:?}", session.record);
     }
 
     #[test]
