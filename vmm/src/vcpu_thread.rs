@@ -7,8 +7,10 @@
 //! in a halted guest forever.
 //!
 //! A pause can give each thread work to do on its own vCPU as it parks ([`VcpuSet::pause_with`],
-//! e.g. saving its state), and a set can be started before its vCPUs exist: each thread then
-//! makes its own vCPU ([`VcpuSet::spawn_building`]), so the vCPUs are built side by side.
+//! e.g. noting when it stopped), and a paused set can have each parked thread work on its own
+//! vCPU side by side ([`VcpuSet::run_parked`], e.g. saving its state once nothing else can
+//! change it). A set can be started before its vCPUs exist: each thread then makes its own
+//! vCPU ([`VcpuSet::spawn_building`]), so the vCPUs are built side by side.
 
 use std::io;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -55,15 +57,39 @@ enum Request {
     Stop,
 }
 
-/// Work a vCPU thread does on its own vCPU as it parks for a pause (see [`VcpuSet::pause_with`]).
+/// Work a vCPU thread does on its own vCPU as it parks for a pause (see [`VcpuSet::pause_with`])
+/// or while it is parked (see [`VcpuSet::run_parked`]).
 pub type ParkHook = Arc<dyn Fn(u8, &VcpuFd) + Send + Sync>;
+
+/// Work for the parked threads, given by [`VcpuSet::run_parked`].
+struct ParkedTask {
+    hook: ParkHook,
+    /// Per thread: still to run `hook`.
+    pending: Vec<bool>,
+    /// Per thread: ran it.
+    done: Vec<bool>,
+}
+
+impl ParkedTask {
+    /// Thread `index` is through with the task, having run it or not.
+    fn finish(&mut self, index: usize, ran: bool) {
+        if let Some(pending) = self.pending.get_mut(index) {
+            *pending = false;
+        }
+        if let Some(done) = self.done.get_mut(index) {
+            *done |= ran;
+        }
+    }
+}
 
 struct Control {
     request: Request,
     parked: usize,
-    /// Per thread: out of the guest since the pause was asked (no kick needed any more).
+    /// Per thread: out of the guest since the pause was asked (no kick needed any more), and
+    /// parked for the pause (or about to park) until it ends.
     stopping: Vec<bool>,
     on_park: Option<ParkHook>,
+    task: Option<ParkedTask>,
 }
 
 impl std::fmt::Debug for Control {
@@ -73,6 +99,7 @@ impl std::fmt::Debug for Control {
             .field("parked", &self.parked)
             .field("stopping", &self.stopping)
             .field("on_park", &self.on_park.is_some())
+            .field("task", &self.task.as_ref().map(|t| &t.pending))
             .finish()
     }
 }
@@ -304,6 +331,7 @@ impl VcpuSet {
                 parked: 0,
                 stopping: Vec::new(),
                 on_park: None,
+                task: None,
             }),
             Condvar::new(),
         ));
@@ -381,6 +409,41 @@ impl VcpuSet {
         }
         self.wait_parked();
         lock(m).on_park = None;
+    }
+
+    /// Has each thread parked for a pause call `hook` with its index and vCPU, on its own
+    /// thread, side by side, and returns once all have: per thread, whether it did. A thread
+    /// that is not parked for a pause (the set is not paused, or the thread stopped after a
+    /// failure or ended) does not.
+    pub fn run_parked(&self, hook: ParkHook) -> Vec<bool> {
+        let (m, cv) = &*self.control;
+        let mut control = lock(m);
+        let mut pending = vec![false; self.threads.len()];
+        if control.request == Request::Pause {
+            for (slot, stopping) in pending.iter_mut().zip(&control.stopping) {
+                *slot = *stopping;
+            }
+        }
+        control.task = Some(ParkedTask {
+            hook,
+            done: vec![false; pending.len()],
+            pending,
+        });
+        cv.notify_all();
+        while control
+            .task
+            .as_ref()
+            .is_some_and(|task| task.pending.contains(&true))
+        {
+            control = cv
+                .wait(control)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        control
+            .task
+            .take()
+            .map(|task| task.done)
+            .unwrap_or_default()
     }
 
     fn wait_parked(&self) {
@@ -489,12 +552,33 @@ impl Runner {
             control.parked += 1;
             cv.notify_all();
             while control.request == Request::Pause {
+                let hook = control
+                    .task
+                    .as_ref()
+                    .filter(|task| task.pending.get(index) == Some(&true))
+                    .map(|task| task.hook.clone());
+                if let Some(hook) = hook {
+                    // Outside the lock: the other parked threads run it meanwhile.
+                    drop(control);
+                    hook(self.index, &lock(&self.vcpu));
+                    control = lock(m);
+                    if let Some(task) = control.task.as_mut() {
+                        task.finish(index, true);
+                    }
+                    cv.notify_all();
+                    continue;
+                }
                 control = cv
                     .wait(control)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             control.parked -= 1;
             control.stopping[index] = false;
+            // Leaving the pause (resumed or stopped) ends any work still asked of this thread.
+            if let Some(task) = control.task.as_mut() {
+                task.finish(index, false);
+                cv.notify_all();
+            }
         }
         control.request == Request::Run
     }
@@ -782,6 +866,56 @@ mod tests {
         }));
 
         assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn run_parked_has_each_parked_thread_run_the_hook_on_its_own_vcpu() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (set, _vm, _ram) = start_looping_guest(count.clone());
+        set.resume();
+        wait_for_count_above(&count, 10);
+        set.pause();
+        let at_pause = count.load(Ordering::SeqCst);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+
+        let record = seen.clone();
+        let ran = set.run_parked(Arc::new(move |index, vcpu: &VcpuFd| {
+            let thread = std::thread::current().name().map(String::from);
+            lock(&record).push((index, thread, vcpu.get_regs().unwrap().rip));
+        }));
+
+        let seen = lock(&seen).clone();
+        assert_eq!(ran, vec![true]);
+        assert_eq!(seen.len(), 1, "hook calls: {seen:?}");
+        assert_eq!((seen[0].0, seen[0].1.as_deref()), (0, Some("vcpu0")));
+        assert!(
+            (0x1000..0x1006).contains(&seen[0].2),
+            "rip {:#x}",
+            seen[0].2
+        );
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            at_pause,
+            "the guest ran meanwhile"
+        );
+    }
+
+    #[test]
+    fn run_parked_runs_nothing_on_a_running_set_and_the_set_runs_on() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (set, _vm, _ram) = start_looping_guest(count.clone());
+        set.resume();
+        let before = wait_for_count_above(&count, 10);
+        let calls = Arc::new(AtomicU64::new(0));
+
+        let counter = calls.clone();
+        let ran = set.run_parked(Arc::new(move |_, _: &VcpuFd| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+
+        assert_eq!(ran, vec![false]);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        wait_for_count_above(&count, before);
     }
 
     /// A builder that makes vCPU 0 of `vm` running the port loop, noting its thread's name.
