@@ -510,21 +510,37 @@ struct Runner {
 impl Runner {
     fn run_loop(self) {
         confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
+        // Whether the last exit was a port or MMIO access, which KVM finishes on the next
+        // KVM_RUN only.
+        let mut io_pending = false;
         loop {
-            if !self.wait_for_run() {
+            if !self.wait_for_run(&mut io_pending) {
                 return;
             }
             let mut vcpu = lock(&self.vcpu);
             let outcome = match vcpu.run() {
-                Ok(exit) => self.handle_exit(exit),
+                Ok(exit) => {
+                    io_pending = matches!(
+                        exit,
+                        VcpuExit::IoIn(..)
+                            | VcpuExit::IoOut(..)
+                            | VcpuExit::MmioRead(..)
+                            | VcpuExit::MmioWrite(..)
+                    );
+                    self.handle_exit(exit)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    io_pending = false;
                     vcpu.set_kvm_immediate_exit(0);
                     Ok(())
                 }
-                Err(e) => Err(VcpuEvent::Failed {
-                    vcpu: self.index,
-                    reason: format!("KVM_RUN failed: {e}"),
-                }),
+                Err(e) => {
+                    io_pending = false;
+                    Err(VcpuEvent::Failed {
+                        vcpu: self.index,
+                        reason: format!("KVM_RUN failed: {e}"),
+                    })
+                }
             };
             drop(vcpu);
             if let Err(event) = outcome {
@@ -533,8 +549,9 @@ impl Runner {
         }
     }
 
-    /// Parks while a pause is requested. Returns false when the thread must stop.
-    fn wait_for_run(&self) -> bool {
+    /// Parks while a pause is requested, after completing the port or MMIO access of the last
+    /// exit if `io_pending`. Returns false when the thread must stop.
+    fn wait_for_run(&self, io_pending: &mut bool) -> bool {
         let (m, cv) = &*self.control;
         let mut control = lock(m);
         if control.request == Request::Pause {
@@ -543,6 +560,11 @@ impl Runner {
                 control.stopping.resize(index + 1, false);
             }
             control.stopping[index] = true;
+            if std::mem::take(io_pending) {
+                drop(control);
+                self.complete_io();
+                control = lock(m);
+            }
             if let Some(hook) = control.on_park.clone() {
                 // Outside the lock: the other threads run their hooks meanwhile.
                 drop(control);
@@ -581,6 +603,21 @@ impl Runner {
             }
         }
         control.request == Request::Run
+    }
+
+    /// Completes the access of the last exit without entering the guest (KVM_RUN with
+    /// `immediate_exit`): KVM stores a port or MMIO read's value and moves past the instruction
+    /// only then, so a state read before would repeat the access, or lose what it read.
+    fn complete_io(&self) {
+        let mut vcpu = lock(&self.vcpu);
+        vcpu.set_kvm_immediate_exit(1);
+        let result = vcpu.run().map(|_| ());
+        vcpu.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => warn!("vcpu{}: cannot complete its last I/O: {e}", self.index),
+            Ok(()) => warn!("vcpu{}: an exit while completing its last I/O", self.index),
+        }
     }
 
     /// Reports `event` and parks until the control loop decides (it pauses or stops the set).
@@ -699,6 +736,20 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
+
+    /// Answers each read of its port with the next number (1, 2, ...), counting them.
+    struct PortSource(Arc<AtomicU64>);
+
+    impl BusDevice for PortSource {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            let served = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            data.fill(served.to_le_bytes()[0]);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    /// A real-mode guest that reads port 0x10 forever: `in al, 0x10; jmp $-2`.
+    const READ_LOOP_CODE: [u8; 4] = [0xe4, 0x10, 0xeb, 0xfc];
 
     /// A real-mode guest that writes to port 0x10 forever: `out 0x10, al; inc al; jmp $-4`.
     const LOOP_CODE: [u8; 5] = [0xe6, 0x10, 0xfe, 0xc0, 0xeb];
@@ -866,6 +917,34 @@ mod tests {
         }));
 
         assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_port_read_the_vcpu_stopped_on_is_complete_in_its_paused_state() {
+        let served = Arc::new(AtomicU64::new(0));
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(PortSource(served.clone()))), 0x10, 1)
+            .unwrap();
+        let (set, _vm, _ram) = start_real_mode_guest(&READ_LOOP_CODE, false, pio);
+        set.resume();
+        let mut floor = wait_for_count_above(&served, 10);
+
+        // Nearly every pause lands right after a port read exit, before KVM has stored the
+        // value: the paused state must hold the last value the device gave.
+        let mut states = Vec::new();
+        for _ in 0..20 {
+            set.pause();
+            let rax = lock(&set.vcpus()[0]).get_regs().unwrap().rax;
+            states.push((rax & 0xff, served.load(Ordering::SeqCst) & 0xff));
+            set.resume();
+            floor = wait_for_count_above(&served, floor + 10);
+        }
+
+        let lost: Vec<_> = states.iter().filter(|(al, last)| al != last).collect();
+        assert!(
+            lost.is_empty(),
+            "(AL, last value read) when paused: {lost:?}"
+        );
     }
 
     #[test]
