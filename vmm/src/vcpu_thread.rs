@@ -4,7 +4,9 @@
 //! handshake: the controller sets the request, kicks every thread out of `KVM_RUN` with a
 //! signal, and waits until each thread has parked. The kick is repeated until then, because a
 //! signal that lands just before a thread enters `KVM_RUN` would otherwise be lost and leave it
-//! in a halted guest forever.
+//! in a halted guest forever. A thread that stops right after a port or MMIO exit first has
+//! KVM finish that access (which it does only on the next `KVM_RUN`), so the state of a paused
+//! vCPU is whole.
 //!
 //! A pause can give each thread work to do on its own vCPU as it parks ([`VcpuSet::pause_with`],
 //! e.g. noting when it stopped), and a paused set can have each parked thread work on its own
