@@ -568,6 +568,84 @@ fn a_session_name_in_use_is_refused_with_409() {
     );
 }
 
+/// `ch-remote live-update --state-format 0.1.0` writes the state as release 0.1.0 reads it
+/// (the PCI root without placement, version 1): this build's successor reads it through the
+/// upgrade, placing the devices in build order, and the guest runs on.
+#[test]
+fn an_update_written_in_an_earlier_releases_format_runs_on_in_a_successor() {
+    // Arrange: the probe with a disk (so a virtio device must land where it was).
+    require_kvm();
+    let dir = scratch_dir("lu-format");
+    let agent = Agent::start(&dir);
+    let disk = disk_image(&dir);
+    let (mut vmm, _) = boot_old(
+        &agent,
+        &dir.join("old"),
+        2,
+        CMDLINE,
+        &["--disk", &disk],
+        &[],
+    );
+
+    // Act
+    let update = vmm.ch_remote(&[
+        "live-update",
+        "--session",
+        "lu-format",
+        "--state-format",
+        "0.1.0",
+    ]);
+    let old_exit = vmm.wait_exit(EXIT);
+    let before = last_complete_status(&vmm, "blk_err");
+    let successor = VmmProcess::successor(&agent, "lu-format", &dir.join("new"), &["-v"]);
+    let after = statuses_until_blk_progress(&successor, before.get("blk_ok"));
+
+    // Assert
+    assert!(update.status.success(), "{update:?}\n{}", vmm.stderr());
+    assert_eq!(old_exit, Some(0), "{}", vmm.stderr());
+    assert!(
+        successor
+            .stderr()
+            .contains("State of pci/root is of version 1: upgrading to 2"),
+        "the state was not written in 0.1.0's format: {}",
+        successor.stderr()
+    );
+    assert_guest_carried_on(1, 2, &before, &after);
+}
+
+/// A release this build cannot write is a 400 naming the ones it can; nothing was started.
+#[test]
+fn an_unknown_state_format_is_refused_with_400_and_the_guest_runs_on() {
+    require_kvm();
+    let dir = scratch_dir("lu-format-unknown");
+    let agent = Agent::start(&dir);
+    let (vmm, _) = boot_old(
+        &agent,
+        &dir.join("old"),
+        1,
+        "fill=1 status_ms=100",
+        &[],
+        &[],
+    );
+    let body = serde_json::json!({"session": "lu-unknown", "state_format": "0.0.9"}).to_string();
+
+    let refused = vmm.api("PUT", "vm.live-update", Some(&body));
+    let (running_on, _) = statuses(&vmm, vmm.lines().len(), 2, LINE);
+
+    assert_eq!(refused.status, 400, "{:?}", refused.error_messages());
+    let messages = refused.error_messages().join(": ");
+    assert!(
+        messages.contains("state_format \"0.0.9\" is not a release") && messages.contains("0.1.0"),
+        "{messages}"
+    );
+    assert!(
+        running_on[1].get("seq") > running_on[0].get("seq"),
+        "{running_on:?}"
+    );
+    assert_eq!(vmm.vm_state(), "Running");
+    assert!(agent.sessions().is_empty(), "{:?}", agent.sessions());
+}
+
 #[test]
 fn an_agent_upgraded_in_place_between_handover_and_restore_loses_nothing() {
     // Arrange: the old VMM hands the guest over and exits; no successor yet.

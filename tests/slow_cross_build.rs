@@ -1,10 +1,11 @@
 //! A real cross-build live update: the previous release (the last line of `RELEASES`) is built
 //! from git history, and a probe guest running in its VMM is live-updated (restart mode) into
-//! this build's VMM, with errors=0 throughout. The way back is refused: this build saves the
-//! PCI root's state (`pci/root`) at version 2, with every device's placement, which the
-//! release does not read; the release's VMM refuses the state before the VM runs, the session
-//! stays at the agent, and this build's VMM takes the VM over from it. The session agent
-//! stays up across both updates, as on a host whose VMM binaries change under it: once the
+//! this build's VMM and back, with errors=0 throughout. This build saves the PCI root's state
+//! (`pci/root`) at version 2, with every device's placement, which the release does not read:
+//! a way back in this build's format is refused by the release's VMM before the VM runs, the
+//! session stays at the agent, and this build's VMM takes the VM over from it; the way back
+//! with `--state-format <release>` writes version 1 and the release runs the VM. The agent
+//! stays up across every update, as on a host whose VMM binaries change under it: once the
 //! release's agent, once this build's, so the agent protocol is proved compatible both ways.
 //!
 //! The release is built once into `$CHV_CACHE/release-build/<commit>/` (default
@@ -170,12 +171,34 @@ fn assert_carried_on(vmm: &VmmProcess, last_seq: u64, leg: &str) -> u64 {
     after[3].get("seq")
 }
 
-/// Hands the VM of `vmm` to a successor running `program` through session `session`.
-fn update(vmm: VmmProcess, program: &Path, agent: &Agent, session: &str, dir: &Path) -> VmmProcess {
+/// Hands the VM of `vmm` to a successor running `program` through session `session`, the
+/// state written in release `state_format`'s format if given (else the old VMM's own).
+fn update(
+    vmm: VmmProcess,
+    program: &Path,
+    agent: &Agent,
+    session: &str,
+    dir: &Path,
+    state_format: Option<&str>,
+) -> VmmProcess {
     let mut old = vmm;
     let successor =
         VmmProcess::successor_program(program, agent, session, &dir.join(session), &[], &[]);
-    old.live_update(session);
+    match state_format {
+        None => {
+            old.live_update(session);
+        }
+        Some(release) => {
+            let update = old.ch_remote(&[
+                "live-update",
+                "--session",
+                session,
+                "--state-format",
+                release,
+            ]);
+            assert!(update.status.success(), "{update:?}\n{}", old.stderr());
+        }
+    }
     assert_eq!(old.wait_exit(EXIT), Some(0), "{}", old.stderr());
     assert_runs(&successor, program);
     successor
@@ -209,8 +232,9 @@ fn refused_back(
 }
 
 /// Boots the probe in the release's VMM with `agent_program` as the agent, updates it into this
-/// build, then tries the way back: the release refuses, and this build takes the VM again.
-fn forth_and_back(release: &Path, agent_program: &Path, label: &str) {
+/// build, then tries the way back in this build's format: the release refuses it, and this
+/// build takes the VM again; then goes back in the release's format (`version`), errors=0.
+fn forth_and_back(release: &Path, version: &str, agent_program: &Path, label: &str) {
     let current = slow::release_bins().join("cloud-hypervisor");
     let previous = release.join("cloud-hypervisor");
     let dir = scratch_dir(&format!("cross-build-{label}"));
@@ -236,7 +260,7 @@ fn forth_and_back(release: &Path, agent_program: &Path, label: &str) {
     let last = before.get("seq");
 
     // Act: the release's VMM hands the VM to this build's.
-    let vmm = update(vmm, &current, &agent, "forth", &dir);
+    let vmm = update(vmm, &current, &agent, "forth", &dir, None);
     let last = assert_carried_on(&vmm, last, &format!("{label}: release -> this build"));
 
     // Act: and this build's back to the release's, which refuses the newer state; the
@@ -250,16 +274,31 @@ fn forth_and_back(release: &Path, agent_program: &Path, label: &str) {
         refusal.contains(NEWER_THAN_RELEASE) && refusal.contains("newer"),
         "{label}: the release did not refuse {NEWER_THAN_RELEASE} as newer:\n{refusal}"
     );
-    assert_carried_on(
+    let last = assert_carried_on(
         &vmm,
         last,
         &format!("{label}: this build -> release (refused) -> this build"),
+    );
+
+    // Act: this build writes the state as the release reads it, and the release runs the VM.
+    let vmm = update(
+        vmm,
+        &previous,
+        &agent,
+        "back-in-its-format",
+        &dir,
+        Some(version),
+    );
+    assert_carried_on(
+        &vmm,
+        last,
+        &format!("{label}: this build -> release, state_format {version}"),
     );
 }
 
 #[test]
 #[ignore = "slow group: run with cargo test --test slow_cross_build -- --ignored"]
-fn a_vm_moves_from_the_previous_release_into_this_build_and_the_release_refuses_the_way_back() {
+fn a_vm_moves_from_the_previous_release_into_this_build_and_back_in_the_releases_format() {
     require_kvm();
     let (version, commit) = previous_release();
     let release = build_release(&commit);
@@ -268,9 +307,15 @@ fn a_vm_moves_from_the_previous_release_into_this_build_and_the_release_refuses_
         release.display()
     );
 
-    forth_and_back(&release, &release.join("ch-luod"), "release-agent");
     forth_and_back(
         &release,
+        &version,
+        &release.join("ch-luod"),
+        "release-agent",
+    );
+    forth_and_back(
+        &release,
+        &version,
         &slow::release_bins().join("ch-luod"),
         "current-agent",
     );

@@ -2,7 +2,9 @@
 //! into guest RAM while the probe guest runs; a missing server is a clear startup error. A
 //! restart-mode live update hands the connection and the MSI eventfd to the successor: the
 //! server sees no reconnect, the counter runs on through the pause, and the probe, counting
-//! the device's MSIs one by one, takes every interrupt the device raised.
+//! the device's MSIs one by one, takes every interrupt the device raised. A snapshot of a VM
+//! whose device server persists is restored against the same server, the device going on;
+//! without persist it is refused.
 // Integration tests are their own crate: no `cfg(test)` module to hold them.
 #![allow(
     clippy::unwrap_used,
@@ -381,4 +383,132 @@ fn live_update_after_the_server_died_is_refused_and_the_guest_runs_on() {
     assert!(messages.contains("does not answer"), "{messages}");
     assert!(second.get("seq") > first.get("seq"), "{first:?} {second:?}");
     assert_eq!(second.get("errors"), 0, "{second:?}");
+}
+
+/// The snapshot's `vm.snapshot` body, into `dir` (created).
+fn snapshot_into(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    serde_json::json!({ "destination_url": format!("file://{}", dir.display()) }).to_string()
+}
+
+/// A snapshot leaves a device whose server persists with the snapshotted VM, which runs on
+/// with it; a restore in a new VMM (the first one gone) connects to the same server again,
+/// without a reset: the guest carries on from the snapshot and the device goes on, its DMA
+/// reaching the restored guest's RAM and its interrupts raised to the new VMM.
+#[test]
+fn a_vm_with_a_persisting_device_is_snapshotted_and_restored_against_the_same_server() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-snapshot");
+    let mut dev = TestDev::start(&dir, "testdev", &["--persist"]);
+    let device = format!("{},persist=on", dev.arg());
+    let cmdline = format!("{QUICK} userdev=1");
+    let old_dir = dir.join("old");
+    std::fs::create_dir_all(&old_dir).unwrap();
+    let mut old = VmmProcess::probe(1, "128M", &cmdline, &old_dir, &["--user-device", &device]);
+    let (next, _) = old.next_banner(0, BOOT);
+    let (next, _) = next_userdev(&old, next);
+    let (_, at_snapshot) = old.next_status(next, LINE);
+    let snap = dir.join("snap");
+
+    let snapshot = old.api("PUT", "vm.snapshot", Some(&snapshot_into(&snap)));
+    let answered = old.lines().len();
+    let (next, ran_on) = next_userdev(&old, answered);
+    let (_, ran_on_later) = next_userdev(&old, next);
+    let shutdown = old.api("PUT", "vmm.shutdown", None);
+    old.wait_exit(Duration::from_secs(10));
+    let before = last_counted(&old);
+    let restore = format!("source_url=file://{},resume=on", snap.display());
+    let new_dir = dir.join("new");
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let new_socket = new_dir.join("api.sock");
+    let restored = VmmProcess::spawn(
+        &[
+            "--api-socket",
+            new_socket.to_str().unwrap(),
+            "--restore",
+            &restore,
+        ],
+        &new_dir,
+    );
+    let (next, first_status) = restored.next_status(0, LINE);
+    let (next, first) = next_userdev(&restored, next);
+    let (next, second) = next_userdev(&restored, next);
+    let (_, status) = restored.next_status(next, LINE);
+
+    assert_eq!(snapshot.status, 204, "{}", common::messages(&snapshot));
+    assert!(shutdown.is_success(), "{}", common::messages(&shutdown));
+    // The snapshotted VM ran on with its device.
+    assert!(
+        field(&ran_on_later, "counter") > field(&ran_on, "counter"),
+        "{ran_on:?} {ran_on_later:?}"
+    );
+    let context = format!(
+        "{first_status:?} {first:?} {second:?}\n{}",
+        restored.stderr()
+    );
+    assert!(
+        !restored.lines().iter().any(|l| l.contains("probe: start")),
+        "the guest booted again: {context}"
+    );
+    assert!(
+        first_status.get("seq") > at_snapshot.get("seq"),
+        "status lines do not continue from the snapshot ({at_snapshot:?}): {context}"
+    );
+    assert_eq!(status.get("errors"), 0, "{status:?}");
+    // Not reset: the counter goes on from where the server was, past anything the first VM
+    // saw, and the device counts on the interrupts it raises (to the new VMM's eventfd).
+    assert!(
+        field(&first, "counter") > field(&before, "counter"),
+        "{before:?} {context}"
+    );
+    assert!(
+        field(&second, "counter") > field(&first, "counter"),
+        "DMA stopped: {context}"
+    );
+    assert!(
+        field(&second, "irqs") > field(&before, "irqs"),
+        "{before:?} {context}"
+    );
+    assert!(
+        field(&second, "irqs") > field(&first, "irqs"),
+        "interrupts stopped: {context}"
+    );
+    assert_eq!(field(&second, "client"), 2, "one reconnect: {context}");
+    assert!(dev.is_running(), "the server died");
+}
+
+/// A device whose server finds it at power-on for every new client cannot be snapshotted: a
+/// restore would reset it under the guest. The snapshot is refused, naming the device and
+/// what to do, and leaves no file; the guest and the device run on.
+#[test]
+fn a_snapshot_of_a_vm_with_a_device_without_persist_is_refused_and_the_guest_runs_on() {
+    require_kvm();
+    let dir = scratch_dir("vfio-user-snapshot-refused");
+    let dev = TestDev::start(&dir, "testdev", &[]);
+    let cmdline = format!("{QUICK} userdev=1");
+    let vmm = VmmProcess::probe(1, "128M", &cmdline, &dir, &["--user-device", &dev.arg()]);
+    let (next, _) = vmm.next_banner(0, BOOT);
+    let (_, _) = next_userdev(&vmm, next);
+    let snap = dir.join("snap");
+
+    let refused = vmm.api("PUT", "vm.snapshot", Some(&snapshot_into(&snap)));
+    let answered = vmm.lines().len();
+    let (next, first) = next_userdev(&vmm, answered);
+    let (_, second) = next_userdev(&vmm, next);
+
+    assert_eq!(refused.status, 500, "{refused:?}");
+    let messages = common::messages(&refused);
+    assert!(
+        messages.contains("vfio-user/0")
+            && messages.contains(&dev.socket.display().to_string())
+            && messages.contains("add the device with persist=on"),
+        "{messages}"
+    );
+    assert_eq!(std::fs::read_dir(&snap).unwrap().count(), 0, "files left");
+    common::assert_guest_runs_on(&vmm, answered);
+    assert!(
+        field(&second, "counter") > field(&first, "counter"),
+        "{first:?} {second:?}"
+    );
+    assert_eq!(field(&second, "client"), 1, "the server saw a reconnect");
 }

@@ -125,6 +125,13 @@ impl<'a> FileSink<'a> {
         Ok(token)
     }
 
+    /// Whether the host's processes outlive the session (see [`Session::processes_outlive`]):
+    /// a participant whose [`Self::attach`] is refused may then leave its peer process to the
+    /// successor (a snapshot); otherwise a kexec may come and the peer will be gone.
+    pub fn processes_outlive(&self) -> bool {
+        self.session.processes_outlive()
+    }
+
     /// Preserves `fd` under the reserved [`STATE_TOKEN`].
     pub(crate) fn preserve_state(&mut self, fd: BorrowedFd<'_>) -> Result<(), ParticipantError> {
         self.session

@@ -147,6 +147,14 @@ pub trait Session: Send + std::fmt::Debug {
     fn retrieve_attachments(&mut self) -> Result<BTreeMap<Token, OwnedFd>, SessionError> {
         Ok(BTreeMap::new())
     }
+    /// Whether the host's other processes (a device's server, a socket's peer) still run when
+    /// this session is taken up again, so that a participant may leave such a peer to its
+    /// successor to find again instead of handing fds over: true for a session taken up on the
+    /// same running host kernel while its VM runs on meanwhile (a snapshot); false where a kexec
+    /// may come between, which no process outlives (the default: nothing is assumed).
+    fn processes_outlive(&self) -> bool {
+        false
+    }
     /// New descriptors of what keeps this session alive, each under a name its provider's
     /// [`SessionProvider::adopt`] understands (the session agent keeps them in systemd's fd
     /// store and passes them to its successor).

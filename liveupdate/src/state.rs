@@ -328,6 +328,10 @@ impl StateSet {
                 supported: S::VERSION,
             });
         } else {
+            log::info!(
+                "State of {id} is of version {found}: upgrading to {}",
+                S::VERSION
+            );
             S::read_older(found, &envelope.state).ok_or_else(|| StateError::UnknownState {
                 id: id.to_string(),
                 found,

@@ -52,6 +52,10 @@ enum Command {
         /// Name of the live-update session (1 to 63 bytes).
         #[arg(long)]
         session: String,
+        /// Write the state as this earlier release reads it (e.g. 0.1.0), so that release's
+        /// VMM can restore the VM.
+        #[arg(long, value_name = "RELEASE")]
+        state_format: Option<String>,
     },
     /// Add a vfio-user device: to the configuration before boot, or hot-added to the running
     /// VM (prints its id and BDF; the guest is told through ACPI).
@@ -170,10 +174,14 @@ fn call_for(command: &Command) -> anyhow::Result<Call> {
             body: Some(read_config(path.as_deref())?),
             ..Call::new("PUT", "vm.create")
         },
-        Command::LiveUpdate { session } => Call {
-            body: Some(serde_json::to_vec(
-                &serde_json::json!({ "session": session }),
-            )?),
+        Command::LiveUpdate {
+            session,
+            state_format,
+        } => Call {
+            body: Some(serde_json::to_vec(&vmm::api::LiveUpdateConfig {
+                session: session.clone(),
+                state_format: state_format.clone(),
+            })?),
             ..Call::new("PUT", "vm.live-update")
         },
         Command::AddUserDevice { device } => {
@@ -400,6 +408,41 @@ mod tests {
         let error = call_for(&cli.command).unwrap_err();
 
         assert!(format!("{error:#}").contains("/nonexistent.json"));
+    }
+
+    #[test]
+    fn live_update_sends_the_session_and_the_state_format_only_when_given() {
+        let plain = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "live-update",
+            "--session",
+            "vm1",
+        ]);
+        let back = parse(&[
+            "ch-remote",
+            "--api-socket",
+            "s",
+            "live-update",
+            "--session",
+            "vm1",
+            "--state-format",
+            "0.1.0",
+        ]);
+
+        let plain = call_for(&plain.command).unwrap();
+        let back = call_for(&back.command).unwrap();
+
+        assert_eq!((plain.method, plain.endpoint), ("PUT", "vm.live-update"));
+        let body = |call: Call| -> serde_json::Value {
+            serde_json::from_slice(&call.body.unwrap()).unwrap()
+        };
+        assert_eq!(body(plain), serde_json::json!({"session": "vm1"}));
+        assert_eq!(
+            body(back),
+            serde_json::json!({"session": "vm1", "state_format": "0.1.0"})
+        );
     }
 
     #[test]

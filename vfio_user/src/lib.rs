@@ -55,14 +55,19 @@
 //! (`SessionError::AttachmentsUnsupported`): the participant refuses the update in prepare,
 //! before the pause, and the guest runs on.
 //!
-//! **Re-attach, for states from older VMMs** (version 1 of the state, no attachment tokens):
-//! the successor connects again *without* `DEVICE_RESET` ([`VfioUserPciDevice::reattach`]):
-//! the same memfds at the same addresses (`DMA_MAP` of an identical mapping is kept by the
-//! server), a new eventfd through `SET_IRQS` (the server raises the interrupts it missed as
-//! one), the BARs where the guest put them. It needs a server that keeps the device across a
-//! reconnect (`vfio-user-testdev --persist`): the server sees a disconnect, and the interrupt
-//! raised at `SET_IRQS` reaches the guest before its LAPIC is restored (lost, until the next).
-//! A fresh attach (boot, guest reboot, hot-add) always resets the device.
+//! **Re-attach, for snapshots and states from older VMMs** (no attachment tokens): the
+//! successor connects again *without* `DEVICE_RESET` ([`VfioUserPciDevice::reattach`]): its
+//! RAM memfds at the same addresses (`DMA_MAP` of an identical mapping is kept by the server;
+//! the same range from another memfd, a restored snapshot's RAM, replaces the old mapping in
+//! the test device), a new eventfd through `SET_IRQS` (the server raises the interrupts it
+//! missed as one), the BARs where the guest put them. It needs a server that keeps the device
+//! across a reconnect (`vfio-user-testdev --persist`, `persist=on`, see
+//! [`VfioUserPciDevice::set_server_persists`]): the server sees a disconnect, and the
+//! interrupt raised at `SET_IRQS` reaches the guest before its LAPIC is restored (lost, until
+//! the next). A snapshot (a session that takes no attachments but that the host's processes
+//! outlive) saves the state without tokens, for this re-attach, and leaves the device with
+//! the VM, which runs on; a device whose server does not persist is refused. A fresh attach
+//! (boot, guest reboot, hot-add) always resets the device.
 //!
 //! **Kernel mode (kexec)**: the server process does not survive a kexec, and kernel LUO
 //! carries memfds (and, later, iommufd/VFIO), not sockets or eventfds. vfio-user updates are

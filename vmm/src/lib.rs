@@ -19,6 +19,7 @@ pub mod live_update;
 pub mod memory;
 pub mod platform;
 pub mod snapshot;
+pub mod state_format;
 pub(crate) mod sys;
 pub mod vcpu_thread;
 pub mod vm;

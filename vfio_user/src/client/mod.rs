@@ -89,6 +89,9 @@ pub struct VfioUserPciDevice {
     lost: bool,
     /// The connection is being handed to another VMM: nothing may be sent on it.
     handed_over: bool,
+    /// The server keeps the device as it is for its next client (`persist=on`), so another
+    /// VMM may connect again without a reset ([`Self::reattach`]).
+    server_persists: bool,
     dma: Vec<DmaRegionState>,
     /// The BAR and ROM registers (sizing, guest moves).
     bars: BarShadow,
@@ -211,6 +214,7 @@ impl VfioUserPciDevice {
             socket: path.to_path_buf(),
             lost: false,
             handed_over: false,
+            server_persists: false,
             dma,
             bars,
             msi_cap: None,

@@ -3,6 +3,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::Arc;
 
 use devices::interrupt::MsiVectors;
@@ -60,6 +61,7 @@ impl VfioUserPciDevice {
             socket: state.socket.clone(),
             lost: false,
             handed_over: false,
+            server_persists: false,
             dma: state.dma.clone(),
             bars,
             msi_cap: state.msi_cap.map(|offset| MsiShadow::new(offset, None)),
@@ -78,6 +80,23 @@ impl VfioUserPciDevice {
     /// are dropped without a message.
     pub fn set_handed_over(&mut self, handed_over: bool) {
         self.handed_over = handed_over;
+    }
+
+    /// Says whether the server keeps the device as it is for its next client (`persist=on`):
+    /// only then can another VMM take it over by connecting again ([`Self::reattach`]).
+    pub fn set_server_persists(&mut self, persists: bool) {
+        self.server_persists = persists;
+    }
+
+    /// The server's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Whether the server keeps the device for its next client (see
+    /// [`Self::set_server_persists`]).
+    pub fn server_persists(&self) -> bool {
+        self.server_persists
     }
 
     /// The VMM-side state of the device.

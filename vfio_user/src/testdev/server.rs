@@ -180,6 +180,13 @@ impl TestDev {
         if self.already_mapped(offset, address, size, &file) {
             return Ok(());
         }
+        // The same range from another file: a client that took the device over with RAM of
+        // its own (a VMM restored from a snapshot, whose guest RAM is a new memfd). DMA goes
+        // there from now on.
+        if let Ok((rest, _old)) = self.memory.remove_region(GuestAddress(address), size) {
+            log::info!("testdev: DMA region {address:#x}+{size:#x} replaced by another file");
+            self.memory = rest;
+        }
         let size =
             usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let mapping =
@@ -420,6 +427,8 @@ pub fn serve(path: &Path, options: &TestDevOptions) -> Result<(), TestDevError> 
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
     use super::*;
 
     fn dev_with_ram(size: usize) -> TestDev {
@@ -533,6 +542,35 @@ mod tests {
         assert_eq!(after_ack, 2, "the held interrupt is raised on the ack");
         assert_eq!(dev.regs.irq_count, 2, "nothing was due at the second ack");
         assert_eq!(signalled, 16);
+    }
+
+    /// A file of `len` bytes `byte` (standing in for guest RAM), removed from its directory.
+    fn ram_file(name: &str, byte: u8, len: usize) -> File {
+        let path = std::env::temp_dir().join(format!("testdev-{name}-{}", std::process::id()));
+        std::fs::write(&path, vec![byte; len]).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_mapping_of_the_same_range_from_another_file_replaces_the_old_one() {
+        let mut dev = TestDev::default();
+        let old = ram_file("old-ram", 1, 0x1000);
+        let new = ram_file("new-ram", 2, 0x1000);
+        dev.map(0, 0x1000, 0x1000, old.try_clone().unwrap())
+            .unwrap();
+
+        dev.map(0, 0x1000, 0x1000, new.try_clone().unwrap())
+            .unwrap();
+        dev.memory.write_obj(0xabu8, GuestAddress(0x1000)).unwrap();
+
+        let mut byte = [0u8; 1];
+        new.read_exact_at(&mut byte, 0).unwrap();
+        assert_eq!(byte, [0xab], "DMA goes into the new file");
+        old.read_exact_at(&mut byte, 0).unwrap();
+        assert_eq!(byte, [1], "the old file is left alone");
+        assert_eq!(dev.memory.num_regions(), 1);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::config::{
     ConfigError, DeviceConfig, NetConfig, ReceiveMigrationData, SendMigrationData, SnapshotRestore,
     UserDeviceConfig, VmConfig, VmRestoreConfig, VmSnapshotConfig, VsockConfig,
 };
+use crate::state_format::StateFormat;
 
 pub use http::{
     ApiServerError, HttpServer, MAX_BODY_SIZE, READ_TIMEOUT, start_http_server,
@@ -144,6 +145,10 @@ pub struct LiveUpdateConfig {
     /// Name of the live-update session the VM goes into (1 to 63 bytes); the successor restores
     /// it with `--restore source_url=luo://<session>`.
     pub session: String,
+    /// The release whose state format to write (e.g. `"0.1.0"`), so that release's VMM can
+    /// restore the VM; default: this build's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_format: Option<String>,
 }
 
 /// A successful answer.
@@ -304,6 +309,7 @@ fn vm_live_update(body: &[u8]) -> Result<ApiRequest, String> {
     let config: LiveUpdateConfig =
         serde_json::from_slice(body).map_err(|e| format!("Invalid LiveUpdateConfig JSON: {e}"))?;
     liveupdate::session::check_name(&config.session).map_err(|e| e.to_string())?;
+    StateFormat::requested(config.state_format.as_deref()).map_err(|e| e.to_string())?;
     Ok(ApiRequest::VmLiveUpdate(config))
 }
 

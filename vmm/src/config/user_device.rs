@@ -14,7 +14,8 @@ pub struct UserDeviceConfig {
     pub socket: PathBuf,
     /// The server keeps the device running across a reconnect (e.g. `vfio-user-testdev
     /// --persist`). A live update hands the connection over and needs no reconnect; this
-    /// matters only when restoring a state saved by an older build, which re-attaches.
+    /// matters for a snapshot (allowed only then: its restore re-attaches) and when restoring
+    /// a state saved by an older build, which re-attaches too.
     #[serde(default)]
     pub persist: bool,
     /// Device id (for the API); `vm.add-user-device` fills in `_user_device<N>` when absent.

@@ -6,12 +6,13 @@ use std::path::Path;
 
 use liveupdate::machine::Timings;
 
-use crate::api::{ApiError, ApiRequest, ApiResponse, PassedFds, PciDeviceInfo};
+use crate::api::{ApiError, ApiRequest, ApiResponse, LiveUpdateConfig, PassedFds, PciDeviceInfo};
 use crate::config::{
     ConfigError, DeviceConfig, NetConfig, UserDeviceConfig, VmConfig, VsockConfig,
 };
 use crate::device_manager::{DeviceError, forget_tap_fds, give_tap_fds};
 use crate::live_update;
+use crate::state_format::StateFormat;
 
 use super::{Next, Vm, VmState, Vmm};
 
@@ -28,7 +29,7 @@ impl Vmm {
             }
             ApiRequest::VmLiveUpdate(request) => {
                 let agent = self.agent.clone();
-                match self.hand_over(&agent, &request.session) {
+                match self.hand_over(&agent, &request) {
                     // The guest now belongs to the session: this process is done.
                     Ok(timings) => {
                         let body = live_update::timings_body(&request.session, &timings);
@@ -141,7 +142,12 @@ impl Vmm {
 
     /// Runs a live update of the VM into `session` through the session agent at `agent`. On
     /// success the VM is gone from this process; on failure it runs on (or stays paused).
-    pub(super) fn hand_over(&mut self, agent: &Path, session: &str) -> Result<Timings, ApiError> {
+    pub(super) fn hand_over(
+        &mut self,
+        agent: &Path,
+        request: &LiveUpdateConfig,
+    ) -> Result<Timings, ApiError> {
+        let session = request.session.as_str();
         let Some(config) = self.config.clone() else {
             return Err(ApiError::not_found("VM is not created"));
         };
@@ -159,6 +165,7 @@ impl Vmm {
                 "Cannot live-update a VM that is not booted",
             ));
         }
+        let format = self.state_format(&config, request)?;
         self.emit("vm", "live-update-started");
         // Kexec mode: devices with kexec=detach leave the guest first (guest running).
         let runs_kexec = || {
@@ -172,7 +179,7 @@ impl Vmm {
                 "Cannot live-update a VM that is not booted",
             ));
         };
-        match live_update::run_outgoing(vm, &config, agent, session) {
+        match live_update::run_outgoing(vm, &config, format, agent, session) {
             Ok(timings) => {
                 let properties = live_update::timings_properties(&timings);
                 self.emit_with("vm", "live-update-handed-over", Some(&properties));
@@ -191,6 +198,23 @@ impl Vmm {
                 Err(ApiError::from_error(error.status(), &error))
             }
         }
+    }
+
+    /// The state format `request` asks for, checked against the VM before anything of the
+    /// update runs: an unknown release is a bad request, a VM whose state that release cannot
+    /// hold (devices out of its order) a conflict.
+    pub(super) fn state_format(
+        &self,
+        config: &VmConfig,
+        request: &LiveUpdateConfig,
+    ) -> Result<StateFormat, ApiError> {
+        let format = StateFormat::requested(request.state_format.as_deref())
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if let Some(vm) = &self.vm {
+            vm.check_state_format(config, format)
+                .map_err(ApiError::conflict)?;
+        }
+        Ok(format)
     }
 
     /// `vm.add-user-device`: before boot (or after a shutdown) the device joins the

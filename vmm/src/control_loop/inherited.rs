@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{ApiError, ApiRequest, ApiResponse};
+use crate::api::{ApiError, ApiRequest, ApiResponse, LiveUpdateConfig};
 use crate::live_update::{self, LiveUpdateError};
 
 use super::{Next, VmState, Vmm};
@@ -33,15 +33,23 @@ impl Vmm {
                 Err(Box::new(request))
             }
             ApiRequest::VmLiveUpdate(body) => {
-                Ok((self.live_update_inherited(&body.session), Next::Continue))
+                Ok((self.live_update_inherited(&body), Next::Continue))
             }
             other => Err(Box::new(other)),
         }
     }
 
-    fn live_update_inherited(&mut self, session: &str) -> Result<ApiResponse, ApiError> {
+    fn live_update_inherited(
+        &mut self,
+        request: &LiveUpdateConfig,
+    ) -> Result<ApiResponse, ApiError> {
+        let session = request.session.as_str();
         let status = |e: LiveUpdateError| ApiError::from_error(e.status(), &e);
-        let (Some(inherited), Some(config)) = (self.inherited.as_mut(), self.config.clone()) else {
+        let Some(config) = self.config.clone() else {
+            return Err(ApiError::not_found("VM is not created"));
+        };
+        let format = self.state_format(&config, request)?;
+        let Some(inherited) = self.inherited.as_mut() else {
             return Err(ApiError::not_found("VM is not created"));
         };
         inherited.check_update(session).map_err(status)?;
@@ -64,7 +72,7 @@ impl Vmm {
                 "Cannot live-update a VM that is not booted",
             ));
         };
-        match inherited.run_outgoing(vm, &config, session) {
+        match inherited.run_outgoing(vm, &config, format, session) {
             Ok(timings) => {
                 let properties = live_update::timings_properties(&timings);
                 self.emit_with("vm", "live-update-handed-over", Some(&properties));

@@ -15,7 +15,7 @@ use liveupdate::agent::{AgentServer, AgentState, HandoverMode, ShutdownHandle, e
 use liveupdate::emulated::EmulatedProvider;
 use log::{info, warn};
 
-use crate::api::{ApiError, ApiResponse};
+use crate::api::{ApiError, ApiResponse, LiveUpdateConfig};
 use crate::config::{ReceiveMigrationData, RestoreConfig, SendMigrationData};
 use crate::live_update::{self, IncomingFrom, LiveUpdateError, Restored};
 
@@ -42,7 +42,11 @@ impl Vmm {
             .local_socket()
             .map_err(|e| ApiError::from_error(e.status(), &e))?;
         self.emit("vm", "migration-started");
-        match self.hand_over(&socket, MIGRATION_SESSION) {
+        let update = LiveUpdateConfig {
+            session: MIGRATION_SESSION.to_string(),
+            state_format: None,
+        };
+        match self.hand_over(&socket, &update) {
             Ok(timings) => {
                 let properties = live_update::timings_properties(&timings);
                 self.emit_with("vm", "migration-finished", Some(&properties));

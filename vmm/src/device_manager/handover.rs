@@ -2,19 +2,22 @@
 //! replaced (vfio-user, kernel VFIO): the device's fds and its MSI eventfd go to the successor
 //! as session attachments, so the device never sees the VMM change.
 //!
-//! - **prepare** (guest running): the MSI eventfd is attached first: only a restart-mode
-//!   session takes fd attachments, so a refusal means a kexec is coming, and the device says
-//!   why it cannot cross one. Then the device's own fds (a connection, or a vfio cdev and its
-//!   iommufd), or the device's reason why it cannot be carried. Attachments made before a
-//!   refusal go with the cancel.
+//! - **prepare** (guest running): the MSI eventfd is attached first. Only a restart-mode
+//!   session takes fd attachments: a refusal means a kexec is coming (the device says why it
+//!   cannot cross one), unless the host's processes outlive the session (a snapshot,
+//!   `FileSink::processes_outlive`): then nothing is handed over, the device stays with this
+//!   VMM, whose guest runs on, and a restore re-attaches to it, if the device allows that
+//!   (else it says why not). After an attached eventfd come the device's own fds (a
+//!   connection, or a vfio cdev and its iommufd), or the device's reason why it cannot be
+//!   carried. Attachments made before a refusal go with the cancel.
 //! - **pause**: the VMM stops touching the device and unregisters its irqfd, so interrupts
 //!   that fall due wait in the eventfd; the device goes on with its DMA.
-//! - **save**: the device's state with the attachment tokens.
-//! - **resume** (the update was cancelled): the device is used again and the irqfd comes back,
-//!   delivering what waited.
+//! - **save**: the device's state with the attachment tokens (none for a re-attach).
+//! - **resume** (the update was cancelled, or the snapshot written): the device is used again
+//!   and the irqfd comes back, delivering what waited.
 //!
 //! The successor finds the fds by the tokens (`HandedOverFds`) and arms the same eventfd once
-//! its LAPICs are restored.
+//! its LAPICs are restored; a state without tokens is re-attached.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -52,10 +55,13 @@ pub(super) trait CarriedDevice: Send {
     fn tokens(msi_eventfd: Token, fds: &[Token]) -> Option<Self::Tokens>;
     /// Why the device cannot cross a kexec (`error`: the session refused the attachment).
     fn kexec_refusal(&self, error: &SessionError) -> String;
+    /// Whether a successor can take the device over again by itself, with nothing handed over,
+    /// from the host process that keeps it (a snapshot's restore); or why not.
+    fn check_reattach(&self) -> Result<(), String>;
     /// From the pause on (true) the VMM must not touch the device; false gives it back.
     fn set_handed_over(&mut self, handed_over: bool);
-    /// The state to save, with `tokens`.
-    fn carried_state(&self, tokens: Self::Tokens) -> Self::State;
+    /// The state to save, with `tokens` (`None`: the successor re-attaches).
+    fn carried_state(&self, tokens: Option<Self::Tokens>) -> Self::State;
 }
 
 /// The fd the previous VMM attached under `token` (`what` names it in the error). Without it
@@ -100,6 +106,15 @@ pub(super) fn msi_vector(
     Ok((msi, irq))
 }
 
+/// How prepare arranged for the successor to take the device over.
+#[derive(Clone, Copy)]
+enum Takeover<T> {
+    /// Its fds are attached to the session under these tokens.
+    Adopt(T),
+    /// Nothing is handed over: the successor connects to the device again (a snapshot).
+    Reattach,
+}
+
 /// A carried device, as the device manager keeps it.
 pub(super) struct CarriedEntry<D: CarriedDevice> {
     /// Participant id, e.g. `vfio/0`.
@@ -109,8 +124,9 @@ pub(super) struct CarriedEntry<D: CarriedDevice> {
     pub(super) device: Arc<Mutex<D>>,
     /// Its MSI vector, disarmed while the guest is paused for a handover.
     pub(super) msi: Arc<MsiGroup>,
-    /// The tokens of the attachments made in prepare, until save records them.
-    handover: Mutex<Option<D::Tokens>>,
+    /// How prepare arranged the takeover (with the tokens of its attachments), until save
+    /// records it.
+    takeover: Mutex<Option<Takeover<D::Tokens>>>,
 }
 
 impl<D: CarriedDevice> CarriedEntry<D> {
@@ -120,16 +136,16 @@ impl<D: CarriedDevice> CarriedEntry<D> {
             slot,
             device,
             msi,
-            handover: Mutex::new(None),
+            takeover: Mutex::new(None),
         }
     }
 
-    fn set_tokens(&self, tokens: Option<D::Tokens>) {
-        *self.handover.lock().unwrap_or_else(PoisonError::into_inner) = tokens;
+    fn set_takeover(&self, takeover: Option<Takeover<D::Tokens>>) {
+        *self.takeover.lock().unwrap_or_else(PoisonError::into_inner) = takeover;
     }
 
-    fn tokens(&self) -> Option<D::Tokens> {
-        *self.handover.lock().unwrap_or_else(PoisonError::into_inner)
+    fn takeover(&self) -> Option<Takeover<D::Tokens>> {
+        *self.takeover.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -168,8 +184,22 @@ impl<D: CarriedDevice> AnyParticipant for CarriedDeviceParticipant<'_, D> {
             .ok_or_else(|| self.failed("no MSI eventfd".into()))?;
         let msi_eventfd = match files.attach(borrow_eventfd(eventfd)) {
             Err(ParticipantError::Session(error @ SessionError::AttachmentsUnsupported)) => {
-                let reason = lock(&self.entry.device).kexec_refusal(&error);
-                return Err(self.unsupported(reason));
+                // A snapshot (the host's processes outlive it) leaves the device with this VMM,
+                // whose guest runs on, and its server, for a restore to find again; across a
+                // kexec the server is gone.
+                let refusal = {
+                    let device = lock(&self.entry.device);
+                    if files.processes_outlive() {
+                        device.check_reattach().err()
+                    } else {
+                        Some(device.kexec_refusal(&error))
+                    }
+                };
+                if let Some(reason) = refusal {
+                    return Err(self.unsupported(reason));
+                }
+                self.entry.set_takeover(Some(Takeover::Reattach));
+                return Ok(());
             }
             other => other?,
         };
@@ -186,7 +216,7 @@ impl<D: CarriedDevice> AnyParticipant for CarriedDeviceParticipant<'_, D> {
         }
         let tokens = D::tokens(msi_eventfd, &tokens)
             .ok_or_else(|| self.failed("the device's fds do not match its tokens".into()))?;
-        self.entry.set_tokens(Some(tokens));
+        self.entry.set_takeover(Some(Takeover::Adopt(tokens)));
         Ok(())
     }
 
@@ -202,17 +232,19 @@ impl<D: CarriedDevice> AnyParticipant for CarriedDeviceParticipant<'_, D> {
     }
 
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<Envelope, ParticipantError> {
-        let tokens = self
-            .entry
-            .tokens()
-            .ok_or_else(|| self.failed("saved without a prepare".into()))?;
+        let tokens = match self.entry.takeover() {
+            Some(Takeover::Adopt(tokens)) => Some(tokens),
+            Some(Takeover::Reattach) => None,
+            None => return Err(self.failed("saved without a prepare".into())),
+        };
         let state = lock(&self.entry.device).carried_state(tokens);
         envelope(&self.entry.id, &state)
     }
 
     fn resume(&mut self) -> Result<(), ParticipantError> {
-        // Cancelled: use the device again, and let what waited in the eventfd through.
-        self.entry.set_tokens(None);
+        // Cancelled, or snapshotted: use the device again, and let what waited in the
+        // eventfd through.
+        self.entry.set_takeover(None);
         lock(&self.entry.device).set_handed_over(false);
         self.entry
             .msi

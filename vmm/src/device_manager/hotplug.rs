@@ -405,7 +405,9 @@ mod tests {
         let mut session = provider.create_session("vm").unwrap();
         let mut files = FileSink::new(session.as_mut());
 
-        let mut participants = fixture.manager.participants();
+        let mut participants = fixture
+            .manager
+            .participants(crate::state_format::StateFormat::current());
         let ids: Vec<String> = participants.iter().map(|p| p.id()).collect();
         let ghost = participants
             .iter_mut()

@@ -50,8 +50,9 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::config::{ConsoleConfig, ConsoleMode, VmConfig};
 use crate::host_console::{HostEnd, Port};
-use crate::interrupts::{InterruptError, InterruptManager};
+use crate::interrupts::{InterruptError, InterruptManager, MsiGroupState};
 use crate::layout;
+use crate::state_format::StateFormat;
 use crate::vcpu_thread::{Buses, VcpuEvent};
 
 use handover::CarriedDeviceParticipant;
@@ -487,13 +488,40 @@ impl DeviceManager {
         })
     }
 
+    /// Checks that the devices' state can be written as `format` reads it: a format without
+    /// placement (release 0.1.0) places devices in the order of `config`, so every device
+    /// must sit where that order (and the MSI `groups` in their order) puts it.
+    pub fn check_state_format(
+        &self,
+        config: &VmConfig,
+        groups: &[MsiGroupState],
+        format: StateFormat,
+    ) -> Result<(), String> {
+        if !format.without_placement() {
+            return Ok(());
+        }
+        let placement = Placement {
+            next_slot: self.next_slot,
+            devices: self.registry.placement(),
+        };
+        placement.check_build_order(config, groups).map_err(|why| {
+            format!(
+                "Cannot write the VM's state as release {} reads it: that release places the \
+                 devices in the order of the configuration, and {why}",
+                format.release
+            )
+        })
+    }
+
     /// The devices as live-update participants: each pauses (its queue worker stops, after
     /// finishing the requests it holds) and saves its state.
     ///
     /// The list is the registry's: its participants in registration order. A registered
     /// participant this manager has no participant for, or one the registry does not list,
     /// fails the update in prepare, while the VM runs on.
-    pub fn participants(&mut self) -> Vec<Box<dyn AnyParticipant + '_>> {
+    ///
+    /// The PCI root's state is written as `format` reads it (see [`Self::check_state_format`]).
+    pub fn participants(&mut self, format: StateFormat) -> Vec<Box<dyn AnyParticipant + '_>> {
         let registry = &self.registry;
         let mut list: Vec<Box<dyn AnyParticipant + '_>> = Vec::new();
         if let Some(serial) = &self.serial {
@@ -515,8 +543,12 @@ impl DeviceManager {
         list.push(Box::new(StateOnly {
             id: ids::PCI_ROOT.into(),
             save: Box::new(move || {
+                let register = lock(root).state();
+                if format.without_placement() {
+                    return envelope(ids::PCI_ROOT, &register);
+                }
                 let state = PciRootState {
-                    config_address: lock(root).state().config_address,
+                    config_address: register.config_address,
                     placement: Some(placement.clone()),
                 };
                 envelope(ids::PCI_ROOT, &state)

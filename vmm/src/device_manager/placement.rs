@@ -69,6 +69,22 @@ pub struct DevicePlacement {
     pub msi: Option<MsiPlacement>,
 }
 
+impl DevicePlacement {
+    /// Its slot and GSIs, for messages.
+    fn place(&self) -> String {
+        match self.msi {
+            Some(msi) => format!(
+                "slot {} (MSI GSIs {}-{})",
+                self.slot,
+                msi.first_gsi,
+                msi.first_gsi
+                    .saturating_add(u32::from(msi.vectors.max(1)) - 1)
+            ),
+            None => format!("slot {}", self.slot),
+        }
+    }
+}
+
 /// An MSI vector group: consecutive GSIs from `first_gsi`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsiPlacement {
@@ -128,6 +144,44 @@ impl Placement {
             })
             .collect::<Vec<_>>();
         Ok(Self { next_slot, devices })
+    }
+
+    /// Checks that every device sits where [`Self::build_order`] puts it, so a build that
+    /// saves no placement (and places devices in that order) restores this VM as it is; the
+    /// reason otherwise, naming the first device out of place.
+    pub fn check_build_order(
+        &self,
+        config: &VmConfig,
+        groups: &[MsiGroupState],
+    ) -> Result<(), String> {
+        let order = Self::build_order(config, groups)?;
+        let mut expected = order.clone().by_id();
+        for device in &self.devices {
+            match expected.remove(&device.id) {
+                Some(there) if there == *device => {}
+                Some(there) => {
+                    return Err(format!(
+                        "{} is in {}; that order puts it in {}",
+                        device.id,
+                        device.place(),
+                        there.place()
+                    ));
+                }
+                None => return Err(format!("{} has no place in that order", device.id)),
+            }
+        }
+        if let Some(id) = expected.into_keys().next() {
+            return Err(format!(
+                "that order has a place for {id}, which is not here"
+            ));
+        }
+        if order.next_slot != self.next_slot {
+            return Err(format!(
+                "the next hot-added device goes to slot {}; that order says slot {}",
+                self.next_slot, order.next_slot
+            ));
+        }
+        Ok(())
     }
 
     /// The placements by device id.
@@ -218,6 +272,69 @@ mod tests {
                     placed("virtio/vsock0", 5, 34, 4),
                 ],
             }
+        );
+    }
+
+    /// A disk, the console and rng, each in the next slot and MSI group.
+    fn three_devices() -> (VmConfig, [MsiGroupState; 3]) {
+        let mut config = VmConfig {
+            disks: vec![serde_json::from_str(r#"{"path":"/d","id":"disk0"}"#).unwrap()],
+            ..VmConfig::default()
+        };
+        config.console.mode = ConsoleMode::Null;
+        (config, [group(24, 2), group(26, 3), group(29, 2)])
+    }
+
+    #[test]
+    fn devices_in_build_order_can_be_saved_without_placement() {
+        let (config, groups) = three_devices();
+        let placement = Placement::build_order(&config, &groups).unwrap();
+
+        assert_eq!(placement.check_build_order(&config, &groups), Ok(()));
+    }
+
+    #[test]
+    fn a_device_out_of_build_order_is_named() {
+        // Arrange: the console and rng in each other's slot (as hot-plug order would leave them).
+        let (config, groups) = three_devices();
+        let mut placement = Placement::build_order(&config, &groups).unwrap();
+        placement.devices[1].slot = 3;
+        placement.devices[2].slot = 2;
+
+        let result = placement.check_build_order(&config, &groups);
+
+        assert_eq!(
+            result,
+            Err(
+                "virtio/_console is in slot 3 (MSI GSIs 26-28); that order puts it in slot 2 \
+                 (MSI GSIs 26-28)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_missing_or_extra_device_or_another_next_slot_is_refused() {
+        let (config, groups) = three_devices();
+        let order = Placement::build_order(&config, &groups).unwrap();
+        let mut missing = order.clone();
+        missing.devices.pop();
+        let mut extra = order.clone();
+        extra.devices.push(placed("vfio-user/0", 4, 31, 1));
+        let mut next = order;
+        next.next_slot = 9;
+
+        assert_eq!(
+            missing.check_build_order(&config, &groups),
+            Err("that order has a place for virtio/_rng, which is not here".into())
+        );
+        assert_eq!(
+            extra.check_build_order(&config, &groups),
+            Err("vfio-user/0 has no place in that order".into())
+        );
+        assert_eq!(
+            next.check_build_order(&config, &groups),
+            Err("the next hot-added device goes to slot 9; that order says slot 4".into())
         );
     }
 

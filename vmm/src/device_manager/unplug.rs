@@ -304,9 +304,12 @@ mod tests {
         assert_eq!(fixture.manager.attached_vfio_slot(0), None);
         assert_eq!(fixture.manager.detached_vfio_devices(), vec![(0, true)]);
         assert_eq!(fixture.interrupts.msi_group_count(), groups);
-        let ids: Vec<String> = (fixture.manager.participants().iter())
-            .map(|p| p.id())
-            .collect();
+        let ids: Vec<String> = (fixture
+            .manager
+            .participants(crate::state_format::StateFormat::current())
+            .iter())
+        .map(|p| p.id())
+        .collect();
         assert!(ids.contains(&"vfio/0/detached".to_string()), "{ids:?}");
         assert!(!ids.contains(&"vfio/0".to_string()), "{ids:?}");
     }

@@ -3,8 +3,9 @@
 //!
 //! Live update (restart mode): the connection and the MSI eventfd are handed to the successor
 //! as session attachments, so the server never sees a disconnect and the device keeps running
-//! (see the `vfio_user` crate docs). A state from an older VMM, which could not hand them over,
-//! is taken over by a re-attach (`persist=on` servers only).
+//! (see the `vfio_user` crate docs). A state without them is taken over by a re-attach
+//! (`persist=on` servers only): a snapshot's (the device stays with the snapshotted VM, which
+//! runs on; a restore connects to the server again), or one from an older VMM.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -89,7 +90,9 @@ impl PciBuilder<'_, '_, '_> {
                 (device, msi)
             }
         };
-        let device = Arc::new(Mutex::new(device.map_err(user_error)?));
+        let mut device = device.map_err(user_error)?;
+        device.set_server_persists(config.persist);
+        let device = Arc::new(Mutex::new(device));
         let slot = self.place(&id, device.clone(), Some(&msi), vec![id.clone()])?;
         Ok(UserDeviceEntry::new(id, slot, device, msi))
     }
@@ -130,19 +133,32 @@ impl CarriedDevice for VfioUserPciDevice {
         format!("its connection cannot be handed over: {error}")
     }
 
+    fn check_reattach(&self) -> Result<(), String> {
+        if self.server_persists() {
+            return Ok(());
+        }
+        Err(format!(
+            "the vfio-user device at {} cannot be snapshotted without persist=on: a restore \
+             connects to its server again, which must keep the device as it is for its next \
+             client (e.g. vfio-user-testdev --persist); add the device with persist=on",
+            self.socket().display()
+        ))
+    }
+
     fn set_handed_over(&mut self, handed_over: bool) {
         VfioUserPciDevice::set_handed_over(self, handed_over);
     }
 
-    fn carried_state(&self, tokens: HandoverTokens) -> VfioUserDeviceState {
+    fn carried_state(&self, tokens: Option<HandoverTokens>) -> VfioUserDeviceState {
         let mut state = self.state();
-        state.handover = Some(tokens);
+        state.handover = tokens;
         state
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
     use std::time::{Duration, Instant};
 
     use devices::pci::PciDevice;
@@ -161,6 +177,7 @@ mod tests {
     use crate::cpu::test_util;
     use crate::device_manager::handover::CarriedDeviceParticipant;
     use crate::interrupts::InterruptManager;
+    use crate::snapshot::dir_session::DirSession;
 
     /// A device served by the test server on a thread, attached to a VM with 1 MiB of RAM.
     fn attached(name: &str) -> (UserDeviceEntry, InterruptManager) {
@@ -201,9 +218,11 @@ mod tests {
         u32::from_le_bytes(data)
     }
 
+    /// Across a kexec the server is gone, persist or not.
     #[test]
     fn prepare_refuses_an_update_whose_session_cannot_carry_the_connection() {
         let (entry, _interrupts) = attached("no-attach");
+        lock(&entry.device).set_server_persists(true);
         let mut provider = EmulatedProvider::new();
         let mut session = provider.create_session("vm").unwrap();
         let mut files = FileSink::new(session.as_mut());
@@ -217,6 +236,58 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_snapshot_saves_a_persisting_device_for_a_re_attach_and_gives_it_back() {
+        let (entry, _interrupts) = attached("snapshot");
+        lock(&entry.device).set_server_persists(true);
+        let (mut session, _files) = DirSession::outgoing(Path::new("/nonexistent"));
+        let mut files = FileSink::new(&mut session);
+        let mut participant = CarriedDeviceParticipant { entry: &entry };
+
+        participant.prepare(&mut files).unwrap();
+        participant.pause().unwrap();
+        let envelope = participant.save(&mut files).unwrap();
+        participant.resume().unwrap();
+
+        let blob = liveupdate::state::encode(vec![envelope]).unwrap();
+        let mut states = liveupdate::state::decode(&blob).unwrap();
+        let state: VfioUserDeviceState = states.take("vfio-user/0").unwrap();
+        assert_eq!(
+            state.handover, None,
+            "nothing handed over: a restore re-attaches"
+        );
+        assert_eq!(state.socket, lock(&entry.device).socket());
+        assert_eq!(
+            id_register(&entry),
+            DEVICE_MAGIC,
+            "the device is used again"
+        );
+        assert!(entry.msi.is_armed());
+    }
+
+    #[test]
+    fn a_snapshot_refuses_a_device_whose_server_does_not_persist() {
+        let (entry, _interrupts) = attached("snapshot-no-persist");
+        let (mut session, _files) = DirSession::outgoing(Path::new("/nonexistent"));
+        let mut files = FileSink::new(&mut session);
+
+        let result = CarriedDeviceParticipant { entry: &entry }.prepare(&mut files);
+
+        match result {
+            Err(ParticipantError::Unsupported { id, reason }) => {
+                assert_eq!(id, "vfio-user/0");
+                assert!(reason.contains("without persist=on"), "{reason}");
+                assert!(reason.contains("dev.sock"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(
+            id_register(&entry),
+            DEVICE_MAGIC,
+            "the device is still in use"
+        );
     }
 
     #[test]

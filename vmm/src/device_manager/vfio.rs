@@ -236,13 +236,21 @@ impl CarriedDevice for VfioPciDevice {
         )
     }
 
+    fn check_reattach(&self) -> Result<(), String> {
+        Err(format!(
+            "VFIO device {} cannot be snapshotted: a restore would open it afresh, which \
+             resets it under the guest",
+            self.path().display()
+        ))
+    }
+
     fn set_handed_over(&mut self, handed_over: bool) {
         VfioPciDevice::set_handed_over(self, handed_over);
     }
 
-    fn carried_state(&self, tokens: VfioHandoverTokens) -> VfioDeviceState {
+    fn carried_state(&self, tokens: Option<VfioHandoverTokens>) -> VfioDeviceState {
         let mut state = self.state();
-        state.handover = Some(tokens);
+        state.handover = tokens;
         state
     }
 }

@@ -30,6 +30,7 @@ use log::{info, warn};
 
 use super::{LiveUpdateError, state_memfd};
 use crate::config::VmConfig;
+use crate::state_format::StateFormat;
 use crate::vm::Vm;
 
 /// What the inherited session has been used for.
@@ -115,6 +116,7 @@ impl Inherited {
         &mut self,
         vm: &mut Vm,
         config: &VmConfig,
+        format: StateFormat,
         asked: &str,
     ) -> Result<Timings, LiveUpdateError> {
         self.check_update(asked)?;
@@ -133,7 +135,14 @@ impl Inherited {
         let state_file = state_memfd().map_err(LiveUpdateError::StateFile)?;
         let state = state_file.try_clone().map_err(LiveUpdateError::StateFile)?;
         // The service manager carries the session: handing over is keeping still.
-        let result = vm.live_update(config, Box::new(counted), state_file, || Ok(()), |_| Ok(()));
+        let result = vm.live_update(
+            config,
+            format,
+            Box::new(counted),
+            state_file,
+            || Ok(()),
+            |_| Ok(()),
+        );
         match result {
             Ok(timings) => {
                 self.used = Use::Updated { state };

@@ -29,6 +29,7 @@ use log::{info, warn};
 use thiserror::Error;
 
 use crate::config::{RestoreConfig, VmConfig};
+use crate::state_format::StateFormat;
 use crate::sys;
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{Prebuilt, Vm, VmError};
@@ -197,6 +198,7 @@ fn check_next_kernel(client: &mut AgentClient) -> Result<(), LiveUpdateError> {
 pub fn run_outgoing(
     vm: &mut Vm,
     config: &VmConfig,
+    format: StateFormat,
     agent: &Path,
     name: &str,
 ) -> Result<Timings, LiveUpdateError> {
@@ -231,6 +233,7 @@ pub fn run_outgoing(
     };
     let result = vm.live_update(
         config,
+        format,
         Box::new(session),
         state_file,
         before_pause,

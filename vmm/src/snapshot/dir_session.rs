@@ -9,7 +9,10 @@
 //!   new memfd (sparse again), since guest RAM must live in a memfd.
 //!
 //! No fd attachments: what only a restart-mode session can carry (taps, sockets, device
-//! connections) is handled as across a kexec (re-created, or the snapshot is refused).
+//! connections) is handled as across a kexec (re-created, or the snapshot is refused), with
+//! one difference the session tells ([`Session::processes_outlive`]): no kexec comes between,
+//! so a device served by another process (a vfio-user server with `persist=on`) stays with the
+//! VM, which runs on, and a restore connects to that server again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CStr;
@@ -141,6 +144,11 @@ impl Session for DirSession {
         let memfd = read_into_memfd(&path, entry.size, name)?;
         retrieved.insert(token);
         Ok(memfd)
+    }
+
+    /// A snapshot is taken while the VM runs on, and restored on a running host.
+    fn processes_outlive(&self) -> bool {
+        true
     }
 
     fn finish(&mut self) -> Result<(), SessionError> {

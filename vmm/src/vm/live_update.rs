@@ -22,6 +22,7 @@ use crate::live_update::participants::{
 };
 use crate::memory::{GuestRam, MemoryError, vcpus_hint};
 use crate::platform::{IrqchipsState, PlatformState};
+use crate::state_format::StateFormat;
 use crate::vcpu_thread::{BuildError, IdleVcpus, VcpuBuilder, VcpuEvent, VcpuSet};
 
 use super::{Parts, Vm, VmError, create_bare_vm, create_vcpu};
@@ -260,19 +261,27 @@ impl Vm {
         Ok((vm, config, vcpus.paused_at_ns))
     }
 
+    /// Checks that this VM's state can be written as `format` reads it (before anything of an
+    /// update runs); the reason otherwise.
+    pub fn check_state_format(&self, config: &VmConfig, format: StateFormat) -> Result<(), String> {
+        let groups = self.interrupts.save().msi_groups;
+        self.devices.check_state_format(config, &groups, format)
+    }
+
     /// Runs a live update of this VM into `session`: prepare (guest running), freeze (paused,
-    /// state saved), then `carrier` takes the session. On failure the VM runs on.
+    /// state saved as `format` reads it), then `carrier` takes the session. On failure the VM runs on.
     /// `after_prepare` runs between prepare and freeze, guest still running (e.g. to let a
     /// successor build its VM on the preserved RAM).
     pub fn live_update(
         &mut self,
         config: &VmConfig,
+        format: StateFormat,
         session: Box<dyn Session>,
         state_file: File,
         after_prepare: impl FnOnce() -> Result<(), String>,
         carrier: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
     ) -> Result<Timings, VmError> {
-        self.with_participants(config, |participants| {
+        self.with_participants(config, format, |participants| {
             let mut update = Outgoing::new(session, participants);
             update.prepare().map_err(VmError::LiveUpdate)?;
             let waited = Instant::now();
@@ -298,7 +307,7 @@ impl Vm {
         state_file: File,
         writer: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
     ) -> Result<Timings, VmError> {
-        self.with_participants(config, |participants| {
+        self.with_participants(config, StateFormat::current(), |participants| {
             let mut update = Outgoing::new(session, participants);
             update.prepare().map_err(VmError::LiveUpdate)?;
             update.freeze(state_file).map_err(VmError::LiveUpdate)?;
@@ -311,6 +320,7 @@ impl Vm {
     fn with_participants<R>(
         &mut self,
         config: &VmConfig,
+        format: StateFormat,
         drive: impl FnOnce(Vec<&mut dyn AnyParticipant>) -> R,
     ) -> R {
         let msrs = self.msrs;
@@ -325,7 +335,7 @@ impl Vm {
         let mut irqchip = irqchip_participant(&self.vm_fd);
         let mut pit = pit_participant(&self.vm_fd);
         let mut clock = clock_participant(&self.vm_fd);
-        let mut devices = self.devices.participants();
+        let mut devices = self.devices.participants(format);
         // The vCPU set pauses first (the pause starts there), then each device's queue worker.
         let mut participants: Vec<&mut dyn AnyParticipant> =
             vec![&mut config_part, &mut memory, &mut vcpus];
