@@ -103,6 +103,49 @@ fn pause_stops_the_guest_and_resume_shows_the_stall() {
     assert!(second.get("pages") > first.get("pages"));
 }
 
+#[test]
+fn the_heartbeat_guest_shows_a_pause_as_a_time_no_vcpu_ran() {
+    require_kvm();
+    let dir = scratch_dir("heartbeat-pause");
+    let vmm = VmmProcess::probe(
+        2,
+        "128M",
+        "heartbeat=1 heartbeat_us=500 status_ms=100",
+        &dir,
+        &[],
+    );
+    let (next, banner) = vmm.next_banner(0, BOOT);
+    let (next, before) = vmm.next_status(next, LINE);
+
+    let paused = vmm.ch_remote(&["pause"]);
+    let paused_at = Instant::now();
+    // A line the guest wrote just before the pause may still be in the pipe.
+    std::thread::sleep(Duration::from_millis(100));
+    let lines_when_paused = vmm.lines().len().max(next);
+    std::thread::sleep(Duration::from_millis(600));
+    let resume_at = Instant::now();
+    let resumed = vmm.ch_remote(&["resume"]);
+    let (_, after) = vmm.next_status(lines_when_paused, LINE);
+
+    assert!(paused.status.success() && resumed.status.success());
+    assert_eq!(
+        (
+            banner["heartbeat"].as_str(),
+            banner["heartbeat_us"].as_str()
+        ),
+        ("1", "500")
+    );
+    assert_eq!(banner["fill"], "0", "the heartbeat writes no pattern");
+    assert_eq!(before.get("pages"), 0);
+    // Both vCPUs stopped for the whole pause: the shared stamp did not move meanwhile.
+    assert!(
+        u128::from(after.get("hb_gap_us")) >= (resume_at - paused_at).as_micros(),
+        "hb_gap_us={} but paused for {:?}",
+        after.get("hb_gap_us"),
+        resume_at - paused_at
+    );
+}
+
 /// The VMM's guest RAM memfd, as a path under /proc that can be opened.
 fn guest_ram_memfd(pid: u32) -> PathBuf {
     let fds = PathBuf::from(format!("/proc/{pid}/fd"));

@@ -62,6 +62,11 @@ fn quick_request() -> impl Strategy<Value = Request> {
         name().prop_map(|name| Request::Handover { name }),
         name().prop_map(|name| Request::Cancel { name }),
         (name(), token()).prop_map(|(name, token)| Request::Peek { name, token }),
+        (name(), token()).prop_map(|(name, token)| Request::WaitPrepared {
+            name,
+            token,
+            timeout_ms: 0
+        }),
         name().prop_map(|name| Request::SuccessorReady { name }),
         name().prop_map(|name| Request::RetrieveSession { name }),
         (name(), token()).prop_map(|(name, token)| Request::RetrieveFd { name, token }),

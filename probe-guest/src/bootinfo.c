@@ -188,9 +188,17 @@ void config_parse(void)
 			cfg.vsock_connect = v;
 		else if (key_is(tok, klen, "vsock_bytes") && has_val)
 			cfg.vsock_bytes = v;
+		else if (key_is(tok, klen, "heartbeat") && has_val && v <= 1)
+			cfg.heartbeat = v;
+		else if (key_is(tok, klen, "heartbeat_us") && has_val && v <= 1000000)
+			cfg.heartbeat_us = v;
 		else
 			note_unknown(tok, len);	/* unknown key or bad value */
 	}
+	if (!cfg.heartbeat)
+		cfg.heartbeat_us = 0;
+	if (cfg.heartbeat)
+		cfg.fill = 0;	/* only the TSC stamps: every loop turn is a few instructions */
 }
 
 

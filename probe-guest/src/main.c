@@ -82,6 +82,10 @@ static void print_banner(u64 total_pages, u32 fw_cpus, const char *fw, bool gib_
 	line_kv_dec(&l, "pattern_mib", total_pages * PAGE_SIZE / MIB);
 	line_kv_dec(&l, "fill", cfg.fill);
 	line_kv_dec(&l, "status_ms", cfg.status_ms);
+	if (cfg.heartbeat)
+		line_kv_dec(&l, "heartbeat", 1);
+	if (cfg.heartbeat_us)
+		line_kv_dec(&l, "heartbeat_us", cfg.heartbeat_us);
 	line_kv_dec(&l, "tsc_khz", tsc.khz);
 	line_kv_str(&l, "clock", tsc.source);
 	line_kv_dec(&l, "pit_khz", tsc.pit_khz);
@@ -117,6 +121,8 @@ static void print_status(u64 seq, u64 now)
 	line_kv_dec(&l, "max_stall_us", ticks_to_us(stall_max));
 	line_kv_dec(&l, "tsc_back", back);
 	line_kv_dec(&l, "uptime_ms", (now - boot_tsc) / tsc.khz);
+	if (cfg.heartbeat)
+		line_kv_dec(&l, "hb_gap_us", ticks_to_us(heartbeat_take()));
 	if (cfg.blk_io) {
 		line_kv_dec(&l, "blk_ok", blk_io_ok);
 		line_kv_dec(&l, "blk_err", blk_io_err);
@@ -234,6 +240,8 @@ void probe_main(u32 start_info)
 		line_kv_dec(&l, "parked", n - MAX_CPUS);
 		line_emit(&l);
 	}
+	if (cfg.heartbeat_us)
+		heartbeat_timer_init();
 	__atomic_store_n(&go, 1, __ATOMIC_RELEASE);
 
 	/* Before the BSP's first TSC sample, so this time is not counted as a stall. */

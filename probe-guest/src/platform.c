@@ -424,16 +424,22 @@ bool lapic_irr_pending(u32 vector)
 	return word & (1U << (vector % 32));
 }
 
-/* Writes this CPU's LAPIC EOI register (xAPIC MMIO or x2APIC MSR). */
-void lapic_eoi(void)
+/* Writes register `reg` (its xAPIC offset) of this CPU's LAPIC (xAPIC MMIO or x2APIC MSR). */
+void lapic_write(u32 reg, u32 value)
 {
 	u64 base = rdmsr(MSR_APIC_BASE);
 	if (base & (1ULL << 10)) {
-		wrmsr(X2APIC_MSR_BASE + LAPIC_EOI / 0x10, 0);
+		wrmsr(X2APIC_MSR_BASE + reg / 0x10, value);
 	} else {
 		volatile u32 *apic = (volatile u32 *)(uintptr_t)(base & 0xffffff000ULL);
-		apic[LAPIC_EOI / 4] = 0;
+		apic[reg / 4] = value;
 	}
+}
+
+/* Writes this CPU's LAPIC EOI register (xAPIC MMIO or x2APIC MSR). */
+void lapic_eoi(void)
+{
+	lapic_write(LAPIC_EOI, 0);
 }
 
 /* Broadcast INIT, SIPI, SIPI to all but self (xAPIC MMIO, or x2APIC MSRs). */

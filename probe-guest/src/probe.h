@@ -114,6 +114,7 @@ u32 fw_count_cpus(u64 rsdp_paddr, const char **source);
 void smp_send_init_sipi(u64 tsc_khz);
 bool lapic_irr_pending(u32 vector);
 void lapic_eoi(void);
+void lapic_write(u32 reg, u32 value);
 void reboot(void) __attribute__((noreturn));
 /*
  * Work that must not wait for the status loop (net=1, vsock=1: their virtqueues).
@@ -167,6 +168,8 @@ struct config {
 	u64 vsock_port;	/* vsock_port=<n>: the echo listener's port, default 1234 */
 	u64 vsock_connect;	/* vsock_connect=<n>: host port the pattern client connects to; 0 = off */
 	u64 vsock_bytes;	/* vsock_bytes=<n>: bytes per client stream; 0 = unlimited */
+	bool heartbeat;	/* heartbeat=1: no pattern, every CPU only stamps its TSC (hb_gap_us) */
+	u64 heartbeat_us;	/* heartbeat_us=<n>: halt between stamps, woken every n us (0: spin) */
 	char unknown[128];
 	u32 unknown_len;
 };
@@ -197,10 +200,13 @@ struct worker {
 	u64 gen;
 	u64 last_tsc;
 	bool owns_corrupt;
+	bool hb_timer;	/* heartbeat_us: this CPU's LAPIC timer is set up */
 };
 
 extern struct cpu_stats stats[MAX_CPUS];
 extern u64 errors;
+u64 heartbeat_take(void);
+void heartbeat_timer_init(void);
 extern struct range extents[MAX_EXTENTS];
 extern u32 extent_count;
 u64 pattern_setup(u64 mapped_end, u32 cpus);

@@ -56,8 +56,20 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates `size` bytes of fresh, zeroed guest RAM in a new memfd.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::new_named(size, c"guest-ram")
+    }
+
+    /// Like [`GuestRam::new`], for a VM of `vcpus` vCPUs: the memfd's name says how many (see
+    /// [`vcpus_hint`]).
+    pub fn new_for_vcpus(size: u64, vcpus: u8) -> Result<Self, MemoryError> {
+        let name = std::ffi::CString::new(format!("guest-ram vcpus={vcpus}"))
+            .map_err(|_| MemoryError::InvalidSize { size })?;
+        Self::new_named(size, &name)
+    }
+
+    fn new_named(size: u64, name: &std::ffi::CStr) -> Result<Self, MemoryError> {
         check_size(size)?;
-        let memfd = sys::memfd_create(c"guest-ram").map_err(MemoryError::Memfd)?;
+        let memfd = sys::memfd_create(name).map_err(MemoryError::Memfd)?;
         memfd.set_len(size).map_err(MemoryError::Memfd)?;
         Self::from_memfd(memfd, size)
     }
@@ -113,6 +125,22 @@ impl GuestRam {
     }
 }
 
+/// The vCPU count in the name of a guest RAM memfd made by [`GuestRam::new_for_vcpus`], if it
+/// is one: a successor that maps the RAM ahead of a live update starts that many vCPU threads
+/// before the pause. Only a hint (a RAM file from elsewhere has none, or may lie): the saved
+/// state decides.
+pub fn vcpus_hint(memfd: &File) -> Option<u8> {
+    let link = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(memfd)
+    ))
+    .ok()?;
+    let link = link.to_string_lossy();
+    let rest = link.strip_prefix("/memfd:guest-ram vcpus=")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 fn check_size(size: u64) -> Result<(), MemoryError> {
     if size < MIN_RAM_SIZE || !size.is_multiple_of(4096) {
         return Err(MemoryError::InvalidSize { size });
@@ -148,6 +176,15 @@ mod tests {
             link.to_string_lossy().starts_with("/memfd:guest-ram"),
             "{link:?}"
         );
+    }
+
+    #[test]
+    fn ram_made_for_a_vcpu_count_names_it_and_plain_ram_does_not() {
+        let for_four = GuestRam::new_for_vcpus(64 << 20, 4).unwrap();
+        let plain = GuestRam::new(64 << 20).unwrap();
+
+        assert_eq!(vcpus_hint(for_four.memfd()), Some(4));
+        assert_eq!(vcpus_hint(plain.memfd()), None);
     }
 
     #[test]

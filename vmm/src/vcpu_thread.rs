@@ -4,9 +4,18 @@
 //! handshake: the controller sets the request, kicks every thread out of `KVM_RUN` with a
 //! signal, and waits until each thread has parked. The kick is repeated until then, because a
 //! signal that lands just before a thread enters `KVM_RUN` would otherwise be lost and leave it
-//! in a halted guest forever.
+//! in a halted guest forever. A thread that stops right after a port or MMIO exit first has
+//! KVM finish that access (which it does only on the next `KVM_RUN`), so the state of a paused
+//! vCPU is whole.
+//!
+//! A pause can give each thread work to do on its own vCPU as it parks ([`VcpuSet::pause_with`],
+//! e.g. noting when it stopped), and a paused set can have each parked thread work on its own
+//! vCPU side by side ([`VcpuSet::run_parked`], e.g. saving its state once nothing else can
+//! change it). A set can be started before its vCPUs exist: each thread then makes its own
+//! vCPU ([`VcpuSet::spawn_building`]), so the vCPUs are built side by side.
 
 use std::io;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, Once, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -50,10 +59,213 @@ enum Request {
     Stop,
 }
 
-#[derive(Debug)]
+/// Work a vCPU thread does on its own vCPU as it parks for a pause (see [`VcpuSet::pause_with`])
+/// or while it is parked (see [`VcpuSet::run_parked`]).
+pub type ParkHook = Arc<dyn Fn(u8, &VcpuFd) + Send + Sync>;
+
+/// Work for the parked threads, given by [`VcpuSet::run_parked`].
+struct ParkedTask {
+    hook: ParkHook,
+    /// Per thread: still to run `hook`.
+    pending: Vec<bool>,
+    /// Per thread: ran it.
+    done: Vec<bool>,
+}
+
+impl ParkedTask {
+    /// Thread `index` is through with the task, having run it or not.
+    fn finish(&mut self, index: usize, ran: bool) {
+        if let Some(pending) = self.pending.get_mut(index) {
+            *pending = false;
+        }
+        if let Some(done) = self.done.get_mut(index) {
+            *done |= ran;
+        }
+    }
+}
+
 struct Control {
     request: Request,
     parked: usize,
+    /// Per thread: out of the guest since the pause was asked (no kick needed any more), and
+    /// parked for the pause (or about to park) until it ends.
+    stopping: Vec<bool>,
+    on_park: Option<ParkHook>,
+    task: Option<ParkedTask>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("request", &self.request)
+            .field("parked", &self.parked)
+            .field("stopping", &self.stopping)
+            .field("on_park", &self.on_park.is_some())
+            .field("task", &self.task.as_ref().map(|t| &t.pending))
+            .finish()
+    }
+}
+
+/// Makes one vCPU, on the thread that will run it.
+pub type VcpuBuilder<E> = Box<dyn FnOnce() -> Result<VcpuFd, E> + Send>;
+
+/// Why [`PendingVcpus::finish`] failed.
+#[derive(Debug)]
+pub enum BuildError<E> {
+    /// vCPU `index`'s builder failed.
+    Failed(u8, E),
+    /// vCPU `index`'s thread ended without a result (it panicked).
+    Lost(u8),
+}
+
+/// vCPU threads started ahead by [`VcpuSet::spawn_idle`], waiting for their builders.
+pub struct IdleVcpus<E> {
+    // Field order is drop order: the channels go first, so waiting threads end before the set
+    // joins them.
+    jobs: Vec<Sender<VcpuBuilder<E>>>,
+    ready: Vec<Receiver<Result<Arc<Mutex<VcpuFd>>, E>>>,
+    buses: Vec<Sender<Buses>>,
+    set: Option<VcpuSet>,
+    on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+}
+
+impl<E> std::fmt::Debug for IdleVcpus<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleVcpus")
+            .field("threads", &self.jobs.len())
+            .finish()
+    }
+}
+
+impl<E: Send + 'static> IdleVcpus<E> {
+    /// How many threads wait.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether no thread waits.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    fn spawn_one(&mut self) -> io::Result<()> {
+        let Some(set) = self.set.as_mut() else {
+            return Err(io::Error::other("vCPU threads handed on already"));
+        };
+        let index =
+            u8::try_from(set.threads.len()).map_err(|_| io::Error::other("more than 256 vCPUs"))?;
+        let (job_tx, job_rx) = channel::<VcpuBuilder<E>>();
+        let (ready_tx, ready_rx) = channel();
+        let (buses_tx, buses_rx) = channel::<Buses>();
+        let control = set.control.clone();
+        let on_event = self.on_event.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let Ok(builder) = job_rx.recv() else {
+                    return; // not needed after all
+                };
+                let vcpu = match builder() {
+                    Ok(vcpu) => Arc::new(Mutex::new(vcpu)),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if ready_tx.send(Ok(vcpu.clone())).is_err() {
+                    return;
+                }
+                let Ok(buses) = buses_rx.recv() else {
+                    return;
+                };
+                let runner = Runner {
+                    index,
+                    vcpu,
+                    buses,
+                    control,
+                    on_event,
+                };
+                runner.run_loop();
+            })?;
+        set.threads.push(thread);
+        self.jobs.push(job_tx);
+        self.ready.push(ready_rx);
+        self.buses.push(buses_tx);
+        Ok(())
+    }
+
+    /// Gives thread `i` builder `i` (starting more threads if fewer wait; ending those left
+    /// over); they make their vCPUs side by side while the caller goes on.
+    pub fn build(mut self, builders: Vec<VcpuBuilder<E>>) -> io::Result<PendingVcpus<E>> {
+        while self.jobs.len() < builders.len() {
+            self.spawn_one()?;
+        }
+        let spare = self.jobs.len() - builders.len();
+        for _ in 0..spare {
+            // Dropping its job sender ends the thread; joined with the set.
+            self.jobs.pop();
+            self.ready.pop();
+            self.buses.pop();
+        }
+        for (job, builder) in self.jobs.iter().zip(builders) {
+            if job.send(builder).is_err() {
+                return Err(io::Error::other(
+                    "a vCPU thread ended before its builder came",
+                ));
+            }
+        }
+        let Some(mut set) = self.set.take() else {
+            return Err(io::Error::other("vCPU threads handed on already"));
+        };
+        // The spare threads end on their own (their jobs are gone); join them now.
+        for thread in set.threads.drain(self.ready.len()..) {
+            if thread.join().is_err() {
+                error!("A spare vCPU thread panicked");
+            }
+        }
+        Ok(PendingVcpus {
+            ready: std::mem::take(&mut self.ready),
+            buses: std::mem::take(&mut self.buses),
+            set: Some(set),
+        })
+    }
+}
+
+/// vCPU threads started by [`VcpuSet::spawn_building`] or [`IdleVcpus::build`], still making
+/// their vCPUs.
+#[derive(Debug)]
+pub struct PendingVcpus<E> {
+    // Field order is drop order: the bus senders go first, so threads waiting for their buses
+    // end before the set joins them.
+    ready: Vec<Receiver<Result<Arc<Mutex<VcpuFd>>, E>>>,
+    buses: Vec<Sender<Buses>>,
+    /// Taken by `finish`; dropped otherwise, which stops and joins the threads.
+    set: Option<VcpuSet>,
+}
+
+impl<E> PendingVcpus<E> {
+    /// Waits until every thread has made its vCPU, then lets them take their exits to `buses`.
+    /// The set is paused: [`VcpuSet::resume`] runs it. On failure every thread is stopped.
+    pub fn finish(mut self, buses: &Buses) -> Result<VcpuSet, BuildError<E>> {
+        let mut vcpus = Vec::with_capacity(self.ready.len());
+        for (index, ready) in (0u8..).zip(&self.ready) {
+            match ready.recv() {
+                Ok(Ok(vcpu)) => vcpus.push(vcpu),
+                // Dropping `self` drops the bus senders: the other threads end, `set` joins them.
+                Ok(Err(e)) => return Err(BuildError::Failed(index, e)),
+                Err(_) => return Err(BuildError::Lost(index)),
+            }
+        }
+        for sender in &self.buses {
+            // A thread that is gone shows up as a stopped vCPU, as after any failure.
+            let _ = sender.send(buses.clone());
+        }
+        let Some(mut set) = self.set.take() else {
+            return Err(BuildError::Lost(0));
+        };
+        set.vcpus = vcpus;
+        Ok(set)
+    }
 }
 
 /// Runs, pauses and stops a set of vCPU threads.
@@ -87,20 +299,9 @@ impl VcpuSet {
         buses: &Buses,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
     ) -> io::Result<Self> {
-        install_kick_handler()?;
-        let control = Arc::new((
-            Mutex::new(Control {
-                request: Request::Pause,
-                parked: 0,
-            }),
-            Condvar::new(),
-        ));
+        let mut set = Self::empty()?;
         let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
-        let mut set = Self {
-            control,
-            threads: Vec::new(),
-            vcpus: vcpus.clone(),
-        };
+        set.vcpus = vcpus.clone();
         for (index, vcpu) in (0u8..).zip(vcpus) {
             let runner = Runner {
                 index,
@@ -121,6 +322,56 @@ impl VcpuSet {
             }
         }
         Ok(set)
+    }
+
+    /// A set with no threads yet, paused.
+    fn empty() -> io::Result<Self> {
+        install_kick_handler()?;
+        let control = Arc::new((
+            Mutex::new(Control {
+                request: Request::Pause,
+                parked: 0,
+                stopping: Vec::new(),
+                on_park: None,
+                task: None,
+            }),
+            Condvar::new(),
+        ));
+        Ok(Self {
+            control,
+            threads: Vec::new(),
+            vcpus: Vec::new(),
+        })
+    }
+
+    /// Starts one thread per builder; thread `i` runs builder `i` to make vCPU `i`, so the vCPUs
+    /// are made side by side while the caller goes on (e.g. building the devices). Then
+    /// [`PendingVcpus::finish`] gives them their buses.
+    pub fn spawn_building<E: Send + 'static>(
+        builders: Vec<VcpuBuilder<E>>,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    ) -> io::Result<PendingVcpus<E>> {
+        Self::spawn_idle(builders.len(), on_event)?.build(builders)
+    }
+
+    /// Starts `count` vCPU threads that wait for their builders ([`IdleVcpus::build`]): started
+    /// ahead, so that starting threads is not part of a live update's pause.
+    pub fn spawn_idle<E: Send + 'static>(
+        count: usize,
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    ) -> io::Result<IdleVcpus<E>> {
+        let set = Self::empty()?;
+        let mut idle = IdleVcpus {
+            jobs: Vec::new(),
+            ready: Vec::new(),
+            buses: Vec::new(),
+            set: Some(set),
+            on_event,
+        };
+        for _ in 0..count {
+            idle.spawn_one()?;
+        }
+        Ok(idle)
     }
 
     /// The vCPU file descriptors, to read or write state while the set is paused.
@@ -148,6 +399,55 @@ impl VcpuSet {
         self.wait_parked();
     }
 
+    /// Like [`VcpuSet::pause`], and each thread that was running calls `hook` with its index
+    /// and vCPU as it parks, on its own thread, before the pause returns. Threads parked
+    /// already (a set that was paused, or stopped after a failure) do not call it.
+    pub fn pause_with(&self, hook: ParkHook) {
+        let (m, _) = &*self.control;
+        {
+            let mut control = lock(m);
+            control.on_park = Some(hook);
+            control.request = Request::Pause;
+        }
+        self.wait_parked();
+        lock(m).on_park = None;
+    }
+
+    /// Has each thread parked for a pause call `hook` with its index and vCPU, on its own
+    /// thread, side by side, and returns once all have: per thread, whether it did. A thread
+    /// that is not parked for a pause (the set is not paused, or the thread stopped after a
+    /// failure or ended) does not.
+    pub fn run_parked(&self, hook: ParkHook) -> Vec<bool> {
+        let (m, cv) = &*self.control;
+        let mut control = lock(m);
+        let mut pending = vec![false; self.threads.len()];
+        if control.request == Request::Pause {
+            for (slot, stopping) in pending.iter_mut().zip(&control.stopping) {
+                *slot = *stopping;
+            }
+        }
+        control.task = Some(ParkedTask {
+            hook,
+            done: vec![false; pending.len()],
+            pending,
+        });
+        cv.notify_all();
+        while control
+            .task
+            .as_ref()
+            .is_some_and(|task| task.pending.contains(&true))
+        {
+            control = cv
+                .wait(control)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        control
+            .task
+            .take()
+            .map(|task| task.done)
+            .unwrap_or_default()
+    }
+
     fn wait_parked(&self) {
         let (m, cv) = &*self.control;
         let mut control = lock(m);
@@ -164,7 +464,12 @@ impl VcpuSet {
     }
 
     fn kick_all(&self) {
-        for thread in &self.threads {
+        let stopping = lock(&self.control.0).stopping.clone();
+        for (index, thread) in self.threads.iter().enumerate() {
+            // A thread out of the guest already needs no signal (it would only wake it up).
+            if stopping.get(index).copied().unwrap_or(false) {
+                continue;
+            }
             if !thread.is_finished()
                 && let Err(e) = thread.kill(kick_signal())
             {
@@ -207,21 +512,37 @@ struct Runner {
 impl Runner {
     fn run_loop(self) {
         confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
+        // Whether the last exit was a port or MMIO access, which KVM finishes on the next
+        // KVM_RUN only.
+        let mut io_pending = false;
         loop {
-            if !self.wait_for_run() {
+            if !self.wait_for_run(&mut io_pending) {
                 return;
             }
             let mut vcpu = lock(&self.vcpu);
             let outcome = match vcpu.run() {
-                Ok(exit) => self.handle_exit(exit),
+                Ok(exit) => {
+                    io_pending = matches!(
+                        exit,
+                        VcpuExit::IoIn(..)
+                            | VcpuExit::IoOut(..)
+                            | VcpuExit::MmioRead(..)
+                            | VcpuExit::MmioWrite(..)
+                    );
+                    self.handle_exit(exit)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    io_pending = false;
                     vcpu.set_kvm_immediate_exit(0);
                     Ok(())
                 }
-                Err(e) => Err(VcpuEvent::Failed {
-                    vcpu: self.index,
-                    reason: format!("KVM_RUN failed: {e}"),
-                }),
+                Err(e) => {
+                    io_pending = false;
+                    Err(VcpuEvent::Failed {
+                        vcpu: self.index,
+                        reason: format!("KVM_RUN failed: {e}"),
+                    })
+                }
             };
             drop(vcpu);
             if let Err(event) = outcome {
@@ -230,21 +551,75 @@ impl Runner {
         }
     }
 
-    /// Parks while a pause is requested. Returns false when the thread must stop.
-    fn wait_for_run(&self) -> bool {
+    /// Parks while a pause is requested, after completing the port or MMIO access of the last
+    /// exit if `io_pending`. Returns false when the thread must stop.
+    fn wait_for_run(&self, io_pending: &mut bool) -> bool {
         let (m, cv) = &*self.control;
         let mut control = lock(m);
         if control.request == Request::Pause {
+            let index = usize::from(self.index);
+            if control.stopping.len() <= index {
+                control.stopping.resize(index + 1, false);
+            }
+            control.stopping[index] = true;
+            if std::mem::take(io_pending) {
+                drop(control);
+                self.complete_io();
+                control = lock(m);
+            }
+            if let Some(hook) = control.on_park.clone() {
+                // Outside the lock: the other threads run their hooks meanwhile.
+                drop(control);
+                hook(self.index, &lock(&self.vcpu));
+                control = lock(m);
+            }
             control.parked += 1;
             cv.notify_all();
             while control.request == Request::Pause {
+                let hook = control
+                    .task
+                    .as_ref()
+                    .filter(|task| task.pending.get(index) == Some(&true))
+                    .map(|task| task.hook.clone());
+                if let Some(hook) = hook {
+                    // Outside the lock: the other parked threads run it meanwhile.
+                    drop(control);
+                    hook(self.index, &lock(&self.vcpu));
+                    control = lock(m);
+                    if let Some(task) = control.task.as_mut() {
+                        task.finish(index, true);
+                    }
+                    cv.notify_all();
+                    continue;
+                }
                 control = cv
                     .wait(control)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             control.parked -= 1;
+            control.stopping[index] = false;
+            // Leaving the pause (resumed or stopped) ends any work still asked of this thread.
+            if let Some(task) = control.task.as_mut() {
+                task.finish(index, false);
+                cv.notify_all();
+            }
         }
         control.request == Request::Run
+    }
+
+    /// Completes the access of the last exit without entering the guest (KVM_RUN with
+    /// `immediate_exit`): KVM stores a port or MMIO read's value and moves past the instruction
+    /// only then, so a state read before would repeat the access, or lose what it read.
+    fn complete_io(&self) {
+        let mut vcpu = lock(&self.vcpu);
+        vcpu.set_kvm_immediate_exit(1);
+        let result = vcpu.run().map(|_| ());
+        vcpu.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => warn!("vcpu{}: cannot complete its last I/O: {e}", self.index),
+            Ok(()) => warn!("vcpu{}: an exit while completing its last I/O", self.index),
+        }
     }
 
     /// Reports `event` and parks until the control loop decides (it pauses or stops the set).
@@ -363,6 +738,20 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
+
+    /// Answers each read of its port with the next number (1, 2, ...), counting them.
+    struct PortSource(Arc<AtomicU64>);
+
+    impl BusDevice for PortSource {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            let served = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            data.fill(served.to_le_bytes()[0]);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    /// A real-mode guest that reads port 0x10 forever: `in al, 0x10; jmp $-2`.
+    const READ_LOOP_CODE: [u8; 4] = [0xe4, 0x10, 0xeb, 0xfc];
 
     /// A real-mode guest that writes to port 0x10 forever: `out 0x10, al; inc al; jmp $-4`.
     const LOOP_CODE: [u8; 5] = [0xe6, 0x10, 0xfe, 0xc0, 0xeb];
@@ -491,6 +880,222 @@ mod tests {
             (0x1000..0x1003).contains(&rip),
             "rip {rip:#x} outside the halt loop"
         );
+    }
+
+    #[test]
+    fn pause_with_runs_the_hook_on_the_vcpu_thread_before_it_returns() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (set, _vm, _ram) = start_looping_guest(count.clone());
+        set.resume();
+        wait_for_count_above(&count, 10);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+
+        let record = seen.clone();
+        set.pause_with(Arc::new(move |index, vcpu: &VcpuFd| {
+            let thread = std::thread::current().name().map(String::from);
+            lock(&record).push((index, thread, vcpu.get_regs().unwrap().rip));
+        }));
+
+        let seen = lock(&seen).clone();
+        assert_eq!(seen.len(), 1, "hook calls: {seen:?}");
+        assert_eq!((seen[0].0, seen[0].1.as_deref()), (0, Some("vcpu0")));
+        assert!(
+            (0x1000..0x1006).contains(&seen[0].2),
+            "rip {:#x}",
+            seen[0].2
+        );
+    }
+
+    #[test]
+    fn a_set_paused_already_does_not_call_the_park_hook() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (set, _vm, _ram) = start_looping_guest(count.clone());
+        set.pause(); // the thread has parked
+        let calls = Arc::new(AtomicU64::new(0));
+
+        let counter = calls.clone();
+        set.pause_with(Arc::new(move |_, _: &VcpuFd| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_port_read_the_vcpu_stopped_on_is_complete_in_its_paused_state() {
+        let served = Arc::new(AtomicU64::new(0));
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(PortSource(served.clone()))), 0x10, 1)
+            .unwrap();
+        let (set, _vm, _ram) = start_real_mode_guest(&READ_LOOP_CODE, false, pio);
+        set.resume();
+        let mut floor = wait_for_count_above(&served, 10);
+
+        // Nearly every pause lands right after a port read exit, before KVM has stored the
+        // value: the paused state must hold the last value the device gave.
+        let mut states = Vec::new();
+        for _ in 0..20 {
+            set.pause();
+            let rax = lock(&set.vcpus()[0]).get_regs().unwrap().rax;
+            states.push((rax & 0xff, served.load(Ordering::SeqCst) & 0xff));
+            set.resume();
+            floor = wait_for_count_above(&served, floor + 10);
+        }
+
+        let lost: Vec<_> = states.iter().filter(|(al, last)| al != last).collect();
+        assert!(
+            lost.is_empty(),
+            "(AL, last value read) when paused: {lost:?}"
+        );
+    }
+
+    #[test]
+    fn run_parked_has_each_parked_thread_run_the_hook_on_its_own_vcpu() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (set, _vm, _ram) = start_looping_guest(count.clone());
+        set.resume();
+        wait_for_count_above(&count, 10);
+        set.pause();
+        let at_pause = count.load(Ordering::SeqCst);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+
+        let record = seen.clone();
+        let ran = set.run_parked(Arc::new(move |index, vcpu: &VcpuFd| {
+            let thread = std::thread::current().name().map(String::from);
+            lock(&record).push((index, thread, vcpu.get_regs().unwrap().rip));
+        }));
+
+        let seen = lock(&seen).clone();
+        assert_eq!(ran, vec![true]);
+        assert_eq!(seen.len(), 1, "hook calls: {seen:?}");
+        assert_eq!((seen[0].0, seen[0].1.as_deref()), (0, Some("vcpu0")));
+        assert!(
+            (0x1000..0x1006).contains(&seen[0].2),
+            "rip {:#x}",
+            seen[0].2
+        );
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            at_pause,
+            "the guest ran meanwhile"
+        );
+    }
+
+    #[test]
+    fn run_parked_runs_nothing_on_a_running_set_and_the_set_runs_on() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (set, _vm, _ram) = start_looping_guest(count.clone());
+        set.resume();
+        let before = wait_for_count_above(&count, 10);
+        let calls = Arc::new(AtomicU64::new(0));
+
+        let counter = calls.clone();
+        let ran = set.run_parked(Arc::new(move |_, _: &VcpuFd| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+
+        assert_eq!(ran, vec![false]);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        wait_for_count_above(&count, before);
+    }
+
+    /// A builder that makes vCPU 0 of `vm` running the port loop, noting its thread's name.
+    fn loop_builder(
+        vm: &Arc<kvm_ioctls::VmFd>,
+        names: &Arc<Mutex<Vec<String>>>,
+    ) -> VcpuBuilder<String> {
+        let (vm, names) = (vm.clone(), names.clone());
+        Box::new(move || {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            lock(&names).push(name);
+            let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+            let mut sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+            vcpu.set_sregs(&sregs).map_err(|e| e.to_string())?;
+            let mut regs = vcpu.get_regs().map_err(|e| e.to_string())?;
+            regs.rip = 0x1000;
+            regs.rflags = 2;
+            vcpu.set_regs(&regs).map_err(|e| e.to_string())?;
+            Ok(vcpu)
+        })
+    }
+
+    fn looping_vm(count: Arc<AtomicU64>) -> (Arc<kvm_ioctls::VmFd>, GuestRam, Buses) {
+        let kvm = Kvm::new().expect("needs /dev/kvm (load kvm_intel or kvm_amd, run as root)");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut code = LOOP_CODE.to_vec();
+        code.push(0xfa);
+        ram.memory()
+            .write_slice(&code, GuestAddress(0x1000))
+            .unwrap();
+        ram.register(&vm).unwrap();
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(PortCounter(count))), 0x10, 1)
+            .unwrap();
+        let buses = Buses {
+            pio: Arc::new(RwLock::new(pio)),
+            mmio: Arc::new(RwLock::new(Bus::new())),
+        };
+        (vm, ram, buses)
+    }
+
+    #[test]
+    fn vcpus_built_on_their_own_threads_run_after_finish_and_resume() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count.clone());
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let pending =
+            VcpuSet::spawn_building(vec![loop_builder(&vm, &names)], Arc::new(|_| {})).unwrap();
+
+        let set = pending.finish(&buses).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let before_resume = count.load(Ordering::SeqCst);
+        set.resume();
+
+        assert_eq!(before_resume, 0);
+        assert_eq!(*lock(&names), vec!["vcpu0".to_string()]);
+        assert_eq!(set.vcpus().len(), 1);
+        wait_for_count_above(&count, 100);
+    }
+
+    #[test]
+    fn threads_started_ahead_make_their_vcpus_once_given_builders_and_spares_end() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count.clone());
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let idle = VcpuSet::spawn_idle::<String>(3, Arc::new(|_| {})).unwrap();
+        let waiting = idle.len();
+
+        let pending = idle.build(vec![loop_builder(&vm, &names)]).unwrap();
+        let set = pending.finish(&buses).unwrap();
+        set.resume();
+
+        assert_eq!(waiting, 3);
+        assert_eq!(*lock(&names), vec!["vcpu0".to_string()]);
+        assert_eq!((set.vcpus().len(), set.threads.len()), (1, 1));
+        wait_for_count_above(&count, 100);
+    }
+
+    #[test]
+    fn a_failing_builder_fails_finish_with_its_index_and_error() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count);
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let failing: VcpuBuilder<String> = Box::new(|| Err("no state".to_string()));
+        let pending =
+            VcpuSet::spawn_building(vec![loop_builder(&vm, &names), failing], Arc::new(|_| {}))
+                .unwrap();
+
+        let result = pending.finish(&buses);
+
+        match result {
+            Err(BuildError::Failed(index, why)) => {
+                assert_eq!((index, why.as_str()), (1, "no state"))
+            }
+            other => panic!("expected vCPU 1 to fail, got {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]

@@ -164,6 +164,22 @@ impl AgentClient {
         })
     }
 
+    /// Successor started ahead: waits up to `timeout` until the old VMM has preserved `token` in
+    /// outgoing session `name` (see [`Request::WaitPrepared`]).
+    pub fn wait_prepared(
+        &mut self,
+        name: &str,
+        token: Token,
+        timeout: std::time::Duration,
+    ) -> Result<(), AgentError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.expect_ok(&Request::WaitPrepared {
+            name: name.into(),
+            token,
+            timeout_ms,
+        })
+    }
+
     /// Successor: its VM is built on the session's guest RAM.
     pub fn successor_ready(&mut self, name: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::SuccessorReady { name: name.into() })

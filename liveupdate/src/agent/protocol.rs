@@ -102,6 +102,19 @@ pub enum Request {
         /// The file's token.
         token: Token,
     },
+    /// Restart mode, from a successor started ahead: waits until outgoing session `name` holds
+    /// a file under `token` (the old VMM has prepared it), is handed over or gone, at most
+    /// `timeout_ms` (capped at [`MAX_WAIT_MS`]); then `ok` if the file is there (to `peek`),
+    /// else a `no_such_session` or `no_such_token` error. Marks the caller as a waiting
+    /// successor, as `peek` does. Spares a successor asking again and again meanwhile.
+    WaitPrepared {
+        /// Session name.
+        name: String,
+        /// The file's token.
+        token: Token,
+        /// How long to wait, in milliseconds.
+        timeout_ms: u64,
+    },
     /// Waits until outgoing session `name` has been handed over (or was already), at most
     /// `timeout_ms` (capped at [`MAX_WAIT_MS`]); then `ok`, else a `no_such_session` error. Lets a
     /// successor started ahead of the update take the session the moment it is handed over.

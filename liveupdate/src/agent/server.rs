@@ -20,8 +20,9 @@ use super::protocol::{self, ErrorKind, MAX_WAIT_MS, ProtocolError, Request, Resp
 use super::state::AgentState;
 use super::{AgentError, sys};
 
-/// Most simultaneous connections; more are answered with a `busy` error and closed.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Most simultaneous connections; more are answered with a `busy` error and closed. A host
+/// updating all its VMs at once has two per VM (the old VMM's and its successor's).
+pub const MAX_CONNECTIONS: usize = 256;
 /// Once a message has started, the rest must arrive within this time.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -376,6 +377,11 @@ impl Shared {
     /// Wakes waiters and brings the fd store in line with `state`.
     fn after_change(&self, state: &AgentState) {
         self.changed.notify_all();
+        self.sync_store(state);
+    }
+
+    /// Brings the fd store (if any) in line with `state`; nothing is sent when nothing changed.
+    fn sync_store(&self, state: &AgentState) {
         let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(store) = store.as_mut()
             && let Err(e) = store.sync(state)
@@ -552,6 +558,20 @@ impl Shared {
                     !state.successor_pending(name)
                 }))
             }
+            Request::WaitPrepared {
+                name,
+                token,
+                timeout_ms,
+            } => {
+                // Noted before the wait: the old VMM then waits for this successor.
+                state.note_successor(name);
+                Some((*timeout_ms, &move |state: &AgentState| {
+                    state.is_kernel_mode()
+                        || state.holds_file(name, *token)
+                        || state.is_handed_over(name)
+                        || state.has_ended(name)
+                }))
+            }
             _ => None,
         };
         if let Some((timeout_ms, done)) = wait {
@@ -568,8 +588,18 @@ impl Shared {
                     .0;
             }
         }
+        // Waiters wait for something to become true that only a changing request makes true:
+        // read-only ones wake nobody (with many VMs at once, every waiting VMM's connection
+        // thread would wake up for each successor's look at its session). The fd store follows
+        // every request all the same: a retrieve records the file it took from the session, and
+        // any request may drop sessions whose creator died.
+        let wakes = may_wake_waiters(&request);
         let answer = state.handle(request, uid, fd);
-        self.after_change(&state);
+        if wakes {
+            self.after_change(&state);
+        } else {
+            self.sync_store(&state);
+        }
         match (kernel_handover, answer) {
             (Some(name), (Response::Ok, None)) => (self.hold_handover(state, &name), None),
             (_, answer) => answer,
@@ -651,6 +681,26 @@ impl Shared {
         self.after_change(&state);
         Response::Error(error)
     }
+}
+
+/// Whether `request` can make true what a `wait_handover`, `wait_successor` or `wait_prepared`
+/// waits for (a session handed over or gone, a successor ready, a file preserved). Looks (a
+/// peek only marks a successor as waiting, which no waiter waits for), reads and waits cannot;
+/// a session a dead creator left is dropped with its own wake-up
+/// (`Shared::creator_disconnected`).
+fn may_wake_waiters(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Ping
+            | Request::KexecStatus
+            | Request::List
+            | Request::Peek { .. }
+            | Request::WaitHandover { .. }
+            | Request::WaitSuccessor { .. }
+            | Request::WaitPrepared { .. }
+            | Request::RetrieveFd { .. }
+            | Request::RetrieveAttachment { .. }
+    )
 }
 
 fn serve_connection(stream: &UnixStream, state: &Shared) {
@@ -782,6 +832,22 @@ mod tests {
         let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
         let path = dir.as_path().join("luod.sock");
         let server = AgentServer::bind(&path, 0o600, state).unwrap();
+        let shutdown = server.shutdown_handle();
+        let thread = thread::spawn(move || server.run().unwrap());
+        Agent {
+            _dir: dir,
+            path,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    /// An agent that keeps its sessions in `sink`, as under systemd's fd store.
+    fn start_agent_in_store(sink: Collect) -> Agent {
+        let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
+        let path = dir.as_path().join("luod.sock");
+        let server = AgentServer::bind(&path, 0o600, restart_state()).unwrap();
+        server.keep_in_store(Box::new(sink), None).unwrap();
         let shutdown = server.shutdown_handle();
         let thread = thread::spawn(move || server.run().unwrap());
         Agent {
@@ -1039,6 +1105,31 @@ mod tests {
     }
 
     #[test]
+    fn a_retrieved_file_is_in_the_fd_store_when_its_retrieve_is_answered() {
+        let sink = Collect::default();
+        let agent = start_agent_in_store(sink.clone());
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let ram = memfd_with(b"ram");
+        old.create_session("vm").unwrap();
+        old.preserve("vm", ram.as_fd(), 1).unwrap();
+        old.handover("vm").unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        successor.retrieve_session("vm").unwrap();
+
+        let retrieved = successor.retrieve_fd("vm", 1);
+
+        retrieved.unwrap();
+        let rebuilt = crate::agent::fdstore::rebuild(sink.take()).unwrap();
+        let session = rebuilt
+            .sessions
+            .iter()
+            .find(|s| s.record.name == "vm")
+            .expect("the session is in the store");
+        assert_eq!(session.record.tokens, vec![1]);
+        assert!(session.files.contains_key(&1), "{:?}", session.record);
+    }
+
+    #[test]
     fn wait_handover_returns_when_another_client_hands_the_session_over() {
         let agent = start_agent();
         let mut old = AgentClient::connect(&agent.path).unwrap();
@@ -1057,6 +1148,43 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn wait_prepared_marks_the_successor_and_returns_once_the_file_is_preserved() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        let waiter =
+            thread::spawn(move || successor.wait_prepared("p", 1, Duration::from_secs(30)));
+        // The successor waits before the session exists: the old VMM is told to wait for it.
+        let mut seen = (false, false);
+        for _ in 0..200 {
+            old.create_session("p").ok();
+            seen = old.wait_successor("p", Duration::from_millis(10)).unwrap();
+            if seen.0 {
+                break;
+            }
+        }
+
+        let ram = memfd_with(b"ram");
+        old.preserve("p", ram.as_fd(), 1).unwrap();
+        let waited = waiter.join().unwrap();
+
+        assert_eq!(seen, (true, false), "a waiting successor, not ready yet");
+        waited.unwrap();
+    }
+
+    #[test]
+    fn wait_prepared_times_out_with_no_such_session() {
+        let agent = start_agent();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+
+        let error = successor
+            .wait_prepared("never", 1, Duration::from_millis(20))
+            .unwrap_err();
+
+        assert_eq!(error.kind(), Some(ErrorKind::NoSuchSession));
     }
 
     #[test]

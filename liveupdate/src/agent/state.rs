@@ -189,6 +189,18 @@ impl AgentState {
         self.ended.get(name).is_some()
     }
 
+    /// Whether outgoing session `name` holds a file under `token`.
+    pub fn holds_file(&self, name: &str, token: Token) -> bool {
+        self.outgoing
+            .get(name)
+            .is_some_and(|held| held.files.contains_key(&token))
+    }
+
+    /// Notes a successor started ahead for session `name` (see [`Request::WaitSuccessor`]).
+    pub fn note_successor(&mut self, name: &str) {
+        self.successors.entry(name.to_string()).or_insert(false);
+    }
+
     /// Drops every outgoing session, not frozen, whose creator has exited: its guest died with
     /// that VMM, and the saved state (if any) is incomplete. A successor waiting for it is told
     /// (a `stale` error) instead of waiting on. Run before every request and when a creator's
@@ -213,6 +225,15 @@ impl AgentState {
                 self.ended
                     .record(&name, Ended::abandoned(&name, owner, pid));
             }
+        }
+    }
+
+    /// [`Self::drop_abandoned`] when session `name` is one to drop: one pidfd poll, not one per
+    /// session being prepared.
+    fn drop_if_abandoned(&mut self, name: &str) {
+        let unfrozen = self.outgoing.get(name).is_some_and(|held| !held.frozen);
+        if unfrozen && self.creators.get(name).is_some_and(|c| c.has_exited()) {
+            self.drop_abandoned();
         }
     }
 
@@ -254,7 +275,16 @@ impl AgentState {
         fd: Option<OwnedFd>,
     ) -> Result<(Response, Option<OwnedFd>), WireError> {
         let ok = Ok((Response::Ok, None));
-        self.drop_abandoned();
+        // The looks a waiting successor repeats check their own session only: a pidfd poll per
+        // session being prepared would keep the state locked with many VMs updated at once.
+        if let Request::Peek { name, .. }
+        | Request::WaitPrepared { name, .. }
+        | Request::RetrieveSession { name } = &request
+        {
+            self.drop_if_abandoned(name);
+        } else {
+            self.drop_abandoned();
+        }
         match request {
             Request::Ping => Ok((
                 Response::Pong {
@@ -290,6 +320,27 @@ impl AgentState {
                     },
                     None,
                 ))
+            }
+            Request::WaitPrepared { name, token, .. } => {
+                // The server waited already (without holding the state).
+                self.note_successor(&name);
+                if !matches!(self.handover, HandoverMode::Restart(_)) {
+                    return Err(WireError::new(
+                        ErrorKind::NotSupported,
+                        "wait_prepared exists in restart mode only",
+                    ));
+                }
+                if !self.outgoing.contains_key(&name) {
+                    return Err(self.gone(&name, uid, no_session(&name, "outgoing")));
+                }
+                let held = owned(&mut self.outgoing, &name, uid, "outgoing")?;
+                if !held.files.contains_key(&token) {
+                    return Err(WireError::new(
+                        ErrorKind::NoSuchToken,
+                        format!("No file under token {token:#x} yet"),
+                    ));
+                }
+                ok
             }
             Request::Peek { name, token } => {
                 // A successor asks: the old VMM will wait for it (see `WaitSuccessor`).

@@ -26,7 +26,9 @@ mod tsc;
 pub use cpuid::apply_topology;
 pub use error::CpuError;
 pub use lapic::{lapic_register, set_lapic_register};
-pub use msrs::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, supported_msrs, supported_msrs_cached};
+pub use msrs::{
+    MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, msrs_of_restored, supported_msrs, supported_msrs_cached,
+};
 pub use setup::configure_vcpu;
 pub use state::{FpuState, LegacyFpu, VcpuState};
-pub use tsc::use_host_tsc_rate;
+pub use tsc::{shift_saved_tsc, use_host_tsc_rate};

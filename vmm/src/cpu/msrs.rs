@@ -123,13 +123,21 @@ pub fn supported_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, CpuError> {
 ///
 /// Every vCPU of a VM gets the same CPUID features, so one probe serves them all.
 pub fn supported_msrs_cached(kvm: &Kvm, vcpu: &VcpuFd) -> Result<&'static [u32], CpuError> {
-    static CACHE: OnceLock<Vec<u32>> = OnceLock::new();
-    if let Some(list) = CACHE.get() {
+    if let Some(list) = MSR_CACHE.get() {
         return Ok(list);
     }
     let list = supported_msrs(kvm, vcpu)?;
-    Ok(CACHE.get_or_init(|| list))
+    Ok(MSR_CACHE.get_or_init(|| list))
 }
+
+/// The MSRs a restored vCPU state carries, taken as this process's list instead of probing
+/// (about 70 `KVM_GET_MSRS` while the guest waits): the restored CPUID decides which MSRs
+/// exist, so the next update saves the same ones. A list cached already is kept.
+pub fn msrs_of_restored(state: &super::VcpuState) -> &'static [u32] {
+    MSR_CACHE.get_or_init(|| state.msrs.iter().map(|e| e.index).collect())
+}
+
+static MSR_CACHE: OnceLock<Vec<u32>> = OnceLock::new();
 
 /// Reads the MSRs `indices`, in chunks of what one `KVM_GET_MSRS` takes.
 pub(super) fn get_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, CpuError> {

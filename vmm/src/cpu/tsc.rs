@@ -8,10 +8,31 @@
 //! the L1 kernel's early calibration under QEMU TCG is often off by some hundred ppm.)
 //! Asking for the host's own frequency (`KVM_SET_TSC_KHZ` with 0) always succeeds and sets a
 //! proper ratio, so every vCPU gets it explicitly before anything reads its TSC.
+//!
+//! Across a live update the guest's TSC must count the pause as time that passed, as it would
+//! on a real machine, so the guest's own clock measures the pause truly: the saving side notes
+//! each vCPU's TSC as of the pause instant (read a little later, so moved back by the time in
+//! between), and the restoring side moves it forward by the host time since that instant, just
+//! before loading it ([`shift_saved_tsc`] both times).
 
 use kvm_ioctls::VcpuFd;
 
 use super::error::{CpuError, kvm_err};
+use super::msrs::MSR_IA32_TSC;
+use super::state::VcpuState;
+
+/// Moves the TSC saved in `state` by `delta_ns` nanoseconds of host time (back if negative),
+/// at `khz` ticks per millisecond. A state without the TSC MSR is left as it is.
+pub fn shift_saved_tsc(state: &mut VcpuState, delta_ns: i64, khz: u32) {
+    let ticks = i128::from(delta_ns) * i128::from(khz) / 1_000_000;
+    // Wraps like the TSC itself; a shift of more than 2^63 ticks is no real pause.
+    let ticks = i64::try_from(ticks).unwrap_or(if ticks < 0 { i64::MIN } else { i64::MAX });
+    for msr in &mut state.msrs {
+        if msr.index == MSR_IA32_TSC {
+            msr.data = msr.data.wrapping_add_signed(ticks);
+        }
+    }
+}
 
 /// Runs `vcpu`'s TSC at the host's current TSC frequency.
 pub fn use_host_tsc_rate(vcpu: &VcpuFd) -> Result<(), CpuError> {
@@ -22,6 +43,28 @@ pub fn use_host_tsc_rate(vcpu: &VcpuFd) -> Result<(), CpuError> {
 mod tests {
     use super::*;
     use crate::cpu::test_util::{kvm, vm};
+
+    fn state_with_tsc(tsc: u64) -> VcpuState {
+        let kvm = kvm();
+        let vm = vm(&kvm);
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut state = VcpuState::save(&vcpu, &[MSR_IA32_TSC]).unwrap();
+        state.msrs[0].data = tsc;
+        state
+    }
+
+    #[test]
+    fn the_saved_tsc_moves_forward_and_back_by_host_time_at_the_guest_rate() {
+        let mut state = state_with_tsc(5_000_000);
+
+        // 1 ms forward at 2 GHz (2,000,000 kHz), then 1.5 ms back.
+        shift_saved_tsc(&mut state, 1_000_000, 2_000_000);
+        let forward = state.msrs[0].data;
+        shift_saved_tsc(&mut state, -1_500_000, 2_000_000);
+
+        assert_eq!(forward, 7_000_000);
+        assert_eq!(state.msrs[0].data, 4_000_000);
+    }
 
     #[test]
     fn a_vcpu_set_to_the_host_rate_reports_a_frequency_and_accepts_it_again() {

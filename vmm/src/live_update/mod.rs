@@ -47,8 +47,14 @@ pub const KEXEC_LOAD_WAIT: Duration = Duration::from_secs(60);
 const KEXEC_LOAD_POLL: Duration = Duration::from_millis(20);
 /// How often a waiting successor says it still waits.
 const WAIT_REPORT: Duration = Duration::from_secs(10);
-/// How often a successor started ahead looks for guest RAM in the outgoing session.
+/// How often a successor started ahead looks for guest RAM in an outgoing session that exists
+/// (the old VMM is preparing it).
 const HANDOVER_POLL: Duration = Duration::from_micros(200);
+/// How often, at most, it looks while there is no such session yet, with an agent that cannot
+/// wait for it (`wait_prepared`): the wait doubles up to this, so successors waiting for their
+/// update do not keep the agent busy (each look is two requests). It only delays the old VMM's
+/// wait for the successor, with the guest running.
+const HANDOVER_POLL_IDLE: Duration = Duration::from_millis(20);
 
 /// Why a live update or a restore failed.
 #[derive(Debug, Error)]
@@ -326,7 +332,7 @@ pub fn run_incoming(
     };
     let start = Instant::now();
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
-    let prebuilt = wait_for_handover(&mut client, name, wait)?;
+    let prebuilt = wait_for_handover(&mut client, name, wait, &on_event)?;
     fault::reached(FaultStep::Retrieve).map_err(LiveUpdateError::Fault)?;
     let taken = TakeOver {
         start,
@@ -397,6 +403,13 @@ fn take_over(
         timings
             .steps
             .push(("until_retrieved".into(), since_pause(taken.retrieved_at_ns)));
+        // Both ends on the host's realtime clock, to line up many VMs updated at once.
+        timings
+            .steps
+            .push(("paused_at_unix".into(), paused_at_ns / 1000));
+        timings
+            .steps
+            .push(("resumed_at_unix".into(), resumed_at_ns / 1000));
     }
     info!("VM restored from session {name:?}: {:?}", timings.steps);
     Ok(Restored {
@@ -427,16 +440,21 @@ pub fn timings_body(session: &str, timings: &Timings) -> serde_json::Value {
 
 /// Retrieves the session, waiting while it has not been handed over yet. Meanwhile (restart
 /// mode), as soon as the old VMM has preserved guest RAM, builds the KVM VM on it, so that the
-/// pause carries only vCPU and device state.
+/// pause carries only vCPU and device state, and starts the vCPU threads (reporting to
+/// `on_event`).
 fn wait_for_handover(
     client: &mut AgentClient,
     name: &str,
     wait: Duration,
+    on_event: &Arc<dyn Fn(VcpuEvent) + Send + Sync>,
 ) -> Result<Option<Prebuilt>, LiveUpdateError> {
     let start = Instant::now();
     let deadline = start + wait;
     let mut prebuilt = None;
     let mut peek = true;
+    // Agents before `wait_prepared` answer it `bad_request`: then look again and again.
+    let mut wait_prepared = true;
+    let mut idle_poll = HANDOVER_POLL;
     let mut next_report: Option<Instant> = None;
     loop {
         match client.retrieve_session(name) {
@@ -489,20 +507,36 @@ fn wait_for_handover(
         if peek {
             match client.peek(name, RAM_TOKEN) {
                 Ok(memfd) => {
-                    prebuilt = Some(Prebuilt::new(File::from(memfd)).map_err(LiveUpdateError::Vm)?);
+                    let built = Prebuilt::new(File::from(memfd)).map_err(LiveUpdateError::Vm)?;
+                    prebuilt = Some(built.with_vcpu_threads(on_event.clone()));
                     peek = false;
                     info!("Guest RAM of session {name:?} mapped ahead of the handover");
                     if let Err(e) = client.successor_ready(name) {
                         warn!("Cannot tell the agent this successor is ready: {e}");
                     }
                 }
-                // Not created or not prepared yet: look again shortly.
+                // Not created or not prepared yet: the agent answers once it is (or gone).
                 Err(e)
-                    if matches!(
-                        e.kind(),
-                        Some(ErrorKind::NoSuchSession | ErrorKind::NoSuchToken)
-                    ) =>
+                    if wait_prepared
+                        && matches!(
+                            e.kind(),
+                            Some(ErrorKind::NoSuchSession | ErrorKind::NoSuchToken)
+                        ) =>
                 {
+                    let wait = (deadline - now).min(Duration::from_secs(1));
+                    match client.wait_prepared(name, RAM_TOKEN, wait) {
+                        Err(e) if e.kind() == Some(ErrorKind::BadRequest) => wait_prepared = false,
+                        // Prepared, or still not (the wait ran out), or gone: look again.
+                        _ => {}
+                    }
+                }
+                // Not created yet: look again, less and less often.
+                Err(e) if e.kind() == Some(ErrorKind::NoSuchSession) => {
+                    std::thread::sleep(idle_poll);
+                    idle_poll = (idle_poll * 2).min(HANDOVER_POLL_IDLE);
+                }
+                // Created, not prepared yet: look again shortly.
+                Err(e) if e.kind() == Some(ErrorKind::NoSuchToken) => {
                     std::thread::sleep(HANDOVER_POLL);
                 }
                 // Kernel mode, or the session is no longer outgoing.

@@ -4,6 +4,8 @@
 //! arrives while it drains), then the interrupt routes and the irqchip, PIT and clock, which
 //! only change while vCPUs or devices run.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use liveupdate::fault::{self, Fault, FaultStep};
@@ -13,7 +15,7 @@ use liveupdate::state::Versioned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::cpu::VcpuState;
+use crate::cpu::{self, CpuError, VcpuState};
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::memory::GuestRam;
 use crate::platform::{self, IrqchipsState};
@@ -175,23 +177,66 @@ impl Versioned for VcpusState {
     const VERSION: u16 = 1;
 }
 
-/// The vCPU set: pausing it starts the guest-visible pause. Each vCPU's state is its own
-/// participant ([`VcpuParticipant`]).
+/// A vCPU's state as its own thread saved it while parked for the pause.
+#[derive(Debug)]
+struct ParkedSave {
+    state: Result<VcpuState, CpuError>,
+    /// Host realtime right after its TSC was read.
+    tsc_read_at_ns: u64,
+}
+
+/// What the vCPU threads noted and saved at the pause, shared by the set's and each vCPU's
+/// participant.
+#[derive(Debug, Default)]
+pub struct VcpuSaves {
+    /// Per vCPU: host realtime when its thread left the guest for the pause (0: it did not).
+    stopped_at_ns: Vec<AtomicU64>,
+    parked: Vec<Mutex<Option<ParkedSave>>>,
+    /// Host realtime once every vCPU had stopped (0 before the pause).
+    paused_at_ns: AtomicU64,
+}
+
+impl VcpuSaves {
+    /// Room for `count` vCPUs.
+    pub fn new(count: usize) -> Arc<Self> {
+        Arc::new(Self {
+            stopped_at_ns: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            parked: (0..count).map(|_| Mutex::new(None)).collect(),
+            paused_at_ns: AtomicU64::new(0),
+        })
+    }
+
+    fn take(&self, index: usize) -> Option<ParkedSave> {
+        self.parked.get(index).and_then(|slot| lock(slot).take())
+    }
+}
+
+/// The vCPU set: pausing it starts the guest-visible pause. Its save has each parked vCPU
+/// thread save its own vCPU (side by side, not one after the other), which each vCPU's
+/// participant ([`VcpuParticipant`]) then hands in.
+///
+/// The vCPUs are saved only then, once every participant has paused: until the devices'
+/// queue workers have stopped and outside devices' interrupts are detached, an interrupt may
+/// still reach a LAPIC, and one that came after its LAPIC was saved would be lost to the
+/// guest (a queue that never hears of its used buffers stalls).
 #[derive(Debug)]
 pub struct VcpusParticipant<'a> {
     set: &'a VcpuSet,
-    paused_at_ns: u64,
+    msrs: &'static [u32],
+    saves: Arc<VcpuSaves>,
     /// Whether the vCPUs ran before the pause: a VM paused by the user stays paused when the
     /// update is cancelled or a snapshot is done.
     was_running: bool,
 }
 
 impl<'a> VcpusParticipant<'a> {
-    /// The vCPUs of the VM.
-    pub fn new(set: &'a VcpuSet) -> Self {
+    /// The vCPUs of the VM; at the save each thread saves its vCPU (with the MSRs `msrs`)
+    /// into `saves`.
+    pub fn new(set: &'a VcpuSet, msrs: &'static [u32], saves: Arc<VcpuSaves>) -> Self {
         Self {
             set,
-            paused_at_ns: 0,
+            msrs,
+            saves,
             was_running: false,
         }
     }
@@ -208,14 +253,43 @@ impl Participant for VcpusParticipant<'_> {
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
         self.was_running = self.set.is_running();
-        self.set.pause();
-        self.paused_at_ns = realtime_ns();
+        let saves = self.saves.clone();
+        self.set.pause_with(Arc::new(move |index, _| {
+            if let Some(stamp) = saves.stopped_at_ns.get(usize::from(index)) {
+                stamp.store(realtime_ns(), Ordering::SeqCst);
+            }
+        }));
+        // The pause starts once every vCPU has stopped: the last thread's stamp, or now when
+        // no thread was running.
+        let last_stop = self
+            .saves
+            .stopped_at_ns
+            .iter()
+            .map(|stamp| stamp.load(Ordering::SeqCst))
+            .max()
+            .filter(|&stamp| stamp != 0);
+        let paused_at_ns = last_stop.unwrap_or_else(realtime_ns);
+        self.saves
+            .paused_at_ns
+            .store(paused_at_ns, Ordering::SeqCst);
         Ok(())
     }
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<VcpusState, ParticipantError> {
+        // Every participant has paused: no interrupt can reach a LAPIC any more.
+        let (saves, msrs) = (self.saves.clone(), self.msrs);
+        self.set.run_parked(Arc::new(move |index, vcpu| {
+            let state = VcpuState::save(vcpu, msrs);
+            let save = ParkedSave {
+                state,
+                tsc_read_at_ns: realtime_ns(),
+            };
+            if let Some(slot) = saves.parked.get(usize::from(index)) {
+                *lock(slot) = Some(save);
+            }
+        }));
         Ok(VcpusState {
             count: self.set.vcpus().len(),
-            paused_at_ns: self.paused_at_ns,
+            paused_at_ns: self.saves.paused_at_ns.load(Ordering::SeqCst),
         })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
@@ -226,18 +300,26 @@ impl Participant for VcpusParticipant<'_> {
     }
 }
 
-/// One vCPU's registers, MSRs, LAPIC and events (paused with the whole set before it).
+/// One vCPU's registers, MSRs, LAPIC and events (paused with the whole set before it, whose
+/// save had its thread save them).
 #[derive(Debug)]
 pub struct VcpuParticipant<'a> {
     set: &'a VcpuSet,
     index: usize,
     msrs: &'a [u32],
+    saves: Arc<VcpuSaves>,
 }
 
 impl<'a> VcpuParticipant<'a> {
-    /// vCPU `index` of `set`; `msrs` is the list of MSRs to save.
-    pub fn new(set: &'a VcpuSet, index: usize, msrs: &'a [u32]) -> Self {
-        Self { set, index, msrs }
+    /// vCPU `index` of `set`, whose thread saved it into `saves`; `msrs` is the list of MSRs
+    /// to save here if it did not.
+    pub fn new(set: &'a VcpuSet, index: usize, msrs: &'a [u32], saves: Arc<VcpuSaves>) -> Self {
+        Self {
+            set,
+            index,
+            msrs,
+            saves,
+        }
     }
 }
 
@@ -259,7 +341,25 @@ impl Participant for VcpuParticipant<'_> {
             .vcpus()
             .get(self.index)
             .ok_or_else(|| failed(&self.id(), "no such vCPU"))?;
-        VcpuState::save(&lock(vcpu), self.msrs).map_err(|e| failed(&self.id(), e))
+        // A vCPU whose thread did not save it (stopped after a failure) is saved here.
+        let saved = match self.saves.take(self.index) {
+            Some(saved) => saved,
+            None => ParkedSave {
+                state: VcpuState::save(&lock(vcpu), self.msrs),
+                tsc_read_at_ns: realtime_ns(),
+            },
+        };
+        let mut state = saved.state.map_err(|e| failed(&self.id(), e))?;
+        // The TSC as of the pause instant, which the successor moves on by the pause.
+        let paused_at_ns = self.saves.paused_at_ns.load(Ordering::SeqCst);
+        let since_pause =
+            i64::try_from(i128::from(saved.tsc_read_at_ns) - i128::from(paused_at_ns)).unwrap_or(0);
+        let khz = state
+            .tsc_khz
+            .or_else(|| lock(vcpu).get_tsc_khz().ok())
+            .unwrap_or(0);
+        cpu::shift_saved_tsc(&mut state, -since_pause, khz);
+        Ok(state)
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())
@@ -410,5 +510,110 @@ impl Participant for FailureInjector {
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::RwLock;
+
+    use devices::bus::Bus;
+    use kvm_bindings::kvm_msi;
+    use kvm_ioctls::VmFd;
+    use liveupdate::emulated::EmulatedProvider;
+    use liveupdate::session::SessionProvider;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::cpu::test_util;
+    use crate::cpu::{lapic_register, set_lapic_register};
+    use crate::vcpu_thread::Buses;
+
+    /// A real-mode guest that halts with interrupts off, forever: `cli; hlt; jmp $-1`.
+    const HALT_CODE: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+    const MSRS: &[u32] = &[cpu::MSR_IA32_TSC];
+
+    /// A running one-vCPU VM (in-kernel irqchip) halted in `HALT_CODE`, its LAPIC accepting
+    /// interrupts (which stay pending in the IRR: the guest never takes them).
+    struct HaltedGuest {
+        set: VcpuSet,
+        vm: VmFd,
+        _ram: GuestRam,
+    }
+
+    impl HaltedGuest {
+        fn start() -> Self {
+            let kvm = test_util::kvm();
+            let vm = test_util::vm(&kvm);
+            let ram = GuestRam::new(64 << 20).unwrap();
+            ram.memory()
+                .write_slice(&HALT_CODE, GuestAddress(0x1000))
+                .unwrap();
+            ram.register(&vm).unwrap();
+            let vcpu = vm.create_vcpu(0).unwrap();
+            let mut sregs = vcpu.get_sregs().unwrap();
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+            vcpu.set_sregs(&sregs).unwrap();
+            let mut regs = vcpu.get_regs().unwrap();
+            regs.rip = 0x1000;
+            regs.rflags = 2;
+            vcpu.set_regs(&regs).unwrap();
+            let mut lapic = vcpu.get_lapic().unwrap();
+            // Spurious vector register: bit 8 software-enables the LAPIC.
+            set_lapic_register(&mut lapic, 0xf0, 0x1ff);
+            vcpu.set_lapic(&lapic).unwrap();
+            let buses = Buses {
+                pio: Arc::new(RwLock::new(Bus::new())),
+                mmio: Arc::new(RwLock::new(Bus::new())),
+            };
+            let set = VcpuSet::start(vec![vcpu], &buses, Arc::new(|_| {})).unwrap();
+            set.resume();
+            Self { set, vm, _ram: ram }
+        }
+
+        /// An MSI to vCPU 0 (LAPIC id 0, fixed delivery) with `vector`, as a device raises it.
+        fn raise_msi(&self, vector: u32) {
+            let msi = kvm_msi {
+                address_lo: 0xfee0_0000,
+                data: vector,
+                ..Default::default()
+            };
+            self.vm.signal_msi(msi).unwrap();
+        }
+    }
+
+    fn irr_has(state: &VcpuState, vector: u32) -> bool {
+        let offset = 0x200 + usize::try_from(vector / 32).unwrap() * 0x10;
+        lapic_register(&state.lapic, offset) & (1 << (vector % 32)) != 0
+    }
+
+    #[test]
+    fn an_interrupt_raised_between_the_vcpus_stopping_and_the_save_is_in_the_saved_lapic() {
+        // Arrange: the vCPU runs (halted in the guest) until the update pauses it.
+        let guest = HaltedGuest::start();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let saves = VcpuSaves::new(1);
+        let mut vcpus = VcpusParticipant::new(&guest.set, MSRS, saves.clone());
+        let mut vcpu0 = VcpuParticipant::new(&guest.set, 0, MSRS, saves);
+        let mut provider = EmulatedProvider::new();
+        let mut session = provider.create_session("vm").unwrap();
+        let mut files = FileSink::new(session.as_mut());
+
+        // Act: the vCPUs stop first; a device whose queue worker has not stopped yet raises an
+        // MSI; then everything is saved.
+        vcpus.pause().unwrap();
+        vcpu0.pause().unwrap();
+        guest.raise_msi(0x44);
+        let set_state = vcpus.save(&mut files).unwrap();
+        let state = vcpu0.save(&mut files).unwrap();
+
+        // Assert: the successor's LAPIC gets it, so the guest hears of the device's work.
+        assert!(
+            irr_has(&state, 0x44),
+            "the MSI raised after the pause is lost"
+        );
+        assert_eq!(set_state.count, 1);
+        assert_ne!(set_state.paused_at_ns, 0);
     }
 }

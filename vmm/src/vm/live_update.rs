@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use liveupdate::fault::{self, FaultStep};
@@ -17,15 +17,15 @@ use crate::device_manager::{DeviceContext, DeviceManager, HandedOverFds};
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::live_update::participants::{
     ClockState, ConfigParticipant, ConfigState, FailureInjector, InterruptsParticipant,
-    MemoryParticipant, MemoryState, PitState, VcpuParticipant, VcpusParticipant, VcpusState,
-    clock_participant, ids, irqchip_participant, pit_participant, realtime_ns,
+    MemoryParticipant, MemoryState, PitState, VcpuParticipant, VcpuSaves, VcpusParticipant,
+    VcpusState, clock_participant, ids, irqchip_participant, pit_participant, realtime_ns,
 };
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{GuestRam, MemoryError, vcpus_hint};
 use crate::platform::{IrqchipsState, PlatformState};
 use crate::state_format::StateFormat;
-use crate::vcpu_thread::VcpuEvent;
+use crate::vcpu_thread::{BuildError, IdleVcpus, VcpuBuilder, VcpuEvent, VcpuSet};
 
-use super::{Parts, Vm, VmError, create_vcpu, create_vm};
+use super::{Parts, Vm, VmError, create_bare_vm, create_vcpu};
 
 /// A KVM VM (irqchip and PIT made) with guest RAM mapped and registered, built by a successor
 /// ahead of the update while the old VMM still runs the guest on that same RAM.
@@ -34,20 +34,58 @@ pub struct Prebuilt {
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     ram: GuestRam,
+    /// vCPU threads started ahead, as many as the RAM's name says (see [`vcpus_hint`]).
+    vcpu_threads: Option<IdleVcpus<VmError>>,
 }
 
 impl Prebuilt {
     /// Maps `ram_memfd` (all of guest RAM) into a new KVM VM.
     pub fn new(ram_memfd: File) -> Result<Self, VmError> {
+        Self::timed(ram_memfd).map(|(prebuilt, _)| prebuilt)
+    }
+
+    /// [`Prebuilt::new`], with the time of each step: RAM mapped (`map_ram`), KVM VM with its
+    /// irqchip and PIT made (`kvm_vm`), RAM registered with KVM (`memslots`).
+    fn timed(ram_memfd: File) -> Result<(Self, BuildSteps), VmError> {
+        let start = Instant::now();
         let size = ram_memfd
             .metadata()
             .map_err(|e| VmError::Memory(MemoryError::Memfd(e)))?
             .len();
         let ram = GuestRam::from_memfd(ram_memfd, size).map_err(VmError::Memory)?;
-        let (kvm, vm_fd) = create_vm(&ram)?;
-        Ok(Self { kvm, vm_fd, ram })
+        let mapped = Instant::now();
+        let (kvm, vm_fd) = create_bare_vm()?;
+        let made = Instant::now();
+        ram.register(&vm_fd).map_err(VmError::Memory)?;
+        let steps = [
+            ("map_ram", mapped - start),
+            ("kvm_vm", made - mapped),
+            ("memslots", made.elapsed()),
+        ];
+        let prebuilt = Self {
+            kvm,
+            vm_fd,
+            ram,
+            vcpu_threads: None,
+        };
+        Ok((prebuilt, steps))
+    }
+
+    /// Also starts the VM's vCPU threads ahead, if the RAM says how many vCPUs it has: they
+    /// wait, and make and load their vCPUs once the state is there.
+    pub fn with_vcpu_threads(mut self, on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>) -> Self {
+        if let Some(count) = vcpus_hint(self.ram.memfd()) {
+            match VcpuSet::spawn_idle(usize::from(count), on_event) {
+                Ok(idle) => self.vcpu_threads = Some(idle),
+                Err(e) => log::warn!("Cannot start vCPU threads ahead ({e}); they start later"),
+            }
+        }
+        self
     }
 }
+
+/// The named steps of building a [`Prebuilt`], and their times.
+type BuildSteps = [(&'static str, Duration); 3];
 
 fn take<S: Versioned>(states: &mut StateSet, id: &str) -> Result<S, VmError> {
     states
@@ -64,20 +102,30 @@ fn lap(incoming: &mut Incoming, name: &str, since: &mut Instant) {
     *since = now;
 }
 
-/// Moves a saved vCPU's TSC forward by `elapsed_ns` at the guest's TSC rate.
-fn advance_tsc(mut state: VcpuState, elapsed_ns: u64, vcpu: &VcpuFd) -> VcpuState {
+/// Makes vCPU `index` and loads `state` into it, its TSC moved on by the time since the old
+/// VMM's pause (`paused_at_ns`), reckoned right before it is loaded. Runs on the vCPU's own
+/// thread.
+fn build_vcpu(
+    vm_fd: &VmFd,
+    index: u8,
+    mut state: VcpuState,
+    paused_at_ns: u64,
+) -> Result<VcpuFd, VmError> {
+    let vcpu = create_vcpu(vm_fd, index)?;
     let khz = state
         .tsc_khz
         .or_else(|| vcpu.get_tsc_khz().ok())
         .unwrap_or(0);
-    let ticks = u128::from(elapsed_ns) * u128::from(khz) / 1_000_000;
-    let ticks = u64::try_from(ticks).unwrap_or(u64::MAX);
-    for msr in &mut state.msrs {
-        if msr.index == cpu::MSR_IA32_TSC {
-            msr.data = msr.data.wrapping_add(ticks);
-        }
-    }
+    let elapsed_ns = realtime_ns().saturating_sub(paused_at_ns);
+    cpu::shift_saved_tsc(
+        &mut state,
+        i64::try_from(elapsed_ns).unwrap_or(i64::MAX),
+        khz,
+    );
     state
+        .restore(&vcpu)
+        .map_err(|source| VmError::Vcpu { index, source })?;
+    Ok(vcpu)
 }
 
 impl Vm {
@@ -105,7 +153,12 @@ impl Vm {
         let clock: ClockState = take(states, ids::CLOCK)?;
         let mut platform = PlatformState::from_parts(irqchips, pit.0, clock.0);
         let mut step = Instant::now();
-        let Prebuilt { kvm, vm_fd, ram } = match prebuilt {
+        let Prebuilt {
+            kvm,
+            vm_fd,
+            ram,
+            vcpu_threads,
+        } = match prebuilt {
             Some(prebuilt) if prebuilt.ram.size() == memory.size => prebuilt,
             Some(prebuilt) => {
                 return Err(VmError::PrebuiltMismatch {
@@ -120,10 +173,31 @@ impl Vm {
                         "guest RAM (a memfd: LUO's memfd file handler)",
                     )
                     .map_err(VmError::LiveUpdate)?;
-                Prebuilt::new(File::from(memfd))?
+                let (prebuilt, steps) = Prebuilt::timed(File::from(memfd))?;
+                for (name, took) in steps {
+                    incoming.timings_mut().record(name, took);
+                }
+                prebuilt
             }
         };
         lap(incoming, "create_vm", &mut step);
+        // Each vCPU is made and loaded on its own thread, side by side and beside the devices.
+        let msrs = cpu::msrs_of_restored(vcpu_states.first().ok_or(VmError::NoVcpu)?);
+        let paused_at_ns = vcpus.paused_at_ns;
+        let builders = (0u8..)
+            .zip(vcpu_states)
+            .map(|(index, state)| {
+                let vm_fd = vm_fd.clone();
+                Box::new(move || build_vcpu(&vm_fd, index, state, paused_at_ns))
+                    as VcpuBuilder<VmError>
+            })
+            .collect();
+        let pending = match vcpu_threads {
+            Some(idle) => idle.build(builders),
+            None => VcpuSet::spawn_building(builders, on_event.clone()),
+        }
+        .map_err(VmError::VcpuThreads)?;
+        lap(incoming, "create_vcpus", &mut step);
         // Routes first: devices then claim their MSI groups by their saved placement.
         let interrupts = InterruptManager::restore(vm_fd.clone(), &interrupt_state)
             .map_err(VmError::Interrupts)?;
@@ -150,27 +224,17 @@ impl Vm {
             )));
         }
         lap(incoming, "devices", &mut step);
+        let vcpu_set = pending.finish(devices.buses()).map_err(|e| match e {
+            BuildError::Failed(_, error) => error,
+            BuildError::Lost(index) => VmError::VcpuThreads(std::io::Error::other(format!(
+                "vCPU thread {index} ended while loading its state"
+            ))),
+        })?;
+        lap(incoming, "vcpus", &mut step);
 
         // The guest's clocks move on by the length of the pause: it must see real time pass,
-        // neither jump back nor fall behind.
-        let elapsed_ns = realtime_ns().saturating_sub(vcpus.paused_at_ns);
-        log::info!(
-            "Guest paused {elapsed_ns} ns ago; TSC kHz {:?}, kvmclock {} ns",
-            vcpu_states.first().and_then(|v| v.tsc_khz),
-            platform.clock.clock
-        );
-        let mut fds = Vec::with_capacity(vcpu_states.len());
-        for index in (0u8..).take(vcpu_states.len()) {
-            fds.push(create_vcpu(&vm_fd, index)?);
-        }
-        lap(incoming, "create_vcpus", &mut step);
-        for ((index, state), vcpu) in (0u8..).zip(vcpu_states).zip(&fds) {
-            let state = advance_tsc(state, elapsed_ns, vcpu);
-            state
-                .restore(vcpu)
-                .map_err(|source| VmError::Vcpu { index, source })?;
-        }
-        lap(incoming, "vcpus", &mut step);
+        // neither jump back nor fall behind (each vCPU's TSC was moved on by its thread).
+        let elapsed_ns = realtime_ns().saturating_sub(paused_at_ns);
         platform.clock.clock = platform.clock.clock.saturating_add(elapsed_ns);
         // Last before running: the PIT and kvmclock start counting from here.
         platform.restore(&vm_fd).map_err(VmError::Platform)?;
@@ -183,14 +247,16 @@ impl Vm {
             ram,
             interrupts,
             devices,
-            vcpus: fds,
+            vcpus: vcpu_set,
+            msrs,
         };
         fault::reached(FaultStep::Restore).map_err(VmError::Fault)?;
         // The guest runs on from here: whoever holds the session must never give its saved
         // state to another successor again. Told first, so no window lets a second restore in.
         fault::fail_point(FaultStep::Resume).map_err(VmError::Fault)?;
         incoming.mark_resumed().map_err(VmError::LiveUpdate)?;
-        let vm = Self::start(parts, on_event, resume)?;
+        lap(incoming, "mark_resumed", &mut step);
+        let vm = Self::start(parts, resume)?;
         lap(incoming, "start", &mut step);
         Ok((vm, config, vcpus.paused_at_ns))
     }
@@ -260,9 +326,10 @@ impl Vm {
         let msrs = self.msrs;
         let mut config_part = ConfigParticipant(config);
         let mut memory = MemoryParticipant::new(&self.ram);
-        let mut vcpus = VcpusParticipant::new(&self.vcpus);
+        let saves = VcpuSaves::new(self.vcpus.vcpus().len());
+        let mut vcpus = VcpusParticipant::new(&self.vcpus, msrs, saves.clone());
         let mut each_vcpu: Vec<_> = (0..self.vcpus.vcpus().len())
-            .map(|index| VcpuParticipant::new(&self.vcpus, index, msrs))
+            .map(|index| VcpuParticipant::new(&self.vcpus, index, msrs, saves.clone()))
             .collect();
         let mut interrupts = InterruptsParticipant(&self.interrupts);
         let mut irqchip = irqchip_participant(&self.vm_fd);

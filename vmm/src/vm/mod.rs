@@ -97,23 +97,31 @@ pub enum VmError {
     },
 }
 
-/// What a VM is made of, before its vCPU threads start.
+/// What a VM is made of, its vCPU threads started (paused).
 struct Parts {
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     ram: GuestRam,
     interrupts: InterruptManager,
     devices: DeviceManager,
-    vcpus: Vec<VcpuFd>,
+    vcpus: VcpuSet,
+    /// The MSRs a vCPU state carries (see [`Vm`]).
+    msrs: &'static [u32],
 }
 
 /// A KVM VM with its irqchip and PIT, and `ram` registered as its memory.
 fn create_vm(ram: &GuestRam) -> Result<(Kvm, Arc<VmFd>), VmError> {
+    let (kvm, vm_fd) = create_bare_vm()?;
+    ram.register(&vm_fd).map_err(VmError::Memory)?;
+    Ok((kvm, vm_fd))
+}
+
+/// A KVM VM with its irqchip and PIT, no memory yet.
+fn create_bare_vm() -> Result<(Kvm, Arc<VmFd>), VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
     // The irqchip must exist before any vCPU (KVM creates each vCPU's LAPIC from it).
     platform::create_platform(&vm_fd).map_err(VmError::Platform)?;
-    ram.register(&vm_fd).map_err(VmError::Memory)?;
     Ok((kvm, vm_fd))
 }
 
@@ -145,7 +153,8 @@ impl Vm {
         config: &VmConfig,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
     ) -> Result<Self, VmError> {
-        let ram = GuestRam::new(config.memory.size).map_err(VmError::Memory)?;
+        let ram = GuestRam::new_for_vcpus(config.memory.size, config.cpus.boot_vcpus)
+            .map_err(VmError::Memory)?;
         let (kvm, vm_fd) = create_vm(&ram)?;
         let interrupts = InterruptManager::new(vm_fd.clone()).map_err(VmError::Interrupts)?;
         let ctx = DeviceContext {
@@ -180,6 +189,10 @@ impl Vm {
             }
             fds.push(vcpu);
         }
+        let first = fds.first().ok_or(VmError::NoVcpu)?;
+        let msrs = cpu::supported_msrs_cached(&kvm, first)
+            .map_err(|source| VmError::Vcpu { index: 0, source })?;
+        let vcpus = VcpuSet::start(fds, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
         Self::start(
             Parts {
                 kvm,
@@ -187,19 +200,15 @@ impl Vm {
                 ram,
                 interrupts,
                 devices,
-                vcpus: fds,
+                vcpus,
+                msrs,
             },
-            on_event,
             true,
         )
     }
 
-    /// Starts the vCPU threads and device workers; the vCPUs run only with `resume`.
-    fn start(
-        parts: Parts,
-        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
-        resume: bool,
-    ) -> Result<Self, VmError> {
+    /// Starts the device workers and, with `resume`, the vCPUs.
+    fn start(parts: Parts, resume: bool) -> Result<Self, VmError> {
         let Parts {
             kvm,
             vm_fd,
@@ -207,12 +216,8 @@ impl Vm {
             interrupts,
             mut devices,
             vcpus,
+            msrs,
         } = parts;
-        let first = vcpus.first().ok_or(VmError::NoVcpu)?;
-        let msrs = cpu::supported_msrs_cached(&kvm, first)
-            .map_err(|source| VmError::Vcpu { index: 0, source })?;
-        let vcpus =
-            VcpuSet::start(vcpus, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
         if resume {
             devices.start_workers().map_err(VmError::Devices)?;
             vcpus.resume();
