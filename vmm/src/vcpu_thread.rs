@@ -725,6 +725,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::cpu::test_util::start_real_mode_at;
     use crate::memory::GuestRam;
 
     /// Counts writes to its port.
@@ -774,14 +775,7 @@ mod tests {
             .unwrap();
         ram.register(&vm).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = 0x1000;
-        regs.rflags = 2;
-        vcpu.set_regs(&regs).unwrap();
+        start_real_mode_at(&vcpu, 0x1000).unwrap();
         let buses = Buses {
             pio: Arc::new(RwLock::new(pio)),
             mmio: Arc::new(RwLock::new(Bus::new())),
@@ -1009,14 +1003,7 @@ mod tests {
             let name = std::thread::current().name().unwrap_or("").to_string();
             lock(&names).push(name);
             let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
-            let mut sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
-            sregs.cs.base = 0;
-            sregs.cs.selector = 0;
-            vcpu.set_sregs(&sregs).map_err(|e| e.to_string())?;
-            let mut regs = vcpu.get_regs().map_err(|e| e.to_string())?;
-            regs.rip = 0x1000;
-            regs.rflags = 2;
-            vcpu.set_regs(&regs).map_err(|e| e.to_string())?;
+            start_real_mode_at(&vcpu, 0x1000).map_err(|e| e.to_string())?;
             Ok(vcpu)
         })
     }

@@ -20,3 +20,16 @@ pub fn vcpu(kvm: &Kvm, vm: &VmFd, id: u8, total: u8) -> VcpuFd {
     super::configure_vcpu(kvm, &vcpu, id, total).expect("configure vCPU");
     vcpu
 }
+
+/// Points `vcpu` at `rip` in real mode (code segment at 0), interrupts off: where the tests'
+/// small guest programs run.
+pub fn start_real_mode_at(vcpu: &VcpuFd, rip: u64) -> Result<(), kvm_ioctls::Error> {
+    let mut sregs = vcpu.get_sregs()?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs)?;
+    let mut regs = vcpu.get_regs()?;
+    regs.rip = rip;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs)
+}

@@ -551,14 +551,7 @@ mod tests {
                 .unwrap();
             ram.register(&vm).unwrap();
             let vcpu = vm.create_vcpu(0).unwrap();
-            let mut sregs = vcpu.get_sregs().unwrap();
-            sregs.cs.base = 0;
-            sregs.cs.selector = 0;
-            vcpu.set_sregs(&sregs).unwrap();
-            let mut regs = vcpu.get_regs().unwrap();
-            regs.rip = 0x1000;
-            regs.rflags = 2;
-            vcpu.set_regs(&regs).unwrap();
+            test_util::start_real_mode_at(&vcpu, 0x1000).unwrap();
             let mut lapic = vcpu.get_lapic().unwrap();
             // Spurious vector register: bit 8 software-enables the LAPIC.
             set_lapic_register(&mut lapic, 0xf0, 0x1ff);
