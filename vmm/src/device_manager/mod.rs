@@ -488,6 +488,14 @@ impl DeviceManager {
         })
     }
 
+    /// Where every registered device is, and the slot the next hot-add takes.
+    fn placement(&self) -> Placement {
+        Placement {
+            next_slot: self.next_slot,
+            devices: self.registry.placement(),
+        }
+    }
+
     /// Checks that the devices' state can be written as `format` reads it: a format without
     /// placement (release 0.1.0) places devices in the order of `config`, so every device
     /// must sit where that order (and the MSI `groups` in their order) puts it.
@@ -500,17 +508,15 @@ impl DeviceManager {
         if !format.without_placement() {
             return Ok(());
         }
-        let placement = Placement {
-            next_slot: self.next_slot,
-            devices: self.registry.placement(),
-        };
-        placement.check_build_order(config, groups).map_err(|why| {
-            format!(
-                "Cannot write the VM's state as release {} reads it: that release places the \
+        self.placement()
+            .check_build_order(config, groups)
+            .map_err(|why| {
+                format!(
+                    "Cannot write the VM's state as release {} reads it: that release places the \
                  devices in the order of the configuration, and {why}",
-                format.release
-            )
-        })
+                    format.release
+                )
+            })
     }
 
     /// The devices as live-update participants: each pauses (its queue worker stops, after
@@ -536,10 +542,7 @@ impl DeviceManager {
             save: Box::new(move || envelope(ids::CMOS, &lock(cmos).state())),
         }));
         let root = &self.pci_root;
-        let placement = Placement {
-            next_slot: self.next_slot,
-            devices: registry.placement(),
-        };
+        let placement = self.placement();
         list.push(Box::new(StateOnly {
             id: ids::PCI_ROOT.into(),
             save: Box::new(move || {

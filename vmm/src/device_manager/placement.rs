@@ -155,7 +155,8 @@ impl Placement {
         groups: &[MsiGroupState],
     ) -> Result<(), String> {
         let order = Self::build_order(config, groups)?;
-        let mut expected = order.clone().by_id();
+        let next_slot = order.next_slot;
+        let mut expected = order.by_id();
         for device in &self.devices {
             match expected.remove(&device.id) {
                 Some(there) if there == *device => {}
@@ -175,10 +176,10 @@ impl Placement {
                 "that order has a place for {id}, which is not here"
             ));
         }
-        if order.next_slot != self.next_slot {
+        if next_slot != self.next_slot {
             return Err(format!(
                 "the next hot-added device goes to slot {}; that order says slot {}",
-                self.next_slot, order.next_slot
+                self.next_slot, next_slot
             ));
         }
         Ok(())
