@@ -106,3 +106,21 @@ fn tcp_into_a_linux_guest_survives_a_restart_mode_update_and_comes_back_after_a_
     }
     report(&run, "NET-E2E ");
 }
+
+#[test]
+fn only_the_test_bed_kernels_own_oops_in_a_busybox_exec_gets_a_second_run() {
+    // The test-bed kernel's oops as a run printed it (stamped by the serial driver).
+    let fault = include_str!("data/test-bed-kernel-fault.log");
+    assert!(slow::test_bed_kernel_fault(fault));
+    // The same oops in a process of ours, or another kernel fault, fails the test at once.
+    assert!(!slow::test_bed_kernel_fault(
+        &fault.replace("Comm: sh ", "Comm: cloud-hypervi ")
+    ));
+    assert!(!slow::test_bed_kernel_fault(
+        &fault.replace("<8b> 47 10 48 29 c6 e9", "<8b> 47 18 48 29 c6 e9")
+    ));
+    assert!(!slow::test_bed_kernel_fault(&fault.replace(
+        "address: 0000000000000010",
+        "address: 0000000000000018"
+    )));
+}

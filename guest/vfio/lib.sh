@@ -18,6 +18,22 @@ dump_logs() {
     done
 }
 
+# The guest console $1 as a failure report: its last $2 lines and, before them, what a guest
+# kernel said when it crashed (the first oops, BUG or panic and the 60 lines after it), which a
+# reboot of the guest (panic=-1) pushes out of the last lines. The guest's "Kernel panic" is
+# reworded: the test bed's serial driver takes those words for its own kernel's panic.
+dump_console() {
+    [ -s "$1" ] || return 0
+    tr -d '\r' <"$1" | sed 's/Kernel panic/Kernel-panic (guest)/' >"$1.report"
+    dc_first=$(grep -nE 'Kernel-panic|BUG:|Oops|general protection|double fault|Call Trace' "$1.report" | head -n1 | cut -d: -f1)
+    if [ -n "$dc_first" ]; then
+        echo "----- the guest kernel's first crash report in $1 (line $dc_first)"
+        sed -n "$((dc_first > 5 ? dc_first - 5 : 1)),$((dc_first + 60))p" "$1.report"
+    fi
+    echo "----- last lines of $1"
+    tail -n "$2" "$1.report"
+}
+
 # The value of key $1 on the kernel command line, else $2.
 arg() {
     read -r arg_cmdline </proc/cmdline

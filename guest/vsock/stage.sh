@@ -53,7 +53,10 @@ fail() {
     {
         dump_logs 30 "$work/a.log" "$work/b.log" "$work/c.log" "$work/luod.log" "$work/restart-luod.log" \
             "$work/kexec.log" "$work/remote.log" "$work/h5000.out" "$work/hr.out" "$work/hk.out" "$work/hn.out"
-        dump_logs 40 "${console:-/nonexistent}"
+        dump_console "${console:-/nonexistent}" 40
+        # What the current VMM's devices moved (did the serial port take the typed input?).
+        [ -z "$console" ] ||
+            echo "----- counters: $(timeout 5 ch-remote --api-socket "${console%.console}.sock" counters 2>&1 | tr -d ' \n')"
         sleep 2
         echo "VSOCK-E2E-FAIL: stage $stage: $*"
     } >&2

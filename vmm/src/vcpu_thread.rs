@@ -520,8 +520,10 @@ impl Runner {
                 return;
             }
             let mut vcpu = lock(&self.vcpu);
+            let mut triple_fault = false;
             let outcome = match vcpu.run() {
                 Ok(exit) => {
+                    triple_fault = matches!(exit, VcpuExit::Shutdown);
                     io_pending = matches!(
                         exit,
                         VcpuExit::IoIn(..)
@@ -544,6 +546,9 @@ impl Runner {
                     })
                 }
             };
+            if triple_fault {
+                self.report_triple_fault(&vcpu);
+            }
             drop(vcpu);
             if let Err(event) = outcome {
                 self.park_after(event);
@@ -619,6 +624,35 @@ impl Runner {
             Err(e) if e.errno() == libc::EINTR => {}
             Err(e) => warn!("vcpu{}: cannot complete its last I/O: {e}", self.index),
             Ok(()) => warn!("vcpu{}: an exit while completing its last I/O", self.index),
+        }
+    }
+
+    /// Logs where the guest was when it triple-faulted (KVM resets it with no word of why): the
+    /// registers that tell a guest bug from a state the VMM restored wrongly.
+    fn report_triple_fault(&self, vcpu: &VcpuFd) {
+        match (vcpu.get_regs(), vcpu.get_sregs()) {
+            (Ok(r), Ok(s)) => warn!(
+                "vcpu{}: triple fault, the guest resets: rip {:#x} rsp {:#x} rflags {:#x} \
+                 cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x} idt {:#x}/{:#x}",
+                self.index,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.idt.base,
+                s.idt.limit
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(
+                    "vcpu{}: triple fault, the guest resets (registers: {e})",
+                    self.index
+                );
+            }
         }
     }
 

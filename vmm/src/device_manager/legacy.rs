@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use devices::bus::Bus;
 use devices::legacy::{Cmos, CmosState, I8042, Serial, SerialState, system_clock};
 use liveupdate::state::StateSet;
+use log::info;
 
 use crate::config::ConsoleMode;
 use crate::host_console::Port;
@@ -62,6 +63,7 @@ pub(super) fn add_legacy(
     let requested = AtomicBool::new(false);
     let i8042 = I8042::new(Box::new(move || {
         if !requested.swap(true, Ordering::SeqCst) {
+            info!("The guest asked the i8042 controller for a reset");
             on_event(VcpuEvent::Reset);
         }
         Ok(())
