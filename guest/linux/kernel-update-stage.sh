@@ -39,7 +39,8 @@ data=KERNEL-UPDATE-DATA-$(arg ku_data 0)
 
 fail() {
     {
-        dump_logs 30 "$work/vmm.log" "$work/luod.log" "$work/kexec.log" "$work/remote.log"
+        dump_logs 30 "$work/luod.log" "$work/kexec.log" "$work/remote.log"
+        dump_console "$work/vmm.log" 30
         echo "KERNEL-UPDATE-FAIL: stage $stage: $*"
     } >&2
     reboot -f

@@ -37,7 +37,8 @@ stage=$(arg e2e_stage 1)
 
 fail() {
     {
-        dump_logs 40 "$vmm_log" "$console_log" "$work/luod.log" "$work/kexec.log" "$work/remote.log"
+        dump_logs 40 "$vmm_log" "$work/luod.log" "$work/kexec.log" "$work/remote.log"
+        dump_console "$console_log" 40
         sleep 2
         echo "E2E-VFIO-FAIL: kexec-detach-linux stage $stage: $*"
     } >&2
