@@ -67,16 +67,17 @@ pub struct ScriptRun {
 
 /// Runs `scripts/<script> <args>` with stdout and stderr into `<target>/slow-tests/<log_name>.log`;
 /// panics with the end of the log when it fails.
-/// A run in which the test bed's own kernel panicked ([`test_bed_kernel_panicked`]) is run once
-/// more (the first log is kept as `<log_name>.first.log`).
+/// A run in which the test bed itself crashed ([`test_bed_crashed`]) is run once more (the first
+/// log is kept as `<log_name>.first.log`).
 pub fn run_script(script: &str, args: &[&OsStr], log_name: &str) -> ScriptRun {
     let (mut status, mut run) = try_run_script(script, args, log_name);
-    if !status.success() && test_bed_kernel_panicked(&run.output) {
+    if !status.success() && test_bed_crashed(&run.output) {
         let first = run.log.with_extension("first.log");
         std::fs::rename(&run.log, &first).unwrap();
         eprintln!(
-            "scripts/{script}: the test bed's own kernel oopsed (under QEMU TCG it does, about \
-             once in 25 boots: docs/testbed.md); running once more. The first log: {}",
+            "scripts/{script}: the test bed crashed (its kernel panicked, or QEMU died: under \
+             TCG with nested KVM about once in 25 boots, docs/testbed.md); running once more. \
+             The first log: {}",
             first.display()
         );
         (status, run) = try_run_script(script, args, log_name);
@@ -87,13 +88,17 @@ pub fn run_script(script: &str, args: &[&OsStr], log_name: &str) -> ScriptRun {
     run
 }
 
-/// What `scripts/serial-drive` prints when the test bed's kernel panics (it boots with
-/// `oops=panic`). A guest's panic never matches: the stages reword the guest console's.
-pub const TEST_BED_KERNEL_PANIC: &str = "serial-drive: fail marker 'Kernel panic' seen";
+/// What `scripts/serial-drive` prints when the test bed crashed: its kernel panicked (it boots
+/// with `oops=panic`; the stages reword a guest's panic in their reports, so that never
+/// matches), or QEMU died of a signal.
+pub const TEST_BED_CRASHES: [&str; 2] = [
+    "serial-drive: fail marker 'Kernel panic' seen",
+    "serial-drive: command died of signal",
+];
 
-/// Whether the test bed's own kernel panicked in `output`, the log of a test-bed script.
-pub fn test_bed_kernel_panicked(output: &str) -> bool {
-    output.contains(TEST_BED_KERNEL_PANIC)
+/// Whether `output`, the log of a test-bed script, shows the test bed itself crashing.
+pub fn test_bed_crashed(output: &str) -> bool {
+    TEST_BED_CRASHES.iter().any(|crash| output.contains(crash))
 }
 
 fn try_run_script(script: &str, args: &[&OsStr], log_name: &str) -> (ExitStatus, ScriptRun) {
