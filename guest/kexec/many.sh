@@ -84,19 +84,8 @@ if [ "$stage" = 1 ]; then
         done
     done
     wait_statuses 2 $((120 + 10 * vms))
-    sessions=""
-    for i in $(seq 1 "$vms"); do sessions="$sessions --session vm$i"; done
     next="$(sed 's/ *e2e_stage=[^ ]*//' /proc/cmdline) e2e_stage=2"
-    # shellcheck disable=SC2086 # one --session NAME pair per VM
-    ch-luod --socket "$agent" kexec --kernel /kexec/bzImage --initrd /kexec/initrd.cpio.gz \
-        --cmdline "$next" --timeout $((120 + 5 * vms)) $sessions >"$work/kexec.log" 2>&1 &
-    kexec_pid=$!
-    t=$(now)
-    until grep -q 'loaded; waiting' "$work/luod.log"; do
-        kill -0 "$kexec_pid" 2>/dev/null || fail "ch-luod kexec exited before the image was loaded: $(cat "$work/kexec.log")"
-        elapsed_over "$t" 60 && fail "the kexec image was not loaded within 60 s"
-        sleep 0.05
-    done
+    load_next_kernel "$agent" "$work/luod.log" "$(seq 1 "$vms" | sed 's/^/vm/')" "$next" $((120 + 5 * vms))
     echo "MANY-REQ unix_us=$(unix_us)"
     for i in $(seq 1 "$vms"); do
         ch-remote --api-socket "$work/vm$i.sock" live-update --session "vm$i" >"$work/remote$i.log" 2>&1 &

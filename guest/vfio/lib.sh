@@ -74,11 +74,15 @@ start_kernel_agent() {
 }
 
 # Has the agent at $1 (log $2) load /kexec/bzImage and /kexec/initrd.cpio.gz with command line
-# $4, to boot once session $3 is frozen (waiting at most $5 seconds, default 120); returns when
-# the image is loaded, with ch-luod kexec's pid in $kexec_pid and its output in $work/kexec.log.
+# $4, to boot once the sessions named in $3 (separated by white space) are frozen (waiting at
+# most $5 seconds, default 120); returns when the image is loaded, with ch-luod kexec's pid in
+# $kexec_pid and its output in $work/kexec.log.
 load_next_kernel() {
+    nk_sessions=""
+    for nk_name in $3; do nk_sessions="$nk_sessions --session $nk_name"; done
+    # shellcheck disable=SC2086 # one --session NAME pair per session
     ch-luod --socket "$1" kexec --kernel /kexec/bzImage --initrd /kexec/initrd.cpio.gz \
-        --cmdline "$4" --timeout "${5:-120}" --session "$3" >"$work/kexec.log" 2>&1 &
+        --cmdline "$4" --timeout "${5:-120}" $nk_sessions >"$work/kexec.log" 2>&1 &
     kexec_pid=$!
     nk_start=$(now)
     # The agent may have loaded (and given up on) an image before: wait for a new line.
