@@ -628,12 +628,20 @@ impl Runner {
     }
 
     /// Logs where the guest was when it triple-faulted (KVM resets it with no word of why): the
-    /// registers that tell a guest bug from a state the VMM restored wrongly.
+    /// registers that tell a guest bug from a state the VMM restored wrongly. KVM on AMD has
+    /// put the vCPU through INIT already (its VMCB is undefined after a shutdown), so there the
+    /// registers are the INIT state (rip 0xfff0, cs 0xf000) and say only that.
     fn report_triple_fault(&self, vcpu: &VcpuFd) {
         match (vcpu.get_regs(), vcpu.get_sregs()) {
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => warn!(
+                "vcpu{}: triple fault, the guest resets (KVM re-initialised the vCPU: where \
+                 it was is lost; apic_base {:#x})",
+                self.index, s.apic_base
+            ),
             (Ok(r), Ok(s)) => warn!(
                 "vcpu{}: triple fault, the guest resets: rip {:#x} rsp {:#x} rflags {:#x} \
-                 cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x} idt {:#x}/{:#x}",
+                 cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x} idt {:#x}/{:#x} \
+                 apic_base {:#x} mp_state {:?}",
                 self.index,
                 r.rip,
                 r.rsp,
@@ -645,7 +653,9 @@ impl Runner {
                 s.efer,
                 s.cs.selector,
                 s.idt.base,
-                s.idt.limit
+                s.idt.limit,
+                s.apic_base,
+                vcpu.get_mp_state().map(|m| m.mp_state)
             ),
             (Err(e), _) | (_, Err(e)) => {
                 warn!(

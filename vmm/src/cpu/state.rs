@@ -173,6 +173,14 @@ impl VcpuState {
         //    SIPI vector as valid; we do, so a vCPU caught between INIT and SIPI keeps it.
         let mut events = self.vcpu_events;
         events.flags |= KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        if events.smi.latched_init != 0 {
+            // Rare in a running guest: KVM resets the vCPU (INIT) when it next runs.
+            log::warn!(
+                "vCPU state with a latched INIT (mp_state {}, apic_base {:#x})",
+                self.mp_state.mp_state,
+                self.sregs.apic_base
+            );
+        }
         vcpu.set_vcpu_events(&events)
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
     }
