@@ -97,6 +97,12 @@ impl GuestRam {
             file_offset += len;
         }
         let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+        // Huge folios make a kernel live update cheaper: LUO pins, preserves and restores RAM
+        // folio by folio (a 2 MiB folio is one step, not 512), and KVM maps it with large pages.
+        // Only a hint: without transparent huge pages RAM works as before.
+        if let Err(e) = sys::advise_huge_pages(&memory) {
+            log::debug!("Guest RAM without huge pages (MADV_HUGEPAGE: {e})");
+        }
         Ok(Self {
             memfd,
             size,
@@ -176,6 +182,26 @@ mod tests {
             link.to_string_lossy().starts_with("/memfd:guest-ram"),
             "{link:?}"
         );
+    }
+
+    #[test]
+    fn ram_asks_for_huge_pages() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let start = ram.memory().iter().next().unwrap().as_ptr() as usize;
+
+        // The mapping's line in smaps ("start-end perms ...") and its VmFlags after it: `hg` is
+        // MADV_HUGEPAGE (the flag is set whether or not the host then uses huge pages).
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let header = format!("{start:x}-");
+        let mapping = smaps
+            .split_inclusive('\n')
+            .skip_while(|line| !line.starts_with(&header))
+            .collect::<String>();
+        let flags = mapping
+            .lines()
+            .find(|line| line.starts_with("VmFlags:"))
+            .unwrap();
+        assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
     }
 
     #[test]
