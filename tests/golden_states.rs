@@ -83,7 +83,11 @@ fn assert_restores_and_runs(name: &str) {
 
 /// Restores golden state `name` in a new VMM (resumed) under `dir`, with `extra` options.
 fn restore(name: &str, dir: &Path, extra: &[&str]) -> VmmProcess {
-    let snap = unpack(name, dir);
+    spawn_restored(&unpack(name, dir), dir, extra)
+}
+
+/// A new VMM under `dir` restoring (resumed) the unpacked snapshot `snap`, with `extra` options.
+fn spawn_restored(snap: &Path, dir: &Path, extra: &[&str]) -> VmmProcess {
     let socket = dir.join("api.sock");
     let source = format!("source_url=file://{},resume=on", snap.display());
     let mut args = vec![
@@ -186,18 +190,8 @@ fn a_vm_with_a_vfio_user_device_saved_by_an_earlier_build_runs_on_against_a_fres
         "testdev",
         &["--persist", "--enable", enable.trim()],
     );
-    let socket = dir.join("api.sock");
-    let source = format!("source_url=file://{},resume=on", snap.display());
 
-    let vmm = VmmProcess::spawn(
-        &[
-            "--api-socket",
-            socket.to_str().unwrap(),
-            "--restore",
-            &source,
-        ],
-        &dir,
-    );
+    let vmm = spawn_restored(&snap, &dir, &[]);
 
     assert_runs_on(name, &vmm, 0);
     // The first line was on its way out at the snapshot (the fresh device counts from 0).

@@ -42,17 +42,21 @@ unix_us() { adjtimex | awk '/time.tv_sec/ { s = $2 } /time.tv_usec/ { u = $2 } E
 # The status lines a probe printed on serial log $1.
 statuses() { tr -d '\r' <"$1" 2>/dev/null | grep -c 'probe: status seq=.* uptime_ms='; }
 
-# Waits up to $2 seconds until every VM's serial log has at least $1 status lines more than
-# it had at the start of the stage.
+# Waits until VM $1's serial log holds at least $2 status lines, failing once $4 seconds have
+# passed since $3 (a `now`) or when its VMM exits.
+wait_vm_statuses() {
+    until [ "$(statuses "$work/vm$1.log")" -ge "$2" ]; do
+        kill -0 "$(cat "$work/vm$1.pid")" 2>/dev/null || fail "the VMM of VM $1 exited"
+        elapsed_over "$3" "$4" && fail "VM $1 printed fewer than $2 status lines within $4 s"
+        sleep 0.1
+    done
+}
+
+# Waits up to $2 seconds until every VM's serial log (this stage's) holds at least $1 status
+# lines.
 wait_statuses() {
     ws_start=$(now)
-    for i in $(seq 1 "$vms"); do
-        until [ "$(statuses "$work/vm$i.log")" -ge "$1" ]; do
-            kill -0 "$(cat "$work/vm$i.pid")" 2>/dev/null || fail "the VMM of VM $i exited"
-            elapsed_over "$ws_start" "$2" && fail "VM $i printed fewer than $1 status lines within $2 s"
-            sleep 0.2
-        done
-    done
+    for i in $(seq 1 "$vms"); do wait_vm_statuses "$i" "$1" "$ws_start" "$2"; done
 }
 
 # Starts the VMM of VM $1 with the further arguments; its serial output goes to vm$1.log, its
@@ -76,12 +80,7 @@ if [ "$stage" = 1 ]; then
     for i in $(seq 1 "$vms"); do
         start_vmm "$i" --kernel /guest/probe-guest.elf --memory "size=${mib}M" --cpus boot=1 \
             --serial tty --console off --cmdline "heartbeat=1 heartbeat_us=2000 status_ms=200"
-        t=$(now)
-        until [ "$(statuses "$work/vm$i.log")" -ge 1 ]; do
-            kill -0 "$(cat "$work/vm$i.pid")" 2>/dev/null || fail "the VMM of VM $i exited"
-            elapsed_over "$t" 120 && fail "VM $i printed no status line within 120 s"
-            sleep 0.1
-        done
+        wait_vm_statuses "$i" 1 "$(now)" 120
     done
     wait_statuses 2 $((120 + 10 * vms))
     next="$(sed 's/ *e2e_stage=[^ ]*//' /proc/cmdline) e2e_stage=2"

@@ -89,9 +89,14 @@ initramfs_add_file() {
     initramfs_add_libs "$stage" "$host"
 }
 
+# Whether file $1 is an ELF file.
+initramfs_is_elf() {
+    [ "$(head -c 4 "$1" | od -An -c | tr -d ' ')" = '177ELF' ]
+}
+
 # Whether HOST ($1) is an ELF file with DWARF debug sections.
 initramfs_has_debug_info() {
-    [ "$(head -c 4 "$1" | od -An -c | tr -d ' ')" = '177ELF' ] || return 1
+    initramfs_is_elf "$1" || return 1
     need_cmd readelf binutils
     readelf -S -W "$1" 2>/dev/null | grep -q '\.debug_info'
 }
@@ -99,7 +104,7 @@ initramfs_has_debug_info() {
 # Copy the shared libraries (and loader) of ELF HOST ($2) into STAGE ($1), if it has any.
 initramfs_add_libs() {
     local stage="$1" host="$2" lib
-    [ "$(head -c 4 "$host" | od -An -c | tr -d ' ')" = '177ELF' ] || return 0
+    initramfs_is_elf "$host" || return 0
     need_cmd ldd libc-bin
     local deps
     deps="$(ldd "$host" 2>/dev/null || true)"

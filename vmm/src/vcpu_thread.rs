@@ -837,6 +837,32 @@ mod tests {
         start_real_mode_guest(&code, false, pio)
     }
 
+    /// Each call of a park hook: the vCPU index, the calling thread's name and the vCPU's RIP.
+    type HookCalls = Arc<Mutex<Vec<(u8, Option<String>, u64)>>>;
+
+    /// A hook that records each call in the returned list.
+    fn recording_hook() -> (HookCalls, ParkHook) {
+        let seen = HookCalls::default();
+        let record = seen.clone();
+        let hook: ParkHook = Arc::new(move |index, vcpu: &VcpuFd| {
+            let thread = std::thread::current().name().map(String::from);
+            lock(&record).push((index, thread, vcpu.get_regs().unwrap().rip));
+        });
+        (seen, hook)
+    }
+
+    /// The hook ran once, for vCPU 0 on its own thread, stopped inside the looping guest's code.
+    fn assert_one_call_on_vcpu0_in_the_loop(seen: &HookCalls) {
+        let seen = lock(seen).clone();
+        assert_eq!(seen.len(), 1, "hook calls: {seen:?}");
+        assert_eq!((seen[0].0, seen[0].1.as_deref()), (0, Some("vcpu0")));
+        assert!(
+            (0x1000..0x1006).contains(&seen[0].2),
+            "rip {:#x}",
+            seen[0].2
+        );
+    }
+
     fn wait_for_count_above(count: &AtomicU64, floor: u64) -> u64 {
         for _ in 0..5000 {
             let now = count.load(Ordering::SeqCst);
@@ -926,22 +952,11 @@ mod tests {
         let (set, _vm, _ram) = start_looping_guest(count.clone());
         set.resume();
         wait_for_count_above(&count, 10);
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (seen, hook) = recording_hook();
 
-        let record = seen.clone();
-        set.pause_with(Arc::new(move |index, vcpu: &VcpuFd| {
-            let thread = std::thread::current().name().map(String::from);
-            lock(&record).push((index, thread, vcpu.get_regs().unwrap().rip));
-        }));
+        set.pause_with(hook);
 
-        let seen = lock(&seen).clone();
-        assert_eq!(seen.len(), 1, "hook calls: {seen:?}");
-        assert_eq!((seen[0].0, seen[0].1.as_deref()), (0, Some("vcpu0")));
-        assert!(
-            (0x1000..0x1006).contains(&seen[0].2),
-            "rip {:#x}",
-            seen[0].2
-        );
+        assert_one_call_on_vcpu0_in_the_loop(&seen);
     }
 
     #[test]
@@ -995,23 +1010,12 @@ mod tests {
         wait_for_count_above(&count, 10);
         set.pause();
         let at_pause = count.load(Ordering::SeqCst);
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (seen, hook) = recording_hook();
 
-        let record = seen.clone();
-        let ran = set.run_parked(Arc::new(move |index, vcpu: &VcpuFd| {
-            let thread = std::thread::current().name().map(String::from);
-            lock(&record).push((index, thread, vcpu.get_regs().unwrap().rip));
-        }));
+        let ran = set.run_parked(hook);
 
-        let seen = lock(&seen).clone();
         assert_eq!(ran, vec![true]);
-        assert_eq!(seen.len(), 1, "hook calls: {seen:?}");
-        assert_eq!((seen[0].0, seen[0].1.as_deref()), (0, Some("vcpu0")));
-        assert!(
-            (0x1000..0x1006).contains(&seen[0].2),
-            "rip {:#x}",
-            seen[0].2
-        );
+        assert_one_call_on_vcpu0_in_the_loop(&seen);
         assert_eq!(
             count.load(Ordering::SeqCst),
             at_pause,

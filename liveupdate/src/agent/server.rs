@@ -829,25 +829,22 @@ mod tests {
     }
 
     fn start_agent_with(state: AgentState) -> Agent {
-        let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
-        let path = dir.as_path().join("luod.sock");
-        let server = AgentServer::bind(&path, 0o600, state).unwrap();
-        let shutdown = server.shutdown_handle();
-        let thread = thread::spawn(move || server.run().unwrap());
-        Agent {
-            _dir: dir,
-            path,
-            shutdown,
-            thread: Some(thread),
-        }
+        start_agent_set_up(state, |_| {})
     }
 
     /// An agent that keeps its sessions in `sink`, as under systemd's fd store.
     fn start_agent_in_store(sink: Collect) -> Agent {
+        start_agent_set_up(restart_state(), |server| {
+            server.keep_in_store(Box::new(sink), None).unwrap();
+        })
+    }
+
+    /// An agent serving `state`, `set_up` before it runs.
+    fn start_agent_set_up(state: AgentState, set_up: impl FnOnce(&AgentServer)) -> Agent {
         let dir = TempDir::new_with_prefix("/tmp/ch-luod-test-").unwrap();
         let path = dir.as_path().join("luod.sock");
-        let server = AgentServer::bind(&path, 0o600, restart_state()).unwrap();
-        server.keep_in_store(Box::new(sink), None).unwrap();
+        let server = AgentServer::bind(&path, 0o600, state).unwrap();
+        set_up(&server);
         let shutdown = server.shutdown_handle();
         let thread = thread::spawn(move || server.run().unwrap());
         Agent {
