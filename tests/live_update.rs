@@ -232,6 +232,87 @@ fn probe_guest_survives_20_live_updates_on_4_vcpus() {
 }
 
 #[test]
+fn with_a_successor_ready_ahead_the_answer_comes_once_it_has_taken_the_guest() {
+    require_kvm();
+    let dir = scratch_dir("answer-after-resume");
+    let agent = Agent::start(&dir);
+    let (vmm, _) = boot_old(&agent, &dir.join("old"), 1, CMDLINE, &["-v"], &[]);
+    let mut successor = VmmProcess::successor(&agent, "answered", &dir.join("new"), &["-v"]);
+    wait_until_connected(&mut successor);
+    // Past its first look, into its wait for the RAM: the old VMM then waits for it.
+    wait_for_log(&successor, "Waiting up to");
+    std::thread::sleep(Duration::from_millis(100));
+
+    let timings = vmm.live_update("answered");
+    // The successor releases the session right before its vCPUs run (`resumed`).
+    let held_at_answer = agent.sessions();
+
+    assert!(timings.is_object(), "{timings}");
+    assert!(
+        vmm.stderr().contains("is ready"),
+        "the successor was not ready before the pause:\n{}",
+        vmm.stderr()
+    );
+    assert!(
+        held_at_answer.is_empty(),
+        "answered while the agent still held the session: {held_at_answer:?}\n{}",
+        successor.stderr()
+    );
+    wait_until_restored(&successor);
+}
+
+#[test]
+fn a_guest_runs_on_until_the_agent_has_a_pause_slot_for_it_then_pauses_for_its_update() {
+    require_kvm();
+    let dir = scratch_dir("pause-slot");
+    let agent = Agent::start_with_args(
+        &dir,
+        &["--pause-slots", "1", "--pause-slot-lease-ms", "60000"],
+    );
+    // Another guest's update holds the host's one pause slot.
+    let mut other = agent.client();
+    other.create_session("other").unwrap();
+    assert!(other.wait_pause_slot("other", Duration::ZERO).unwrap());
+    let (vmm, next) = boot_old(&agent, &dir.join("old"), 1, CMDLINE, &["-v"], &[]);
+    let mut successor = VmmProcess::successor(&agent, "slotted", &dir.join("new"), &["-v"]);
+    wait_until_connected(&mut successor);
+    wait_for_log(&successor, "Waiting up to");
+
+    std::thread::scope(|scope| {
+        let update = scope.spawn(|| vmm.live_update("slotted"));
+        wait_for_log(&vmm, "is ready");
+        // The guest runs on in the old VMM meanwhile: status lines keep coming.
+        let (next, _) = vmm.next_status(next, LINE);
+        let (_, _) = vmm.next_status(next, LINE);
+        let waited = !update.is_finished() && !successor.stderr().contains("VM restored");
+
+        other.cancel("other").unwrap();
+        let timings = update.join().unwrap();
+
+        assert!(waited, "updated while another guest held the pause slot");
+        assert!(timings.is_object(), "{timings}");
+    });
+    wait_until_restored(&successor);
+}
+
+fn wait_until_restored(successor: &VmmProcess) {
+    wait_for_log(successor, "VM restored from session");
+}
+
+/// Waits until `vmm` has logged `text`.
+fn wait_for_log(vmm: &VmmProcess, text: &str) {
+    let deadline = Instant::now() + TAKEOVER;
+    while !vmm.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} within {TAKEOVER:?}:\n{}",
+            vmm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn guest_clock_keeps_real_time_across_an_update() {
     require_kvm();
     let dir = scratch_dir("lu-clock");

@@ -15,7 +15,7 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{ProbeVm, VmmProcess, assert_guest_runs_on, require_kvm, scratch_dir};
 
@@ -42,31 +42,52 @@ fn boot(dir: &Path, seccomp: &[&str], kind: &str) -> VmmProcess {
     )
 }
 
-/// The kernel's audit records of seccomp for `pid` (`type=1326`), if this host lets us read
-/// its log; `None` when it does not (then only the process's fate is checked).
-fn audit_records(pid: u32) -> Option<Vec<String>> {
+/// The kernel's audit records of seccomp for `pid` (`type=1326`) stamped at or after `since`,
+/// if this host lets us read its log; `None` when it does not (then only the process's fate is
+/// checked). The time matters: pids wrap around, and a host that ran these tests before keeps a
+/// killed VMM's record under a pid that a later VMM may get.
+fn audit_records(pid: u32, since: SystemTime) -> Option<Vec<String>> {
     let output = Command::new("dmesg").output().ok()?;
     if !output.status.success() {
         eprintln!("dmesg is not readable here: the kernel's audit records are not checked");
         return None;
     }
     let pid = format!(" pid={pid} ");
+    let since_ms = since
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
     Some(
         String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter(|line| line.contains("type=1326") && line.contains(&pid))
+            .filter(|line| audit_time_ms(line).is_some_and(|stamped| stamped >= since_ms))
             .map(str::to_string)
             .collect(),
     )
 }
 
+/// Now, on the audit records' clock. The kernel stamps them with its coarse wall clock, which
+/// can lag a few ms behind ours: a second back covers that, and no pid comes round again in a
+/// second.
+fn audit_clock_now() -> SystemTime {
+    SystemTime::now() - Duration::from_secs(1)
+}
+
+/// The wall-clock time of an audit record, in ms since the epoch: `audit(SECONDS.MILLIS:SERIAL)`.
+fn audit_time_ms(record: &str) -> Option<u128> {
+    let stamp = record.split("audit(").nth(1)?.split(':').next()?;
+    let (seconds, millis) = stamp.split_once('.')?;
+    Some(seconds.parse::<u128>().ok()? * 1000 + millis.parse::<u128>().ok()?)
+}
+
 /// Asserts the kernel's audit recorded `pid`'s chroot, where the kernel log is readable. The
 /// audit thread prints its records a moment after the fact: wait for it a little.
-fn assert_audited_chroot(pid: u32) {
+fn assert_audited_chroot(pid: u32, since: SystemTime) {
     let chroot = format!(" syscall={CHROOT} ");
     let deadline = Instant::now() + AUDIT;
     loop {
-        let Some(records) = audit_records(pid) else {
+        let Some(records) = audit_records(pid, since) else {
             return;
         };
         if records.iter().any(|record| record.contains(&chroot)) {
@@ -88,6 +109,7 @@ fn a_syscall_outside_the_filter_of_any_thread_kind_kills_the_vmm_with_sigsys() {
         let dir = scratch_dir(&format!("seccomp-kill-{kind}"));
 
         // Act: the default is --seccomp true.
+        let started = audit_clock_now();
         let mut vmm = boot(&dir, &[], kind);
         let status = vmm.wait_status(BOOT);
 
@@ -98,7 +120,7 @@ fn a_syscall_outside_the_filter_of_any_thread_kind_kills_the_vmm_with_sigsys() {
             "{kind}: {status:?}; stderr:\n{}",
             vmm.stderr()
         );
-        assert_audited_chroot(vmm.pid());
+        assert_audited_chroot(vmm.pid(), started);
     }
 }
 
@@ -109,6 +131,7 @@ fn with_seccomp_log_the_kernel_logs_the_syscall_and_the_guest_carries_on() {
     let dir = scratch_dir("seccomp-log");
 
     // Act
+    let started = audit_clock_now();
     let mut vmm = boot(&dir, &["--seccomp", "log"], "vcpu");
 
     // Assert: the call went through (the kernel's own answer: the path does not exist), the
@@ -121,7 +144,7 @@ fn with_seccomp_log_the_kernel_logs_the_syscall_and_the_guest_carries_on() {
             && stderr.contains("code: 2,"),
         "{stderr}"
     );
-    assert_audited_chroot(vmm.pid());
+    assert_audited_chroot(vmm.pid(), started);
 }
 
 #[test]
@@ -151,6 +174,7 @@ fn with_seccomp_false_nothing_is_filtered() {
     let dir = scratch_dir("seccomp-false");
 
     // Act
+    let started = audit_clock_now();
     let mut vmm = boot(&dir, &["--seccomp", "false"], "api");
 
     // Assert: the hook's call reached the kernel, and the kernel logged nothing about it.
@@ -162,7 +186,7 @@ fn with_seccomp_false_nothing_is_filtered() {
             && stderr.contains("code: 2,"),
         "{stderr}"
     );
-    if let Some(records) = audit_records(vmm.pid()) {
+    if let Some(records) = audit_records(vmm.pid(), started) {
         assert!(records.is_empty(), "{records:?}");
     }
 }

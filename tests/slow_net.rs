@@ -115,6 +115,14 @@ fn only_a_crash_of_the_test_bed_itself_gets_a_second_run() {
     assert!(slow::test_bed_crashed(panicked));
     let qemu_died = "[ 16.1] serial-drive: command died of signal 11 before 'MANY-PASS' appeared\n";
     assert!(slow::test_bed_crashed(qemu_died));
+    // And one whose kernel reset itself mid-stage: QEMU exited with no stage ended.
+    let reset = "E2E-VFIO live-update edu1: {\"session\":\"edu1\"}\n\
+        serial-drive: command exited (0) before 'E2E-VFIO-PASS' appeared (29.2 s)\n";
+    assert!(slow::test_bed_crashed(reset));
+    // A stage that ended without its pass marker is the stage's failure, not a crash.
+    let stage_ended = "TESTBED-STAGE-EXIT rc=2\n\
+        serial-drive: command exited (0) before 'E2E-VFIO-PASS' appeared (29.2 s)\n";
+    assert!(!slow::test_bed_crashed(stage_ended));
     // A stage's own failure does not, nor does a guest's panic in a stage's report.
     let stage_failed = "[ 62.8] NET-E2E-FAIL: stage 1: no /XN2=[^:]*:END/ within 30 s\n\
         [ 62.9] serial-drive: fail marker 'NET-E2E-FAIL' seen after 61.8 s\n";

@@ -96,6 +96,9 @@ const VCPU: &[Allow] = &[
     Any(libc::SYS_sendmsg),
     Any(libc::SYS_recvmsg),
     Any(libc::SYS_dup),
+    // A VM handed over to a successor is torn down at the lowest priority, its ending vCPU
+    // threads too, beside the successor's restore (the control loop's list takes this one).
+    Any(libc::SYS_setpriority),
 ];
 
 /// The API server: accepts clients (with fds as `SCM_RIGHTS`), starts a thread per connection,

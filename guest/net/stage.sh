@@ -361,6 +361,14 @@ if [ "$stage" = 1 ]; then
     ping -c 3 -i 0.2 -w 30 "$guest_ip" >"$work/ping.log" 2>&1 || fail "no ping answer from the guest: $(cat "$work/ping.log")"
     say "ping: $(grep -o '[0-9]* packets received' "$work/ping.log"), $(grep -o 'min/avg/max = [0-9./]* ms' "$work/ping.log")"
 
+    # A soak of the test bed (scripts/test-nested-net --soak-rounds N): the multi-queue
+    # transfers N times over in the first VMM, before any update.
+    soak_rounds=$(arg net_soak_rounds 0)
+    soak_round=1
+    while [ "$soak_round" -le "$soak_rounds" ]; do
+        multiqueue "soak round $soak_round of $soak_rounds:" $((6000 + 20 * soak_round))
+        soak_round=$((soak_round + 1))
+    done
     # R: a TCP stream across a restart-mode live update.
     type_line 'rx 5001 &'
     guest_listens 5001

@@ -36,7 +36,8 @@ pub const MAX_BLOB_SIZE: usize = 64 << 20;
 
 const HEADER_LEN: usize = 24;
 const CHECKSUM_LEN: usize = 8;
-const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+// Slice-by-16 tables: the same CRC, a few times faster than byte by byte (it runs in the pause).
+const CRC: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// Why a blob or one of its states could not be read.
 #[derive(Debug, Error)]
@@ -160,7 +161,9 @@ pub struct Envelope {
     /// Version of the participant's `State` type.
     pub version: u16,
     /// The state itself, postcard-encoded (compact and fast: this is written and read while
-    /// the guest is paused).
+    /// the guest is paused). Serde sees it as bytes, not a sequence of `u8`: postcard writes
+    /// both alike (a length, then the bytes), but as bytes in one copy, not byte by byte.
+    #[serde(with = "serde_bytes")]
     pub state: Vec<u8>,
 }
 
@@ -425,6 +428,31 @@ mod tests {
 
     fn blob_with_counter() -> Vec<u8> {
         encode(vec![Envelope::wrap("counter/0", &counter(7)).unwrap()]).unwrap()
+    }
+
+    /// An envelope as builds before the state was marked as bytes declared it.
+    #[derive(Serialize, Deserialize)]
+    struct EnvelopeWithByteSequence {
+        id: String,
+        version: u16,
+        state: Vec<u8>,
+    }
+
+    #[test]
+    fn an_envelope_is_written_and_read_as_when_its_state_was_a_sequence_of_u8() {
+        let envelope = envelope_with_version("counter/0", 1, &counter(300));
+        let older = EnvelopeWithByteSequence {
+            id: envelope.id.clone(),
+            version: envelope.version,
+            state: envelope.state.clone(),
+        };
+
+        let written = postcard::to_stdvec(&envelope).unwrap();
+        let written_before = postcard::to_stdvec(&older).unwrap();
+        let read: Envelope = decode_exact(&written_before).unwrap();
+
+        assert_eq!(written, written_before);
+        assert_eq!(read, envelope);
     }
 
     #[test]

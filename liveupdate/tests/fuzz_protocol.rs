@@ -60,6 +60,7 @@ fn quick_request() -> impl Strategy<Value = Request> {
         name().prop_map(|name| Request::CreateSession { name }),
         (name(), token()).prop_map(|(name, token)| Request::Preserve { name, token }),
         name().prop_map(|name| Request::Handover { name }),
+        (name(), token()).prop_map(|(name, token)| Request::PreserveAndHandover { name, token }),
         name().prop_map(|name| Request::Cancel { name }),
         (name(), token()).prop_map(|(name, token)| Request::Peek { name, token }),
         (name(), token()).prop_map(|(name, token)| Request::WaitPrepared {
@@ -68,6 +69,10 @@ fn quick_request() -> impl Strategy<Value = Request> {
             timeout_ms: 0
         }),
         name().prop_map(|name| Request::SuccessorReady { name }),
+        name().prop_map(|name| Request::WaitPauseSlot {
+            name,
+            timeout_ms: 0
+        }),
         name().prop_map(|name| Request::RetrieveSession { name }),
         (name(), token()).prop_map(|(name, token)| Request::RetrieveFd { name, token }),
         name().prop_map(|name| Request::Finish { name }),
@@ -86,6 +91,8 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(name, timeout_ms)| Request::WaitHandover { name, timeout_ms }),
         1 => (name(), any::<u64>())
             .prop_map(|(name, timeout_ms)| Request::WaitSuccessor { name, timeout_ms }),
+        1 => (name(), any::<u64>())
+            .prop_map(|(name, timeout_ms)| Request::WaitPauseSlot { name, timeout_ms }),
         1 => (
             path(),
             proptest::option::of(path()),
@@ -155,6 +162,7 @@ fn response() -> impl Strategy<Value = Response> {
             .prop_map(|(mode, version)| Response::Pong { mode, version }),
         (any::<bool>(), any::<bool>())
             .prop_map(|(waiting, ready)| Response::Successor { waiting, ready }),
+        any::<bool>().prop_map(|granted| Response::PauseSlot { granted }),
         any::<String>().prop_map(|phase| Response::KexecStatus { phase }),
         prop::collection::vec(session_info(), 0..3)
             .prop_map(|sessions| Response::Sessions { sessions }),
@@ -176,6 +184,7 @@ const FIELDS: &[&str] = &[
     "version",
     "waiting",
     "ready",
+    "granted",
     "phase",
     "kind",
     "message",
@@ -190,11 +199,13 @@ const OPS: &[&str] = &[
     "create_session",
     "preserve",
     "handover",
+    "preserve_and_handover",
     "cancel",
     "peek",
     "wait_handover",
     "successor_ready",
     "wait_successor",
+    "wait_pause_slot",
     "retrieve_session",
     "retrieve_fd",
     "finish",
@@ -209,6 +220,7 @@ const REPLIES: &[&str] = &[
     "ok",
     "pong",
     "successor",
+    "pause_slot",
     "kexec_status",
     "sessions",
     "error",
@@ -669,7 +681,10 @@ fn agent_body() -> impl Strategy<Value = Vec<u8>> {
 fn answers_at_once(body: &[u8]) -> bool {
     !matches!(
         protocol::decode_body::<Request>(body),
-        Ok(Request::WaitHandover { .. } | Request::WaitSuccessor { .. } | Request::Kexec { .. })
+        Ok(Request::WaitHandover { .. }
+            | Request::WaitSuccessor { .. }
+            | Request::WaitPauseSlot { .. }
+            | Request::Kexec { .. })
     )
 }
 

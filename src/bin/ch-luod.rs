@@ -15,6 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use liveupdate::agent::fdstore::{self, Systemd};
 use liveupdate::agent::kexec::DEFAULT_BARRIER_TIMEOUT;
+use liveupdate::agent::pause_slots::{DEFAULT_LEASE, PauseSlots};
 use liveupdate::agent::upgrade::{Handoff, LOCK_WAIT, UPGRADE_WAIT};
 use liveupdate::agent::{
     self, AgentClient, AgentServer, AgentState, DEFAULT_SOCKET, HandoverMode, KexecImage,
@@ -45,6 +46,14 @@ struct Cli {
     /// update is in flight on one of its connections (tried again for 10 s).
     #[arg(long)]
     upgrade: bool,
+    /// Restart mode: how many guests may be paused for an update at once; the others run on
+    /// until a slot is free (0: no limit). Default: half the host's CPUs, at least 1.
+    #[arg(long, value_name = "N")]
+    pause_slots: Option<usize>,
+    /// Restart mode: longest a guest holds its pause slot, in milliseconds, before the next one
+    /// may pause beside it (a stuck update holds the others up no longer).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_LEASE.as_millis() as u64)]
+    pause_slot_lease_ms: u64,
     /// With --upgrade: how long, in seconds, to try again while the running agent is busy.
     #[arg(long, value_name = "SECONDS", default_value_t = UPGRADE_WAIT.as_secs(), requires = "upgrade")]
     upgrade_wait: u64,
@@ -158,6 +167,8 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     };
     info!("{} mode", handover.name());
     let mut state = AgentState::new(provider, handover, agent::effective_uid());
+    let slots = cli.pause_slots.unwrap_or_else(PauseSlots::default_limit);
+    state = state.with_pause_slots(slots, Duration::from_millis(cli.pause_slot_lease_ms));
     let taken_back = rebuilt.session_count();
     state
         .import(std::mem::take(&mut rebuilt.sessions))

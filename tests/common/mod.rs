@@ -532,13 +532,24 @@ impl Agent {
         Self::start_program(Path::new(env!("CARGO_BIN_EXE_ch-luod")), dir, env)
     }
 
+    /// Like [`Agent::start`], with extra options for the agent.
+    pub fn start_with_args(dir: &Path, args: &[&str]) -> Self {
+        Self::spawn(Path::new(env!("CARGO_BIN_EXE_ch-luod")), dir, &[], args)
+    }
+
     /// Like [`Agent::start`], running the agent binary `program` (e.g. another build's) with
     /// extra environment variables.
     pub fn start_program(program: &Path, dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn(program, dir, env, &[])
+    }
+
+    fn spawn(program: &Path, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
         let socket = dir.join("agent.sock");
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
         let child = Command::new(program)
-            .args(["--emulate", "-v", "--socket"])
+            .args(["--emulate", "-v"])
+            .args(args)
+            .arg("--socket")
             .arg(&socket)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -75,9 +75,9 @@ pub fn run_script(script: &str, args: &[&OsStr], log_name: &str) -> ScriptRun {
         let first = run.log.with_extension("first.log");
         std::fs::rename(&run.log, &first).unwrap();
         eprintln!(
-            "scripts/{script}: the test bed crashed (its kernel panicked, or QEMU died: under \
-             TCG with nested KVM about once in 25 boots, docs/testbed.md); running once more. \
-             The first log: {}",
+            "scripts/{script}: the test bed crashed (its kernel panicked or reset, or QEMU \
+             died: under TCG with nested KVM about once in 25 boots, docs/testbed.md); running \
+             once more. The first log: {}",
             first.display()
         );
         (status, run) = try_run_script(script, args, log_name);
@@ -96,9 +96,17 @@ pub const TEST_BED_CRASHES: [&str; 2] = [
     "serial-drive: command died of signal",
 ];
 
+/// What `scripts/serial-drive` prints when QEMU ended before the pass marker. Unless the stage
+/// ended (the test bed's `/init` prints [`STAGE_ENDED`] when it returns), that is the test
+/// bed's kernel resetting on its own (`-no-reboot` turns a reset into QEMU's exit): every stage
+/// prints a pass or fail marker before its `reboot -f`.
+const QEMU_EXITED: &str = "serial-drive: command exited (0) before";
+const STAGE_ENDED: &str = "TESTBED-STAGE-EXIT";
+
 /// Whether `output`, the log of a test-bed script, shows the test bed itself crashing.
 pub fn test_bed_crashed(output: &str) -> bool {
     TEST_BED_CRASHES.iter().any(|crash| output.contains(crash))
+        || (output.contains(QEMU_EXITED) && !output.contains(STAGE_ENDED))
 }
 
 fn try_run_script(script: &str, args: &[&OsStr], log_name: &str) -> (ExitStatus, ScriptRun) {

@@ -27,7 +27,9 @@ use crate::api::{
 use crate::config::{ConsoleMode, PathOrFd, RestoreConfig, RestoreSource, VmConfig};
 use crate::event_monitor::{EventMonitor, EventMonitorError};
 use crate::host_console::{self, Port};
-use crate::live_update::{self, IncomingFrom, Inherited, LiveUpdateError, Restored};
+use crate::live_update::{
+    self, AgentConnection, IncomingFrom, Inherited, LiveUpdateError, Restored,
+};
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{Vm, VmError};
 
@@ -202,6 +204,8 @@ struct Vmm {
     inherited: Option<Inherited>,
     /// A `vm.receive-migration` waiting for its VM.
     receiving: Option<migration::Receiving>,
+    /// The thread tearing down a VM handed over, joined before the process exits.
+    retiring: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What the loop does after an event.
@@ -225,6 +229,37 @@ impl Vmm {
             restoring: None,
             inherited: None,
             receiving: None,
+            retiring: None,
+        }
+    }
+
+    /// Drops the VM, handed over to a successor, on a thread of the lowest priority; with
+    /// `until_released` (the update's agent connection and the session), only once the agent
+    /// says the successor resumed the guest: tearing down the vCPUs, KVM VM and RAM mapping
+    /// takes a millisecond of CPU (some of it in the kernel, where priority does not help),
+    /// which the successor needs more while it restores the guest on this host's CPUs.
+    fn retire_vm(&mut self, until_released: Option<(AgentConnection, &str)>) {
+        let Some(vm) = self.vm.take() else {
+            return;
+        };
+        let until_released = until_released.map(|(agent, name)| (agent, name.to_string()));
+        let teardown = move || {
+            if let Err(e) = crate::sys::lowest_thread_priority() {
+                log::debug!("Cannot lower the priority of the VM's teardown: {e}");
+            }
+            if let Some((agent, session)) = until_released {
+                live_update::wait_released(&agent, &session);
+            }
+            drop(vm);
+        };
+        match std::thread::Builder::new()
+            .name("vm-retire".into())
+            .spawn(teardown)
+        {
+            Ok(thread) => self.retiring = Some(thread),
+            Err(e) => {
+                warn!("Cannot tear down the VM handed over aside ({e}); it was torn down here")
+            }
         }
     }
 
@@ -301,6 +336,11 @@ impl Vmm {
             };
             if let Next::Exit = next {
                 self.vm = None;
+                if let Some(thread) = self.retiring.take()
+                    && thread.join().is_err()
+                {
+                    error!("Tearing down the VM handed over panicked");
+                }
                 return Ok(());
             }
         }

@@ -9,12 +9,17 @@
 //! vCPU is whole.
 //!
 //! A pause can give each thread work to do on its own vCPU as it parks ([`VcpuSet::pause_with`],
-//! e.g. noting when it stopped), and a paused set can have each parked thread work on its own
-//! vCPU side by side ([`VcpuSet::run_parked`], e.g. saving its state once nothing else can
-//! change it). A set can be started before its vCPUs exist: each thread then makes its own
-//! vCPU ([`VcpuSet::spawn_building`]), so the vCPUs are built side by side.
+//! e.g. noting when it stopped), and a paused set can have work done on each parked vCPU side by
+//! side ([`VcpuSet::run_parked`], e.g. saving its state once nothing else can change it): by its
+//! own thread, or by the caller, who takes the vCPUs whose threads have not come for theirs yet.
+//! A set can be started before its vCPUs exist: each thread then makes its own
+//! vCPU ([`VcpuSet::spawn_building`]), so the vCPUs are built side by side; threads started well
+//! ahead ([`VcpuSet::spawn_idle`]) make their vCPUs and wait only to load them, and whoever
+//! waits for the set builds what their threads have not started yet. Built threads are held
+//! until the first resume and go straight into the guest.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, Once, RwLock};
 use std::thread::JoinHandle;
@@ -63,26 +68,61 @@ enum Request {
 /// or while it is parked (see [`VcpuSet::run_parked`]).
 pub type ParkHook = Arc<dyn Fn(u8, &VcpuFd) + Send + Sync>;
 
+/// Where a [`ParkedTask`]'s hook stands for one thread's vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HookRun {
+    /// To run; nobody has taken it yet.
+    Owed,
+    /// Taken by the thread, or by the caller of `run_parked`.
+    Claimed,
+    /// Done.
+    Ran,
+    /// Not to run (the thread is not parked for the pause, or it left the pause).
+    NoCall,
+}
+
 /// Work for the parked threads, given by [`VcpuSet::run_parked`].
 struct ParkedTask {
     hook: ParkHook,
-    /// Per thread: still to run `hook`.
-    pending: Vec<bool>,
-    /// Per thread: ran it.
-    done: Vec<bool>,
+    /// Per thread.
+    runs: Vec<HookRun>,
 }
 
 impl ParkedTask {
-    /// Thread `index` is through with the task, having run it or not.
-    fn finish(&mut self, index: usize, ran: bool) {
-        if let Some(pending) = self.pending.get_mut(index) {
-            *pending = false;
-        }
-        if let Some(done) = self.done.get_mut(index) {
-            *done |= ran;
+    /// Claims vCPU `index`'s run of the hook, if it is owed and nobody claimed it yet.
+    fn claim(&mut self, index: usize) -> bool {
+        match self.runs.get_mut(index) {
+            Some(run) if *run == HookRun::Owed => {
+                *run = HookRun::Claimed;
+                true
+            }
+            _ => false,
         }
     }
+
+    /// Thread `index` is through with the task, having run it or not.
+    fn finish(&mut self, index: usize, ran: bool) {
+        if let Some(run) = self.runs.get_mut(index) {
+            if ran {
+                *run = HookRun::Ran;
+            } else if *run != HookRun::Ran {
+                *run = HookRun::NoCall;
+            }
+        }
+    }
+
+    /// Whether a run is owed or under way still.
+    fn pending(&self) -> bool {
+        self.runs
+            .iter()
+            .any(|run| matches!(run, HookRun::Owed | HookRun::Claimed))
+    }
 }
+
+/// The control of a set and its two wake-ups: one the threads wait on (the controller changed
+/// the request or gave work), one the controller waits on (a thread parked or finished work).
+/// Apart, so that each thread that is done wakes only the controller, not every other thread.
+type ControlShared = (Mutex<Control>, Condvar, Condvar);
 
 struct Control {
     request: Request,
@@ -101,13 +141,19 @@ impl std::fmt::Debug for Control {
             .field("parked", &self.parked)
             .field("stopping", &self.stopping)
             .field("on_park", &self.on_park.is_some())
-            .field("task", &self.task.as_ref().map(|t| &t.pending))
+            .field("task", &self.task.as_ref().map(|t| &t.runs))
             .finish()
     }
 }
 
-/// Makes one vCPU, on the thread that will run it.
-pub type VcpuBuilder<E> = Box<dyn FnOnce() -> Result<VcpuFd, E> + Send>;
+/// Makes one vCPU, on the thread that will run it (or on the thread that waits for the set, if
+/// that one comes for it first: see [`PendingVcpus::finish`]); given the vCPU made ahead, if
+/// the thread made one ([`VcpuMaker`]), it loads that instead of making another.
+pub type VcpuBuilder<E> = Box<dyn FnOnce(Option<VcpuFd>) -> Result<VcpuFd, E> + Send>;
+
+/// Makes vCPU `index` (`KVM_CREATE_VCPU`) on a thread started ahead, while it waits for its
+/// builder: a live update's pause then only loads the vCPU's state.
+pub type VcpuMaker = Arc<dyn Fn(u8) -> Result<VcpuFd, kvm_ioctls::Error> + Send + Sync>;
 
 /// Why [`PendingVcpus::finish`] failed.
 #[derive(Debug)]
@@ -118,21 +164,46 @@ pub enum BuildError<E> {
     Lost(u8),
 }
 
+/// One vCPU still to build: the vCPU its thread made ahead, and its builder once given.
+struct Slot<E> {
+    made: Option<VcpuFd>,
+    builder: Option<VcpuBuilder<E>>,
+}
+
+/// The slots of a set's vCPUs, by index: each builder is run once, by its own thread or by
+/// whoever waits for the set ([`PendingVcpus::finish`]) when the thread has not started it.
+type Slots<E> = Arc<Mutex<Vec<Slot<E>>>>;
+
+/// Takes the builder of vCPU `index` (with the vCPU made ahead), if nobody has yet.
+fn take_job<E>(slots: &Slots<E>, index: usize) -> Option<(VcpuBuilder<E>, Option<VcpuFd>)> {
+    let mut slots = lock(slots);
+    let slot = slots.get_mut(index)?;
+    let builder = slot.builder.take()?;
+    Some((builder, slot.made.take()))
+}
+
+/// What a thread started ahead hears from its set: go and build, then its vCPU and buses.
+type Start = (Buses, Arc<Mutex<VcpuFd>>);
+
 /// vCPU threads started ahead by [`VcpuSet::spawn_idle`], waiting for their builders.
 pub struct IdleVcpus<E> {
     // Field order is drop order: the channels go first, so waiting threads end before the set
     // joins them.
-    jobs: Vec<Sender<VcpuBuilder<E>>>,
-    ready: Vec<Receiver<Result<Arc<Mutex<VcpuFd>>, E>>>,
-    buses: Vec<Sender<Buses>>,
+    go: Vec<Sender<()>>,
+    /// Per thread: the result of its builder, or `None` when the builder was taken from it.
+    ready: Vec<Receiver<Option<Result<VcpuFd, E>>>>,
+    start: Vec<Sender<Start>>,
+    slots: Slots<E>,
     set: Option<VcpuSet>,
     on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    maker: Option<VcpuMaker>,
 }
 
 impl<E> std::fmt::Debug for IdleVcpus<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdleVcpus")
-            .field("threads", &self.jobs.len())
+            .field("threads", &self.go.len())
+            .field("make_ahead", &self.maker.is_some())
             .finish()
     }
 }
@@ -140,42 +211,67 @@ impl<E> std::fmt::Debug for IdleVcpus<E> {
 impl<E: Send + 'static> IdleVcpus<E> {
     /// How many threads wait.
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.go.len()
     }
 
     /// Whether no thread waits.
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.go.is_empty()
     }
 
-    fn spawn_one(&mut self) -> io::Result<()> {
+    /// Whether the threads make their vCPUs ahead: then `build` must get a builder for every
+    /// thread, because KVM cannot take back a vCPU a spare thread made.
+    pub fn make_vcpus_ahead(&self) -> bool {
+        self.maker.is_some()
+    }
+
+    /// Starts one more thread; it says on `prepared` once it is filtered and has made its vCPU
+    /// (if the set makes them ahead).
+    fn spawn_one(&mut self, prepared: Option<Sender<()>>) -> io::Result<()> {
         let Some(set) = self.set.as_mut() else {
             return Err(io::Error::other("vCPU threads handed on already"));
         };
         let index =
             u8::try_from(set.threads.len()).map_err(|_| io::Error::other("more than 256 vCPUs"))?;
-        let (job_tx, job_rx) = channel::<VcpuBuilder<E>>();
+        let (go_tx, go_rx) = channel::<()>();
         let (ready_tx, ready_rx) = channel();
-        let (buses_tx, buses_rx) = channel::<Buses>();
+        let (start_tx, start_rx) = channel::<Start>();
         let control = set.control.clone();
+        let first_entry = set.first_entry.clone();
         let on_event = self.on_event.clone();
+        let maker = self.maker.clone();
+        let slots = self.slots.clone();
+        lock(&slots).push(Slot {
+            made: None,
+            builder: None,
+        });
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let Ok(builder) = job_rx.recv() else {
-                    return; // not needed after all
-                };
-                let vcpu = match builder() {
-                    Ok(vcpu) => Arc::new(Mutex::new(vcpu)),
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
+                // Filtered and its vCPU made now, ahead: neither costs the pause anything.
+                confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
+                if let Some(make) = maker {
+                    match make(index) {
+                        Ok(vcpu) => {
+                            if let Some(slot) = lock(&slots).get_mut(usize::from(index)) {
+                                slot.made = Some(vcpu);
+                            }
+                        }
+                        Err(e) => warn!("vcpu{index}: cannot make it ahead: {e}"),
                     }
-                };
-                if ready_tx.send(Ok(vcpu.clone())).is_err() {
+                }
+                if let Some(prepared) = prepared {
+                    let _ = prepared.send(());
+                }
+                if go_rx.recv().is_err() {
+                    return; // not needed after all
+                }
+                let built = take_job(&slots, usize::from(index)).map(|(build, made)| build(made));
+                drop(slots);
+                if ready_tx.send(built).is_err() {
                     return;
                 }
-                let Ok(buses) = buses_rx.recv() else {
+                let Ok((buses, vcpu)) = start_rx.recv() else {
                     return;
                 };
                 let runner = Runner {
@@ -184,31 +280,52 @@ impl<E: Send + 'static> IdleVcpus<E> {
                     buses,
                     control,
                     on_event,
+                    first_entry,
                 };
                 runner.run_loop();
             })?;
         set.threads.push(thread);
-        self.jobs.push(job_tx);
+        self.go.push(go_tx);
         self.ready.push(ready_rx);
-        self.buses.push(buses_tx);
+        self.start.push(start_tx);
         Ok(())
+    }
+
+    /// Starts `count` threads; with `wait`, returns once each is ready (filtered, its vCPU made).
+    fn with_threads(mut self, count: usize, wait: bool) -> io::Result<Self> {
+        let (prepared_tx, prepared_rx) = channel();
+        for _ in 0..count {
+            self.spawn_one(wait.then(|| prepared_tx.clone()))?;
+        }
+        drop(prepared_tx);
+        // Each thread drops its sender once ready (or dead): then this ends.
+        while prepared_rx.recv().is_ok() {}
+        Ok(self)
     }
 
     /// Gives thread `i` builder `i` (starting more threads if fewer wait; ending those left
     /// over); they make their vCPUs side by side while the caller goes on.
     pub fn build(mut self, builders: Vec<VcpuBuilder<E>>) -> io::Result<PendingVcpus<E>> {
-        while self.jobs.len() < builders.len() {
-            self.spawn_one()?;
+        while self.go.len() < builders.len() {
+            self.spawn_one(None)?;
         }
-        let spare = self.jobs.len() - builders.len();
+        let spare = self.go.len() - builders.len();
+        if spare > 0 && self.maker.is_some() {
+            return Err(io::Error::other(format!(
+                "{spare} vCPU threads made vCPUs ahead that the state does not have"
+            )));
+        }
         for _ in 0..spare {
-            // Dropping its job sender ends the thread; joined with the set.
-            self.jobs.pop();
+            // Dropping its go sender ends the thread; joined with the set.
+            self.go.pop();
             self.ready.pop();
-            self.buses.pop();
+            self.start.pop();
         }
-        for (job, builder) in self.jobs.iter().zip(builders) {
-            if job.send(builder).is_err() {
+        for (slot, builder) in lock(&self.slots).iter_mut().zip(builders) {
+            slot.builder = Some(builder);
+        }
+        for go in &self.go {
+            if go.send(()).is_err() {
                 return Err(io::Error::other(
                     "a vCPU thread ended before its builder came",
                 ));
@@ -224,8 +341,9 @@ impl<E: Send + 'static> IdleVcpus<E> {
             }
         }
         Ok(PendingVcpus {
+            start: std::mem::take(&mut self.start),
             ready: std::mem::take(&mut self.ready),
-            buses: std::mem::take(&mut self.buses),
+            slots: self.slots.clone(),
             set: Some(set),
         })
     }
@@ -233,36 +351,52 @@ impl<E: Send + 'static> IdleVcpus<E> {
 
 /// vCPU threads started by [`VcpuSet::spawn_building`] or [`IdleVcpus::build`], still making
 /// their vCPUs.
-#[derive(Debug)]
 pub struct PendingVcpus<E> {
-    // Field order is drop order: the bus senders go first, so threads waiting for their buses
-    // end before the set joins them.
-    ready: Vec<Receiver<Result<Arc<Mutex<VcpuFd>>, E>>>,
-    buses: Vec<Sender<Buses>>,
+    // Field order is drop order: the start senders go first, so threads waiting for their
+    // vCPUs end before the set joins them.
+    start: Vec<Sender<Start>>,
+    ready: Vec<Receiver<Option<Result<VcpuFd, E>>>>,
+    slots: Slots<E>,
     /// Taken by `finish`; dropped otherwise, which stops and joins the threads.
     set: Option<VcpuSet>,
 }
 
+impl<E> std::fmt::Debug for PendingVcpus<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingVcpus")
+            .field("threads", &self.start.len())
+            .finish()
+    }
+}
+
 impl<E> PendingVcpus<E> {
-    /// Waits until every thread has made its vCPU, then lets them take their exits to `buses`.
-    /// The set is paused: [`VcpuSet::resume`] runs it. On failure every thread is stopped.
+    /// Waits until every vCPU is made, then lets the threads take their exits to `buses`. A
+    /// builder whose thread has not started it yet (the host's CPUs are busy) is run here, so
+    /// the caller's CPU builds rather than waits. The set is paused: [`VcpuSet::resume`] runs
+    /// it. On failure every thread is stopped.
     pub fn finish(mut self, buses: &Buses) -> Result<VcpuSet, BuildError<E>> {
+        let mut built_here: Vec<_> = (0..self.ready.len())
+            .map(|index| take_job(&self.slots, index).map(|(build, made)| build(made)))
+            .collect();
         let mut vcpus = Vec::with_capacity(self.ready.len());
-        for (index, ready) in (0u8..).zip(&self.ready) {
-            match ready.recv() {
-                Ok(Ok(vcpu)) => vcpus.push(vcpu),
-                // Dropping `self` drops the bus senders: the other threads end, `set` joins them.
-                Ok(Err(e)) => return Err(BuildError::Failed(index, e)),
+        for ((index, ready), here) in (0u8..).zip(&self.ready).zip(&mut built_here) {
+            let built = match ready.recv() {
+                Ok(Some(built)) => built,
+                Ok(None) => here.take().ok_or(BuildError::Lost(index))?,
                 Err(_) => return Err(BuildError::Lost(index)),
-            }
-        }
-        for sender in &self.buses {
-            // A thread that is gone shows up as a stopped vCPU, as after any failure.
-            let _ = sender.send(buses.clone());
+            };
+            // Dropping `self` drops the start senders: the other threads end, `set` joins them.
+            let vcpu = built.map_err(|e| BuildError::Failed(index, e))?;
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
         }
         let Some(mut set) = self.set.take() else {
             return Err(BuildError::Lost(0));
         };
+        let starts = vcpus.iter().map(|vcpu| (buses.clone(), vcpu.clone()));
+        *lock(&set.held) = std::mem::take(&mut self.start)
+            .into_iter()
+            .zip(starts)
+            .collect();
         set.vcpus = vcpus;
         Ok(set)
     }
@@ -271,9 +405,17 @@ impl<E> PendingVcpus<E> {
 /// Runs, pauses and stops a set of vCPU threads.
 #[derive(Debug)]
 pub struct VcpuSet {
-    control: Arc<(Mutex<Control>, Condvar)>,
+    control: Arc<ControlShared>,
     threads: Vec<JoinHandle<()>>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    /// Threads that built their vCPUs ([`PendingVcpus::finish`]) and wait for them before
+    /// their loop: let go by the first resume straight into the guest (no park on the way,
+    /// which would only contend for the control lock with the resume), or by whatever the set
+    /// is asked first.
+    held: Mutex<Vec<(Sender<Start>, Start)>>,
+    /// When a vCPU of the set first went into the guest (host realtime, ns since the epoch; 0
+    /// before): for a restored VM, the end of a live update's pause.
+    first_entry: Arc<AtomicU64>,
 }
 
 fn kick_signal() -> i32 {
@@ -309,10 +451,14 @@ impl VcpuSet {
                 buses: buses.clone(),
                 control: set.control.clone(),
                 on_event: on_event.clone(),
+                first_entry: set.first_entry.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || runner.run_loop());
+                .spawn(move || {
+                    confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
+                    runner.run_loop();
+                });
             match thread {
                 Ok(t) => set.threads.push(t),
                 Err(e) => {
@@ -336,42 +482,63 @@ impl VcpuSet {
                 task: None,
             }),
             Condvar::new(),
+            Condvar::new(),
         ));
         Ok(Self {
             control,
             threads: Vec::new(),
             vcpus: Vec::new(),
+            held: Mutex::new(Vec::new()),
+            first_entry: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Lets the held threads into their loop, where they do as the control says.
+    fn let_go(&self) {
+        for (thread, start) in lock(&self.held).drain(..) {
+            // A thread that is gone shows up as a stopped vCPU, as after any failure.
+            let _ = thread.send(start);
+        }
     }
 
     /// Starts one thread per builder; thread `i` runs builder `i` to make vCPU `i`, so the vCPUs
     /// are made side by side while the caller goes on (e.g. building the devices). Then
-    /// [`PendingVcpus::finish`] gives them their buses.
+    /// [`PendingVcpus::finish`] hands them their vCPUs and buses.
     pub fn spawn_building<E: Send + 'static>(
         builders: Vec<VcpuBuilder<E>>,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
     ) -> io::Result<PendingVcpus<E>> {
-        Self::spawn_idle(builders.len(), on_event)?.build(builders)
+        // No waiting for the threads to start: the builders go to them as they come.
+        Self::no_threads(on_event, None)?
+            .with_threads(builders.len(), false)?
+            .build(builders)
     }
 
     /// Starts `count` vCPU threads that wait for their builders ([`IdleVcpus::build`]): started
-    /// ahead, so that starting threads is not part of a live update's pause.
+    /// ahead, so that starting threads is not part of a live update's pause. With `maker`, each
+    /// makes its vCPU meanwhile too. Returns once every thread is through with that work, so
+    /// none of it runs beside the pause that may follow.
     pub fn spawn_idle<E: Send + 'static>(
         count: usize,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+        maker: Option<VcpuMaker>,
     ) -> io::Result<IdleVcpus<E>> {
-        let set = Self::empty()?;
-        let mut idle = IdleVcpus {
-            jobs: Vec::new(),
+        Self::no_threads(on_event, maker)?.with_threads(count, true)
+    }
+
+    fn no_threads<E: Send + 'static>(
+        on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+        maker: Option<VcpuMaker>,
+    ) -> io::Result<IdleVcpus<E>> {
+        Ok(IdleVcpus {
+            go: Vec::new(),
             ready: Vec::new(),
-            buses: Vec::new(),
-            set: Some(set),
+            start: Vec::new(),
+            slots: Arc::new(Mutex::new(Vec::new())),
+            set: Some(Self::empty()?),
             on_event,
-        };
-        for _ in 0..count {
-            idle.spawn_one()?;
-        }
-        Ok(idle)
+            maker,
+        })
     }
 
     /// The vCPU file descriptors, to read or write state while the set is paused.
@@ -379,23 +546,42 @@ impl VcpuSet {
         &self.vcpus
     }
 
+    /// When a vCPU of the set first went into the guest (host realtime, ns since the epoch),
+    /// waiting up to `wait` for one to.
+    pub fn first_entry_ns(&self, wait: Duration) -> Option<u64> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.first_entry.load(Ordering::SeqCst) {
+                0 if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                0 => return None,
+                at => return Some(at),
+            }
+        }
+    }
+
     /// Whether the vCPUs were last told to run (not paused or stopped).
     pub fn is_running(&self) -> bool {
-        let (m, _) = &*self.control;
+        let (m, _, _) = &*self.control;
         lock(m).request == Request::Run
     }
 
     /// Lets every vCPU run.
     pub fn resume(&self) {
-        let (m, cv) = &*self.control;
+        let (m, to_threads, _) = &*self.control;
         lock(m).request = Request::Run;
-        cv.notify_all();
+        to_threads.notify_all();
+        self.let_go();
     }
 
     /// Stops every vCPU at its next exit and returns once all of them are parked.
     pub fn pause(&self) {
-        let (m, _) = &*self.control;
+        self.let_go();
+        let (m, to_threads, _) = &*self.control;
         lock(m).request = Request::Pause;
+        // A thread parked after a failure waits for the request to change.
+        to_threads.notify_all();
         self.wait_parked();
     }
 
@@ -403,60 +589,84 @@ impl VcpuSet {
     /// and vCPU as it parks, on its own thread, before the pause returns. Threads parked
     /// already (a set that was paused, or stopped after a failure) do not call it.
     pub fn pause_with(&self, hook: ParkHook) {
-        let (m, _) = &*self.control;
+        self.let_go();
+        let (m, to_threads, _) = &*self.control;
         {
             let mut control = lock(m);
             control.on_park = Some(hook);
             control.request = Request::Pause;
         }
+        to_threads.notify_all();
         self.wait_parked();
         lock(m).on_park = None;
     }
 
-    /// Has each thread parked for a pause call `hook` with its index and vCPU, on its own
-    /// thread, side by side, and returns once all have: per thread, whether it did. A thread
-    /// that is not parked for a pause (the set is not paused, or the thread stopped after a
-    /// failure or ended) does not.
+    /// Calls `hook` with the index and vCPU of each thread parked for a pause, once per vCPU,
+    /// side by side, and returns once all calls are done: per thread, whether its vCPU's was.
+    /// Each call runs on the vCPU's own thread, or on the caller's, which takes the vCPUs from
+    /// the last down while their threads wake (on a host with fewer free CPUs than vCPUs the
+    /// threads would otherwise take their turns one after the other). A thread that is not
+    /// parked for a pause (the set is not paused, or the thread stopped after a failure or
+    /// ended) has no call.
     pub fn run_parked(&self, hook: ParkHook) -> Vec<bool> {
-        let (m, cv) = &*self.control;
+        self.let_go();
+        if lock(&self.control.0).request == Request::Pause {
+            // Threads just let go park on their own: each must have parked to run the hook.
+            self.wait_parked();
+        }
+        let (m, to_threads, to_main) = &*self.control;
         let mut control = lock(m);
-        let mut pending = vec![false; self.threads.len()];
+        let mut runs = vec![HookRun::NoCall; self.threads.len()];
         if control.request == Request::Pause {
-            for (slot, stopping) in pending.iter_mut().zip(&control.stopping) {
-                *slot = *stopping;
+            for (run, stopping) in runs.iter_mut().zip(&control.stopping) {
+                if *stopping {
+                    *run = HookRun::Owed;
+                }
             }
         }
         control.task = Some(ParkedTask {
-            hook,
-            done: vec![false; pending.len()],
-            pending,
+            hook: hook.clone(),
+            runs,
         });
-        cv.notify_all();
-        while control
-            .task
-            .as_ref()
-            .is_some_and(|task| task.pending.contains(&true))
-        {
-            control = cv
+        to_threads.notify_all();
+        while let Some(task) = control.task.as_mut() {
+            let ours = (0..self.vcpus.len().min(task.runs.len()))
+                .rev()
+                .find(|&index| task.claim(index));
+            if let Some(index) = ours {
+                drop(control);
+                if let (Some(vcpu), Ok(number)) = (self.vcpus.get(index), u8::try_from(index)) {
+                    hook(number, &lock(vcpu));
+                }
+                control = lock(m);
+                if let Some(task) = control.task.as_mut() {
+                    task.finish(index, true);
+                }
+                continue;
+            }
+            if !task.pending() {
+                break;
+            }
+            control = to_main
                 .wait(control)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         control
             .task
             .take()
-            .map(|task| task.done)
+            .map(|task| task.runs.iter().map(|run| *run == HookRun::Ran).collect())
             .unwrap_or_default()
     }
 
     fn wait_parked(&self) {
-        let (m, cv) = &*self.control;
+        let (m, _, to_main) = &*self.control;
         let mut control = lock(m);
         while control.parked < self.threads.len() {
             drop(control);
             self.kick_all();
             control = lock(m);
             // A kick that lands just before KVM_RUN is lost: kick again soon.
-            control = match cv.wait_timeout(control, Duration::from_micros(100)) {
+            control = match to_main.wait_timeout(control, Duration::from_micros(100)) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
             };
@@ -480,9 +690,11 @@ impl VcpuSet {
 
     /// Stops and joins every vCPU thread.
     pub fn stop(&mut self) {
-        let (m, cv) = &*self.control;
+        let (m, to_threads, _) = &*self.control;
         lock(m).request = Request::Stop;
-        cv.notify_all();
+        to_threads.notify_all();
+        // Held threads end when their start is dropped.
+        lock(&self.held).clear();
         while self.threads.iter().any(|t| !t.is_finished()) {
             self.kick_all();
             std::thread::sleep(Duration::from_millis(1));
@@ -505,19 +717,35 @@ struct Runner {
     index: u8,
     vcpu: Arc<Mutex<VcpuFd>>,
     buses: Buses,
-    control: Arc<(Mutex<Control>, Condvar)>,
+    control: Arc<ControlShared>,
     on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    /// The set's [`VcpuSet::first_entry_ns`].
+    first_entry: Arc<AtomicU64>,
 }
 
 impl Runner {
     fn run_loop(self) {
-        confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
         // Whether the last exit was a port or MMIO access, which KVM finishes on the next
         // KVM_RUN only.
         let mut io_pending = false;
+        // Whether this thread has gone into the guest yet (for the set's first entry stamp).
+        let mut entered = false;
         loop {
             if !self.wait_for_run(&mut io_pending) {
+                // Ending (a VM handed over to a successor that restores it on this host's
+                // CPUs right now): the thread's own teardown can wait for them.
+                if let Err(e) = crate::sys::lowest_thread_priority() {
+                    debug!("vcpu{}: cannot lower its priority to end: {e}", self.index);
+                }
                 return;
+            }
+            if !entered {
+                entered = true;
+                let now = crate::live_update::participants::realtime_ns();
+                // The first thread of the set to get here sets it.
+                let _ =
+                    self.first_entry
+                        .compare_exchange(0, now, Ordering::SeqCst, Ordering::Relaxed);
             }
             let mut vcpu = lock(&self.vcpu);
             let mut triple_fault = false;
@@ -559,7 +787,7 @@ impl Runner {
     /// Parks while a pause is requested, after completing the port or MMIO access of the last
     /// exit if `io_pending`. Returns false when the thread must stop.
     fn wait_for_run(&self, io_pending: &mut bool) -> bool {
-        let (m, cv) = &*self.control;
+        let (m, cv, to_main) = &*self.control;
         let mut control = lock(m);
         if control.request == Request::Pause {
             let index = usize::from(self.index);
@@ -579,13 +807,12 @@ impl Runner {
                 control = lock(m);
             }
             control.parked += 1;
-            cv.notify_all();
+            to_main.notify_all();
             while control.request == Request::Pause {
                 let hook = control
                     .task
-                    .as_ref()
-                    .filter(|task| task.pending.get(index) == Some(&true))
-                    .map(|task| task.hook.clone());
+                    .as_mut()
+                    .and_then(|task| task.claim(index).then(|| task.hook.clone()));
                 if let Some(hook) = hook {
                     // Outside the lock: the other parked threads run it meanwhile.
                     drop(control);
@@ -594,7 +821,7 @@ impl Runner {
                     if let Some(task) = control.task.as_mut() {
                         task.finish(index, true);
                     }
-                    cv.notify_all();
+                    to_main.notify_all();
                     continue;
                 }
                 control = cv
@@ -606,7 +833,7 @@ impl Runner {
             // Leaving the pause (resumed or stopped) ends any work still asked of this thread.
             if let Some(task) = control.task.as_mut() {
                 task.finish(index, false);
-                cv.notify_all();
+                to_main.notify_all();
             }
         }
         control.request == Request::Run
@@ -669,10 +896,10 @@ impl Runner {
     /// Reports `event` and parks until the control loop decides (it pauses or stops the set).
     fn park_after(&self, event: VcpuEvent) {
         (self.on_event)(event);
-        let (m, cv) = &*self.control;
+        let (m, cv, to_main) = &*self.control;
         let mut control = lock(m);
         control.parked += 1;
-        cv.notify_all();
+        to_main.notify_all();
         while control.request == Request::Run {
             control = cv
                 .wait(control)
@@ -762,7 +989,6 @@ impl Runner {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use devices::bus::BusDevice;
     use kvm_ioctls::Kvm;
@@ -1003,7 +1229,7 @@ mod tests {
     }
 
     #[test]
-    fn run_parked_has_each_parked_thread_run_the_hook_on_its_own_vcpu() {
+    fn run_parked_runs_the_hook_once_on_each_parked_vcpu_on_its_thread_or_the_callers() {
         let count = Arc::new(AtomicU64::new(0));
         let (set, _vm, _ram) = start_looping_guest(count.clone());
         set.resume();
@@ -1011,11 +1237,20 @@ mod tests {
         set.pause();
         let at_pause = count.load(Ordering::SeqCst);
         let (seen, hook) = recording_hook();
+        let caller = std::thread::current().name().map(String::from);
 
         let ran = set.run_parked(hook);
 
         assert_eq!(ran, vec![true]);
-        assert_one_call_on_vcpu0_in_the_loop(&seen);
+        let seen = lock(&seen).clone();
+        assert_eq!(seen.len(), 1, "hook calls: {seen:?}");
+        let (index, thread, rip) = seen[0].clone();
+        assert_eq!(index, 0);
+        assert!(
+            thread.as_deref() == Some("vcpu0") || thread == caller,
+            "ran on {thread:?}"
+        );
+        assert!((0x1000..0x1006).contains(&rip), "rip {rip:#x}");
         assert_eq!(
             count.load(Ordering::SeqCst),
             at_pause,
@@ -1041,16 +1276,21 @@ mod tests {
         wait_for_count_above(&count, before);
     }
 
-    /// A builder that makes vCPU 0 of `vm` running the port loop, noting its thread's name.
+    /// A builder that makes vCPU 0 of `vm` running the port loop (or loads the one made
+    /// ahead), noting its thread's name and whether it was given a vCPU.
     fn loop_builder(
         vm: &Arc<kvm_ioctls::VmFd>,
         names: &Arc<Mutex<Vec<String>>>,
     ) -> VcpuBuilder<String> {
         let (vm, names) = (vm.clone(), names.clone());
-        Box::new(move || {
+        Box::new(move |made| {
             let name = std::thread::current().name().unwrap_or("").to_string();
-            lock(&names).push(name);
-            let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+            let given = if made.is_some() { " given" } else { "" };
+            lock(&names).push(format!("{name}{given}"));
+            let vcpu = match made {
+                Some(vcpu) => vcpu,
+                None => vm.create_vcpu(0).map_err(|e| e.to_string())?,
+            };
             start_real_mode_at(&vcpu, 0x1000).map_err(|e| e.to_string())?;
             Ok(vcpu)
         })
@@ -1083,6 +1323,7 @@ mod tests {
         let names = Arc::new(Mutex::new(Vec::new()));
         let pending =
             VcpuSet::spawn_building(vec![loop_builder(&vm, &names)], Arc::new(|_| {})).unwrap();
+        wait_for_builders(&names, 1);
 
         let set = pending.finish(&buses).unwrap();
         std::thread::sleep(Duration::from_millis(20));
@@ -1100,10 +1341,11 @@ mod tests {
         let count = Arc::new(AtomicU64::new(0));
         let (vm, _ram, buses) = looping_vm(count.clone());
         let names = Arc::new(Mutex::new(Vec::new()));
-        let idle = VcpuSet::spawn_idle::<String>(3, Arc::new(|_| {})).unwrap();
+        let idle = VcpuSet::spawn_idle::<String>(3, Arc::new(|_| {}), None).unwrap();
         let waiting = idle.len();
 
         let pending = idle.build(vec![loop_builder(&vm, &names)]).unwrap();
+        wait_for_builders(&names, 1);
         let set = pending.finish(&buses).unwrap();
         set.resume();
 
@@ -1113,12 +1355,97 @@ mod tests {
         wait_for_count_above(&count, 100);
     }
 
+    /// Waits until `count` builders have noted their threads in `names`.
+    fn wait_for_builders(names: &Mutex<Vec<String>>, count: usize) {
+        for _ in 0..5000 {
+            if lock(names).len() >= count {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("fewer than {count} builders ran");
+    }
+
+    /// A maker of `vm`'s vCPUs that counts those it made in `made`.
+    fn maker_of(vm: &Arc<kvm_ioctls::VmFd>, made: &Arc<AtomicU64>) -> VcpuMaker {
+        let (vm, made) = (vm.clone(), made.clone());
+        Arc::new(move |index| {
+            let vcpu = vm.create_vcpu(u64::from(index))?;
+            made.fetch_add(1, Ordering::SeqCst);
+            Ok(vcpu)
+        })
+    }
+
+    #[test]
+    fn threads_with_a_maker_make_their_vcpus_ahead_and_hand_them_to_their_builders() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count.clone());
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let made = Arc::new(AtomicU64::new(0));
+        let idle =
+            VcpuSet::spawn_idle::<String>(1, Arc::new(|_| {}), Some(maker_of(&vm, &made))).unwrap();
+        wait_for_count_above(&made, 0);
+
+        let pending = idle.build(vec![loop_builder(&vm, &names)]).unwrap();
+        wait_for_builders(&names, 1);
+        let set = pending.finish(&buses).unwrap();
+        set.resume();
+
+        assert_eq!(*lock(&names), vec!["vcpu0 given".to_string()]);
+        wait_for_count_above(&count, 100);
+    }
+
+    #[test]
+    fn a_builder_its_thread_has_not_started_is_run_by_finish_on_the_callers_thread() {
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count.clone());
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let mut idle = VcpuSet::spawn_idle::<String>(1, Arc::new(|_| {}), None).unwrap();
+        // The thread is busy elsewhere: its go comes only from the builder, run by `finish`.
+        let go = idle.go.pop().unwrap();
+        let builder = loop_builder(&vm, &names);
+        let late_go: VcpuBuilder<String> = Box::new(move |made| {
+            let built = builder(made);
+            go.send(()).unwrap();
+            built
+        });
+        lock(&idle.slots)[0].builder = Some(late_go);
+        let pending = PendingVcpus {
+            start: std::mem::take(&mut idle.start),
+            ready: std::mem::take(&mut idle.ready),
+            slots: idle.slots.clone(),
+            set: idle.set.take(),
+        };
+
+        let set = pending.finish(&buses).unwrap();
+        set.resume();
+
+        let here = std::thread::current().name().unwrap_or("").to_string();
+        assert_eq!(*lock(&names), vec![here]);
+        wait_for_count_above(&count, 100);
+    }
+
+    #[test]
+    fn threads_that_made_vcpus_ahead_refuse_fewer_builders() {
+        let (vm, _ram, _buses) = looping_vm(Arc::new(AtomicU64::new(0)));
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let made = Arc::new(AtomicU64::new(0));
+        let idle =
+            VcpuSet::spawn_idle::<String>(2, Arc::new(|_| {}), Some(maker_of(&vm, &made))).unwrap();
+
+        let result = idle.build(vec![loop_builder(&vm, &names)]);
+
+        let error = result.map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("1 vCPU threads made vCPUs ahead"), "{error}");
+        assert!(lock(&names).is_empty());
+    }
+
     #[test]
     fn a_failing_builder_fails_finish_with_its_index_and_error() {
         let count = Arc::new(AtomicU64::new(0));
         let (vm, _ram, buses) = looping_vm(count);
         let names = Arc::new(Mutex::new(Vec::new()));
-        let failing: VcpuBuilder<String> = Box::new(|| Err("no state".to_string()));
+        let failing: VcpuBuilder<String> = Box::new(|_| Err("no state".to_string()));
         let pending =
             VcpuSet::spawn_building(vec![loop_builder(&vm, &names), failing], Arc::new(|_| {}))
                 .unwrap();

@@ -157,11 +157,24 @@ mod tests {
         (OwnedFd::from(theirs), mine)
     }
 
-    /// Whether the peer of `stream` has closed every copy of its end.
+    /// Whether the other end of `stream` is closed, waiting up to a second: a process another
+    /// test forks at that moment holds a copy of every fd until it runs its program.
     fn peer_closed(stream: &std::os::unix::net::UnixStream) -> bool {
         stream.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         let mut byte = [0u8];
-        matches!(std::io::Read::read(&mut &*stream, &mut byte), Ok(0))
+        loop {
+            match std::io::Read::read(&mut &*stream, &mut byte) {
+                Ok(0) => return true,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                _ => return false,
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,6 +16,69 @@ use crate::session::{Session, SessionError, SessionProvider, Token};
 
 /// Longest wait for the rest of a reply once it has started.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reply as [`AgentClient::request`] gives it.
+pub type Reply = Result<(Response, Option<OwnedFd>), AgentError>;
+
+fn expect_ok(reply: (Response, Option<OwnedFd>)) -> Result<(), AgentError> {
+    match reply {
+        (Response::Ok, None) => Ok(()),
+        (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+    }
+}
+
+/// The agent closed the connection.
+fn hung_up() -> AgentError {
+    AgentError::Protocol(protocol::ProtocolError::Io {
+        operation: "read",
+        source: io::Error::new(io::ErrorKind::UnexpectedEof, "the agent hung up"),
+    })
+}
+
+/// `error`, or [`hung_up`] if it says the agent is gone: an agent that ended with requests of
+/// ours unread (sent together, see [`AgentClient::pipeline`]) resets the connection rather
+/// than closing it, and a request still being sent then finds the pipe broken.
+fn hung_up_or(error: protocol::ProtocolError) -> AgentError {
+    match &error {
+        protocol::ProtocolError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            hung_up()
+        }
+        _ => error.into(),
+    }
+}
+
+/// The fd an `ok` reply carries.
+fn expect_fd(reply: (Response, Option<OwnedFd>)) -> Result<OwnedFd, AgentError> {
+    match reply {
+        (Response::Ok, Some(fd)) => Ok(fd),
+        (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+    }
+}
+
+/// The attachments' tokens of retrieved session `name`, as a `list` reply names them.
+fn incoming_attachments(sessions: Vec<SessionInfo>, name: &str) -> Option<Vec<Token>> {
+    sessions
+        .into_iter()
+        .find(|info| info.name == name && info.direction == super::Direction::Incoming)
+        .map(|info| info.attachments)
+}
+
+/// What [`AgentClient::take_session`] read besides the session: kept by the [`AgentSession`]
+/// until the successor asks for them.
+#[derive(Debug)]
+pub struct Taken {
+    state_token: Token,
+    /// The file under `state_token`, if the agent gave it (if not, the session asks again and
+    /// reports the agent's reason then).
+    state: Option<OwnedFd>,
+    /// The attachments' tokens, if the list said.
+    attachments: Option<Vec<Token>>,
+}
 
 /// A connection to `ch-luod`.
 #[derive(Debug)]
@@ -45,12 +108,10 @@ impl AgentClient {
     /// Waits for one more message (a reply in several parts, as a handoff); an error reply
     /// becomes [`AgentError::Remote`].
     pub fn receive(&mut self) -> Result<(Response, Option<OwnedFd>), AgentError> {
-        let received = protocol::recv(&self.stream, REPLY_TIMEOUT)?.ok_or_else(|| {
-            AgentError::Protocol(protocol::ProtocolError::Io {
-                operation: "read",
-                source: io::Error::new(io::ErrorKind::UnexpectedEof, "the agent hung up"),
-            })
-        })?;
+        let received = match protocol::recv(&self.stream, REPLY_TIMEOUT) {
+            Ok(received) => received.ok_or_else(hung_up)?,
+            Err(error) => return Err(hung_up_or(error)),
+        };
         match protocol::decode_body::<Response>(&received.body)? {
             Response::Error(error) => Err(AgentError::Remote {
                 kind: error.kind,
@@ -72,10 +133,84 @@ impl AgentClient {
     }
 
     fn expect_ok(&mut self, request: &Request) -> Result<(), AgentError> {
-        match self.request(request, None)? {
-            (Response::Ok, None) => Ok(()),
-            (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+        expect_ok(self.request(request, None)?)
+    }
+
+    /// Sends `requests` back to back, then reads their replies in order: one round trip for
+    /// all (the agent answers a connection's requests one at a time, in order). An error reply
+    /// answers its own request only; any other failure leaves the connection out of step and
+    /// fails the call.
+    pub fn pipeline(&mut self, requests: &[Request]) -> Result<Vec<Reply>, AgentError> {
+        for request in requests {
+            protocol::send(&self.stream, request, None).map_err(hung_up_or)?;
         }
+        requests
+            .iter()
+            .map(|_| match self.receive() {
+                Err(error @ AgentError::Remote { .. }) => Ok(Err(error)),
+                other => other.map(Ok),
+            })
+            .collect()
+    }
+
+    /// Retrieves session `name` and, in the same round trip, its file under `state_token` and
+    /// the tokens of its attachments: what a successor reads first. `Ok(Err(reason))` if the
+    /// session cannot be retrieved (e.g. not handed over yet); `Err` if the connection failed.
+    /// With `wait`, first waits up to that long for the handover ([`Request::WaitHandover`]),
+    /// in the same round trip too.
+    pub fn take_session(
+        &mut self,
+        name: &str,
+        state_token: Token,
+        wait: Option<Duration>,
+    ) -> Result<Result<Taken, AgentError>, AgentError> {
+        let mut requests = Vec::with_capacity(4);
+        if let Some(wait) = wait {
+            requests.push(Request::WaitHandover {
+                name: name.into(),
+                timeout_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        requests.extend([
+            Request::RetrieveSession { name: name.into() },
+            Request::RetrieveFd {
+                name: name.into(),
+                token: state_token,
+            },
+            Request::List,
+        ]);
+        let mut replies = self.pipeline(&requests)?.into_iter();
+        let waited = match wait {
+            Some(_) => replies.next(),
+            None => None,
+        };
+        let (Some(retrieved), Some(state), Some(list)) =
+            (replies.next(), replies.next(), replies.next())
+        else {
+            return Err(AgentError::UnexpectedReply(
+                "fewer replies than requests".into(),
+            ));
+        };
+        if let Err(error) = retrieved.and_then(expect_ok) {
+            // Not handed over (yet) shows in the retrieve's reply; any other trouble with the
+            // wait (an agent without it) matters more.
+            return Ok(match waited {
+                Some(Err(wait_error)) if wait_error.kind() != Some(ErrorKind::NoSuchSession) => {
+                    Err(wait_error)
+                }
+                _ => Err(error),
+            });
+        }
+        let state = state.and_then(expect_fd).ok();
+        let attachments = match list {
+            Ok((Response::Sessions { sessions }, None)) => incoming_attachments(sessions, name),
+            _ => None,
+        };
+        Ok(Ok(Taken {
+            state_token,
+            state,
+            attachments,
+        }))
     }
 
     /// Checks the agent is alive; returns its mode ("kernel" or "restart").
@@ -113,6 +248,43 @@ impl AgentClient {
         match self.request(&request, Some(fd))? {
             (Response::Ok, None) => Ok(()),
             (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
+    /// Preserves `fd` under `token` in session `name` and hands the session over, in one round
+    /// trip ([`Request::PreserveAndHandover`]); as [`Self::handover`] in kernel mode.
+    pub fn preserve_and_handover(
+        &mut self,
+        name: &str,
+        fd: BorrowedFd<'_>,
+        token: Token,
+    ) -> Result<(), AgentError> {
+        expect_ok(self.request(
+            &Request::PreserveAndHandover {
+                name: name.into(),
+                token,
+            },
+            Some(fd),
+        )?)
+    }
+
+    /// Hands session `name` over with `held_back` (a file and its token, kept back by an
+    /// [`AgentSession::holding_back`]) preserved first, in one round trip; an agent that does
+    /// not know [`Request::PreserveAndHandover`] gets the two requests one after the other.
+    pub fn hand_over(
+        &mut self,
+        name: &str,
+        held_back: Option<(OwnedFd, Token)>,
+    ) -> Result<(), AgentError> {
+        let Some((fd, token)) = held_back else {
+            return self.handover(name);
+        };
+        match self.preserve_and_handover(name, fd.as_fd(), token) {
+            Err(e) if e.kind() == Some(ErrorKind::BadRequest) => {
+                self.preserve(name, fd.as_fd(), token)?;
+                self.handover(name)
+            }
+            result => result,
         }
     }
 
@@ -164,6 +336,15 @@ impl AgentClient {
         })
     }
 
+    /// Old VMM after its handover: waits up to `timeout` until the agent holds session `name` no
+    /// more (see [`Request::WaitReleased`]); `busy` if it still does.
+    pub fn wait_released(&mut self, name: &str, timeout: Duration) -> Result<(), AgentError> {
+        self.expect_ok(&Request::WaitReleased {
+            name: name.into(),
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
     /// Successor started ahead: waits up to `timeout` until the old VMM has preserved `token` in
     /// outgoing session `name` (see [`Request::WaitPrepared`]).
     pub fn wait_prepared(
@@ -205,6 +386,26 @@ impl AgentClient {
         }
     }
 
+    /// Old VMM, its successor ready: waits up to `timeout` for a pause slot for session `name`
+    /// (see [`crate::agent::pause_slots`]). Returns whether it got one.
+    pub fn wait_pause_slot(
+        &mut self,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> Result<bool, AgentError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        match self.request(
+            &Request::WaitPauseSlot {
+                name: name.into(),
+                timeout_ms,
+            },
+            None,
+        )? {
+            (Response::PauseSlot { granted }, None) => Ok(granted),
+            (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
     /// Retrieves incoming session `name`; the agent keeps it for this uid.
     pub fn retrieve_session(&mut self, name: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::RetrieveSession { name: name.into() })
@@ -217,10 +418,7 @@ impl AgentClient {
             name: name.to_string(),
             token,
         };
-        match self.request(&request, None)? {
-            (Response::Ok, Some(fd)) => Ok(fd),
-            (response, _) => Err(AgentError::UnexpectedReply(format!("{response:?}"))),
-        }
+        expect_fd(self.request(&request, None)?)
     }
 
     /// Retrieves the file under `token` of retrieved session `name`.
@@ -229,10 +427,7 @@ impl AgentClient {
             name: name.into(),
             token,
         };
-        match self.request(&request, None)? {
-            (Response::Ok, Some(fd)) => Ok(fd),
-            (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
-        }
+        expect_fd(self.request(&request, None)?)
     }
 
     /// Restart mode: attaches `fd` (any kind of file) to outgoing session `name` under `token`
@@ -259,10 +454,7 @@ impl AgentClient {
             name: name.into(),
             token,
         };
-        match self.request(&request, None)? {
-            (Response::Ok, Some(fd)) => Ok(fd),
-            (other, _) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
-        }
+        expect_fd(self.request(&request, None)?)
     }
 
     /// Every fd attached to retrieved session `name`, by token.
@@ -270,15 +462,26 @@ impl AgentClient {
         &mut self,
         name: &str,
     ) -> Result<BTreeMap<Token, OwnedFd>, AgentError> {
-        let tokens = self
-            .list()?
-            .into_iter()
-            .find(|info| info.name == name && info.direction == super::Direction::Incoming)
-            .map(|info| info.attachments)
-            .unwrap_or_default();
+        let tokens = incoming_attachments(self.list()?, name).unwrap_or_default();
+        self.retrieve_attachments_of(name, &tokens)
+    }
+
+    /// The fds attached under `tokens` to retrieved session `name`, in one round trip.
+    fn retrieve_attachments_of(
+        &mut self,
+        name: &str,
+        tokens: &[Token],
+    ) -> Result<BTreeMap<Token, OwnedFd>, AgentError> {
+        let requests: Vec<_> = tokens
+            .iter()
+            .map(|&token| Request::RetrieveAttachment {
+                name: name.into(),
+                token,
+            })
+            .collect();
         let mut fds = BTreeMap::new();
-        for token in tokens {
-            fds.insert(token, self.retrieve_attachment(name, token)?);
+        for (&token, reply) in tokens.iter().zip(self.pipeline(&requests)?) {
+            fds.insert(token, expect_fd(reply?)?);
         }
         Ok(fds)
     }
@@ -334,11 +537,18 @@ pub fn to_session_error(error: AgentError, name: &str, token: Option<Token>) -> 
     }
 }
 
+/// Where an [`AgentSession`] keeps the file it holds back for the handover.
+pub type HeldBack = Arc<Mutex<Option<OwnedFd>>>;
+
 /// A session held by the agent, used through one shared connection.
 #[derive(Debug)]
 pub struct AgentSession {
     client: Arc<Mutex<AgentClient>>,
     name: String,
+    /// Read with the session ([`AgentClient::take_session`]), given out once.
+    taken: Option<Taken>,
+    /// The token whose file is not preserved at once but kept here, for the handover.
+    held_back: Option<(Token, HeldBack)>,
 }
 
 impl AgentSession {
@@ -347,6 +557,24 @@ impl AgentSession {
         Self {
             client,
             name: name.to_string(),
+            taken: None,
+            held_back: None,
+        }
+    }
+
+    /// Keeps the file preserved under `token` in `slot` instead of sending it to the agent:
+    /// the handover sends it along ([`AgentClient::hand_over`]), one round trip fewer while
+    /// the guest is paused (the state blob is the last file preserved before the handover).
+    pub fn holding_back(mut self, token: Token, slot: HeldBack) -> Self {
+        self.held_back = Some((token, slot));
+        self
+    }
+
+    /// Session `name`, retrieved by [`AgentClient::take_session`] with what came with it.
+    pub fn taken(client: Arc<Mutex<AgentClient>>, name: &str, taken: Taken) -> Self {
+        Self {
+            taken: Some(taken),
+            ..Self::new(client, name)
         }
     }
 
@@ -376,10 +604,23 @@ impl Session for AgentSession {
     }
 
     fn preserve_fd(&mut self, fd: BorrowedFd<'_>, token: Token) -> Result<(), SessionError> {
+        if let Some((_, slot)) = self.held_back.as_ref().filter(|(held, _)| *held == token) {
+            let copy = fd.try_clone_to_owned().map_err(|source| SessionError::Os {
+                operation: "dup of a file held back for the handover",
+                source,
+            })?;
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(copy);
+            return Ok(());
+        }
         self.with_client(Some(token), |client, name| client.preserve(name, fd, token))
     }
 
     fn retrieve_fd(&mut self, token: Token) -> Result<OwnedFd, SessionError> {
+        // Given once, as the agent gives a file once.
+        let taken = self.taken.as_mut().filter(|t| t.state_token == token);
+        if let Some(state) = taken.and_then(|t| t.state.take()) {
+            return Ok(state);
+        }
         self.with_client(Some(token), |client, name| client.retrieve_fd(name, token))
     }
 
@@ -415,7 +656,12 @@ impl Session for AgentSession {
     }
 
     fn retrieve_attachments(&mut self) -> Result<BTreeMap<Token, OwnedFd>, SessionError> {
-        self.with_client(None, AgentClient::retrieve_attachments)
+        match self.taken.as_mut().and_then(|t| t.attachments.take()) {
+            Some(tokens) => self.with_client(None, |client, name| {
+                client.retrieve_attachments_of(name, &tokens)
+            }),
+            None => self.with_client(None, AgentClient::retrieve_attachments),
+        }
     }
 }
 

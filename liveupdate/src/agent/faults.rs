@@ -23,33 +23,32 @@ pub fn arm(fault: Fault) -> Result<(), String> {
         .map_err(|_| "the agent's fault is armed already".to_string())
 }
 
-/// The step `request` marks, as the agent sees it: the first preserve (guest RAM) is prepare,
-/// `wait_successor` comes right before the pause, preserving the state blob ends save, then
-/// `handover`; a `retrieve_session` of a handed-over session is retrieve, a `retrieve_fd` is
-/// restore, then `resumed` and `finish`.
-fn step_of(request: &Request, state: &AgentState) -> Option<FaultStep> {
+/// The steps `request` marks, as the agent sees them: the first preserve (guest RAM) is
+/// prepare, `wait_successor` comes right before the pause, preserving the state blob ends save,
+/// then `handover` (`preserve_and_handover` is both); a `retrieve_session` of a handed-over
+/// session is retrieve, a `retrieve_fd` is restore, then `resumed` and `finish`.
+fn steps_of(request: &Request, state: &AgentState) -> &'static [FaultStep] {
     match request {
-        Request::Preserve { token, .. } if *token == STATE_TOKEN => Some(FaultStep::Save),
-        Request::Preserve { .. } => Some(FaultStep::Prepare),
-        Request::WaitSuccessor { .. } => Some(FaultStep::Pause),
-        Request::Handover { .. } => Some(FaultStep::Handover),
-        Request::RetrieveSession { name } if state.is_handed_over(name) => {
-            Some(FaultStep::Retrieve)
-        }
-        Request::RetrieveFd { .. } => Some(FaultStep::Restore),
-        Request::Resumed { .. } => Some(FaultStep::Resume),
-        Request::Finish { .. } => Some(FaultStep::Finish),
-        _ => None,
+        Request::Preserve { token, .. } if *token == STATE_TOKEN => &[FaultStep::Save],
+        Request::Preserve { .. } => &[FaultStep::Prepare],
+        Request::WaitSuccessor { .. } => &[FaultStep::Pause],
+        Request::Handover { .. } => &[FaultStep::Handover],
+        Request::PreserveAndHandover { .. } => &[FaultStep::Save, FaultStep::Handover],
+        Request::RetrieveSession { name } if state.is_handed_over(name) => &[FaultStep::Retrieve],
+        Request::RetrieveFd { .. } => &[FaultStep::Restore],
+        Request::Resumed { .. } => &[FaultStep::Resume],
+        Request::Finish { .. } => &[FaultStep::Finish],
+        _ => &[],
     }
 }
 
-/// Called before the agent handles `request`: dies here if armed for its step.
+/// Called before the agent handles `request`: dies here if armed for one of its steps.
 pub(super) fn before(request: &Request, state: &AgentState) {
-    if let (Some(fault), Some(step)) = (ARMED.get(), step_of(request, state))
-        && fault.step == step
+    if let Some(fault) = ARMED.get()
+        && steps_of(request, state).contains(&fault.step)
     {
         // Only kill is ever armed, so this does not return.
-        let _ = crate::fault::reached_with(Some(*fault), step);
+        let _ = crate::fault::reached_with(Some(*fault), fault.step);
     }
 }
 
@@ -78,6 +77,10 @@ mod tests {
             (preserve(STATE_TOKEN), FaultStep::Save),
             (Request::Handover { name: name() }, FaultStep::Handover),
         ];
+        let state_with_handover = Request::PreserveAndHandover {
+            name: name(),
+            token: STATE_TOKEN,
+        };
         let after_handover = [
             (
                 Request::RetrieveSession { name: name() },
@@ -102,16 +105,23 @@ mod tests {
         let waiting = Request::RetrieveSession { name: name() };
 
         ok(&mut state, create("vm"), OWNER, None);
-        let not_yet = step_of(&waiting, &state);
+        let not_yet = steps_of(&waiting, &state);
         for (request, step) in &before_handover {
-            assert_eq!(step_of(request, &state), Some(*step), "{request:?}");
+            assert_eq!(steps_of(request, &state), [*step], "{request:?}");
         }
+        assert_eq!(
+            steps_of(&state_with_handover, &state),
+            [FaultStep::Save, FaultStep::Handover]
+        );
         ok(&mut state, handover("vm"), OWNER, None);
         for (request, step) in &after_handover {
-            assert_eq!(step_of(request, &state), Some(*step), "{request:?}");
+            assert_eq!(steps_of(request, &state), [*step], "{request:?}");
         }
-        assert_eq!(not_yet, None, "a successor polling before the handover");
-        assert_eq!(step_of(&Request::List, &state), None);
+        assert!(
+            not_yet.is_empty(),
+            "a successor polling before the handover"
+        );
+        assert!(steps_of(&Request::List, &state).is_empty());
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //! `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
 //! `resumed{name,pid}` (the successor is about to run the guest: see Faults below),
 //! `finish{name}`, `list`, `attach{name,token}` + fd and `retrieve_attachment{name,token}` (see
-//! Attachments below), `upgrade{mode}` and `upgrade_done` (a new agent binary taking over, see
-//! [`upgrade`]). Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`,
+//! Attachments below), `wait_pause_slot{name,timeout_ms}` (see Pause slots below),
+//! `upgrade{mode}` and `upgrade_done` (a new agent binary taking over, see [`upgrade`]).
+//! Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`, `pause_slot{granted}`,
 //! `sessions{sessions}`, `handoff{names}` and `handoff_fd{name}` + fd, `error{kind,message}`
 //! with a stable snake_case
 //! [`protocol::ErrorKind`]. A body that is not a valid request gets a `bad_request` reply and the
@@ -62,6 +63,14 @@
 //! waits in vain or restores state the guest has moved past. The successor's own `finish` after
 //! `resumed` is answered `ok`; a new session of the same name clears the record.
 //!
+//! # Pause slots (restart mode)
+//! A host that updates all its VMs at once would pause every guest at once, and each pause
+//! would wait for CPUs the others hold. An old VMM whose successor is ready therefore asks for
+//! one of a few pause slots right before it pauses (`ch-luod --pause-slots N`, by default half
+//! the host's CPUs), its guest running on while it waits; the slot is free again once the
+//! successor has resumed the guest, the update is cancelled, or its lease ran out
+//! (`--pause-slot-lease-ms`). See [`pause_slots`].
+//!
 //! # Not a single point of loss
 //! Under systemd (`contrib/systemd/ch-luod.service`) the agent keeps every session in the
 //! unit's file descriptor store and takes them back when systemd starts it again
@@ -74,6 +83,7 @@ mod ended;
 pub mod faults;
 pub mod fdstore;
 pub mod kexec;
+pub mod pause_slots;
 pub mod protocol;
 pub mod server;
 pub mod state;
@@ -85,7 +95,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use client::{AgentClient, AgentProvider, AgentSession};
+pub use client::{AgentClient, AgentProvider, AgentSession, HeldBack, Taken};
 pub use kexec::{KexecImage, KexecOps, SystemKexec};
 pub use protocol::{Direction, ErrorKind, Request, Response, SessionInfo};
 pub use server::{AgentServer, ShutdownHandle};

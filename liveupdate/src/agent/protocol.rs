@@ -87,6 +87,15 @@ pub enum Request {
         /// Session name.
         name: String,
     },
+    /// `preserve` of the attached fd under `token`, then `handover`, in one round trip (the
+    /// state blob goes with the handover while the guest is paused). A preserve that fails
+    /// hands nothing over.
+    PreserveAndHandover {
+        /// Session name.
+        name: String,
+        /// The file's token.
+        token: Token,
+    },
     /// Discards an outgoing (or frozen) session and unpreserves its files.
     Cancel {
         /// Session name.
@@ -124,6 +133,16 @@ pub enum Request {
         /// How long to wait, in milliseconds.
         timeout_ms: u64,
     },
+    /// From the old VMM after its handover (restart mode): waits until the agent holds session
+    /// `name` no more (its successor resumed or finished it, or it was dropped), at most
+    /// `timeout_ms` (capped at [`MAX_WAIT_MS`]); then `ok`, else a `busy` error. The old VMM
+    /// tears its VM down only then, not beside the successor's restore on the same CPUs.
+    WaitReleased {
+        /// Session name.
+        name: String,
+        /// How long to wait, in milliseconds.
+        timeout_ms: u64,
+    },
     /// Restart mode, from a successor started ahead: its VM is built on the session's guest RAM
     /// (after a `peek`), so the old VMM may pause the guest.
     SuccessorReady {
@@ -134,6 +153,16 @@ pub enum Request {
     /// waits up to `timeout_ms` (capped at [`MAX_WAIT_MS`]) until it is ready, so that it
     /// builds its VM while the guest still runs. Answered with `successor`.
     WaitSuccessor {
+        /// Session name.
+        name: String,
+        /// How long to wait, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// From the old VMM, its successor ready, right before it pauses the guest (restart mode):
+    /// waits up to `timeout_ms` (capped at [`MAX_WAIT_MS`]) for a pause slot, so that only a
+    /// few guests are paused at once (see [`super::pause_slots`]). Answered with `pause_slot`;
+    /// not granted, the VMM pauses all the same.
+    WaitPauseSlot {
         /// Session name.
         name: String,
         /// How long to wait, in milliseconds.
@@ -223,7 +252,10 @@ pub enum Request {
 impl Request {
     /// Whether this request must carry exactly one fd.
     pub fn takes_fd(&self) -> bool {
-        matches!(self, Request::Preserve { .. } | Request::Attach { .. })
+        matches!(
+            self,
+            Request::Preserve { .. } | Request::PreserveAndHandover { .. } | Request::Attach { .. }
+        )
     }
 }
 
@@ -392,6 +424,11 @@ pub enum Response {
         waiting: bool,
         /// It said it is ready.
         ready: bool,
+    },
+    /// Answer to `wait_pause_slot`.
+    PauseSlot {
+        /// The session holds a slot (false: none came free within the wait).
+        granted: bool,
     },
     /// Answer to `kexec_status`.
     KexecStatus {
@@ -580,6 +617,10 @@ mod tests {
             Request::Resumed {
                 name: "vm0".into(),
                 pid: 4242,
+            },
+            Request::WaitReleased {
+                name: "vm0".into(),
+                timeout_ms: 1000,
             },
             Request::Finish { name: "vm0".into() },
             Request::List,

@@ -544,7 +544,11 @@ impl Shared {
             return (self.kexec(state, uid, &image, &sessions, timeout_ms), None);
         }
         let kernel_handover = match &request {
-            Request::Handover { name } if state.is_kernel_mode() => Some(name.clone()),
+            Request::Handover { name } | Request::PreserveAndHandover { name, .. }
+                if state.is_kernel_mode() =>
+            {
+                Some(name.clone())
+            }
             _ => None,
         };
         let wait: Option<(u64, &WaitCondition<'_>)> = match &request {
@@ -556,6 +560,14 @@ impl Shared {
             Request::WaitSuccessor { name, timeout_ms } => {
                 Some((*timeout_ms, &move |state: &AgentState| {
                     !state.successor_pending(name)
+                }))
+            }
+            Request::WaitReleased { name, timeout_ms } => {
+                Some((*timeout_ms, &move |state: &AgentState| !state.holds(name)))
+            }
+            Request::WaitPauseSlot { name, timeout_ms } => {
+                Some((*timeout_ms, &move |state: &AgentState| {
+                    state.pause_slot_free(name)
                 }))
             }
             Request::WaitPrepared {
@@ -576,14 +588,20 @@ impl Shared {
         };
         if let Some((timeout_ms, done)) = wait {
             let deadline = Instant::now() + Duration::from_millis(timeout_ms.min(MAX_WAIT_MS));
+            let slot_wait = matches!(request, Request::WaitPauseSlot { .. });
             while !done(&state) {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
                 }
+                let recheck = if slot_wait {
+                    state.pause_slot_recheck()
+                } else {
+                    Duration::MAX
+                };
                 state = self
                     .changed
-                    .wait_timeout(state, deadline - now)
+                    .wait_timeout(state, (deadline - now).min(recheck))
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
@@ -697,7 +715,9 @@ fn may_wake_waiters(request: &Request) -> bool {
             | Request::Peek { .. }
             | Request::WaitHandover { .. }
             | Request::WaitSuccessor { .. }
+            | Request::WaitPauseSlot { .. }
             | Request::WaitPrepared { .. }
+            | Request::WaitReleased { .. }
             | Request::RetrieveFd { .. }
             | Request::RetrieveAttachment { .. }
     )
@@ -795,11 +815,11 @@ mod tests {
     use vmm_sys_util::tempdir::TempDir;
 
     use super::*;
-    use crate::agent::client::{AgentClient, AgentProvider};
+    use crate::agent::client::{AgentClient, AgentProvider, AgentSession};
     use crate::agent::protocol::{Direction, HEADER_LEN};
     use crate::agent::state::HandoverMode;
     use crate::emulated::EmulatedProvider;
-    use crate::session::{SessionError, SessionProvider};
+    use crate::session::{Session, SessionError, SessionProvider};
 
     struct Agent {
         _dir: TempDir,
@@ -1182,6 +1202,146 @@ mod tests {
             .unwrap_err();
 
         assert_eq!(error.kind(), Some(ErrorKind::NoSuchSession));
+    }
+
+    #[test]
+    fn wait_released_returns_once_the_successor_resumed_the_session() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let ram = memfd_with(b"ram");
+        old.create_session("r").unwrap();
+        old.preserve("r", ram.as_fd(), 1).unwrap();
+        old.handover("r").unwrap();
+        let waiter = thread::spawn(move || old.wait_released("r", Duration::from_secs(10)));
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        successor.retrieve_session("r").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        let still_waiting = !waiter.is_finished();
+
+        successor.resumed("r").unwrap();
+        let waited = waiter.join().unwrap();
+
+        assert!(
+            still_waiting,
+            "answered while the successor held the session"
+        );
+        waited.unwrap();
+    }
+
+    #[test]
+    fn a_guest_waiting_for_the_pause_slot_gets_it_once_the_one_before_resumed_and_finished() {
+        let agent = start_agent_with(
+            restart_state().with_pause_slots(1, crate::agent::pause_slots::DEFAULT_LEASE),
+        );
+        let mut first = AgentClient::connect(&agent.path).unwrap();
+        let mut second = AgentClient::connect(&agent.path).unwrap();
+        first.create_session("first").unwrap();
+        second.create_session("second").unwrap();
+        assert!(first.wait_pause_slot("first", Duration::ZERO).unwrap());
+        let waiter =
+            thread::spawn(move || second.wait_pause_slot("second", Duration::from_secs(10)));
+        thread::sleep(Duration::from_millis(50));
+        let still_waiting = !waiter.is_finished();
+
+        first.handover("first").unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        successor.retrieve_session("first").unwrap();
+        successor.resumed("first").unwrap();
+        successor.finish("first").unwrap();
+        let granted = waiter.join().unwrap();
+
+        assert!(still_waiting, "answered while the first guest was paused");
+        assert!(granted.unwrap());
+    }
+
+    #[test]
+    fn no_pause_slot_within_the_wait_is_answered_not_granted() {
+        let agent = start_agent_with(
+            restart_state().with_pause_slots(1, crate::agent::pause_slots::DEFAULT_LEASE),
+        );
+        let mut first = AgentClient::connect(&agent.path).unwrap();
+        first.create_session("first").unwrap();
+        first.create_session("second").unwrap();
+        assert!(first.wait_pause_slot("first", Duration::ZERO).unwrap());
+
+        let granted = first.wait_pause_slot("second", Duration::from_millis(20));
+
+        assert!(!granted.unwrap());
+    }
+
+    #[test]
+    fn a_state_blob_held_back_goes_to_the_agent_with_the_handover() {
+        let agent = start_agent();
+        let client = Arc::new(Mutex::new(AgentClient::connect(&agent.path).unwrap()));
+        client.lock().unwrap().create_session("h").unwrap();
+        let held_back = crate::agent::HeldBack::default();
+        let mut session = crate::agent::AgentSession::new(Arc::clone(&client), "h")
+            .holding_back(0, Arc::clone(&held_back));
+        let blob = memfd_with(b"state blob");
+
+        session.preserve_fd(blob.as_fd(), 0).unwrap();
+        let tokens_before_handover = client.lock().unwrap().list().unwrap()[0].tokens.clone();
+        let state = held_back.lock().unwrap().take().map(|fd| (fd, 0));
+        client.lock().unwrap().hand_over("h", state).unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        successor.retrieve_session("h").unwrap();
+        let mut retrieved = File::from(successor.retrieve_fd("h", 0).unwrap());
+
+        assert!(
+            tokens_before_handover.is_empty(),
+            "{tokens_before_handover:?}"
+        );
+        assert_eq!(read_at(&mut retrieved, 0, 10), b"state blob");
+    }
+
+    #[test]
+    fn wait_released_of_a_session_still_held_times_out_busy() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        old.create_session("h").unwrap();
+        old.handover("h").unwrap();
+
+        let error = old
+            .wait_released("h", Duration::from_millis(20))
+            .unwrap_err();
+
+        assert_eq!(error.kind(), Some(ErrorKind::Busy));
+    }
+
+    #[test]
+    fn take_session_retrieves_the_session_its_state_file_and_attachment_tokens_at_once() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let (ram, state, socket) = (
+            memfd_with(b"ram"),
+            memfd_with(b"state"),
+            memfd_with(b"sock"),
+        );
+        old.create_session("t").unwrap();
+        old.preserve("t", ram.as_fd(), 1).unwrap();
+        old.attach("t", socket.as_fd(), 7).unwrap();
+        old.preserve("t", state.as_fd(), 0).unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        let before = successor
+            .take_session("t", 0, Some(Duration::from_millis(20)))
+            .unwrap();
+        old.handover("t").unwrap();
+
+        let taken = successor
+            .take_session("t", 0, Some(Duration::from_secs(10)))
+            .unwrap()
+            .unwrap();
+
+        assert_eq!(
+            before.unwrap_err().kind(),
+            Some(ErrorKind::NoSuchSession),
+            "not handed over yet"
+        );
+        let mut session = AgentSession::taken(Arc::new(Mutex::new(successor)), "t", taken);
+        let mut state_file = File::from(session.retrieve_fd(0).unwrap());
+        assert_eq!(read_at(&mut state_file, 0, 5), b"state");
+        let attachments = session.retrieve_attachments().unwrap();
+        assert_eq!(attachments.keys().copied().collect::<Vec<_>>(), vec![7]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
 use log::{info, warn};
 
@@ -10,6 +11,7 @@ use super::attachments::Attachments;
 use super::ended::{Creator, Ended, EndedSessions};
 use super::fdstore::{Exported, Imported, Role, SessionRecord, Side};
 use super::kexec::{KexecPhase, SharedKexecOps};
+use super::pause_slots::PauseSlots;
 use super::protocol::{Direction, ErrorKind, Request, Response, SessionInfo, VERSION, WireError};
 use crate::session::{AdoptAs, Session, SessionError, SessionProvider, Token};
 
@@ -84,6 +86,8 @@ pub struct AgentState {
     ended: EndedSessions,
     /// The process that created each outgoing session (see [`Self::watch_creator`]).
     creators: BTreeMap<String, Creator>,
+    /// Restart mode: how many guests may be paused for an update at once.
+    pause_slots: PauseSlots,
 }
 
 impl std::fmt::Debug for AgentState {
@@ -170,7 +174,44 @@ impl AgentState {
             kexec: KexecPhase::Idle,
             ended: EndedSessions::default(),
             creators: BTreeMap::new(),
+            pause_slots: PauseSlots::default(),
         }
+    }
+
+    /// Lets at most `limit` guests be paused for a restart-mode update at once (0: any number;
+    /// the default is [`PauseSlots::default_limit`]), each for at most `lease` (the default is
+    /// [`DEFAULT_LEASE`]).
+    pub fn with_pause_slots(mut self, limit: usize, lease: Duration) -> Self {
+        self.pause_slots = PauseSlots::new(limit, lease);
+        self
+    }
+
+    /// Whether session `name` would get a pause slot now (kernel mode: always).
+    pub fn pause_slot_free(&self, name: &str) -> bool {
+        !matches!(self.handover, HandoverMode::Restart(_))
+            || self
+                .pause_slots
+                .is_free_for(name, std::time::Instant::now(), |n| self.in_update(n))
+    }
+
+    /// How long a `wait_pause_slot` may wait before it must look again: no request announces a
+    /// lease running out, nor (at once) a session dropped with its dead VMM.
+    pub fn pause_slot_recheck(&self) -> Duration {
+        const DEAD_VMM_RECHECK: Duration = Duration::from_millis(50);
+        self.pause_slots
+            .until_first_lease_ends(std::time::Instant::now())
+            .map_or(DEAD_VMM_RECHECK, |ends| {
+                (ends + Duration::from_millis(1)).min(DEAD_VMM_RECHECK)
+            })
+    }
+
+    /// Whether session `name`'s update still runs: the agent holds the session, or its
+    /// successor has resumed the guest and not yet finished (it is still starting its device
+    /// workers, on the CPUs the next guest's pause would use).
+    fn in_update(&self, name: &str) -> bool {
+        self.holds(name)
+            || (!self.incoming.contains_key(name)
+                && self.ended.get(name).is_some_and(|ended| ended.resumed))
     }
 
     /// Watches process `pid`, which created outgoing session `name`: if it exits before the
@@ -182,6 +223,11 @@ impl AgentState {
             }
             Err(e) => warn!("cannot watch pid {pid}, creator of session {name:?}: {e}"),
         }
+    }
+
+    /// Whether the agent holds session `name` (outgoing, handed over or retrieved).
+    pub fn holds(&self, name: &str) -> bool {
+        self.outgoing.contains_key(name) || self.is_handed_over(name)
     }
 
     /// Whether session `name` ended in a way a later request is told about.
@@ -321,6 +367,22 @@ impl AgentState {
                     None,
                 ))
             }
+            Request::WaitPauseSlot { name, .. } => {
+                // The server waited already (without holding the state) while none was free.
+                owned(&mut self.outgoing, &name, uid, "outgoing")?;
+                let granted = match self.handover {
+                    HandoverMode::Restart(_) => {
+                        let mut slots = std::mem::take(&mut self.pause_slots);
+                        let taken =
+                            slots.take(&name, std::time::Instant::now(), |n| self.in_update(n));
+                        self.pause_slots = slots;
+                        taken
+                    }
+                    // Every session freezes for the one kexec.
+                    HandoverMode::Kexec(_) => true,
+                };
+                Ok((Response::PauseSlot { granted }, None))
+            }
             Request::WaitPrepared { name, token, .. } => {
                 // The server waited already (without holding the state).
                 self.note_successor(&name);
@@ -362,6 +424,13 @@ impl AgentState {
                 None => Err(WireError::new(ErrorKind::BadRequest, "Missing fd")),
             },
             Request::Handover { name } => self.handover(&name, uid).and(ok),
+            Request::PreserveAndHandover { name, token } => match fd {
+                Some(fd) => {
+                    self.preserve(&name, token, uid, fd)?;
+                    self.handover(&name, uid).and(ok)
+                }
+                None => Err(WireError::new(ErrorKind::BadRequest, "Missing fd")),
+            },
             Request::Kexec { .. } => Err(WireError::new(
                 ErrorKind::BadRequest,
                 "kexec is served by the agent's socket server only",
@@ -373,6 +442,11 @@ impl AgentState {
             Request::Cancel { name } => self.cancel(&name, uid).and(ok),
             Request::RetrieveSession { name } => self.retrieve_session(name, uid).and(ok),
             // The server waits on its own (without holding the state) before asking here.
+            Request::WaitReleased { name, .. } if self.holds(&name) => Err(WireError::new(
+                ErrorKind::Busy,
+                format!("Session {name:?} is still held"),
+            )),
+            Request::WaitReleased { .. } => ok,
             Request::WaitHandover { name, .. } if self.is_handed_over(&name) => ok,
             Request::WaitHandover { name, .. } => Err(self.gone(
                 &name,
@@ -1278,5 +1352,179 @@ pub(crate) mod tests {
             }
         );
         assert!(fd.is_none());
+    }
+}
+
+#[cfg(test)]
+mod preserve_and_handover_tests {
+    use super::tests::{OWNER, create, error_kind, ok, restart_state};
+    use super::*;
+
+    fn state_blob() -> OwnedFd {
+        crate::sys::memfd_create("agent-state-blob", 0).unwrap()
+    }
+
+    fn preserve_and_handover(token: Token) -> Request {
+        Request::PreserveAndHandover {
+            name: "vm".into(),
+            token,
+        }
+    }
+
+    #[test]
+    fn the_file_is_preserved_and_the_session_handed_over_in_one_request() {
+        let (mut state, _provider) = restart_state();
+        ok(&mut state, create("vm"), OWNER, None);
+
+        ok(
+            &mut state,
+            preserve_and_handover(0),
+            OWNER,
+            Some(state_blob()),
+        );
+
+        assert!(state.is_handed_over("vm"));
+        assert_eq!(state.list()[0].tokens, vec![0]);
+    }
+
+    #[test]
+    fn a_preserve_that_fails_hands_nothing_over() {
+        let (mut state, _provider) = restart_state();
+        ok(&mut state, create("vm"), OWNER, None);
+        ok(
+            &mut state,
+            Request::Preserve {
+                name: "vm".into(),
+                token: 0,
+            },
+            OWNER,
+            Some(state_blob()),
+        );
+
+        let taken = error_kind(
+            &mut state,
+            preserve_and_handover(0),
+            OWNER,
+            Some(state_blob()),
+        );
+        let no_fd = error_kind(&mut state, preserve_and_handover(1), OWNER, None);
+
+        assert_eq!(taken, ErrorKind::TokenExists);
+        assert_eq!(no_fd, ErrorKind::BadRequest);
+        assert!(!state.is_handed_over("vm"));
+        assert_eq!(state.list()[0].direction, Direction::Outgoing);
+    }
+}
+
+#[cfg(test)]
+mod pause_slot_tests {
+    use super::tests::{FakeKexec, OTHER, OWNER, create, error_kind, handover, kernel_state, ok};
+    use super::tests::{restart_state, retrieve};
+    use super::*;
+    use crate::agent::pause_slots::DEFAULT_LEASE;
+
+    fn wait_pause_slot(name: &str) -> Request {
+        Request::WaitPauseSlot {
+            name: name.into(),
+            timeout_ms: 0,
+        }
+    }
+
+    fn granted(state: &mut AgentState, name: &str) -> bool {
+        match state.handle(wait_pause_slot(name), OWNER, None) {
+            (Response::PauseSlot { granted }, None) => granted,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// A restart-mode agent with one pause slot and outgoing sessions `a` and `b`.
+    fn one_slot_and_two_sessions() -> AgentState {
+        let (state, _provider) = restart_state();
+        let mut state = state.with_pause_slots(1, DEFAULT_LEASE);
+        ok(&mut state, create("a"), OWNER, None);
+        ok(&mut state, create("b"), OWNER, None);
+        state
+    }
+
+    #[test]
+    fn the_second_guest_gets_the_slot_once_the_first_ones_successor_resumed_and_finished() {
+        let mut state = one_slot_and_two_sessions();
+        assert!(granted(&mut state, "a"));
+
+        let while_a_is_paused = (granted(&mut state, "b"), state.pause_slot_free("b"));
+        ok(&mut state, handover("a"), OWNER, None);
+        let while_a_is_handed_over = state.pause_slot_free("b");
+        ok(&mut state, retrieve("a"), OWNER, None);
+        ok(
+            &mut state,
+            Request::Resumed {
+                name: "a".into(),
+                pid: 1,
+            },
+            OWNER,
+            None,
+        );
+        let while_a_starts_its_workers = state.pause_slot_free("b");
+        ok(
+            &mut state,
+            Request::Finish { name: "a".into() },
+            OWNER,
+            None,
+        );
+
+        assert_eq!(while_a_is_paused, (false, false));
+        assert!(!while_a_is_handed_over);
+        assert!(!while_a_starts_its_workers);
+        assert!(state.pause_slot_free("b"));
+        assert!(granted(&mut state, "b"));
+    }
+
+    #[test]
+    fn a_cancelled_update_frees_its_slot() {
+        let mut state = one_slot_and_two_sessions();
+        assert!(granted(&mut state, "a"));
+
+        ok(
+            &mut state,
+            Request::Cancel { name: "a".into() },
+            OWNER,
+            None,
+        );
+
+        assert!(granted(&mut state, "b"));
+    }
+
+    #[test]
+    fn with_no_limit_every_guest_gets_a_slot_at_once() {
+        let (state, _provider) = restart_state();
+        let mut state = state.with_pause_slots(0, DEFAULT_LEASE);
+        ok(&mut state, create("a"), OWNER, None);
+        ok(&mut state, create("b"), OWNER, None);
+
+        assert!(granted(&mut state, "a"));
+        assert!(granted(&mut state, "b"));
+    }
+
+    #[test]
+    fn in_kernel_mode_every_session_gets_a_slot_for_the_one_kexec() {
+        let fake = FakeKexec::default();
+        let mut state = kernel_state(&fake).with_pause_slots(1, DEFAULT_LEASE);
+        ok(&mut state, create("a"), OWNER, None);
+        ok(&mut state, create("b"), OWNER, None);
+
+        assert!(granted(&mut state, "a"));
+        assert!(granted(&mut state, "b"));
+    }
+
+    #[test]
+    fn only_the_owner_of_an_outgoing_session_asks_for_its_slot() {
+        let mut state = one_slot_and_two_sessions();
+
+        let other = error_kind(&mut state, wait_pause_slot("a"), OTHER, None);
+        let unknown = error_kind(&mut state, wait_pause_slot("nope"), OWNER, None);
+
+        assert_eq!(other, ErrorKind::PermissionDenied);
+        assert_eq!(unknown, ErrorKind::NoSuchSession);
+        assert!(granted(&mut state, "a"), "refused asks took no slot");
     }
 }

@@ -180,10 +180,20 @@ impl Vmm {
             ));
         };
         match live_update::run_outgoing(vm, &config, format, agent, session) {
-            Ok(timings) => {
+            Ok(handed_over) => {
+                let timings = handed_over.timings;
                 let properties = live_update::timings_properties(&timings);
                 self.emit_with("vm", "live-update-handed-over", Some(&properties));
-                self.vm = None;
+                if handed_over.successor_ready {
+                    // The successor resumes the guest in a few milliseconds: answer then, so
+                    // the caller's next steps do not take the CPUs from it meanwhile (and the
+                    // answer says the guest runs again). A successor started on the answer
+                    // is not waited for: the teardown waits for it instead.
+                    live_update::wait_released(&handed_over.agent, session);
+                    self.retire_vm(None);
+                } else {
+                    self.retire_vm(Some((handed_over.agent, session)));
+                }
                 self.state = VmState::Shutdown;
                 Ok(timings)
             }

@@ -29,6 +29,6 @@ pub use lapic::{lapic_register, set_lapic_register};
 pub use msrs::{
     MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, msrs_of_restored, supported_msrs, supported_msrs_cached,
 };
-pub use setup::configure_vcpu;
-pub use state::{FpuState, LegacyFpu, VcpuState};
+pub use setup::{boot_cpuid, configure_vcpu, give_cpuid_and_host_tsc_rate, supported_cpuid};
+pub use state::{FpuState, LegacyFpu, VcpuSetup, VcpuState};
 pub use tsc::{shift_saved_tsc, use_host_tsc_rate};

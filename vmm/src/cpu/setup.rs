@@ -1,38 +1,67 @@
 //! Boot-time vCPU setup: CPUID, boot MSRs, LAPIC LINT pins and MP state.
 
-use kvm_bindings::{CpuId, kvm_mp_state, kvm_xsave};
+use kvm_bindings::{CpuId, kvm_cpuid_entry2, kvm_mp_state, kvm_xsave};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 use super::error::{CpuError, kvm_err};
+use super::state::VcpuSetup;
 use super::{apply_topology, lapic, msrs};
+
+/// The CPUID table vCPU `id` of `total` boots with: what KVM supports, with the topology of
+/// `total` vCPUs and `id`'s APIC id. KVM's `supported` table ([`Kvm::get_supported_cpuid`]).
+pub fn boot_cpuid(
+    supported: &[kvm_cpuid_entry2],
+    id: u8,
+    total: u8,
+) -> Result<Vec<kvm_cpuid_entry2>, CpuError> {
+    if total == 0 || id >= total {
+        return Err(CpuError::InvalidTopology { id, total });
+    }
+    let mut entries = supported.to_vec();
+    apply_topology(&mut entries, id, total);
+    Ok(entries)
+}
+
+/// KVM's supported CPUID table, the base of every vCPU's.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, CpuError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map(|cpuid| cpuid.as_slice().to_vec())
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+}
 
 /// Prepares vCPU `id` (its KVM vCPU id) of `total` for boot, before its first `KVM_RUN`.
 ///
 /// Requires the in-kernel irqchip (see [`crate::platform::create_platform`]). Sets, in this
 /// order: CPUID (KVM checks later MSR and XCR0 writes against it, and refuses `KVM_SET_CPUID2`
 /// once the vCPU has run), the boot MSRs, the LAPIC LINT pins, and checks the MP state. The
-/// TSC runs at the host's frequency (see [`super::use_host_tsc_rate`]).
-pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u8, total: u8) -> Result<(), CpuError> {
-    if total == 0 || id >= total {
-        return Err(CpuError::InvalidTopology { id, total });
-    }
+/// TSC runs at the host's frequency (see [`super::use_host_tsc_rate`]). Returns what it gave
+/// the vCPU, which its saves then carry.
+pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u8, total: u8) -> Result<VcpuSetup, CpuError> {
     check_xsave_size(kvm)?;
-    super::use_host_tsc_rate(vcpu)?;
+    let entries = boot_cpuid(&supported_cpuid(kvm)?, id, total)?;
+    let setup = give_cpuid_and_host_tsc_rate(vcpu, entries)?;
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut entries = supported.as_slice().to_vec();
-    apply_topology(&mut entries, id, total);
+    msrs::set_boot_msrs(vcpu)?;
+    lapic::set_lint_pins(vcpu)?;
+    ensure_boot_mp_state(vcpu, id)?;
+    Ok(setup)
+}
+
+/// Gives a vCPU that never ran the CPUID table `entries` and the host's TSC rate.
+pub fn give_cpuid_and_host_tsc_rate(
+    vcpu: &VcpuFd,
+    entries: Vec<kvm_cpuid_entry2>,
+) -> Result<VcpuSetup, CpuError> {
+    super::use_host_tsc_rate(vcpu)?;
     let cpuid = CpuId::from_entries(&entries).map_err(|_| CpuError::InvalidState {
         reason: "too many CPUID entries",
     })?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-
-    msrs::set_boot_msrs(vcpu)?;
-    lapic::set_lint_pins(vcpu)?;
-    ensure_boot_mp_state(vcpu, id)
+    Ok(VcpuSetup {
+        cpuid: entries,
+        tsc_khz: vcpu.get_tsc_khz().ok(),
+    })
 }
 
 /// Checks that KVM's guest XSAVE area fits `kvm_xsave`, which [`super::VcpuState`] moves with

@@ -290,6 +290,10 @@ pub mod ids {
     pub fn virtio(id: &str) -> String {
         format!("virtio/{id}")
     }
+    /// Whether `id` is a virtio device's (one with a queue worker).
+    pub fn is_virtio(id: &str) -> bool {
+        id.starts_with("virtio/")
+    }
     /// The taps of a network card, by card id.
     pub fn net_tap(id: &str) -> String {
         format!("net/{id}")

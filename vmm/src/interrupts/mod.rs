@@ -21,7 +21,7 @@ mod sys;
 
 pub use error::InterruptError;
 pub use lines::{LegacyIrq, MsiGroup};
-pub use manager::InterruptManager;
+pub use manager::{InterruptManager, RoutesPending};
 pub use routing::{IOAPIC_PINS, MSI_GSI_START};
 pub use state::{InterruptState, MsiGroupState};
 pub use sys::{borrow_eventfd, eventfd_from};

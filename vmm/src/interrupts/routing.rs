@@ -51,6 +51,11 @@ impl Shared {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// [`Self::push_routes`] of the table as it is now.
+    pub(super) fn push_current(&self) -> Result<(), InterruptError> {
+        self.push_routes(&self.lock())
+    }
+
     /// Replaces KVM's whole routing table with the legacy routes plus every connected MSI
     /// vector. Called with the table locked, so concurrent changes reach KVM in order.
     pub(super) fn push_routes(&self, table: &Table) -> Result<(), InterruptError> {

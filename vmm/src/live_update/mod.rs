@@ -20,10 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
-use liveupdate::agent::{AgentClient, AgentError, AgentSession, Direction, ErrorKind};
+use liveupdate::agent::{
+    AgentClient, AgentError, AgentSession, Direction, ErrorKind, HeldBack, Taken,
+};
 use liveupdate::fault::{self, FaultStep};
 use liveupdate::kernel::KernelSession;
 use liveupdate::machine::{Incoming, MachineError, Timings};
+use liveupdate::participant::STATE_TOKEN;
 use liveupdate::session::{Session, SessionError};
 use log::{info, warn};
 use thiserror::Error;
@@ -32,7 +35,7 @@ use crate::config::{RestoreConfig, VmConfig};
 use crate::state_format::StateFormat;
 use crate::sys;
 use crate::vcpu_thread::VcpuEvent;
-use crate::vm::{Prebuilt, Vm, VmError};
+use crate::vm::{PauseSpan, Prebuilt, Vm, VmError};
 pub use inherited::Inherited;
 use participants::RAM_TOKEN;
 
@@ -193,6 +196,22 @@ fn check_next_kernel(client: &mut AgentClient) -> Result<(), LiveUpdateError> {
     }
 }
 
+/// An old VMM's connection to the agent, shared by the steps of its update.
+pub type AgentConnection = Arc<Mutex<AgentClient>>;
+
+/// A live update handed over by [`run_outgoing`].
+#[derive(Debug)]
+pub struct HandedOver {
+    /// Each step's time.
+    pub timings: Timings,
+    /// Whether a successor started ahead was ready when the guest paused: it takes the session
+    /// at once and resumes the guest within milliseconds.
+    pub successor_ready: bool,
+    /// The update's connection to the agent, for [`wait_released`]: a new one would have the
+    /// agent accept it and start a thread for it while the successor restores the guest.
+    pub agent: AgentConnection,
+}
+
 /// Runs the live update of `vm` into session `name`, held by the agent at `agent`. On success
 /// the session is handed over and `vm` must not run again; on failure it runs on.
 pub fn run_outgoing(
@@ -201,7 +220,7 @@ pub fn run_outgoing(
     format: StateFormat,
     agent: &Path,
     name: &str,
-) -> Result<Timings, LiveUpdateError> {
+) -> Result<HandedOver, LiveUpdateError> {
     let agent_error = |source| LiveUpdateError::Agent {
         path: agent.to_path_buf(),
         source,
@@ -209,11 +228,15 @@ pub fn run_outgoing(
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
     client.create_session(name).map_err(agent_error)?;
     let client = Arc::new(Mutex::new(client));
-    let session = AgentSession::new(client.clone(), name);
+    // The state blob goes to the agent with the handover, not in a round trip of its own.
+    let held_back = HeldBack::default();
+    let session =
+        AgentSession::new(client.clone(), name).holding_back(STATE_TOKEN, held_back.clone());
     let state_file = sys::memfd_create(c"liveupdate-state").map_err(LiveUpdateError::StateFile)?;
     // Kernel mode: the pause lasts until the kexec, so there must be a next kernel to go to.
     // Restart mode: a successor started ahead builds its VM on the preserved RAM meanwhile.
     let mut stopped = None;
+    let mut successor_ready = false;
     let before_pause = || {
         // On the update's own connection: no second connection in the prepare phase.
         if let Err(error) = check_next_kernel(&mut lock(&client)) {
@@ -221,8 +244,13 @@ pub fn run_outgoing(
             stopped = Some(error);
             return Err(why);
         }
-        match lock(&client).wait_successor(name, SUCCESSOR_WAIT) {
-            Ok((true, true)) => info!("Successor for session {name:?} is ready"),
+        let successor = lock(&client).wait_successor(name, SUCCESSOR_WAIT);
+        match successor {
+            Ok((true, true)) => {
+                successor_ready = true;
+                info!("Successor for session {name:?} is ready");
+                wait_for_pause_slot(&mut lock(&client), name);
+            }
             Ok((true, false)) => warn!(
                 "Successor for session {name:?} not ready after {SUCCESSOR_WAIT:?}; pausing anyway"
             ),
@@ -239,7 +267,10 @@ pub fn run_outgoing(
         before_pause,
         |_session| {
             fault::fail_point(FaultStep::Handover)?;
-            lock(&client).handover(name).map_err(|e| e.to_string())?;
+            let state = lock(&held_back).take().map(|fd| (fd, STATE_TOKEN));
+            lock(&client)
+                .hand_over(name, state)
+                .map_err(|e| e.to_string())?;
             // The successor has the session now: dying here loses nothing.
             fault::kill_point(FaultStep::Handover);
             Ok(())
@@ -248,7 +279,11 @@ pub fn run_outgoing(
     match result {
         Ok(timings) => {
             info!("VM handed over in session {name:?}: {:?}", timings.steps);
-            Ok(timings)
+            Ok(HandedOver {
+                timings,
+                successor_ready,
+                agent: client,
+            })
         }
         Err(error) => {
             // Unpreserve everything: a cancelled update must leave nothing pinned behind.
@@ -332,7 +367,7 @@ pub fn run_incoming(
     };
     let start = Instant::now();
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
-    let prebuilt = wait_for_handover(&mut client, name, wait, &on_event)?;
+    let (prebuilt, files) = wait_for_handover(&mut client, name, wait, &on_event)?;
     fault::reached(FaultStep::Retrieve).map_err(LiveUpdateError::Fault)?;
     let taken = TakeOver {
         start,
@@ -342,7 +377,7 @@ pub fn run_incoming(
     };
     let client = Arc::new(Mutex::new(client));
     take_over(
-        Box::new(AgentSession::new(client, name)),
+        Box::new(AgentSession::taken(client, name, files)),
         taken,
         restore,
         on_event,
@@ -367,10 +402,12 @@ fn take_over(
     let name = restore.session.as_str();
     let mut incoming =
         Incoming::restore(session).map_err(|(_session, e)| LiveUpdateError::State(e))?;
-    let (vm, config, paused_at_ns) =
-        Vm::restore(&mut incoming, taken.prebuilt, on_event, restore.resume)
-            .map_err(LiveUpdateError::Vm)?;
-    let resumed_at_ns = participants::realtime_ns();
+    let (vm, config, span) = Vm::restore(&mut incoming, taken.prebuilt, on_event, restore.resume)
+        .map_err(LiveUpdateError::Vm)?;
+    let PauseSpan {
+        paused_at_ns,
+        resumed_at_ns,
+    } = span;
     let restored = Instant::now();
     fault::kill_point(FaultStep::Resume);
     fault::kill_point(FaultStep::Finish);
@@ -438,16 +475,16 @@ pub fn timings_body(session: &str, timings: &Timings) -> serde_json::Value {
     serde_json::json!({ "session": session, "timings_us": timings_us })
 }
 
-/// Retrieves the session, waiting while it has not been handed over yet. Meanwhile (restart
-/// mode), as soon as the old VMM has preserved guest RAM, builds the KVM VM on it, so that the
-/// pause carries only vCPU and device state, and starts the vCPU threads (reporting to
-/// `on_event`).
+/// Retrieves the session, with its state file and the tokens of its attachments, waiting while
+/// it has not been handed over yet. Meanwhile (restart mode), as soon as the old VMM has
+/// preserved guest RAM, builds the KVM VM on it, so that the pause carries only vCPU and
+/// device state, and starts the vCPU threads (reporting to `on_event`).
 fn wait_for_handover(
     client: &mut AgentClient,
     name: &str,
     wait: Duration,
     on_event: &Arc<dyn Fn(VcpuEvent) + Send + Sync>,
-) -> Result<Option<Prebuilt>, LiveUpdateError> {
+) -> Result<(Option<Prebuilt>, Taken), LiveUpdateError> {
     let start = Instant::now();
     let deadline = start + wait;
     let mut prebuilt = None;
@@ -456,13 +493,16 @@ fn wait_for_handover(
     let mut wait_prepared = true;
     let mut idle_poll = HANDOVER_POLL;
     let mut next_report: Option<Instant> = None;
+    // The first look does not wait: across a kexec the session is there already.
+    let mut handover_wait = None;
     loop {
-        match client.retrieve_session(name) {
-            Ok(()) => return Ok(prebuilt),
-            Err(e) if e.kind() != Some(ErrorKind::NoSuchSession) => {
+        match client.take_session(name, STATE_TOKEN, handover_wait.take()) {
+            Ok(Ok(taken)) => return Ok((prebuilt, taken)),
+            Ok(Err(e)) if e.kind() != Some(ErrorKind::NoSuchSession) => {
                 return Err(agent_failure(client, e));
             }
-            Err(_) => {}
+            Ok(Err(_)) => {}
+            Err(e) => return Err(agent_failure(client, e)),
         }
         let now = Instant::now();
         match next_report {
@@ -514,6 +554,8 @@ fn wait_for_handover(
                     if let Err(e) = client.successor_ready(name) {
                         warn!("Cannot tell the agent this successor is ready: {e}");
                     }
+                    // The old VMM pauses now: wait for its handover, with nothing else to do.
+                    handover_wait = Some((deadline - now).min(Duration::from_secs(1)));
                 }
                 // Not created or not prepared yet: the agent answers once it is (or gone).
                 Err(e)
@@ -544,12 +586,9 @@ fn wait_for_handover(
             }
             continue;
         }
-        // The agent answers the moment the session is handed over.
-        match client.wait_handover(name, (deadline - now).min(Duration::from_secs(1))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == Some(ErrorKind::NoSuchSession) => {}
-            Err(e) => return Err(agent_failure(client, e)),
-        }
+        // The agent answers the moment the session is handed over, and the retrieve that
+        // follows the wait in the same round trip at once.
+        handover_wait = Some((deadline - now).min(Duration::from_secs(1)));
     }
 }
 
@@ -572,6 +611,41 @@ fn agent_failure(client: &AgentClient, source: AgentError) -> LiveUpdateError {
     LiveUpdateError::Agent {
         path: client.path().to_path_buf(),
         source,
+    }
+}
+
+/// Longest an old VMM waits for a pause slot (see [`liveupdate::agent::pause_slots`]).
+const PAUSE_SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// Old VMM, its successor ready (restart mode): waits, guest running, until the agent lets this
+/// guest pause, so that a host updating all its VMs pauses a few at a time. Pauses anyway when
+/// no slot comes in [`PAUSE_SLOT_WAIT`] or the agent has no slots (an older agent).
+fn wait_for_pause_slot(client: &mut AgentClient, name: &str) {
+    let start = Instant::now();
+    match client.wait_pause_slot(name, PAUSE_SLOT_WAIT) {
+        Ok(true) => log::debug!(
+            "Pause slot for session {name:?} after {} us",
+            start.elapsed().as_micros()
+        ),
+        Ok(false) => {
+            warn!("No pause slot for session {name:?} in {PAUSE_SLOT_WAIT:?}; pausing anyway")
+        }
+        Err(e) if e.kind() == Some(ErrorKind::BadRequest) => {
+            log::debug!("The agent has no pause slots: pausing now");
+        }
+        Err(e) => warn!("Cannot ask the agent for a pause slot ({e}); pausing now"),
+    }
+}
+
+/// Longest the old VMM waits, after its handover, for its successor to resume the guest.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
+
+/// Old VMM, after handing session `name` over (restart mode), on the update's connection
+/// `agent`: returns once the agent holds the session no more (the successor resumed the guest,
+/// or it was dropped), at most [`RELEASE_WAIT`] later, or at once if the agent cannot say.
+pub fn wait_released(agent: &Mutex<AgentClient>, name: &str) {
+    if let Err(e) = lock(agent).wait_released(name, RELEASE_WAIT) {
+        log::debug!("Not waiting for session {name:?} to be released: {e}");
     }
 }
 

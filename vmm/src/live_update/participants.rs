@@ -1,8 +1,10 @@
 //! The VM's pieces as live-update participants, in the order the machine must drive them:
-//! configuration and memory first (nothing to pause), then the vCPUs (the pause starts when
-//! they stop), then every device (its queue worker stops after the vCPUs, so no new request
-//! arrives while it drains), then the interrupt routes and the irqchip, PIT and clock, which
-//! only change while vCPUs or devices run.
+//! configuration and memory first (nothing to pause), then the virtio queue workers (they stop
+//! while the guest still runs: what it queues meanwhile waits in its rings, which a worker goes
+//! through as it starts), then the vCPUs (the pause starts when they stop), then every other
+//! device (its outside end, which a vCPU may still be talking to, is let go once the vCPUs are
+//! parked), then the interrupt routes and the irqchip, PIT and clock, which only change while
+//! vCPUs or devices run.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use liveupdate::state::Versioned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::cpu::{self, CpuError, VcpuState};
+use crate::cpu::{self, CpuError, VcpuSetup, VcpuState};
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::memory::GuestRam;
 use crate::platform::{self, IrqchipsState};
@@ -177,7 +179,7 @@ impl Versioned for VcpusState {
     const VERSION: u16 = 1;
 }
 
-/// A vCPU's state as its own thread saved it while parked for the pause.
+/// A vCPU's state as saved while its thread was parked for the pause.
 #[derive(Debug)]
 struct ParkedSave {
     state: Result<VcpuState, CpuError>,
@@ -211,9 +213,9 @@ impl VcpuSaves {
     }
 }
 
-/// The vCPU set: pausing it starts the guest-visible pause. Its save has each parked vCPU
-/// thread save its own vCPU (side by side, not one after the other), which each vCPU's
-/// participant ([`VcpuParticipant`]) then hands in.
+/// The vCPU set: pausing it starts the guest-visible pause. Its save has the parked vCPU
+/// threads, and this thread with them, save the vCPUs side by side (not one after the other),
+/// which each vCPU's participant ([`VcpuParticipant`]) then hands in.
 ///
 /// The vCPUs are saved only then, once every participant has paused: until the devices'
 /// queue workers have stopped and outside devices' interrupts are detached, an interrupt may
@@ -223,6 +225,8 @@ impl VcpuSaves {
 pub struct VcpusParticipant<'a> {
     set: &'a VcpuSet,
     msrs: &'static [u32],
+    /// What each vCPU was given before it first ran, which its state carries.
+    setups: Arc<[VcpuSetup]>,
     saves: Arc<VcpuSaves>,
     /// Whether the vCPUs ran before the pause: a VM paused by the user stays paused when the
     /// update is cancelled or a snapshot is done.
@@ -230,12 +234,18 @@ pub struct VcpusParticipant<'a> {
 }
 
 impl<'a> VcpusParticipant<'a> {
-    /// The vCPUs of the VM; at the save each thread saves its vCPU (with the MSRs `msrs`)
-    /// into `saves`.
-    pub fn new(set: &'a VcpuSet, msrs: &'static [u32], saves: Arc<VcpuSaves>) -> Self {
+    /// The vCPUs of the VM, each given its `setups` entry before it first ran; at the save
+    /// each vCPU is saved (with the MSRs `msrs`) into `saves`.
+    pub fn new(
+        set: &'a VcpuSet,
+        msrs: &'static [u32],
+        setups: Arc<[VcpuSetup]>,
+        saves: Arc<VcpuSaves>,
+    ) -> Self {
         Self {
             set,
             msrs,
+            setups,
             saves,
             was_running: false,
         }
@@ -276,9 +286,9 @@ impl Participant for VcpusParticipant<'_> {
     }
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<VcpusState, ParticipantError> {
         // Every participant has paused: no interrupt can reach a LAPIC any more.
-        let (saves, msrs) = (self.saves.clone(), self.msrs);
+        let (saves, msrs, setups) = (self.saves.clone(), self.msrs, self.setups.clone());
         self.set.run_parked(Arc::new(move |index, vcpu| {
-            let state = VcpuState::save(vcpu, msrs);
+            let state = VcpuState::save_given(vcpu, msrs, setups.get(usize::from(index)));
             let save = ParkedSave {
                 state,
                 tsc_read_at_ns: realtime_ns(),
@@ -301,7 +311,7 @@ impl Participant for VcpusParticipant<'_> {
 }
 
 /// One vCPU's registers, MSRs, LAPIC and events (paused with the whole set before it, whose
-/// save had its thread save them).
+/// save saved them).
 #[derive(Debug)]
 pub struct VcpuParticipant<'a> {
     set: &'a VcpuSet,
@@ -311,7 +321,7 @@ pub struct VcpuParticipant<'a> {
 }
 
 impl<'a> VcpuParticipant<'a> {
-    /// vCPU `index` of `set`, whose thread saved it into `saves`; `msrs` is the list of MSRs
+    /// vCPU `index` of `set`, which the set's save saved into `saves`; `msrs` is the list of MSRs
     /// to save here if it did not.
     pub fn new(set: &'a VcpuSet, index: usize, msrs: &'a [u32], saves: Arc<VcpuSaves>) -> Self {
         Self {
@@ -587,7 +597,7 @@ mod tests {
         let guest = HaltedGuest::start();
         std::thread::sleep(std::time::Duration::from_millis(20));
         let saves = VcpuSaves::new(1);
-        let mut vcpus = VcpusParticipant::new(&guest.set, MSRS, saves.clone());
+        let mut vcpus = VcpusParticipant::new(&guest.set, MSRS, Arc::new([]), saves.clone());
         let mut vcpu0 = VcpuParticipant::new(&guest.set, 0, MSRS, saves);
         let mut provider = EmulatedProvider::new();
         let mut session = provider.create_session("vm").unwrap();

@@ -62,6 +62,17 @@ pub fn advise_huge_pages(mem: &GuestMemoryMmap) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives the calling thread (only it: Linux sets a thread's nice value by its tid, and 0 is
+/// the caller) the lowest priority, nice 19: it then runs when nothing else wants the CPU.
+pub fn lowest_thread_priority() -> io::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A close-on-exec copy of `fd`, an fd this process inherited by number (e.g. `--net fd=[3]`).
 /// The number itself stays open and unowned: nothing here claims it, so nothing closes it twice.
 pub fn dup_inherited_fd(fd: std::os::fd::RawFd) -> io::Result<OwnedFd> {

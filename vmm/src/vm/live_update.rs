@@ -1,9 +1,10 @@
 //! The live-update side of a VM: saving it into a session, and rebuilding it from one.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::bus::lock;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use liveupdate::fault::{self, FaultStep};
 use liveupdate::machine::{Incoming, MachineError, Outgoing, Timings};
@@ -12,7 +13,7 @@ use liveupdate::session::Session;
 use liveupdate::state::{StateError, StateSet, Versioned};
 
 use crate::config::VmConfig;
-use crate::cpu::{self, VcpuState};
+use crate::cpu::{self, VcpuSetup, VcpuState};
 use crate::device_manager::{DeviceContext, DeviceManager, HandedOverFds};
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::live_update::participants::{
@@ -23,7 +24,7 @@ use crate::live_update::participants::{
 use crate::memory::{GuestRam, MemoryError, vcpus_hint};
 use crate::platform::{IrqchipsState, PlatformState};
 use crate::state_format::StateFormat;
-use crate::vcpu_thread::{BuildError, IdleVcpus, VcpuBuilder, VcpuEvent, VcpuSet};
+use crate::vcpu_thread::{BuildError, IdleVcpus, VcpuBuilder, VcpuEvent, VcpuMaker, VcpuSet};
 
 use super::{Parts, Vm, VmError, create_bare_vm, create_vcpu};
 
@@ -36,7 +37,15 @@ pub struct Prebuilt {
     ram: GuestRam,
     /// vCPU threads started ahead, as many as the RAM's name says (see [`vcpus_hint`]).
     vcpu_threads: Option<IdleVcpus<VmError>>,
+    /// Per vCPU made ahead: the CPUID table and TSC rate its thread gave it, those a boot of
+    /// that many vCPUs gives (the old VMM's saved state carries the same unless its VM came
+    /// from elsewhere: then the restore loads the saved table over it).
+    given_ahead: VcpuSetupSlots,
 }
+
+/// Per vCPU index: a vCPU's setup once known (what it was given ahead, taken by its restore;
+/// or what its restore gave it).
+type VcpuSetupSlots = Arc<[Mutex<Option<VcpuSetup>>]>;
 
 impl Prebuilt {
     /// Maps `ram_memfd` (all of guest RAM) into a new KVM VM.
@@ -67,22 +76,83 @@ impl Prebuilt {
             vm_fd,
             ram,
             vcpu_threads: None,
+            given_ahead: Arc::new([]),
         };
         Ok((prebuilt, steps))
     }
 
-    /// Also starts the VM's vCPU threads ahead, if the RAM says how many vCPUs it has: they
-    /// wait, and make and load their vCPUs once the state is there.
+    /// Also starts the VM's vCPU threads ahead, if the RAM says how many vCPUs it has: each
+    /// makes its vCPU, gives it the CPUID table and TSC rate of a boot (the slowest ioctl of a
+    /// restore is `KVM_SET_CPUID2`), waits, and loads the vCPU's state once the state is there.
     pub fn with_vcpu_threads(mut self, on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>) -> Self {
         if let Some(count) = vcpus_hint(self.ram.memfd()) {
-            match VcpuSet::spawn_idle(usize::from(count), on_event) {
+            let vm_fd = self.vm_fd.clone();
+            let supported = cpu::supported_cpuid(&self.kvm)
+                .map_err(|e| log::debug!("No CPUID ahead: {e}"))
+                .ok();
+            let given_ahead: VcpuSetupSlots = (0..count).map(|_| Mutex::new(None)).collect();
+            self.given_ahead = given_ahead.clone();
+            let maker: VcpuMaker = Arc::new(move |index| {
+                let vcpu = vm_fd.create_vcpu(u64::from(index))?;
+                let given = supported
+                    .as_deref()
+                    .map(|supported| cpu::boot_cpuid(supported, index, count))
+                    .transpose()
+                    .and_then(|entries| {
+                        entries
+                            .map(|entries| cpu::give_cpuid_and_host_tsc_rate(&vcpu, entries))
+                            .transpose()
+                    });
+                match (given, given_ahead.get(usize::from(index))) {
+                    (Ok(given), Some(slot)) => *lock(slot) = given,
+                    (Err(e), _) => log::debug!("vCPU {index}: no CPUID ahead ({e})"),
+                    (Ok(_), None) => {}
+                }
+                Ok(vcpu)
+            });
+            match VcpuSet::spawn_idle(usize::from(count), on_event, Some(maker)) {
                 Ok(idle) => self.vcpu_threads = Some(idle),
                 Err(e) => log::warn!("Cannot start vCPU threads ahead ({e}); they start later"),
             }
         }
         self
     }
+
+    /// Whether threads started ahead made more vCPUs than a state of `count` has.
+    fn has_vcpus_beyond(&self, count: usize) -> bool {
+        self.vcpu_threads
+            .as_ref()
+            .is_some_and(|idle| idle.make_vcpus_ahead() && idle.len() > count)
+    }
+
+    /// A new KVM VM on the same RAM, without the threads and vCPUs made ahead.
+    fn rebuilt(self) -> Result<Self, VmError> {
+        let Self { ram, .. } = self;
+        let (kvm, vm_fd) = create_bare_vm()?;
+        ram.register(&vm_fd).map_err(VmError::Memory)?;
+        Ok(Self {
+            kvm,
+            vm_fd,
+            ram,
+            vcpu_threads: None,
+            given_ahead: Arc::new([]),
+        })
+    }
 }
+
+/// When the guest stopped in the old VMM and when it ran again in this one (host realtime,
+/// ns since the epoch).
+#[derive(Debug, Clone, Copy)]
+pub struct PauseSpan {
+    /// The old VMM's last vCPU left the guest.
+    pub paused_at_ns: u64,
+    /// This VMM's first vCPU went into the guest (or, if it did not within
+    /// [`FIRST_ENTRY_WAIT`], this VMM let them run; without a resume, it finished the restore).
+    pub resumed_at_ns: u64,
+}
+
+/// How long a restore waits for a vCPU to go into the guest, for the end of the pause.
+const FIRST_ENTRY_WAIT: Duration = Duration::from_millis(100);
 
 /// The named steps of building a [`Prebuilt`], and their times.
 type BuildSteps = [(&'static str, Duration); 3];
@@ -102,16 +172,21 @@ fn lap(incoming: &mut Incoming, name: &str, since: &mut Instant) {
     *since = now;
 }
 
-/// Makes vCPU `index` and loads `state` into it, its TSC moved on by the time since the old
-/// VMM's pause (`paused_at_ns`), reckoned right before it is loaded. Runs on the vCPU's own
-/// thread.
+/// Makes vCPU `index` (unless it was `made` ahead, and maybe `given` its CPUID and TSC rate)
+/// and loads `state` into it, its TSC moved on by the time since the old VMM's pause
+/// (`paused_at_ns`), reckoned right before it is loaded. Runs on the vCPU's own thread, or on
+/// the restoring thread if that one comes for it first. Returns the vCPU and what it was given.
 fn build_vcpu(
     vm_fd: &VmFd,
     index: u8,
+    made: Option<(VcpuFd, Option<VcpuSetup>)>,
     mut state: VcpuState,
     paused_at_ns: u64,
-) -> Result<VcpuFd, VmError> {
-    let vcpu = create_vcpu(vm_fd, index)?;
+) -> Result<(VcpuFd, VcpuSetup), VmError> {
+    let (vcpu, given) = match made {
+        Some(made) => made,
+        None => (create_vcpu(vm_fd, index)?, None),
+    };
     let khz = state
         .tsc_khz
         .or_else(|| vcpu.get_tsc_khz().ok())
@@ -122,23 +197,23 @@ fn build_vcpu(
         i64::try_from(elapsed_ns).unwrap_or(i64::MAX),
         khz,
     );
-    state
-        .restore(&vcpu)
+    let setup = state
+        .restore_onto(&vcpu, given.as_ref())
         .map_err(|source| VmError::Vcpu { index, source })?;
-    Ok(vcpu)
+    Ok((vcpu, setup))
 }
 
 impl Vm {
     /// Rebuilds a VM from a live update's saved state, on the very same guest RAM, and starts
     /// it. Returns the configuration it was saved with.
     /// With `prebuilt`, the KVM VM and guest RAM made ahead are used. Also returns when the
-    /// old VMM paused the guest (host realtime, ns since the epoch).
+    /// old VMM paused the guest and when it runs again here.
     pub fn restore(
         incoming: &mut Incoming,
         prebuilt: Option<Prebuilt>,
         on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
         resume: bool,
-    ) -> Result<(Self, VmConfig, u64), VmError> {
+    ) -> Result<(Self, VmConfig, PauseSpan), VmError> {
         let states = incoming.states().ok_or(VmError::NoState)?;
         let config: ConfigState = take(states, ids::CONFIG)?;
         let config = config.config().map_err(VmError::Config)?;
@@ -158,14 +233,24 @@ impl Vm {
             vm_fd,
             ram,
             vcpu_threads,
+            given_ahead,
         } = match prebuilt {
-            Some(prebuilt) if prebuilt.ram.size() == memory.size => prebuilt,
-            Some(prebuilt) => {
+            Some(prebuilt) if prebuilt.ram.size() != memory.size => {
                 return Err(VmError::PrebuiltMismatch {
                     prebuilt: prebuilt.ram.size(),
                     saved: memory.size,
                 });
             }
+            Some(prebuilt) if prebuilt.has_vcpus_beyond(vcpu_states.len()) => {
+                // The RAM's hint lied: KVM cannot take back the vCPUs made ahead.
+                log::warn!(
+                    "{} vCPUs were made ahead for a state of {}: building the VM again",
+                    prebuilt.vcpu_threads.as_ref().map_or(0, IdleVcpus::len),
+                    vcpu_states.len()
+                );
+                prebuilt.rebuilt()?
+            }
+            Some(prebuilt) => prebuilt,
             None => {
                 let memfd = incoming
                     .take_file(
@@ -181,15 +266,28 @@ impl Vm {
             }
         };
         lap(incoming, "create_vm", &mut step);
-        // Each vCPU is made and loaded on its own thread, side by side and beside the devices.
+        // Each vCPU is loaded on its own thread (made there ahead, or now), side by side and
+        // beside the devices; the restoring thread takes on those not started when it is done.
         let msrs = cpu::msrs_of_restored(vcpu_states.first().ok_or(VmError::NoVcpu)?);
         let paused_at_ns = vcpus.paused_at_ns;
+        let loaded: VcpuSetupSlots = (0..vcpu_states.len()).map(|_| Mutex::new(None)).collect();
         let builders = (0u8..)
             .zip(vcpu_states)
             .map(|(index, state)| {
-                let vm_fd = vm_fd.clone();
-                Box::new(move || build_vcpu(&vm_fd, index, state, paused_at_ns))
-                    as VcpuBuilder<VmError>
+                let (vm_fd, given_ahead, loaded) =
+                    (vm_fd.clone(), given_ahead.clone(), loaded.clone());
+                Box::new(move |made: Option<VcpuFd>| {
+                    let slot = usize::from(index);
+                    let made = made.map(|vcpu| {
+                        let given = given_ahead.get(slot).and_then(|given| lock(given).take());
+                        (vcpu, given)
+                    });
+                    let (vcpu, setup) = build_vcpu(&vm_fd, index, made, state, paused_at_ns)?;
+                    if let Some(loaded) = loaded.get(slot) {
+                        *lock(loaded) = Some(setup);
+                    }
+                    Ok(vcpu)
+                }) as VcpuBuilder<VmError>
             })
             .collect();
         let pending = match vcpu_threads {
@@ -199,7 +297,7 @@ impl Vm {
         .map_err(VmError::VcpuThreads)?;
         lap(incoming, "create_vcpus", &mut step);
         // Routes first: devices then claim their MSI groups by their saved placement.
-        let interrupts = InterruptManager::restore(vm_fd.clone(), &interrupt_state)
+        let (interrupts, routes) = InterruptManager::restore_aside(vm_fd.clone(), &interrupt_state)
             .map_err(VmError::Interrupts)?;
         // Restart mode: outside devices' connections and eventfds, attached beside the session
         // (those no device claims close when this drops, after the build).
@@ -231,11 +329,16 @@ impl Vm {
             ))),
         })?;
         lap(incoming, "vcpus", &mut step);
+        let setups = loaded
+            .iter()
+            .map(|setup| lock(setup).take().ok_or(VmError::NoVcpu))
+            .collect::<Result<Arc<[VcpuSetup]>, _>>()?;
 
         // The guest's clocks move on by the length of the pause: it must see real time pass,
         // neither jump back nor fall behind (each vCPU's TSC was moved on by its thread).
         let elapsed_ns = realtime_ns().saturating_sub(paused_at_ns);
         platform.clock.clock = platform.clock.clock.saturating_add(elapsed_ns);
+        routes.wait().map_err(VmError::Interrupts)?;
         // Last before running: the PIT and kvmclock start counting from here.
         platform.restore(&vm_fd).map_err(VmError::Platform)?;
         // The LAPICs are in place: interrupts that waited in handed-over eventfds may come.
@@ -249,6 +352,7 @@ impl Vm {
             devices,
             vcpus: vcpu_set,
             msrs,
+            setups,
         };
         fault::reached(FaultStep::Restore).map_err(VmError::Fault)?;
         // The guest runs on from here: whoever holds the session must never give its saved
@@ -256,9 +360,23 @@ impl Vm {
         fault::fail_point(FaultStep::Resume).map_err(VmError::Fault)?;
         incoming.mark_resumed().map_err(VmError::LiveUpdate)?;
         lap(incoming, "mark_resumed", &mut step);
-        let vm = Self::start(parts, resume)?;
-        lap(incoming, "start", &mut step);
-        Ok((vm, config, vcpus.paused_at_ns))
+        let started_ns = realtime_ns();
+        let (vm, let_run_ns) = Self::start(parts, resume)?;
+        // `start` up to the vCPUs' release, `workers` after it.
+        let until_let_run = Duration::from_nanos(let_run_ns.saturating_sub(started_ns));
+        let timings = incoming.timings_mut();
+        timings.record("start", until_let_run);
+        timings.record("workers", step.elapsed().saturating_sub(until_let_run));
+        // The pause ends as the first vCPU goes into the guest, as it began when the last
+        // left it (both stamped by the vCPU threads themselves).
+        let entered_ns = resume
+            .then(|| vm.vcpus.first_entry_ns(FIRST_ENTRY_WAIT))
+            .flatten();
+        let span = PauseSpan {
+            paused_at_ns: vcpus.paused_at_ns,
+            resumed_at_ns: entered_ns.unwrap_or(let_run_ns),
+        };
+        Ok((vm, config, span))
     }
 
     /// Checks that this VM's state can be written as `format` reads it (before anything of an
@@ -327,7 +445,8 @@ impl Vm {
         let mut config_part = ConfigParticipant(config);
         let mut memory = MemoryParticipant::new(&self.ram);
         let saves = VcpuSaves::new(self.vcpus.vcpus().len());
-        let mut vcpus = VcpusParticipant::new(&self.vcpus, msrs, saves.clone());
+        let mut vcpus =
+            VcpusParticipant::new(&self.vcpus, msrs, self.setups.clone(), saves.clone());
         let mut each_vcpu: Vec<_> = (0..self.vcpus.vcpus().len())
             .map(|index| VcpuParticipant::new(&self.vcpus, index, msrs, saves.clone()))
             .collect();
@@ -335,10 +454,22 @@ impl Vm {
         let mut irqchip = irqchip_participant(&self.vm_fd);
         let mut pit = pit_participant(&self.vm_fd);
         let mut clock = clock_participant(&self.vm_fd);
-        let mut devices = self.devices.participants(format);
-        // The vCPU set pauses first (the pause starts there), then each device's queue worker.
-        let mut participants: Vec<&mut dyn AnyParticipant> =
-            vec![&mut config_part, &mut memory, &mut vcpus];
+        // The virtio queue workers stop first, the guest still running: what it queues
+        // meanwhile waits in its rings, which every worker goes through as it starts (here on
+        // a cancel, or in the successor). Then the vCPU set (the pause starts there), then the
+        // other devices, whose outside ends a vCPU may still be talking to.
+        let (mut queue_workers, mut devices): (Vec<_>, Vec<_>) = self
+            .devices
+            .participants(format)
+            .into_iter()
+            .partition(|device| crate::device_manager::ids::is_virtio(&device.id()));
+        let mut participants: Vec<&mut dyn AnyParticipant> = vec![&mut config_part, &mut memory];
+        participants.extend(
+            queue_workers
+                .iter_mut()
+                .map(|d| d.as_mut() as &mut dyn AnyParticipant),
+        );
+        participants.push(&mut vcpus);
         participants.extend(each_vcpu.iter_mut().map(|v| v as &mut dyn AnyParticipant));
         participants.extend(
             devices
@@ -354,5 +485,32 @@ impl Vm {
             participants.push(injector);
         }
         drive(participants)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram_memfd_for(vcpus: u8) -> File {
+        let ram =
+            GuestRam::new_for_vcpus(64 << 20, vcpus).expect("needs memfd_create (a Linux host)");
+        ram.memfd().try_clone().unwrap()
+    }
+
+    #[test]
+    fn vcpus_made_ahead_for_a_state_with_fewer_vcpus_make_the_vm_be_built_again() {
+        let prebuilt = Prebuilt::new(ram_memfd_for(4))
+            .expect("needs /dev/kvm (load kvm_intel or kvm_amd, run as root)")
+            .with_vcpu_threads(Arc::new(|_| {}));
+        let fits_four = !prebuilt.has_vcpus_beyond(4);
+        let beyond_two = prebuilt.has_vcpus_beyond(2);
+
+        let rebuilt = prebuilt.rebuilt().unwrap();
+
+        assert!(fits_four && beyond_two);
+        assert!(rebuilt.vcpu_threads.is_none());
+        // A new VM: vCPU 0 was not made in it yet.
+        rebuilt.vm_fd.create_vcpu(0).unwrap();
     }
 }

@@ -3,7 +3,7 @@
 
 mod live_update;
 
-pub use live_update::Prebuilt;
+pub use live_update::{PauseSpan, Prebuilt};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::VmConfig;
-use crate::cpu::{self, CpuError};
+use crate::cpu::{self, CpuError, VcpuSetup};
 use crate::device_manager::{DeviceContext, DeviceError, DeviceManager};
 use crate::interrupts::{InterruptError, InterruptManager};
 use crate::memory::{GuestRam, MemoryError};
@@ -107,6 +107,8 @@ struct Parts {
     vcpus: VcpuSet,
     /// The MSRs a vCPU state carries (see [`Vm`]).
     msrs: &'static [u32],
+    /// What each vCPU was given before it first ran (see [`Vm`]).
+    setups: Arc<[VcpuSetup]>,
 }
 
 /// A KVM VM with its irqchip and PIT, and `ram` registered as its memory.
@@ -145,6 +147,9 @@ pub struct Vm {
     /// The MSRs a vCPU state carries, probed before the vCPUs ran: once they run, a halted
     /// guest keeps its vCPU inside KVM_RUN and nobody else may touch it until it is paused.
     msrs: &'static [u32],
+    /// Each vCPU's CPUID table and TSC rate, as given before it first ran: its saves carry
+    /// them without asking KVM.
+    setups: Arc<[VcpuSetup]>,
 }
 
 impl Vm {
@@ -180,10 +185,13 @@ impl Vm {
         )
         .map_err(VmError::Boot)?;
         let mut fds = Vec::with_capacity(usize::from(count));
+        let mut setups = Vec::with_capacity(usize::from(count));
         for index in 0..count {
             let vcpu = create_vcpu(&vm_fd, index)?;
-            cpu::configure_vcpu(&kvm, &vcpu, index, count)
-                .map_err(|source| VmError::Vcpu { index, source })?;
+            setups.push(
+                cpu::configure_vcpu(&kvm, &vcpu, index, count)
+                    .map_err(|source| VmError::Vcpu { index, source })?,
+            );
             if index == 0 {
                 boot::configure_boot_vcpu(&vcpu, &entry).map_err(VmError::Boot)?;
             }
@@ -193,22 +201,24 @@ impl Vm {
         let msrs = cpu::supported_msrs_cached(&kvm, first)
             .map_err(|source| VmError::Vcpu { index: 0, source })?;
         let vcpus = VcpuSet::start(fds, devices.buses(), on_event).map_err(VmError::VcpuThreads)?;
-        Self::start(
-            Parts {
-                kvm,
-                vm_fd,
-                ram,
-                interrupts,
-                devices,
-                vcpus,
-                msrs,
-            },
-            true,
-        )
+        let parts = Parts {
+            kvm,
+            vm_fd,
+            ram,
+            interrupts,
+            devices,
+            vcpus,
+            msrs,
+            setups: setups.into(),
+        };
+        Self::start(parts, true).map(|(vm, _)| vm)
     }
 
-    /// Starts the device workers and, with `resume`, the vCPUs.
-    fn start(parts: Parts, resume: bool) -> Result<Self, VmError> {
+    /// With `resume`, lets the vCPUs run, then starts the device queue workers: a queue the
+    /// guest kicks meanwhile waits in its eventfd, and each worker goes through every queue as
+    /// it starts. Also returns when it let the vCPUs run (without `resume`, when it was
+    /// called): host realtime, ns since the epoch.
+    fn start(parts: Parts, resume: bool) -> Result<(Self, u64), VmError> {
         let Parts {
             kvm,
             vm_fd,
@@ -217,12 +227,14 @@ impl Vm {
             mut devices,
             vcpus,
             msrs,
+            setups,
         } = parts;
+        let let_run_ns = crate::live_update::participants::realtime_ns();
         if resume {
-            devices.start_workers().map_err(VmError::Devices)?;
             vcpus.resume();
+            devices.start_workers().map_err(VmError::Devices)?;
         }
-        Ok(Self {
+        let vm = Self {
             vcpus,
             devices,
             interrupts,
@@ -230,7 +242,9 @@ impl Vm {
             ram,
             kvm,
             msrs,
-        })
+            setups,
+        };
+        Ok((vm, let_run_ns))
     }
 
     /// Stops the vCPUs, then the device queue workers: the guest sees time pass, nothing else.

@@ -367,6 +367,23 @@ fn worker_processes_queue_on_ioeventfd() {
 }
 
 #[test]
+fn a_stopped_worker_holds_nothing_of_its_device() {
+    let f = live_fixture();
+    let dev = Arc::new(Mutex::new(f.dev));
+    let worker = spawn_queue_worker(dev.clone()).unwrap();
+    let held_while_running = Arc::strong_count(&dev);
+
+    worker.stop();
+
+    assert_eq!(held_while_running, 2);
+    assert_eq!(
+        Arc::strong_count(&dev),
+        1,
+        "the worker still holds the device"
+    );
+}
+
+#[test]
 fn worker_start_processes_requests_queued_while_stopped() {
     let f = live_fixture();
     let (mem, mut tq) = (f.mem.clone(), f.tq.clone());

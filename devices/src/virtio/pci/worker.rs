@@ -2,8 +2,9 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -17,32 +18,33 @@ use crate::virtio::device::VirtioDevice;
 #[derive(Debug)]
 pub struct QueueWorker {
     stop: EventFd,
-    handle: Option<JoinHandle<()>>,
+    /// Disconnected once the thread is out of its loop and holds nothing of the device.
+    stopped: Option<Receiver<()>>,
 }
 
 impl QueueWorker {
-    /// Stops the thread and waits for it: when this returns, no queue is being processed.
+    /// Stops the thread's work and waits for that: when this returns, no queue is being
+    /// processed. The thread's own end (freeing its stack) is left to it: it would only
+    /// lengthen a live update's pause.
     pub fn stop(mut self) {
-        self.stop_and_join();
+        self.stop_and_wait();
     }
 
-    fn stop_and_join(&mut self) {
+    fn stop_and_wait(&mut self) {
+        let Some(stopped) = self.stopped.take() else {
+            return;
+        };
         if let Err(e) = self.stop.write(1) {
             log::warn!("Failed to signal queue worker to stop: {e}");
         }
-        if let Some(handle) = self.handle.take()
-            && handle.join().is_err()
-        {
-            log::warn!("Queue worker panicked");
-        }
+        // Only ever disconnected: by the thread leaving its loop, or ending in a panic.
+        let _ = stopped.recv();
     }
 }
 
 impl Drop for QueueWorker {
     fn drop(&mut self) {
-        if self.handle.is_some() {
-            self.stop_and_join();
-        }
+        self.stop_and_wait();
     }
 }
 
@@ -92,12 +94,19 @@ pub fn spawn_queue_worker<D: VirtioDevice + 'static>(
         EpollEvent::new(EventSet::IN, stop_token),
     )?;
     let worker_stop = stop.try_clone()?;
-    let handle = thread::Builder::new()
+    let (stopped_tx, stopped_rx) = channel();
+    thread::Builder::new()
         .name("virtio-queues".to_string())
-        .spawn(move || run(&dev, &epoll, &queue_evts, &ready_queues, &worker_stop))?;
+        .spawn(move || {
+            run(&dev, &epoll, &queue_evts, &ready_queues, &worker_stop);
+            // Let go of the device before saying so: whoever stopped the worker may drop the
+            // device next and expect it (and its files) gone.
+            drop((dev, epoll, queue_evts, worker_stop));
+            drop::<Sender<()>>(stopped_tx);
+        })?;
     Ok(QueueWorker {
         stop,
-        handle: Some(handle),
+        stopped: Some(stopped_rx),
     })
 }
 
