@@ -129,4 +129,45 @@ fn only_a_crash_of_the_test_bed_itself_gets_a_second_run() {
     assert!(!slow::test_bed_crashed(stage_failed));
     let guest_panicked = "[ 90.1] Kernel-panic (guest) - not syncing: Fatal exception\n";
     assert!(!slow::test_bed_crashed(guest_panicked));
+    // A test bed whose console stayed silent past --stall (its stage bounds every wait).
+    let silent = "[1204.4] serial-drive: no output for 300 s while waiting for 'NET-E2E-PASS' \
+        (325.2 s): the command stalled\n";
+    assert!(slow::test_bed_crashed(silent));
+}
+
+/// Runs `scripts/serial-drive --stall 1` on `sh -c SCRIPT`, waiting for a marker it never
+/// prints; returns what the driver said on stderr.
+fn serial_drive_with_stall(script: &str) -> String {
+    let out = std::process::Command::new(slow::repo_root().join("scripts/serial-drive"))
+        .args(["--stall", "1", "--timeout", "60", "--quiet"])
+        .args(["--expect", "NEVER-PRINTED"])
+        .args(["--", "sh", "-c", script])
+        .output()
+        .expect("cannot run scripts/serial-drive");
+    assert!(
+        !out.status.success(),
+        "serial-drive passed without its marker"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_command_silent_past_the_stall_limit_is_reported_as_stalled_and_ended() {
+    // Silent for 30 s after one line: the driver gives up after about 1 s of silence, and says
+    // so, rather than waiting out the command or the overall timeout.
+    let said = serial_drive_with_stall("echo started; exec sleep 30");
+    assert!(said.contains("serial-drive: no output for 1 s"), "{said}");
+    assert!(slow::test_bed_crashed(&said));
+}
+
+#[test]
+fn a_command_that_keeps_printing_is_not_stalled() {
+    // A line every 0.3 s for 3 s, then an exit without the marker: that is an early exit.
+    let said =
+        serial_drive_with_stall("for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; sleep 0.3; done");
+    assert!(
+        said.contains("serial-drive: command exited (0) before"),
+        "{said}"
+    );
+    assert!(!said.contains("no output for"), "{said}");
 }

@@ -98,7 +98,6 @@ tap_queues() { for q in "/sys/class/net/$tap/queues/"*; do printf '%s ' "${q##*/
 # The VMM whose serial console is current: its console log, its stdin FIFO and its pid.
 console="" console_in="" vmm=""
 lines() { wc -l <"$console"; }
-type_line() { printf '%s\n' "$1" >"$console_in"; }
 
 # Print the first match of the extended regex $1 in the console log after line $2 (CRs
 # removed), waiting up to $3 seconds; fail when it does not come (return 1 instead when $4 is
@@ -340,7 +339,7 @@ if [ "$stage" = 1 ]; then
     vmm=$! console=$work/a.console console_in=$work/a.in
     # Holding the write end open keeps the VMM's stdin from seeing EOF.
     exec 3>"$work/a.in"
-    wait_match LINUX-GUEST-READY 0 600 >/dev/null
+    wait_match LINUX-GUEST-READY 0 240 >/dev/null
     say "guest ready after $(secs "$t0") s"
     type_line 'dmesg -n 1'
     type_line "ip addr add $guest_ip/24 dev eth0 && ip link set eth0 up"

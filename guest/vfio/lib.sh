@@ -1,11 +1,22 @@
-# Shared by the test-bed stages of scripts/e2e-vfio and scripts/test-nested-net (sourced from
-# /lib/vfio-stage.sh, which those scripts add to every image). The stage defines fail() (prints its logs, then
+# Shared by the test-bed stages of scripts/e2e-vfio, scripts/test-nested-net and
+# scripts/test-nested-vsock (sourced from /lib/vfio-stage.sh, which those scripts add to every
+# image). The stage defines fail() (prints its logs, then
 # E2E-VFIO-FAIL: why) before it calls anything here.
-# shellcheck shell=sh disable=SC2154 # $work and $vmm are the stage's
+# shellcheck shell=sh disable=SC2154 # $work, $vmm and $console_in are the stage's
 
 now() { cut -d' ' -f1 /proc/uptime; }
 elapsed_over() { awk -v a="$1" -v b="$(now)" -v t="$2" 'BEGIN { exit !(b - a > t) }'; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# Types line $1 into the console of the current VMM: the FIFO $console_in, the stdin of pid
+# $vmm. Opening a FIFO for writing blocks until it has a reader, so once the VMM is gone a plain
+# `printf >fifo` would hang the stage, and the test bed with it, without a word: the open gets
+# 10 s here, and the stage fails naming the line.
+type_line() {
+    kill -0 "$vmm" 2>/dev/null || fail "the VMM (pid $vmm) exited before '$1' could be typed into its console"
+    timeout 10 sh -c 'printf "%s\n" "$1" >"$2"' type_line "$1" "$console_in" ||
+        fail "could not type '$1' into the console of the VMM (pid $vmm) within 10 s"
+}
 
 # The last $1 lines of each non-empty file after it (for a stage's fail()).
 dump_logs() {

@@ -71,7 +71,6 @@ field() { printf '%s\n' "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
 # The VMM whose serial console is current: its console log, its stdin FIFO and its pid.
 console="" console_in="" vmm=""
 lines() { wc -l <"$console"; }
-type_line() { printf '%s\n' "$1" >"$console_in"; }
 
 # Print the first match of the extended regex $1 in the console log after line $2 (CRs
 # removed), waiting up to $3 seconds; fail when it does not come or the VMM exits first.
@@ -224,7 +223,7 @@ if [ "$stage" = 1 ]; then
         <"$work/a.in" >"$work/a.console" 2>"$work/a.log" &
     vmm=$! console=$work/a.console console_in=$work/a.in
     exec 3>"$work/a.in"
-    wait_match LINUX-GUEST-READY 0 600 >/dev/null
+    wait_match LINUX-GUEST-READY 0 240 >/dev/null
     say "guest ready after $(secs "$t0") s"
     type_line 'dmesg -n 1'
     dev=$(ask '$(ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport | grep -c virtio)' VSDEV 60)

@@ -90,10 +90,12 @@ pub fn run_script(script: &str, args: &[&OsStr], log_name: &str) -> ScriptRun {
 
 /// What `scripts/serial-drive` prints when the test bed crashed: its kernel panicked (it boots
 /// with `oops=panic`; the stages reword a guest's panic in their reports, so that never
-/// matches), or QEMU died of a signal.
-pub const TEST_BED_CRASHES: [&str; 2] = [
+/// matches), QEMU died of a signal, or the console stayed silent past `--stall` (given only for
+/// stages whose every wait is bounded and reported, so only a test bed that stopped is silent).
+pub const TEST_BED_CRASHES: [&str; 3] = [
     "serial-drive: fail marker 'Kernel panic' seen",
     "serial-drive: command died of signal",
+    "serial-drive: no output for",
 ];
 
 /// What `scripts/serial-drive` prints when QEMU ended before the pass marker. Unless the stage
