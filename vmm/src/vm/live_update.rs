@@ -26,7 +26,7 @@ use crate::platform::{IrqchipsState, PlatformState};
 use crate::state_format::StateFormat;
 use crate::vcpu_thread::{BuildError, IdleVcpus, VcpuBuilder, VcpuEvent, VcpuMaker, VcpuSet};
 
-use super::{Parts, Vm, VmError, create_bare_vm, create_vcpu};
+use super::{Parts, Vm, VmError, create_kvm_vm, create_platform, create_vcpu, create_vm};
 
 /// A KVM VM (irqchip and PIT made) with guest RAM mapped and registered, built by a successor
 /// ahead of the update while the old VMM still runs the guest on that same RAM.
@@ -53,8 +53,8 @@ impl Prebuilt {
         Self::timed(ram_memfd).map(|(prebuilt, _)| prebuilt)
     }
 
-    /// [`Prebuilt::new`], with the time of each step: RAM mapped (`map_ram`), KVM VM with its
-    /// irqchip and PIT made (`kvm_vm`), RAM registered with KVM (`memslots`).
+    /// [`Prebuilt::new`], with the time of each step: RAM mapped (`map_ram`), KVM VM made
+    /// (`kvm_vm`), RAM registered with KVM (`memslots`), irqchip and PIT made (`irqchip`).
     fn timed(ram_memfd: File) -> Result<(Self, BuildSteps), VmError> {
         let start = Instant::now();
         let size = ram_memfd
@@ -63,13 +63,16 @@ impl Prebuilt {
             .len();
         let ram = GuestRam::from_memfd(ram_memfd, size).map_err(VmError::Memory)?;
         let mapped = Instant::now();
-        let (kvm, vm_fd) = create_bare_vm()?;
+        let (kvm, vm_fd) = create_kvm_vm()?;
         let made = Instant::now();
         ram.register(&vm_fd).map_err(VmError::Memory)?;
+        let registered = Instant::now();
+        create_platform(&vm_fd)?;
         let steps = [
             ("map_ram", mapped - start),
             ("kvm_vm", made - mapped),
-            ("memslots", made.elapsed()),
+            ("memslots", registered - made),
+            ("irqchip", registered.elapsed()),
         ];
         let prebuilt = Self {
             kvm,
@@ -128,8 +131,7 @@ impl Prebuilt {
     /// A new KVM VM on the same RAM, without the threads and vCPUs made ahead.
     fn rebuilt(self) -> Result<Self, VmError> {
         let Self { ram, .. } = self;
-        let (kvm, vm_fd) = create_bare_vm()?;
-        ram.register(&vm_fd).map_err(VmError::Memory)?;
+        let (kvm, vm_fd) = create_vm(&ram)?;
         Ok(Self {
             kvm,
             vm_fd,
@@ -155,7 +157,7 @@ pub struct PauseSpan {
 const FIRST_ENTRY_WAIT: Duration = Duration::from_millis(100);
 
 /// The named steps of building a [`Prebuilt`], and their times.
-type BuildSteps = [(&'static str, Duration); 3];
+type BuildSteps = [(&'static str, Duration); 4];
 
 fn take<S: Versioned>(states: &mut StateSet, id: &str) -> Result<S, VmError> {
     states
