@@ -295,6 +295,61 @@ fn a_guest_runs_on_until_the_agent_has_a_pause_slot_for_it_then_pauses_for_its_u
     wait_until_restored(&successor);
 }
 
+/// The nice value of each thread of process `pid`, by thread name.
+fn thread_nice_values(pid: u32) -> Vec<(String, i32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            let (head, fields) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_string();
+            // Field 19 of stat is the nice value; the first after the name is field 3.
+            let nice = fields.split_whitespace().nth(16)?.parse().ok()?;
+            Some((name, nice))
+        })
+        .collect()
+}
+
+#[test]
+fn the_pause_runs_at_a_raised_priority_and_the_successors_threads_go_back_to_their_own() {
+    require_kvm();
+    let dir = scratch_dir("pause-priority");
+    let agent = Agent::start(&dir);
+    let (vmm, _) = boot_old(&agent, &dir.join("old"), 2, CMDLINE, &["-v"], &[]);
+    let mut successor = VmmProcess::successor(&agent, "raised", &dir.join("new"), &["-v"]);
+    wait_until_connected(&mut successor);
+    wait_for_log(&successor, "Waiting up to");
+
+    let timings = vmm.live_update("raised");
+    wait_until_restored(&successor);
+    let (next, _) = successor.next_status(0, LINE);
+    successor.next_status(next, LINE);
+
+    assert!(timings.is_object(), "{timings}");
+    // The agent answers in every pause: it runs raised for good (ch-luod --nice, -10).
+    let agent_nice = thread_nice_values(agent.pid());
+    assert!(
+        agent_nice.iter().all(|(_, nice)| *nice == -10),
+        "{agent_nice:?}"
+    );
+    // The old VMM's driving thread and 2 vCPU threads, the successor's restoring thread and
+    // its 2 vCPU threads made ahead.
+    for (who, log) in [("old", vmm.stderr()), ("successor", successor.stderr())] {
+        assert!(
+            log.contains("3 threads raised to nice -10 for the pause"),
+            "{who}:\n{log}"
+        );
+    }
+    // The guest runs on at the successor's own priority, and nothing it started since (device
+    // threads, queue workers) inherited the raised one.
+    let successor_nice = thread_nice_values(successor.pid());
+    assert!(successor_nice.iter().any(|(name, _)| name == "vcpu1"));
+    assert!(
+        successor_nice.iter().all(|(_, nice)| *nice == 0),
+        "{successor_nice:?}"
+    );
+}
+
 fn wait_until_restored(successor: &VmmProcess) {
     wait_for_log(successor, "VM restored from session");
 }

@@ -158,6 +158,10 @@ const WORKER: &[Allow] = &[
 /// threads and kicking vCPUs out of `KVM_RUN` with a signal.
 const VMM: &[Allow] = &[
     Ioctl(&[Kvm, Vfio, LiveUpdate, TtyTun, Socket]),
+    // A live update's pause runs at a raised priority (vmm's `pause_priority`), which threads
+    // started meanwhile do not inherit.
+    Any(libc::SYS_getpriority),
+    Any(libc::SYS_sched_setscheduler),
     Any(libc::SYS_open),
     Any(libc::SYS_openat),
     Any(libc::SYS_stat),

@@ -54,6 +54,12 @@ struct Cli {
     /// may pause beside it (a stuck update holds the others up no longer).
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_LEASE.as_millis() as u64)]
     pause_slot_lease_ms: u64,
+    /// The agent's nice value: it answers inside every live update's pause, which on a busy
+    /// host would otherwise wait for a CPU at each request. Below 0 needs CAP_SYS_NICE; without
+    /// it the agent runs at the priority it was started with.
+    #[arg(long, value_name = "N", default_value_t = -10, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    nice: i32,
     /// With --upgrade: how long, in seconds, to try again while the running agent is busy.
     #[arg(long, value_name = "SECONDS", default_value_t = UPGRADE_WAIT.as_secs(), requires = "upgrade")]
     upgrade_wait: u64,
@@ -128,8 +134,15 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         agent::faults::arm(fault).map_err(anyhow::Error::msg)?;
         log::warn!("Test fault injector armed: {fault:?}");
     }
-    // Before any thread starts, so that every thread inherits the blocked mask.
+    // Before any thread starts, so that every thread inherits the blocked mask and the nice
+    // value.
     agent::block_termination_signals()?;
+    if let Err(e) = liveupdate::sys::set_own_nice(cli.nice) {
+        info!(
+            "Running at the nice value ch-luod was started with, not {}: {e}",
+            cli.nice
+        );
+    }
     let mode = if cli.emulate { "restart" } else { "kernel" };
     // What an earlier agent left: systemd's fd store after a restart, or a running agent.
     let inherited = inherited_entries()?;

@@ -219,6 +219,14 @@ impl<E: Send + 'static> IdleVcpus<E> {
         self.go.is_empty()
     }
 
+    /// The kernel's ids of the threads that have started.
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.set
+            .as_ref()
+            .map(VcpuSet::thread_ids)
+            .unwrap_or_default()
+    }
+
     /// Whether the threads make their vCPUs ahead: then `build` must get a builder for every
     /// thread, because KVM cannot take back a vCPU a spare thread made.
     pub fn make_vcpus_ahead(&self) -> bool {
@@ -245,9 +253,11 @@ impl<E: Send + 'static> IdleVcpus<E> {
             made: None,
             builder: None,
         });
+        let tids = set.tids.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                lock(&tids).push(crate::sys::current_tid());
                 // Filtered and its vCPU made now, ahead: neither costs the pause anything.
                 confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
                 if let Some(make) = maker {
@@ -416,6 +426,8 @@ pub struct VcpuSet {
     /// When a vCPU of the set first went into the guest (host realtime, ns since the epoch; 0
     /// before): for a restored VM, the end of a live update's pause.
     first_entry: Arc<AtomicU64>,
+    /// The kernel's ids of the threads, each added by its thread as it starts.
+    tids: Arc<Mutex<Vec<i32>>>,
 }
 
 fn kick_signal() -> i32 {
@@ -453,9 +465,11 @@ impl VcpuSet {
                 on_event: on_event.clone(),
                 first_entry: set.first_entry.clone(),
             };
+            let tids = set.tids.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
+                    lock(&tids).push(crate::sys::current_tid());
                     confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
                     runner.run_loop();
                 });
@@ -490,7 +504,13 @@ impl VcpuSet {
             vcpus: Vec::new(),
             held: Mutex::new(Vec::new()),
             first_entry: Arc::new(AtomicU64::new(0)),
+            tids: Arc::new(Mutex::new(Vec::new())),
         })
+    }
+
+    /// The kernel's ids of the set's threads that have started.
+    pub fn thread_ids(&self) -> Vec<i32> {
+        lock(&self.tids).clone()
     }
 
     /// Lets the held threads into their loop, where they do as the control says.

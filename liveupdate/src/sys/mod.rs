@@ -299,6 +299,17 @@ pub fn recv_with_fds(
     Ok((count, fds))
 }
 
+/// Sets the calling thread's nice value; the threads it starts afterwards inherit it. Below 0
+/// needs `CAP_SYS_NICE`.
+pub fn set_own_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours; 0 is the caller.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Kills this process with SIGKILL at once (the fault injector's `kill@STEP`, see
 /// [`crate::fault`]): no destructor, no flush, as the OOM killer would.
 /// It signals the calling thread (`tgkill`, which every seccomp allow-list has for `abort`)

@@ -12,6 +12,7 @@
 
 pub mod inherited;
 pub mod participants;
+pub mod pause_priority;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -547,8 +548,11 @@ fn wait_for_handover(
         if peek {
             match client.peek(name, RAM_TOKEN) {
                 Ok(memfd) => {
-                    let built = Prebuilt::new(File::from(memfd)).map_err(LiveUpdateError::Vm)?;
-                    prebuilt = Some(built.with_vcpu_threads(on_event.clone()));
+                    let mut built = Prebuilt::new(File::from(memfd))
+                        .map_err(LiveUpdateError::Vm)?
+                        .with_vcpu_threads(on_event.clone());
+                    built.raise_pause_priority();
+                    prebuilt = Some(built);
                     peek = false;
                     info!("Guest RAM of session {name:?} mapped ahead of the handover");
                     if let Err(e) = client.successor_ready(name) {

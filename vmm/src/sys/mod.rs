@@ -73,6 +73,54 @@ pub fn lowest_thread_priority() -> io::Result<()> {
     Ok(())
 }
 
+/// The kernel's id of the calling thread, which [`thread_nice`] and [`set_thread_nice`] take.
+pub fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Thread `tid`'s nice value.
+pub fn thread_nice(tid: i32) -> io::Result<i32> {
+    // The raw system call answers 20 - nice (1 to 40) and -1 only on an error, where the libc
+    // wrapper's -1 is also a nice value. SAFETY: plain integers, no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_getpriority,
+            libc::PRIO_PROCESS,
+            libc::c_long::from(tid),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    i32::try_from(20 - rc).map_err(|_| io::Error::other("getpriority out of range"))
+}
+
+/// Sets thread `tid`'s nice value (below 0 needs `CAP_SYS_NICE`). With `reset_on_fork`, the
+/// threads it starts from now on begin at nice 0 instead of inheriting a raised priority
+/// (`SCHED_RESET_ON_FORK`); without, that flag is cleared.
+pub fn set_thread_nice(tid: i32, nice: i32, reset_on_fork: bool) -> io::Result<()> {
+    let policy = if reset_on_fork {
+        libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a live sched_param the call only reads; the rest are integers.
+    // SCHED_OTHER keeps the thread's nice value, which setpriority then sets.
+    let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let tid = libc::id_t::try_from(tid).map_err(|_| io::Error::other("negative thread id"))?;
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A close-on-exec copy of `fd`, an fd this process inherited by number (e.g. `--net fd=[3]`).
 /// The number itself stays open and unowned: nothing here claims it, so nothing closes it twice.
 pub fn dup_inherited_fd(fd: std::os::fd::RawFd) -> io::Result<OwnedFd> {

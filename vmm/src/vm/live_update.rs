@@ -21,9 +21,11 @@ use crate::live_update::participants::{
     MemoryParticipant, MemoryState, PitState, VcpuParticipant, VcpuSaves, VcpusParticipant,
     VcpusState, clock_participant, ids, irqchip_participant, pit_participant, realtime_ns,
 };
+use crate::live_update::pause_priority::PausePriority;
 use crate::memory::{GuestRam, MemoryError, vcpus_hint};
 use crate::platform::{IrqchipsState, PlatformState};
 use crate::state_format::StateFormat;
+use crate::sys;
 use crate::vcpu_thread::{BuildError, IdleVcpus, VcpuBuilder, VcpuEvent, VcpuMaker, VcpuSet};
 
 use super::{Parts, Vm, VmError, create_kvm_vm, create_platform, create_vcpu, create_vm};
@@ -41,6 +43,9 @@ pub struct Prebuilt {
     /// that many vCPUs gives (the old VMM's saved state carries the same unless its VM came
     /// from elsewhere: then the restore loads the saved table over it).
     given_ahead: VcpuSetupSlots,
+    /// The restoring thread and the vCPU threads, raised for the pause once this successor is
+    /// ready ([`Prebuilt::raise_pause_priority`]), until the guest runs again.
+    priority: PausePriority,
 }
 
 /// Per vCPU index: a vCPU's setup once known (what it was given ahead, taken by its restore;
@@ -80,6 +85,7 @@ impl Prebuilt {
             ram,
             vcpu_threads: None,
             given_ahead: Arc::new([]),
+            priority: PausePriority::default(),
         };
         Ok((prebuilt, steps))
     }
@@ -121,6 +127,16 @@ impl Prebuilt {
         self
     }
 
+    /// Raises the calling thread, which restores the VM, and the vCPU threads started ahead to
+    /// the pause's priority ([`PausePriority`]); they sleep until the handover, and go back to
+    /// their own once the guest runs again.
+    pub fn raise_pause_priority(&mut self) {
+        let vcpu_threads = self.vcpu_threads.as_ref().map(IdleVcpus::thread_ids);
+        self.priority = PausePriority::raise(
+            std::iter::once(sys::current_tid()).chain(vcpu_threads.into_iter().flatten()),
+        );
+    }
+
     /// Whether threads started ahead made more vCPUs than a state of `count` has.
     fn has_vcpus_beyond(&self, count: usize) -> bool {
         self.vcpu_threads
@@ -138,6 +154,7 @@ impl Prebuilt {
             ram,
             vcpu_threads: None,
             given_ahead: Arc::new([]),
+            priority: PausePriority::default(),
         })
     }
 }
@@ -236,6 +253,7 @@ impl Vm {
             ram,
             vcpu_threads,
             given_ahead,
+            priority,
         } = match prebuilt {
             Some(prebuilt) if prebuilt.ram.size() != memory.size => {
                 return Err(VmError::PrebuiltMismatch {
@@ -374,6 +392,7 @@ impl Vm {
         let entered_ns = resume
             .then(|| vm.vcpus.first_entry_ns(FIRST_ENTRY_WAIT))
             .flatten();
+        drop(priority);
         let span = PauseSpan {
             paused_at_ns: vcpus.paused_at_ns,
             resumed_at_ns: entered_ns.unwrap_or(let_run_ns),
@@ -401,6 +420,9 @@ impl Vm {
         after_prepare: impl FnOnce() -> Result<(), String>,
         carrier: impl FnOnce(Box<dyn Session>) -> Result<(), String>,
     ) -> Result<Timings, VmError> {
+        let pause_threads: Vec<_> = std::iter::once(sys::current_tid())
+            .chain(self.vcpus.thread_ids())
+            .collect();
         self.with_participants(config, format, |participants| {
             let mut update = Outgoing::new(session, participants);
             update.prepare().map_err(VmError::LiveUpdate)?;
@@ -410,6 +432,9 @@ impl Vm {
                 return Err(VmError::UpdateStopped(why));
             }
             update.record("after_prepare", waited.elapsed());
+            // This thread and the vCPU threads run the pause; back to their own priority once
+            // it is handed over (or cancelled).
+            let _priority = PausePriority::raise(pause_threads);
             update.freeze(state_file).map_err(VmError::LiveUpdate)?;
             // Logged now: across a kexec the handover never returns to report them.
             log::info!("VM frozen: {:?}", update.timings().steps);
