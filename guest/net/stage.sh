@@ -339,7 +339,7 @@ if [ "$stage" = 1 ]; then
     vmm=$! console=$work/a.console console_in=$work/a.in
     # Holding the write end open keeps the VMM's stdin from seeing EOF.
     exec 3>"$work/a.in"
-    wait_match LINUX-GUEST-READY 0 240 >/dev/null
+    wait_match LINUX-GUEST-READY 0 120 >/dev/null
     say "guest ready after $(secs "$t0") s"
     type_line 'dmesg -n 1'
     type_line "ip addr add $guest_ip/24 dev eth0 && ip link set eth0 up"
@@ -540,7 +540,7 @@ done
 say "X: the outside peer's connection of before the kexec carries on: more than $x_before bytes $(secs "$t") s after forwarding came back ($(secs "$restored") s after vm/restored)"
 sleep 2
 say "X: peer stop"
-r=$(guest_result RX 5004 180)
+r=$(guest_result RX 5004 120)
 say "X: the guest received $r from the outside peer over one connection"
 
 # A NEW host connection to the guest's listener of before the kexec, at full speed.

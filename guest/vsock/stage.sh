@@ -223,7 +223,7 @@ if [ "$stage" = 1 ]; then
         <"$work/a.in" >"$work/a.console" 2>"$work/a.log" &
     vmm=$! console=$work/a.console console_in=$work/a.in
     exec 3>"$work/a.in"
-    wait_match LINUX-GUEST-READY 0 240 >/dev/null
+    wait_match LINUX-GUEST-READY 0 120 >/dev/null
     say "guest ready after $(secs "$t0") s"
     type_line 'dmesg -n 1'
     dev=$(ask '$(ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport | grep -c virtio)' VSDEV 60)
