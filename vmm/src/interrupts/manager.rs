@@ -64,15 +64,7 @@ impl InterruptManager {
     ) -> Result<(Self, RoutesPending), InterruptError> {
         let manager = Self::restored_table(vm, state)?;
         let shared = Arc::clone(&manager.shared);
-        // At the caller's priority: a pause's restoring thread runs raised, and the guest
-        // waits for this table (threads start at nice 0 from a raised one).
-        let nice = crate::sys::thread_nice(crate::sys::current_tid()).ok();
-        let push = move || {
-            if let Some(nice) = nice {
-                crate::sys::raise_own_priority_to(nice);
-            }
-            shared.push_current()
-        };
+        let push = move || shared.push_current();
         let pending = match std::thread::Builder::new()
             .name("gsi-routes".into())
             .spawn(push)

@@ -111,21 +111,6 @@ mod tests {
     }
 
     #[test]
-    fn a_short_task_of_a_raised_thread_can_take_its_priority() {
-        on_a_thread(|| {
-            let _priority = PausePriority::raise([sys::current_tid()]);
-            let (tx, rx) = channel();
-            std::thread::spawn(move || {
-                sys::raise_own_priority_to(PAUSE_NICE);
-                tx.send(sys::thread_nice(sys::current_tid())).unwrap();
-            })
-            .join()
-            .unwrap();
-            assert_eq!(rx.recv().unwrap().unwrap(), PAUSE_NICE);
-        });
-    }
-
-    #[test]
     fn a_thread_already_above_the_pause_priority_is_left_alone() {
         on_a_thread(|| {
             let me = sys::current_tid();

@@ -121,18 +121,6 @@ pub fn set_thread_nice(tid: i32, nice: i32, reset_on_fork: bool) -> io::Result<(
     Ok(())
 }
 
-/// Gives the calling thread nice value `nice` if that is a higher priority than its own: a
-/// short task on a thread of its own for a thread running raised (which such a thread starts at
-/// nice 0, see [`set_thread_nice`]). Best effort: without `CAP_SYS_NICE` it stays as it is.
-pub fn raise_own_priority_to(nice: i32) {
-    let me = current_tid();
-    if thread_nice(me).is_ok_and(|own| own > nice)
-        && let Err(e) = set_thread_nice(me, nice, true)
-    {
-        log::debug!("Thread {me} stays at its own priority: {e}");
-    }
-}
-
 /// A close-on-exec copy of `fd`, an fd this process inherited by number (e.g. `--net fd=[3]`).
 /// The number itself stays open and unowned: nothing here claims it, so nothing closes it twice.
 pub fn dup_inherited_fd(fd: std::os::fd::RawFd) -> io::Result<OwnedFd> {
