@@ -41,6 +41,8 @@ impl PausePriority {
             }
             if let Err(e) = sys::set_thread_nice(tid, PAUSE_NICE, true) {
                 debug!("The pause runs at the threads' own priority: thread {tid}: {e}");
+                // Whatever part of it went through.
+                let _ = sys::set_thread_nice(tid, nice, false);
                 break;
             }
             priority.raised.push((tid, nice));

@@ -98,8 +98,14 @@ pub fn thread_nice(tid: i32) -> io::Result<i32> {
 
 /// Sets thread `tid`'s nice value (below 0 needs `CAP_SYS_NICE`). With `reset_on_fork`, the
 /// threads it starts from now on begin at nice 0 instead of inheriting a raised priority
-/// (`SCHED_RESET_ON_FORK`); without, that flag is cleared.
+/// (`SCHED_RESET_ON_FORK`); without, that flag is cleared. A refused nice value changes nothing.
 pub fn set_thread_nice(tid: i32, nice: i32, reset_on_fork: bool) -> io::Result<()> {
+    let id = libc::id_t::try_from(tid).map_err(|_| io::Error::other("negative thread id"))?;
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, id, nice) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
     let policy = if reset_on_fork {
         libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK
     } else {
@@ -107,14 +113,8 @@ pub fn set_thread_nice(tid: i32, nice: i32, reset_on_fork: bool) -> io::Result<(
     };
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a live sched_param the call only reads; the rest are integers.
-    // SCHED_OTHER keeps the thread's nice value, which setpriority then sets.
+    // SCHED_OTHER keeps the thread's nice value.
     let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let tid = libc::id_t::try_from(tid).map_err(|_| io::Error::other("negative thread id"))?;
-    // SAFETY: setpriority takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
