@@ -82,7 +82,8 @@ pub fn current_tid() -> i32 {
 /// Thread `tid`'s nice value.
 pub fn thread_nice(tid: i32) -> io::Result<i32> {
     // The raw system call answers 20 - nice (1 to 40) and -1 only on an error, where the libc
-    // wrapper's -1 is also a nice value. SAFETY: plain integers, no memory of ours.
+    // wrapper's -1 is also a nice value.
+    // SAFETY: getpriority takes plain integers and touches no memory of ours.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_getpriority,
