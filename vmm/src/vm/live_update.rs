@@ -28,7 +28,7 @@ use crate::state_format::StateFormat;
 use crate::sys;
 use crate::vcpu_thread::{BuildError, IdleVcpus, VcpuBuilder, VcpuEvent, VcpuMaker, VcpuSet};
 
-use super::{Parts, Vm, VmError, create_kvm_vm, create_platform, create_vcpu, create_vm};
+use super::{CreateVmSteps, Parts, Vm, VmError, create_vcpu, create_vm_timed};
 
 /// A KVM VM (irqchip and PIT made) with guest RAM mapped and registered, built by a successor
 /// ahead of the update while the old VMM still runs the guest on that same RAM.
@@ -58,8 +58,8 @@ impl Prebuilt {
         Self::timed(ram_memfd).map(|(prebuilt, _)| prebuilt)
     }
 
-    /// [`Prebuilt::new`], with the time of each step: RAM mapped (`map_ram`), KVM VM made
-    /// (`kvm_vm`), RAM registered with KVM (`memslots`), irqchip and PIT made (`irqchip`).
+    /// [`Prebuilt::new`], with the time of each step: RAM mapped (`map_ram`), then those of
+    /// [`super::create_vm_timed`].
     fn timed(ram_memfd: File) -> Result<(Self, BuildSteps), VmError> {
         let start = Instant::now();
         let size = ram_memfd
@@ -67,18 +67,14 @@ impl Prebuilt {
             .map_err(|e| VmError::Memory(MemoryError::Memfd(e)))?
             .len();
         let ram = GuestRam::from_memfd(ram_memfd, size).map_err(VmError::Memory)?;
-        let mapped = Instant::now();
-        let (kvm, vm_fd) = create_kvm_vm()?;
-        let made = Instant::now();
-        ram.register(&vm_fd).map_err(VmError::Memory)?;
-        let registered = Instant::now();
-        create_platform(&vm_fd)?;
-        let steps = [
-            ("map_ram", mapped - start),
-            ("kvm_vm", made - mapped),
-            ("memslots", registered - made),
-            ("irqchip", registered.elapsed()),
-        ];
+        let mapped = start.elapsed();
+        let (prebuilt, [kvm_vm, memslots, irqchip]) = Self::built_on(ram)?;
+        Ok((prebuilt, [("map_ram", mapped), kvm_vm, memslots, irqchip]))
+    }
+
+    /// A new KVM VM on `ram`, no vCPU threads started ahead yet.
+    fn built_on(ram: GuestRam) -> Result<(Self, CreateVmSteps), VmError> {
+        let (kvm, vm_fd, steps) = create_vm_timed(&ram)?;
         let prebuilt = Self {
             kvm,
             vm_fd,
@@ -147,15 +143,7 @@ impl Prebuilt {
     /// A new KVM VM on the same RAM, without the threads and vCPUs made ahead.
     fn rebuilt(self) -> Result<Self, VmError> {
         let Self { ram, .. } = self;
-        let (kvm, vm_fd) = create_vm(&ram)?;
-        Ok(Self {
-            kvm,
-            vm_fd,
-            ram,
-            vcpu_threads: None,
-            given_ahead: Arc::new([]),
-            priority: PausePriority::default(),
-        })
+        Self::built_on(ram).map(|(prebuilt, _)| prebuilt)
     }
 }
 

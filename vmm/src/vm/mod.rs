@@ -7,6 +7,7 @@ pub use live_update::{PauseSpan, Prebuilt};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use liveupdate::machine::MachineError;
@@ -113,25 +114,31 @@ struct Parts {
 
 /// A KVM VM with `ram` registered as its memory, and its irqchip and PIT.
 fn create_vm(ram: &GuestRam) -> Result<(Kvm, Arc<VmFd>), VmError> {
-    let (kvm, vm_fd) = create_kvm_vm()?;
-    ram.register(&vm_fd).map_err(VmError::Memory)?;
-    create_platform(&vm_fd)?;
-    Ok((kvm, vm_fd))
+    create_vm_timed(ram).map(|(kvm, vm_fd, _)| (kvm, vm_fd))
 }
 
-/// A KVM VM with nothing in it yet.
-fn create_kvm_vm() -> Result<(Kvm, Arc<VmFd>), VmError> {
+/// The named steps of [`create_vm_timed`], and their times.
+type CreateVmSteps = [(&'static str, Duration); 3];
+
+/// [`create_vm`], with the time of each step: the KVM VM (`kvm_vm`), RAM registered
+/// (`memslots`), irqchip and PIT (`irqchip`). In that order: making the irqchip leaves KVM
+/// waiting out a grace period that the next memory slot change must wait for too (5-10 ms on
+/// this development host, whatever the slot's size), where the changes before it take no such
+/// wait. The irqchip must exist before any vCPU (KVM creates each vCPU's LAPIC from it).
+fn create_vm_timed(ram: &GuestRam) -> Result<(Kvm, Arc<VmFd>, CreateVmSteps), VmError> {
+    let start = Instant::now();
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
-    Ok((kvm, vm_fd))
-}
-
-/// The irqchip and PIT, made after the memory slots: making the irqchip leaves KVM waiting out
-/// a grace period that the next memory slot change must wait for too (5-10 ms on this
-/// development host, whatever the slot's size), where the changes before it take no such wait.
-/// The irqchip must exist before any vCPU (KVM creates each vCPU's LAPIC from it).
-fn create_platform(vm_fd: &VmFd) -> Result<(), VmError> {
-    platform::create_platform(vm_fd).map_err(VmError::Platform)
+    let made = Instant::now();
+    ram.register(&vm_fd).map_err(VmError::Memory)?;
+    let registered = Instant::now();
+    platform::create_platform(&vm_fd).map_err(VmError::Platform)?;
+    let steps = [
+        ("kvm_vm", made - start),
+        ("memslots", registered - made),
+        ("irqchip", registered.elapsed()),
+    ];
+    Ok((kvm, vm_fd, steps))
 }
 
 fn create_vcpu(vm_fd: &VmFd, index: u8) -> Result<VcpuFd, VmError> {
