@@ -92,9 +92,8 @@ pub fn run_script(script: &str, args: &[&OsStr], log_name: &str) -> ScriptRun {
 }
 
 /// How many times a script runs while the test bed crashes under it. With one CPU the network
-/// and vsock test beds went silent in 2 of about 8 runs on 7 Dec (`--stall`): three runs make
-/// a crash of the test bed, not of ours, fail the test about once in 60 runs rather than once
-/// in 16.
+/// test bed went silent in 3 of about 10 runs on 7 Dec (`--stall`): three runs make a crash of
+/// the test bed, not of ours, fail the test about once in 40 runs rather than once in 10.
 pub const TEST_BED_RUNS: u32 = 3;
 
 /// What `scripts/serial-drive` prints when the test bed crashed: its kernel panicked (it boots
