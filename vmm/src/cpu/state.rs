@@ -271,16 +271,17 @@ impl VcpuState {
         }
         match vcpu.set_tsc_khz(khz) {
             Ok(()) => Ok(Some(khz)),
-            // Without TSC scaling KVM takes only the host's own frequency, which a new host
-            // kernel (after a kexec) may have calibrated slightly differently: run at the host's.
-            Err(e)
-                if e.errno() == libc::EINVAL
-                    && current.is_some_and(|host| host.abs_diff(khz) <= khz / 100) =>
-            {
+            // Without TSC scaling KVM takes only the host's own frequency. A new host kernel
+            // (after a kexec) may have calibrated it slightly differently, and a snapshot may
+            // come from another host: the guest runs on at the host's rate, as after a
+            // migration between such hosts, rather than not at all. A guest on kvmclock keeps
+            // its time; one that counts raw TSC ticks sees its clock run off by the ratio.
+            Err(e) if e.errno() == libc::EINVAL => {
+                let host = current.unwrap_or_default();
                 log::warn!(
-                    "TSC frequency {khz} kHz refused (no TSC scaling); the guest runs at the \
-                     host's {} kHz",
-                    current.unwrap_or_default()
+                    "TSC frequency {khz} kHz refused (no TSC scaling); the guest's TSC runs at \
+                     the host's {host} kHz, {:+.2} % off",
+                    (f64::from(host) - f64::from(khz)) * 100.0 / f64::from(khz.max(1))
                 );
                 // The refused call left KVM's idea of the frequency at `khz`: put it back.
                 super::use_host_tsc_rate(vcpu).map(|()| current)

@@ -18,8 +18,11 @@
 use kvm_ioctls::VcpuFd;
 
 use super::error::{CpuError, kvm_err};
-use super::msrs::MSR_IA32_TSC;
+use super::msrs::{MSR_IA32_TSC, get_msrs};
 use super::state::VcpuState;
+
+/// How far a guest's TSC may read from the value just loaded before it counts as not kept.
+const TSC_KEPT_WITHIN_MS: u64 = 1000;
 
 /// Moves the TSC saved in `state` by `delta_ns` nanoseconds of host time (back if negative),
 /// at `khz` ticks per millisecond. A state without the TSC MSR is left as it is.
@@ -37,6 +40,35 @@ pub fn shift_saved_tsc(state: &mut VcpuState, delta_ns: i64, khz: u32) {
 /// Runs `vcpu`'s TSC at the host's current TSC frequency.
 pub fn use_host_tsc_rate(vcpu: &VcpuFd) -> Result<(), CpuError> {
     vcpu.set_tsc_khz(0).map_err(kvm_err("KVM_SET_TSC_KHZ"))
+}
+
+/// Reads `vcpu`'s TSC right after `state` was loaded into it (at `khz`) and warns when KVM did
+/// not keep the loaded value: some KVMs (seen: the paravirtualised `kvm_pvm` of the test
+/// machines) accept a guest TSC write and go on giving the guest the host's TSC. The guest's
+/// clock then jumps by the difference, back if this host's TSC is behind the saved one.
+/// Returns the jump in ms, if any.
+pub fn warn_if_tsc_not_kept(vcpu: &VcpuFd, state: &VcpuState, khz: u32) -> Option<i64> {
+    let loaded = state.msr(MSR_IA32_TSC)?;
+    let read = get_msrs(vcpu, &[MSR_IA32_TSC]).ok()?.first()?.data;
+    let jump_ms = tsc_jump_ms(loaded, read, khz)?;
+    log::warn!(
+        "KVM did not keep the guest's TSC: {loaded} loaded, {read} read back; the guest's clock \
+         jumps {} by {:.1} s",
+        if jump_ms < 0 { "back" } else { "forward" },
+        jump_ms.unsigned_abs() as f64 / 1000.0
+    );
+    Some(jump_ms)
+}
+
+/// The jump in ms (negative: back) from TSC value `loaded` to `read`, at `khz`, when it is
+/// beyond [`TSC_KEPT_WITHIN_MS`].
+fn tsc_jump_ms(loaded: u64, read: u64, khz: u32) -> Option<i64> {
+    if khz == 0 {
+        return None;
+    }
+    let ms = (i128::from(read) - i128::from(loaded)) / i128::from(khz);
+    let ms = i64::try_from(ms).unwrap_or(if ms < 0 { i64::MIN } else { i64::MAX });
+    (ms.unsigned_abs() > TSC_KEPT_WITHIN_MS).then_some(ms)
 }
 
 #[cfg(test)]
@@ -64,6 +96,32 @@ mod tests {
 
         assert_eq!(forward, 7_000_000);
         assert_eq!(state.msrs[0].data, 4_000_000);
+    }
+
+    #[test]
+    fn a_tsc_read_back_within_a_second_of_the_loaded_value_is_kept() {
+        // 2 GHz: 2,000,000 ticks per ms.
+        assert_eq!(
+            tsc_jump_ms(10_000_000_000, 10_000_000_000 + 2_000_000, 2_000_000),
+            None
+        );
+        assert_eq!(
+            tsc_jump_ms(10_000_000_000, 10_000_000_000 - 1_999_999_999, 2_000_000),
+            None
+        );
+    }
+
+    #[test]
+    fn a_tsc_read_back_far_from_the_loaded_value_is_a_jump_back_or_forward() {
+        assert_eq!(
+            tsc_jump_ms(40_000_000_000, 10_000_000_000, 2_000_000),
+            Some(-15_000)
+        );
+        assert_eq!(
+            tsc_jump_ms(10_000_000_000, 16_000_000_000, 2_000_000),
+            Some(3_000)
+        );
+        assert_eq!(tsc_jump_ms(u64::MAX, 0, 1), Some(i64::MIN));
     }
 
     #[test]

@@ -190,6 +190,7 @@ fn build_vcpu(
     mut state: VcpuState,
     paused_at_ns: u64,
 ) -> Result<(VcpuFd, VcpuSetup), VmError> {
+    let made_ahead = made.is_some();
     let (vcpu, given) = match made {
         Some(made) => made,
         None => (create_vcpu(vm_fd, index)?, None),
@@ -207,6 +208,10 @@ fn build_vcpu(
     let setup = state
         .restore_onto(&vcpu, given.as_ref())
         .map_err(|source| VmError::Vcpu { index, source })?;
+    // Not in a restart-mode pause (vCPUs made ahead): there the host, and its TSC, stay.
+    if index == 0 && !made_ahead {
+        cpu::warn_if_tsc_not_kept(&vcpu, &state, khz);
+    }
     Ok((vcpu, setup))
 }
 
