@@ -113,6 +113,14 @@ fn assert_runs_on(name: &str, vmm: &VmmProcess, skip: usize) {
         .collect();
 
     let context = format!("{name}: {statuses:?}\n{}", vmm.stderr());
+    // A host whose KVM does not keep a guest's TSC (the VMM warns) gives the guest the host's,
+    // behind the saved one on a host up for less time: each vCPU sees it go back once, and the
+    // probe carries on from there. Elsewhere it never goes back.
+    let tsc_not_kept = vmm
+        .stderr()
+        .lines()
+        .any(|l| l.contains("KVM did not keep the guest's TSC") && l.contains("jumps back"));
+    let tsc_back_at_most = if tsc_not_kept { 2 } else { 0 };
     assert!(
         !vmm.lines().iter().any(|l| l.contains("probe: start")),
         "the guest booted again: {context}"
@@ -125,9 +133,14 @@ fn assert_runs_on(name: &str, vmm: &VmmProcess, skip: usize) {
     for status in &statuses {
         assert_eq!(status.get("errors"), 0, "{context}");
         assert_eq!(status.get("blk_err"), 0, "{context}");
-        assert_eq!(status.get("tsc_back"), 0, "{context}");
+        assert!(status.get("tsc_back") <= tsc_back_at_most, "{context}");
         assert_eq!(status.get("cpus"), 2, "{context}");
     }
+    assert_eq!(
+        statuses[4].get("tsc_back"),
+        statuses[0].get("tsc_back"),
+        "the guest's TSC went back after the restore: {context}"
+    );
 }
 
 /// The probe with a disk, the virtio console and rng, exercised at boot (`virtio=1`).

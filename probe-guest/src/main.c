@@ -272,7 +272,7 @@ void probe_main(u32 start_info)
 		/* Between pages too (an empty slice has no chunks): echo latency is measured. */
 		if (io_poll_hook)
 			io_poll_hook();
-		if (now >= next_poll) {
+		if (due(now, next_poll, poll_ticks)) {
 			poll_input();
 			if (cfg.userdev)
 				userdev_poll();
@@ -280,7 +280,7 @@ void probe_main(u32 start_info)
 				hotplug_poll();
 			next_poll = now + poll_ticks;
 		}
-		if (now >= next_status) {
+		if (due(now, next_status, status_ticks)) {
 			print_mismatch();
 			if (cfg.blk_io)
 				blk_io_tick(tsc.khz);
@@ -292,7 +292,7 @@ void probe_main(u32 start_info)
 				vsock_tick();
 			print_status(++seq, now);
 			next_status += status_ticks;
-			if (next_status <= now)
+			if (due(now, next_status, status_ticks))
 				next_status = now + status_ticks;	/* after a long stall: no burst */
 			if (cfg.reboot_after && seq >= cfg.reboot_after)
 				do_reboot();

@@ -38,6 +38,16 @@ static inline u64 rdtsc(void)
 	return ((u64)hi << 32) | lo;
 }
 
+/*
+ * Whether deadline `next`, set at most `period` ticks ahead, is due at `now`. One further ahead
+ * was set before the TSC went back (a VM restored on a host whose KVM does not keep a guest's
+ * TSC): it is due at once, rather than when the old time comes round again.
+ */
+static inline bool due(u64 now, u64 next, u64 period)
+{
+	return now >= next || next - now > period;
+}
+
 static inline void cpu_relax(void)
 {
 	__asm__ volatile("pause" ::: "memory");

@@ -825,7 +825,7 @@ static void service(void)
 void vsock_poll(void)
 {
 	if (!up || (!vq_used_pending(&dev.q[VQ_RX]) && !vq_used_pending(&dev.q[VQ_TX]) &&
-		    rdtsc() < load_relaxed(&next_service)))
+		    !due(rdtsc(), load_relaxed(&next_service), ms_ticks(IDLE_SERVICE_MS))))
 		return;
 	if (__atomic_exchange_n(&busy, 1, __ATOMIC_ACQUIRE))
 		return;	/* another CPU (or an outer call) is at it */
