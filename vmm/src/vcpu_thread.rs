@@ -66,7 +66,7 @@ enum Request {
 
 /// Work a vCPU thread does on its own vCPU as it parks for a pause (see [`VcpuSet::pause_with`])
 /// or while it is parked (see [`VcpuSet::run_parked`]).
-pub type ParkHook = Arc<dyn Fn(u8, &VcpuFd) + Send + Sync>;
+pub type ParkHook = Arc<dyn Fn(u8, &mut VcpuFd) + Send + Sync>;
 
 /// Where a [`ParkedTask`]'s hook stands for one thread's vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -656,7 +656,7 @@ impl VcpuSet {
             if let Some(index) = ours {
                 drop(control);
                 if let (Some(vcpu), Ok(number)) = (self.vcpus.get(index), u8::try_from(index)) {
-                    hook(number, &lock(vcpu));
+                    hook(number, &mut lock(vcpu));
                 }
                 control = lock(m);
                 if let Some(task) = control.task.as_mut() {
@@ -823,7 +823,7 @@ impl Runner {
             if let Some(hook) = control.on_park.clone() {
                 // Outside the lock: the other threads run their hooks meanwhile.
                 drop(control);
-                hook(self.index, &lock(&self.vcpu));
+                hook(self.index, &mut lock(&self.vcpu));
                 control = lock(m);
             }
             control.parked += 1;
@@ -836,7 +836,7 @@ impl Runner {
                 if let Some(hook) = hook {
                     // Outside the lock: the other parked threads run it meanwhile.
                     drop(control);
-                    hook(self.index, &lock(&self.vcpu));
+                    hook(self.index, &mut lock(&self.vcpu));
                     control = lock(m);
                     if let Some(task) = control.task.as_mut() {
                         task.finish(index, true);
@@ -1090,7 +1090,7 @@ mod tests {
     fn recording_hook() -> (HookCalls, ParkHook) {
         let seen = HookCalls::default();
         let record = seen.clone();
-        let hook: ParkHook = Arc::new(move |index, vcpu: &VcpuFd| {
+        let hook: ParkHook = Arc::new(move |index, vcpu: &mut VcpuFd| {
             let thread = std::thread::current().name().map(String::from);
             lock(&record).push((index, thread, vcpu.get_regs().unwrap().rip));
         });
@@ -1213,7 +1213,7 @@ mod tests {
         let calls = Arc::new(AtomicU64::new(0));
 
         let counter = calls.clone();
-        set.pause_with(Arc::new(move |_, _: &VcpuFd| {
+        set.pause_with(Arc::new(move |_, _: &mut VcpuFd| {
             counter.fetch_add(1, Ordering::SeqCst);
         }));
 
@@ -1287,7 +1287,7 @@ mod tests {
         let calls = Arc::new(AtomicU64::new(0));
 
         let counter = calls.clone();
-        let ran = set.run_parked(Arc::new(move |_, _: &VcpuFd| {
+        let ran = set.run_parked(Arc::new(move |_, _: &mut VcpuFd| {
             counter.fetch_add(1, Ordering::SeqCst);
         }));
 

@@ -19,6 +19,7 @@ mod lapic;
 mod msrs;
 mod setup;
 mod state;
+mod synced;
 mod sys;
 #[cfg(test)]
 pub(crate) mod test_util;

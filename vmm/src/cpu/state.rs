@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{CpuError, kvm_err};
 use super::msrs::{self, MSR_IA32_TSC_DEADLINE};
-use super::sys;
+use super::{synced, sys};
 
 /// The state of one vCPU, as plain data. The kvm-bindings structs serialise as the kernel's
 /// bytes, so a newer kernel with longer structs still reads them (zero-padded).
@@ -86,22 +86,32 @@ pub struct VcpuSetup {
 impl VcpuState {
     /// Captures the state of a vCPU that is not running (paused or not yet started), reading
     /// the MSRs `msr_indices` (from [`super::supported_msrs_cached`]).
-    pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, CpuError> {
+    pub fn save(vcpu: &mut VcpuFd, msr_indices: &[u32]) -> Result<Self, CpuError> {
         Self::save_given(vcpu, msr_indices, None)
     }
 
     /// [`Self::save`] of a vCPU given `setup` before it first ran, which the state then
     /// carries instead of what KVM would report (see [`VcpuSetup`]); `None`: asks KVM.
     pub fn save_given(
-        vcpu: &VcpuFd,
+        vcpu: &mut VcpuFd,
         msr_indices: &[u32],
         setup: Option<&VcpuSetup>,
     ) -> Result<Self, CpuError> {
         // MP state first: KVM_GET_MP_STATE makes KVM process a pending INIT or SIPI, which
         // rewrites registers; everything read after it is consistent with it.
         let mp_state = vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
-        let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        // The events are read with the registers: neither changes while the vCPU is out of
+        // the guest (reading the LAPIC and MSRs changes no event).
+        let (regs, sregs, vcpu_events) = match synced::read(vcpu) {
+            Some(read) => read,
+            None => (
+                vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+                vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+                vcpu.get_vcpu_events()
+                    .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            ),
+        };
+        let vcpu = &*vcpu;
         let fpu = save_fpu(vcpu)?;
         let xcrs = match fpu {
             FpuState::Xsave(_) => {
@@ -126,9 +136,6 @@ impl VcpuState {
                 vcpu.get_tsc_khz().ok(),
             ),
         };
-        let vcpu_events = vcpu
-            .get_vcpu_events()
-            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         Ok(Self {
             cpuid,
             tsc_khz,
@@ -205,14 +212,12 @@ impl VcpuState {
         //    TSC_DEADLINE write unless the LVT timer is already in TSC-deadline mode.
         vcpu.set_lapic(&self.lapic)
             .map_err(kvm_err("KVM_SET_LAPIC"))?;
-        // 7. MSRs, TSC included; 8. TSC_DEADLINE alone afterwards, because the deadline is
-        //    compared with the guest TSC, which must already hold its restored value.
-        let (deadline, others): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) = self
-            .msrs
-            .iter()
-            .partition(|e| e.index == MSR_IA32_TSC_DEADLINE);
-        msrs::set_msrs(vcpu, &others)?;
-        msrs::set_msrs(vcpu, &deadline)?;
+        // 7. MSRs, TSC included; 8. TSC_DEADLINE after them, because the deadline is compared
+        //    with the guest TSC, which must already hold its restored value. One call: KVM
+        //    writes the entries in their order.
+        let mut in_order = self.msrs.clone();
+        in_order.sort_by_key(|e| e.index == MSR_IA32_TSC_DEADLINE);
+        msrs::set_msrs(vcpu, &in_order)?;
         // 9. Events last, as explained in steps 3 and 4. KVM_GET_VCPU_EVENTS does not flag the
         //    SIPI vector as valid; we do, so a vCPU caught between INIT and SIPI keeps it.
         let mut events = self.vcpu_events;
@@ -365,7 +370,7 @@ mod tests {
     /// A configured vCPU 0 with a distinctive value in each part of its state, set to run
     /// [`GUEST_CODE`] in real mode. Returns its state.
     fn distinctive_state(kvm: &kvm_ioctls::Kvm, vm: &VmFd) -> VcpuState {
-        let vcpu = test_util::vcpu(kvm, vm, 0, 1);
+        let mut vcpu = test_util::vcpu(kvm, vm, 0, 1);
         let mut regs = vcpu.get_regs().unwrap();
         regs.rax = 0x1234_5678_9abc_def0;
         regs.rbx = 0xfeed;
@@ -404,7 +409,7 @@ mod tests {
         vcpu.set_vcpu_events(&events).unwrap();
 
         let indices = supported_msrs_cached(kvm, &vcpu).unwrap();
-        VcpuState::save(&vcpu, indices).unwrap()
+        VcpuState::save(&mut vcpu, indices).unwrap()
     }
 
     /// The state without the TSC, which keeps counting between two saves.
@@ -419,11 +424,11 @@ mod tests {
         let kvm = test_util::kvm();
         let saved = distinctive_state(&kvm, &test_util::vm(&kvm));
         let vm = test_util::vm(&kvm);
-        let fresh = vm.create_vcpu(0).unwrap();
+        let mut fresh = vm.create_vcpu(0).unwrap();
 
         saved.restore(&fresh).unwrap();
-        let resaved =
-            VcpuState::save(&fresh, supported_msrs_cached(&kvm, &fresh).unwrap()).unwrap();
+        let msrs = supported_msrs_cached(&kvm, &fresh).unwrap();
+        let resaved = VcpuState::save(&mut fresh, msrs).unwrap();
 
         assert_eq!(without_tsc(&resaved), without_tsc(&saved));
         assert!(resaved.msr(MSR_IA32_TSC) >= saved.msr(MSR_IA32_TSC));
@@ -477,11 +482,11 @@ mod tests {
     #[test]
     fn a_save_carries_the_cpuid_and_tsc_rate_given_and_restores_as_one_that_asked_kvm() {
         let kvm = test_util::kvm();
-        let (vcpu, setup) = vcpu_with_xsave_on(&kvm, &test_util::vm(&kvm));
+        let (mut vcpu, setup) = vcpu_with_xsave_on(&kvm, &test_util::vm(&kvm));
         let msrs = supported_msrs_cached(&kvm, &vcpu).unwrap();
 
-        let given = VcpuState::save_given(&vcpu, msrs, Some(&setup)).unwrap();
-        let asked = VcpuState::save(&vcpu, msrs).unwrap();
+        let given = VcpuState::save_given(&mut vcpu, msrs, Some(&setup)).unwrap();
+        let asked = VcpuState::save(&mut vcpu, msrs).unwrap();
 
         assert_eq!(given.cpuid, setup.cpuid);
         assert_eq!(given.tsc_khz, setup.tsc_khz);
@@ -499,9 +504,9 @@ mod tests {
     #[test]
     fn a_vcpu_given_its_cpuid_ahead_restores_as_a_fresh_one_and_another_table_is_replaced() {
         let kvm = test_util::kvm();
-        let (vcpu, setup) = vcpu_with_xsave_on(&kvm, &test_util::vm(&kvm));
+        let (mut vcpu, setup) = vcpu_with_xsave_on(&kvm, &test_util::vm(&kvm));
         let msrs = supported_msrs_cached(&kvm, &vcpu).unwrap();
-        let state = VcpuState::save_given(&vcpu, msrs, Some(&setup)).unwrap();
+        let state = VcpuState::save_given(&mut vcpu, msrs, Some(&setup)).unwrap();
         let supported = crate::cpu::supported_cpuid(&kvm).unwrap();
         let other_topology = crate::cpu::boot_cpuid(&supported, 0, 2).unwrap();
         assert_ne!(other_topology, setup.cpuid);

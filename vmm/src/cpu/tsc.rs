@@ -79,8 +79,8 @@ mod tests {
     fn state_with_tsc(tsc: u64) -> VcpuState {
         let kvm = kvm();
         let vm = vm(&kvm);
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut state = VcpuState::save(&vcpu, &[MSR_IA32_TSC]).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut state = VcpuState::save(&mut vcpu, &[MSR_IA32_TSC]).unwrap();
         state.msrs[0].data = tsc;
         state
     }

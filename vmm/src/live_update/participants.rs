@@ -355,7 +355,7 @@ impl Participant for VcpuParticipant<'_> {
         let saved = match self.saves.take(self.index) {
             Some(saved) => saved,
             None => ParkedSave {
-                state: VcpuState::save(&lock(vcpu), self.msrs),
+                state: VcpuState::save(&mut lock(vcpu), self.msrs),
                 tsc_read_at_ns: realtime_ns(),
             },
         };
