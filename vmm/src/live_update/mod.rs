@@ -233,7 +233,7 @@ pub fn run_outgoing(
     let held_back = HeldBack::default();
     let session =
         AgentSession::new(client.clone(), name).holding_back(STATE_TOKEN, held_back.clone());
-    let state_file = sys::memfd_create(c"liveupdate-state").map_err(LiveUpdateError::StateFile)?;
+    let state_file = state_memfd().map_err(LiveUpdateError::StateFile)?;
     // Kernel mode: the pause lasts until the kexec, so there must be a next kernel to go to.
     // Restart mode: a successor started ahead builds its VM on the preserved RAM meanwhile.
     let mut stopped = None;
@@ -653,7 +653,42 @@ pub fn wait_released(agent: &Mutex<AgentClient>, name: &str) {
     }
 }
 
-/// Creates the empty memfd the state blob is written into.
+/// Pages given to the state memfd before the pause: a blob of 4 vCPUs and a few devices is
+/// about 32 KiB, and a larger one only has its rest allocated by the write.
+const STATE_FILE_ROOM: u64 = 256 << 10;
+
+/// Creates the empty memfd the state blob is written into, its first pages allocated already:
+/// the write in the pause then only copies (allocating them there took 20-30 us).
 pub fn state_memfd() -> std::io::Result<File> {
-    sys::memfd_create(c"liveupdate-state")
+    let file = sys::memfd_create(c"liveupdate-state")?;
+    if let Err(e) = sys::reserve_pages(&file, STATE_FILE_ROOM) {
+        log::debug!("Cannot allocate the state file's pages ahead: {e}");
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn the_state_file_is_empty_with_its_pages_allocated_and_a_write_sets_its_size() {
+        let mut file = state_memfd().unwrap();
+
+        let before = file.metadata().unwrap();
+        file.write_all(&[7; 5000]).unwrap();
+        let after = file.metadata().unwrap();
+
+        assert_eq!(before.len(), 0);
+        assert!(
+            before.blocks() * 512 >= STATE_FILE_ROOM,
+            "{} blocks",
+            before.blocks()
+        );
+        assert_eq!(after.len(), 5000);
+        assert_eq!(after.blocks(), before.blocks());
+    }
 }

@@ -29,6 +29,26 @@ pub fn memfd_create(name: &CStr) -> io::Result<File> {
     Ok(File::from(owned))
 }
 
+/// Gives `file` (a shmem file) its pages for the first `len` bytes ahead of a write, without
+/// changing its size (`fallocate(2)` with `FALLOC_FL_KEEP_SIZE`).
+pub fn reserve_pages(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `file` is an open descriptor for the call's length; fallocate reads no memory of
+    // ours, and its return value is checked.
+    let ret = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Registers every region of `mem` as a KVM memory slot, slot `i` for region `i`.
 pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), kvm_ioctls::Error> {
     for (slot, region) in (0u32..).zip(mem.iter()) {
