@@ -215,6 +215,30 @@ mod tests {
     }
 
     #[test]
+    fn a_resumed_sessions_files_are_left_for_the_server_to_close_after_its_answer() {
+        let (mut state, _provider) = restart_state();
+        ok(&mut state, create("vm"), OWNER, None);
+        ok(&mut state, handover("vm"), OWNER, None);
+        ok(&mut state, retrieve("vm"), OWNER, None);
+        let before = state.take_released().len();
+
+        ok(
+            &mut state,
+            Request::Resumed {
+                name: name("vm"),
+                pid: 77,
+            },
+            OWNER,
+            None,
+        );
+
+        assert_eq!(before, 0);
+        assert!(!state.holds("vm"));
+        assert_eq!(state.take_released().len(), 1);
+        assert!(state.take_released().is_empty());
+    }
+
+    #[test]
     fn a_resumed_session_is_released_refused_as_stale_and_its_finish_still_accepted() {
         let (mut state, provider) = restart_state();
         ok(&mut state, create("vm"), OWNER, None);

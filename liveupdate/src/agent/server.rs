@@ -519,13 +519,14 @@ impl Shared {
     }
 
     /// Handles one request; `wait_handover` and `wait_successor` first wait, without holding
-    /// the state, until what they wait for happens or the wait times out.
+    /// the state, until what they wait for happens or the wait times out. With `Later::Wake`
+    /// the caller calls [`Shared::after_reply`] once the answer is sent.
     fn handle(
         &self,
         request: Request,
         uid: u32,
         fd: Option<OwnedFd>,
-    ) -> (Response, Option<OwnedFd>) {
+    ) -> (Response, Option<OwnedFd>, Later) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         super::faults::before(&request, &state);
         if let Request::Kexec {
@@ -541,7 +542,11 @@ impl Shared {
                 initrd,
                 cmdline,
             };
-            return (self.kexec(state, uid, &image, &sessions, timeout_ms), None);
+            return (
+                self.kexec(state, uid, &image, &sessions, timeout_ms),
+                None,
+                Later::Nothing,
+            );
         }
         let kernel_handover = match &request {
             Request::Handover { name } | Request::PreserveAndHandover { name, .. }
@@ -612,16 +617,37 @@ impl Shared {
         // every request all the same: a retrieve records the file it took from the session, and
         // any request may drop sessions whose creator died.
         let wakes = may_wake_waiters(&request);
+        // A successor's guest waits for the answer to its `resumed`: the waiters wake, and the
+        // session's files close, after it. The fd store follows first, as for every request.
+        let answer_first = matches!(request, Request::Resumed { .. });
         let answer = state.handle(request, uid, fd);
-        if wakes {
+        if wakes && !answer_first {
             self.after_change(&state);
         } else {
             self.sync_store(&state);
         }
+        let later = if answer_first {
+            Later::Wake
+        } else {
+            Later::Nothing
+        };
         match (kernel_handover, answer) {
-            (Some(name), (Response::Ok, None)) => (self.hold_handover(state, &name), None),
-            (_, answer) => answer,
+            (Some(name), (Response::Ok, None)) => {
+                (self.hold_handover(state, &name), None, Later::Nothing)
+            }
+            (_, (response, fd)) => (response, fd, later),
         }
+    }
+
+    /// What a `resumed` left for after its answer: wakes the waiters and closes the released
+    /// sessions' files (outside the state's lock).
+    fn after_reply(&self) {
+        let released = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            self.changed.notify_all();
+            state.take_released()
+        };
+        drop(released);
     }
 
     /// Kernel mode: holds the reply to the frozen session `name`'s `handover` until the kexec
@@ -723,6 +749,14 @@ fn may_wake_waiters(request: &Request) -> bool {
     )
 }
 
+/// What [`Shared::handle`] leaves for after the answer is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Later {
+    Nothing,
+    /// Call [`Shared::after_reply`].
+    Wake,
+}
+
 fn serve_connection(stream: &UnixStream, state: &Shared) {
     let uid = match sys::peer_uid(stream) {
         Ok(uid) => uid,
@@ -752,7 +786,7 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
                 break;
             }
         };
-        let (response, fd) = match protocol::decode_body::<Request>(&received.body) {
+        let (response, fd, later) = match protocol::decode_body::<Request>(&received.body) {
             Ok(Request::Upgrade { mode }) => match state.upgrade(stream, uid, &mode) {
                 // Every session is with the new agent; this one exits.
                 Ok(true) => return,
@@ -781,11 +815,15 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
                 (
                     Response::Error(WireError::new(ErrorKind::BadRequest, message)),
                     None,
+                    Later::Nothing,
                 )
             }
         };
-        if let Err(e) = protocol::send(stream, &response, fd.as_ref().map(std::os::fd::AsFd::as_fd))
-        {
+        let sent = protocol::send(stream, &response, fd.as_ref().map(std::os::fd::AsFd::as_fd));
+        if later == Later::Wake {
+            state.after_reply();
+        }
+        if let Err(e) = sent {
             warn!("cannot reply to uid {uid}: {e}");
             break;
         }
