@@ -53,6 +53,7 @@
 
 # shellcheck source=guest/vfio/lib.sh
 . /lib/vfio-stage.sh
+keep_alive NET-E2E
 
 work=/tmp/net
 tap=chvnet0
