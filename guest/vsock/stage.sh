@@ -39,6 +39,7 @@
 
 # shellcheck source=guest/vfio/lib.sh
 . /lib/vfio-stage.sh
+keep_alive VSOCK-E2E
 
 work=/tmp/vs
 sock=$work/v.sock
@@ -139,8 +140,13 @@ wait_gone() {
 }
 
 # Word $2 (1-based) of progress file $1 ("<sent> <echoed>" or "<bytes>"), 0 when absent.
+# vsock-tool rewrites the file (truncate, then write): an empty read is that moment, read again.
 progress() {
-    pr=$(cut -d' ' -f"$2" "$1" 2>/dev/null)
+    for _ in 1 2 3 4 5; do
+        pr=$(cut -d' ' -f"$2" "$1" 2>/dev/null)
+        [ -n "$pr" ] || [ ! -e "$1" ] && break
+        sleep 0.01
+    done
     echo "${pr:-0}"
 }
 
