@@ -140,13 +140,8 @@ wait_gone() {
 }
 
 # Word $2 (1-based) of progress file $1 ("<sent> <echoed>" or "<bytes>"), 0 when absent.
-# vsock-tool rewrites the file (truncate, then write): an empty read is that moment, read again.
 progress() {
-    for _ in 1 2 3 4 5; do
-        pr=$(cut -d' ' -f"$2" "$1" 2>/dev/null)
-        [ -n "$pr" ] || [ ! -e "$1" ] && break
-        sleep 0.01
-    done
+    pr=$(cut -d' ' -f"$2" "$1" 2>/dev/null)
     echo "${pr:-0}"
 }
 

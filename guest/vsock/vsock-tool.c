@@ -115,7 +115,9 @@ static void progress(uint64_t a, uint64_t b, int two)
         return;
     n = two ? snprintf(line, sizeof line, "%llu %llu\n", (unsigned long long)a, (unsigned long long)b)
             : snprintf(line, sizeof line, "%llu\n", (unsigned long long)a);
-    if (ftruncate(progress_fd, 0) == 0 && pwrite(progress_fd, line, n, 0) < 0)
+    /* Written over the old line, then cut to it: a reader never finds the file empty (the
+     * counts only grow, so the cut is a no-op but for a shorter line). */
+    if (pwrite(progress_fd, line, n, 0) < 0 || ftruncate(progress_fd, n) != 0)
         progress_fd = -1;
 }
 
