@@ -619,18 +619,17 @@ impl Shared {
         let wakes = may_wake_waiters(&request);
         // A successor's guest waits for the answer to its `resumed`: the waiters wake, and the
         // session's files close, after it. The fd store follows first, as for every request.
-        let answer_first = matches!(request, Request::Resumed { .. });
-        let answer = state.handle(request, uid, fd);
-        if wakes && !answer_first {
-            self.after_change(&state);
-        } else {
-            self.sync_store(&state);
-        }
-        let later = if answer_first {
+        let later = if matches!(request, Request::Resumed { .. }) {
             Later::Wake
         } else {
             Later::Nothing
         };
+        let answer = state.handle(request, uid, fd);
+        if wakes && later == Later::Nothing {
+            self.after_change(&state);
+        } else {
+            self.sync_store(&state);
+        }
         match (kernel_handover, answer) {
             (Some(name), (Response::Ok, None)) => {
                 (self.hold_handover(state, &name), None, Later::Nothing)

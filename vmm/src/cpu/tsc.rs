@@ -46,18 +46,25 @@ pub fn use_host_tsc_rate(vcpu: &VcpuFd) -> Result<(), CpuError> {
 /// not keep the loaded value: some KVMs (seen: the paravirtualised `kvm_pvm` of the test
 /// machines) accept a guest TSC write and go on giving the guest the host's TSC. The guest's
 /// clock then jumps by the difference, back if this host's TSC is behind the saved one.
-/// Returns the jump in ms, if any.
-pub fn warn_if_tsc_not_kept(vcpu: &VcpuFd, state: &VcpuState, khz: u32) -> Option<i64> {
-    let loaded = state.msr(MSR_IA32_TSC)?;
-    let read = get_msrs(vcpu, &[MSR_IA32_TSC]).ok()?.first()?.data;
-    let jump_ms = tsc_jump_ms(loaded, read, khz)?;
+pub fn warn_if_tsc_not_kept(vcpu: &VcpuFd, state: &VcpuState, khz: u32) {
+    let Some(loaded) = state.msr(MSR_IA32_TSC) else {
+        return;
+    };
+    let Some(read) = get_msrs(vcpu, &[MSR_IA32_TSC])
+        .ok()
+        .and_then(|read| read.first().map(|entry| entry.data))
+    else {
+        return;
+    };
+    let Some(jump_ms) = tsc_jump_ms(loaded, read, khz) else {
+        return;
+    };
     log::warn!(
         "KVM did not keep the guest's TSC: {loaded} loaded, {read} read back; the guest's clock \
          jumps {} by {:.1} s",
         if jump_ms < 0 { "back" } else { "forward" },
         jump_ms.unsigned_abs() as f64 / 1000.0
     );
-    Some(jump_ms)
 }
 
 /// The jump in ms (negative: back) from TSC value `loaded` to `read`, at `khz`, when it is
