@@ -8,11 +8,11 @@ now() { cut -d' ' -f1 /proc/uptime; }
 elapsed_over() { awk -v a="$1" -v b="$(now)" -v t="$2" 'BEGIN { exit !(b - a > t) }'; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# Prints "$1 alive at <uptime> s" every 20 s, in the background, until the test bed ends. A
+# Prints "$1 alive at <uptime> s" every 5 s, in the background, until the test bed ends. A
 # stage's waits may be silent for up to 120 s before they report; with this line, a console
 # silent for scripts/testbed's --stall (TESTBED_LINUX_STAGE_STALL) means the test bed stopped.
 keep_alive() {
-    (while sleep 20; do echo "$1 alive at $(now) s"; done) &
+    (while sleep 5; do echo "$1 alive at $(now) s"; done) &
 }
 
 # Types line $1 into the console of the current VMM: the FIFO $console_in, the stdin of pid

@@ -7,12 +7,12 @@
 TESTBED_ERROR=TESTBED-ERROR
 
 # `scripts/testbed --stall` for the Linux-guest stages of scripts/test-nested-net and
-# scripts/test-nested-vsock: they print a line every 20 s whatever they wait for (`keep_alive`,
-# guest/vfio/lib.sh; the longest silence of a passing run is about 12 s), so a console silent for
-# 60 s means the test bed itself stopped (docs/testbed.md, "A silent test bed"); the slow tests
-# count that as a crash of the test bed and run the script again.
+# scripts/test-nested-vsock: they print a line every 5 s whatever they wait for (`keep_alive`,
+# guest/vfio/lib.sh), so a console silent for 30 s means the test bed itself stopped
+# (docs/testbed.md, "A silent test bed"); the slow tests count that as a crash of the test bed
+# and run the script again.
 # shellcheck disable=SC2034
-TESTBED_LINUX_STAGE_STALL=60
+TESTBED_LINUX_STAGE_STALL=30
 
 # Write the outer /init into STAGE ($1). It mounts the basics, checks /dev/kvm (unless the
 # command line has testbed_no_kvm=1: a stage that runs no VM, e.g. after a kexec into a kernel
