@@ -151,6 +151,31 @@ impl VcpuState {
         })
     }
 
+    /// Brings this state, saved from `vcpu` as its thread left the guest while other vCPUs and
+    /// devices still ran, up to date once they have all stopped. Outside the guest a vCPU's
+    /// registers, FPU, debug registers and MSRs change only by its own `KVM_RUN`; what others
+    /// change is read again: the LAPIC (interrupts delivered to it), the pending events (NMIs,
+    /// SMIs) and the MP state. An INIT or SIPI from another vCPU shows as a new MP state (KVM
+    /// applies it as the MP state is read, rewriting the registers): then everything is read
+    /// again, and this returns true (the TSC was read anew too).
+    pub fn refresh_after_pause(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        msr_indices: &[u32],
+        setup: Option<&VcpuSetup>,
+    ) -> Result<bool, CpuError> {
+        let mp_state = vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
+        if mp_state != self.mp_state {
+            *self = Self::save_given(vcpu, msr_indices, setup)?;
+            return Ok(true);
+        }
+        self.vcpu_events = vcpu
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        self.lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        Ok(false)
+    }
+
     /// Loads this state into `vcpu`, a fresh vCPU (created, never run) with the same id in a
     /// VM that has the in-kernel irqchip. Do not call [`super::configure_vcpu`] before it.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), CpuError> {
@@ -517,6 +542,61 @@ mod tests {
 
         assert_eq!(same_ahead, from_scratch);
         assert_eq!(other_ahead, from_scratch);
+    }
+
+    /// vCPU 0 of a fresh VM with a distinctive state, and that state as saved.
+    fn saved_vcpu(kvm: &kvm_ioctls::Kvm, vm: &VmFd) -> (VcpuFd, VcpuState, &'static [u32]) {
+        let saved = distinctive_state(kvm, &test_util::vm(kvm));
+        let vcpu = vm.create_vcpu(0).unwrap();
+        saved.restore(&vcpu).unwrap();
+        let msrs = supported_msrs_cached(kvm, &vcpu).unwrap();
+        (vcpu, saved, msrs)
+    }
+
+    #[test]
+    fn a_refresh_after_the_pause_reads_the_nmi_and_lapic_others_gave_the_parked_vcpu() {
+        let kvm = test_util::kvm();
+        let vm = test_util::vm(&kvm);
+        let (mut vcpu, _, msrs) = saved_vcpu(&kvm, &vm);
+        let mut state = VcpuState::save(&mut vcpu, msrs).unwrap();
+        assert_eq!(state.vcpu_events.nmi.pending, 0);
+
+        // Another vCPU's NMI and a device's interrupt reach the parked vCPU.
+        vcpu.nmi().unwrap();
+        let mut lapic = vcpu.get_lapic().unwrap();
+        let irr = lapic_register(&lapic, 0x210) | 1 << 4;
+        set_lapic_register(&mut lapic, 0x210, irr);
+        vcpu.set_lapic(&lapic).unwrap();
+        let read_again = state.refresh_after_pause(&mut vcpu, msrs, None).unwrap();
+
+        assert!(!read_again);
+        assert_eq!(state.vcpu_events.nmi.pending, 1);
+        assert_eq!(lapic_register(&state.lapic, 0x210) & 1 << 4, 1 << 4);
+        assert_eq!(
+            without_tsc(&state),
+            without_tsc(&VcpuState::save(&mut vcpu, msrs).unwrap())
+        );
+    }
+
+    #[test]
+    fn a_vcpu_whose_mp_state_changed_after_its_save_is_read_again_whole() {
+        let kvm = test_util::kvm();
+        let vm = test_util::vm(&kvm);
+        let (mut vcpu, _, msrs) = saved_vcpu(&kvm, &vm);
+        let mut state = VcpuState::save(&mut vcpu, msrs).unwrap();
+
+        // As an INIT does: a new MP state, and registers rewritten with it.
+        let mut mp_state = state.mp_state;
+        mp_state.mp_state = kvm_bindings::KVM_MP_STATE_HALTED;
+        vcpu.set_mp_state(mp_state).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rax = 0x5150;
+        vcpu.set_regs(&regs).unwrap();
+        let read_again = state.refresh_after_pause(&mut vcpu, msrs, None).unwrap();
+
+        assert!(read_again);
+        assert_eq!(state.mp_state.mp_state, kvm_bindings::KVM_MP_STATE_HALTED);
+        assert_eq!(state.regs.rax, 0x5150);
     }
 
     #[test]

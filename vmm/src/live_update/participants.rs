@@ -211,16 +211,28 @@ impl VcpuSaves {
     fn take(&self, index: usize) -> Option<ParkedSave> {
         self.parked.get(index).and_then(|slot| lock(slot).take())
     }
+
+    /// Forgets the stamps and saves of an earlier pause.
+    fn clear(&self) {
+        for stamp in &self.stopped_at_ns {
+            stamp.store(0, Ordering::SeqCst);
+        }
+        for slot in &self.parked {
+            *lock(slot) = None;
+        }
+    }
 }
 
-/// The vCPU set: pausing it starts the guest-visible pause. Its save has the parked vCPU
-/// threads, and this thread with them, save the vCPUs side by side (not one after the other),
-/// which each vCPU's participant ([`VcpuParticipant`]) then hands in.
+/// The vCPU set: pausing it starts the guest-visible pause. Each vCPU thread saves its vCPU as
+/// it parks, beside the others still stopping; the set's save then has the parked threads, and
+/// this thread with them, read again side by side what others can change in a parked vCPU (see
+/// [`VcpuState::refresh_after_pause`]), which each vCPU's participant ([`VcpuParticipant`])
+/// then hands in.
 ///
-/// The vCPUs are saved only then, once every participant has paused: until the devices'
-/// queue workers have stopped and outside devices' interrupts are detached, an interrupt may
-/// still reach a LAPIC, and one that came after its LAPIC was saved would be lost to the
-/// guest (a queue that never hears of its used buffers stalls).
+/// That part is read only then, once every participant has paused: until the devices' queue
+/// workers have stopped and outside devices' interrupts are detached, an interrupt may still
+/// reach a LAPIC, and one that came after its LAPIC was saved would be lost to the guest (a
+/// queue that never hears of its used buffers stalls).
 #[derive(Debug)]
 pub struct VcpusParticipant<'a> {
     set: &'a VcpuSet,
@@ -263,10 +275,23 @@ impl Participant for VcpusParticipant<'_> {
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
         self.was_running = self.set.is_running();
-        let saves = self.saves.clone();
-        self.set.pause_with(Arc::new(move |index, _| {
-            if let Some(stamp) = saves.stopped_at_ns.get(usize::from(index)) {
+        // Nothing of an earlier pause (one cancelled) may pass for this one's.
+        self.saves.clear();
+        let (saves, msrs, setups) = (self.saves.clone(), self.msrs, self.setups.clone());
+        self.set.pause_with(Arc::new(move |index, vcpu| {
+            let index = usize::from(index);
+            if let Some(stamp) = saves.stopped_at_ns.get(index) {
                 stamp.store(realtime_ns(), Ordering::SeqCst);
+            }
+            // Saved as it parks, beside the other vCPUs still stopping: the save then only
+            // reads again what others may change meanwhile.
+            let state = VcpuState::save_given(vcpu, msrs, setups.get(index));
+            let save = ParkedSave {
+                state,
+                tsc_read_at_ns: realtime_ns(),
+            };
+            if let Some(slot) = saves.parked.get(index) {
+                *lock(slot) = Some(save);
             }
         }));
         // The pause starts once every vCPU has stopped: the last thread's stamp, or now when
@@ -288,12 +313,29 @@ impl Participant for VcpusParticipant<'_> {
         // Every participant has paused: no interrupt can reach a LAPIC any more.
         let (saves, msrs, setups) = (self.saves.clone(), self.msrs, self.setups.clone());
         self.set.run_parked(Arc::new(move |index, vcpu| {
-            let state = VcpuState::save_given(vcpu, msrs, setups.get(usize::from(index)));
-            let save = ParkedSave {
-                state,
-                tsc_read_at_ns: realtime_ns(),
+            let index = usize::from(index);
+            let setup = setups.get(index);
+            let save = match saves.take(index) {
+                Some(ParkedSave {
+                    state: Ok(mut state),
+                    tsc_read_at_ns,
+                }) => {
+                    let refreshed = state.refresh_after_pause(vcpu, msrs, setup);
+                    ParkedSave {
+                        tsc_read_at_ns: match refreshed {
+                            Ok(true) => realtime_ns(),
+                            _ => tsc_read_at_ns,
+                        },
+                        state: refreshed.map(|_| state),
+                    }
+                }
+                // Parked before this pause (a VM paused by its user), or its save failed.
+                _ => ParkedSave {
+                    state: VcpuState::save_given(vcpu, msrs, setup),
+                    tsc_read_at_ns: realtime_ns(),
+                },
             };
-            if let Some(slot) = saves.parked.get(usize::from(index)) {
+            if let Some(slot) = saves.parked.get(index) {
                 *lock(slot) = Some(save);
             }
         }));
@@ -618,5 +660,28 @@ mod tests {
         );
         assert_eq!(set_state.count, 1);
         assert_ne!(set_state.paused_at_ns, 0);
+    }
+
+    #[test]
+    fn an_nmi_sent_between_the_vcpus_stopping_and_the_save_is_in_the_saved_events() {
+        // Arrange: the vCPU runs (halted in the guest) until the update pauses it, and its
+        // thread saves it as it parks.
+        let guest = HaltedGuest::start();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let saves = VcpuSaves::new(1);
+        let mut vcpus = VcpusParticipant::new(&guest.set, MSRS, Arc::new([]), saves.clone());
+        let mut vcpu0 = VcpuParticipant::new(&guest.set, 0, MSRS, saves);
+        let mut provider = EmulatedProvider::new();
+        let mut session = provider.create_session("vm").unwrap();
+        let mut files = FileSink::new(session.as_mut());
+
+        // Act: another vCPU, stopping later, sends it an NMI; then everything is saved.
+        vcpus.pause().unwrap();
+        lock(&guest.set.vcpus()[0]).nmi().unwrap();
+        vcpus.save(&mut files).unwrap();
+        let state = vcpu0.save(&mut files).unwrap();
+
+        // Assert: the NMI waits in the saved state for the successor's vCPU.
+        assert_eq!(state.vcpu_events.nmi.pending, 1, "the NMI is lost");
     }
 }
