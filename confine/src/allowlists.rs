@@ -99,6 +99,9 @@ const VCPU: &[Allow] = &[
     // A VM handed over to a successor is torn down at the lowest priority, its ending vCPU
     // threads too, beside the successor's restore (the control loop's list takes this one).
     Any(libc::SYS_setpriority),
+    // A successor's vCPU thread loads its vCPU off the restoring thread's CPU, then takes back
+    // its own CPU set (the control loop's list takes this one to move them).
+    Any(libc::SYS_sched_setaffinity),
 ];
 
 /// The API server: accepts clients (with fds as `SCM_RIGHTS`), starts a thread per connection,
@@ -162,6 +165,8 @@ const VMM: &[Allow] = &[
     // started meanwhile do not inherit.
     Any(libc::SYS_getpriority),
     Any(libc::SYS_sched_setscheduler),
+    // Which CPU the restoring thread is on, to keep the vCPU loads off it.
+    Any(libc::SYS_getcpu),
     Any(libc::SYS_open),
     Any(libc::SYS_openat),
     Any(libc::SYS_stat),

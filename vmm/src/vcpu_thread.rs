@@ -30,6 +30,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, error, warn};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use crate::sys;
+
 /// What a vCPU thread reports to the control loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuEvent {
@@ -168,6 +170,11 @@ pub enum BuildError<E> {
 struct Slot<E> {
     made: Option<VcpuFd>,
     builder: Option<VcpuBuilder<E>>,
+    /// The kernel's id of its thread, once started.
+    tid: Option<i32>,
+    /// The CPUs its thread may run on, while it is kept off the builder's CPU
+    /// ([`IdleVcpus::build`]): the thread takes them back once through with its builder.
+    own_cpus: Option<sys::CpuSet>,
 }
 
 /// The slots of a set's vCPUs, by index: each builder is run once, by its own thread or by
@@ -180,6 +187,43 @@ fn take_job<E>(slots: &Slots<E>, index: usize) -> Option<(VcpuBuilder<E>, Option
     let slot = slots.get_mut(index)?;
     let builder = slot.builder.take()?;
     Some((builder, slot.made.take()))
+}
+
+/// Keeps the threads of `slots` off the calling thread's CPU until each is through with its
+/// builder. The caller builds the devices meanwhile, and takes the builders the threads have
+/// not started when it is done: the scheduler would otherwise often queue the woken threads
+/// behind it, on its CPU, while another CPU idles (seen on a 2-CPU host: four vCPU loads one
+/// after the other, 0.3 ms, instead of beside the devices). Threads that may run only here
+/// stay as they are.
+fn keep_off_this_cpu<E>(slots: &Slots<E>) {
+    let Some(here) = sys::current_cpu() else {
+        return;
+    };
+    for slot in lock(slots).iter_mut() {
+        let Some(tid) = slot.tid else { continue };
+        let Ok(own) = sys::thread_cpus(tid) else {
+            continue;
+        };
+        let Some(elsewhere) = own.without(here) else {
+            continue;
+        };
+        match sys::set_thread_cpus(tid, &elsewhere) {
+            Ok(()) => slot.own_cpus = Some(own),
+            Err(e) => debug!("vCPU thread {tid} stays on every CPU it had: {e}"),
+        }
+    }
+}
+
+/// Gives vCPU thread `index` (the caller) back the CPUs [`keep_off_this_cpu`] took from it.
+fn take_back_own_cpus<E>(slots: &Slots<E>, index: u8) {
+    let own = lock(slots)
+        .get_mut(usize::from(index))
+        .and_then(|slot| slot.own_cpus.take());
+    if let Some(own) = own
+        && let Err(e) = sys::set_thread_cpus(0, &own)
+    {
+        warn!("vcpu{index}: cannot take back its CPUs {own:?}: {e}");
+    }
 }
 
 /// What a thread started ahead hears from its set: go and build, then its vCPU and buses.
@@ -252,12 +296,18 @@ impl<E: Send + 'static> IdleVcpus<E> {
         lock(&slots).push(Slot {
             made: None,
             builder: None,
+            tid: None,
+            own_cpus: None,
         });
         let tids = set.tids.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                lock(&tids).push(crate::sys::current_tid());
+                let tid = sys::current_tid();
+                lock(&tids).push(tid);
+                if let Some(slot) = lock(&slots).get_mut(usize::from(index)) {
+                    slot.tid = Some(tid);
+                }
                 // Filtered and its vCPU made now, ahead: neither costs the pause anything.
                 confine::confine_thread_or_exit(confine::ThreadKind::Vcpu);
                 if let Some(make) = maker {
@@ -277,6 +327,7 @@ impl<E: Send + 'static> IdleVcpus<E> {
                     return; // not needed after all
                 }
                 let built = take_job(&slots, usize::from(index)).map(|(build, made)| build(made));
+                take_back_own_cpus(&slots, index);
                 drop(slots);
                 if ready_tx.send(built).is_err() {
                     return;
@@ -334,6 +385,7 @@ impl<E: Send + 'static> IdleVcpus<E> {
         for (slot, builder) in lock(&self.slots).iter_mut().zip(builders) {
             slot.builder = Some(builder);
         }
+        keep_off_this_cpu(&self.slots);
         for go in &self.go {
             if go.send(()).is_err() {
                 return Err(io::Error::other(
@@ -1412,6 +1464,68 @@ mod tests {
         set.resume();
 
         assert_eq!(*lock(&names), vec!["vcpu0 given".to_string()]);
+        wait_for_count_above(&count, 100);
+    }
+
+    #[test]
+    fn threads_started_ahead_build_off_the_callers_cpu_then_take_back_their_own_cpus() {
+        let own = sys::thread_cpus(0).unwrap();
+        let cpu = sys::current_cpu().unwrap();
+        assert!(
+            own.without(cpu).is_some(),
+            "needs a host with at least 2 CPUs"
+        );
+        let only_here = own
+            .cpus()
+            .filter(|&other| other != cpu)
+            .fold(own, |set, other| set.without(other).unwrap());
+        let count = Arc::new(AtomicU64::new(0));
+        let (vm, _ram, buses) = looping_vm(count.clone());
+        // Per builder run: its thread, and the CPUs that thread may run on meanwhile.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let builders: Vec<VcpuBuilder<String>> = (0..2)
+            .map(|id| {
+                let (vm, seen) = (vm.clone(), seen.clone());
+                Box::new(move |_made: Option<VcpuFd>| {
+                    let cpus: Vec<usize> = sys::thread_cpus(0).unwrap().cpus().collect();
+                    lock(&seen).push((sys::current_tid(), cpus));
+                    let vcpu = vm.create_vcpu(id).map_err(|e| e.to_string())?;
+                    start_real_mode_at(&vcpu, 0x1000).map_err(|e| e.to_string())?;
+                    Ok(vcpu)
+                }) as VcpuBuilder<String>
+            })
+            .collect();
+
+        let idle = VcpuSet::spawn_idle::<String>(2, Arc::new(|_| {}), None).unwrap();
+
+        // The caller builds from `cpu`, and waits for both threads to run their builders.
+        let set = std::thread::spawn(move || {
+            sys::set_thread_cpus(0, &only_here).unwrap();
+            let pending = idle.build(builders).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while lock(&seen).len() < 2 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let set = pending.finish(&buses).unwrap();
+            (set, seen)
+        });
+        let (set, seen) = set.join().unwrap();
+        set.resume();
+
+        let seen = lock(&seen).clone();
+        assert_eq!(seen.len(), 2);
+        let tids = set.thread_ids();
+        for (tid, cpus) in seen {
+            assert!(tids.contains(&tid), "a builder ran on the caller's thread");
+            assert!(
+                !cpus.contains(&cpu),
+                "thread {tid} could build on CPU {cpu}"
+            );
+        }
+        for tid in tids {
+            let now: Vec<usize> = sys::thread_cpus(tid).unwrap().cpus().collect();
+            assert_eq!(now, own.cpus().collect::<Vec<_>>(), "thread {tid}");
+        }
         wait_for_count_above(&count, 100);
     }
 

@@ -99,6 +99,62 @@ pub fn current_tid() -> i32 {
     unsafe { libc::gettid() }
 }
 
+/// A set of CPUs a thread may run on (`cpu_set_t`).
+#[derive(Clone, Copy)]
+pub struct CpuSet(libc::cpu_set_t);
+
+impl std::fmt::Debug for CpuSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.cpus()).finish()
+    }
+}
+
+impl CpuSet {
+    /// The CPUs in the set.
+    pub fn cpus(&self) -> impl Iterator<Item = usize> + '_ {
+        // SAFETY: CPU_ISSET only reads the set, for indices below its capacity.
+        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &self.0) })
+    }
+
+    /// The set without `cpu`; `None` when nothing would be left.
+    pub fn without(&self, cpu: usize) -> Option<Self> {
+        let mut rest = *self;
+        if cpu < libc::CPU_SETSIZE as usize {
+            // SAFETY: CPU_CLR writes one bit of the set, below its capacity (checked).
+            unsafe { libc::CPU_CLR(cpu, &mut rest.0) };
+        }
+        rest.cpus().next().is_some().then_some(rest)
+    }
+}
+
+/// The CPUs thread `tid` (0: the caller) may run on.
+pub fn thread_cpus(tid: i32) -> io::Result<CpuSet> {
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid for writes of its size, which the call is given.
+    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(CpuSet(set))
+}
+
+/// Lets thread `tid` (0: the caller) run on `cpus` only.
+pub fn set_thread_cpus(tid: i32, cpus: &CpuSet) -> io::Result<()> {
+    // SAFETY: the set is a live cpu_set_t the call only reads, for its size.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&cpus.0), &cpus.0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The CPU the calling thread runs on (it may move at any time after).
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu has no preconditions; -1 is its error.
+    usize::try_from(unsafe { libc::sched_getcpu() }).ok()
+}
+
 /// Thread `tid`'s nice value.
 pub fn thread_nice(tid: i32) -> io::Result<i32> {
     // The raw system call answers 20 - nice (1 to 40) and -1 only on an error, where the libc
