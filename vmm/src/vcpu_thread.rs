@@ -737,6 +737,11 @@ impl VcpuSet {
             drop(control);
             self.kick_all();
             control = lock(m);
+            // The last threads may have parked during the kicks: their wake-up came before
+            // this wait, which would otherwise sleep its whole timeout.
+            if control.parked >= self.threads.len() {
+                break;
+            }
             // A kick that lands just before KVM_RUN is lost: kick again soon.
             control = match to_main.wait_timeout(control, Duration::from_micros(100)) {
                 Ok((guard, _)) => guard,
