@@ -262,6 +262,41 @@ fn with_a_successor_ready_ahead_the_answer_comes_once_it_has_taken_the_guest() {
 }
 
 #[test]
+fn a_successor_ready_ahead_has_the_disks_msi_routes_before_the_pause_and_the_disk_works_on() {
+    require_kvm();
+    let dir = scratch_dir("routes-ahead");
+    let agent = Agent::start(&dir);
+    let disk = disk_image(&dir);
+    let (vmm, _) = boot_old(
+        &agent,
+        &dir.join("old"),
+        1,
+        CMDLINE,
+        &["--disk", &disk],
+        &[],
+    );
+    let mut successor = VmmProcess::successor(&agent, "routed", &dir.join("new"), &["-v"]);
+    wait_until_connected(&mut successor);
+    wait_for_log(&successor, "Waiting up to");
+    let before = last_complete_status(&vmm, "blk_err");
+
+    let timings = vmm.live_update("routed");
+    let after = statuses_until_blk_progress(&successor, before.get("blk_ok"));
+
+    assert!(timings.is_object(), "{timings}");
+    let stderr = successor.stderr();
+    let set_ahead = stderr
+        .lines()
+        .find(|line| line.contains("MSI routes of session \"routed\" set ahead"));
+    // The disk's MSI-X vectors are one group (the probe has no other PCI device).
+    assert!(
+        set_ahead.is_some_and(|line| !line.contains("(0 groups)")),
+        "no routes set ahead:\n{stderr}"
+    );
+    assert_guest_carried_on(1, 1, &before, &after);
+}
+
+#[test]
 fn a_guest_runs_on_until_the_agent_has_a_pause_slot_for_it_then_pauses_for_its_update() {
     require_kvm();
     let dir = scratch_dir("pause-slot");

@@ -132,6 +132,11 @@ impl<'a> FileSink<'a> {
         self.session.processes_outlive()
     }
 
+    /// Whether a successor may already run (see [`Session::successor_may_run_ahead`]).
+    pub fn successor_may_run_ahead(&self) -> bool {
+        self.session.successor_may_run_ahead()
+    }
+
     /// Preserves `fd` under the reserved [`STATE_TOKEN`].
     pub(crate) fn preserve_state(&mut self, fd: BorrowedFd<'_>) -> Result<(), ParticipantError> {
         self.session

@@ -155,6 +155,13 @@ pub trait Session: Send + std::fmt::Debug {
     fn processes_outlive(&self) -> bool {
         false
     }
+    /// Whether a successor may already run, building its VM on the files preserved so far
+    /// while the guest still runs (restart mode), so that a participant may leave it files
+    /// that spare it work in the pause; false where the successor can start only after a kexec
+    /// (the default: nothing is assumed).
+    fn successor_may_run_ahead(&self) -> bool {
+        false
+    }
     /// New descriptors of what keeps this session alive, each under a name its provider's
     /// [`SessionProvider::adopt`] understands (the session agent keeps them in systemd's fd
     /// store and passes them to its successor).

@@ -549,6 +549,8 @@ pub struct AgentSession {
     taken: Option<Taken>,
     /// The token whose file is not preserved at once but kept here, for the handover.
     held_back: Option<(Token, HeldBack)>,
+    /// Whether the agent runs restart-mode updates (see [`Session::successor_may_run_ahead`]).
+    restart_mode: bool,
 }
 
 impl AgentSession {
@@ -559,7 +561,15 @@ impl AgentSession {
             name: name.to_string(),
             taken: None,
             held_back: None,
+            restart_mode: false,
         }
+    }
+
+    /// Says the agent runs restart-mode updates (its `ping` answered `restart`): a successor
+    /// may be running ahead of the handover.
+    pub fn in_restart_mode(mut self, restart_mode: bool) -> Self {
+        self.restart_mode = restart_mode;
+        self
     }
 
     /// Keeps the file preserved under `token` in `slot` instead of sending it to the agent:
@@ -601,6 +611,10 @@ impl AgentSession {
 impl Session for AgentSession {
     fn name(&self) -> Result<String, SessionError> {
         Ok(self.name.clone())
+    }
+
+    fn successor_may_run_ahead(&self) -> bool {
+        self.restart_mode
     }
 
     fn preserve_fd(&mut self, fd: BorrowedFd<'_>, token: Token) -> Result<(), SessionError> {

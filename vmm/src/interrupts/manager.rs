@@ -57,12 +57,17 @@ impl InterruptManager {
     /// costs no CPU. Devices may claim their groups and register irqfds before it is done
     /// (an irqfd finds its route only when it fires); every push writes the whole table
     /// under its lock, so whichever comes last leaves KVM with the current one.
-    /// [`RoutesPending::wait`] before the guest runs.
+    /// [`RoutesPending::wait`] before the guest runs. When KVM was given the routes of `state`
+    /// already (`routed_ahead`, by a successor started ahead), nothing is set.
     pub fn restore_aside(
         vm: Arc<VmFd>,
         state: &InterruptState,
+        routed_ahead: Option<&InterruptState>,
     ) -> Result<(Self, RoutesPending), InterruptError> {
         let manager = Self::restored_table(vm, state)?;
+        if routed_ahead == Some(state) {
+            return Ok((manager, RoutesPending(None)));
+        }
         let shared = Arc::clone(&manager.shared);
         let push = move || shared.push_current();
         let pending = match std::thread::Builder::new()
@@ -540,6 +545,34 @@ mod tests {
         assert_eq!(restored.save().msi_groups[..2], saved.msi_groups[..]);
         first.trigger(0).unwrap();
         assert!(delivered(&vcpu, 0x40), "restored route is live in KVM");
+    }
+
+    #[test]
+    fn routes_set_ahead_are_set_again_only_if_the_saved_ones_differ() {
+        let one_route = |vector| InterruptState {
+            msi_groups: vec![MsiGroupState {
+                first_gsi: 24,
+                routes: vec![msi(vector)],
+            }],
+        };
+        let saved = one_route(0x40);
+        for (ahead, sets_again) in [(one_route(0x40), false), (one_route(0x50), true)] {
+            let (vm, vcpu) = vm_with_vcpu();
+            drop(InterruptManager::restore(vm.clone(), &ahead).unwrap());
+
+            let (restored, pending) =
+                InterruptManager::restore_aside(vm, &saved, Some(&ahead)).unwrap();
+
+            assert_eq!(pending.0.is_some(), sets_again, "ahead: {ahead:?}");
+            pending.wait().unwrap();
+            restored
+                .saved_msi_vectors(24, 1)
+                .unwrap()
+                .trigger(0)
+                .unwrap();
+            assert!(delivered(&vcpu, 0x40), "ahead: {ahead:?}");
+            assert!(!irr_has(&vcpu, 0x50));
+        }
     }
 
     #[test]

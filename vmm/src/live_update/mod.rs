@@ -13,6 +13,7 @@
 pub mod inherited;
 pub mod participants;
 pub mod pause_priority;
+pub mod routes_ahead;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -168,17 +169,13 @@ pub fn agent_runs_kexec(agent: &Path) -> Result<bool, LiveUpdateError> {
     Ok(mode == "kernel")
 }
 
-/// Kernel mode: the guest stays paused from its freeze until the kexec, so a live update
-/// pauses it only once the agent has the next kernel loaded (`ch-luod kexec` before the
+/// For a kernel-mode agent: the guest stays paused from its freeze until the kexec, so a live
+/// update pauses it only once the agent has the next kernel loaded (`ch-luod kexec` before the
 /// update), waiting up to [`KEXEC_LOAD_WAIT`] while it loads; run after prepare, so a device
 /// that cannot cross a kexec at all says so first. An agent that refused the target (a
 /// command line that would drop the sessions, an image that does not load) is idle: the update
-/// is refused before the guest is paused. Restart mode passes; so does an agent too old to
-/// answer (with a warning).
+/// is refused before the guest is paused. An agent too old to answer passes (with a warning).
 fn check_next_kernel(client: &mut AgentClient) -> Result<(), LiveUpdateError> {
-    if client.ping().map_err(|e| agent_failure(client, e))? != "kernel" {
-        return Ok(());
-    }
     let deadline = Instant::now() + KEXEC_LOAD_WAIT;
     loop {
         let phase = match client.kexec_status() {
@@ -227,12 +224,14 @@ pub fn run_outgoing(
         source,
     };
     let mut client = AgentClient::connect(agent).map_err(agent_error)?;
+    let kexec = client.ping().map_err(agent_error)? == "kernel";
     client.create_session(name).map_err(agent_error)?;
     let client = Arc::new(Mutex::new(client));
     // The state blob goes to the agent with the handover, not in a round trip of its own.
     let held_back = HeldBack::default();
-    let session =
-        AgentSession::new(client.clone(), name).holding_back(STATE_TOKEN, held_back.clone());
+    let session = AgentSession::new(client.clone(), name)
+        .holding_back(STATE_TOKEN, held_back.clone())
+        .in_restart_mode(!kexec);
     let state_file = state_memfd().map_err(LiveUpdateError::StateFile)?;
     // Kernel mode: the pause lasts until the kexec, so there must be a next kernel to go to.
     // Restart mode: a successor started ahead builds its VM on the preserved RAM meanwhile.
@@ -240,7 +239,12 @@ pub fn run_outgoing(
     let mut successor_ready = false;
     let before_pause = || {
         // On the update's own connection: no second connection in the prepare phase.
-        if let Err(error) = check_next_kernel(&mut lock(&client)) {
+        let checked = if kexec {
+            check_next_kernel(&mut lock(&client))
+        } else {
+            Ok(())
+        };
+        if let Err(error) = checked {
             let why = error.to_string();
             stopped = Some(error);
             return Err(why);
@@ -551,6 +555,7 @@ fn wait_for_handover(
                     let mut built = Prebuilt::new(File::from(memfd))
                         .map_err(LiveUpdateError::Vm)?
                         .with_vcpu_threads(on_event.clone());
+                    route_ahead(client, name, &mut built);
                     built.raise_pause_priority();
                     prebuilt = Some(built);
                     peek = false;
@@ -593,6 +598,24 @@ fn wait_for_handover(
         // The agent answers the moment the session is handed over, and the retrieve that
         // follows the wait in the same round trip at once.
         handover_wait = Some((deadline - now).min(Duration::from_secs(1)));
+    }
+}
+
+/// Gives `built` the MSI routes the old VMM had as it prepared session `name`, if it left
+/// them (see [`routes_ahead`]); the restore sets them otherwise.
+fn route_ahead(client: &mut AgentClient, name: &str, built: &mut Prebuilt) {
+    let routed = client
+        .peek(name, routes_ahead::ROUTES_TOKEN)
+        .map_err(|e| e.to_string())
+        .and_then(|file| routes_ahead::read_routes(&File::from(file)))
+        .and_then(|routes| {
+            let groups = routes.msi_groups.len();
+            built.route_ahead(routes).map_err(|e| e.to_string())?;
+            Ok(groups)
+        });
+    match routed {
+        Ok(groups) => info!("MSI routes of session {name:?} set ahead ({groups} groups)"),
+        Err(e) => log::debug!("No MSI routes ahead: {e}"),
     }
 }
 

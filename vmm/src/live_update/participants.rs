@@ -428,7 +428,19 @@ impl Participant for InterruptsParticipant<'_> {
     fn id(&self) -> String {
         ids::INTERRUPTS.into()
     }
-    fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+    fn prepare(&mut self, files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        use std::os::fd::AsFd;
+        // For a successor started ahead (see `routes_ahead`); it does without them.
+        if files.successor_may_run_ahead() {
+            let handed = super::routes_ahead::routes_file(&self.0.save()).and_then(|file| {
+                files
+                    .preserve_reserved(file.as_fd(), super::routes_ahead::ROUTES_TOKEN)
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = handed {
+                log::debug!("No MSI routes for a successor ahead: {e}");
+            }
+        }
         Ok(())
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {

@@ -46,6 +46,8 @@ pub struct Prebuilt {
     /// The restoring thread and the vCPU threads, raised for the pause once this successor is
     /// ready ([`Prebuilt::raise_pause_priority`]), until the guest runs again.
     priority: PausePriority,
+    /// The MSI routes KVM was given ahead ([`Prebuilt::route_ahead`]).
+    routed_ahead: Option<InterruptState>,
 }
 
 /// Per vCPU index: a vCPU's setup once known (what it was given ahead, taken by its restore;
@@ -82,6 +84,7 @@ impl Prebuilt {
             vcpu_threads: None,
             given_ahead: Arc::new([]),
             priority: PausePriority::default(),
+            routed_ahead: None,
         };
         Ok((prebuilt, steps))
     }
@@ -121,6 +124,14 @@ impl Prebuilt {
             }
         }
         self
+    }
+
+    /// Gives KVM the MSI routes of `routes` now, while the old VMM still runs the guest; the
+    /// restore sets them only if the saved ones differ.
+    pub fn route_ahead(&mut self, routes: InterruptState) -> Result<(), VmError> {
+        InterruptManager::restore(self.vm_fd.clone(), &routes).map_err(VmError::Interrupts)?;
+        self.routed_ahead = Some(routes);
+        Ok(())
     }
 
     /// Raises the calling thread, which restores the VM, and the vCPU threads started ahead to
@@ -247,6 +258,7 @@ impl Vm {
             vcpu_threads,
             given_ahead,
             priority,
+            routed_ahead,
         } = match prebuilt {
             Some(prebuilt) if prebuilt.ram.size() != memory.size => {
                 return Err(VmError::PrebuiltMismatch {
@@ -310,8 +322,9 @@ impl Vm {
         .map_err(VmError::VcpuThreads)?;
         lap(incoming, "create_vcpus", &mut step);
         // Routes first: devices then claim their MSI groups by their saved placement.
-        let (interrupts, routes) = InterruptManager::restore_aside(vm_fd.clone(), &interrupt_state)
-            .map_err(VmError::Interrupts)?;
+        let (interrupts, routes) =
+            InterruptManager::restore_aside(vm_fd.clone(), &interrupt_state, routed_ahead.as_ref())
+                .map_err(VmError::Interrupts)?;
         // Restart mode: outside devices' connections and eventfds, attached beside the session
         // (those no device claims close when this drops, after the build).
         let handed_over =
