@@ -250,6 +250,8 @@ mod tests {
         };
 
         ok(&mut state, resumed, OWNER, None);
+        // As the server does once the successor has its answer.
+        crate::agent::state::finish_released(state.take_released());
         let again = state.handle(retrieve("vm"), OWNER, None);
         let fd = error_kind(
             &mut state,

@@ -646,7 +646,7 @@ impl Shared {
             self.changed.notify_all();
             state.take_released()
         };
-        drop(released);
+        super::state::finish_released(released);
     }
 
     /// Kernel mode: holds the reply to the frozen session `name`'s `handover` until the kexec

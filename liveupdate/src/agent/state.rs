@@ -104,6 +104,19 @@ impl std::fmt::Debug for AgentState {
     }
 }
 
+/// Finishes and closes sessions a successor's `resumed` released (see
+/// [`AgentState::take_released`]): after its answer, outside the state's lock, as the guest
+/// waits for nothing of it. The guest runs on either way; closing an incoming session releases
+/// it too (LUO's implicit finish).
+pub(super) fn finish_released(released: Vec<Held>) {
+    for mut held in released {
+        if let Err(e) = held.session.finish() {
+            let name = held.session.name().unwrap_or_default();
+            warn!("session {name:?}: finish at resume failed ({e}); released by closing it");
+        }
+    }
+}
+
 fn denied(name: &str) -> WireError {
     WireError::new(
         ErrorKind::PermissionDenied,
@@ -620,12 +633,9 @@ impl AgentState {
         if !self.incoming.contains_key(name) {
             return Err(self.gone(name, uid, no_session(name, "retrieved")));
         }
-        let held = owned(&mut self.incoming, name, uid, "retrieved")?;
-        // The guest runs on either way: refusing here would only lose it. Closing an incoming
-        // session releases it too (LUO's implicit finish).
-        if let Err(e) = held.session.finish() {
-            warn!("session {name:?}: finish at resume failed ({e}); released by closing it");
-        }
+        owned(&mut self.incoming, name, uid, "retrieved")?;
+        // Finished (which closes the files the successor did not retrieve) once it has its
+        // answer, see `finish_released`.
         if let Some(held) = self.incoming.remove(name) {
             self.released.push(held);
         }
@@ -634,7 +644,8 @@ impl AgentState {
         Ok(())
     }
 
-    /// The sessions released since the last call, for the caller to close (see `released`).
+    /// The sessions released since the last call, for the caller to close (see `released`)
+    /// with [`finish_released`].
     pub(super) fn take_released(&mut self) -> Vec<Held> {
         std::mem::take(&mut self.released)
     }
