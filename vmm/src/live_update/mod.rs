@@ -556,6 +556,7 @@ fn wait_for_handover(
                         .map_err(LiveUpdateError::Vm)?
                         .with_vcpu_threads(on_event.clone());
                     route_ahead(client, name, &mut built);
+                    warm_up_for_the_pause();
                     built.raise_pause_priority();
                     prebuilt = Some(built);
                     peek = false;
@@ -599,6 +600,21 @@ fn wait_for_handover(
         // follows the wait in the same round trip at once.
         handover_wait = Some((deadline - now).min(Duration::from_secs(1)));
     }
+}
+
+/// How much heap the restoring thread touches ahead of the pause: decoding the state and
+/// building the devices allocate some hundred KiB.
+const WARM_HEAP: usize = 1 << 20;
+
+/// Spares the restore page faults (on the test hosts a fresh successor's state read and
+/// decode took 130 us, 55 us once warm): the program's code is mapped in, and the calling
+/// thread, which restores the VM, has heap pages ready.
+fn warm_up_for_the_pause() {
+    match sys::populate_code() {
+        Ok(bytes) => log::debug!("Code mapped ahead of the pause: {} KiB", bytes >> 10),
+        Err(e) => log::debug!("Cannot map the code ahead of the pause: {e}"),
+    }
+    sys::warm_heap(WARM_HEAP);
 }
 
 /// Gives `built` the MSI routes the old VMM had as it prepared session `name`, if it left

@@ -99,6 +99,62 @@ pub fn current_tid() -> i32 {
     unsafe { libc::gettid() }
 }
 
+/// Maps every page of the program's and its libraries' code and read-only data into the page
+/// tables now (`MADV_POPULATE_READ` over each file mapping that is not writable), so code run
+/// for the first time later takes no page fault for it. Returns the bytes populated.
+pub fn populate_code() -> io::Result<u64> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut populated = 0;
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let path = fields.nth(3).unwrap_or("");
+        if !path.starts_with('/') || perms.as_bytes().get(1) == Some(&b'w') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        // SAFETY: the range is one of this process's mappings as the kernel lists it;
+        // MADV_POPULATE_READ only faults its pages in, changing no contents. A range unmapped
+        // meanwhile gives ENOMEM, which is skipped.
+        let rc = unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end.saturating_sub(start),
+                libc::MADV_POPULATE_READ,
+            )
+        };
+        if rc == 0 {
+            populated += (end - start) as u64;
+        }
+    }
+    Ok(populated)
+}
+
+/// How much freed heap the allocator keeps rather than giving it back to the kernel (glibc's
+/// default is 128 KiB).
+const HEAP_KEPT: libc::c_int = 8 << 20;
+
+/// Has the calling thread's heap touch `bytes` and free them, and keeps freed heap memory (up
+/// to [`HEAP_KEPT`]) instead of giving it back to the kernel: the thread's later allocations up
+/// to that much take no page fault.
+pub fn warm_heap(bytes: usize) {
+    // SAFETY: mallopt takes two integers; an unknown parameter is refused with 0.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, HEAP_KEPT) };
+    let chunks: Vec<Vec<u8>> = (0..bytes / 4096).map(|_| vec![1u8; 4000]).collect();
+    drop(std::hint::black_box(chunks));
+}
+
 /// A set of CPUs a thread may run on (`cpu_set_t`).
 #[derive(Clone, Copy)]
 pub struct CpuSet(libc::cpu_set_t);
@@ -308,4 +364,42 @@ pub fn seek_data(fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> io::Result<Opt
 /// as one), None when `offset` is past the end.
 pub fn seek_hole(fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> io::Result<Option<u64>> {
     seek_extent(fd, offset, libc::SEEK_HOLE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_read_only_mapping_of_the_program_is_populated() {
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let exe = exe.to_str().unwrap();
+        let exe_bytes: u64 = std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|line| line.ends_with(exe) && line.split(' ').nth(1).unwrap().starts_with("r-"))
+            .map(|line| {
+                let (start, end) = line.split(' ').next().unwrap().split_once('-').unwrap();
+                u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap()
+            })
+            .sum();
+
+        let populated = populate_code().unwrap();
+
+        assert!(exe_bytes > 0);
+        assert!(populated >= exe_bytes, "{populated} of {exe_bytes} bytes");
+    }
+
+    #[test]
+    fn a_cpu_set_without_its_only_cpu_is_none() {
+        let own = thread_cpus(0).unwrap();
+        let first = own.cpus().next().unwrap();
+        let only_first = own
+            .cpus()
+            .skip(1)
+            .fold(own, |set, other| set.without(other).unwrap());
+
+        assert_eq!(only_first.cpus().collect::<Vec<_>>(), [first]);
+        assert!(only_first.without(first).is_none());
+    }
 }
