@@ -1,9 +1,9 @@
 //! Everything KVM holds for one vCPU, captured and restored in a safe order.
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_VCPUEVENT_VALID_SIPI_VECTOR, kvm_cpuid_entry2, kvm_debugregs,
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_UNINITIALIZED, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -178,7 +178,7 @@ impl VcpuState {
 
     /// Loads this state into `vcpu`, a fresh vCPU (created, never run) with the same id in a
     /// VM that has the in-kernel irqchip. Do not call [`super::configure_vcpu`] before it.
-    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), CpuError> {
+    pub fn restore(&self, vcpu: &mut VcpuFd) -> Result<(), CpuError> {
         self.restore_onto(vcpu, None).map(|_| ())
     }
 
@@ -187,7 +187,7 @@ impl VcpuState {
     /// CPUID table is loaded only if this state's differs. Returns what the vCPU was given.
     pub fn restore_onto(
         &self,
-        vcpu: &VcpuFd,
+        vcpu: &mut VcpuFd,
         ahead: Option<&VcpuSetup>,
     ) -> Result<VcpuSetup, CpuError> {
         // Everything from the (untrusted) state is checked before the first ioctl.
@@ -212,15 +212,25 @@ impl VcpuState {
         }
         let tsc_khz = self.restore_tsc_khz(vcpu, ahead.and_then(|a| a.tsc_khz))?;
         // 3. MP state before registers and events: entering INIT_RECEIVED/SIPI_RECEIVED
-        //    changes pending events, which step 9 then sets exactly.
+        //    changes pending events, which steps 4 or 9 then set exactly.
         vcpu.set_mp_state(self.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
-        // 4. Registers. KVM_SET_REGS drops a pending exception and KVM_SET_SREGS may queue an
-        //    interrupt: both are undone by the events in step 9. SREGS also sets the APIC
-        //    base (xAPIC or x2APIC mode), which the LAPIC restore in step 6 depends on.
-        vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        vcpu.set_sregs(&self.sregs)
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        // 4. Registers, then the events. KVM_SET_REGS drops a pending exception and
+        //    KVM_SET_SREGS may queue an interrupt: both are undone by the events after them.
+        //    SREGS also sets the APIC base (xAPIC or x2APIC mode), which the LAPIC restore in
+        //    step 6 depends on. All three in one KVM_RUN through the run page where KVM takes
+        //    them so (not from an UNINITIALIZED vCPU); else two ioctls here and the events in
+        //    step 9.
+        let mut events = self.vcpu_events;
+        events.flags |= KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        let events_loaded = self.mp_state.mp_state != KVM_MP_STATE_UNINITIALIZED
+            && synced::write(vcpu, &self.regs, &self.sregs, &events);
+        if !events_loaded {
+            vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            vcpu.set_sregs(&self.sregs)
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+        }
+        let vcpu = &*vcpu;
         // 5. FPU/XSAVE, then XCR0, then debug registers (no mutual constraints beyond CPUID).
         match &fpu {
             FpuLoad::Xsave(xsave) => {
@@ -231,8 +241,11 @@ impl VcpuState {
         if let Some(xcrs) = &self.xcrs {
             vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         }
-        vcpu.set_debug_regs(&self.debugregs)
-            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        // A fresh vCPU has the reset values, which a guest that sets no breakpoint keeps.
+        if self.debugregs != reset_debugregs() {
+            vcpu.set_debug_regs(&self.debugregs)
+                .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        }
         // 6. LAPIC after SREGS (APIC base and mode) and before the MSRs: KVM silently drops a
         //    TSC_DEADLINE write unless the LVT timer is already in TSC-deadline mode.
         vcpu.set_lapic(&self.lapic)
@@ -243,10 +256,9 @@ impl VcpuState {
         let mut in_order = self.msrs.clone();
         in_order.sort_by_key(|e| e.index == MSR_IA32_TSC_DEADLINE);
         msrs::set_msrs(vcpu, &in_order)?;
-        // 9. Events last, as explained in steps 3 and 4. KVM_GET_VCPU_EVENTS does not flag the
-        //    SIPI vector as valid; we do, so a vCPU caught between INIT and SIPI keeps it.
-        let mut events = self.vcpu_events;
-        events.flags |= KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        // 9. Events (if step 4 could not), last as explained in steps 3 and 4.
+        //    KVM_GET_VCPU_EVENTS does not flag the SIPI vector as valid; we do (above), so a
+        //    vCPU caught between INIT and SIPI keeps it.
         if events.smi.latched_init != 0 {
             // Rare in a running guest: KVM resets the vCPU (INIT) when it next runs.
             log::warn!(
@@ -255,8 +267,10 @@ impl VcpuState {
                 self.sregs.apic_base
             );
         }
-        vcpu.set_vcpu_events(&events)
-            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        if !events_loaded {
+            vcpu.set_vcpu_events(&events)
+                .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        }
         Ok(VcpuSetup {
             cpuid: self.cpuid.clone(),
             tsc_khz,
@@ -318,6 +332,16 @@ impl VcpuState {
             }
             Err(e) => Err(kvm_err("KVM_SET_TSC_KHZ")(e)),
         }
+    }
+}
+
+/// The debug registers of a vCPU at reset (as KVM makes it): no breakpoint, DR6 and DR7 at
+/// their architectural reset values.
+fn reset_debugregs() -> kvm_debugregs {
+    kvm_debugregs {
+        dr6: 0xffff_0ff0,
+        dr7: 0x400,
+        ..Default::default()
     }
 }
 
@@ -431,6 +455,7 @@ mod tests {
         msrs::set_msrs(&vcpu, &entries).unwrap();
         let mut events = vcpu.get_vcpu_events().unwrap();
         events.nmi.masked = 1;
+        events.nmi.pending = 1;
         vcpu.set_vcpu_events(&events).unwrap();
 
         let indices = supported_msrs_cached(kvm, &vcpu).unwrap();
@@ -451,7 +476,7 @@ mod tests {
         let vm = test_util::vm(&kvm);
         let mut fresh = vm.create_vcpu(0).unwrap();
 
-        saved.restore(&fresh).unwrap();
+        saved.restore(&mut fresh).unwrap();
         let msrs = supported_msrs_cached(&kvm, &fresh).unwrap();
         let resaved = VcpuState::save(&mut fresh, msrs).unwrap();
 
@@ -465,6 +490,38 @@ mod tests {
         assert_eq!(resaved.xcrs.unwrap().xcrs[0].value, 0x3);
         assert_eq!(resaved.debugregs.db[0], 0xdead_0000);
         assert_eq!(resaved.vcpu_events.nmi.masked, 1);
+        assert_eq!(resaved.vcpu_events.nmi.pending, 1);
+    }
+
+    #[test]
+    fn an_application_processor_never_started_restores_as_saved() {
+        // Its MP state (UNINITIALIZED) has KVM ignore the run page: the registers and events
+        // go in by their ioctls.
+        let kvm = test_util::kvm();
+        let vm = test_util::vm(&kvm);
+        let mut ap = test_util::vcpu(&kvm, &vm, 1, 2);
+        let mut regs = ap.get_regs().unwrap();
+        regs.rbx = 0x0a9;
+        ap.set_regs(&regs).unwrap();
+        let msrs = supported_msrs_cached(&kvm, &ap).unwrap();
+        let saved = VcpuState::save(&mut ap, msrs).unwrap();
+        let mut fresh = test_util::vm(&kvm).create_vcpu(1).unwrap();
+
+        saved.restore(&mut fresh).unwrap();
+        let resaved = VcpuState::save(&mut fresh, msrs).unwrap();
+
+        assert_eq!(saved.mp_state.mp_state, KVM_MP_STATE_UNINITIALIZED);
+        assert_eq!(without_tsc(&resaved), without_tsc(&saved));
+        assert_eq!(resaved.regs.rbx, 0x0a9);
+    }
+
+    #[test]
+    fn a_fresh_vcpu_has_the_reset_debug_registers_a_restore_leaves_unset() {
+        let kvm = test_util::kvm();
+        let vm = test_util::vm(&kvm);
+        let vcpu = vm.create_vcpu(0).unwrap();
+
+        assert_eq!(vcpu.get_debug_regs().unwrap(), reset_debugregs());
     }
 
     /// CR4.OSXSAVE (KVM reflects it in CPUID leaf 1).
@@ -496,10 +553,10 @@ mod tests {
         state: &VcpuState,
         ahead: Option<Vec<kvm_cpuid_entry2>>,
     ) -> VcpuFd {
-        let vcpu = test_util::vm(kvm).create_vcpu(0).unwrap();
+        let mut vcpu = test_util::vm(kvm).create_vcpu(0).unwrap();
         let given = ahead.map(|entries| crate::cpu::give_cpuid_and_host_tsc_rate(&vcpu, entries));
         state
-            .restore_onto(&vcpu, given.transpose().unwrap().as_ref())
+            .restore_onto(&mut vcpu, given.transpose().unwrap().as_ref())
             .unwrap();
         vcpu
     }
@@ -547,8 +604,8 @@ mod tests {
     /// vCPU 0 of a fresh VM with a distinctive state, and that state as saved.
     fn saved_vcpu(kvm: &kvm_ioctls::Kvm, vm: &VmFd) -> (VcpuFd, VcpuState, &'static [u32]) {
         let saved = distinctive_state(kvm, &test_util::vm(kvm));
-        let vcpu = vm.create_vcpu(0).unwrap();
-        saved.restore(&vcpu).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        saved.restore(&mut vcpu).unwrap();
         let msrs = supported_msrs_cached(kvm, &vcpu).unwrap();
         (vcpu, saved, msrs)
     }
@@ -558,6 +615,9 @@ mod tests {
         let kvm = test_util::kvm();
         let vm = test_util::vm(&kvm);
         let (mut vcpu, _, msrs) = saved_vcpu(&kvm, &vm);
+        let mut events = vcpu.get_vcpu_events().unwrap();
+        events.nmi.pending = 0;
+        vcpu.set_vcpu_events(&events).unwrap();
         let mut state = VcpuState::save(&mut vcpu, msrs).unwrap();
         assert_eq!(state.vcpu_events.nmi.pending, 0);
 
@@ -610,7 +670,7 @@ mod tests {
             .unwrap();
         ram.register(&vm).unwrap();
         let mut fresh = vm.create_vcpu(0).unwrap();
-        saved.restore(&fresh).unwrap();
+        saved.restore(&mut fresh).unwrap();
 
         let exit = fresh.run().unwrap();
 
@@ -654,10 +714,10 @@ mod tests {
         let mut saved = distinctive_state(&kvm, &test_util::vm(&kvm));
         saved.fpu = FpuState::Xsave(vec![0; 10]);
         let vm = test_util::vm(&kvm);
-        let fresh = vm.create_vcpu(0).unwrap();
+        let mut fresh = vm.create_vcpu(0).unwrap();
         let regs_before = fresh.get_regs().unwrap();
 
-        let result = saved.restore(&fresh);
+        let result = saved.restore(&mut fresh);
 
         assert!(matches!(result, Err(CpuError::InvalidState { .. })));
         assert_eq!(fresh.get_regs().unwrap(), regs_before);

@@ -40,6 +40,36 @@ pub(super) fn read(vcpu: &mut VcpuFd) -> Option<(kvm_regs, kvm_sregs, kvm_vcpu_e
     }
 }
 
+/// Loads `regs`, `sregs` and `events` into `vcpu` in that order (as the three ioctls would) in
+/// one `KVM_RUN` that does not enter the guest; false when KVM did not take them this way (the
+/// caller then uses the ioctls). `vcpu` must not be in the `UNINITIALIZED` MP state: KVM returns
+/// from such a vCPU's `KVM_RUN` before it looks at the page.
+pub(super) fn write(
+    vcpu: &mut VcpuFd,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    events: &kvm_vcpu_events,
+) -> bool {
+    {
+        let page = vcpu.sync_regs_mut();
+        page.regs = *regs;
+        page.sregs = *sregs;
+        page.events = *events;
+    }
+    for part in PARTS {
+        vcpu.set_sync_dirty_reg(part);
+    }
+    vcpu.set_kvm_immediate_exit(1);
+    let result = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    // KVM clears each part it loaded; what is left was not loaded.
+    let loaded = vcpu.get_kvm_run().kvm_dirty_regs == 0;
+    for part in PARTS {
+        vcpu.clear_sync_dirty_reg(part);
+    }
+    matches!(result, Err(e) if e.errno() == libc::EINTR) && loaded
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -202,7 +202,7 @@ fn build_vcpu(
     paused_at_ns: u64,
 ) -> Result<(VcpuFd, VcpuSetup), VmError> {
     let made_ahead = made.is_some();
-    let (vcpu, given) = match made {
+    let (mut vcpu, given) = match made {
         Some(made) => made,
         None => (create_vcpu(vm_fd, index)?, None),
     };
@@ -217,7 +217,7 @@ fn build_vcpu(
         khz,
     );
     let setup = state
-        .restore_onto(&vcpu, given.as_ref())
+        .restore_onto(&mut vcpu, given.as_ref())
         .map_err(|source| VmError::Vcpu { index, source })?;
     // Not in a restart-mode pause (vCPUs made ahead): there the host, and its TSC, stay.
     if index == 0 && !made_ahead {
