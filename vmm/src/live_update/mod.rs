@@ -238,6 +238,8 @@ pub fn run_outgoing(
     let mut stopped = None;
     let mut successor_ready = false;
     let before_pause = || {
+        // While a successor builds its VM, or the next kernel loads.
+        warm_up_for_the_pause();
         // On the update's own connection: no second connection in the prepare phase.
         let checked = if kexec {
             check_next_kernel(&mut lock(&client))
@@ -602,13 +604,14 @@ fn wait_for_handover(
     }
 }
 
-/// How much heap the restoring thread touches ahead of the pause: decoding the state and
-/// building the devices allocate some hundred KiB.
+/// How much heap the thread that saves or restores the VM touches ahead of the pause:
+/// encoding or decoding the state and building the devices allocate some hundred KiB.
 const WARM_HEAP: usize = 1 << 20;
 
-/// Spares the restore page faults (on the test hosts a fresh successor's state read and
-/// decode took 130 us, 55 us once warm): the program's code is mapped in, and the calling
-/// thread, which restores the VM, has heap pages ready.
+/// Spares the pause page faults (code that runs in a process once, at its update, and heap
+/// pages first touched there; on the test hosts a fresh successor's state read and decode took
+/// 130 us, 55 us once warm): the program's code is mapped in, and the calling thread, which
+/// saves or restores the VM, has heap pages ready.
 fn warm_up_for_the_pause() {
     match sys::populate_code() {
         Ok(bytes) => log::debug!("Code mapped ahead of the pause: {} KiB", bytes >> 10),
