@@ -97,6 +97,26 @@ impl VcpuState {
         msr_indices: &[u32],
         setup: Option<&VcpuSetup>,
     ) -> Result<Self, CpuError> {
+        Self::save_parts(vcpu, msr_indices, setup, true)
+    }
+
+    /// [`Self::save_given`] of a vCPU whose thread just left the guest while others may still
+    /// deliver interrupts to it: everything but the LAPIC (left at its default), which
+    /// [`Self::refresh_after_pause`] reads once they have stopped.
+    pub fn save_parked(
+        vcpu: &mut VcpuFd,
+        msr_indices: &[u32],
+        setup: Option<&VcpuSetup>,
+    ) -> Result<Self, CpuError> {
+        Self::save_parts(vcpu, msr_indices, setup, false)
+    }
+
+    fn save_parts(
+        vcpu: &mut VcpuFd,
+        msr_indices: &[u32],
+        setup: Option<&VcpuSetup>,
+        with_lapic: bool,
+    ) -> Result<Self, CpuError> {
         // MP state first: KVM_GET_MP_STATE makes KVM process a pending INIT or SIPI, which
         // rewrites registers; everything read after it is consistent with it.
         let mp_state = vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
@@ -124,7 +144,11 @@ impl VcpuState {
         let debugregs = vcpu
             .get_debug_regs()
             .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
-        let lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        let lapic = if with_lapic {
+            vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?
+        } else {
+            kvm_lapic_state::default()
+        };
         let msrs = msrs::get_msrs(vcpu, msr_indices)?;
         let (cpuid, tsc_khz) = match setup {
             Some(setup) => (setup.cpuid.clone(), setup.tsc_khz),
@@ -618,7 +642,7 @@ mod tests {
         let mut events = vcpu.get_vcpu_events().unwrap();
         events.nmi.pending = 0;
         vcpu.set_vcpu_events(&events).unwrap();
-        let mut state = VcpuState::save(&mut vcpu, msrs).unwrap();
+        let mut state = VcpuState::save_parked(&mut vcpu, msrs, None).unwrap();
         assert_eq!(state.vcpu_events.nmi.pending, 0);
 
         // Another vCPU's NMI and a device's interrupt reach the parked vCPU.

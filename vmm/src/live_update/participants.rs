@@ -285,7 +285,7 @@ impl Participant for VcpusParticipant<'_> {
             }
             // Saved as it parks, beside the other vCPUs still stopping: the save then only
             // reads again what others may change meanwhile.
-            let state = VcpuState::save_given(vcpu, msrs, setups.get(index));
+            let state = VcpuState::save_parked(vcpu, msrs, setups.get(index));
             let save = ParkedSave {
                 state,
                 tsc_read_at_ns: realtime_ns(),
