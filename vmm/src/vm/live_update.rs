@@ -101,7 +101,7 @@ impl Prebuilt {
             let given_ahead: VcpuSetupSlots = (0..count).map(|_| Mutex::new(None)).collect();
             self.given_ahead = given_ahead.clone();
             let maker: VcpuMaker = Arc::new(move |index| {
-                let vcpu = vm_fd.create_vcpu(u64::from(index))?;
+                let mut vcpu = vm_fd.create_vcpu(u64::from(index))?;
                 let given = supported
                     .as_deref()
                     .map(|supported| cpu::boot_cpuid(supported, index, count))
@@ -116,6 +116,7 @@ impl Prebuilt {
                     (Err(e), _) => log::debug!("vCPU {index}: no CPUID ahead ({e})"),
                     (Ok(_), None) => {}
                 }
+                cpu::run_once_ahead(&mut vcpu);
                 Ok(vcpu)
             });
             match VcpuSet::spawn_idle(usize::from(count), on_event, Some(maker)) {
