@@ -99,10 +99,12 @@ pub fn current_tid() -> i32 {
     unsafe { libc::gettid() }
 }
 
-/// Maps every page of the program's and its libraries' code and read-only data into the page
-/// tables now (`MADV_POPULATE_READ` over each file mapping that is not writable), so code run
-/// for the first time later takes no page fault for it. Returns the bytes populated.
+/// Maps every page of the program's code and read-only data into the page tables now
+/// (`MADV_POPULATE_READ` over each mapping of its file that is not writable), so code run for
+/// the first time later takes no page fault for it. Its libraries are left as they are: what
+/// the process has run so far mapped the parts it uses. Returns the bytes populated.
 pub fn populate_code() -> io::Result<u64> {
+    let program = std::fs::read_link("/proc/self/exe")?;
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     let mut populated = 0;
     for line in maps.lines() {
@@ -112,7 +114,7 @@ pub fn populate_code() -> io::Result<u64> {
             continue;
         };
         let path = fields.nth(3).unwrap_or("");
-        if !path.starts_with('/') || perms.as_bytes().get(1) == Some(&b'w') {
+        if std::path::Path::new(path) != program || perms.as_bytes().get(1) == Some(&b'w') {
             continue;
         }
         let Some((start, end)) = range.split_once('-') else {
