@@ -135,6 +135,9 @@ impl ApiHandler for ChannelHandler {
 
 /// Runs the VMM until it is shut down. With `vm`, the VM is created and booted at once.
 pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
+    // Ahead of any live update's pause: this thread saves the VM.
+    live_update::map_code_in_background();
+    crate::sys::warm_heap(live_update::WARM_HEAP);
     let monitor = match &options.event_monitor {
         None => None,
         Some(PathOrFd::Path(path)) => Some(EventMonitor::new(path)),

@@ -238,12 +238,6 @@ pub fn run_outgoing(
     let mut stopped = None;
     let mut successor_ready = false;
     let before_pause = || {
-        // While a successor builds its VM. Not before a kexec: there every VM frozen waits for
-        // the last one, which this would delay (3 ms of CPU per VMM), for a pause that lasts
-        // until the VM is restored in the next kernel anyway.
-        if !kexec {
-            warm_up_for_the_pause();
-        }
         // On the update's own connection: no second connection in the prepare phase.
         let checked = if kexec {
             check_next_kernel(&mut lock(&client))
@@ -562,7 +556,8 @@ fn wait_for_handover(
                         .map_err(LiveUpdateError::Vm)?
                         .with_vcpu_threads(on_event.clone());
                     route_ahead(client, name, &mut built);
-                    warm_up_for_the_pause();
+                    // This thread restores the VM.
+                    sys::warm_heap(WARM_HEAP);
                     built.raise_pause_priority();
                     prebuilt = Some(built);
                     peek = false;
@@ -608,20 +603,31 @@ fn wait_for_handover(
     }
 }
 
-/// How much heap the thread that saves or restores the VM touches ahead of the pause:
-/// encoding or decoding the state and building the devices allocate some hundred KiB.
-const WARM_HEAP: usize = 1 << 20;
+/// How much heap the thread that saves or restores a VM touches ahead of a live update's pause
+/// ([`sys::warm_heap`]): encoding or decoding the state and building the devices allocate some
+/// hundred KiB, whose pages would otherwise be first touched in the pause.
+pub const WARM_HEAP: usize = 1 << 20;
 
-/// Spares the pause page faults (code that runs in a process once, at its update, and heap
-/// pages first touched there; on the test hosts a fresh successor's state read and decode took
-/// 130 us, 55 us once warm): the program's code is mapped in, and the calling thread, which
-/// saves or restores the VM, has heap pages ready.
-fn warm_up_for_the_pause() {
-    match sys::populate_code() {
-        Ok(bytes) => log::debug!("Code mapped ahead of the pause: {} KiB", bytes >> 10),
-        Err(e) => log::debug!("Cannot map the code ahead of the pause: {e}"),
+/// Maps the program's code in ([`sys::populate_code`]) on a thread of the lowest priority, as
+/// the VMM starts: a live update's pause runs code that runs once per process (the save, the
+/// restore), which would otherwise take its page faults there (on the test hosts a fresh
+/// successor's state read and decode took 130 us, 55 us once warm). Some ms of CPU, taken when
+/// nothing else wants it, and not beside a fleet's updates.
+pub fn map_code_in_background() {
+    let spawned = std::thread::Builder::new()
+        .name("map-code".into())
+        .spawn(|| {
+            if let Err(e) = sys::lowest_thread_priority() {
+                log::debug!("Mapping the code in at the thread's own priority: {e}");
+            }
+            match sys::populate_code() {
+                Ok(bytes) => log::debug!("Code mapped in: {} KiB", bytes >> 10),
+                Err(e) => log::debug!("Cannot map the code in: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        log::debug!("No thread to map the code in: {e}");
     }
-    sys::warm_heap(WARM_HEAP);
 }
 
 /// Gives `built` the MSI routes the old VMM had as it prepared session `name`, if it left
