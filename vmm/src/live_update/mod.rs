@@ -556,6 +556,9 @@ fn wait_for_handover(
                         .map_err(LiveUpdateError::Vm)?
                         .with_vcpu_threads(on_event.clone());
                     route_ahead(client, name, &mut built);
+                    // Before it is ready: from then on the old VMM may pause, and the pause
+                    // must not wait for what this does (it holds the mmap lock in read mode).
+                    map_code_in();
                     // This thread restores the VM.
                     sys::warm_heap(WARM_HEAP);
                     built.raise_pause_priority();
@@ -612,7 +615,8 @@ pub const WARM_HEAP: usize = 1 << 20;
 /// the VMM starts: a live update's pause runs code that runs once per process (the save, the
 /// restore), which would otherwise take its page faults there (on the test hosts a fresh
 /// successor's state read and decode took 130 us, 55 us once warm). Some ms of CPU, taken when
-/// nothing else wants it, and not beside a fleet's updates.
+/// nothing else wants it, and not beside a fleet's updates. A successor started ahead does it
+/// itself before it says it is ready.
 pub fn map_code_in_background() {
     let spawned = std::thread::Builder::new()
         .name("map-code".into())
@@ -620,13 +624,17 @@ pub fn map_code_in_background() {
             if let Err(e) = sys::lowest_thread_priority() {
                 log::debug!("Mapping the code in at the thread's own priority: {e}");
             }
-            match sys::populate_code() {
-                Ok(bytes) => log::debug!("Code mapped in: {} KiB", bytes >> 10),
-                Err(e) => log::debug!("Cannot map the code in: {e}"),
-            }
+            map_code_in();
         });
     if let Err(e) = spawned {
         log::debug!("No thread to map the code in: {e}");
+    }
+}
+
+fn map_code_in() {
+    match sys::populate_code() {
+        Ok(bytes) => log::debug!("Code mapped in: {} KiB", bytes >> 10),
+        Err(e) => log::debug!("Cannot map the code in: {e}"),
     }
 }
 
