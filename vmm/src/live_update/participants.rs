@@ -278,10 +278,17 @@ impl Participant for VcpusParticipant<'_> {
         // Nothing of an earlier pause (one cancelled) may pass for this one's.
         self.saves.clear();
         let (saves, msrs, setups) = (self.saves.clone(), self.msrs, self.setups.clone());
+        // With one vCPU nothing runs beside its save: on its thread it would only hold up the
+        // pause where that thread waits for a CPU (a host busy with many guests), while the
+        // saving thread, running already, takes it on in the save.
+        let save_as_parked = self.set.vcpus().len() > 1;
         self.set.pause_with(Arc::new(move |index, vcpu| {
             let index = usize::from(index);
             if let Some(stamp) = saves.stopped_at_ns.get(index) {
                 stamp.store(realtime_ns(), Ordering::SeqCst);
+            }
+            if !save_as_parked {
+                return;
             }
             // Saved as it parks, beside the other vCPUs still stopping: the save then only
             // reads again what others may change meanwhile.
@@ -597,8 +604,8 @@ mod tests {
     const HALT_CODE: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
     const MSRS: &[u32] = &[cpu::MSR_IA32_TSC];
 
-    /// A running one-vCPU VM (in-kernel irqchip) halted in `HALT_CODE`, its LAPIC accepting
-    /// interrupts (which stay pending in the IRR: the guest never takes them).
+    /// A running VM (in-kernel irqchip) whose vCPU 0 is halted in `HALT_CODE`, its LAPIC
+    /// accepting interrupts (which stay pending in the IRR: the guest never takes them).
     struct HaltedGuest {
         set: VcpuSet,
         vm: VmFd,
@@ -606,7 +613,8 @@ mod tests {
     }
 
     impl HaltedGuest {
-        fn start() -> Self {
+        /// `count` vCPUs (the others wait for a SIPI that never comes).
+        fn with_vcpus(count: u64) -> Self {
             let kvm = test_util::kvm();
             let vm = test_util::vm(&kvm);
             let ram = GuestRam::new(64 << 20).unwrap();
@@ -614,17 +622,22 @@ mod tests {
                 .write_slice(&HALT_CODE, GuestAddress(0x1000))
                 .unwrap();
             ram.register(&vm).unwrap();
-            let vcpu = vm.create_vcpu(0).unwrap();
-            test_util::start_real_mode_at(&vcpu, 0x1000).unwrap();
-            let mut lapic = vcpu.get_lapic().unwrap();
-            // Spurious vector register: bit 8 software-enables the LAPIC.
-            set_lapic_register(&mut lapic, 0xf0, 0x1ff);
-            vcpu.set_lapic(&lapic).unwrap();
+            let vcpus = (0..count)
+                .map(|id| {
+                    let vcpu = vm.create_vcpu(id).unwrap();
+                    test_util::start_real_mode_at(&vcpu, 0x1000).unwrap();
+                    let mut lapic = vcpu.get_lapic().unwrap();
+                    // Spurious vector register: bit 8 software-enables the LAPIC.
+                    set_lapic_register(&mut lapic, 0xf0, 0x1ff);
+                    vcpu.set_lapic(&lapic).unwrap();
+                    vcpu
+                })
+                .collect();
             let buses = Buses {
                 pio: Arc::new(RwLock::new(Bus::new())),
                 mmio: Arc::new(RwLock::new(Bus::new())),
             };
-            let set = VcpuSet::start(vec![vcpu], &buses, Arc::new(|_| {})).unwrap();
+            let set = VcpuSet::start(vcpus, &buses, Arc::new(|_| {})).unwrap();
             set.resume();
             Self { set, vm, _ram: ram }
         }
@@ -647,10 +660,11 @@ mod tests {
 
     #[test]
     fn an_interrupt_raised_between_the_vcpus_stopping_and_the_save_is_in_the_saved_lapic() {
-        // Arrange: the vCPU runs (halted in the guest) until the update pauses it.
-        let guest = HaltedGuest::start();
+        // Arrange: the vCPUs run (halted in the guest) until the update pauses them; each
+        // thread saves its vCPU as it parks.
+        let guest = HaltedGuest::with_vcpus(2);
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let saves = VcpuSaves::new(1);
+        let saves = VcpuSaves::new(2);
         let mut vcpus = VcpusParticipant::new(&guest.set, MSRS, Arc::new([]), saves.clone());
         let mut vcpu0 = VcpuParticipant::new(&guest.set, 0, MSRS, saves);
         let mut provider = EmulatedProvider::new();
@@ -670,30 +684,32 @@ mod tests {
             irr_has(&state, 0x44),
             "the MSI raised after the pause is lost"
         );
-        assert_eq!(set_state.count, 1);
+        assert_eq!(set_state.count, 2);
         assert_ne!(set_state.paused_at_ns, 0);
     }
 
     #[test]
     fn an_nmi_sent_between_the_vcpus_stopping_and_the_save_is_in_the_saved_events() {
-        // Arrange: the vCPU runs (halted in the guest) until the update pauses it, and its
-        // thread saves it as it parks.
-        let guest = HaltedGuest::start();
+        // Arrange: two vCPUs run (halted in the guest) until the update pauses them, and their
+        // threads save them as they park.
+        let guest = HaltedGuest::with_vcpus(2);
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let saves = VcpuSaves::new(1);
+        let saves = VcpuSaves::new(2);
         let mut vcpus = VcpusParticipant::new(&guest.set, MSRS, Arc::new([]), saves.clone());
-        let mut vcpu0 = VcpuParticipant::new(&guest.set, 0, MSRS, saves);
+        let mut vcpu0 = VcpuParticipant::new(&guest.set, 0, MSRS, saves.clone());
         let mut provider = EmulatedProvider::new();
         let mut session = provider.create_session("vm").unwrap();
         let mut files = FileSink::new(session.as_mut());
 
         // Act: another vCPU, stopping later, sends it an NMI; then everything is saved.
         vcpus.pause().unwrap();
+        let saved_as_parked = lock(&saves.parked[0]).is_some();
         lock(&guest.set.vcpus()[0]).nmi().unwrap();
         vcpus.save(&mut files).unwrap();
         let state = vcpu0.save(&mut files).unwrap();
 
         // Assert: the NMI waits in the saved state for the successor's vCPU.
+        assert!(saved_as_parked);
         assert_eq!(state.vcpu_events.nmi.pending, 1, "the NMI is lost");
     }
 }
