@@ -135,10 +135,11 @@ impl ApiHandler for ChannelHandler {
 
 /// Runs the VMM until it is shut down. With `vm`, the VM is created and booted at once.
 pub fn run(mut options: VmmOptions, vm: Option<VmConfig>) -> Result<(), VmmError> {
-    // Ahead of any live update's pause: this thread saves the VM. A successor maps the code in
-    // once it knows it is ahead of its update (across a kexec, its restore runs at once).
+    // Ahead of any live update's pause, before any other thread runs: this thread saves the
+    // VM. A successor maps the code in once it knows it is ahead of its update (across a
+    // kexec, its restore runs at once).
     if !matches!(options.restore, Some(RestoreSource::Session(_))) {
-        live_update::map_code_in_background();
+        live_update::map_code_in();
     }
     crate::sys::warm_heap(live_update::WARM_HEAP);
     let monitor = match &options.event_monitor {

@@ -611,27 +611,15 @@ fn wait_for_handover(
 /// hundred KiB, whose pages would otherwise be first touched in the pause.
 pub const WARM_HEAP: usize = 1 << 20;
 
-/// Maps the program's code in ([`sys::populate_code`]) on a thread of the lowest priority, as
-/// the VMM starts: a live update's pause runs code that runs once per process (the save, the
-/// restore), which would otherwise take its page faults there (on the test hosts a fresh
-/// successor's state read and decode took 130 us, 55 us once warm). Some ms of CPU, taken when
-/// nothing else wants it, and not beside a fleet's updates. A successor started ahead does it
-/// itself before it says it is ready.
-pub fn map_code_in_background() {
-    let spawned = std::thread::Builder::new()
-        .name("map-code".into())
-        .spawn(|| {
-            if let Err(e) = sys::lowest_thread_priority() {
-                log::debug!("Mapping the code in at the thread's own priority: {e}");
-            }
-            map_code_in();
-        });
-    if let Err(e) = spawned {
-        log::debug!("No thread to map the code in: {e}");
-    }
-}
-
-fn map_code_in() {
+/// Maps the program's code in ([`sys::populate_code`]): a live update's pause runs code that
+/// runs once per process (the save, the restore), which would otherwise take its page faults
+/// there (on the test hosts a fresh successor's state read and decode took 130 us, 55 us once
+/// warm). A VMM does it as it starts, before any other thread runs, and a successor started
+/// ahead before it says it is ready: some ms of CPU, not beside a fleet's updates. Never on a
+/// thread beside running vCPUs: it holds the mmap lock, and a thread of low priority holding it
+/// while a writer waits would stall every vCPU's page fault behind it (the likely cause of a
+/// nested guest's boot that stalled in the test bed, with a nice-19 thread doing it there).
+pub fn map_code_in() {
     match sys::populate_code() {
         Ok(bytes) => log::debug!("Code mapped in: {} KiB", bytes >> 10),
         Err(e) => log::debug!("Cannot map the code in: {e}"),
