@@ -920,11 +920,7 @@ impl Runner {
     /// `immediate_exit`): KVM stores a port or MMIO read's value and moves past the instruction
     /// only then, so a state read before would repeat the access, or lose what it read.
     fn complete_io(&self) {
-        let mut vcpu = lock(&self.vcpu);
-        vcpu.set_kvm_immediate_exit(1);
-        let result = vcpu.run().map(|_| ());
-        vcpu.set_kvm_immediate_exit(0);
-        match result {
+        match crate::cpu::run_without_entering(&mut lock(&self.vcpu)) {
             Err(e) if e.errno() == libc::EINTR => {}
             Err(e) => warn!("vcpu{}: cannot complete its last I/O: {e}", self.index),
             Ok(()) => warn!("vcpu{}: an exit while completing its last I/O", self.index),

@@ -33,5 +33,5 @@ pub use msrs::{
 };
 pub use setup::{boot_cpuid, configure_vcpu, give_cpuid_and_host_tsc_rate, supported_cpuid};
 pub use state::{FpuState, LegacyFpu, VcpuSetup, VcpuState};
-pub use synced::run_once_ahead;
+pub use synced::run_without_entering;
 pub use tsc::{shift_saved_tsc, use_host_tsc_rate, warn_if_tsc_not_kept};

@@ -17,6 +17,17 @@ const PARTS: [SyncReg; 3] = [
     SyncReg::VcpuEvents,
 ];
 
+/// One `KVM_RUN` with `immediate_exit` set: KVM does what it does before entering the guest
+/// (loads the parts marked dirty in the run page, completes a port or MMIO access, fills the
+/// parts asked for) and returns EINTR without entering it. `Ok` means it exited for something
+/// it had to finish first.
+pub fn run_without_entering(vcpu: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    vcpu.set_kvm_immediate_exit(1);
+    let result = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    result
+}
+
 /// The registers, special registers and pending events of `vcpu`, which is not running and
 /// has no port or MMIO access left to complete; `None` when KVM does not give them this way
 /// (the caller then asks with the three ioctls).
@@ -24,9 +35,7 @@ pub(super) fn read(vcpu: &mut VcpuFd) -> Option<(kvm_regs, kvm_sregs, kvm_vcpu_e
     for part in PARTS {
         vcpu.set_sync_valid_reg(part);
     }
-    vcpu.set_kvm_immediate_exit(1);
-    let result = vcpu.run().map(|_| ());
-    vcpu.set_kvm_immediate_exit(0);
+    let result = run_without_entering(vcpu);
     for part in PARTS {
         vcpu.clear_sync_valid_reg(part);
     }
@@ -59,24 +68,13 @@ pub(super) fn write(
     for part in PARTS {
         vcpu.set_sync_dirty_reg(part);
     }
-    vcpu.set_kvm_immediate_exit(1);
-    let result = vcpu.run().map(|_| ());
-    vcpu.set_kvm_immediate_exit(0);
+    let result = run_without_entering(vcpu);
     // KVM clears each part it loaded; what is left was not loaded.
     let loaded = vcpu.get_kvm_run().kvm_dirty_regs == 0;
     for part in PARTS {
         vcpu.clear_sync_dirty_reg(part);
     }
     matches!(result, Err(e) if e.errno() == libc::EINTR) && loaded
-}
-
-/// A `KVM_RUN` that does not enter the guest, on a vCPU made ahead of a restore: the run page
-/// is faulted in and KVM's first-run work is done (the first such call of a VM took 30-40 us
-/// on the test hosts, later ones 6), not in the pause.
-pub fn run_once_ahead(vcpu: &mut VcpuFd) {
-    vcpu.set_kvm_immediate_exit(1);
-    let _ = vcpu.run();
-    vcpu.set_kvm_immediate_exit(0);
 }
 
 #[cfg(test)]
@@ -128,7 +126,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vcpu_run_once_ahead_is_not_entered_and_still_takes_a_cpuid_table() {
+    fn a_vcpu_run_without_entering_is_not_entered_and_still_takes_a_cpuid_table() {
         let kvm = test_util::kvm();
         let vm = test_util::vm(&kvm);
         let mut vcpu = test_util::vcpu(&kvm, &vm, 0, 1);
@@ -137,7 +135,7 @@ mod tests {
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .unwrap();
 
-        run_once_ahead(&mut vcpu);
+        let _ = run_without_entering(&mut vcpu);
         // KVM refuses a different table once the vCPU has entered the guest.
         let leaf = cpuid
             .as_mut_slice()
