@@ -164,6 +164,38 @@ impl AgentClient {
         state_token: Token,
         wait: Option<Duration>,
     ) -> Result<Result<Taken, AgentError>, AgentError> {
+        let take = Request::TakeSession {
+            name: name.into(),
+            state_token,
+            timeout_ms: wait.map_or(0, |wait| {
+                u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+            }),
+        };
+        match self.request(&take, None) {
+            Ok((Response::Taken { state, attachments }, fd)) if state == fd.is_some() => {
+                Ok(Ok(Taken {
+                    state_token,
+                    state: fd,
+                    attachments: Some(attachments),
+                }))
+            }
+            Ok((other, _)) => Err(AgentError::UnexpectedReply(format!("{other:?}"))),
+            // An agent older than `take_session` answers that it is no request it knows.
+            Err(e) if e.kind() == Some(ErrorKind::BadRequest) => {
+                self.take_session_piecewise(name, state_token, wait)
+            }
+            Err(error @ AgentError::Remote { .. }) => Ok(Err(error)),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// [`Self::take_session`] from an agent without `take_session`: its requests pipelined.
+    pub(crate) fn take_session_piecewise(
+        &mut self,
+        name: &str,
+        state_token: Token,
+        wait: Option<Duration>,
+    ) -> Result<Result<Taken, AgentError>, AgentError> {
         let mut requests = Vec::with_capacity(4);
         if let Some(wait) = wait {
             requests.push(Request::WaitHandover {

@@ -36,6 +36,9 @@ fn steps_of(request: &Request, state: &AgentState) -> &'static [FaultStep] {
         Request::PreserveAndHandover { .. } => &[FaultStep::Save, FaultStep::Handover],
         Request::RetrieveSession { name } if state.is_handed_over(name) => &[FaultStep::Retrieve],
         Request::RetrieveFd { .. } => &[FaultStep::Restore],
+        Request::TakeSession { name, .. } if state.is_handed_over(name) => {
+            &[FaultStep::Retrieve, FaultStep::Restore]
+        }
         Request::Resumed { .. } => &[FaultStep::Resume],
         Request::Finish { .. } => &[FaultStep::Finish],
         _ => &[],
@@ -103,9 +106,15 @@ mod tests {
             (Request::Finish { name: name() }, FaultStep::Finish),
         ];
         let waiting = Request::RetrieveSession { name: name() };
+        let taking = Request::TakeSession {
+            name: name(),
+            state_token: STATE_TOKEN,
+            timeout_ms: 0,
+        };
 
         ok(&mut state, create("vm"), OWNER, None);
         let not_yet = steps_of(&waiting, &state);
+        let not_yet_taken = steps_of(&taking, &state);
         for (request, step) in &before_handover {
             assert_eq!(steps_of(request, &state), [*step], "{request:?}");
         }
@@ -117,8 +126,12 @@ mod tests {
         for (request, step) in &after_handover {
             assert_eq!(steps_of(request, &state), [*step], "{request:?}");
         }
+        assert_eq!(
+            steps_of(&taking, &state),
+            [FaultStep::Retrieve, FaultStep::Restore]
+        );
         assert!(
-            not_yet.is_empty(),
+            not_yet.is_empty() && not_yet_taken.is_empty(),
             "a successor polling before the handover"
         );
         assert!(steps_of(&Request::List, &state).is_empty());

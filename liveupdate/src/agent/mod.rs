@@ -15,11 +15,13 @@
 //! `"op"`: `ping`, `create_session{name}`, `preserve{name,token}` + fd, `handover{name}`,
 //! `cancel{name}`, `kexec{kernel,initrd,cmdline,timeout_ms}` (kernel mode, see [`kexec`]),
 //! `retrieve_session{name}`, `retrieve_fd{name,token}` (reply carries the fd),
+//! `take_session{name,state_token,timeout_ms}` (both at once, after a wait for the handover),
 //! `resumed{name,pid}` (the successor is about to run the guest: see Faults below),
 //! `finish{name}`, `list`, `attach{name,token}` + fd and `retrieve_attachment{name,token}` (see
 //! Attachments below), `wait_pause_slot{name,timeout_ms}` (see Pause slots below),
 //! `upgrade{mode}` and `upgrade_done` (a new agent binary taking over, see [`upgrade`]).
 //! Replies, tagged by `"reply"`: `ok`, `pong{mode,version}`, `pause_slot{granted}`,
+//! `taken{state,attachments}` (+ the state's fd),
 //! `sessions{sessions}`, `handoff{names}` and `handoff_fd{name}` + fd, `error{kind,message}`
 //! with a stable snake_case
 //! [`protocol::ErrorKind`]. A body that is not a valid request gets a `bad_request` reply and the

@@ -7,7 +7,7 @@
 //! `"reply"` respectively. `tests/fuzz_protocol.rs` fuzzes both and the reading of frames.
 
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -179,6 +179,18 @@ pub enum Request {
         name: String,
         /// The file's token.
         token: Token,
+    },
+    /// What a successor asks first, in one request and one answer (`taken`, carrying the
+    /// state file if there is one): waits up to `timeout_ms` (capped at [`MAX_WAIT_MS`]) for
+    /// the handover, as `wait_handover`, then retrieves the session and its file under
+    /// `state_token`, as `retrieve_session` and `retrieve_fd`. An error answers the retrieve.
+    TakeSession {
+        /// Session name.
+        name: String,
+        /// The token of the file the successor reads first (its saved state).
+        state_token: Token,
+        /// How long to wait for the handover, in milliseconds (0: not at all).
+        timeout_ms: u64,
     },
     /// From a successor, once its VM is rebuilt and before its vCPUs start: the guest is about
     /// to run on, so the session's saved state goes stale. The agent releases the session (as
@@ -446,6 +458,14 @@ pub enum Response {
         /// The entry's name.
         name: String,
     },
+    /// Answer to `take_session`: the session is retrieved.
+    Taken {
+        /// The message carries the state file (false: the session has none under the token;
+        /// a `retrieve_fd` then gives the reason).
+        state: bool,
+        /// The tokens of the session's attachments.
+        attachments: Vec<Token>,
+    },
     /// Answer to `list`.
     Sessions {
         /// The sessions, sorted by name.
@@ -569,6 +589,7 @@ pub fn recv(
     rest_timeout: Duration,
 ) -> Result<Option<Received>, ProtocolError> {
     stream.set_read_timeout(None).map_err(read_error)?;
+    crate::sys::wait_readable(stream.as_fd(), None).map_err(read_error)?;
     let mut header = [0u8; HEADER_LEN];
     // Room for more fds than allowed, so that one too many is seen rather than silently lost.
     let (got, mut fds) = match crate::sys::recv_with_fds(stream, &mut header, MAX_FDS + 3) {
@@ -613,6 +634,11 @@ mod tests {
             Request::RetrieveFd {
                 name: "vm0".into(),
                 token: 7,
+            },
+            Request::TakeSession {
+                name: "vm0".into(),
+                state_token: 1,
+                timeout_ms: 500,
             },
             Request::Resumed {
                 name: "vm0".into(),

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,6 +33,10 @@ const EXIT_GRACE_MS: libc::c_int = 500;
 /// How often waits in the kexec barrier look at the state again (they are also woken by
 /// every change).
 const BARRIER_POLL: Duration = Duration::from_millis(100);
+
+/// Longest a successor's `resumed` holds back the release it makes (waking the old VMM,
+/// closing the session's files) while its guest starts; its next request ends the wait sooner.
+const RELEASE_DELAY: Duration = Duration::from_millis(20);
 
 /// Makes private directory names unique within the process.
 static PRIVATE_DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -201,9 +205,19 @@ impl AgentServer {
                 connections: AtomicUsize::new(0),
                 handed_off: AtomicBool::new(false),
                 listener: listener_copy,
+                release_delay_ms: AtomicU64::new(
+                    u64::try_from(RELEASE_DELAY.as_millis()).unwrap_or(u64::MAX),
+                ),
             }),
             _lock: lock,
         })
+    }
+
+    /// Has a successor's `resumed` hold back its release for up to `delay` (a test's).
+    #[cfg(test)]
+    fn hold_releases_for(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.state.release_delay_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The socket path.
@@ -346,6 +360,9 @@ struct Shared {
     handed_off: AtomicBool,
     /// The listening socket, to hand over in an upgrade.
     listener: OwnedFd,
+    /// How long, at most, a `resumed` holds back its release (see [`RELEASE_DELAY`]), in
+    /// milliseconds.
+    release_delay_ms: AtomicU64,
 }
 
 impl Shared {
@@ -557,11 +574,12 @@ impl Shared {
             _ => None,
         };
         let wait: Option<(u64, &WaitCondition<'_>)> = match &request {
-            Request::WaitHandover { name, timeout_ms } => {
-                Some((*timeout_ms, &move |state: &AgentState| {
-                    state.is_handed_over(name) || state.has_ended(name)
-                }))
-            }
+            Request::WaitHandover { name, timeout_ms }
+            | Request::TakeSession {
+                name, timeout_ms, ..
+            } => Some((*timeout_ms, &move |state: &AgentState| {
+                state.is_handed_over(name) || state.has_ended(name)
+            })),
             Request::WaitSuccessor { name, timeout_ms } => {
                 Some((*timeout_ms, &move |state: &AgentState| {
                     !state.successor_pending(name)
@@ -610,6 +628,9 @@ impl Shared {
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
+            // What the request does after its wait may be a step of its own (`take_session`
+            // retrieves what was handed over meanwhile).
+            super::faults::before(&request, &state);
         }
         // Waiters wait for something to become true that only a changing request makes true:
         // read-only ones wake nobody (with many VMs at once, every waiting VMM's connection
@@ -820,6 +841,16 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
         };
         let sent = protocol::send(stream, &response, fd.as_ref().map(std::os::fd::AsFd::as_fd));
         if later == Later::Wake {
+            // The successor lets its guest run as it reads this answer: what this wakes (the
+            // old VMM, which then tears its VM down) and the closing of the released files wait
+            // until its guest runs, i.e. for its next request (`finish`), its hang-up, or at
+            // most `release_delay_ms`, so as not to take a CPU from its vCPUs as they start.
+            let delay = Duration::from_millis(state.release_delay_ms.load(Ordering::Relaxed));
+            if sent.is_ok()
+                && let Err(e) = crate::sys::wait_readable(stream.as_fd(), Some(delay))
+            {
+                warn!("cannot wait for uid {uid}'s next request: {e}");
+            }
             state.after_reply();
         }
         if let Err(e) = sent {
@@ -847,6 +878,7 @@ mod tests {
     use std::io::{Read, Seek, SeekFrom, Write};
     use std::os::fd::AsFd;
     use std::os::unix::fs::FileTypeExt;
+    use std::sync::mpsc;
     use std::thread::JoinHandle;
 
     use vmm_sys_util::tempdir::TempDir;
@@ -1379,6 +1411,125 @@ mod tests {
         assert_eq!(read_at(&mut state_file, 0, 5), b"state");
         let attachments = session.retrieve_attachments().unwrap();
         assert_eq!(attachments.keys().copied().collect::<Vec<_>>(), vec![7]);
+    }
+
+    #[test]
+    fn take_session_waits_for_a_handover_another_client_makes_and_answers_in_one_message() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let state = memfd_with(b"state");
+        old.create_session("w").unwrap();
+        old.preserve("w", state.as_fd(), 0).unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        let take = Request::TakeSession {
+            name: "w".into(),
+            state_token: 0,
+            timeout_ms: 10_000,
+        };
+        let taker = thread::spawn(move || successor.request(&take, None));
+
+        thread::sleep(Duration::from_millis(50));
+        old.handover("w").unwrap();
+        let (answer, fd) = taker.join().unwrap().unwrap();
+
+        assert_eq!(
+            answer,
+            Response::Taken {
+                state: true,
+                attachments: vec![]
+            }
+        );
+        let mut state_file = File::from(fd.expect("the state file"));
+        assert_eq!(read_at(&mut state_file, 0, 5), b"state");
+    }
+
+    #[test]
+    fn an_agent_without_take_session_is_asked_piece_by_piece_with_the_same_outcome() {
+        let agent = start_agent();
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        let (state, socket) = (memfd_with(b"state"), memfd_with(b"sock"));
+        old.create_session("p").unwrap();
+        old.attach("p", socket.as_fd(), 7).unwrap();
+        old.preserve("p", state.as_fd(), 0).unwrap();
+        old.handover("p").unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+
+        let taken = successor
+            .take_session_piecewise("p", 0, Some(Duration::from_secs(10)))
+            .unwrap()
+            .unwrap();
+
+        let mut session = AgentSession::taken(Arc::new(Mutex::new(successor)), "p", taken);
+        let mut state_file = File::from(session.retrieve_fd(0).unwrap());
+        assert_eq!(read_at(&mut state_file, 0, 5), b"state");
+        let attachments = session.retrieve_attachments().unwrap();
+        assert_eq!(attachments.keys().copied().collect::<Vec<_>>(), vec![7]);
+    }
+
+    /// A successor hands `name` over from `old` and takes it; `wait_released` from another
+    /// connection of the old VMM runs on a thread that reports on the returned channel.
+    fn resumed_with_a_release_waiter(
+        agent: &Agent,
+        name: &str,
+    ) -> (AgentClient, mpsc::Receiver<Result<(), AgentError>>) {
+        let mut old = AgentClient::connect(&agent.path).unwrap();
+        old.create_session(name).unwrap();
+        old.handover(name).unwrap();
+        let mut successor = AgentClient::connect(&agent.path).unwrap();
+        successor.retrieve_session(name).unwrap();
+        let (released, answers) = mpsc::channel();
+        let waited = name.to_string();
+        thread::spawn(move || {
+            let _ = released.send(old.wait_released(&waited, Duration::from_secs(60)));
+        });
+        // Time for the waiter to be in its wait (the session is held: it cannot return yet).
+        let early = answers.recv_timeout(Duration::from_millis(200));
+        assert!(early.is_err(), "released while held: {early:?}");
+        successor.resumed(name).unwrap();
+        (successor, answers)
+    }
+
+    #[test]
+    fn a_resumed_release_waits_for_the_successors_next_request() {
+        let agent = start_agent_set_up(restart_state(), |server| {
+            server.hold_releases_for(Duration::from_secs(60));
+        });
+        let (mut successor, released) = resumed_with_a_release_waiter(&agent, "n");
+
+        let before_next = released.recv_timeout(Duration::from_millis(300));
+        successor.finish("n").unwrap();
+        let after_next = released.recv_timeout(Duration::from_secs(10));
+
+        assert!(
+            before_next.is_err(),
+            "released before the successor's next request"
+        );
+        after_next.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_resumed_release_comes_when_the_successor_hangs_up() {
+        let agent = start_agent_set_up(restart_state(), |server| {
+            server.hold_releases_for(Duration::from_secs(60));
+        });
+        let (successor, released) = resumed_with_a_release_waiter(&agent, "h");
+
+        drop(successor);
+        let answer = released.recv_timeout(Duration::from_secs(10));
+
+        answer.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_resumed_release_comes_after_the_delay_without_another_request() {
+        let agent = start_agent_set_up(restart_state(), |server| {
+            server.hold_releases_for(Duration::from_millis(100));
+        });
+        let (_successor, released) = resumed_with_a_release_waiter(&agent, "d");
+
+        let answer = released.recv_timeout(Duration::from_secs(10));
+
+        answer.unwrap().unwrap();
     }
 
     #[test]

@@ -342,7 +342,8 @@ impl AgentState {
         // session being prepared would keep the state locked with many VMs updated at once.
         if let Request::Peek { name, .. }
         | Request::WaitPrepared { name, .. }
-        | Request::RetrieveSession { name } = &request
+        | Request::RetrieveSession { name }
+        | Request::TakeSession { name, .. } = &request
         {
             self.drop_if_abandoned(name);
         } else {
@@ -480,27 +481,31 @@ impl AgentState {
             Request::RetrieveAttachment { name, .. } if !self.incoming.contains_key(&name) => {
                 Err(self.gone(&name, uid, no_session(&name, "retrieved")))
             }
-            Request::RetrieveFd { name, .. } if !self.incoming.contains_key(&name) => {
-                Err(self.gone(&name, uid, no_session(&name, "retrieved")))
-            }
             Request::RetrieveAttachment { name, token } => {
                 let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
                 Ok((Response::Ok, Some(held.attachments.copy(token)?)))
             }
             Request::RetrieveFd { name, token } => {
-                let held = owned(&mut self.incoming, &name, uid, "retrieved")?;
-                if !held.files.contains_key(&token) {
-                    let fd = held
-                        .session
-                        .retrieve_fd(token)
-                        .map_err(|e| session_error(&e))?;
-                    held.files.insert(token, fd);
-                }
-                let fd = copy_of(held, token)?;
-                if !held.tokens.contains(&token) {
-                    held.tokens.push(token);
-                }
-                Ok((Response::Ok, fd))
+                Ok((Response::Ok, self.retrieve_fd(&name, token, uid)?))
+            }
+            Request::TakeSession {
+                name, state_token, ..
+            } => {
+                // The server waited already (without holding the state) for the handover.
+                self.retrieve_session(name.clone(), uid)?;
+                let fd = self.retrieve_fd(&name, state_token, uid).ok().flatten();
+                let attachments = self
+                    .incoming
+                    .get(&name)
+                    .map(|held| held.attachments.tokens())
+                    .unwrap_or_default();
+                Ok((
+                    Response::Taken {
+                        state: fd.is_some(),
+                        attachments,
+                    },
+                    fd,
+                ))
             }
             Request::Resumed { name, pid } => self.resumed(&name, uid, pid).and(ok),
             // Released at `resumed` already: the successor's finish has nothing left to do.
@@ -523,6 +528,32 @@ impl AgentState {
                 ok
             }
         }
+    }
+
+    /// A copy of the file under `token` of retrieved session `name`, taken from the session
+    /// the first time.
+    fn retrieve_fd(
+        &mut self,
+        name: &str,
+        token: Token,
+        uid: u32,
+    ) -> Result<Option<OwnedFd>, WireError> {
+        if !self.incoming.contains_key(name) {
+            return Err(self.gone(name, uid, no_session(name, "retrieved")));
+        }
+        let held = owned(&mut self.incoming, name, uid, "retrieved")?;
+        if !held.files.contains_key(&token) {
+            let fd = held
+                .session
+                .retrieve_fd(token)
+                .map_err(|e| session_error(&e))?;
+            held.files.insert(token, fd);
+        }
+        let fd = copy_of(held, token)?;
+        if !held.tokens.contains(&token) {
+            held.tokens.push(token);
+        }
+        Ok(fd)
     }
 
     fn create(&mut self, name: String, uid: u32) -> Result<(), WireError> {
