@@ -34,6 +34,7 @@ use log::{info, warn};
 use thiserror::Error;
 
 use crate::config::{RestoreConfig, VmConfig};
+use crate::live_update::pause_priority::PausePriority;
 use crate::state_format::StateFormat;
 use crate::sys;
 use crate::vcpu_thread::VcpuEvent;
@@ -405,6 +406,12 @@ fn take_over(
     on_event: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
 ) -> Result<Restored, LiveUpdateError> {
     let name = restore.session.as_str();
+    // A successor started ahead raised itself as it said it was ready; one started after the
+    // handover (after a kexec) restores at once.
+    let _pause = taken
+        .prebuilt
+        .is_none()
+        .then(|| PausePriority::raise([sys::current_tid()]));
     let mut incoming =
         Incoming::restore(session).map_err(|(_session, e)| LiveUpdateError::State(e))?;
     let (vm, config, span) = Vm::restore(&mut incoming, taken.prebuilt, on_event, restore.resume)
@@ -501,12 +508,19 @@ fn wait_for_handover(
     // The first look does not wait: across a kexec the session is there already.
     let mut handover_wait = None;
     loop {
-        match client.take_session(name, STATE_TOKEN, handover_wait.take()) {
+        let waited = handover_wait.take();
+        match client.take_session(name, STATE_TOKEN, waited) {
             Ok(Ok(taken)) => return Ok((prebuilt, taken)),
             Ok(Err(e)) if e.kind() != Some(ErrorKind::NoSuchSession) => {
                 return Err(agent_failure(client, e));
             }
-            Ok(Err(_)) => {}
+            Ok(Err(_)) => {
+                // Ready, yet no handover within a wait: the old VMM is slow, or stopped its
+                // update. Idle CPUs need not poll while this waits on.
+                if let (Some(_), Some(built)) = (waited, prebuilt.as_mut()) {
+                    built.let_cpus_idle();
+                }
+            }
             Err(e) => return Err(agent_failure(client, e)),
         }
         let now = Instant::now();

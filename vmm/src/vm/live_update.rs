@@ -148,6 +148,12 @@ impl Prebuilt {
         );
     }
 
+    /// Withdraws the pause's CPU latency request taken when ready (see [`PausePriority`]):
+    /// the handover is late.
+    pub fn let_cpus_idle(&mut self) {
+        self.priority.let_cpus_idle();
+    }
+
     /// Whether threads started ahead made more vCPUs than a state of `count` has.
     fn has_vcpus_beyond(&self, count: usize) -> bool {
         self.vcpu_threads
