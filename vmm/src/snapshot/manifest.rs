@@ -33,7 +33,6 @@ pub const MANIFEST: &str = "manifest.json";
 pub const CONFIG: &str = "config.json";
 /// Largest manifest or checksummed file read into memory (the state blob's own limit).
 const MAX_CHECKED_SIZE: u64 = liveupdate::state::MAX_BLOB_SIZE as u64;
-const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
 /// One file of the directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +73,7 @@ pub struct Manifest {
 
 /// The checksum of `bytes`, as the manifest writes it.
 pub fn checksum(bytes: &[u8]) -> String {
-    format!("{:#018x}", CRC.checksum(bytes))
+    format!("{:#018x}", liveupdate::state::crc64(bytes))
 }
 
 impl Manifest {
