@@ -29,7 +29,8 @@ pub use cpuid::apply_topology;
 pub use error::CpuError;
 pub use lapic::{lapic_register, set_lapic_register};
 pub use msrs::{
-    MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, msrs_of_restored, supported_msrs, supported_msrs_cached,
+    MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, msrs_of_restored, restored_msrs, supported_msrs,
+    supported_msrs_cached,
 };
 pub use setup::{boot_cpuid, configure_vcpu, give_cpuid_and_host_tsc_rate, supported_cpuid};
 pub use state::{FpuState, LegacyFpu, VcpuSetup, VcpuState};

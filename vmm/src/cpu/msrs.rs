@@ -137,6 +137,11 @@ pub fn msrs_of_restored(state: &super::VcpuState) -> &'static [u32] {
     MSR_CACHE.get_or_init(|| state.msrs.iter().map(|e| e.index).collect())
 }
 
+/// The MSRs [`msrs_of_restored`] took, once it has.
+pub fn restored_msrs() -> Option<&'static [u32]> {
+    MSR_CACHE.get().map(Vec::as_slice)
+}
+
 static MSR_CACHE: OnceLock<Vec<u32>> = OnceLock::new();
 
 /// Reads the MSRs `indices`, in chunks of what one `KVM_GET_MSRS` takes.

@@ -248,18 +248,20 @@ impl Vm {
         resume: bool,
     ) -> Result<(Self, VmConfig, PauseSpan), VmError> {
         let states = incoming.states().ok_or(VmError::NoState)?;
-        let config: ConfigState = take(states, ids::CONFIG)?;
-        let config = config.config().map_err(VmError::Config)?;
         let memory: MemoryState = take(states, ids::MEMORY)?;
-        let interrupt_state: InterruptState = take(states, ids::INTERRUPTS)?;
         let vcpus: VcpusState = take(states, ids::VCPUS)?;
+        // Each vCPU's state is decoded where it is loaded: on the vCPU's thread, which starts
+        // before this thread decodes the rest.
         let vcpu_states = (0..vcpus.count)
-            .map(|index| take::<VcpuState>(states, &ids::vcpu(index)))
+            .map(|index| {
+                states
+                    .take_envelope(&ids::vcpu(index))
+                    .map_err(|e| VmError::LiveUpdate(MachineError::State(e)))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let irqchips: IrqchipsState = take(states, ids::IRQCHIP)?;
-        let pit: PitState = take(states, ids::PIT)?;
-        let clock: ClockState = take(states, ids::CLOCK)?;
-        let mut platform = PlatformState::from_parts(irqchips, pit.0, clock.0);
+        if vcpu_states.is_empty() {
+            return Err(VmError::NoVcpu);
+        }
         let mut step = Instant::now();
         let Prebuilt {
             kvm,
@@ -303,7 +305,6 @@ impl Vm {
         lap(incoming, "create_vm", &mut step);
         // Each vCPU is loaded on its own thread (made there ahead, or now), side by side and
         // beside the devices; the restoring thread takes on those not started when it is done.
-        let msrs = cpu::msrs_of_restored(vcpu_states.first().ok_or(VmError::NoVcpu)?);
         let paused_at_ns = vcpus.paused_at_ns;
         let loaded: VcpuSetupSlots = (0..vcpu_states.len()).map(|_| Mutex::new(None)).collect();
         let builders = (0u8..)
@@ -317,6 +318,11 @@ impl Vm {
                         let given = given_ahead.get(slot).and_then(|given| lock(given).take());
                         (vcpu, given)
                     });
+                    let state: VcpuState = state
+                        .decode()
+                        .map_err(|e| VmError::LiveUpdate(MachineError::State(e)))?;
+                    // The MSRs every later save reads: those the state has.
+                    cpu::msrs_of_restored(&state);
                     let (vcpu, setup) = build_vcpu(&vm_fd, index, made, state, paused_at_ns)?;
                     if let Some(loaded) = loaded.get(slot) {
                         *lock(loaded) = Some(setup);
@@ -331,6 +337,15 @@ impl Vm {
         }
         .map_err(VmError::VcpuThreads)?;
         lap(incoming, "create_vcpus", &mut step);
+        let states = incoming.states().ok_or(VmError::NoState)?;
+        let config: ConfigState = take(states, ids::CONFIG)?;
+        let config = config.config().map_err(VmError::Config)?;
+        let interrupt_state: InterruptState = take(states, ids::INTERRUPTS)?;
+        let irqchips: IrqchipsState = take(states, ids::IRQCHIP)?;
+        let pit: PitState = take(states, ids::PIT)?;
+        let clock: ClockState = take(states, ids::CLOCK)?;
+        let mut platform = PlatformState::from_parts(irqchips, pit.0, clock.0);
+        lap(incoming, "decode", &mut step);
         // Routes first: devices then claim their MSI groups by their saved placement.
         let (interrupts, routes) =
             InterruptManager::restore_aside(vm_fd.clone(), &interrupt_state, routed_ahead.as_ref())
@@ -365,6 +380,7 @@ impl Vm {
             ))),
         })?;
         lap(incoming, "vcpus", &mut step);
+        let msrs = cpu::restored_msrs().ok_or(VmError::NoVcpu)?;
         let setups = loaded
             .iter()
             .map(|setup| lock(setup).take().ok_or(VmError::NoVcpu))
@@ -485,7 +501,7 @@ impl Vm {
         drive: impl FnOnce(Vec<&mut dyn AnyParticipant>) -> R,
     ) -> R {
         let msrs = self.msrs;
-        let mut config_part = ConfigParticipant(config);
+        let mut config_part = ConfigParticipant::new(config);
         let mut memory = MemoryParticipant::new(&self.ram);
         let saves = VcpuSaves::new(self.vcpus.vcpus().len());
         let mut vcpus =
