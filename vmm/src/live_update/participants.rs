@@ -85,7 +85,23 @@ impl ConfigState {
 
 /// The VM configuration travels with the state, so the successor needs no other input.
 #[derive(Debug)]
-pub struct ConfigParticipant<'a>(pub &'a VmConfig);
+pub struct ConfigParticipant<'a> {
+    config: &'a VmConfig,
+    /// Written as it prepares, guest still running: nothing changes the configuration while
+    /// an update runs, and JSON has no place in the pause.
+    json: Option<String>,
+}
+
+impl<'a> ConfigParticipant<'a> {
+    /// The configuration of the VM being updated.
+    pub fn new(config: &'a VmConfig) -> Self {
+        Self { config, json: None }
+    }
+
+    fn json(&self) -> Result<String, ParticipantError> {
+        serde_json::to_string(self.config).map_err(|e| failed(ids::CONFIG, e))
+    }
+}
 
 impl Participant for ConfigParticipant<'_> {
     type State = ConfigState;
@@ -94,13 +110,17 @@ impl Participant for ConfigParticipant<'_> {
         ids::CONFIG.into()
     }
     fn prepare(&mut self, _files: &mut FileSink<'_>) -> Result<(), ParticipantError> {
+        self.json = Some(self.json()?);
         Ok(())
     }
     fn pause(&mut self) -> Result<(), ParticipantError> {
         Ok(())
     }
     fn save(&mut self, _files: &mut FileSink<'_>) -> Result<ConfigState, ParticipantError> {
-        let json = serde_json::to_string(self.0).map_err(|e| failed(ids::CONFIG, e))?;
+        let json = match self.json.take() {
+            Some(json) => json,
+            None => self.json()?,
+        };
         Ok(ConfigState { json })
     }
     fn resume(&mut self) -> Result<(), ParticipantError> {
