@@ -700,7 +700,12 @@ impl VcpuSet {
             hook: hook.clone(),
             runs,
         });
+        // Woken with the lock free: a thread that runs at once (on this CPU, on a host that
+        // packs a VM's threads together) takes its vCPU's call, rather than sleeping again on
+        // the lock and waking later, one after the other, in the way of what comes next.
+        drop(control);
         to_threads.notify_all();
+        let mut control = lock(m);
         while let Some(task) = control.task.as_mut() {
             let ours = (0..self.vcpus.len().min(task.runs.len()))
                 .rev()
