@@ -340,10 +340,12 @@ impl AgentState {
         let ok = Ok((Response::Ok, None));
         // The looks a waiting successor repeats check their own session only: a pidfd poll per
         // session being prepared would keep the state locked with many VMs updated at once.
+        // So does its `resumed`, which its guest waits for.
         if let Request::Peek { name, .. }
         | Request::WaitPrepared { name, .. }
         | Request::RetrieveSession { name }
-        | Request::TakeSession { name, .. } = &request
+        | Request::TakeSession { name, .. }
+        | Request::Resumed { name, .. } = &request
         {
             self.drop_if_abandoned(name);
         } else {
