@@ -646,16 +646,25 @@ impl Shared {
             Later::Nothing
         };
         let answer = state.handle(request, uid, fd);
-        if wakes && later == Later::Nothing {
-            self.after_change(&state);
-        } else {
-            self.sync_store(&state);
-        }
+        self.sync_store(&state);
+        let wake = wakes && later == Later::Nothing;
         match (kernel_handover, answer) {
             (Some(name), (Response::Ok, None)) => {
+                if wake {
+                    self.changed.notify_all();
+                }
                 (self.hold_handover(state, &name), None, Later::Nothing)
             }
-            (_, (response, fd)) => (response, fd, later),
+            (_, (response, fd)) => {
+                // Woken with the state free: a waiter woken on this CPU (a successor waiting
+                // for the handover) would otherwise preempt this thread only to sleep again on
+                // the lock, and wake once more as it is released.
+                drop(state);
+                if wake {
+                    self.changed.notify_all();
+                }
+                (response, fd, later)
+            }
         }
     }
 
