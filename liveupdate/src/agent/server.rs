@@ -1475,8 +1475,13 @@ mod tests {
         assert_eq!(attachments.keys().copied().collect::<Vec<_>>(), vec![7]);
     }
 
-    /// A successor hands `name` over from `old` and takes it; `wait_released` from another
-    /// connection of the old VMM runs on a thread that reports on the returned channel.
+    /// An agent whose successors' `resumed` hold their release back for up to `delay`.
+    fn agent_holding_releases_for(delay: Duration) -> Agent {
+        start_agent_set_up(restart_state(), |server| server.hold_releases_for(delay))
+    }
+
+    /// An old VMM hands session `name` over and a successor takes it and marks it `resumed`;
+    /// the old VMM's `wait_released`, sent before that, reports on the returned channel.
     fn resumed_with_a_release_waiter(
         agent: &Agent,
         name: &str,
@@ -1500,9 +1505,7 @@ mod tests {
 
     #[test]
     fn a_resumed_release_waits_for_the_successors_next_request() {
-        let agent = start_agent_set_up(restart_state(), |server| {
-            server.hold_releases_for(Duration::from_secs(60));
-        });
+        let agent = agent_holding_releases_for(Duration::from_secs(60));
         let (mut successor, released) = resumed_with_a_release_waiter(&agent, "n");
 
         let before_next = released.recv_timeout(Duration::from_millis(300));
@@ -1518,9 +1521,7 @@ mod tests {
 
     #[test]
     fn a_resumed_release_comes_when_the_successor_hangs_up() {
-        let agent = start_agent_set_up(restart_state(), |server| {
-            server.hold_releases_for(Duration::from_secs(60));
-        });
+        let agent = agent_holding_releases_for(Duration::from_secs(60));
         let (successor, released) = resumed_with_a_release_waiter(&agent, "h");
 
         drop(successor);
@@ -1531,9 +1532,7 @@ mod tests {
 
     #[test]
     fn a_resumed_release_comes_after_the_delay_without_another_request() {
-        let agent = start_agent_set_up(restart_state(), |server| {
-            server.hold_releases_for(Duration::from_millis(100));
-        });
+        let agent = agent_holding_releases_for(Duration::from_millis(100));
         let (_successor, released) = resumed_with_a_release_waiter(&agent, "d");
 
         let answer = released.recv_timeout(Duration::from_secs(10));
