@@ -34,13 +34,13 @@ use log::{info, warn};
 use thiserror::Error;
 
 use crate::config::{RestoreConfig, VmConfig};
-use crate::live_update::pause_priority::PausePriority;
 use crate::state_format::StateFormat;
 use crate::sys;
 use crate::vcpu_thread::VcpuEvent;
 use crate::vm::{PauseSpan, Prebuilt, Vm, VmError};
 pub use inherited::Inherited;
 use participants::RAM_TOKEN;
+use pause_priority::PausePriority;
 
 /// How long a successor waits for its session to be handed over.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(120);

@@ -85,7 +85,8 @@ impl PausePriority {
     }
 
     /// Whether a CPU latency request is held.
-    pub fn holds_wake_latency(&self) -> bool {
+    #[cfg(test)]
+    fn holds_wake_latency(&self) -> bool {
         self.wake_latency.is_some()
     }
 }
