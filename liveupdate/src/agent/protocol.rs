@@ -589,7 +589,7 @@ pub fn recv(
     rest_timeout: Duration,
 ) -> Result<Option<Received>, ProtocolError> {
     stream.set_read_timeout(None).map_err(read_error)?;
-    crate::sys::wait_readable(stream.as_fd(), None).map_err(read_error)?;
+    super::sys::wait_readable(&[stream.as_fd()], None).map_err(read_error)?;
     let mut header = [0u8; HEADER_LEN];
     // Room for more fds than allowed, so that one too many is seen rather than silently lost.
     let (got, mut fds) = match crate::sys::recv_with_fds(stream, &mut header, MAX_FDS + 3) {

@@ -286,7 +286,7 @@ impl AgentServer {
     pub fn run(&self) -> Result<(), AgentError> {
         let shared = &self.state;
         loop {
-            let ready = sys::wait_readable(&[self.listener.as_fd(), shared.wake.0.as_fd()])
+            let ready = sys::wait_readable(&[self.listener.as_fd(), shared.wake.0.as_fd()], None)
                 .map_err(io_error("wait for connections on", &self.path))?;
             if ready[1] {
                 let mut drain = [0u8; 64];
@@ -856,7 +856,7 @@ fn serve_connection(stream: &UnixStream, state: &Shared) {
             // most `release_delay_ms`, so as not to take a CPU from its vCPUs as they start.
             let delay = Duration::from_millis(state.release_delay_ms.load(Ordering::Relaxed));
             if sent.is_ok()
-                && let Err(e) = crate::sys::wait_readable(stream.as_fd(), Some(delay))
+                && let Err(e) = sys::wait_readable(&[stream.as_fd()], Some(delay))
             {
                 warn!("cannot wait for uid {uid}'s next request: {e}");
             }

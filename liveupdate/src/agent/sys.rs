@@ -92,8 +92,18 @@ pub(crate) fn has_exited(pidfd: &OwnedFd, timeout_ms: libc::c_int) -> bool {
     ready > 0 && poll.revents & libc::POLLIN != 0
 }
 
-/// Waits until one of `fds` is readable (or hung up); returns which are.
-pub(crate) fn wait_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+/// Waits until one of `fds` is readable (or hung up), or `timeout` passed (`None`: for ever);
+/// returns which are (none after a timeout). Unlike a blocking read, this wait ignores the
+/// wake-ups a socket's waiters get when the peer reads what this side sent (keyed for
+/// writing): a thread waiting for an answer is not woken, and put back to sleep, as its request
+/// is read.
+pub(crate) fn wait_readable(
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Vec<bool>> {
+    let timeout_ms = timeout.map_or(-1, |t| {
+        libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX)
+    });
     let mut polled: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {
@@ -106,7 +116,7 @@ pub(crate) fn wait_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
     loop {
         // SAFETY: `polled` is a valid array of `count` pollfd structs for the call, and the
         // kernel writes only their `revents`; the return value is checked.
-        let ret = unsafe { libc::poll(polled.as_mut_ptr(), count, -1) };
+        let ret = unsafe { libc::poll(polled.as_mut_ptr(), count, timeout_ms) };
         if ret >= 0 {
             break;
         }

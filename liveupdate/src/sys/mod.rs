@@ -273,32 +273,6 @@ pub fn fs_magic(fd: impl AsFd) -> io::Result<i64> {
     Ok(i64::from(stat.f_type))
 }
 
-/// Waits until `fd` has data to read or its peer hung up (true), or `timeout` passed (false;
-/// `None` waits for ever). Unlike a blocking read, this wait ignores the wake-ups a socket's
-/// waiters get when the peer reads what this side sent (keyed for writing): a thread waiting
-/// for an answer is not woken, and put back to sleep, as its request is read.
-pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<std::time::Duration>) -> io::Result<bool> {
-    let timeout_ms = timeout.map_or(-1, |t| {
-        libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX)
-    });
-    let mut pollfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: `pollfd` is one valid, writable `pollfd` and the count says one.
-        let ret = unsafe { libc::poll(&raw mut pollfd, 1, timeout_ms) };
-        if ret >= 0 {
-            return Ok(ret > 0);
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
-}
-
 /// Receives into `buf` with up to `max_fds` descriptors; more are closed and reported as
 /// `ENOBUFS` (by vmm-sys-util, when the control data was truncated).
 pub fn recv_with_fds(
