@@ -11,7 +11,8 @@
 #     of its guest after it, checks errors=0, and prints per VM
 #     `MANY-VM <i> <restored event's properties> | <VMM clock of its "VM restored" log line> |
 #     <hb_gap_us of the guest's first status line after the restore>`.
-# Markers: MANY-STAGE1/2, MANY-REQ, MANY-RESTORE-START, MANY-VM, MANY-PASS or MANY-FAIL: why.
+# Markers: MANY-STAGE1/2, MANY-REQ, MANY-RESTORE-START, MANY-VM, MANY-AHEAD (the agent's
+# retrieval of the guests' memfds ahead of the VMMs, in ms, or -), MANY-PASS or MANY-FAIL: why.
 # Needs in the initramfs: /bin/cloud-hypervisor, /bin/ch-remote, /bin/ch-luod,
 # /lib/vfio-stage.sh (guest/vfio/lib.sh), /guest/probe-guest.elf; the first image also
 # /kexec/bzImage and /kexec/initrd.cpio.gz (an image of this stage).
@@ -123,6 +124,9 @@ for i in $(seq 1 "$vms"); do
         grep -o '[0-9.]*s:' | tr -d 's:')
     echo "MANY-VM $i $restored | $clock | ${gap:-?}"
 done
+# What the agent retrieved ahead of the VMMs (the last kernel's manifest), and how long it took.
+ahead=$(grep -o 'retrieved ahead in [0-9.]* ms' "$work/luod.log" | grep -o '[0-9.]* ms' | cut -d' ' -f1)
+echo "MANY-AHEAD ms=${ahead:--}"
 sessions=$(ch-luod --socket "$agent" list)
 [ -z "$sessions" ] || fail "the agent still holds sessions after every restore: $sessions"
 echo "MANY-PASS"

@@ -392,7 +392,14 @@ if [ "$case_name" = inherited ]; then
 else
     echo "E2E-KEXEC-STAGE$stage kernel $(uname -r) (from ${from_kernel:-?})"
     start_agent
-    ch-luod --socket "$agent_socket" list
+    listed=$(ch-luod --socket "$agent_socket" list)
+    echo "$listed"
+    # The last kernel's agent named the session and its owner (agent/manifest.rs): the new one
+    # took it for that owner (root here) as it started, before any VMM asked.
+    case "$listed" in
+    *"{\"name\":\"$session\",\"direction\":\"incoming\",\"owner_uid\":0"*) ;;
+    *) fail "the new agent did not take session $session for its owner from the manifest: $listed" ;;
+    esac
     if [ "$case_name" = agent-upgrade ]; then
         upgrade_agent
         out=$(agent-holder check "$agent_socket" held 2>&1) || fail "agent-holder check: $out"
@@ -444,6 +451,17 @@ if [ "$case_name" = inherited ]; then
 else
     sessions=$(ch-luod --socket "$agent_socket" list)
     [ -z "$sessions" ] || fail "the agent still holds sessions after FINISH: $sessions"
+fi
+if [ "$case_name" = kexec ]; then
+    # Both of the session's memfds, guest RAM and the saved state, were retrieved by the agent
+    # as it started, not in the VMM's restore: after every kexec of a chain (the second one's
+    # RAM is a memfd LUO gave back, no longer named memfd:).
+    ahead=$(grep -o '[0-9]* file(s) of the last kernel.s sessions retrieved ahead in [0-9.]* ms' "$work/luod.log")
+    case "$ahead" in
+    "2 file(s)"*) ;;
+    *) fail "the new kernel's agent did not retrieve the guest's RAM and state ahead of the VMM: '$ahead'" ;;
+    esac
+    echo "E2E-KEXEC agent: $ahead"
 fi
 if [ "$stage" -le "$kexecs" ] && [ "$case_name" = kexec ]; then
     # The next kexec (e.g. back to the first kernel): the same update, from this stage.

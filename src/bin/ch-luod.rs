@@ -186,6 +186,12 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     state
         .import(std::mem::take(&mut rebuilt.sessions))
         .context("Cannot take the sessions back")?;
+    // After a kexec: the sessions the last kernel's agent named, for their owners.
+    let ahead = if cli.emulate {
+        Vec::new()
+    } else {
+        state.take_manifest()
+    };
     if let Some(handoff) = handoff {
         handoff
             .confirm()
@@ -209,6 +215,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     }
     // Its copies of the fds would keep finished sessions' memory alive.
     drop(rebuilt);
+    server.retrieve_ahead(ahead);
     let shutdown = server.shutdown_handle();
     thread::Builder::new()
         .name("ch-luod-signals".into())

@@ -76,6 +76,9 @@ pub struct SessionRecord {
     /// The tokens `list` shows.
     #[serde(default)]
     pub tokens: Vec<Token>,
+    /// Outgoing, kernel mode: the tokens of its memfds (see `super::manifest`).
+    #[serde(default)]
+    pub memfds: Vec<Token>,
     /// The provider's fds of the session (by the provider's names) -> entry.
     #[serde(default)]
     pub provider: BTreeMap<String, String>,
@@ -96,6 +99,7 @@ impl SessionRecord {
             owner: None,
             frozen: false,
             tokens: Vec::new(),
+            memfds: Vec::new(),
             provider: BTreeMap::new(),
             files: BTreeMap::new(),
             attachments: BTreeMap::new(),

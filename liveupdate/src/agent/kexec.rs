@@ -285,6 +285,8 @@ impl AgentState {
             warn!("kexec: cannot unload the image: {e}");
         }
         warn!("kexec failed: {message}");
+        // Dropped with its session: the next kexec preserves a new one.
+        self.manifest = None;
         for held in self.outgoing.values_mut().filter(|held| held.frozen) {
             held.frozen = false;
             held.verdict = Some(Self::kexec_error(format!(
@@ -301,6 +303,8 @@ impl AgentState {
         let HandoverMode::Kexec(ops) = &self.handover else {
             return Self::kexec_error("kexec needs kernel mode");
         };
+        let ops = ops.clone();
+        self.preserve_manifest();
         info!(
             "kexec: {} session(s) frozen; rebooting",
             self.outgoing.len()

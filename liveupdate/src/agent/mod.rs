@@ -48,9 +48,16 @@
 //! # Ownership
 //! Each connection's uid comes from `SO_PEERCRED`. A session remembers the uid that created it;
 //! only that uid may preserve into it, hand it over, cancel it, retrieve it, retrieve its files
-//! and finish it (else `permission_denied`). An incoming session whose creator this agent did
-//! not see (it came across a kexec) may be retrieved by root or the agent's own uid only, until
-//! owners are carried across the kexec.
+//! and finish it (else `permission_denied`). Across a kexec the owners come with the agent's
+//! manifest (below); an incoming session no manifest names (the last kernel's agent was an
+//! older one, or wrote none) may be retrieved by root or the agent's own uid only.
+//!
+//! # Across a kexec (kernel mode, [`manifest`])
+//! Right before the reboot the agent preserves a session of its own naming every frozen
+//! session, its owner and its memfds. The next kernel's agent reads it as it starts: it takes
+//! those sessions for their owners and retrieves their memfds (guest RAM, whose page cache LUO
+//! rebuilds folio by folio in that call) on a thread of its own, ahead of the VMMs that will
+//! ask for them, instead of in their restores.
 //!
 //! Sessions belong to the agent, not to connections: a connection may close and another one
 //! carry on. `cancel` is how the owner drops an outgoing session.
@@ -85,6 +92,7 @@ mod ended;
 pub mod faults;
 pub mod fdstore;
 pub mod kexec;
+pub mod manifest;
 pub mod pause_slots;
 pub mod protocol;
 pub mod server;

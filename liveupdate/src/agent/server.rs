@@ -19,6 +19,7 @@ use super::kexec::{HANDOVER_WAIT, KexecImage};
 use super::protocol::{self, ErrorKind, MAX_WAIT_MS, ProtocolError, Request, Response, WireError};
 use super::state::AgentState;
 use super::{AgentError, sys};
+use crate::session::Token;
 
 /// Most simultaneous connections; more are answered with a `busy` error and closed. A host
 /// updating all its VMs at once has two per VM (the old VMM's and its successor's).
@@ -279,6 +280,33 @@ impl AgentServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(store);
         Ok(())
+    }
+
+    /// Retrieves `files` (session name, token) on a thread of its own, one after the other
+    /// with the state held, as a VMM's own retrieve would hold it (see [`super::manifest`]).
+    pub fn retrieve_ahead(&self, files: Vec<(String, Token)>) {
+        if files.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(&self.state);
+        let spawned = thread::Builder::new()
+            .name("ch-luod-ahead".into())
+            .spawn(move || {
+                let start = Instant::now();
+                for (name, token) in &files {
+                    let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    state.retrieve_ahead(name, *token);
+                    shared.after_change(&state);
+                }
+                info!(
+                    "{} file(s) of the last kernel's sessions retrieved ahead in {:.1} ms",
+                    files.len(),
+                    start.elapsed().as_secs_f64() * 1000.0
+                );
+            });
+        if let Err(e) = spawned {
+            warn!("No retrieval ahead (cannot start its thread: {e}); VMMs retrieve their own");
+        }
     }
 
     /// Accepts connections until [`ShutdownHandle::shutdown`] or a completed upgrade; each

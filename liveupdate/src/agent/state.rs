@@ -11,6 +11,7 @@ use super::attachments::Attachments;
 use super::ended::{Creator, Ended, EndedSessions};
 use super::fdstore::{Exported, Imported, Role, SessionRecord, Side};
 use super::kexec::{KexecPhase, SharedKexecOps};
+use super::manifest::{MANIFEST_SESSION, is_memfd};
 use super::pause_slots::PauseSlots;
 use super::protocol::{Direction, ErrorKind, Request, Response, SessionInfo, VERSION, WireError};
 use crate::session::{AdoptAs, Session, SessionError, SessionProvider, Token};
@@ -45,18 +46,37 @@ impl HandoverMode {
 /// A session the agent holds for a VMM.
 #[derive(Debug)]
 pub(super) struct Held {
-    session: Box<dyn Session>,
-    owner: Option<u32>,
-    tokens: Vec<Token>,
+    pub(super) session: Box<dyn Session>,
+    pub(super) owner: Option<u32>,
+    pub(super) tokens: Vec<Token>,
+    /// Outgoing: the tokens of preserved memfds, which the next kernel's agent retrieves ahead
+    /// (see [`super::manifest`]).
+    pub(super) memfds: Vec<Token>,
     pub(super) frozen: bool,
     /// Incoming: files retrieved from the provider, kept until FINISH, so a VMM that refuses
     /// the session's state (a newer format, say) leaves it retrievable, with every file, for
     /// one that can read it. Outgoing, restart mode: copies of the preserved files, for `peek`.
-    files: BTreeMap<Token, OwnedFd>,
+    pub(super) files: BTreeMap<Token, OwnedFd>,
     /// Kernel mode: why the kexec this frozen session waited for failed (answers `handover`).
     pub(super) verdict: Option<WireError>,
     /// Restart mode: fds of any kind for the successor, never given to the provider.
     attachments: Attachments,
+}
+
+impl Held {
+    /// `session`, owned by `owner`, holding nothing yet.
+    pub(super) fn new(session: Box<dyn Session>, owner: Option<u32>) -> Self {
+        Self {
+            session,
+            owner,
+            tokens: Vec::new(),
+            memfds: Vec::new(),
+            frozen: false,
+            files: BTreeMap::new(),
+            verdict: None,
+            attachments: Attachments::default(),
+        }
+    }
 }
 
 /// A session handed over (restart mode) and not retrieved yet.
@@ -71,7 +91,7 @@ struct HandedOver {
 
 /// Everything the agent holds: the provider and the sessions, by side.
 pub struct AgentState {
-    provider: Box<dyn SessionProvider>,
+    pub(super) provider: Box<dyn SessionProvider>,
     pub(super) handover: HandoverMode,
     /// The agent's own uid: may retrieve incoming sessions whose owner is unknown.
     pub(super) agent_uid: u32,
@@ -80,8 +100,11 @@ pub struct AgentState {
     handed_over: BTreeMap<String, HandedOver>,
     /// Successors started ahead, by session name: false once one peeked, true once it is ready.
     successors: BTreeMap<String, bool>,
-    incoming: BTreeMap<String, Held>,
+    pub(super) incoming: BTreeMap<String, Held>,
     pub(super) kexec: KexecPhase,
+    /// Kernel mode, from the kexec's reboot on: the manifest's session (see
+    /// [`super::manifest`]), kept open until the machine is gone.
+    pub(super) manifest: Option<Box<dyn Session>>,
     /// Sessions resumed by a successor or abandoned by a dead VMM: why, for later requests.
     ended: EndedSessions,
     /// The process that created each outgoing session (see [`Self::watch_creator`]).
@@ -188,6 +211,7 @@ impl AgentState {
             successors: BTreeMap::new(),
             incoming: BTreeMap::new(),
             kexec: KexecPhase::Idle,
+            manifest: None,
             ended: EndedSessions::default(),
             creators: BTreeMap::new(),
             pause_slots: PauseSlots::default(),
@@ -559,6 +583,12 @@ impl AgentState {
     }
 
     fn create(&mut self, name: String, uid: u32) -> Result<(), WireError> {
+        if name == MANIFEST_SESSION {
+            return Err(WireError::new(
+                ErrorKind::InvalidName,
+                format!("Session name {name:?} is the agent's own"),
+            ));
+        }
         // The provider checks the name and refuses duplicates among its outgoing sessions.
         let session = self
             .provider
@@ -566,18 +596,7 @@ impl AgentState {
             .map_err(|e| session_error(&e))?;
         info!("session {name:?} created for uid {uid}");
         self.ended.forget(&name);
-        self.outgoing.insert(
-            name,
-            Held {
-                session,
-                owner: Some(uid),
-                tokens: Vec::new(),
-                frozen: false,
-                files: BTreeMap::new(),
-                verdict: None,
-                attachments: Attachments::default(),
-            },
-        );
+        self.outgoing.insert(name, Held::new(session, Some(uid)));
         Ok(())
     }
 
@@ -613,6 +632,9 @@ impl AgentState {
             .preserve_fd(fd.as_fd(), token)
             .map_err(|e| session_error(&e))?;
         held.tokens.push(token);
+        if is_memfd(fd.as_fd()) {
+            held.memfds.push(token);
+        }
         info!("session {name:?}: token {token:#x} preserved");
         if matches!(self.handover, HandoverMode::Restart(_)) {
             held.files.insert(token, fd);
@@ -690,25 +712,31 @@ impl AgentState {
         {
             return Err(refusal);
         }
-        // The creator, if this agent saw the handover; otherwise (a session from before a kexec)
-        // only root or the agent's own user, until owners are carried across the kexec.
-        let owner = self.handed_over.get(&name).map(|handed| handed.owner);
-        let allowed = match owner {
-            Some(owner) => owner == uid,
-            None => uid == 0 || uid == self.agent_uid,
+        // The creator, if this agent saw the handover or the last kernel's agent named it (see
+        // `super::manifest`); otherwise (a session from before a kexec) only root or the
+        // agent's own user.
+        let allowed = match (
+            self.handed_over.get(&name),
+            self.incoming.get(&name).and_then(|held| held.owner),
+        ) {
+            (Some(handed), _) => handed.owner == uid,
+            (None, Some(owner)) => owner == uid || uid == 0,
+            (None, None) => uid == 0 || uid == self.agent_uid,
         };
         if !allowed {
             return Err(denied(&name));
         }
-        if let Some(held) = self.incoming.get(&name) {
+        if let Some(held) = self.incoming.get_mut(&name) {
             // Retrieved but not finished: its owner may take it again (e.g. a newer VMM after
-            // an older one refused its state).
-            return if held.owner == Some(uid) || uid == 0 {
-                info!("session {name:?} retrieved again by uid {uid}");
-                Ok(())
-            } else {
-                Err(denied(&name))
-            };
+            // an older one refused its state). One retrieved ahead for no known owner is the
+            // first allowed caller's.
+            let again = held.owner.is_some();
+            held.owner.get_or_insert(uid);
+            info!(
+                "session {name:?} {} by uid {uid}",
+                if again { "retrieved again" } else { "taken" }
+            );
+            return Ok(());
         }
         let session = self
             .provider
@@ -721,18 +749,9 @@ impl AgentState {
             .unwrap_or_default();
         self.successors.remove(&name);
         info!("session {name:?} retrieved for uid {uid}");
-        self.incoming.insert(
-            name,
-            Held {
-                session,
-                owner: Some(uid),
-                tokens: Vec::new(),
-                frozen: false,
-                files: BTreeMap::new(),
-                verdict: None,
-                attachments,
-            },
-        );
+        let mut held = Held::new(session, Some(uid));
+        held.attachments = attachments;
+        self.incoming.insert(name, held);
         Ok(())
     }
 
@@ -806,6 +825,7 @@ impl AgentState {
                 record.owner = held.owner;
                 record.frozen = held.frozen;
                 record.tokens.clone_from(&held.tokens);
+                record.memfds.clone_from(&held.memfds);
                 let mut fds = roles(held.session.export_fds()?, Role::Provider);
                 fds.extend(roles(dups(&held.files).map_err(os)?, Role::File));
                 fds.extend(roles(
@@ -864,6 +884,7 @@ impl AgentState {
                         session,
                         owner: record.owner,
                         tokens: record.tokens.clone(),
+                        memfds: record.memfds.clone(),
                         frozen: record.frozen,
                         files,
                         verdict: None,
