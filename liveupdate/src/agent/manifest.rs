@@ -101,7 +101,7 @@ impl Manifest {
             .map_err(|e| format!("cannot retrieve its file: {e}"))
             .and_then(read_manifest);
         if let Err(e) = session.finish() {
-            log::warn!("Cannot finish session {MANIFEST_SESSION:?}: {e}");
+            warn!("Cannot finish session {MANIFEST_SESSION:?}: {e}");
         }
         read.map(Some)
     }
