@@ -80,6 +80,18 @@ pub fn check_preservable(
     }
 }
 
+/// [`check_preservable`] of an open file; returns its metadata.
+pub fn check_preservable_file(file: &File) -> Result<std::fs::Metadata, SessionError> {
+    let os = |source| SessionError::Os {
+        operation: "preserve_fd",
+        source,
+    };
+    let meta = file.metadata().map_err(os)?;
+    let magic = sys::fs_magic(file).map_err(os)?;
+    check_preservable(magic, meta.file_type().is_file(), meta.nlink())?;
+    Ok(meta)
+}
+
 /// Identifies a file: `(st_dev, st_ino)`; for memfds, the memfd itself.
 type FileKey = (u64, u64);
 
@@ -322,9 +334,7 @@ impl EmulatedSession {
             source,
         };
         let file = File::from(fd.try_clone_to_owned().map_err(os)?);
-        let meta = file.metadata().map_err(os)?;
-        let magic = sys::fs_magic(&file).map_err(os)?;
-        check_preservable(magic, meta.file_type().is_file(), meta.nlink())?;
+        let meta = check_preservable_file(&file)?;
         Ok(PreservedFile {
             fd: OwnedFd::from(file),
             key: (meta.dev(), meta.ino()),

@@ -19,7 +19,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
@@ -190,17 +190,8 @@ impl AgentState {
         let Some(held) = self.incoming.get_mut(name) else {
             return;
         };
-        if held.files.contains_key(&token) {
-            return;
-        }
-        match held.session.retrieve_fd(token) {
-            Ok(fd) => {
-                held.files.insert(token, fd);
-                if !held.tokens.contains(&token) {
-                    held.tokens.push(token);
-                }
-            }
-            Err(e) => warn!("session {name:?}: token {token:#x} not retrieved ahead: {e}"),
+        if let Err(e) = held.retrieve(token) {
+            warn!("session {name:?}: token {token:#x} not retrieved ahead: {e}");
         }
     }
 }
@@ -208,16 +199,9 @@ impl AgentState {
 /// Whether `fd` is a file LUO's memfd handler preserves: an unlinked shmem file (a memfd, or
 /// one a retrieve after an earlier kexec gave back, whose name is no longer `memfd:`).
 pub fn is_memfd(fd: BorrowedFd<'_>) -> bool {
-    let Ok(meta) = fd
-        .try_clone_to_owned()
+    fd.try_clone_to_owned()
         .map(File::from)
-        .and_then(|file| file.metadata())
-    else {
-        return false;
-    };
-    crate::sys::fs_magic(fd).is_ok_and(|magic| {
-        crate::emulated::check_preservable(magic, meta.file_type().is_file(), meta.nlink()).is_ok()
-    })
+        .is_ok_and(|file| crate::emulated::check_preservable_file(&file).is_ok())
 }
 
 #[cfg(test)]

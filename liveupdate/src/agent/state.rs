@@ -77,6 +77,19 @@ impl Held {
             attachments: Attachments::default(),
         }
     }
+
+    /// Incoming: retrieves the file under `token` from the provider unless it is held
+    /// already, and lists its token as retrieved.
+    pub(super) fn retrieve(&mut self, token: Token) -> Result<(), SessionError> {
+        if !self.files.contains_key(&token) {
+            let fd = self.session.retrieve_fd(token)?;
+            self.files.insert(token, fd);
+        }
+        if !self.tokens.contains(&token) {
+            self.tokens.push(token);
+        }
+        Ok(())
+    }
 }
 
 /// A session handed over (restart mode) and not retrieved yet.
@@ -568,18 +581,8 @@ impl AgentState {
             return Err(self.gone(name, uid, no_session(name, "retrieved")));
         }
         let held = owned(&mut self.incoming, name, uid, "retrieved")?;
-        if !held.files.contains_key(&token) {
-            let fd = held
-                .session
-                .retrieve_fd(token)
-                .map_err(|e| session_error(&e))?;
-            held.files.insert(token, fd);
-        }
-        let fd = copy_of(held, token)?;
-        if !held.tokens.contains(&token) {
-            held.tokens.push(token);
-        }
-        Ok(fd)
+        held.retrieve(token).map_err(|e| session_error(&e))?;
+        copy_of(held, token)
     }
 
     fn create(&mut self, name: String, uid: u32) -> Result<(), WireError> {
